@@ -1,0 +1,94 @@
+"""`mdpo` command line: train, demo, plot. User errors print one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from mdpo.errors import MdpoError
+
+
+def _quiet_libraries() -> None:
+    """Megatron-Core warns at import that TE/Apex are absent; that is expected on CPU and says nothing new."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*Apex.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _start() -> None:
+    _quiet_libraries()
+    from mdpo import megatron_cpu
+
+    megatron_cpu.apply()
+
+
+def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from mdpo.config import load_config, translate_args
+
+    cfg = load_config(args.config, translate_args(list(args.overrides) + list(extra)))
+    _start()
+    from mdpo.training.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    if extra:
+        raise MdpoError(f"unexpected arguments for demo: {' '.join(extra)}")
+    _start()
+    from mdpo.demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    if extra:
+        raise MdpoError(f"unexpected arguments for plot: {' '.join(extra)}")
+    from mdpo.plot import plot_metrics
+
+    print(plot_metrics(args.run_dir, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mdpo", description="DPO on Megatron-Core")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="run DPO from a YAML config",
+        description="key=value overrides use dotted names (optimizer.lr=1e-6); Megatron-LM style flags such "
+        "as --tensor-model-parallel-size 2 are accepted too.",
+    )
+    train.add_argument("config", nargs="?", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    train.set_defaults(func=cmd_train)
+    demo = sub.add_parser("demo", help="a complete DPO run on a built-in task, no download")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.set_defaults(func=cmd_demo)
+    plot = sub.add_parser("plot", help="draw RUN_DIR/metrics.jsonl as a PNG")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    plot.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    try:
+        return args.func(args, extra)
+    except MdpoError as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mdpo: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

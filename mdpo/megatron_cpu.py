@@ -1,0 +1,123 @@
+"""Make megatron-core 0.16 run on a CPU-only torch (gloo), for tests and the CPU demo.
+
+Megatron-Core assumes CUDA in a handful of places (measured list: ../shared/notes/megatron-core-on-cpu.md).
+Each patch below names the spot it covers. `apply()` does nothing when CUDA is available, so none of this
+reaches GPU runs; it is called once by the entry points (CLI, tests) before any model is built.
+Version-specific: re-check the list when the megatron-core pin moves.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+
+
+def _cpu_device(*_args: Any, **_kwargs: Any) -> str:
+    return "cpu"
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CpuFactoryTorch(types.ModuleType):
+    """A stand-in for the `torch` name inside one megatron module: factories given device="cuda" build on CPU.
+
+    Covers literal `device="cuda"` in pipeline_parallel/schedules.py (total_num_tokens, lines 596/983/2138),
+    optimizer/clip_grads.py (90-207), optimizer/optimizer.py (473-485, 907), transformer/utils.py (35, 40) and
+    utils.py:1207 (the local multi-tensor L2 norm used for grad norms without Apex/TE).
+    Everything else is the real torch module.
+    """
+
+    _FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange")
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        @functools.wraps(attr)
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            if _is_cuda(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+class _CudaTypeNames(TorchFunctionMode):
+    """Report CPU tensors' `.type()` as `torch.cuda.*` while active.
+
+    optimizer/distrib_optimizer.py (361, 420, 582), optimizer/optimizer.py (671, 690) and clip_grads.py:167 accept
+    only 'torch.cuda.FloatTensor'-style names. Active only inside the wrapped functions below.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        result = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and not result.startswith("torch.cuda."):
+            return "torch.cuda." + result[len("torch.") :]
+        return result
+
+
+def _with_cuda_type_names(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _CudaTypeNames():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def apply() -> None:
+    """Install the CPU patches once; a no-op on machines with CUDA."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    _applied = True
+    # Import megatron (and through it torch._dynamo, which indexes torch.cuda's functions) before patching.
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
+    import megatron.core.optimizer.optimizer as optimizer
+    import megatron.core.pipeline_parallel.schedules as schedules
+    import megatron.core.tensor_parallel.random as mcore_random
+    import megatron.core.transformer.utils as transformer_utils
+    import megatron.core.utils as mcore_utils
+
+    # `device=torch.cuda.current_device()` in rotary_pos_embedding.py:162, tensor_parallel/mappings.py:91-181,
+    # utils.py:631 (global memory buffer), p2p_communication.py:190-321, param_and_grad_buffer and DDP buffers.
+    torch.cuda.current_device = _cpu_device
+    # p2p_communication.py:242/398 synchronize after sends; set_device in a few init paths.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.set_device = lambda *args, **kwargs: None
+
+    # The "CUDA" RNG tracker (tensor_parallel/random.py 235-277, 422; forked by dot_product_attention.py:217
+    # even at dropout 0) keeps its named states as CPU generator states instead.
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = torch.manual_seed
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+
+    for module in (schedules, clip_grads, optimizer, transformer_utils, mcore_utils):
+        module.torch = _CpuFactoryTorch()
+
+    # `.type() == 'torch.cuda.FloatTensor'` checks (see _CudaTypeNames).
+    clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+    cls = distrib_optimizer.DistributedOptimizer
+    build_groups = cls.__dict__["_build_model_and_main_param_groups"].__func__
+    cls._build_model_and_main_param_groups = classmethod(_with_cuda_type_names(build_groups))
+    fp16_cls = optimizer.Float16OptimizerWithFloat16Params
+    fp16_cls.__init__ = _with_cuda_type_names(fp16_cls.__init__)

@@ -1,0 +1,101 @@
+"""Build a Megatron-Core GPTModel with Llama architecture from a HF LlamaConfig-shaped description."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from mdpo.config import ModelConfig
+
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """Megatron-LM's rule: round the vocabulary up to a multiple of TP x 128 so every TP shard is equal."""
+    step = multiple * tp
+    return -(-vocab_size // step) * step
+
+
+def transformer_engine_available() -> bool:
+    """TE's fused layers are used only when TE imports and there is a GPU to run them."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def layer_spec() -> ModuleSpec:
+    """Transformer Engine spec when available, Megatron-Core's local layers (torch attention) otherwise."""
+    if transformer_engine_available():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def transformer_config(
+    model: ModelConfig, *, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases, RoPE, GQA."""
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_hidden_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.intermediate_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_key_value_heads or model.num_attention_heads,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        # Pairs are summed per sequence and the loss is a mean over pairs: the schedule must not divide
+        # by the micro-batch count, and finalize_model_grads divides by the global pair count instead.
+        calculate_per_token_loss=True,
+        # Dynamic padding: each micro-batch has its own length, so pipeline stages exchange shapes.
+        variable_seq_lengths=True,
+        # Dense model: no experts, but megatron rejects variable lengths with the default MoE dispatcher.
+        moe_token_dispatcher_type="alltoall",
+        # Fusions need CUDA kernels; keep them to the GPU.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_gpt_model(
+    model: ModelConfig, config: TransformerConfig, *, pre_process: bool = True, post_process: bool = True
+) -> GPTModel:
+    """One pipeline stage of the policy (or reference) model; untied embeddings as in Llama 2."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(),
+        vocab_size=padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=model.rope_theta,
+    )

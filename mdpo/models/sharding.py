@@ -1,0 +1,144 @@
+"""Cut a full Megatron state dict into one TP/PP rank's piece, and glue pieces back.
+
+Shared by every model family: tensor names follow Megatron-Core's GPTModel (local layer spec); the Transformer
+Engine spec fuses the two norms into the following linear layers, which `te_name` translates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+# Local-spec name -> Transformer Engine spec name (norm fused into the next linear layer).
+_TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def tp_rule(name: str) -> tuple[int, int] | None:
+    """(split dim, stride) of a tensor over TP, or None when every TP rank holds all of it.
+
+    `linear_fc1` holds [gate; up]: each rank takes its slice of gate and of up (stride 2).
+    """
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")):
+        return 0, 1
+    if name.endswith("linear_fc1.weight"):
+        return 0, 2
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return 1, 1
+    return None
+
+
+def shard_tensor(full: torch.Tensor, rule: tuple[int, int] | None, tp_rank: int, tp_size: int) -> torch.Tensor:
+    if rule is None or tp_size == 1:
+        return full
+    dim, stride = rule
+    pieces = torch.chunk(full, stride * tp_size, dim=dim)
+    return torch.cat([pieces[s * tp_size + tp_rank] for s in range(stride)], dim=dim)
+
+
+def unshard_tensor(parts: list[torch.Tensor], rule: tuple[int, int] | None) -> torch.Tensor:
+    """Inverse of `shard_tensor` over the TP ranks' parts (in rank order)."""
+    if rule is None or len(parts) == 1:
+        return parts[0]
+    dim, stride = rule
+    split = [torch.chunk(p, stride, dim=dim) for p in parts]
+    return torch.cat([split[r][s] for s in range(stride) for r in range(len(parts))], dim=dim)
+
+
+def te_name(name: str) -> str:
+    match = _LAYER.match(name)
+    if match and match.group(2) in _TE_NAMES:
+        return f"decoder.layers.{match.group(1)}.{_TE_NAMES[match.group(2)]}"
+    return name
+
+
+def te_name_inverse(name: str) -> str:
+    """Transformer Engine spec name -> local-spec name (identity for names the specs share)."""
+    match = _LAYER.match(name)
+    if match:
+        for local, te in _TE_NAMES.items():
+            if match.group(2) == te:
+                return f"decoder.layers.{match.group(1)}.{local}"
+    return name
+
+
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
+    """Global layer indices on one pipeline stage (even split, as validated by the config)."""
+    per_stage = num_layers // pp_size
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+def local_state_dict(
+    full: Mapping[str, torch.Tensor],
+    *,
+    num_layers: int,
+    tp_rank: int,
+    tp_size: int,
+    pp_rank: int,
+    pp_size: int,
+) -> dict[str, torch.Tensor]:
+    """The part of a full state dict one (TP, PP) rank holds, with stage-local layer numbers."""
+    layers = stage_layers(num_layers, pp_rank, pp_size)
+    first, last = pp_rank == 0, pp_rank == pp_size - 1
+    out = {}
+    for name, tensor in full.items():
+        match = _LAYER.match(name)
+        if match:
+            index = int(match.group(1))
+            if index not in layers:
+                continue
+            local = f"decoder.layers.{index - layers.start}.{match.group(2)}"
+        elif name.startswith("embedding."):
+            if not first:
+                continue
+            local = name
+        elif name.startswith(("decoder.final_layernorm", "output_layer")):
+            if not last:
+                continue
+            local = name
+        else:
+            local = name
+        out[local] = shard_tensor(tensor, tp_rule(name), tp_rank, tp_size).clone()
+    return out
+
+
+def merge_state_dicts(
+    pieces: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], *, num_layers: int, tp_size: int, pp_size: int
+) -> dict[str, torch.Tensor]:
+    """Glue {(tp_rank, pp_rank): local state dict} back into a full state dict (inverse of local_state_dict)."""
+    full: dict[str, torch.Tensor] = {}
+    for pp_rank in range(pp_size):
+        offset = stage_layers(num_layers, pp_rank, pp_size).start
+        for name in pieces[(0, pp_rank)]:
+            match = _LAYER.match(name)
+            global_name = f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}" if match else name
+            parts = [pieces[(tp_rank, pp_rank)][name] for tp_rank in range(tp_size)]
+            full[global_name] = unshard_tensor(parts, tp_rule(name))
+    return full
+
+
+def load_into(module: torch.nn.Module, local: Mapping[str, torch.Tensor]) -> None:
+    """Copy a rank's tensors into a built model (either layer spec), checking names and shapes."""
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+    te = any(k.endswith("layer_norm_weight") for k in own)
+    renamed = {(te_name(k) if te else k): v for k, v in local.items()}
+    missing = sorted(set(own) - set(renamed))
+    extra = sorted(set(renamed) - set(own))
+    if missing or extra:
+        what = f"missing '{missing[0]}'" if missing else f"unexpected '{extra[0]}'"
+        raise KeyError(f"state dict does not match the model: {what}")
+    for name, tensor in renamed.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ValueError(
+                f"tensor '{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, param in module.state_dict(keep_vars=True).items():
+            if name in renamed:
+                param.copy_(renamed[name])

@@ -1,0 +1,51 @@
+"""Per-sequence response log-probs from vocab-parallel logits, without gathering the vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+
+@dataclass
+class SequenceStats:
+    """Per sequence: summed response log-prob, summed mean-over-vocab logit, and response token count."""
+
+    logps: torch.Tensor
+    logit_sums: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def vocab_padding_mask(local_vocab: int, vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """True for this TP rank's logit columns that are vocab padding (ids >= vocab_size), None if there are none."""
+    start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
+    ids = torch.arange(start, start + local_vocab, device=device)
+    mask = ids >= vocab_size
+    return mask if bool(mask.any()) else None
+
+
+def sequence_stats(
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int
+) -> SequenceStats:
+    """logits [b, s, v/tp] (this rank's vocab shard), labels and loss_mask [b, s] -> per-sequence stats.
+
+    Padded vocabulary columns are set to -inf so that log-probs equal the unpadded (HF) model's.
+    Megatron's vocab-parallel cross entropy works in place on its input, so the metric sums are taken first.
+    """
+    pad = vocab_padding_mask(logits.shape[-1], vocab_size, logits.device)
+    with torch.no_grad():
+        real = logits.detach().float()
+        if pad is not None:
+            real = real.masked_fill(pad, 0.0)
+        token_logit_sum = real.sum(dim=-1)
+        torch.distributed.all_reduce(token_logit_sum, group=parallel_state.get_tensor_model_parallel_group())
+    # Nothing reads `logits` after this call, so its in-place work on them is harmless.
+    masked = logits.masked_fill(pad, float("-inf")) if pad is not None else logits
+    token_logps = -tensor_parallel.vocab_parallel_cross_entropy(masked, labels)
+    mask = loss_mask.to(token_logps.dtype)
+    return SequenceStats(
+        logps=(token_logps * mask).sum(dim=-1),
+        logit_sums=(token_logit_sum / vocab_size * mask).sum(dim=-1),
+        num_tokens=loss_mask.sum(dim=-1),
+    )

@@ -1,0 +1,81 @@
+"""DPO metrics: per-micro-batch sums, reduced over micro-batches and DP ranks, then turned into TRL's means."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Everything is summed over pairs (or tokens) so that any micro-batch / DP split reduces to the same numbers.
+SUM_FIELDS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logit_sum/chosen",
+    "logit_sum/rejected",
+    "num_tokens/chosen",
+    "num_tokens/rejected",
+    "num_pairs",
+)
+PER_PAIR = SUM_FIELDS[:7]
+
+
+def pair_sums(
+    losses: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_logit_sums: torch.Tensor,
+    rejected_logit_sums: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """One micro-batch's metric sums, in SUM_FIELDS order (float64 so sums of many pairs stay exact enough)."""
+    values = [
+        losses.sum(),
+        chosen_rewards.sum(),
+        rejected_rewards.sum(),
+        (chosen_rewards > rejected_rewards).float().sum(),
+        (chosen_rewards - rejected_rewards).sum(),
+        chosen_logps.sum(),
+        rejected_logps.sum(),
+        chosen_logit_sums.sum(),
+        rejected_logit_sums.sum(),
+        chosen_tokens.sum(),
+        rejected_tokens.sum(),
+        torch.tensor(float(losses.numel())),
+    ]
+    return torch.stack([v.detach().double().cpu() for v in values])
+
+
+def finalize(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """Reduced sums -> TRL-named means: per pair, and logits per response token (mean over the vocabulary)."""
+    s = dict(zip(SUM_FIELDS, sums.tolist()))
+    pairs = max(s["num_pairs"], 1.0)
+    out = {prefix + name: s[name] / pairs for name in PER_PAIR}
+    out[prefix + "logits/chosen"] = s["logit_sum/chosen"] / max(s["num_tokens/chosen"], 1.0)
+    out[prefix + "logits/rejected"] = s["logit_sum/rejected"] / max(s["num_tokens/rejected"], 1.0)
+    out[prefix + "num_tokens"] = s["num_tokens/chosen"] + s["num_tokens/rejected"]
+    return out
+
+
+class MetricsWriter:
+    """RUN_DIR/metrics.jsonl, one JSON object per line, flushed each write so a crash keeps what was logged."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()

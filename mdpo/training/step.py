@@ -1,0 +1,117 @@
+"""The DPO step on Megatron-Core's schedule: forward_step_func and the loss functions it returns.
+
+Contract (megatron/core/pipeline_parallel/schedules.py): `forward_step(data_iterator, model)` returns the stage's
+output and a loss function that the last stage calls on it. With `calculate_per_token_loss=True` the loss
+function returns (sum of per-pair losses, number of pairs, metrics): the schedule leaves the sum undivided and
+`finalize_model_grads` divides the gradients by the global pair count, which makes the global-batch loss the
+exact mean over pairs for any micro-batch count, DP size or PP size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mdpo.data.batching import MicroBatch
+from mdpo.loss import preference_loss
+from mdpo.training.logprobs import sequence_stats
+from mdpo.training.metrics import SUM_FIELDS, pair_sums
+
+
+@dataclass(frozen=True)
+class DPOObjective:
+    vocab_size: int
+    beta: float
+    label_smoothing: float
+    loss_type: str
+
+
+def _forward(batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
+    return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+
+
+def _reference_loss(batch: MicroBatch, vocab_size: int, output: torch.Tensor):
+    stats = sequence_stats(output, batch.labels, batch.loss_mask, vocab_size)
+    zero = output.new_zeros(())
+    return zero, torch.tensor(0, dtype=torch.int), {"ref_logps": stats.logps.detach()}
+
+
+def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
+    stats = sequence_stats(output, batch.labels, batch.loss_mask, objective.vocab_size)
+    m = batch.num_pairs
+    ref = batch.ref_logps
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        stats.logps[:m],
+        stats.logps[m:],
+        ref[:m],
+        ref[m:],
+        loss_type=objective.loss_type,
+        beta=objective.beta,
+        label_smoothing=objective.label_smoothing,
+    )
+    sums = pair_sums(
+        losses,
+        chosen_rewards,
+        rejected_rewards,
+        stats.logps[:m],
+        stats.logps[m:],
+        stats.logit_sums[:m],
+        stats.logit_sums[m:],
+        stats.num_tokens[:m],
+        stats.num_tokens[m:],
+    )
+    # Non-finite losses are reported by pair id so a bad example can be found.
+    return losses.sum(), torch.tensor(m, dtype=torch.int), {"sums": sums, "pair_ids": batch.pair_ids}
+
+
+def reference_forward_step(vocab_size: int, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+    batch = next(data_iterator)
+    return _forward(batch, model), partial(_reference_loss, batch, vocab_size)
+
+
+def dpo_forward_step(objective: DPOObjective, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+    batch = next(data_iterator)
+    return _forward(batch, model), partial(_dpo_loss, batch, objective)
+
+
+def run_schedule(forward_step, microbatches: list[MicroBatch], model, *, forward_only: bool) -> list[dict]:
+    """One pass of Megatron's (pipeline) schedule over this rank's micro-batches."""
+    longest = max(mb.tokens.shape[1] for mb in microbatches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=longest,
+        micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches),
+        forward_only=forward_only,
+    )
+
+
+def attach_reference_logps(microbatches: list[MicroBatch], reference: torch.nn.Module, vocab_size: int) -> None:
+    """Forward-only pass of the frozen reference; its log-probs land on the micro-batches (last stage only)."""
+    with torch.no_grad():
+        outputs = run_schedule(partial(reference_forward_step, vocab_size), microbatches, reference, forward_only=True)
+    for batch, out in zip(microbatches, outputs):
+        batch.ref_logps = out["ref_logps"]
+
+
+def reduce_sums(outputs: list[dict]) -> torch.Tensor:
+    """Sum the metric sums over micro-batches, DP ranks, and hand them from the last PP stage to all stages."""
+    sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64)
+    for out in outputs:
+        sums += out["sums"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sums = sums.to(device)
+    torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    torch.distributed.broadcast(
+        sums,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return sums.cpu()

@@ -1,0 +1,353 @@
+"""The DPO run, top to bottom: parallel state, data, models, optimizer, then steps of reference pass + train pass."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from tqdm import tqdm
+
+from mdpo.checkpoint.hf import read_hf_weights, write_hf_llama
+from mdpo.config import TrainConfig, config_to_dict
+from mdpo.data.batching import MicroBatch, PairSampler, collate, rank_microbatches
+from mdpo.data.pairs import TokenizedPair, TokenizeReport, read_pairs_jsonl, tokenize_pairs
+from mdpo.errors import ConfigError, DataError, MdpoError
+from mdpo.models import hf_llama, sharding
+from mdpo.models.gpt import build_gpt_model, padded_vocab_size, transformer_config
+from mdpo.training.metrics import MetricsWriter, finalize
+from mdpo.training.step import (
+    DPOObjective,
+    attach_reference_logps,
+    dpo_forward_step,
+    reduce_sums,
+    run_schedule,
+)
+
+
+@dataclass
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_parallel(cfg: TrainConfig) -> Layout:
+    """torch.distributed (NCCL on GPU, gloo on CPU) and Megatron's TP/PP/DP groups; a plain `mdpo train` without
+    torchrun is a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    world = int(os.environ["WORLD_SIZE"])
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if world % (tp * pp):
+        raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}")
+    dp = world // (tp * pp)
+    gbs, mbs = cfg.schedule.global_batch_size, cfg.schedule.micro_batch_size
+    if gbs % (mbs * dp):
+        raise ConfigError(
+            f"schedule.global_batch_size={gbs} is not divisible by micro_batch_size x DP = {mbs} x {dp}"
+        )
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return Layout(
+        tp,
+        pp,
+        dp,
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
+
+
+def shutdown_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not Path(path).exists():
+        raise ConfigError(f"data.tokenizer: '{path}' does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    return tokenizer
+
+
+def load_pairs(path: str, cfg: TrainConfig, tokenizer, what: str) -> list[TokenizedPair]:
+    report = TokenizeReport()
+    keys = (cfg.data.prompt_key, cfg.data.chosen_key, cfg.data.rejected_key)
+    rows = read_pairs_jsonl(path, keys, cfg.data.on_bad_row, report)
+    pairs = tokenize_pairs(rows, tokenizer, cfg.data.max_length, report)
+    if not pairs:
+        raise DataError(f"{path}: every row was dropped ({report.summary()})")
+    _log(f"{what}: {len(pairs)} pairs from {path} ({report.summary()})")
+    return pairs
+
+
+def _log(message: str) -> None:
+    if torch.distributed.get_rank() == 0:
+        tqdm.write(f"[mdpo] {message}")
+
+
+def build_stage(cfg: TrainConfig, layout: Layout, full_state: dict | None, dtype: torch.dtype):
+    """This rank's pipeline stage of the model, from HF weights when given, else a seeded random init."""
+    config = transformer_config(cfg.model, tp=layout.tp, pp=layout.pp, params_dtype=dtype)
+    model = build_gpt_model(
+        cfg.model,
+        config,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    if full_state is not None:
+        local = sharding.local_state_dict(
+            full_state,
+            num_layers=cfg.model.num_hidden_layers,
+            tp_rank=layout.tp_rank,
+            tp_size=layout.tp,
+            pp_rank=layout.pp_rank,
+            pp_size=layout.pp,
+        )
+        sharding.load_into(model, local)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def hf_full_state(cfg: TrainConfig, padded_vocab: int) -> dict | None:
+    if cfg.model.init_from is None:
+        return None
+    hf = read_hf_weights(cfg.model.init_from)
+    try:
+        return hf_llama.hf_to_mcore(hf, cfg.model, padded_vocab)
+    except (KeyError, ValueError) as err:
+        raise MdpoError(f"{cfg.model.init_from}: {err.args[0]}") from None
+
+
+def gather_full_state(model: torch.nn.Module, cfg: TrainConfig, layout: Layout) -> dict | None:
+    """The whole model's tensors on global rank 0 (None elsewhere), from the DP-rank-0 replicas."""
+    local = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    local = {sharding.te_name_inverse(k): v for k, v in local.items()}
+    payload = (layout.tp_rank, layout.pp_rank, local) if layout.dp_rank == 0 else None
+    gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(payload, gathered, dst=0)
+    if gathered is None:
+        return None
+    pieces = {(tp, pp): sd for tp, pp, sd in (g for g in gathered if g is not None)}
+    return sharding.merge_state_dicts(
+        pieces, num_layers=cfg.model.num_hidden_layers, tp_size=layout.tp, pp_size=layout.pp
+    )
+
+
+class Trainer:
+    """Owns the parallel models, optimizer and data for one run; `fit()` runs it."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.layout = init_parallel(cfg)
+        seed = cfg.schedule.seed
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        self.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.run_dir = Path(cfg.logging.run_dir)
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if len(self.tokenizer) > cfg.model.vocab_size:
+            raise ConfigError(
+                f"tokenizer {cfg.data.tokenizer} has {len(self.tokenizer)} tokens but model.vocab_size is "
+                f"{cfg.model.vocab_size}"
+            )
+        self.train_pairs = load_pairs(cfg.data.train_file, cfg, self.tokenizer, "train")
+        self.eval_pairs = load_pairs(cfg.data.eval_file, cfg, self.tokenizer, "eval") if cfg.data.eval_file else []
+        self.sampler = PairSampler(len(self.train_pairs), cfg.schedule.global_batch_size, seed)
+        self.train_steps = cfg.schedule.train_steps or max(
+            1, int(cfg.schedule.epochs * self.sampler.steps_per_epoch)
+        )
+
+        padded = padded_vocab_size(cfg.model.vocab_size, self.layout.tp)
+        full_state = hf_full_state(cfg, padded)
+        policy = build_stage(cfg, self.layout, full_state, self.dtype)
+        # The reference starts as an exact copy of the policy and never trains.
+        self.reference = build_stage(cfg, self.layout, None, self.dtype)
+        self.reference.load_state_dict(policy.state_dict())
+        self.reference.requires_grad_(False).eval()
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )
+        self.policy = DistributedDataParallel(config=policy.config, ddp_config=ddp_config, module=policy)
+        opt = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=opt.lr,
+                min_lr=0.0,
+                weight_decay=opt.weight_decay,
+                adam_beta1=opt.adam_beta1,
+                adam_beta2=opt.adam_beta2,
+                adam_eps=opt.adam_eps,
+                clip_grad=opt.clip_grad,
+                bf16=self.dtype == torch.bfloat16,
+                params_dtype=self.dtype,
+                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            ),
+            [self.policy],
+        )
+        warmup = math.ceil(cfg.schedule.warmup_ratio * self.train_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=opt.lr,
+            min_lr=0.0,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=self.train_steps,
+            lr_decay_style="linear",
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=self.train_steps,
+            wd_incr_style="constant",
+        )
+        config = policy.config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self.policy.no_sync
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.objective = DPOObjective(
+            vocab_size=cfg.model.vocab_size,
+            beta=cfg.dpo.beta,
+            label_smoothing=cfg.dpo.label_smoothing,
+            loss_type=cfg.dpo.loss_type,
+        )
+        self.is_logger = torch.distributed.get_rank() == 0
+
+    def _microbatches(self, groups: list[list[int]], pairs: list[TokenizedPair]) -> list[MicroBatch]:
+        batches = [collate([pairs[i] for i in group], self.tokenizer.pad_token_id) for group in groups]
+        return [mb.to(self.device) for mb in batches] if self.device is not None else batches
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        groups = rank_microbatches(
+            self.sampler.global_batch(step), self.layout.dp_rank, self.layout.dp, cfg.schedule.micro_batch_size
+        )
+        microbatches = self._microbatches(groups, self.train_pairs)
+        started = time.perf_counter()
+        attach_reference_logps(microbatches, self.reference, self.objective.vocab_size)
+        self.policy.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = run_schedule(
+            partial(dpo_forward_step, self.objective), microbatches, self.policy, forward_only=False
+        )
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        elapsed = time.perf_counter() - started
+        record = finalize(reduce_sums(outputs))
+        record.update(
+            step=step + 1,
+            epoch=(step + 1) / self.sampler.steps_per_epoch,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            learning_rate=learning_rate,
+            tokens_per_second=record["num_tokens"] / elapsed,
+        )
+        return record
+
+    def evaluate(self) -> dict[str, float]:
+        """Forward-only DPO metrics over the held-out pairs (each DP rank takes every dp-th pair)."""
+        mine = list(range(self.layout.dp_rank, len(self.eval_pairs), self.layout.dp))
+        mbs = self.cfg.schedule.micro_batch_size
+        microbatches = self._microbatches([mine[i : i + mbs] for i in range(0, len(mine), mbs)], self.eval_pairs)
+        attach_reference_logps(microbatches, self.reference, self.objective.vocab_size)
+        with torch.no_grad():
+            outputs = run_schedule(
+                partial(dpo_forward_step, self.objective), microbatches, self.policy, forward_only=True
+            )
+        return finalize(reduce_sums(outputs), prefix="eval_")
+
+    def fit(self) -> dict[str, float]:
+        """Train for the configured steps; returns the last step's metrics (plus eval metrics when there is an
+        eval set: `eval_*` at the end and `initial_eval_*` before the first step)."""
+        cfg = self.cfg
+        writer = None
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            writer = MetricsWriter(self.run_dir)
+        summary: dict[str, float] = {}
+        if self.eval_pairs:
+            initial = self.evaluate()
+            summary.update({"initial_" + k: v for k, v in initial.items()})
+            self._emit(writer, {"step": 0, **initial})
+        progress = tqdm(total=self.train_steps, desc="dpo", disable=not (self.is_logger and cfg.logging.progress))
+        record: dict[str, float] = {}
+        for step in range(self.train_steps):
+            record = self.train_step(step)
+            if not math.isfinite(record["loss"]):
+                raise MdpoError(f"step {step + 1}: loss is {record['loss']} (non-finite)")
+            if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == self.train_steps:
+                self._emit(writer, record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+        progress.close()
+        summary.update(record)
+        if self.eval_pairs:
+            final = self.evaluate()
+            summary.update(final)
+            self._emit(writer, {"step": self.train_steps, **final})
+        if writer is not None:
+            writer.close()
+        if cfg.checkpoint.export_hf:
+            self.export_hf(self.run_dir / "hf")
+        if self.is_logger and cfg.logging.plot:
+            from mdpo.plot import plot_metrics
+
+            _log(f"plot: {plot_metrics(self.run_dir)}")
+        return summary
+
+    def _emit(self, writer: MetricsWriter | None, record: dict) -> None:
+        if writer is not None:
+            writer.write(record)
+
+    def export_hf(self, folder: Path) -> None:
+        """The trained policy as a HF Llama folder (tokenizer included), gathered on rank 0."""
+        full = gather_full_state(self.policy.module, self.cfg, self.layout)
+        if full is not None:
+            write_hf_llama(folder, hf_llama.mcore_to_hf(full, self.cfg.model), hf_llama.hf_config(self.cfg.model))
+            self.tokenizer.save_pretrained(folder)
+            _log(f"exported HF model to {folder}")
+        torch.distributed.barrier()
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Run DPO as configured; used by `mdpo train` and `mdpo demo`."""
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        shutdown_parallel()

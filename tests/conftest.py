@@ -1,0 +1,83 @@
+"""Shared fixtures: the ../shared data beside the checkout, and an in-process Megatron world of one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared, or a skip saying why (a user's clone has no ../shared; CI always does)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: this test needs the ../shared folder beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_dir() -> Path:
+    return shared_path("tokenizers", "llama2")
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """TP=PP=DP=1 in this process (gloo), for tests that call model code directly."""
+    from mdpo import megatron_cpu
+
+    megatron_cpu.apply()
+    from megatron.core import parallel_state, tensor_parallel
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29561")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    yield parallel_state
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def run_mdpo(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`mdpo ...` in a fresh process (under torchrun when nproc > 1), as a user would launch it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--standalone", "-m", "mdpo", *args]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "mdpo", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_llama_config(vocab_size: int = 250, **overrides):
+    """A few-layer GQA Llama whose shapes exercise every mapping (fused QKV groups, SwiGLU, vocab padding)."""
+    from transformers import LlamaConfig
+
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)  # fmt: skip
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_hf_llama(seed: int = 0, **overrides):
+    """Random HF LlamaForCausalLM; norms are randomised too so that a swapped norm would show."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.05)
+    return model

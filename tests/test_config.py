@@ -1,0 +1,475 @@
+import json
+import textwrap
+
+import pytest
+
+from mdpo.config import (
+    ARG_ALIASES,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    apply_hf_config,
+    config_to_dict,
+    load_config,
+    translate_args,
+    validate,
+)
+from mdpo.errors import ConfigError, MdpoError
+
+REQUIRED = ["data.train_file=train.jsonl", "data.tokenizer=tok"]
+# A small, consistent model so layout checks only fail when a test means them to.
+SMALL = [
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=4",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+]
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def error(path=None, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def valid_cfg(**sections):
+    cfg = TrainConfig(data=DataConfig(train_file="train.jsonl", tokenizer="tok"))
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_defaults_load_with_required_keys():
+    cfg = load_config(None, REQUIRED)
+    assert cfg == valid_cfg()
+    assert cfg.optimizer.lr == 1e-6 and cfg.schedule.global_batch_size == 128
+    assert cfg.model.num_key_value_heads is None and cfg.schedule.train_steps is None
+    assert ConfigError.__mro__[1] is MdpoError
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        data:
+          train_file: a.jsonl
+          tokenizer: tok
+          eval_file: b.jsonl
+        optimizer:
+          lr: 1e-5          # YAML 1.1 would read this as a string
+          weight_decay: 0   # int accepted for float
+        parallel: {tp: 2, distributed_optimizer: yes}
+        schedule:
+          global_batch_size: 64
+        logging:
+        """,
+    )
+    cfg = load_config(
+        path,
+        [
+            "optimizer.lr=3e-6",
+            "schedule.train_steps=100",
+            "data.eval_file=null",
+            "logging.progress=false",
+            "model.init_std=1",
+            "logging.run_dir=2024",  # str fields keep the text
+            "data.prompt_key=a: b",
+        ],
+    )
+    assert cfg.optimizer.lr == 3e-6
+    assert cfg.optimizer.weight_decay == 0.0 and isinstance(cfg.optimizer.weight_decay, float)
+    assert isinstance(cfg.model.init_std, float)
+    assert cfg.parallel.tp == 2 and cfg.parallel.distributed_optimizer is True
+    assert cfg.schedule.global_batch_size == 64 and cfg.schedule.train_steps == 100
+    assert cfg.data.train_file == "a.jsonl" and cfg.data.eval_file is None
+    assert cfg.logging.progress is False and cfg.logging.run_dir == "2024"
+    assert cfg.data.prompt_key == "a: b"
+    assert cfg.logging.plot is True  # empty section keeps defaults
+    assert load_config(path).optimizer.lr == 1e-5
+
+
+def test_empty_file_is_defaults(tmp_path):
+    path = write(tmp_path, "# nothing\n")
+    assert load_config(path, REQUIRED) == valid_cfg()
+
+
+def test_config_to_dict_roundtrip(tmp_path):
+    cfg = load_config(None, [*REQUIRED, "optimizer.lr=2e-6"])
+    d = config_to_dict(cfg)
+    assert d["optimizer"]["lr"] == 2e-6 and d["data"]["train_file"] == "train.jsonl"
+    import yaml
+
+    path = write(tmp_path, yaml.safe_dump(d))
+    assert load_config(path) == cfg
+
+
+# --------------------------------------------------------------------------- load errors
+
+
+def test_unknown_key_in_file_names_key_file_line_and_suggestion(tmp_path):
+    path = write(tmp_path, "data: {train_file: a, tokenizer: t}\noptimizer:\n  lrr: 1.0e-5\n")
+    msg = error(path)
+    assert f"{path}: line 3" in msg
+    assert "unknown config key 'optimizer.lrr'" in msg
+    assert "known: lr, weight_decay" in msg
+    assert "did you mean 'optimizer.lr'" in msg
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path, "optimiser:\n  lr: 1\n")
+    msg = error(path)
+    assert "unknown config key 'optimiser'" in msg and "did you mean 'optimizer'" in msg
+    assert f"{path}: line 1" in msg
+
+
+def test_unknown_key_in_override():
+    msg = error(None, [*REQUIRED, "optimizer.lrr=1e-5"])
+    assert "override 'optimizer.lrr=1e-5'" in msg
+    assert "unknown config key 'optimizer.lrr'" in msg and "did you mean 'optimizer.lr'" in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "schedule.micro_batch_size=abc",
+            "config key 'schedule.micro_batch_size' must be int, got str 'abc'",
+        ),
+        ("schedule.micro_batch_size=true", "must be int, got bool True"),
+        ("schedule.micro_batch_size=2.0", "must be int, got float 2.0"),
+        ("schedule.train_steps=x", "config key 'schedule.train_steps' must be int or null, got str 'x'"),
+        ("optimizer.lr=fast", "config key 'optimizer.lr' must be float, got str 'fast'"),
+        ("optimizer.lr=false", "must be float, got bool False"),
+        ("data.train_file=null", "config key 'data.train_file' must be str, got null"),
+        ("logging.plot=1", "config key 'logging.plot' must be bool, got int 1"),
+    ],
+)
+def test_wrong_type_override(override, expected):
+    msg = error(None, [*REQUIRED, override])
+    assert expected in msg
+    assert f"override '{override}'" in msg
+
+
+def test_wrong_type_in_file_names_path_and_line(tmp_path):
+    path = write(tmp_path, "schedule:\n  seed: 1\n  micro_batch_size: abc\n")
+    msg = error(path, REQUIRED)
+    assert f"{path}: line 3" in msg
+    assert "config key 'schedule.micro_batch_size' must be int, got str 'abc'" in msg
+
+
+def test_non_string_in_file_for_str_field(tmp_path):
+    path = write(tmp_path, "data:\n  train_file: a\n  tokenizer: [a, b]\n")
+    msg = error(path)
+    assert f"{path}: line 3" in msg and "'data.tokenizer' must be str, got list ['a', 'b']" in msg
+
+
+def test_quoted_number_is_not_a_float(tmp_path):
+    path = write(tmp_path, "optimizer:\n  lr: '1e-5'\n")
+    assert "must be float, got str '1e-5'" in error(path, REQUIRED)
+
+
+@pytest.mark.parametrize("item", ["optimizer.lr", "=3", "lr 3"])
+def test_malformed_override(item):
+    msg = error(None, [item])
+    assert f"malformed override '{item}'" in msg and "key=value" in msg
+
+
+def test_override_on_section_or_below_leaf():
+    assert "config key 'optimizer' is a section" in error(None, ["optimizer=3"])
+    msg = error(None, ["optimizer.lr.x=3"])
+    assert "'optimizer.lr' is float, not a section" in msg
+
+
+def test_invalid_override_value_yaml():
+    msg = error(None, ["optimizer.lr=[1,"])
+    assert "override 'optimizer.lr=[1,'" in msg and "invalid YAML" in msg
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.yaml")
+    msg = error(path)
+    assert f"'{path}'" in msg and "cannot be read" in msg
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "optimizer:\n  lr: 1\n  bad: [1, 2\n")
+    msg = error(path)
+    assert msg.startswith(f"{path}: line ") and "invalid YAML" in msg
+
+
+def test_duplicate_key(tmp_path):
+    path = write(tmp_path, "optimizer:\n  lr: 1.0\n  lr: 2.0\n")
+    msg = error(path)
+    assert f"{path}: line 3: duplicate config key 'optimizer.lr'" in msg and "line 2" in msg
+
+
+@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("42\n", "int"), ("hello\n", "str")])
+def test_top_level_not_mapping(tmp_path, text, kind):
+    path = write(tmp_path, text)
+    msg = error(path)
+    assert path in msg and "top level must be a mapping" in msg and kind in msg
+
+
+def test_section_not_mapping(tmp_path):
+    path = write(tmp_path, "optimizer: 5\n")
+    msg = error(path)
+    assert f"{path}: line 1" in msg and "config key 'optimizer' must be a mapping, got int 5" in msg
+    msg = error(path, ["optimizer.lr=1.0"])
+    assert "config key 'optimizer' must be a mapping" in msg
+
+
+@pytest.mark.parametrize("key", ["data.train_file", "data.tokenizer"])
+def test_missing_required(key):
+    overrides = [o for o in REQUIRED if not o.startswith(key)]
+    assert f"{key} is required" in error(None, overrides)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["schedule.warmup_ratio=1"], "schedule.warmup_ratio must be in [0, 1), got 1.0"),
+        (["schedule.warmup_ratio=-0.1"], "schedule.warmup_ratio must be in [0, 1)"),
+        (
+            ["schedule.global_batch_size=10", "schedule.micro_batch_size=4"],
+            "global_batch_size=10 is not divisible",
+        ),
+        (["schedule.micro_batch_size=0"], "schedule.micro_batch_size must be > 0, got 0"),
+        (["schedule.global_batch_size=-8"], "schedule.global_batch_size must be > 0"),
+        (["schedule.train_steps=0"], "schedule.train_steps must be > 0"),
+        (["schedule.epochs=0"], "schedule.epochs must be > 0"),
+        (["data.max_length=0"], "data.max_length must be > 0"),
+        (["optimizer.lr=0"], "optimizer.lr must be > 0, got 0.0"),
+        (["optimizer.lr=.nan"], "optimizer.lr must be finite, got nan"),
+        (["optimizer.clip_grad=1e400"], "optimizer.clip_grad must be finite, got inf"),
+        (["optimizer.adam_beta2=1"], "optimizer.adam_beta2 must be in [0, 1)"),
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay must be >= 0"),
+        (["dpo.beta=0"], "dpo.beta must be > 0"),
+        (["dpo.label_smoothing=0.5"], "dpo.label_smoothing must be in [0, 0.5)"),
+        (["parallel.tp=0"], "parallel.tp must be >= 1, got 0"),
+        (["parallel.pp=0"], "parallel.pp must be >= 1, got 0"),
+        (["model.vocab_size=0"], "model.vocab_size must be > 0"),
+        (["model.num_key_value_heads=0"], "model.num_key_value_heads must be > 0"),
+        (
+            ["model.num_key_value_heads=3"],
+            "model.num_key_value_heads=3 does not divide model.num_attention_heads=4",
+        ),
+        (["model.hidden_size=66"], "model.num_attention_heads=4 does not divide model.hidden_size=66"),
+        (["parallel.pp=3"], "parallel.pp=3 does not divide model.num_hidden_layers=4"),
+        (["parallel.tp=3"], "parallel.tp=3 does not divide model.num_attention_heads=4"),
+        (["parallel.tp=4"], "parallel.tp=4 does not divide model.num_key_value_heads=2"),
+        (["logging.log_interval=0"], "logging.log_interval must be > 0"),
+    ],
+)
+def test_validation_rules(overrides, expected):
+    assert expected in error(None, [*REQUIRED, *SMALL, *overrides])
+
+
+def test_valid_layouts_pass():
+    cfg = load_config(None, [*REQUIRED, *SMALL, "parallel.tp=2", "parallel.pp=4", "schedule.warmup_ratio=0"])
+    assert cfg.parallel.tp == 2 and cfg.parallel.pp == 4
+    # MHA: num_key_value_heads=None counts as num_attention_heads for the tp check
+    load_config(None, [*REQUIRED, *SMALL, "model.num_key_value_heads=null", "parallel.tp=4"])
+
+
+def test_validate_directly():
+    validate(valid_cfg())
+    with pytest.raises(ConfigError, match="parallel.tp=3 does not divide model.num_attention_heads=32"):
+        validate(valid_cfg(parallel={"tp": 3}))
+
+
+# --------------------------------------------------------------------------- aliases
+
+
+def test_translate_args():
+    argv = [
+        "--tensor-model-parallel-size",
+        "2",
+        "--pipeline-model-parallel-size=4",
+        "--use-distributed-optimizer",
+        "--lr",
+        "1e-5",
+        "--train-iters",
+        "10",
+        "--seq-length=512",
+        "--seed",
+        "-1",
+        "dpo.beta=0.2",
+    ]
+    assert translate_args(argv) == [
+        "parallel.tp=2",
+        "parallel.pp=4",
+        "parallel.distributed_optimizer=true",
+        "optimizer.lr=1e-5",
+        "schedule.train_steps=10",
+        "data.max_length=512",
+        "schedule.seed=-1",
+        "dpo.beta=0.2",
+    ]
+    assert translate_args(["--use-distributed-optimizer=false"]) == ["parallel.distributed_optimizer=false"]
+
+
+def test_every_alias_loads():
+    argv = []
+    for flag, key in ARG_ALIASES.items():
+        if key == "parallel.distributed_optimizer":
+            argv.append(flag)
+        else:
+            argv += [flag, "0.5" if "adam_beta" in key else "1"]
+    cfg = load_config(None, [*REQUIRED, *translate_args(argv)])
+    assert cfg.parallel.distributed_optimizer is True
+    assert cfg.optimizer.lr == 1.0 and cfg.optimizer.adam_beta2 == 0.5
+    assert cfg.schedule.train_steps == 1 and cfg.data.max_length == 1 and cfg.schedule.seed == 1
+
+
+def test_translate_args_errors():
+    with pytest.raises(ConfigError, match="unknown flag '--micro-batch'; did you mean '--micro-batch-size'"):
+        translate_args(["--micro-batch", "2"])
+    with pytest.raises(ConfigError, match="flag '--lr' needs a value"):
+        translate_args(["--lr"])
+    with pytest.raises(ConfigError, match="flag '--lr' needs a value"):
+        translate_args(["--lr", "--seed", "1"])
+    with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
+        translate_args(["stray"])
+
+
+# --------------------------------------------------------------------------- HF config.json
+
+
+def write_hf(tmp_path, **overrides):
+    """A config.json shaped like transformers' LlamaConfig.save_pretrained output."""
+    hf = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 500000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 2048,
+    }
+    hf.update(overrides)
+    hf = {k: v for k, v in hf.items() if v is not ...}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    return tmp_path
+
+
+def check_hf_model(model, rope_theta=500000.0):
+    assert (model.vocab_size, model.hidden_size, model.intermediate_size) == (100, 64, 128)
+    assert (model.num_hidden_layers, model.num_attention_heads, model.num_key_value_heads) == (2, 4, 2)
+    assert model.rms_norm_eps == 1e-6 and model.max_position_embeddings == 2048
+    assert model.rope_theta == rope_theta
+    assert model.init_std == 0.02
+
+
+def test_hf_config_from_folder_and_file(tmp_path):
+    folder = write_hf(tmp_path)
+    cfg = load_config(None, [*REQUIRED, f"model.hf_config={folder}", "parallel.tp=2"])
+    check_hf_model(cfg.model)
+    model = ModelConfig(hf_config=str(folder / "config.json"))
+    apply_hf_config(model)
+    check_hf_model(model)
+    apply_hf_config(model)  # idempotent
+    check_hf_model(model)
+
+
+def test_hf_config_from_init_from(tmp_path):
+    folder = write_hf(tmp_path)
+    cfg = load_config(None, [*REQUIRED, f"model.init_from={folder}"])
+    check_hf_model(cfg.model)
+    assert cfg.model.hf_config is None and cfg.model.init_from == str(folder)
+
+
+def test_hf_config_rope_parameters_layout(tmp_path):
+    # transformers >= 5 nests rope_theta under rope_parameters
+    folder = write_hf(
+        tmp_path,
+        rope_theta=...,
+        rope_scaling=...,
+        rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+    )
+    model = ModelConfig(hf_config=str(folder))
+    apply_hf_config(model)
+    check_hf_model(model, rope_theta=1e6)
+
+
+def test_hf_config_real_llama_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
+    ).save_pretrained(tmp_path)
+    model = ModelConfig(hf_config=str(tmp_path))
+    apply_hf_config(model)
+    check_hf_model(model)
+
+
+def test_hf_config_missing_file(tmp_path):
+    missing = tmp_path / "nowhere"
+    msg = error(None, [*REQUIRED, f"model.hf_config={missing}"])
+    assert f"model.hf_config='{missing}'" in msg and "cannot read" in msg
+    msg = error(None, [*REQUIRED, f"model.init_from={tmp_path}"])
+    assert "model.init_from=" in msg and str(tmp_path / "config.json") in msg
+
+
+def test_hf_config_invalid_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    assert "is not valid JSON" in error(None, [*REQUIRED, f"model.hf_config={tmp_path}"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3' is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "rope scaling 'yarn'"),
+        ({"attention_bias": True}, "attention_bias=true is not supported"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings=true"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"model_type": "qwen2"}, "model_type='qwen2'"),
+        ({"head_dim": 32}, "head_dim=32"),
+        ({"hidden_size": "64"}, "'hidden_size' must be int, got str '64'"),
+    ],
+)
+def test_hf_config_unsupported(tmp_path, changes, expected):
+    folder = write_hf(tmp_path, **changes)
+    msg = error(None, [*REQUIRED, f"model.hf_config={folder}"])
+    assert expected in msg and str(folder / "config.json") in msg
+
+
+def test_hf_config_conflict_with_explicit_value(tmp_path):
+    folder = write_hf(tmp_path)
+    msg = error(None, [*REQUIRED, f"model.hf_config={folder}", "model.hidden_size=128"])
+    assert "model.hidden_size=128 conflicts with hidden_size=64" in msg
+    cfg = load_config(None, [*REQUIRED, f"model.hf_config={folder}", "model.hidden_size=64"])
+    assert cfg.model.hidden_size == 64

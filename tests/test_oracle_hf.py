@@ -1,0 +1,111 @@
+"""Oracle 1: mdpo's log-probs and DPO loss against HF LlamaForCausalLM and a float64 reimplementation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from conftest import tiny_hf_llama
+
+from mdpo.config import ModelConfig
+from mdpo.data.batching import collate
+from mdpo.data.pairs import TokenizedPair
+
+VOCAB = 250  # padded to 256 for TP=1: six padding logits that must not enter the softmax
+
+
+def model_config(hf_config) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_hidden_layers=hf_config.num_hidden_layers,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_key_value_heads=hf_config.num_key_value_heads,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        rope_theta=10000.0,
+        max_position_embeddings=hf_config.max_position_embeddings,
+    )
+
+
+def mdpo_model(hf_model):
+    from mdpo.models import hf_llama, sharding
+    from mdpo.models.gpt import build_gpt_model, padded_vocab_size, transformer_config
+
+    cfg = model_config(hf_model.config)
+    model = build_gpt_model(cfg, transformer_config(cfg))
+    full = hf_llama.hf_to_mcore(hf_model.state_dict(), cfg, padded_vocab_size(cfg.vocab_size, 1))
+    local = sharding.local_state_dict(full, num_layers=cfg.num_hidden_layers, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+    sharding.load_into(model, local)
+    return model.eval()
+
+
+def random_pairs() -> list[TokenizedPair]:
+    """Different prompt and response lengths, so rows are padded by different amounts."""
+    g = torch.Generator().manual_seed(7)
+    ids = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()
+    shapes = [(3, 4, 5), (7, 2, 3), (5, 6, 1), (1, 9, 2)]
+    return [TokenizedPair(i, ids(p), ids(c), ids(r)) for i, (p, c, r) in enumerate(shapes)]
+
+
+def hf_logps_float64(hf_model, prompt: list[int], response: list[int]) -> float:
+    """Sum of log p(response token | prefix), each sequence run alone (no padding), in float64."""
+    ids = prompt + response
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids])).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return sum(logprobs[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1))
+
+
+def mdpo_logps(model, pairs) -> torch.Tensor:
+    from mdpo.training.logprobs import sequence_stats
+
+    batch = collate(pairs, pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+        stats = sequence_stats(logits, batch.labels, batch.loss_mask, VOCAB)
+    expected_tokens = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    assert stats.num_tokens.tolist() == expected_tokens
+    return stats.logps
+
+
+def test_sequence_logps_equal_hf_float64(megatron_world):
+    hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
+    pairs = random_pairs()
+    got = mdpo_logps(mdpo_model(hf), pairs)
+    want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
+    want += [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs]
+    assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5), (got, want)
+
+
+def test_vocab_padding_is_masked_out(megatron_world):
+    """The padded head rows are zero, not -inf: without the mask their exp(0) would leak into the softmax."""
+    from mdpo.training.logprobs import sequence_stats
+
+    logits = torch.zeros(1, 2, 256)
+    stats = sequence_stats(logits, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), VOCAB)
+    assert torch.allclose(stats.logps, torch.tensor([-2 * torch.log(torch.tensor(250.0)).item()]))
+
+
+def test_dpo_loss_equals_float64_formula(megatron_world):
+    from mdpo.loss import preference_loss
+
+    policy_hf, ref_hf = tiny_hf_llama(seed=0, vocab_size=VOCAB), tiny_hf_llama(seed=1, vocab_size=VOCAB)
+    pairs = random_pairs()
+    m = len(pairs)
+    policy, ref = mdpo_logps(mdpo_model(policy_hf), pairs), mdpo_logps(mdpo_model(ref_hf), pairs)
+    beta, smoothing = 0.1, 0.1
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        policy[:m], policy[m:], ref[:m], ref[m:], beta=beta, label_smoothing=smoothing
+    )
+
+    def hf_side(model, key):
+        return torch.tensor([hf_logps_float64(model, p.prompt, getattr(p, key)) for p in pairs], dtype=torch.float64)
+
+    pc, pr = hf_side(policy_hf, "chosen"), hf_side(policy_hf, "rejected")
+    rc, rr = hf_side(ref_hf, "chosen"), hf_side(ref_hf, "rejected")
+    z = beta * ((pc - rc) - (pr - rr))
+    want = -(1 - smoothing) * F.logsigmoid(z) - smoothing * F.logsigmoid(-z)
+    assert torch.allclose(losses.double(), want, rtol=0, atol=1e-5)
+    assert torch.allclose(chosen_rewards.double(), beta * (pc - rc), atol=1e-5)
+    assert torch.allclose(rejected_rewards.double(), beta * (pr - rr), atol=1e-5)
+    assert z.abs().max() > 0.01  # the two models differ, so the check is not the trivial log(2)
