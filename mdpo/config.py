@@ -214,9 +214,7 @@ def _read_yaml(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: top level must be a mapping of sections (model, data, ...), got {_describe(data)}"
-        )
+        raise ConfigError(f"{path}: top level must be a mapping of sections (model, data, ...), got {_describe(data)}")
     origin: dict[str, str] = {}
     _record_lines(path, node, "", origin)
     return data, origin
@@ -332,9 +330,7 @@ def _build(cls: type, raw: object, prefix: str, origin: dict[str, str]) -> Any:
         try:
             kwargs[name] = _coerce(value, tp)
         except _Mismatch:
-            raise _err(
-                where, f"config key '{dotted}' must be {_type_name(tp)}, got {_describe(value)}"
-            ) from None
+            raise _err(where, f"config key '{dotted}' must be {_type_name(tp)}, got {_describe(value)}") from None
     return cls(**kwargs)
 
 
@@ -356,9 +352,7 @@ def _apply_override(raw: dict[str, Any], item: str, origin: dict[str, str]) -> N
         if dataclasses.is_dataclass(tp):
             if last:
                 example = next(iter(_hints(tp)))
-                raise _err(
-                    where, f"config key '{dotted}' is a section; set its keys, e.g. {dotted}.{example}=..."
-                )
+                raise _err(where, f"config key '{dotted}' is a section; set its keys, e.g. {dotted}.{example}=...")
             cls = tp
         elif not last:
             raise _err(where, f"config key '{dotted}' is {_type_name(tp)}, not a section ('{key}')")
@@ -377,9 +371,7 @@ def _apply_override(raw: dict[str, Any], item: str, origin: dict[str, str]) -> N
         if child is None:
             child = node[name] = {}
         elif not isinstance(child, dict):
-            raise _err(
-                origin.get(section), f"config key '{section}' must be a mapping, got {_describe(child)}"
-            )
+            raise _err(origin.get(section), f"config key '{section}' must be a mapping, got {_describe(child)}")
         node = child
     node[parts[-1]] = value
     origin[key] = where
@@ -487,9 +479,7 @@ def apply_hf_config(model: ModelConfig) -> None:
     rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 nests rope_theta here
     scaling = hf.get("rope_scaling") or {}
     for params in (rope, scaling):
-        rope_type = (
-            params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else params
-        )
+        rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else params
         if rope_type not in (None, "default"):
             raise unsupported(f"rope scaling {rope_type!r}")
 
@@ -503,8 +493,7 @@ def apply_hf_config(model: ModelConfig) -> None:
             value = _coerce(value, hints[name])
         except _Mismatch:
             raise ConfigError(
-                f"{key}='{source}': {file}: '{name}' must be {_type_name(hints[name])}, "
-                f"got {_describe(value)}"
+                f"{key}='{source}': {file}: '{name}' must be {_type_name(hints[name])}, got {_describe(value)}"
             ) from None
         current = getattr(model, name)
         if current != getattr(defaults, name) and current != value:

@@ -175,9 +175,7 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 def _check_shape(name: str, t: Tensor, like: Tensor) -> None:
     if tuple(t.shape) != tuple(like.shape):
-        raise ConfigError(
-            f"{name} has shape {tuple(t.shape)}, expected {tuple(like.shape)} like policy_chosen_logps"
-        )
+        raise ConfigError(f"{name} has shape {tuple(t.shape)}, expected {tuple(like.shape)} like policy_chosen_logps")
 
 
 def _as_lengths(name: str, value: Tensor | Sequence[float], like: Tensor) -> Tensor:
@@ -201,9 +199,7 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
-def _loss_terms(
-    loss_type: str | Sequence[str], loss_weights: Sequence[float] | None
-) -> list[tuple[str, float]]:
+def _loss_terms(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None) -> list[tuple[str, float]]:
     """Pair each requested loss type with its weight, rejecting unknown names and bad weights."""
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not names:
@@ -215,9 +211,7 @@ def _loss_terms(
         return [(name, 1.0) for name in names]
     weights = [_finite("loss_weights entry", w) for w in loss_weights]
     if len(weights) != len(names):
-        raise ConfigError(
-            f"loss_weights has {len(weights)} entries {weights} but loss_type has {len(names)} {names}"
-        )
+        raise ConfigError(f"loss_weights has {len(weights)} entries {weights} but loss_type has {len(names)} {names}")
     for w in weights:
         if w < 0:
             raise ConfigError(f"loss_weights entries must be >= 0, got {w!r}")
@@ -262,9 +256,7 @@ def preference_loss(
     """
     unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
     if unknown:
-        raise ConfigError(
-            f"unknown preference_loss option {unknown[0]!r}; known: {', '.join(_OPTION_DEFAULTS)}"
-        )
+        raise ConfigError(f"unknown preference_loss option {unknown[0]!r}; known: {', '.join(_OPTION_DEFAULTS)}")
     opts = {key: _finite(key, options.get(key, default)) for key, default in _OPTION_DEFAULTS.items()}
     if opts["discopop_tau"] <= 0:
         raise ConfigError(f"discopop_tau must be > 0, got {opts['discopop_tau']!r}")

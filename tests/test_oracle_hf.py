@@ -34,7 +34,9 @@ def mdpo_model(hf_model):
     cfg = model_config(hf_model.config)
     model = build_gpt_model(cfg, transformer_config(cfg))
     full = hf_llama.hf_to_mcore(hf_model.state_dict(), cfg, padded_vocab_size(cfg.vocab_size, 1))
-    local = sharding.local_state_dict(full, num_layers=cfg.num_hidden_layers, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+    local = sharding.local_state_dict(
+        full, num_layers=cfg.num_hidden_layers, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1
+    )
     sharding.load_into(model, local)
     return model.eval()
 

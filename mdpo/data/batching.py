@@ -81,9 +81,7 @@ class PairSampler:
         return order[start : start + self.global_batch_size].tolist()
 
 
-def rank_microbatches(
-    indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int
-) -> list[list[int]]:
+def rank_microbatches(indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[list[int]]:
     """This DP rank's contiguous share of a global batch, as micro-batches of pair indices."""
     share = len(indices) // dp_size
     mine = list(indices[dp_rank * share : (dp_rank + 1) * share])

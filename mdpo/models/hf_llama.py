@@ -111,9 +111,7 @@ def _entries(num_layers: int):
             )
 
 
-def hf_to_mcore(
-    hf_state: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab: int
-) -> dict[str, torch.Tensor]:
+def hf_to_mcore(hf_state: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
     """Full HF Llama state dict -> full (TP=1, PP=1) Megatron state dict; names a missing or extra tensor."""
     heads = Heads.of(model)
     out: dict[str, torch.Tensor] = {}

@@ -64,9 +64,7 @@ def init_parallel(cfg: TrainConfig) -> Layout:
     dp = world // (tp * pp)
     gbs, mbs = cfg.schedule.global_batch_size, cfg.schedule.micro_batch_size
     if gbs % (mbs * dp):
-        raise ConfigError(
-            f"schedule.global_batch_size={gbs} is not divisible by micro_batch_size x DP = {mbs} x {dp}"
-        )
+        raise ConfigError(f"schedule.global_batch_size={gbs} is not divisible by micro_batch_size x DP = {mbs} x {dp}")
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -187,9 +185,7 @@ class Trainer:
         self.train_pairs = load_pairs(cfg.data.train_file, cfg, self.tokenizer, "train")
         self.eval_pairs = load_pairs(cfg.data.eval_file, cfg, self.tokenizer, "eval") if cfg.data.eval_file else []
         self.sampler = PairSampler(len(self.train_pairs), cfg.schedule.global_batch_size, seed)
-        self.train_steps = cfg.schedule.train_steps or max(
-            1, int(cfg.schedule.epochs * self.sampler.steps_per_epoch)
-        )
+        self.train_steps = cfg.schedule.train_steps or max(1, int(cfg.schedule.epochs * self.sampler.steps_per_epoch))
 
         padded = padded_vocab_size(cfg.model.vocab_size, self.layout.tp)
         full_state = hf_full_state(cfg, padded)
@@ -262,9 +258,7 @@ class Trainer:
         attach_reference_logps(microbatches, self.reference, self.objective.vocab_size)
         self.policy.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = run_schedule(
-            partial(dpo_forward_step, self.objective), microbatches, self.policy, forward_only=False
-        )
+        outputs = run_schedule(partial(dpo_forward_step, self.objective), microbatches, self.policy, forward_only=False)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
