@@ -29,7 +29,7 @@ def llama2_tokenizer_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def megatron_world():
-    """TP=PP=DP=1 in this process (gloo), for tests that call model code directly."""
+    """TP=PP=DP=1 in this process (gloo on CPU, NCCL on GPU), for tests that call model code directly."""
     from mdpo import megatron_cpu
 
     megatron_cpu.apply()
@@ -38,7 +38,8 @@ def megatron_world():
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29561")
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     yield parallel_state

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from mdpo.data.pairs import TokenizedPair
+from mdpo.errors import DataError
 
 
 @dataclass
@@ -22,6 +23,7 @@ class MicroBatch:
     position_ids: torch.Tensor  # [2m, s]
     attention_mask: torch.Tensor  # [1, 1, s, s] bool, True = masked (Megatron's convention)
     pair_ids: list[int]  # dataset indices, for error messages
+    num_input_tokens: int = 0  # real (non-padding) tokens of all 2m sequences
     ref_logps: torch.Tensor | None = None  # [2m] reference log-probs, filled by the reference pass
 
     @property
@@ -56,6 +58,7 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> MicroBatch:
         position_ids=torch.arange(length).expand(len(sequences), length).contiguous(),
         attention_mask=causal.view(1, 1, length, length),
         pair_ids=[p.index for p in pairs],
+        num_input_tokens=sum(len(prompt) + len(response) for prompt, response in sequences),
     )
 
 
@@ -68,7 +71,10 @@ class PairSampler:
 
     def __init__(self, num_pairs: int, global_batch_size: int, seed: int) -> None:
         if num_pairs < global_batch_size:
-            raise ValueError(f"{num_pairs} pairs are fewer than one global batch ({global_batch_size})")
+            raise DataError(
+                f"{num_pairs} usable pairs are fewer than one global batch (schedule.global_batch_size="
+                f"{global_batch_size})"
+            )
         self.num_pairs = num_pairs
         self.global_batch_size = global_batch_size
         self.seed = seed

@@ -20,6 +20,7 @@ SUM_FIELDS = (
     "logit_sum/rejected",
     "num_tokens/chosen",
     "num_tokens/rejected",
+    "num_tokens/input",
     "num_pairs",
 )
 PER_PAIR = SUM_FIELDS[:7]
@@ -35,6 +36,7 @@ def pair_sums(
     rejected_logit_sums: torch.Tensor,
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
+    input_tokens: int,
 ) -> torch.Tensor:
     """One micro-batch's metric sums, in SUM_FIELDS order (float64 so sums of many pairs stay exact enough)."""
     values = [
@@ -49,6 +51,7 @@ def pair_sums(
         rejected_logit_sums.sum(),
         chosen_tokens.sum(),
         rejected_tokens.sum(),
+        torch.tensor(float(input_tokens)),
         torch.tensor(float(losses.numel())),
     ]
     return torch.stack([v.detach().double().cpu() for v in values])
@@ -61,7 +64,8 @@ def finalize(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
     out = {prefix + name: s[name] / pairs for name in PER_PAIR}
     out[prefix + "logits/chosen"] = s["logit_sum/chosen"] / max(s["num_tokens/chosen"], 1.0)
     out[prefix + "logits/rejected"] = s["logit_sum/rejected"] / max(s["num_tokens/rejected"], 1.0)
-    out[prefix + "num_tokens"] = s["num_tokens/chosen"] + s["num_tokens/rejected"]
+    # As TRL counts it: every non-padding input token (prompts included, once per sequence).
+    out[prefix + "num_tokens"] = s["num_tokens/input"]
     return out
 
 

@@ -64,6 +64,7 @@ def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
         stats.logit_sums[m:],
         stats.num_tokens[:m],
         stats.num_tokens[m:],
+        batch.num_input_tokens,
     )
     # Non-finite losses are reported by pair id so a bad example can be found.
     return losses.sum(), torch.tensor(m, dtype=torch.int), {"sums": sums, "pair_ids": batch.pair_ids}

@@ -275,6 +275,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Forward-only DPO metrics over the held-out pairs (each DP rank takes every dp-th pair)."""
+        if len(self.eval_pairs) < self.layout.dp:
+            raise DataError(f"{self.cfg.data.eval_file}: fewer eval pairs than data-parallel ranks ({self.layout.dp})")
         mine = list(range(self.layout.dp_rank, len(self.eval_pairs), self.layout.dp))
         mbs = self.cfg.schedule.micro_batch_size
         microbatches = self._microbatches([mine[i : i + mbs] for i in range(0, len(mine), mbs)], self.eval_pairs)
