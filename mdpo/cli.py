@@ -37,6 +37,17 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_precompute_ref(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from mdpo.config import load_config, translate_args
+
+    cfg = load_config(args.config, translate_args(list(args.overrides) + list(extra)))
+    _start()
+    from mdpo.training.trainer import precompute_reference
+
+    precompute_reference(cfg)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if extra:
         raise MdpoError(f"unexpected arguments for demo: {' '.join(extra)}")
@@ -68,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     train.set_defaults(func=cmd_train)
+    precompute = sub.add_parser(
+        "precompute-ref",
+        help="run the reference model once over the data and cache its log-probs (for dpo.reference=precomputed)",
+    )
+    precompute.add_argument("config", nargs="?", help="YAML config file (the same one training uses)")
+    precompute.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    precompute.set_defaults(func=cmd_precompute_ref)
     demo = sub.add_parser("demo", help="a complete DPO run on a built-in task, no download")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.set_defaults(func=cmd_demo)

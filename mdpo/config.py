@@ -105,15 +105,24 @@ class ScheduleConfig:
 class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO (cDPO) label noise, in [0, 0.5)
-    loss_type: str = "sigmoid"  # a name in mdpo.loss.LOSS_TYPES (checked there)
+    loss_type: str | list[str] = "sigmoid"  # a name in mdpo.loss.LOSS_TYPES, or several (weighted sum)
+    loss_weights: list[float] | None = None  # one per loss_type; None = all 1.0
+    rpo_alpha: float = 0.0  # weight of the chosen responses' mean token NLL (RPO / NeMo sft_loss_weight)
+    reference: str = "online"  # online | precomputed (see `mdpo precompute-ref`) | none (reference-free)
+    reference_cache: str | None = None  # precomputed reference log-probs; None = RUN_DIR/reference_logps
+    bco_delta: float = 0.0  # bco_pair's reward shift
+    discopop_tau: float = 0.05  # discopop's temperature
 
 
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/mdpo"
     log_interval: int = 1  # steps between metric lines
+    eval_interval: int | None = None  # steps between held-out evaluations (also before and after training)
     progress: bool = True  # show a progress bar
     plot: bool = True  # write loss/reward plots to run_dir
+    tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard (needs `tensorboard`)
+    wandb_project: str | None = None  # also log to this Weights & Biases project (needs `wandb`)
 
 
 @dataclass
@@ -275,6 +284,12 @@ def _coerce(value: object, tp: Any) -> object:
             return float(value)
         if a is str and isinstance(value, str):
             return value
+        if typing.get_origin(a) is list and isinstance(value, list):
+            (item,) = typing.get_args(a)
+            try:
+                return [_coerce(v, item) for v in value]
+            except _Mismatch:
+                continue
     raise _Mismatch
 
 
@@ -362,7 +377,8 @@ def _apply_override(raw: dict[str, Any], item: str, origin: dict[str, str]) -> N
         if not _accepts_str(tp):
             raise _yaml_error(where, e) from None
         value = text.strip()
-    if _accepts_str(tp) and value is not None and not isinstance(value, str):
+    keeps_list = isinstance(value, list) and any(typing.get_origin(a) is list for a in _union_args(tp))
+    if _accepts_str(tp) and value is not None and not isinstance(value, str) and not keeps_list:
         value = text.strip()  # e.g. data.tokenizer=2024 or run_dir=on stay strings
     node = raw
     for depth, name in enumerate(parts[:-1]):
@@ -574,6 +590,17 @@ def validate(cfg: TrainConfig) -> None:
         d.on_bad_row in ("error", "skip"),
         f"data.on_bad_row must be 'error' or 'skip', got {d.on_bad_row!r}",
     )
+    need(
+        dpo.reference in ("online", "precomputed", "none"),
+        f"dpo.reference must be 'online', 'precomputed' or 'none', got {dpo.reference!r}",
+    )
+    need(
+        dpo.reference != "precomputed" or m.init_from is not None,
+        "dpo.reference=precomputed needs model.init_from (the reference checkpoint the cache is stamped with)",
+    )
+    need(dpo.rpo_alpha >= 0, f"dpo.rpo_alpha must be >= 0, got {dpo.rpo_alpha!r}")
+    if lg.eval_interval is not None:
+        need(lg.eval_interval > 0, f"logging.eval_interval must be > 0, got {lg.eval_interval!r}")
     need(0 <= s.warmup_ratio < 1, f"schedule.warmup_ratio must be in [0, 1), got {s.warmup_ratio!r}")
     need(0 <= s.seed < 2**32, f"schedule.seed must be in [0, 2**32), got {s.seed!r}")
     need(

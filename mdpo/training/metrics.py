@@ -37,8 +37,10 @@ def pair_sums(
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
     input_tokens: int,
+    components: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One micro-batch's metric sums, in SUM_FIELDS order (float64 so sums of many pairs stay exact enough)."""
+    """One micro-batch's metric sums: SUM_FIELDS, then the per-pair loss `components` in their given order
+    (float64 so sums over many pairs stay exact enough)."""
     values = [
         losses.sum(),
         chosen_rewards.sum(),
@@ -54,14 +56,15 @@ def pair_sums(
         torch.tensor(float(input_tokens)),
         torch.tensor(float(losses.numel())),
     ]
+    values += [per_pair.sum() for per_pair in (components or {}).values()]
     return torch.stack([v.detach().double().cpu() for v in values])
 
 
-def finalize(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
+def finalize(sums: torch.Tensor, components: tuple[str, ...] = (), prefix: str = "") -> dict[str, float]:
     """Reduced sums -> TRL-named means: per pair, and logits per response token (mean over the vocabulary)."""
-    s = dict(zip(SUM_FIELDS, sums.tolist()))
+    s = dict(zip(SUM_FIELDS + components, sums.tolist()))
     pairs = max(s["num_pairs"], 1.0)
-    out = {prefix + name: s[name] / pairs for name in PER_PAIR}
+    out = {prefix + name: s[name] / pairs for name in PER_PAIR + components}
     out[prefix + "logits/chosen"] = s["logit_sum/chosen"] / max(s["num_tokens/chosen"], 1.0)
     out[prefix + "logits/rejected"] = s["logit_sum/rejected"] / max(s["num_tokens/rejected"], 1.0)
     # As TRL counts it: every non-padding input token (prompts included, once per sequence).

@@ -17,18 +17,80 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mdpo.config import DPOConfig
 from mdpo.data.batching import MicroBatch
-from mdpo.loss import preference_loss
+from mdpo.loss import nll_loss, preference_loss
 from mdpo.training.logprobs import sequence_stats
-from mdpo.training.metrics import SUM_FIELDS, pair_sums
+from mdpo.training.metrics import pair_sums
 
 
 @dataclass(frozen=True)
 class DPOObjective:
+    """The configured preference objective; `components` name the per-pair terms logged besides `loss`."""
+
     vocab_size: int
     beta: float
     label_smoothing: float
-    loss_type: str
+    loss_types: tuple[str, ...]
+    loss_weights: tuple[float, ...]
+    rpo_alpha: float
+    reference_free: bool
+    options: tuple[tuple[str, float], ...]
+
+    @classmethod
+    def from_config(cls, dpo: DPOConfig, vocab_size: int) -> DPOObjective:
+        types = (dpo.loss_type,) if isinstance(dpo.loss_type, str) else tuple(dpo.loss_type)
+        weights = tuple(dpo.loss_weights) if dpo.loss_weights is not None else (1.0,) * len(types)
+        objective = cls(
+            vocab_size=vocab_size,
+            beta=dpo.beta,
+            label_smoothing=dpo.label_smoothing,
+            loss_types=types,
+            loss_weights=weights,
+            rpo_alpha=dpo.rpo_alpha,
+            reference_free=dpo.reference == "none",
+            options=(("bco_delta", dpo.bco_delta), ("discopop_tau", dpo.discopop_tau)),
+        )
+        one = torch.zeros(1)
+        objective(one, one, one, one, one + 1, one + 1)  # bad names or options fail now, not at step 1
+        return objective
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        names = tuple(f"loss/{t}" for t in self.loss_types) if len(self.loss_types) > 1 else ()
+        return names + (("nll_loss",) if self.rpo_alpha > 0 else ())
+
+    def __call__(self, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths):
+        """Per-pair (losses, chosen_rewards, rejected_rewards, {component: per-pair value})."""
+        common = dict(
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            reference_free=self.reference_free,
+            **dict(self.options),
+        )
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            loss_type=list(self.loss_types),
+            loss_weights=list(self.loss_weights),
+            rpo_alpha=self.rpo_alpha,
+            **common,
+        )
+        components = {}
+        if len(self.loss_types) > 1:
+            for loss_type in self.loss_types:
+                with torch.no_grad():
+                    part, _, _ = preference_loss(
+                        chosen, rejected, ref_chosen, ref_rejected, loss_type=loss_type, **common
+                    )
+                components[f"loss/{loss_type}"] = part
+        if self.rpo_alpha > 0:
+            components["nll_loss"] = nll_loss(chosen.detach(), chosen_lengths)
+        return losses, chosen_rewards, rejected_rewards, components
 
 
 def _forward(batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
@@ -44,15 +106,10 @@ def _reference_loss(batch: MicroBatch, vocab_size: int, output: torch.Tensor):
 def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
     stats = sequence_stats(output, batch.labels, batch.loss_mask, objective.vocab_size)
     m = batch.num_pairs
-    ref = batch.ref_logps
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        stats.logps[:m],
-        stats.logps[m:],
-        ref[:m],
-        ref[m:],
-        loss_type=objective.loss_type,
-        beta=objective.beta,
-        label_smoothing=objective.label_smoothing,
+    ref = batch.ref_logps if batch.ref_logps is not None else torch.zeros_like(stats.logps)
+    lengths = stats.num_tokens.to(stats.logps.dtype)
+    losses, chosen_rewards, rejected_rewards, components = objective(
+        stats.logps[:m], stats.logps[m:], ref[:m], ref[m:], lengths[:m], lengths[m:]
     )
     sums = pair_sums(
         losses,
@@ -65,8 +122,9 @@ def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
         stats.num_tokens[:m],
         stats.num_tokens[m:],
         batch.num_input_tokens,
+        components,
     )
-    # Non-finite losses are reported by pair id so a bad example can be found.
+    # pair_ids let a non-finite loss be traced to its examples.
     return losses.sum(), torch.tensor(m, dtype=torch.int), {"sums": sums, "pair_ids": batch.pair_ids}
 
 
@@ -102,9 +160,9 @@ def attach_reference_logps(microbatches: list[MicroBatch], reference: torch.nn.M
         batch.ref_logps = out["ref_logps"]
 
 
-def reduce_sums(outputs: list[dict]) -> torch.Tensor:
+def reduce_sums(outputs: list[dict], num_fields: int) -> torch.Tensor:
     """Sum the metric sums over micro-batches, DP ranks, and hand them from the last PP stage to all stages."""
-    sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64)
+    sums = torch.zeros(num_fields, dtype=torch.float64)
     for out in outputs:
         sums += out["sums"]
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,7 +25,8 @@ from mdpo.data.pairs import TokenizedPair, TokenizeReport, read_pairs_jsonl, tok
 from mdpo.errors import ConfigError, DataError, MdpoError
 from mdpo.models import hf_llama, sharding
 from mdpo.models.gpt import build_gpt_model, padded_vocab_size, transformer_config
-from mdpo.training.metrics import MetricsWriter, finalize
+from mdpo.training.metrics import SUM_FIELDS, MetricsWriter, finalize
+from mdpo.training.reference import ReferenceLogps, cache_path, reference_stamp, save_reference_logps
 from mdpo.training.step import (
     DPOObjective,
     attach_reference_logps,
@@ -176,6 +177,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.run_dir = Path(cfg.logging.run_dir)
 
+        self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if len(self.tokenizer) > cfg.model.vocab_size:
             raise ConfigError(
@@ -190,10 +192,18 @@ class Trainer:
         padded = padded_vocab_size(cfg.model.vocab_size, self.layout.tp)
         full_state = hf_full_state(cfg, padded)
         policy = build_stage(cfg, self.layout, full_state, self.dtype)
-        # The reference starts as an exact copy of the policy and never trains.
-        self.reference = build_stage(cfg, self.layout, None, self.dtype)
-        self.reference.load_state_dict(policy.state_dict())
-        self.reference.requires_grad_(False).eval()
+        self.reference, self.reference_cache = None, {}
+        if cfg.dpo.reference == "online":
+            # The reference starts as an exact copy of the policy and never trains.
+            self.reference = build_stage(cfg, self.layout, None, self.dtype)
+            self.reference.load_state_dict(policy.state_dict())
+            self.reference.requires_grad_(False).eval()
+        elif cfg.dpo.reference == "precomputed":
+            stamp = reference_stamp(cfg)
+            for split, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
+                if pairs:
+                    needed = [p.index for p in pairs]
+                    self.reference_cache[split] = ReferenceLogps(cache_path(cfg, split), stamp, needed)
 
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -236,12 +246,7 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.policy.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
-        self.objective = DPOObjective(
-            vocab_size=cfg.model.vocab_size,
-            beta=cfg.dpo.beta,
-            label_smoothing=cfg.dpo.label_smoothing,
-            loss_type=cfg.dpo.loss_type,
-        )
+
         self.is_logger = torch.distributed.get_rank() == 0
 
     def _microbatches(self, groups: list[list[int]], pairs: list[TokenizedPair]) -> list[MicroBatch]:
@@ -255,7 +260,7 @@ class Trainer:
         )
         microbatches = self._microbatches(groups, self.train_pairs)
         started = time.perf_counter()
-        attach_reference_logps(microbatches, self.reference, self.objective.vocab_size)
+        self._attach_reference(microbatches, "train")
         self.policy.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = run_schedule(partial(dpo_forward_step, self.objective), microbatches, self.policy, forward_only=False)
@@ -263,7 +268,7 @@ class Trainer:
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - started
-        record = finalize(reduce_sums(outputs))
+        record = finalize(self._reduce(outputs), self.objective.components)
         record.update(
             step=step + 1,
             epoch=(step + 1) / self.sampler.steps_per_epoch,
@@ -280,12 +285,12 @@ class Trainer:
         mine = list(range(self.layout.dp_rank, len(self.eval_pairs), self.layout.dp))
         mbs = self.cfg.schedule.micro_batch_size
         microbatches = self._microbatches([mine[i : i + mbs] for i in range(0, len(mine), mbs)], self.eval_pairs)
-        attach_reference_logps(microbatches, self.reference, self.objective.vocab_size)
+        self._attach_reference(microbatches, "eval")
         with torch.no_grad():
             outputs = run_schedule(
                 partial(dpo_forward_step, self.objective), microbatches, self.policy, forward_only=True
             )
-        return finalize(reduce_sums(outputs), prefix="eval_")
+        return finalize(self._reduce(outputs), self.objective.components, prefix="eval_")
 
     def fit(self) -> dict[str, float]:
         """Train for the configured steps; returns the last step's metrics (plus eval metrics when there is an
@@ -327,6 +332,17 @@ class Trainer:
             _log(f"plot: {plot_metrics(self.run_dir)}")
         return summary
 
+    def _attach_reference(self, microbatches: list[MicroBatch], split: str) -> None:
+        """Reference log-probs for each micro-batch: a forward pass (online), the cache (precomputed), or none."""
+        if self.reference is not None:
+            attach_reference_logps(microbatches, self.reference, self.objective.vocab_size)
+        elif split in self.reference_cache:
+            for mb in microbatches:
+                mb.ref_logps = self.reference_cache[split].lookup(mb.pair_ids, torch.float32, mb.tokens.device)
+
+    def _reduce(self, outputs: list[dict]):
+        return reduce_sums(outputs, len(SUM_FIELDS) + len(self.objective.components))
+
     def _emit(self, writer: MetricsWriter | None, record: dict) -> None:
         if writer is not None:
             writer.write(record)
@@ -339,6 +355,62 @@ class Trainer:
             self.tokenizer.save_pretrained(folder)
             _log(f"exported HF model to {folder}")
         torch.distributed.barrier()
+
+
+def precompute_reference(cfg: TrainConfig) -> list[Path]:
+    """`mdpo precompute-ref`: the reference forward once over the train and eval pairs (any TP/PP/DP layout),
+    written per split to the reference cache with the stamp `dpo.reference=precomputed` checks."""
+    if cfg.model.init_from is None:
+        raise ConfigError("precompute-ref needs model.init_from (the reference checkpoint)")
+    try:
+        layout = init_parallel(cfg)
+        torch.manual_seed(cfg.schedule.seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.schedule.seed)
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        padded = padded_vocab_size(cfg.model.vocab_size, layout.tp)
+        reference = build_stage(cfg, layout, hf_full_state(cfg, padded), dtype).eval()
+        stamp = reference_stamp(cfg)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        written = []
+        for split, path in (("train", cfg.data.train_file), ("eval", cfg.data.eval_file)):
+            if not path:
+                continue
+            pairs = load_pairs(path, cfg, tokenizer, split)
+            mine = list(range(layout.dp_rank, len(pairs), layout.dp))
+            mbs = cfg.schedule.micro_batch_size
+            groups = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
+            results: list[tuple[list[int], list[float]]] = []
+            chunk = 64  # micro-batches per schedule call
+            for start in tqdm(
+                range(0, len(groups), chunk), desc=f"reference {split}", disable=torch.distributed.get_rank() != 0
+            ):
+                microbatches = [
+                    collate([pairs[i] for i in g], tokenizer.pad_token_id) for g in groups[start : start + chunk]
+                ]
+                if device is not None:
+                    microbatches = [mb.to(device) for mb in microbatches]
+                attach_reference_logps(microbatches, reference, cfg.model.vocab_size)
+                if parallel_state.is_pipeline_last_stage() and layout.tp_rank == 0:
+                    results += [(mb.pair_ids, mb.ref_logps.double().cpu().tolist()) for mb in microbatches]
+            gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+            torch.distributed.gather_object(results, gathered, dst=0)
+            if gathered is not None:
+                table = {}
+                for ids, logps in (item for part in gathered for item in part):
+                    m = len(ids)
+                    table.update({pid: (logps[k], logps[m + k]) for k, pid in enumerate(ids)})
+                indices = sorted(table)
+                target = cache_path(cfg, split)
+                save_reference_logps(
+                    target, indices, [table[i][0] for i in indices], [table[i][1] for i in indices], stamp
+                )
+                _log(f"reference log-probs of {len(indices)} {split} pairs -> {target}")
+                written.append(target)
+            torch.distributed.barrier()
+        return written
+    finally:
+        shutdown_parallel()
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
