@@ -64,7 +64,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_file: str = ""  # required: JSONL with prompt/chosen/rejected
+    train_file: str = ""  # required: a data file or folder (see format below)
     eval_file: str | None = None
     tokenizer: str = ""  # required: a HF tokenizer folder
     max_length: int = 8192  # tokens per prompt+response sequence
@@ -72,6 +72,16 @@ class DataConfig:
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
     on_bad_row: str = "error"  # error | skip (skips are counted and reported)
+    # .jsonl/.json(.gz), .parquet, .arrow, a datasets.save_to_disk folder or a folder of such shards
+    format: str = "auto"  # auto | ultrafeedback | hh | plain | conversational (auto: from the first row's types)
+    template: str = "auto"  # auto | tulu2 | tokenizer | raw | a Jinja chat template (auto: raw for text rows,
+    #                         the tokenizer's chat template for message rows, tulu2 if it has none)
+    max_prompt_length: int | None = None  # None = only max_length limits the prompt
+    prompt_truncation: str = "keep_end"  # keep_end | keep_start: which part of a prompt over max_prompt_length stays
+    over_length: str = "truncate"  # truncate | drop: pairs over max_prompt_length / max_length (always counted)
+    num_proc: int = 1  # processes for tokenizing (datasets.map)
+    cache: bool = True  # reuse the tokenized set from an earlier run when files, tokenizer and settings match
+    cache_dir: str | None = None  # None = $MDPO_CACHE_DIR, else $XDG_CACHE_HOME/mdpo/data or ~/.cache/mdpo/data
 
 
 @dataclass
@@ -590,6 +600,23 @@ def validate(cfg: TrainConfig) -> None:
         d.on_bad_row in ("error", "skip"),
         f"data.on_bad_row must be 'error' or 'skip', got {d.on_bad_row!r}",
     )
+    data_formats = ("auto", "ultrafeedback", "hh", "plain", "conversational")
+    need(d.format in data_formats, f"data.format must be one of {', '.join(data_formats)}, got {d.format!r}")
+    need(
+        d.template in ("auto", "tulu2", "tokenizer", "raw") or "{{" in d.template or "{%" in d.template,
+        f"data.template must be auto, tulu2, tokenizer, raw or a Jinja chat template, got {d.template!r}",
+    )
+    need(
+        d.prompt_truncation in ("keep_end", "keep_start"),
+        f"data.prompt_truncation must be 'keep_end' or 'keep_start', got {d.prompt_truncation!r}",
+    )
+    need(d.over_length in ("truncate", "drop"), f"data.over_length must be 'truncate' or 'drop', got {d.over_length!r}")
+    need(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc!r}")
+    if d.max_prompt_length is not None:
+        need(
+            0 < d.max_prompt_length < d.max_length,
+            f"data.max_prompt_length must be in (0, data.max_length={d.max_length}), got {d.max_prompt_length!r}",
+        )
     need(
         dpo.reference in ("online", "precomputed", "none"),
         f"dpo.reference must be 'online', 'precomputed' or 'none', got {dpo.reference!r}",

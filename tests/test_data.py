@@ -22,7 +22,7 @@ GOOD = json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"})
 BAD_ROWS = {
     "malformed JSON": "{not json",
     "expected a JSON object": "[1, 2]",
-    "missing key 'rejected'": json.dumps({"prompt": "p", "chosen": "c"}),
+    "missing column 'rejected'": json.dumps({"prompt": "p", "chosen": "c"}),
     "'chosen' must be a string": json.dumps({"prompt": "p", "chosen": 3, "rejected": "r"}),
     "'rejected' is empty": json.dumps({"prompt": "p", "chosen": "c", "rejected": "  "}),
     "chosen and rejected are identical": json.dumps({"prompt": "p", "chosen": "c", "rejected": "c"}),

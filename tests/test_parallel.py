@@ -41,7 +41,9 @@ def setup(tmp_path_factory) -> Path:
         "schedule": {"global_batch_size": 8, "train_steps": STEPS, "warmup_ratio": 0.0, "seed": 5},
         # adam_eps well above fp32 summation noise: with 1e-8, grads that cancel to ~1e-8 make Adam's
         # g/(|g|+eps) amplify reordering noise (different micro-batch sums) into ~1e-3 of a step.
-        "optimizer": {"lr": 1e-3, "clip_grad": 1.0, "adam_eps": 1e-6},
+        "optimizer": {"lr": 1e-4, "clip_grad": 1.0, "adam_eps": 1e-6},
+        # A loss mixture with an NLL term, so that every logged component is checked across layouts too.
+        "dpo": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, 0.1], "rpo_alpha": 0.2},
         "logging": {"progress": False, "plot": False},
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
@@ -58,8 +60,9 @@ def run_layout(root: Path, name: str) -> tuple[list[dict], dict[str, torch.Tenso
     return records, load_file(str(run_dir / "hf" / "model.safetensors"))
 
 
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-           "grad_norm", "num_tokens")  # fmt: skip
+METRICS = ("loss", "loss/sigmoid", "loss/ipo", "nll_loss", "rewards/chosen", "rewards/rejected",
+           "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen",
+           "logits/rejected", "grad_norm", "learning_rate", "num_tokens")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "tp1_mb8"])
@@ -72,7 +75,10 @@ def test_layout_matches_single_process(setup, name):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (name, got["step"], key)
     assert want_records[-1]["loss"] != pytest.approx(want_records[0]["loss"], abs=1e-3)  # training moved
     assert set(got_weights) == set(want_weights)
+    initial = load_file(str(setup / "hf" / "model.safetensors"))
     for key, want in want_weights.items():
         scale = want.abs().max().item()
         err = (got_weights[key] - want).abs().max().item()
         assert err <= 1e-5 * scale, (name, key, err, scale)
+        # the check has teeth: training moved every tensor by far more than the tolerance
+        assert (want - initial[key]).abs().max().item() > 10 * 1e-5 * scale, key

@@ -25,7 +25,7 @@ def setup(tmp_path_factory) -> Path:
         "schedule": {"global_batch_size": 8, "micro_batch_size": 4, "train_steps": 4, "warmup_ratio": 0.0},
         "optimizer": {"lr": 1e-3},
         "dpo": {"reference_cache": str(root / "cache")},
-        "logging": {"progress": False, "plot": False},
+        "logging": {"progress": False, "plot": False, "eval_interval": 2},
         "checkpoint": {"export_hf": False},
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
@@ -49,7 +49,8 @@ def test_precomputed_equals_online(setup):
         result = train(setup, name, f"dpo.reference={mode}")
         assert result.returncode == 0, result.stderr[-3000:]
     online, pre = metrics(setup / "online"), metrics(setup / "pre")
-    assert len(online) == len(pre) == 4 + 2  # 4 steps, eval before and after
+    assert len(online) == len(pre) == 4 + 3  # 4 steps; eval before, after step 2, and at the end
+    assert [r["step"] for r in online if "eval_loss" in r] == [0, 2, 4]
     keys = ("loss", "rewards/chosen", "rewards/rejected", "eval_loss", "eval_rewards/margins")
     for a, b in zip(online, pre):
         for key in (k for k in keys if k in a):

@@ -1,4 +1,13 @@
-"""Preference pairs from JSONL: read, tokenize (prompt tokens masked out), and report what was cut or dropped."""
+"""Preference pairs: local data files -> TokenizedPair (prompt ids, chosen ids + EOS, rejected ids + EOS).
+
+`load_pairs` is the one entry point: it reads the files (`sources`), detects the schema (`formats`), applies the
+template (`templates`), tokenizes with an exact prompt/response boundary and applies the length policy
+(`encoding`), in parallel through `datasets.map` and with an on-disk cache (`pipeline`). Every skip, drop,
+truncation and boundary fix is counted by reason in a `TokenizeReport`, shown to the user before training.
+
+`read_pairs_jsonl` and `tokenize_pairs` are the earlier two-step API (JSONL, raw template), kept until the
+trainer calls `load_pairs`; they share the same row checks and tokenization.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +15,35 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from mdpo.data.encoding import LengthLimits, encode_batch, fit_lengths, load_tokenizer, special_prefix
+from mdpo.data.formats import ColumnKeys, RowError, detect_format, normalize, split_hh
+from mdpo.data.pipeline import Settings, default_cache_dir, tokenized_table
+from mdpo.data.sources import resolve_sources
+from mdpo.data.templates import Rendered
 from mdpo.errors import DataError
+
+if TYPE_CHECKING:
+    from mdpo.config import DataConfig
+
+__all__ = [
+    "TokenizeReport",
+    "TokenizedPair",
+    "load_pairs",
+    "load_tokenizer",
+    "read_pairs_jsonl",
+    "settings_from_config",
+    "split_hh",
+    "tokenize_pairs",
+]
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """Token ids of one pair; the prompt is shared, each response ends with EOS."""
+    """Token ids of one pair; the prompt is shared, each response ends with EOS (unless it was truncated).
+
+    `index` is the row's 0-based position among all input rows (all files, in order), skipped rows included."""
 
     index: int
     prompt: list[int]
@@ -22,56 +53,59 @@ class TokenizedPair:
 
 @dataclass
 class TokenizeReport:
-    """What tokenization changed, counted by reason; shown to the user before training."""
+    """What reading and tokenization changed, counted by reason; shown to the user before training.
+
+    `info` says how the data was read: format, template, rows, cache status (not reasons, not in the summary)."""
 
     counts: Counter = field(default_factory=Counter)
+    info: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         return ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items())) or "nothing cut or dropped"
 
 
-HH_ASSISTANT = "\n\nAssistant:"
+def settings_from_config(data: DataConfig) -> Settings:
+    limits = LengthLimits(data.max_length, data.max_prompt_length, data.prompt_truncation, data.over_length)
+    keys = ColumnKeys(data.prompt_key, data.chosen_key, data.rejected_key)
+    return Settings(data.format, data.template, keys, limits)
 
 
-def split_hh(chosen: str, rejected: str) -> tuple[str, str, str] | None:
-    """HH-RLHF transcripts -> (prompt, chosen, rejected): the prompt is their common prefix up to and including
-    the last "\n\nAssistant:" inside it; None when there is no such shared prefix."""
-    common = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        common += 1
-    cut = chosen.rfind(HH_ASSISTANT, 0, common)
-    if cut < 0:
-        return None
-    cut += len(HH_ASSISTANT)
-    return chosen[:cut], chosen[cut:], rejected[cut:]
+def load_pairs(data: DataConfig, path: str, tokenizer, report: TokenizeReport) -> list[TokenizedPair]:
+    """Tokenized pairs of a data file or folder, per `data` (format, template, lengths, on_bad_row, cache).
+
+    A bad row raises DataError naming ``file:row`` (or, with on_bad_row=skip, is counted in `report`); a DataError
+    also when no pair is left. The tokenized set is cached on disk unless data.cache is false."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; responses must end with one")
+    sources = resolve_sources(path)
+    cache_dir = (data.cache_dir or default_cache_dir()) if data.cache else None
+    with tokenized_table(sources, settings_from_config(data), tokenizer, data.num_proc, cache_dir) as (table, info):
+        report.info.update(info)
+        pairs = collect(table, [s.path for s in sources], data.on_bad_row, report)
+    if not pairs:
+        raise DataError(f"{path}: no usable pairs ({report.summary()})")
+    return pairs
 
 
-def _parse_row(line: str, keys: tuple[str, str, str]) -> dict:
-    """One JSONL line -> {"prompt", "chosen", "rejected"}; raises ValueError saying what is wrong."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"malformed JSON ({err.msg})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    if keys[0] not in row and all(isinstance(row.get(k), str) for k in keys[1:]):
-        split = split_hh(row[keys[1]], row[keys[2]])
-        if split is None:
-            raise ValueError(f"missing key '{keys[0]}' and no shared HH prompt")
-        row = dict(zip(keys, split))
-    for key in keys:
-        if key not in row:
-            raise ValueError(f"missing key '{key}'")
-        if not isinstance(row[key], str):
-            raise ValueError(f"'{key}' must be a string, got {type(row[key]).__name__}")
-    for key in keys[1:]:
-        if not row[key].strip():
-            raise ValueError(f"'{key}' is empty")
-    if row[keys[1]] == row[keys[2]]:
-        raise ValueError("chosen and rejected are identical")
-    return {"prompt": row[keys[0]], "chosen": row[keys[1]], "rejected": row[keys[2]]}
+def collect(table, source_paths: list[str], on_bad_row: str, report: TokenizeReport) -> list[TokenizedPair]:
+    """Tokenized rows -> pairs in input order; bad rows raise or are counted, dropped rows are counted."""
+    pairs = []
+    index = 0
+    for batch in table.iter(batch_size=4096):
+        for i, error in enumerate(batch["error"]):
+            if error:
+                where = f"{source_paths[batch['source'][i]]}:{batch['row'][i]}"
+                if on_bad_row != "skip":
+                    raise DataError(f"{where}: {error} (set data.on_bad_row=skip to skip such rows)")
+                report.counts[f"skipped: {error}"] += 1
+            report.counts.update(batch["events"][i])
+            if batch["prompt"][i]:
+                pairs.append(TokenizedPair(index, batch["prompt"][i], batch["chosen"][i], batch["rejected"][i]))
+            index += 1
+    return pairs
+
+
+# --------------------------------------------------------------------------- the earlier two-step API
 
 
 def read_pairs_jsonl(
@@ -80,68 +114,53 @@ def read_pairs_jsonl(
     on_bad_row: str = "error",
     report: TokenizeReport | None = None,
 ) -> list[dict]:
-    """Rows with string prompt/chosen/rejected (or HH-RLHF chosen/rejected transcripts without a prompt).
-
-    A bad row is an error naming file:row, or with on_bad_row="skip" a skip counted by reason in `report`.
-    """
+    """Rows with string prompt/chosen/rejected (or HH-RLHF transcripts, split) from one JSONL file, in memory."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    rows = []
+    keys = ColumnKeys(*keys)
+    rows, fmt = [], None
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(_parse_row(line, keys))
-            except ValueError as err:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise RowError(f"expected a JSON object, got {type(row).__name__}")
+                fmt = fmt or ("hh" if detect_format(row, keys) == "hh" else "plain")
+                example = normalize(row, fmt, keys)
+                rows.append({"prompt": example.prompt, "chosen": example.chosen, "rejected": example.rejected})
+            except (RowError, json.JSONDecodeError) as err:
+                reason = f"malformed JSON ({err.msg})" if isinstance(err, json.JSONDecodeError) else str(err)
                 if on_bad_row != "skip":
-                    raise DataError(f"{path}:{line_no}: {err} (set data.on_bad_row=skip to skip such rows)") from None
+                    raise DataError(
+                        f"{path}:{line_no}: {reason} (set data.on_bad_row=skip to skip such rows)"
+                    ) from None
                 if report is not None:
-                    report.counts[f"skipped: {err}"] += 1
+                    report.counts[f"skipped: {reason}"] += 1
     if not rows:
         raise DataError(f"{path}: no usable rows")
     return rows
 
 
-def _response_ids(tokenizer, prompt: str, prompt_ids: list[int], response: str, report: TokenizeReport) -> list[int]:
-    """Tokenize prompt+response together (as the model will see it) and keep the part after the prompt.
-
-    If the tokenizer merges across the boundary, the prompt ids are no longer a prefix; the response is then
-    tokenized on its own, and the fix is counted.
-    """
-    full = tokenizer(prompt + response, add_special_tokens=True)["input_ids"]
-    if full[: len(prompt_ids)] == prompt_ids:
-        ids = full[len(prompt_ids) :]
-    else:
-        report.counts["boundary re-tokenized"] += 1
-        ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return ids + [tokenizer.eos_token_id]
-
-
 def tokenize_pairs(
     rows: list[dict], tokenizer, max_length: int, report: TokenizeReport | None = None
 ) -> list[TokenizedPair]:
-    """Tokenize rows; responses are cut (keeping their start) to fit max_length, prompts that leave no room
-    for a response token are dropped. Both are counted in `report`."""
+    """Tokenize raw-text rows (see `encoding`): exact boundary, EOS once, responses cut to max_length, prompts
+    that leave no room dropped; all counted in `report`."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; responses must end with one")
     report = report if report is not None else TokenizeReport()
+    prefix = special_prefix(tokenizer)
+    rendered = [Rendered(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
     pairs = []
-    for index, row in enumerate(rows):
-        prompt_ids = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
-        if len(prompt_ids) >= max_length:
-            report.counts["dropped: prompt >= max_length"] += 1
+    for index, encoded in enumerate(encode_batch(tokenizer, prefix, rendered)):
+        if encoded.error:
+            report.counts[f"skipped: {encoded.error}"] += 1
             continue
-        responses = []
-        for key in ("chosen", "rejected"):
-            ids = _response_ids(tokenizer, row["prompt"], prompt_ids, row[key], report)
-            room = max_length - len(prompt_ids)
-            if len(ids) > room:
-                report.counts[f"truncated: {key} response"] += 1
-                ids = ids[:room]
-            responses.append(ids)
-        pairs.append(TokenizedPair(index, prompt_ids, responses[0], responses[1]))
+        fitted = fit_lengths(encoded, LengthLimits(max_length), keep_head=len(prefix))
+        report.counts.update(fitted.events)
+        if fitted.prompt:
+            pairs.append(TokenizedPair(index, fitted.prompt, fitted.chosen, fitted.rejected))
     return pairs

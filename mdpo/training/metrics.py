@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from mdpo.errors import MdpoError
+
 # Everything is summed over pairs (or tokens) so that any micro-batch / DP split reduces to the same numbers.
 SUM_FIELDS = (
     "loss",
@@ -73,16 +75,43 @@ def finalize(sums: torch.Tensor, components: tuple[str, ...] = (), prefix: str =
 
 
 class MetricsWriter:
-    """RUN_DIR/metrics.jsonl, one JSON object per line, flushed each write so a crash keeps what was logged."""
+    """RUN_DIR/metrics.jsonl, one JSON object per line, flushed each write so a crash keeps what was logged;
+    optionally mirrored to TensorBoard and Weights & Biases (imported only when asked for)."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False, wandb_project: str | None = None,
+                 config: dict | None = None) -> None:  # fmt: skip
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tensorboard = self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MdpoError("logging.tensorboard=true needs the `tensorboard` package") from None
+            self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise MdpoError("logging.wandb_project is set but the `wandb` package is not installed") from None
+            self._wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config)
         self._handle = self.path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
+        step = int(record["step"])
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tensorboard is not None:
+            for name, value in scalars.items():
+                self._tensorboard.add_scalar(name, value, step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self._handle.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()

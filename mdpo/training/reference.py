@@ -21,6 +21,8 @@ from mdpo.config import TrainConfig
 from mdpo.errors import MdpoError
 
 STAMP_PARTS = ("reference checkpoint", "tokenizer", "data")
+# Data settings that do not change the tokens (the files themselves are hashed by content).
+_NOT_TOKEN_SETTINGS = ("train_file", "eval_file", "num_proc", "cache", "cache_dir")
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -39,7 +41,7 @@ def _folder_files(folder: str) -> list[Path]:
 
 def reference_stamp(cfg: TrainConfig) -> dict[str, str]:
     """What the reference log-probs depend on, hashed per part so a mismatch can be named."""
-    data_settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("train_file", "eval_file")}
+    data_settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_TOKEN_SETTINGS}
     data_files = [Path(f) for f in (cfg.data.train_file, cfg.data.eval_file) if f]
     data_digest = hashlib.sha256(json.dumps(data_settings, sort_keys=True).encode())
     data_digest.update(_hash_files(data_files).encode())

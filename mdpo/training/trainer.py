@@ -300,7 +300,9 @@ class Trainer:
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-            writer = MetricsWriter(self.run_dir)
+            writer = MetricsWriter(
+                self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, config_to_dict(cfg)
+            )
         summary: dict[str, float] = {}
         if self.eval_pairs:
             initial = self.evaluate()
@@ -314,6 +316,9 @@ class Trainer:
                 raise MdpoError(f"step {step + 1}: loss is {record['loss']} (non-finite)")
             if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == self.train_steps:
                 self._emit(writer, record)
+            interval = cfg.logging.eval_interval
+            if self.eval_pairs and interval and (step + 1) % interval == 0 and step + 1 < self.train_steps:
+                self._emit(writer, {"step": step + 1, **self.evaluate()})
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
         progress.close()

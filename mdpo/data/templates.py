@@ -1,0 +1,109 @@
+"""Examples -> the text the tokenizer sees: one prompt text and two response texts (EOS is added later, as an id).
+
+- ``raw``: no template; the prompt text, then the response text (plain and HH rows as they are in the file).
+- ``tulu2``: the Tulu 2 format of open-instruct: ``<|system|>\\n{c}\\n``, ``<|user|>\\n{c}\\n`` and, for earlier
+  assistant turns, ``<|assistant|>\\n{c}{eos}\\n``; the prompt ends with the generation prompt ``<|assistant|>\\n``
+  and the response is ``{c}`` followed by EOS. Contents are stripped, as open-instruct does.
+- ``tokenizer``: the tokenizer's own ``chat_template``; a string holding ``{{`` or ``{%`` is used as a Jinja chat
+  template the same way. The response is what the conversation adds after the generation prompt, with a trailing
+  EOS text removed (it is appended as an id, exactly once).
+- ``auto``: ``raw`` for plain and HH rows (today's behaviour); for message rows the tokenizer's chat template when
+  it has one, else ``tulu2`` (the format of the Llama 2 based Tulu 2 models).
+
+Message templates strip the responses' surrounding whitespace ("\\n\\nAssistant: Hi" answers start with a space).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mdpo.data.formats import Example, Message, RowError, prompt_messages
+from mdpo.errors import DataError
+
+TEMPLATE_NAMES = ("auto", "tulu2", "tokenizer", "raw")
+MESSAGE_FORMATS = ("ultrafeedback", "conversational")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def is_jinja(template: str) -> bool:
+    return "{{" in template or "{%" in template
+
+
+def resolve_template(template: str, fmt: str, tokenizer) -> str:
+    """A concrete template for this format and tokenizer: 'raw', 'tulu2', 'tokenizer' or a Jinja string."""
+    if template == "auto":
+        if fmt not in MESSAGE_FORMATS:
+            return "raw"
+        return "tokenizer" if getattr(tokenizer, "chat_template", None) else "tulu2"
+    if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"data.template=tokenizer but the tokenizer '{tokenizer.name_or_path}' has no chat_template; "
+            "use data.template=tulu2, raw or a Jinja template string"
+        )
+    if template == "raw" and fmt in MESSAGE_FORMATS:
+        raise DataError(f"data.template=raw needs text prompts but {fmt} rows hold messages; use tulu2 or tokenizer")
+    if template not in TEMPLATE_NAMES and not is_jinja(template):
+        raise DataError(f"data.template={template!r} is not one of {', '.join(TEMPLATE_NAMES)} or a Jinja template")
+    return template
+
+
+def owns_special_tokens(template: str) -> bool:
+    """Chat templates write BOS themselves; raw and tulu2 text gets the tokenizer's own special tokens."""
+    return template not in ("raw", "tulu2")
+
+
+def render(example: Example, template: str, tokenizer) -> Rendered:
+    """The prompt text and the two response texts (no EOS) for a resolved template."""
+    if template == "raw":
+        if not isinstance(example.prompt, str):
+            raise RowError("template raw needs a text prompt")
+        return Rendered(example.prompt, example.chosen, example.rejected)
+    messages = prompt_messages(example)
+    chosen, rejected = example.chosen.strip(), example.rejected.strip()
+    if template == "tulu2":
+        return Rendered(tulu2_prompt(messages, tokenizer.eos_token), chosen, rejected)
+    chat_template = None if template == "tokenizer" else template
+    prompt = _apply(tokenizer, messages, chat_template, generation_prompt=True)
+    responses = []
+    for response in (chosen, rejected):
+        full = _apply(tokenizer, [*messages, {"role": "assistant", "content": response}], chat_template)
+        if not full.startswith(prompt):
+            raise RowError("the chat template does not render the prompt as a prefix of prompt + response")
+        responses.append(strip_eos_text(full[len(prompt) :], tokenizer.eos_token))
+    return Rendered(prompt, *responses)
+
+
+def tulu2_prompt(messages: list[Message], eos_token: str) -> str:
+    """The Tulu 2 prompt text, ending with the generation prompt "<|assistant|>\\n"."""
+    parts = []
+    for message in messages:
+        role, content = message["role"], message["content"].strip()
+        if role == "assistant":
+            parts.append(f"<|assistant|>\n{content}{eos_token}\n")
+        else:
+            parts.append(f"<|{role}|>\n{content}\n")
+    parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+def strip_eos_text(response: str, eos_token: str | None) -> str:
+    """Drop a rendered EOS (and whitespace after it) from a response's end: EOS is appended once, as an id."""
+    stripped = response.rstrip()
+    if eos_token and stripped.endswith(eos_token):
+        return stripped[: -len(eos_token)]
+    return response
+
+
+def _apply(tokenizer, messages: list[Message], chat_template: str | None, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as err:  # jinja raises its own types (e.g. raise_exception for role order)
+        raise RowError(f"chat template: {' '.join(str(err).split())}") from None
