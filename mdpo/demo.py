@@ -1,8 +1,8 @@
 """`mdpo demo`: a complete DPO run that needs no download.
 
-A tiny Llama-architecture model (random init) learns to prefer correct arithmetic answers over near misses
-("12+7=" -> "19" over "18"), trained with the same trainer, schedule and metrics as a real run. Held-out
-problems (never seen in training) measure whether the preference generalises: `eval_rewards/accuracies`
+A tiny Llama-architecture model (random init) learns to prefer a faithful echo of a digit string over one with a
+wrong digit ("48213=" -> "48213" over "48293"), trained with the same trainer, schedule and metrics as a real run.
+Held-out strings (never seen in training) measure whether the preference generalises: `eval_rewards/accuracies`
 is reported before (0 by construction: the policy equals the reference) and after training.
 """
 
@@ -39,9 +39,10 @@ def demo_config(out: str | Path, **overrides: dict) -> TrainConfig:
     )
     cfg.data.max_length = 32
     cfg.schedule.global_batch_size, cfg.schedule.micro_batch_size = 32, 32
-    cfg.schedule.train_steps, cfg.schedule.warmup_ratio = 200, 0.1
-    cfg.optimizer.lr, cfg.optimizer.clip_grad = 1e-3, 1.0
-    cfg.dpo.beta = 0.1
+    cfg.schedule.train_steps, cfg.schedule.warmup_ratio = 400, 0.1
+    cfg.optimizer.lr, cfg.optimizer.clip_grad = 2e-3, 1.0
+    cfg.dpo.beta = 0.25
+    cfg.logging.eval_interval = 50
     cfg.logging.run_dir = str(out)
     for section, values in overrides.items():
         for key, value in values.items():

@@ -20,8 +20,12 @@ def setup(tmp_path_factory) -> Path:
     tiny_hf_llama(seed=4, vocab_size=len(tokenizer)).save_pretrained(root / "hf")
     config = {
         "model": {"init_from": str(root / "hf")},
-        "data": {"train_file": str(train), "eval_file": str(evaluation), "tokenizer": str(root / "tokenizer"),
-                 "max_length": 64},  # fmt: skip
+        "data": {
+            "train_file": str(train),
+            "eval_file": str(evaluation),
+            "tokenizer": str(root / "tokenizer"),
+            "max_length": 64,
+        },  # fmt: skip
         "schedule": {"global_batch_size": 8, "micro_batch_size": 4, "train_steps": 4, "warmup_ratio": 0.0},
         "optimizer": {"lr": 1e-3},
         "dpo": {"reference_cache": str(root / "cache")},
@@ -87,7 +91,7 @@ def test_partial_cache_is_refused(setup, tmp_path):
         pytest.skip("needs the cache written by test_precomputed_equals_online")
     with safe_open(str(source), framework="pt") as handle:
         metadata = handle.metadata()
-        tensors = {k: handle.get_tensor(k)[:-3] for k in handle.keys()}  # drop three pairs
+        tensors = {k: handle.get_tensor(k)[:-3] for k in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)  drop three pairs
     save_file(tensors, str(tmp_path / "train.safetensors"), metadata=metadata)
     (tmp_path / "eval.safetensors").write_bytes((setup / "cache" / "eval.safetensors").read_bytes())
     result = train(setup, "partial", "dpo.reference=precomputed", f"dpo.reference_cache={tmp_path}")

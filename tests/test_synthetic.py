@@ -1,4 +1,4 @@
-"""The offline demo's tokenizer and arithmetic preference task."""
+"""The offline demo's tokenizer and echo preference task."""
 
 from __future__ import annotations
 
@@ -8,15 +8,10 @@ import re
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from mdpo.data.synthetic import (
-    arithmetic_pairs,
-    build_demo_tokenizer,
-    make_demo_data,
-    write_jsonl,
-)
+from mdpo.data.synthetic import build_demo_tokenizer, echo_pairs, make_demo_data, write_jsonl
 from mdpo.errors import ConfigError
 
-PROMPT_RE = re.compile(r"^(\d+)([+-])(\d+)=$")
+PROMPT_RE = re.compile(r"^(\d{5})=$")
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +26,6 @@ def tok(tok_dir):
     return build_demo_tokenizer(tok_dir / "again")
 
 
-def _solve(prompt: str) -> int:
-    m = PROMPT_RE.match(prompt)
-    assert m, prompt
-    a, op, b = int(m[1]), m[2], int(m[3])
-    return a + b if op == "+" else a - b
-
-
 TEXTS = ["12+7=", "19", "3-11=", "0", "What is 3 + 4?\nAnswer: 7", "a  b", ""]
 
 
@@ -48,7 +36,7 @@ def test_tokenizer_basics(tok):
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "<pad>", "<unk>")
 
 
-@pytest.mark.parametrize("text", TEXTS + [r["prompt"] + r["chosen"] for r in arithmetic_pairs(20, 3)])
+@pytest.mark.parametrize("text", TEXTS + [r["prompt"] + r["chosen"] for r in echo_pairs(20, 3)])
 def test_round_trip_bos_first_no_eos(tok, text):
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id
@@ -59,7 +47,7 @@ def test_round_trip_bos_first_no_eos(tok, text):
 
 
 def test_digits_are_single_tokens(tok):
-    # Per-digit tokens are what make the arithmetic learnable; a merged "19" token would not be.
+    # Per-digit tokens are what make copying learnable position by position.
     assert len(tok("12+7=19", add_special_tokens=False)["input_ids"]) == 7
 
 
@@ -78,30 +66,27 @@ def test_reload_identical(tok, tok_dir):
         assert reloaded(text)["input_ids"] == tok(text)["input_ids"]
 
 
-def test_pairs_deterministic_and_correct():
-    rows = arithmetic_pairs(500, seed=7)
-    assert rows == arithmetic_pairs(500, seed=7)
-    assert rows != arithmetic_pairs(500, seed=8)
-    ops = set()
+def test_pairs_deterministic_and_differ_in_exactly_one_digit():
+    rows = echo_pairs(500, seed=7)
+    assert rows == echo_pairs(500, seed=7)
+    assert rows != echo_pairs(500, seed=8)
+    assert len({r["prompt"] for r in rows}) == 500
     for r in rows:
         assert set(r) == {"prompt", "chosen", "rejected"}
-        correct = _solve(r["prompt"])
-        ops.add(PROMPT_RE.match(r["prompt"])[2])
-        assert r["chosen"] == str(correct)
-        assert r["rejected"] != r["chosen"]
-        assert re.fullmatch(r"\d+", r["rejected"])  # wrong but well-formed, never negative
-        assert 0 < abs(int(r["rejected"]) - correct) <= 3 or r["rejected"] == r["chosen"][::-1]
-        assert all(int(x) <= 20 for x in PROMPT_RE.match(r["prompt"]).group(1, 3))
-    assert ops == {"+", "-"}
+        assert r["chosen"] == PROMPT_RE.match(r["prompt"])[1]
+        assert re.fullmatch(r"\d{5}", r["rejected"])
+        assert sum(a != b for a, b in zip(r["chosen"], r["rejected"])) == 1
 
 
-def test_max_operand_respected():
-    for r in arithmetic_pairs(200, seed=1, max_operand=5):
-        assert all(int(x) <= 5 for x in PROMPT_RE.match(r["prompt"]).group(1, 3))
+def test_exclusion_and_impossible_requests():
+    taken = frozenset(r["chosen"] for r in echo_pairs(100, seed=1, length=2))
+    assert not {r["chosen"] for r in echo_pairs(0, seed=2, length=2, exclude=taken)}
+    with pytest.raises(ConfigError):
+        echo_pairs(1, seed=2, length=2, exclude=taken)
 
 
 def test_write_jsonl(tmp_path):
-    rows = arithmetic_pairs(3, 0)
+    rows = echo_pairs(3, 0)
     p = write_jsonl(rows, tmp_path / "sub" / "x.jsonl")
     assert [json.loads(line) for line in p.read_text().splitlines()] == rows
 
@@ -116,12 +101,7 @@ def test_make_demo_data_disjoint_and_deterministic(tmp_path):
     assert len(eval_prompts) == 50
     assert not eval_prompts & {r["prompt"] for r in tr}
     for r in tr + ev:
-        assert r["chosen"] == str(_solve(r["prompt"])) != r["rejected"]
+        assert r["prompt"] == r["chosen"] + "=" and r["chosen"] != r["rejected"]
 
     train2, eval2 = make_demo_data(tmp_path / "b", n_train=300, n_eval=50, seed=3)
     assert train2.read_text() == train.read_text() and eval2.read_text() == evl.read_text()
-
-
-def test_make_demo_data_rejects_oversized_eval(tmp_path):
-    with pytest.raises(ConfigError):
-        make_demo_data(tmp_path, n_train=10, n_eval=10_000)

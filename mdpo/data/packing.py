@@ -33,7 +33,7 @@ def pack_pairs(lengths: Sequence[int], budget: int) -> list[list[int]]:
         raise ValueError(f"packing budget must be > 0, got {budget}")
     for i, n in enumerate(lengths):
         if n < 0 or n > budget:
-            raise ValueError(f"pair {i} has {n} tokens; a pack holds 0..{budget} (raise the budget or lower max_length)")
+            raise ValueError(f"pair {i} has {n} tokens; a pack holds 0..{budget} (raise the budget or cut pairs)")
     size = 1
     while size < len(lengths):
         size *= 2

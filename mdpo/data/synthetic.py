@@ -1,17 +1,16 @@
-"""Offline demo assets: a tiny char-level tokenizer and a learnable arithmetic preference task.
+"""Offline demo assets: a tiny char-level tokenizer and a learnable "echo" preference task.
 
-``mdpo demo`` must run end to end with no network access, so everything here is generated
-locally and deterministically. The task is small-operand addition/subtraction written
-compactly (``"12+7="`` -> ``"19"``); the rejected answer is a near miss (off by 1-3, or the
-digits swapped), so a ~1M-parameter model can pick up the preference from the last digit and
-the magnitude of the answer within a couple of hundred DPO steps.
+``mdpo demo`` must run end to end with no network access, so everything here is generated locally and
+deterministically. The prompt is a digit string (``"48213="``); the chosen answer repeats it exactly, the rejected
+one has one digit wrong. A two-layer model learns the rule (copy the digit five places back) from DPO alone and
+applies it to strings it never saw, which is what the held-out accuracy measures. (Small-operand arithmetic was
+tried first: DPO from random init memorised the training problems but stayed near chance on held-out ones.)
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -26,8 +25,6 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)
 # else becomes <unk> instead of raising, so a stray character never crashes the demo.
 _CHARS = "0123456789+-=*/?!.,:;'\"()[] \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-Problem = tuple[int, str, int]
-
 
 def _demo_vocab() -> dict[str, int]:
     """Specials first (ids 0-3), then one id per character; stable so saved ids never drift."""
@@ -41,7 +38,7 @@ def build_demo_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
     """Build, save to ``out_dir`` and return a char-level tokenizer (~90 tokens).
 
     One token per character keeps the vocabulary tiny (so the demo model's embedding is cheap)
-    and makes digits individually visible to the model, which is what makes arithmetic learnable.
+    and makes digits individually visible to the model, which is what makes copying learnable position by position.
     BOS is prepended by the post-processor; EOS is *not* added, because the trainer appends it
     after each response itself.
     """
@@ -72,61 +69,26 @@ def build_demo_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
     return hf_tok
 
 
-def _all_problems(max_operand: int) -> list[Problem]:
-    """Every ``a+b`` and every non-negative ``a-b`` with operands in ``[0, max_operand]``."""
-    if max_operand < 1:
-        raise ConfigError(f"max_operand must be >= 1, got {max_operand}")
-    probs: list[Problem] = []
-    for a in range(max_operand + 1):
-        for b in range(max_operand + 1):
-            probs.append((a, "+", b))
-            if a >= b:  # keep answers non-negative: one fewer thing for a tiny model to learn
-                probs.append((a, "-", b))
-    return probs
+def echo_pair(digits: str, rng: random.Random) -> dict:
+    """Prompt "<digits>=": the chosen answer repeats the digits exactly, the rejected one has one digit wrong."""
+    position = rng.randrange(len(digits))
+    wrong = rng.choice([d for d in "0123456789" if d != digits[position]])
+    return {"prompt": f"{digits}=", "chosen": digits, "rejected": digits[:position] + wrong + digits[position + 1 :]}
 
 
-def _answer(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b
-
-
-def _near_miss(rng: random.Random, correct: int) -> int:
-    """A plausible wrong answer: digits swapped (sometimes) or off by 1-3, never negative."""
-    s = str(correct)
-    if len(s) == 2 and s[0] != s[1] and s[1] != "0" and rng.random() < 0.25:
-        return int(s[::-1])
-    deltas = [d for d in (-3, -2, -1, 1, 2, 3) if correct + d >= 0]
-    return correct + rng.choice(deltas)
-
-
-def _row(rng: random.Random, problem: Problem) -> dict:
-    a, op, b = problem
-    correct = _answer(a, op, b)
-    wrong = _near_miss(rng, correct)
-    assert wrong != correct
-    return {"prompt": f"{a}{op}{b}=", "chosen": str(correct), "rejected": str(wrong)}
-
-
-def arithmetic_pairs(
-    n: int,
-    seed: int,
-    max_operand: int = 20,
-    *,
-    problems: Sequence[Problem] | None = None,
-) -> list[dict]:
-    """``n`` preference rows ``{"prompt": "12+7=", "chosen": "19", "rejected": "18"}``.
-
-    Deterministic in ``seed``. Problems are drawn with replacement from all ``a+b`` and
-    non-negative ``a-b`` with operands ``<= max_operand`` (or from ``problems`` if given, which
-    is how :func:`make_demo_data` keeps eval prompts out of train), so a prompt may repeat with
-    a different rejected answer.
-    """
-    if n < 0:
-        raise ConfigError(f"n must be >= 0, got {n}")
-    pool = list(problems) if problems is not None else _all_problems(max_operand)
-    if not pool and n:
-        raise ConfigError("no problems to draw from")
+def echo_pairs(n: int, seed: int, length: int = 5, exclude: frozenset[str] = frozenset()) -> list[dict]:
+    """`n` pairs of distinct random digit strings, none of them in `exclude`; deterministic in `seed`."""
+    if n > 10**length - len(exclude):
+        raise ConfigError(f"cannot draw {n} distinct {length}-digit strings")
     rng = random.Random(seed)
-    return [_row(rng, rng.choice(pool)) for _ in range(n)]
+    seen: set[str] = set(exclude)
+    rows = []
+    while len(rows) < n:
+        digits = "".join(rng.choice("0123456789") for _ in range(length))
+        if digits not in seen:
+            seen.add(digits)
+            rows.append(echo_pair(digits, rng))
+    return rows
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
@@ -139,30 +101,13 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return p
 
 
-def make_demo_data(
-    out_dir: str | Path,
-    n_train: int = 2000,
-    n_eval: int = 128,
-    seed: int = 0,
-    max_operand: int = 20,
-) -> tuple[Path, Path]:
+def make_demo_data(out_dir: str | Path, n_train: int = 4096, n_eval: int = 128, seed: int = 0) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``eval.jsonl`` under ``out_dir``; return their paths.
 
-    The eval set is ``n_eval`` distinct problems that never appear in train, so eval reward
-    accuracy measures whether the rule was learned rather than the training pairs memorised.
+    No eval string appears in train, so eval reward accuracy measures whether the preference (faithful copy over
+    a corrupted one) was learned as a rule rather than memorised pair by pair.
     """
-    problems = _all_problems(max_operand)
-    if n_eval < 0 or n_eval > len(problems) // 2:
-        raise ConfigError(
-            f"n_eval must be in [0, {len(problems) // 2}] for max_operand={max_operand} "
-            f"(half of the {len(problems)} distinct problems), got {n_eval}"
-        )
-    random.Random(seed).shuffle(problems)
-    eval_problems, train_problems = problems[:n_eval], problems[n_eval:]
-
-    eval_rng = random.Random(seed + 1)
-    eval_rows = [_row(eval_rng, p) for p in eval_problems]
-    train_rows = arithmetic_pairs(n_train, seed + 2, max_operand, problems=train_problems)
-
+    train_rows = echo_pairs(n_train, seed)
+    eval_rows = echo_pairs(n_eval, seed + 1, exclude=frozenset(r["chosen"] for r in train_rows))
     out = Path(out_dir)
     return write_jsonl(train_rows, out / "train.jsonl"), write_jsonl(eval_rows, out / "eval.jsonl")
