@@ -58,6 +58,15 @@ def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_data_stats(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    if extra:
+        raise MdpoError(f"unexpected arguments for data stats: {' '.join(extra)}")
+    _quiet_libraries()
+    from mdpo.data.stats import print_stats
+
+    return print_stats(args)
+
+
 def cmd_plot(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if extra:
         raise MdpoError(f"unexpected arguments for plot: {' '.join(extra)}")
@@ -89,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a complete DPO run on a built-in task, no download")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.set_defaults(func=cmd_demo)
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    from mdpo.data.stats import add_arguments
+
+    stats = data.add_parser(
+        "stats", help="counts, token-length percentiles, truncation, padding waste and packing efficiency"
+    )
+    add_arguments(stats).set_defaults(func=cmd_data_stats)
     plot = sub.add_parser("plot", help="draw RUN_DIR/metrics.jsonl as a PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")

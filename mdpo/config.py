@@ -82,6 +82,8 @@ class DataConfig:
     num_proc: int = 1  # processes for tokenizing (datasets.map)
     cache: bool = True  # reuse the tokenized set from an earlier run when files, tokenizer and settings match
     cache_dir: str | None = None  # None = $MDPO_CACHE_DIR, else $XDG_CACHE_HOME/mdpo/data or ~/.cache/mdpo/data
+    packing: bool = False  # pack whole pairs into micro-batches of pack_tokens tokens instead of padding rows
+    pack_tokens: int | None = None  # token budget of a pack; None = 2 x max_length (the longest possible pair)
 
 
 @dataclass
@@ -628,6 +630,12 @@ def validate(cfg: TrainConfig) -> None:
     need(dpo.rpo_alpha >= 0, f"dpo.rpo_alpha must be >= 0, got {dpo.rpo_alpha!r}")
     if lg.eval_interval is not None:
         need(lg.eval_interval > 0, f"logging.eval_interval must be > 0, got {lg.eval_interval!r}")
+    if d.pack_tokens is not None:
+        need(
+            d.pack_tokens >= 2 * d.max_length,
+            f"data.pack_tokens={d.pack_tokens} must be >= 2 x data.max_length={2 * d.max_length} "
+            "(a pair is two sequences of up to max_length tokens)",
+        )
     need(0 <= s.warmup_ratio < 1, f"schedule.warmup_ratio must be in [0, 1), got {s.warmup_ratio!r}")
     need(0 <= s.seed < 2**32, f"schedule.seed must be in [0, 2**32), got {s.seed!r}")
     need(

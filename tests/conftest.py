@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,12 @@ def megatron_world():
     megatron_cpu.apply()
     from megatron.core import parallel_state, tensor_parallel
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29561")
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend, rank=0, world_size=1)
+        with socket.socket() as sock:  # a free port, without touching os.environ (subprocesses inherit it)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     yield parallel_state
@@ -49,7 +51,9 @@ def megatron_world():
 
 def run_mdpo(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """`mdpo ...` in a fresh process (under torchrun when nproc > 1), as a user would launch it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--standalone", "-m", "mdpo", *args]  # fmt: skip

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_hf_llama
 
 from mdpo.config import ModelConfig
-from mdpo.data.batching import collate
+from mdpo.data.batching import collate, collate_packed
 from mdpo.data.pairs import TokenizedPair
 
 VOCAB = 250  # padded to 256 for TP=1: six padding logits that must not enter the softmax
@@ -58,22 +59,24 @@ def hf_logps_float64(hf_model, prompt: list[int], response: list[int]) -> float:
     return sum(logprobs[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1))
 
 
-def mdpo_logps(model, pairs) -> torch.Tensor:
+def mdpo_logps(model, pairs, packed: bool = False) -> torch.Tensor:
     from mdpo.training.logprobs import sequence_stats
 
-    batch = collate(pairs, pad_id=0)
+    batch = collate_packed(pairs, pad_id=0, budget=512) if packed else collate(pairs, pad_id=0)
     with torch.no_grad():
         logits = model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
-        stats = sequence_stats(logits, batch.labels, batch.loss_mask, VOCAB)
+        stats = sequence_stats(logits, batch.labels, batch.loss_mask, VOCAB, batch.segment_ids, 2 * len(pairs))
     expected_tokens = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
     assert stats.num_tokens.tolist() == expected_tokens
     return stats.logps
 
 
-def test_sequence_logps_equal_hf_float64(megatron_world):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_sequence_logps_equal_hf_float64(megatron_world, packed):
+    """Padded rows, and all eight sequences packed in one row with a block-diagonal mask, give HF's log-probs."""
     hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
     pairs = random_pairs()
-    got = mdpo_logps(mdpo_model(hf), pairs)
+    got = mdpo_logps(mdpo_model(hf), pairs, packed)
     want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
     want += [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs]
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5), (got, want)

@@ -24,6 +24,9 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pp=2", "schedule.micro_batch_size=2"]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true", "schedule.micro_batch_size=2"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "schedule.micro_batch_size=1"]),
+    # Whole pairs packed into rows of at most 160 tokens (several packs per step, of different lengths), through
+    # the pipeline: the loss is still the exact mean over the step's pairs.
+    "packed_pp2": (2, ["parallel.pp=2", "data.packing=true", "data.pack_tokens=160"]),
 }
 
 

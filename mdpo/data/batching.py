@@ -1,16 +1,19 @@
-"""Global batches of pairs, split over data-parallel ranks and micro-batches, with dynamic padding.
+"""Global batches of pairs, split over data-parallel ranks and micro-batches: dynamic padding or packing.
 
-A micro-batch of m pairs is one forward of 2m sequences: rows [0, m) are the chosen responses and rows
-[m, 2m) the rejected ones, so a pair never straddles micro-batches, DP ranks or pipeline stages.
+A micro-batch of m pairs holds 2m sequences; sequence k < m is pair k's chosen response, sequence m + k its
+rejected one, so a pair never straddles micro-batches, DP ranks or pipeline stages. With dynamic padding each
+sequence is a row, right-padded to the longest; packed, all 2m sequences sit in one row with a block-diagonal
+causal mask, and `segment_ids` says which sequence each position belongs to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from mdpo.data.packing import pack_pairs, pair_lengths
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError
 
@@ -22,8 +25,11 @@ class MicroBatch:
     loss_mask: torch.Tensor  # [2m, s] 1 where the label is a response token
     position_ids: torch.Tensor  # [2m, s]
     attention_mask: torch.Tensor  # [1, 1, s, s] bool, True = masked (Megatron's convention)
+    segment_ids: torch.Tensor  # [rows, s] the sequence (0..2m-1) each position belongs to (0 on padding)
     pair_ids: list[int]  # dataset indices, for error messages
     num_input_tokens: int = 0  # real (non-padding) tokens of all 2m sequences
+    num_slots: int = 0  # token slots this micro-batch takes: rows x padded length, or the pack budget
+    cu_seqlens: torch.Tensor | None = None  # packed: int32 sequence boundaries, for THD attention kernels
     ref_logps: torch.Tensor | None = None  # [2m] reference log-probs, filled by the reference pass
 
     @property
@@ -31,8 +37,9 @@ class MicroBatch:
         return len(self.pair_ids)
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        for name in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask"):
-            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "segment_ids", "cu_seqlens"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         return self
 
 
@@ -57,8 +64,50 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> MicroBatch:
         loss_mask=loss_mask,
         position_ids=torch.arange(length).expand(len(sequences), length).contiguous(),
         attention_mask=causal.view(1, 1, length, length),
+        segment_ids=torch.arange(len(sequences)).unsqueeze(1).expand(len(sequences), length).contiguous(),
         pair_ids=[p.index for p in pairs],
         num_input_tokens=sum(len(prompt) + len(response) for prompt, response in sequences),
+        num_slots=tokens.numel(),
+    )
+
+
+def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int, budget: int) -> MicroBatch:
+    """All 2m sequences of the pairs in one row (pair by pair, chosen then rejected), each attending only to
+    itself (block-diagonal causal mask) with its own position ids; no padding. RoPE depends only on relative
+    positions inside a segment, so the logits equal the unpacked ones."""
+    m = len(pairs)
+    order = [x for k, p in enumerate(pairs) for x in ((k, p.prompt, p.chosen), (m + k, p.prompt, p.rejected))]
+    total = sum(len(prompt) + len(response) for _, prompt, response in order)
+    if total > budget:
+        raise ValueError(f"pairs take {total} tokens, more than the pack budget {budget}")
+    tokens = torch.empty(1, total, dtype=torch.long)
+    labels = torch.full((1, total), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(1, total, dtype=torch.float32)
+    positions = torch.empty(1, total, dtype=torch.long)
+    segments = torch.empty(1, total, dtype=torch.long)
+    boundaries = [0]
+    for segment, prompt, response in order:
+        ids = torch.tensor(prompt + response)
+        start, end = boundaries[-1], boundaries[-1] + len(ids)
+        tokens[0, start:end] = ids
+        labels[0, start : end - 1] = ids[1:]  # the last position of a segment predicts nothing
+        loss_mask[0, start + len(prompt) - 1 : end - 1] = 1.0
+        positions[0, start:end] = torch.arange(len(ids))
+        segments[0, start:end] = segment
+        boundaries.append(end)
+    same = segments[0].unsqueeze(0) == segments[0].unsqueeze(1)
+    causal = torch.tril(torch.ones(total, total, dtype=torch.bool))
+    return MicroBatch(
+        tokens=tokens,
+        labels=labels,
+        loss_mask=loss_mask,
+        position_ids=positions,
+        attention_mask=~(same & causal).view(1, 1, total, total),
+        segment_ids=segments,
+        pair_ids=[p.index for p in pairs],
+        num_input_tokens=total,
+        num_slots=budget,
+        cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
     )
 
 
@@ -87,15 +136,13 @@ class PairSampler:
         return order[start : start + self.global_batch_size].tolist()
 
 
-def rank_microbatches(indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[list[int]]:
-    """This DP rank's contiguous share of a global batch, as micro-batches of pair indices."""
+def rank_share(indices: Sequence[int], dp_rank: int, dp_size: int) -> list[int]:
+    """This DP rank's contiguous share of a global batch (pair indices); the config makes the split even."""
     share = len(indices) // dp_size
-    mine = list(indices[dp_rank * share : (dp_rank + 1) * share])
-    return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    return list(indices[dp_rank * share : (dp_rank + 1) * share])
 
 
-def iterate_microbatches(
-    pairs: Sequence[TokenizedPair], groups: Sequence[Sequence[int]], pad_id: int
-) -> Iterator[MicroBatch]:
-    for group in groups:
-        yield collate([pairs[i] for i in group], pad_id)
+def pack_microbatches(pairs: Sequence[TokenizedPair], indices: Sequence[int], budget: int) -> list[list[int]]:
+    """This rank's pairs (dataset indices) grouped into packs of at most `budget` tokens (first-fit decreasing)."""
+    bins = pack_pairs(pair_lengths([pairs[i] for i in indices]), budget)
+    return [[indices[k] for k in sorted(b)] for b in bins]

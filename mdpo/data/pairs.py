@@ -4,24 +4,18 @@
 template (`templates`), tokenizes with an exact prompt/response boundary and applies the length policy
 (`encoding`), in parallel through `datasets.map` and with an on-disk cache (`pipeline`). Every skip, drop,
 truncation and boundary fix is counted by reason in a `TokenizeReport`, shown to the user before training.
-
-`read_pairs_jsonl` and `tokenize_pairs` are the earlier two-step API (JSONL, raw template), kept until the
-trainer calls `load_pairs`; they share the same row checks and tokenization.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mdpo.data.encoding import LengthLimits, encode_batch, fit_lengths, load_tokenizer, special_prefix
-from mdpo.data.formats import ColumnKeys, RowError, detect_format, normalize, split_hh
+from mdpo.data.encoding import LengthLimits
+from mdpo.data.formats import ColumnKeys
 from mdpo.data.pipeline import Settings, default_cache_dir, tokenized_table
 from mdpo.data.sources import resolve_sources
-from mdpo.data.templates import Rendered
 from mdpo.errors import DataError
 
 if TYPE_CHECKING:
@@ -31,11 +25,7 @@ __all__ = [
     "TokenizeReport",
     "TokenizedPair",
     "load_pairs",
-    "load_tokenizer",
-    "read_pairs_jsonl",
     "settings_from_config",
-    "split_hh",
-    "tokenize_pairs",
 ]
 
 
@@ -102,65 +92,4 @@ def collect(table, source_paths: list[str], on_bad_row: str, report: TokenizeRep
             if batch["prompt"][i]:
                 pairs.append(TokenizedPair(index, batch["prompt"][i], batch["chosen"][i], batch["rejected"][i]))
             index += 1
-    return pairs
-
-
-# --------------------------------------------------------------------------- the earlier two-step API
-
-
-def read_pairs_jsonl(
-    path: str | Path,
-    keys: tuple[str, str, str] = ("prompt", "chosen", "rejected"),
-    on_bad_row: str = "error",
-    report: TokenizeReport | None = None,
-) -> list[dict]:
-    """Rows with string prompt/chosen/rejected (or HH-RLHF transcripts, split) from one JSONL file, in memory."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    keys = ColumnKeys(*keys)
-    rows, fmt = [], None
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise RowError(f"expected a JSON object, got {type(row).__name__}")
-                fmt = fmt or ("hh" if detect_format(row, keys) == "hh" else "plain")
-                example = normalize(row, fmt, keys)
-                rows.append({"prompt": example.prompt, "chosen": example.chosen, "rejected": example.rejected})
-            except (RowError, json.JSONDecodeError) as err:
-                reason = f"malformed JSON ({err.msg})" if isinstance(err, json.JSONDecodeError) else str(err)
-                if on_bad_row != "skip":
-                    raise DataError(
-                        f"{path}:{line_no}: {reason} (set data.on_bad_row=skip to skip such rows)"
-                    ) from None
-                if report is not None:
-                    report.counts[f"skipped: {reason}"] += 1
-    if not rows:
-        raise DataError(f"{path}: no usable rows")
-    return rows
-
-
-def tokenize_pairs(
-    rows: list[dict], tokenizer, max_length: int, report: TokenizeReport | None = None
-) -> list[TokenizedPair]:
-    """Tokenize raw-text rows (see `encoding`): exact boundary, EOS once, responses cut to max_length, prompts
-    that leave no room dropped; all counted in `report`."""
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no EOS token; responses must end with one")
-    report = report if report is not None else TokenizeReport()
-    prefix = special_prefix(tokenizer)
-    rendered = [Rendered(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
-    pairs = []
-    for index, encoded in enumerate(encode_batch(tokenizer, prefix, rendered)):
-        if encoded.error:
-            report.counts[f"skipped: {encoded.error}"] += 1
-            continue
-        fitted = fit_lengths(encoded, LengthLimits(max_length), keep_head=len(prefix))
-        report.counts.update(fitted.events)
-        if fitted.prompt:
-            pairs.append(TokenizedPair(index, fitted.prompt, fitted.chosen, fitted.rejected))
     return pairs

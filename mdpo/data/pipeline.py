@@ -110,7 +110,7 @@ def build_table(sources: list[Source], settings: Settings, tokenizer, num_proc: 
                 remove_columns=raw.column_names,
                 fn_kwargs={**kwargs, "tokenizer": tokenizer, "prefix": prefix},
                 num_proc=num_proc if num_proc > 1 and len(raw) >= 2 * num_proc else None,
-                features=OUTPUT_FEATURES(),
+                features=output_features(),
                 cache_file_name=os.path.join(work, f"tokenized-{i}.arrow"),
                 new_fingerprint=f"{key}-tokenized-{i}",
                 desc=f"mdpo: tokenizing {Path(source.path).name}",
@@ -121,7 +121,8 @@ def build_table(sources: list[Source], settings: Settings, tokenizer, num_proc: 
     return table, {"format": fmt, "template": template_name, "rows": len(table), "bos_prefix": prefix}
 
 
-def OUTPUT_FEATURES():  # noqa: N802 - a constant, built lazily so that importing this module stays cheap
+def output_features():
+    """The tokenized table's schema (fixed, so that a batch of only bad rows has the same types)."""
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))

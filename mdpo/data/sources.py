@@ -149,7 +149,7 @@ def _json_rows(path: str) -> Iterator[dict]:
             return
         for line_no, raw in enumerate(handle, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError:
                 raise DataError(f"{path}:{line_no}: not UTF-8 text") from None
             if text.strip():

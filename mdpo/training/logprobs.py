@@ -26,12 +26,19 @@ def vocab_padding_mask(local_vocab: int, vocab_size: int, device: torch.device) 
 
 
 def sequence_stats(
-    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    vocab_size: int,
+    segment_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
 ) -> SequenceStats:
-    """logits [b, s, v/tp] (this rank's vocab shard), labels and loss_mask [b, s] -> per-sequence stats.
+    """logits [rows, s, v/tp] (this rank's vocab shard), labels and loss_mask [rows, s] -> per-sequence stats.
 
-    Padded vocabulary columns are set to -inf so that log-probs equal the unpadded (HF) model's.
-    Megatron's vocab-parallel cross entropy works in place on its input, so the metric sums are taken first.
+    Without `segment_ids` each row is one sequence; with them (packed rows) position t adds to sequence
+    segment_ids[t], of `num_sequences`. Padded vocabulary columns are set to -inf so that log-probs equal the
+    unpadded (HF) model's. Megatron's vocab-parallel cross entropy works in place on its input, so the metric
+    sums are taken first.
     """
     pad = vocab_padding_mask(logits.shape[-1], vocab_size, logits.device)
     with torch.no_grad():
@@ -44,8 +51,12 @@ def sequence_stats(
     masked = logits.masked_fill(pad, float("-inf")) if pad is not None else logits
     token_logps = -tensor_parallel.vocab_parallel_cross_entropy(masked, labels)
     mask = loss_mask.to(token_logps.dtype)
-    return SequenceStats(
-        logps=(token_logps * mask).sum(dim=-1),
-        logit_sums=(token_logit_sum / vocab_size * mask).sum(dim=-1),
-        num_tokens=loss_mask.sum(dim=-1),
-    )
+    per_token = (token_logps * mask, token_logit_sum / vocab_size * mask, mask)
+    if segment_ids is None:
+        logps, logit_sums, num_tokens = (t.sum(dim=-1) for t in per_token)
+    else:
+        index = segment_ids.reshape(-1)
+        logps, logit_sums, num_tokens = (
+            t.new_zeros(num_sequences).index_add(0, index, t.reshape(-1)) for t in per_token
+        )
+    return SequenceStats(logps=logps, logit_sums=logit_sums, num_tokens=num_tokens)

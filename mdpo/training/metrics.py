@@ -23,6 +23,7 @@ SUM_FIELDS = (
     "num_tokens/chosen",
     "num_tokens/rejected",
     "num_tokens/input",
+    "num_tokens/slots",
     "num_pairs",
 )
 PER_PAIR = SUM_FIELDS[:7]
@@ -39,6 +40,7 @@ def pair_sums(
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
     input_tokens: int,
+    slots: int,
     components: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One micro-batch's metric sums: SUM_FIELDS, then the per-pair loss `components` in their given order
@@ -56,6 +58,7 @@ def pair_sums(
         chosen_tokens.sum(),
         rejected_tokens.sum(),
         torch.tensor(float(input_tokens)),
+        torch.tensor(float(slots)),
         torch.tensor(float(losses.numel())),
     ]
     values += [per_pair.sum() for per_pair in (components or {}).values()]
@@ -71,6 +74,8 @@ def finalize(sums: torch.Tensor, components: tuple[str, ...] = (), prefix: str =
     out[prefix + "logits/rejected"] = s["logit_sum/rejected"] / max(s["num_tokens/rejected"], 1.0)
     # As TRL counts it: every non-padding input token (prompts included, once per sequence).
     out[prefix + "num_tokens"] = s["num_tokens/input"]
+    # Real tokens over the slots they took: padded rows x length, or packs x pack budget.
+    out[prefix + "packing_efficiency"] = s["num_tokens/input"] / max(s["num_tokens/slots"], 1.0)
     return out
 
 

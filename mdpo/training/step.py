@@ -15,11 +15,13 @@ from functools import partial
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mdpo.config import DPOConfig
 from mdpo.data.batching import MicroBatch
 from mdpo.loss import nll_loss, preference_loss
+from mdpo.models.gpt import transformer_engine_available
 from mdpo.training.logprobs import sequence_stats
 from mdpo.training.metrics import pair_sums
 
@@ -94,17 +96,35 @@ class DPOObjective:
 
 
 def _forward(batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
+    """Packed rows go to Transformer Engine as THD sequences (cu_seqlens) when TE is in use; the local layers
+    take the block-diagonal causal mask instead."""
+    if batch.cu_seqlens is not None and transformer_engine_available():
+        longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+        params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=batch.cu_seqlens,
+            cu_seqlens_kv=batch.cu_seqlens,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
+        )
+        return model(
+            input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None, packed_seq_params=params
+        )
     return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
 
 
+def _stats(batch: MicroBatch, vocab_size: int, output: torch.Tensor):
+    return sequence_stats(output, batch.labels, batch.loss_mask, vocab_size, batch.segment_ids, 2 * batch.num_pairs)
+
+
 def _reference_loss(batch: MicroBatch, vocab_size: int, output: torch.Tensor):
-    stats = sequence_stats(output, batch.labels, batch.loss_mask, vocab_size)
+    stats = _stats(batch, vocab_size, output)
     zero = output.new_zeros(())
     return zero, torch.tensor(0, dtype=torch.int), {"ref_logps": stats.logps.detach()}
 
 
 def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
-    stats = sequence_stats(output, batch.labels, batch.loss_mask, objective.vocab_size)
+    stats = _stats(batch, objective.vocab_size, output)
     m = batch.num_pairs
     ref = batch.ref_logps if batch.ref_logps is not None else torch.zeros_like(stats.logps)
     lengths = stats.num_tokens.to(stats.logps.dtype)
@@ -122,6 +142,7 @@ def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
         stats.num_tokens[:m],
         stats.num_tokens[m:],
         batch.num_input_tokens,
+        batch.num_slots,
         components,
     )
     # pair_ids let a non-finite loss be traced to its examples.

@@ -20,8 +20,10 @@ from tqdm import tqdm
 
 from mdpo.checkpoint.hf import read_hf_weights, write_hf_llama
 from mdpo.config import TrainConfig, config_to_dict
-from mdpo.data.batching import MicroBatch, PairSampler, collate, rank_microbatches
-from mdpo.data.pairs import TokenizedPair, TokenizeReport, read_pairs_jsonl, tokenize_pairs
+from mdpo.data.batching import MicroBatch, PairSampler, collate, collate_packed, pack_microbatches, rank_share
+from mdpo.data.encoding import load_tokenizer
+from mdpo.data.pairs import TokenizedPair, TokenizeReport
+from mdpo.data.pairs import load_pairs as read_pairs
 from mdpo.errors import ConfigError, DataError, MdpoError
 from mdpo.models import hf_llama, sharding
 from mdpo.models.gpt import build_gpt_model, padded_vocab_size, transformer_config
@@ -64,7 +66,9 @@ def init_parallel(cfg: TrainConfig) -> Layout:
         raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}")
     dp = world // (tp * pp)
     gbs, mbs = cfg.schedule.global_batch_size, cfg.schedule.micro_batch_size
-    if gbs % (mbs * dp):
+    if cfg.data.packing and gbs % dp:
+        raise ConfigError(f"schedule.global_batch_size={gbs} is not divisible by the data-parallel size {dp}")
+    if not cfg.data.packing and gbs % (mbs * dp):
         raise ConfigError(f"schedule.global_batch_size={gbs} is not divisible by micro_batch_size x DP = {mbs} x {dp}")
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
@@ -88,26 +92,35 @@ def shutdown_parallel() -> None:
         torch.distributed.destroy_process_group()
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    if not Path(path).exists():
-        raise ConfigError(f"data.tokenizer: '{path}' does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = tokenizer.eos_token_id
-    return tokenizer
-
-
 def load_pairs(path: str, cfg: TrainConfig, tokenizer, what: str) -> list[TokenizedPair]:
+    """Rank 0 tokenizes (and fills the data cache) first; the other ranks then read the cache. A data error on
+    rank 0 is raised on every rank, so no rank waits forever at the barrier."""
     report = TokenizeReport()
-    keys = (cfg.data.prompt_key, cfg.data.chosen_key, cfg.data.rejected_key)
-    rows = read_pairs_jsonl(path, keys, cfg.data.on_bad_row, report)
-    pairs = tokenize_pairs(rows, tokenizer, cfg.data.max_length, report)
-    if not pairs:
-        raise DataError(f"{path}: every row was dropped ({report.summary()})")
+    error = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            pairs = read_pairs(cfg.data, path, tokenizer, report)
+        except MdpoError as err:
+            error = str(err)
+    message = [error]
+    torch.distributed.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise DataError(message[0])
+    if torch.distributed.get_rank() != 0:
+        pairs = read_pairs(cfg.data, path, tokenizer, report)
     _log(f"{what}: {len(pairs)} pairs from {path} ({report.summary()})")
     return pairs
+
+
+def make_microbatches(cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int], pad_id: int):
+    """Micro-batches of the given pairs: packs (data.packing) or groups of micro_batch_size padded pairs."""
+    if cfg.data.packing:
+        budget = cfg.data.pack_tokens or 2 * cfg.data.max_length
+        return [
+            collate_packed([pairs[i] for i in g], pad_id, budget) for g in pack_microbatches(pairs, indices, budget)
+        ]
+    mbs = cfg.schedule.micro_batch_size
+    return [collate([pairs[i] for i in indices[k : k + mbs]], pad_id) for k in range(0, len(indices), mbs)]
 
 
 def _log(message: str) -> None:
@@ -249,16 +262,16 @@ class Trainer:
 
         self.is_logger = torch.distributed.get_rank() == 0
 
-    def _microbatches(self, groups: list[list[int]], pairs: list[TokenizedPair]) -> list[MicroBatch]:
-        batches = [collate([pairs[i] for i in group], self.tokenizer.pad_token_id) for group in groups]
+    def _microbatches(self, indices: list[int], pairs: list[TokenizedPair]) -> list[MicroBatch]:
+        """This rank's pairs as micro-batches: packs of at most data.pack_tokens tokens, or micro_batch_size
+        pairs padded to their longest sequence."""
+        batches = make_microbatches(self.cfg, pairs, indices, self.tokenizer.pad_token_id)
         return [mb.to(self.device) for mb in batches] if self.device is not None else batches
 
     def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
-        groups = rank_microbatches(
-            self.sampler.global_batch(step), self.layout.dp_rank, self.layout.dp, cfg.schedule.micro_batch_size
+        microbatches = self._microbatches(
+            rank_share(self.sampler.global_batch(step), self.layout.dp_rank, self.layout.dp), self.train_pairs
         )
-        microbatches = self._microbatches(groups, self.train_pairs)
         started = time.perf_counter()
         self._attach_reference(microbatches, "train")
         self.policy.zero_grad_buffer()
@@ -283,8 +296,7 @@ class Trainer:
         if len(self.eval_pairs) < self.layout.dp:
             raise DataError(f"{self.cfg.data.eval_file}: fewer eval pairs than data-parallel ranks ({self.layout.dp})")
         mine = list(range(self.layout.dp_rank, len(self.eval_pairs), self.layout.dp))
-        mbs = self.cfg.schedule.micro_batch_size
-        microbatches = self._microbatches([mine[i : i + mbs] for i in range(0, len(mine), mbs)], self.eval_pairs)
+        microbatches = self._microbatches(mine, self.eval_pairs)
         self._attach_reference(microbatches, "eval")
         with torch.no_grad():
             outputs = run_schedule(
@@ -383,16 +395,13 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
                 continue
             pairs = load_pairs(path, cfg, tokenizer, split)
             mine = list(range(layout.dp_rank, len(pairs), layout.dp))
-            mbs = cfg.schedule.micro_batch_size
-            groups = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
+            everything = make_microbatches(cfg, pairs, mine, tokenizer.pad_token_id)
             results: list[tuple[list[int], list[float]]] = []
             chunk = 64  # micro-batches per schedule call
             for start in tqdm(
-                range(0, len(groups), chunk), desc=f"reference {split}", disable=torch.distributed.get_rank() != 0
+                range(0, len(everything), chunk), desc=f"reference {split}", disable=torch.distributed.get_rank() != 0
             ):
-                microbatches = [
-                    collate([pairs[i] for i in g], tokenizer.pad_token_id) for g in groups[start : start + chunk]
-                ]
+                microbatches = everything[start : start + chunk]
                 if device is not None:
                     microbatches = [mb.to(device) for mb in microbatches]
                 attach_reference_logps(microbatches, reference, cfg.model.vocab_size)

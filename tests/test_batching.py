@@ -1,0 +1,38 @@
+"""Batching: collation of pairs into micro-batches, and the layout-independent sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdpo.data.batching import PairSampler, collate, rank_share
+from mdpo.data.pairs import TokenizedPair
+from mdpo.errors import DataError
+
+
+def test_collate_masks_exactly_the_response_labels():
+    pairs = [TokenizedPair(0, [1, 2, 3], [4, 5], [6]), TokenizedPair(1, [7], [8, 9, 10], [11, 12])]
+    batch = collate(pairs, pad_id=0)
+    assert batch.tokens.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0], [1, 2, 3, 6, 0], [7, 11, 12, 0, 0]]
+    # labels are the next tokens; the mask selects labels that are response tokens (EOS included upstream)
+    picked = [batch.labels[i][batch.loss_mask[i].bool()].tolist() for i in range(4)]
+    assert picked == [[4, 5], [8, 9, 10], [6], [11, 12]]
+    assert batch.num_input_tokens == 5 + 4 + 4 + 3
+    assert batch.attention_mask.shape == (1, 1, 5, 5) and bool(batch.attention_mask[0, 0, 0, 1])
+
+
+def test_sampler_is_layout_independent_and_reshuffles_per_epoch():
+    sampler = PairSampler(num_pairs=20, global_batch_size=8, seed=3)
+    assert sampler.steps_per_epoch == 2
+    step0 = sampler.global_batch(0)
+    assert step0 == PairSampler(20, 8, 3).global_batch(0)
+    assert sampler.global_batch(2) != step0  # epoch 2 has its own order
+    by_dp = [i for r in range(2) for i in rank_share(step0, r, 2)]
+    by_mb = rank_share(step0, 0, 1)
+    assert sorted(by_dp) == sorted(by_mb) == sorted(step0)
+    assert len(set(torch.tensor(sampler.global_batch(0) + sampler.global_batch(1)).tolist())) == 16
+
+
+def test_too_few_pairs_for_a_batch():
+    with pytest.raises(DataError, match="global_batch_size=8"):
+        PairSampler(num_pairs=5, global_batch_size=8, seed=0)

@@ -1,0 +1,84 @@
+"""`mdpo data stats` on the shared UltraFeedback sample, and its pure helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from conftest import shared_path
+
+from mdpo.data.pairs import TokenizedPair
+from mdpo.data.stats import add_arguments, data_stats, main, padding_waste, percentiles
+
+
+def parse(argv):
+    return add_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def uf_args(tmp_path_factory):
+    data = shared_path("data", "ultrafeedback_binarized_sample_200.jsonl")
+    tokenizer = shared_path("tokenizers", "llama2")
+    cache = tmp_path_factory.mktemp("cache")
+    return ["--data", str(data), "--tokenizer", str(tokenizer), "--template", "tulu2", "--max-length", "4096",
+            "--cache-dir", str(cache)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uf_stats(uf_args):
+    import datasets
+
+    datasets.disable_progress_bars()
+    return data_stats(parse([*uf_args, "--show", "0", "--show", "100000"]))
+
+
+def test_counts_and_lengths_on_the_ultrafeedback_sample(uf_stats):
+    assert (uf_stats["rows"], uf_stats["pairs"], uf_stats["skipped"], uf_stats["dropped"]) == (200, 200, 0, 0)
+    assert (uf_stats["format"], uf_stats["template"], uf_stats["truncated"]) == ("ultrafeedback", "tulu2", 0)
+    lengths = uf_stats["lengths"]
+    for name in ("prompt", "chosen", "rejected", "pair"):
+        q = lengths[name]
+        assert 0 < q["p50"] <= q["p90"] <= q["p99"] <= q["max"], name
+    # the longest UltraFeedback prompt is 6,308 characters: over a thousand tokens
+    assert lengths["prompt"]["max"] > 1000 and lengths["pair"]["max"] <= 2 * 4096
+
+
+def test_packing_beats_dynamic_padding_on_the_sample(uf_stats):
+    pad1, pad4 = uf_stats["padding"]["1"]["waste"], uf_stats["padding"]["4"]["waste"]
+    assert 0 < pad1 < pad4
+    assert 0.4 < pad4 < 0.65  # about half of a micro-batch of 4 pairs is padding
+    packing = uf_stats["packing"]
+    assert packing["budget"] == 8192 and packing["efficiency"] > 0.9
+
+
+def test_show_marks_exactly_the_trained_tokens(uf_stats):
+    shown, missing = uf_stats["show"]
+    prompt, _, rest = shown["chosen"].partition("[[")
+    assert prompt == "<|user|>\nhow to cook t-bone in the oven\n<|assistant|>\n"
+    assert rest.startswith("To cook a delicious T-bone steak") and rest.endswith("</s>]]")
+    assert shown["rejected"].startswith(prompt + "[[") and shown["prompt_tokens"] > 0
+    assert "not a usable pair" in missing["error"]
+
+
+def test_main_prints_json_and_cli_errors_exit_2(uf_args, capsys):
+    assert main([*uf_args, "--json", "--micro-batch-sizes", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["cache"] == "hit" and list(printed["padding"]) == ["2"]
+    assert main(["--data", "x.jsonl"]) == 2
+    assert "needs a CONFIG.yaml" in capsys.readouterr().err
+    assert main([*uf_args, "--template", "chatml"]) == 2
+
+
+def test_percentiles_are_nearest_rank():
+    q = percentiles(list(range(1, 101)))
+    assert (q["p50"], q["p90"], q["p99"], q["max"], q["mean"]) == (50, 90, 99, 100, 50.5)
+    assert percentiles([])["max"] == 0
+
+
+def test_padding_waste_by_hand():
+    pairs = [TokenizedPair(0, [1], [2, 3, 4], [5]), TokenizedPair(1, [1, 1], [2], [3])]
+    # micro-batch 1: pair 0 pads (4, 2) to 4 -> 2 of 8; pair 1 is (3, 3) -> 0 of 6
+    assert padding_waste(pairs, 1) == {"real_tokens": 12, "padded_tokens": 14, "waste": pytest.approx(2 / 14)}
+    # micro-batch 2: four sequences padded to 4
+    assert padding_waste(pairs, 2)["waste"] == pytest.approx(1 - 12 / 16)
