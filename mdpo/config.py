@@ -101,6 +101,8 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # max global grad norm; 0 = no clipping
+    nonfinite: str = "stop"  # a non-finite loss or grad norm: stop (naming step and pairs) | skip the step
+    max_skipped_steps: int = 10  # with nonfinite=skip, stop once this many steps were skipped
 
 
 @dataclass
@@ -110,6 +112,7 @@ class ScheduleConfig:
     train_steps: int | None = None  # None = derived from epochs and data size
     epochs: float = 1.0
     warmup_ratio: float = 0.1  # fraction of train_steps spent in linear warmup
+    exit_interval: int | None = None  # save and exit after a step divisible by this (Megatron's --exit-interval)
     seed: int = 1234
 
 
@@ -140,6 +143,11 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     export_hf: bool = True  # write the trained policy to RUN_DIR/hf as a HF model folder
+    dir: str | None = None  # None = RUN_DIR/checkpoints
+    save_interval: int | None = None  # steps between checkpoints (None: only at the end and on SIGTERM/SIGINT)
+    save_at_end: bool = True
+    keep_last: int = 2  # complete checkpoints kept
+    resume: str = "auto"  # auto (the latest complete checkpoint in dir, if any) | none | a checkpoint folder
 
 
 @dataclass
@@ -636,6 +644,12 @@ def validate(cfg: TrainConfig) -> None:
             f"data.pack_tokens={d.pack_tokens} must be >= 2 x data.max_length={2 * d.max_length} "
             "(a pair is two sequences of up to max_length tokens)",
         )
+    need(o.nonfinite in ("stop", "skip"), f"optimizer.nonfinite must be 'stop' or 'skip', got {o.nonfinite!r}")
+    need(o.max_skipped_steps >= 0, f"optimizer.max_skipped_steps must be >= 0, got {o.max_skipped_steps!r}")
+    ck = cfg.checkpoint
+    need(ck.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {ck.keep_last!r}")
+    if ck.save_interval is not None:
+        need(ck.save_interval > 0, f"checkpoint.save_interval must be > 0, got {ck.save_interval!r}")
     need(0 <= s.warmup_ratio < 1, f"schedule.warmup_ratio must be in [0, 1), got {s.warmup_ratio!r}")
     need(0 <= s.seed < 2**32, f"schedule.seed must be in [0, 2**32), got {s.seed!r}")
     need(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from tqdm import tqdm
 
+from mdpo.checkpoint.dist import complete_checkpoints, load_checkpoint, read_meta, save_checkpoint
 from mdpo.checkpoint.hf import read_hf_weights, write_hf_llama
 from mdpo.config import TrainConfig, config_to_dict
 from mdpo.data.batching import MicroBatch, PairSampler, collate, collate_packed, pack_microbatches, rank_share
@@ -110,6 +113,47 @@ def load_pairs(path: str, cfg: TrainConfig, tokenizer, what: str) -> list[Tokeni
         pairs = read_pairs(cfg.data, path, tokenizer, report)
     _log(f"{what}: {len(pairs)} pairs from {path} ({report.summary()})")
     return pairs
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the ranks agree on it at a step boundary (a signal may reach them at different
+    times), so every rank saves the same checkpoint."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint's step (a killed run may have logged past its last save)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _nonfinite_pairs(outputs: list[dict]) -> list[int]:
+    """Dataset indices of the pairs in micro-batches whose loss is not finite, from every rank."""
+    local = [i for out in outputs if not math.isfinite(float(out["sums"][0])) for i in out["pair_ids"]]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    return sorted({i for part in gathered for i in part})
 
 
 def make_microbatches(cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int], pad_id: int):
@@ -269,6 +313,7 @@ class Trainer:
         return [mb.to(self.device) for mb in batches] if self.device is not None else batches
 
     def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step; a non-finite loss or grad norm skips the update (the caller applies the policy)."""
         microbatches = self._microbatches(
             rank_share(self.sampler.global_batch(step), self.layout.dp_rank, self.layout.dp), self.train_pairs
         )
@@ -277,17 +322,26 @@ class Trainer:
         self.policy.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = run_schedule(partial(dpo_forward_step, self.objective), microbatches, self.policy, forward_only=False)
-        learning_rate = self.optimizer.param_groups[0]["lr"]
-        _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
-        elapsed = time.perf_counter() - started
         record = finalize(self._reduce(outputs), self.objective.components)
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        # The norm is checked before the update: Megatron's clipping turns an inf norm into NaN weights.
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step(increment=1)
+        else:
+            record["nonfinite_pairs"] = _nonfinite_pairs(outputs)
+        elapsed = time.perf_counter() - started
         record.update(
             step=step + 1,
             epoch=(step + 1) / self.sampler.steps_per_epoch,
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            consumed_samples=(step + 1) * self.cfg.schedule.global_batch_size,
+            grad_norm=grad_norm,
             learning_rate=learning_rate,
             tokens_per_second=record["num_tokens"] / elapsed,
+            skipped=not finite,
         )
         return record
 
@@ -305,27 +359,40 @@ class Trainer:
         return finalize(self._reduce(outputs), self.objective.components, prefix="eval_")
 
     def fit(self) -> dict[str, float]:
-        """Train for the configured steps; returns the last step's metrics (plus eval metrics when there is an
-        eval set: `eval_*` at the end and `initial_eval_*` before the first step)."""
+        """Train for the configured steps, resuming from the latest complete checkpoint; returns the last step's
+        metrics (plus `eval_*` at the end and `initial_eval_*` before the first step when there is an eval set).
+        SIGTERM/SIGINT (a scheduler's pre-emption) save a checkpoint and return early."""
         cfg = self.cfg
+        start = self._resume()
         writer = None
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            _truncate_metrics(self.run_dir / "metrics.jsonl", start)
             writer = MetricsWriter(
                 self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, config_to_dict(cfg)
             )
         summary: dict[str, float] = {}
-        if self.eval_pairs:
+        if self.eval_pairs and start == 0:
             initial = self.evaluate()
             summary.update({"initial_" + k: v for k, v in initial.items()})
             self._emit(writer, {"step": 0, **initial})
-        progress = tqdm(total=self.train_steps, desc="dpo", disable=not (self.is_logger and cfg.logging.progress))
+        stop = _StopRequest()
+        progress = tqdm(
+            total=self.train_steps, initial=start, desc="dpo", disable=not (self.is_logger and cfg.logging.progress)
+        )
         record: dict[str, float] = {}
-        for step in range(self.train_steps):
+        skipped = 0
+        step = start
+        for step in range(start, self.train_steps):
             record = self.train_step(step)
-            if not math.isfinite(record["loss"]):
-                raise MdpoError(f"step {step + 1}: loss is {record['loss']} (non-finite)")
+            if record["skipped"]:
+                skipped += 1
+                where = f"step {step + 1}: non-finite loss ({record['loss']}) or grad norm ({record['grad_norm']})"
+                if cfg.optimizer.nonfinite == "stop" or skipped > cfg.optimizer.max_skipped_steps:
+                    raise MdpoError(f"{where}; pairs in the offending micro-batches: {record['nonfinite_pairs']}")
+                _log(f"{where}: step skipped ({skipped} so far)")
+            record["skipped_steps"] = skipped
             if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == self.train_steps:
                 self._emit(writer, record)
             interval = cfg.logging.eval_interval
@@ -333,7 +400,20 @@ class Trainer:
                 self._emit(writer, {"step": step + 1, **self.evaluate()})
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+            exit_interval = cfg.schedule.exit_interval
+            leaving = stop.agreed() or bool(exit_interval and (step + 1) % exit_interval == 0)
+            if leaving and step + 1 < self.train_steps:
+                progress.close()
+                self.save(step + 1)
+                _log(f"stopped after step {step + 1} with a checkpoint; run the same command again to resume")
+                if writer is not None:
+                    writer.close()
+                return {**summary, **record, "stopped_early": True}
+            every = cfg.checkpoint.save_interval
+            if every and (step + 1) % every == 0 and step + 1 < self.train_steps:
+                self.save(step + 1)
         progress.close()
+        stop.restore()
         summary.update(record)
         if self.eval_pairs:
             final = self.evaluate()
@@ -341,6 +421,8 @@ class Trainer:
             self._emit(writer, {"step": self.train_steps, **final})
         if writer is not None:
             writer.close()
+        if cfg.checkpoint.save_at_end and start < self.train_steps:
+            self.save(self.train_steps)
         if cfg.checkpoint.export_hf:
             self.export_hf(self.run_dir / "hf")
         if self.is_logger and cfg.logging.plot:
@@ -348,6 +430,46 @@ class Trainer:
 
             _log(f"plot: {plot_metrics(self.run_dir)}")
         return summary
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.cfg.checkpoint.dir or self.run_dir / "checkpoints")
+
+    def save(self, step: int) -> None:
+        meta = {
+            "consumed_samples": step * self.cfg.schedule.global_batch_size,
+            "global_batch_size": self.cfg.schedule.global_batch_size,
+            "layout": [self.layout.tp, self.layout.pp, self.layout.dp],
+            "config": config_to_dict(self.cfg),
+        }
+        folder = save_checkpoint(
+            self.checkpoint_root, step, self.policy.module, self.optimizer, self.scheduler, meta,
+            self.cfg.checkpoint.keep_last,
+        )  # fmt: skip
+        _log(f"checkpoint: {folder}")
+
+    def _resume(self) -> int:
+        """Load the checkpoint `checkpoint.resume` names (auto: the latest complete one); the step to start at."""
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return 0
+        if resume == "auto":
+            found = complete_checkpoints(self.checkpoint_root)
+            if not found:
+                return 0
+            folder = found[-1]
+        else:
+            folder = Path(resume)
+        meta = read_meta(folder)
+        if meta["global_batch_size"] != self.cfg.schedule.global_batch_size:
+            raise ConfigError(
+                f"{folder}: saved with schedule.global_batch_size={meta['global_batch_size']}, now "
+                f"{self.cfg.schedule.global_batch_size}: the resumed data order would differ"
+            )
+        same_layout = meta["layout"] == [self.layout.tp, self.layout.pp, self.layout.dp]
+        load_checkpoint(folder, self.policy.module, self.optimizer, self.scheduler, load_rng=same_layout)
+        _log(f"resumed from {folder} (step {meta['step']})")
+        return int(meta["step"])
 
     def _attach_reference(self, microbatches: list[MicroBatch], split: str) -> None:
         """Reference log-probs for each micro-batch: a forward pass (online), the cache (precomputed), or none."""

@@ -1,0 +1,128 @@
+"""Training checkpoints with Megatron-Core dist_checkpointing: atomic, complete-or-ignored, reshardable.
+
+A checkpoint is a folder `step_NNNNNNN` holding the model and optimizer as sharded tensors (loadable at another
+TP/PP/DP layout), the scheduler, the step and consumed pairs, each rank's RNG states and the run's config. It is
+written to `step_NNNNNNN.tmp` and renamed after every rank has finished and rank 0 has written the `COMPLETE`
+marker inside it, so a crash mid-save leaves only a `.tmp` folder that is never loaded. The last `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from mdpo.errors import MdpoError
+
+COMPLETE = "COMPLETE"
+META = "mdpo_meta.json"
+_STEP_DIR = re.compile(r"^step_(\d{7})$")
+# Distributed-optimizer state laid out so that another TP/PP/DP layout can load it.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:07d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first; folders without the marker are ignored."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def _rng_state() -> ShardedObject:
+    """This rank's RNG states; ranks of one TP/PP position are DP replicas of each other."""
+    state = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    shape = (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+    return ShardedObject("rng_state", [state], shape, (pp, tp), replica_id=parallel_state.get_data_parallel_rank())
+
+
+def _sharded_state(model, optimizer, is_loading: bool, rng: bool = True) -> dict:
+    model_state = model.sharded_state_dict()
+    state = {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA),
+    }
+    if rng:
+        state["rng_state"] = _rng_state()
+    return state
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final folder."""
+    final, tmp = step_dir(root, step), root / f"step_{step:07d}.tmp"
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    state = _sharded_state(model, optimizer, is_loading=False)
+    state["scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, str(tmp))
+    torch.distributed.barrier()
+    if rank0:
+        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        (tmp / COMPLETE).write_text("")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_meta(folder: Path) -> dict:
+    if not (folder / COMPLETE).is_file():
+        raise MdpoError(f"{folder}: not a complete mdpo checkpoint (no {COMPLETE} marker)")
+    return json.loads((folder / META).read_text())
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, load_rng: bool = True) -> dict:
+    """Restore model, optimizer, scheduler and (same layout only: they are per TP/PP rank) RNG states in place;
+    returns the checkpoint's meta (step, ...)."""
+    meta = read_meta(folder)
+    state = _sharded_state(model, optimizer, is_loading=True, rng=load_rng)
+    state["scheduler"] = None  # common (unsharded) state: read as saved
+    try:
+        loaded = dist_checkpointing.load(state, str(folder))
+    except Exception as err:  # dist_checkpointing raises many kinds; name the folder and the cause
+        raise MdpoError(f"{folder}: cannot load checkpoint ({type(err).__name__}: {str(err)[:300]})") from None
+    model.load_state_dict(loaded["model"])
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    if not load_rng:
+        return meta
+    rng = loaded["rng_state"][0]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    return meta

@@ -1,0 +1,175 @@
+"""Reliability: exact resume (bitwise on CPU), pre-emption (SIGTERM), kill -9, incomplete checkpoints, non-finite
+steps. Each compares against an uninterrupted run of the same config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, run_mdpo, tiny_hf_llama
+from safetensors.torch import load_file
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    from mdpo.data.synthetic import build_demo_tokenizer, make_demo_data
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tokenizer = build_demo_tokenizer(root / "tok")
+    train, _ = make_demo_data(root / "data", n_train=96, n_eval=8, seed=2)
+    tiny_hf_llama(seed=2, vocab_size=len(tokenizer)).save_pretrained(root / "hf")
+    config = {
+        "model": {"init_from": str(root / "hf")},
+        "data": {"train_file": str(train), "tokenizer": str(root / "tok"), "max_length": 64},
+        "schedule": {"global_batch_size": 8, "micro_batch_size": 4, "train_steps": STEPS, "warmup_ratio": 0.3},
+        "optimizer": {"lr": 1e-3},
+        "logging": {"progress": False, "plot": False},
+    }
+    (root / "c.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def train(root: Path, run: str, *overrides: str, nproc: int = 1):
+    result = run_mdpo(["train", str(root / "c.yaml"), f"logging.run_dir={root / run}", *overrides], nproc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def outcome(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("tokens_per_second", None)  # wall-clock, differs run to run
+    return records, load_file(str(run_dir / "hf" / "model.safetensors"))
+
+
+def assert_bitwise(got, want):
+    assert got[0] == want[0]
+    assert got[1].keys() == want[1].keys()
+    assert all(torch.equal(got[1][k], want[1][k]) for k in want[1])
+
+
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2"])], ids=["tp1", "tp2"])
+def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, nproc, layout):
+    name = f"tp{nproc}"
+    train(setup, f"{name}_full", *layout, nproc=nproc)
+    first = train(setup, f"{name}_resumed", *layout, "schedule.exit_interval=2", nproc=nproc)
+    assert "stopped after step 2" in first.stdout
+    second = train(setup, f"{name}_resumed", *layout, nproc=nproc)
+    assert "resumed from" in second.stdout and "(step 2)" in second.stdout
+    assert_bitwise(outcome(setup / f"{name}_resumed"), outcome(setup / f"{name}_full"))
+
+
+def test_resume_at_another_layout(setup):
+    """A TP=1 checkpoint resumed under TP=2 (resharded) continues the same run, to fp32 reordering noise."""
+    if not (setup / "tp1_full").exists():
+        train(setup, "tp1_full")
+    train(setup, "relayout", "schedule.exit_interval=3")
+    train(setup, "relayout", "parallel.tp=2", nproc=2)
+    (got, got_w), (want, want_w) = outcome(setup / "relayout"), outcome(setup / "tp1_full")
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for key, tensor in want_w.items():
+        assert (got_w[key] - tensor).abs().max() <= 1e-5 * tensor.abs().max(), key
+
+
+def _launch(setup: Path, run: str, *overrides: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "mdpo", "train", str(setup / "c.yaml"), f"logging.run_dir={setup / run}", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists() and sum(1 for _ in path.read_text().splitlines()) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+LONG = ("schedule.train_steps=24", "checkpoint.save_interval=3")
+
+
+def test_sigterm_saves_and_exits_0_then_resumes(setup):
+    train(setup, "long_full", *LONG)
+    proc = _launch(setup, "sigterm", *LONG)
+    _wait_for_step(setup / "sigterm", 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped after step" in out
+    train(setup, "sigterm", *LONG)
+    assert_bitwise(outcome(setup / "sigterm"), outcome(setup / "long_full"))
+
+
+def test_kill_9_loses_only_the_steps_since_the_last_save(setup):
+    if not (setup / "long_full").exists():
+        train(setup, "long_full", *LONG)
+    proc = _launch(setup, "killed", *LONG)
+    _wait_for_step(setup / "killed", 8, proc)
+    proc.kill()
+    proc.wait()
+    # A checkpoint folder without its completion marker (a save cut short) must never be picked up.
+    fake = setup / "killed" / "checkpoints" / "step_0000023"  # never saved by this run (23 % 3 != 0)
+    fake.mkdir(parents=True)
+    (fake / "mdpo_meta.json").write_text("{}")
+    result = train(setup, "killed", *LONG)
+    resumed = [line for line in result.stdout.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1 and "step_0000023" not in resumed[0], resumed
+    assert_bitwise(outcome(setup / "killed"), outcome(setup / "long_full"))
+
+
+_INJECT = """
+import sys
+import mdpo.training.step as step
+real, calls = step.preference_loss, [0]
+def faulty(*args, **kwargs):
+    losses, chosen, rejected = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 4:  # call 1 is the config check; then one call per micro-batch (2 per step): step 2
+        losses = losses * float("nan")
+    return losses, chosen, rejected
+step.preference_loss = faulty
+from mdpo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _inject(setup: Path, run: str, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", _INJECT, "train", str(setup / "c.yaml"), f"logging.run_dir={setup / run}",
+           "checkpoint.save_at_end=false", *overrides]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_nonfinite_loss_stops_naming_step_and_pairs(setup):
+    result = _inject(setup, "nan_stop")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if line.startswith("mdpo: error:")][0]
+    assert "step 2: non-finite loss (nan)" in message
+    pairs = json.loads(message.split("offending micro-batches: ")[1])
+    assert len(pairs) == 4  # the micro-batch of 4 pairs whose loss was poisoned
+
+
+def test_nonfinite_loss_skipped_when_asked(setup):
+    result = _inject(setup, "nan_skip", "optimizer.nonfinite=skip")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records, weights = outcome(setup / "nan_skip")
+    assert [r["skipped"] for r in records] == [False, True, False, False, False, False]
+    assert records[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    result = _inject(setup, "nan_limit", "optimizer.nonfinite=skip", "optimizer.max_skipped_steps=0")
+    assert result.returncode == 2 and "step 2: non-finite" in result.stderr
