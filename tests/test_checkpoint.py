@@ -173,3 +173,21 @@ def test_nonfinite_loss_skipped_when_asked(setup):
     assert all(torch.isfinite(w).all() for w in weights.values())
     result = _inject(setup, "nan_limit", "optimizer.nonfinite=skip", "optimizer.max_skipped_steps=0")
     assert result.returncode == 2 and "step 2: non-finite" in result.stderr
+
+
+def test_full_disk_during_a_save_is_a_clear_error_and_leaves_no_loadable_folder(setup, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        result = run_mdpo(["train", str(setup / "c.yaml"), f"logging.run_dir={tmp_path / 'run'}",
+                           f"checkpoint.dir={small / 'ck'}", "checkpoint.save_interval=1"])  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+        from mdpo.checkpoint.dist import complete_checkpoints
+
+        assert complete_checkpoints(small / "ck") == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

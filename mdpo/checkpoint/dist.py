@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mdpo.errors import MdpoError
 
@@ -75,17 +76,24 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: di
     torch.distributed.barrier()
     state = _sharded_state(model, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp))
-    torch.distributed.barrier()
-    if rank0:
-        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
-        (tmp / COMPLETE).write_text("")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        torch.distributed.barrier()
+        if rank0:
+            (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+            (tmp / COMPLETE).write_text("")
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    except (Exception, CheckpointException) as err:  # e.g. a full disk; torch's CheckpointException is a
+        # BaseException whose message holds every rank's traceback: keep only its last line
+        cause = err.strerror if isinstance(err, OSError) else str(err).strip().splitlines()[-1][-200:]
+        raise MdpoError(
+            f"cannot write checkpoint {final} ({cause}); it stays an unmarked .tmp folder, earlier ones are intact"
+        ) from None
     torch.distributed.barrier()
     return final
 
@@ -112,7 +120,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, load_rng: bool = 
     state["scheduler"] = None  # common (unsharded) state: read as saved
     try:
         loaded = dist_checkpointing.load(state, str(folder))
-    except Exception as err:  # dist_checkpointing raises many kinds; name the folder and the cause
+    except (Exception, CheckpointException) as err:  # many kinds; name the folder and the cause
         raise MdpoError(f"{folder}: cannot load checkpoint ({type(err).__name__}: {str(err)[:300]})") from None
     model.load_state_dict(loaded["model"])
     with torch.no_grad():

@@ -111,8 +111,36 @@ def _entries(num_layers: int):
             )
 
 
+def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape every HF Llama tensor must have for this architecture."""
+    heads = Heads.of(model)
+    h, f, v = model.hidden_size, model.intermediate_size, model.vocab_size
+    kv = heads.num_kv_heads * heads.head_dim
+    layer = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (heads.num_heads * heads.head_dim, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, heads.num_heads * heads.head_dim),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for i in range(model.num_hidden_layers):
+        shapes.update({LAYER_PREFIX_HF.format(i=i) + name: shape for name, shape in layer.items()})
+    return shapes
+
+
 def hf_to_mcore(hf_state: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """Full HF Llama state dict -> full (TP=1, PP=1) Megatron state dict; names a missing or extra tensor."""
+    """Full HF Llama state dict -> full (TP=1, PP=1) Megatron state dict; names a missing, extra or misshapen
+    tensor."""
+    for name, shape in hf_shapes(model).items():
+        if name in hf_state and tuple(hf_state[name].shape) != shape:
+            raise ValueError(
+                f"tensor '{name}' has shape {tuple(hf_state[name].shape)}, the model config expects {shape}"
+            )
     heads = Heads.of(model)
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()

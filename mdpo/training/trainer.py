@@ -136,6 +136,17 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _check_writable(folder: Path, key: str) -> None:
+    """Fail at start-up, not at the first save, when an output folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".mdpo_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise MdpoError(f"{key}: cannot write to {folder} ({err.strerror or err})") from None
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -233,6 +244,10 @@ class Trainer:
         self.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.run_dir = Path(cfg.logging.run_dir)
+        if torch.distributed.get_rank() == 0:
+            _check_writable(self.run_dir, "logging.run_dir")
+            if cfg.checkpoint.dir:
+                _check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
 
         self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -285,7 +300,8 @@ class Trainer:
             ),
             [self.policy],
         )
-        warmup = math.ceil(cfg.schedule.warmup_ratio * self.train_steps)
+        # HF's rounding; Megatron's scheduler needs at least one step after warmup.
+        warmup = min(math.ceil(cfg.schedule.warmup_ratio * self.train_steps), self.train_steps - 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0,

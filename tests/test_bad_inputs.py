@@ -1,0 +1,154 @@
+"""A corpus of malformed inputs, each with the exact message a user must see (one line, exit 2, no traceback).
+
+All cases run through the real `mdpo` command line, one after another in one subprocess (start-up is paid once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, tiny_hf_llama
+
+_RUNNER = r"""
+import contextlib, io, json, os, sys, traceback
+from mdpo.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except BaseException as exc:  # anything escaping main() is a defect the test reports
+            code = f"escaped: {traceback.format_exc()[-1500:]}"
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def write_rows(path: Path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    from mdpo.data.synthetic import build_demo_tokenizer, make_demo_data
+
+    root = tmp_path_factory.mktemp("bad")
+    tokenizer = build_demo_tokenizer(root / "tok")
+    train, _ = make_demo_data(root / "data", n_train=16, n_eval=4)
+    hf = root / "hf"
+    tiny_hf_llama(seed=0, vocab_size=len(tokenizer)).save_pretrained(hf)
+    weights = load_file(str(hf / "model.safetensors"))
+
+    def model_variant(name: str, tensors: dict | None = None) -> str:
+        """A copy of the HF folder with other weights (None: no weights file at all)."""
+        folder = root / name
+        folder.mkdir()
+        (folder / "config.json").write_text((hf / "config.json").read_text())
+        if tensors is not None:
+            save_file(tensors, str(folder / "model.safetensors"))
+        return str(folder)
+
+    truncated = model_variant("truncated")
+    data = (hf / "model.safetensors").read_bytes()
+    (Path(truncated) / "model.safetensors").write_bytes(data[: len(data) // 2])
+    wrong_shape = model_variant(
+        "wrong_shape", {**weights, "model.norm.weight": weights["model.norm.weight"][:-1].clone()}
+    )
+    missing = model_variant("missing", {k: v for k, v in weights.items() if k != "model.layers.1.mlp.up_proj.weight"})
+    no_weights = model_variant("no_weights")
+
+    base = {
+        "model": {"init_from": str(hf)},
+        "data": {"train_file": str(train), "tokenizer": str(root / "tok"), "max_length": 32},
+        "schedule": {"global_batch_size": 4, "micro_batch_size": 2, "train_steps": 1},
+        "logging": {"run_dir": str(root / "run"), "progress": False, "plot": False},
+        "checkpoint": {"export_hf": False, "save_at_end": False},
+    }
+    config = root / "c.yaml"
+    config.write_text(yaml.safe_dump(base))
+    no_train_file = root / "no_train_file.yaml"
+    no_train_file.write_text(yaml.safe_dump({**base, "data": {"tokenizer": str(root / "tok")}}))
+    (root / "broken.yaml").write_text("model:\n  init_from: [unclosed\n")
+    (root / "a_file").write_text("")
+    incomplete = root / "ckpt" / "step_0000001"
+    incomplete.mkdir(parents=True)
+    good = {"prompt": "12=", "chosen": "12", "rejected": "13"}
+    bad = root / "rows"
+    bad.mkdir()
+    c = str(config)
+    cases = {
+        # configs
+        "unknown key": (["train", c, "optimizer.lrr=1"], "unknown config key 'optimizer.lrr'"),
+        "wrong type": (["train", c, "schedule.micro_batch_size=two"], "schedule.micro_batch_size"),
+        "malformed override": (["train", c, "optimizer.lr"], "unexpected argument 'optimizer.lr': expected key=value"),
+        "YAML syntax": (["train", str(root / "broken.yaml")], "broken.yaml: line"),
+        "missing required key": (["train", str(no_train_file)], "data.train_file is required"),
+        "TP not dividing heads": (["train", c, "parallel.tp=3"], "parallel.tp=3 does not divide model.num_attention_heads=4"),
+        "layout vs world size": (["train", c, "parallel.tp=2"], "world size 1 is not divisible by parallel.tp x parallel.pp = 2 x 1"),
+        "unknown loss": (["train", c, "dpo.loss_type=dpo2"], "dpo2"),
+        "batch not divisible": (["train", c, "schedule.micro_batch_size=3"], "global_batch_size=4 is not divisible by"),
+        # data rows
+        "malformed JSON": (["train", c, f"data.train_file={write_rows(bad / 'a.jsonl', [good, '{oops'])}"], "a.jsonl:2: malformed JSON"),
+        "row without chosen": (["train", c, f"data.train_file={write_rows(bad / 'b.jsonl', [good, {'prompt': 'p', 'rejected': 'r'}])}"], "b.jsonl:2: missing column 'chosen'"),
+        "empty response": (["train", c, f"data.train_file={write_rows(bad / 'c.jsonl', [good, {**good, 'rejected': ' '}])}"], "c.jsonl:2: 'rejected' is empty"),
+        "identical responses": (["train", c, f"data.train_file={write_rows(bad / 'd.jsonl', [good, {**good, 'rejected': '12'}])}"], "d.jsonl:2: chosen and rejected are identical"),
+        "data file missing": (["train", c, f"data.train_file={root / 'nope.jsonl'}"], "nope.jsonl: data file not found"),
+        "fewer pairs than a batch": (["train", c, f"data.train_file={write_rows(bad / 'e.jsonl', [good])}"], "1 usable pairs are fewer than one global batch"),
+        # tokenizer vs model
+        "tokenizer folder missing": (["train", c, f"data.tokenizer={root / 'no_tok'}"], "no_tok' does not exist"),
+        "tokenizer larger than model vocab": (["train", c, "model.init_from=null", "model.vocab_size=16", "model.hidden_size=32",
+                                               "model.intermediate_size=64", "model.num_hidden_layers=2"], "tokens but model.vocab_size is 16"),
+        # checkpoints
+        "truncated safetensors": (["train", c, f"model.init_from={truncated}"], "cannot read safetensors file"),
+        "wrong tensor shape": (["train", c, f"model.init_from={wrong_shape}"], "tensor 'model.norm.weight' has shape (63,), the model config expects (64,)"),
+        "missing tensor": (["train", c, f"model.init_from={missing}"], "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+        "no weights": (["train", c, f"model.init_from={no_weights}"], "no *.safetensors or pytorch_model*.bin weights found"),
+        "incomplete checkpoint": (["train", c, f"checkpoint.resume={incomplete}"], "not a complete mdpo checkpoint (no COMPLETE marker)"),
+        "reference cache missing": (["train", c, "dpo.reference=precomputed", f"dpo.reference_cache={root / 'none'}"], "run `mdpo precompute-ref CONFIG.yaml` first"),
+        # output folders
+        "run dir is a file": (["train", c, f"logging.run_dir={root / 'a_file' / 'run'}"], "logging.run_dir: cannot write to"),
+        "read-only file system": (["train", c, "logging.run_dir=/sys/mdpo_run"], "logging.run_dir: cannot write to /sys/mdpo_run"),
+    }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    argvs = [argv for argv, _ in cases.values()]
+    result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(argvs)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    return {name: (expected, *out) for (name, (_, expected)), out in zip(cases.items(), outputs)}
+
+
+CASE_NAMES = [
+    "unknown key", "wrong type", "malformed override", "YAML syntax", "missing required key", "TP not dividing heads",
+    "layout vs world size", "unknown loss", "batch not divisible", "malformed JSON", "row without chosen",
+    "empty response", "identical responses", "data file missing", "fewer pairs than a batch",
+    "tokenizer folder missing", "tokenizer larger than model vocab", "truncated safetensors", "wrong tensor shape",
+    "missing tensor", "no weights", "incomplete checkpoint", "reference cache missing", "run dir is a file",
+    "read-only file system",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bad_input_gives_one_clear_line(corpus, name):
+    expected, code, stderr = corpus[name]
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("mdpo: error:")]
+    assert len(lines) == 1, stderr[-2000:]
+    assert expected in lines[0], lines[0]
+
+
+def test_corpus_is_complete(corpus):
+    assert sorted(corpus) == sorted(CASE_NAMES) and len(CASE_NAMES) >= 20
