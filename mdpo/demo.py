@@ -43,6 +43,7 @@ def demo_config(out: str | Path, **overrides: dict) -> TrainConfig:
     cfg.optimizer.lr, cfg.optimizer.clip_grad = 2e-3, 1.0
     cfg.dpo.beta = 0.25
     cfg.logging.eval_interval = 50
+    cfg.checkpoint.resume = "none"  # a second `mdpo demo` starts afresh
     cfg.logging.run_dir = str(out)
     for section, values in overrides.items():
         for key, value in values.items():

@@ -58,13 +58,16 @@ class _CpuFactoryTorch(types.ModuleType):
 
 
 class _CudaTypeNames(TorchFunctionMode):
-    """Report CPU tensors' `.type()` as `torch.cuda.*` while active.
+    """While active, CPU tensors report `.type()` as `torch.cuda.*` and `.cuda()` leaves them on the CPU.
 
     optimizer/distrib_optimizer.py (361, 420, 582), optimizer/optimizer.py (671, 690) and clip_grads.py:167 accept
-    only 'torch.cuda.FloatTensor'-style names. Active only inside the wrapped functions below.
+    only 'torch.cuda.FloatTensor'-style names; distrib_optimizer.py:1089 moves the optimizer state it gathers for a
+    checkpoint with `.cuda()`. Active only inside the wrapped functions below.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func is torch.Tensor.cuda:
+            return args[0]
         result = func(*args, **(kwargs or {}))
         if func is torch.Tensor.type and len(args) == 1 and not kwargs and not result.startswith("torch.cuda."):
             return "torch.cuda." + result[len("torch.") :]
@@ -119,5 +122,6 @@ def apply() -> None:
     cls = distrib_optimizer.DistributedOptimizer
     build_groups = cls.__dict__["_build_model_and_main_param_groups"].__func__
     cls._build_model_and_main_param_groups = classmethod(_with_cuda_type_names(build_groups))
+    cls.get_parameter_state_dp_zero = _with_cuda_type_names(cls.get_parameter_state_dp_zero)
     fp16_cls = optimizer.Float16OptimizerWithFloat16Params
     fp16_cls.__init__ = _with_cuda_type_names(fp16_cls.__init__)

@@ -58,9 +58,12 @@ def assert_bitwise(got, want):
     assert all(torch.equal(got[1][k], want[1][k]) for k in want[1])
 
 
-@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2"])], ids=["tp1", "tp2"])
-def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, nproc, layout):
-    name = f"tp{nproc}"
+LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "dp2_distopt": (2, ["parallel.distributed_optimizer=true"])}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, name):
+    nproc, layout = LAYOUTS[name]
     train(setup, f"{name}_full", *layout, nproc=nproc)
     first = train(setup, f"{name}_resumed", *layout, "schedule.exit_interval=2", nproc=nproc)
     assert "stopped after step 2" in first.stdout

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer import distrib_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mdpo.errors import MdpoError
@@ -24,8 +26,14 @@ from mdpo.errors import MdpoError
 COMPLETE = "COMPLETE"
 META = "mdpo_meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
-# Distributed-optimizer state laid out so that another TP/PP/DP layout can load it.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def optimizer_metadata() -> dict:
+    """How the distributed optimizer's state is laid out in a checkpoint: reshardable to any TP/PP/DP layout, but
+    megatron-core 0.16 can only load that back with TE's or Apex's Adam (torch's AdamW keeps a per-parameter step
+    its loader does not restore); with torch's AdamW (CPU runs) the layout reshards over DP only."""
+    fused_adam = distrib_optimizer.HAVE_APEX_OR_TE
+    return {"distrib_optim_sharding_type": "fully_reshardable" if fused_adam else "dp_reshardable"}
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -59,7 +67,7 @@ def _sharded_state(model, optimizer, is_loading: bool, rng: bool = True) -> dict
     model_state = model.sharded_state_dict()
     state = {
         "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA),
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=optimizer_metadata()),
     }
     if rng:
         state["rng_state"] = _rng_state()
@@ -112,10 +120,19 @@ def read_meta(folder: Path) -> dict:
     return json.loads((folder / META).read_text())
 
 
+def _ensure_optimizer_state(optimizer) -> None:
+    """A distributed optimizer that has not stepped has no state tensors for a checkpoint to be loaded into;
+    Megatron-LM fills them with dummy values first (replaced in place by the load), and so do we."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(folder: Path, model, optimizer, scheduler, load_rng: bool = True) -> dict:
     """Restore model, optimizer, scheduler and (same layout only: they are per TP/PP rank) RNG states in place;
     returns the checkpoint's meta (step, ...)."""
     meta = read_meta(folder)
+    _ensure_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, is_loading=True, rng=load_rng)
     state["scheduler"] = None  # common (unsharded) state: read as saved
     try:

@@ -152,8 +152,12 @@ def _device() -> str:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint's step (a killed run may have logged past its last save)."""
+    """On resume, drop lines logged after the checkpoint's step (a killed run may have logged past its last save);
+    a run starting from step 0 starts a new file."""
     if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
@@ -420,6 +424,7 @@ class Trainer:
             leaving = stop.agreed() or bool(exit_interval and (step + 1) % exit_interval == 0)
             if leaving and step + 1 < self.train_steps:
                 progress.close()
+                stop.restore()
                 self.save(step + 1)
                 _log(f"stopped after step {step + 1} with a checkpoint; run the same command again to resume")
                 if writer is not None:
