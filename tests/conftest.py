@@ -86,3 +86,14 @@ def tiny_hf_llama(seed: int = 0, **overrides):
             else:
                 param.normal_(0.0, 0.05)
     return model
+
+
+def tiny_run_files(root: Path, *, n_train: int, n_eval: int, data_seed: int, model_seed: int) -> dict[str, Path]:
+    """The demo tokenizer, generated train/eval pairs and a random HF Llama sized to that tokenizer, under root:
+    everything a test run of `mdpo train` needs, with no download."""
+    from mdpo.data.synthetic import build_demo_tokenizer, make_demo_data
+
+    tokenizer = build_demo_tokenizer(root / "tokenizer")
+    train, evaluation = make_demo_data(root / "data", n_train=n_train, n_eval=n_eval, seed=data_seed)
+    tiny_hf_llama(seed=model_seed, vocab_size=len(tokenizer)).save_pretrained(root / "hf")
+    return {"tokenizer": root / "tokenizer", "train": train, "eval": evaluation, "hf": root / "hf"}

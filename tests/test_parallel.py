@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_mdpo, tiny_hf_llama
+from conftest import run_mdpo, tiny_run_files
 from safetensors.torch import load_file
 
 STEPS = 3
@@ -32,15 +32,11 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
-    from mdpo.data.synthetic import build_demo_tokenizer, make_demo_data
-
     root = tmp_path_factory.mktemp("parallel")
-    tokenizer = build_demo_tokenizer(root / "tokenizer")
-    train, _ = make_demo_data(root / "data", n_train=64, n_eval=8, seed=0)
-    tiny_hf_llama(seed=3, vocab_size=len(tokenizer)).save_pretrained(root / "hf")
+    files = tiny_run_files(root, n_train=64, n_eval=8, data_seed=0, model_seed=3)
     config = {
-        "model": {"init_from": str(root / "hf")},
-        "data": {"train_file": str(train), "tokenizer": str(root / "tokenizer"), "max_length": 64},
+        "model": {"init_from": str(files["hf"])},
+        "data": {"train_file": str(files["train"]), "tokenizer": str(files["tokenizer"]), "max_length": 64},
         "schedule": {"global_batch_size": 8, "train_steps": STEPS, "warmup_ratio": 0.0, "seed": 5},
         # adam_eps well above fp32 summation noise: with 1e-8, grads that cancel to ~1e-8 make Adam's
         # g/(|g|+eps) amplify reordering noise (different micro-batch sums) into ~1e-3 of a step.

@@ -7,23 +7,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_mdpo, tiny_hf_llama
+from conftest import run_mdpo, tiny_hf_llama, tiny_run_files
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
-    from mdpo.data.synthetic import build_demo_tokenizer, make_demo_data
-
     root = tmp_path_factory.mktemp("reference")
-    tokenizer = build_demo_tokenizer(root / "tokenizer")
-    train, evaluation = make_demo_data(root / "data", n_train=48, n_eval=8, seed=1)
-    tiny_hf_llama(seed=4, vocab_size=len(tokenizer)).save_pretrained(root / "hf")
+    files = tiny_run_files(root, n_train=48, n_eval=8, data_seed=1, model_seed=4)
     config = {
-        "model": {"init_from": str(root / "hf")},
+        "model": {"init_from": str(files["hf"])},
         "data": {
-            "train_file": str(train),
-            "eval_file": str(evaluation),
-            "tokenizer": str(root / "tokenizer"),
+            "train_file": str(files["train"]),
+            "eval_file": str(files["eval"]),
+            "tokenizer": str(files["tokenizer"]),
             "max_length": 64,
         },  # fmt: skip
         "schedule": {"global_batch_size": 8, "micro_batch_size": 4, "train_steps": 4, "warmup_ratio": 0.0},
@@ -105,3 +101,15 @@ def test_reference_free_mode_builds_no_reference(setup):
     first = metrics(setup / "free")[1]  # step 1 (after the initial eval)
     # rewards are beta x policy log-probs when there is no reference
     assert first["rewards/chosen"] == pytest.approx(0.1 * first["logps/chosen"], rel=1e-6)
+
+
+def test_cache_of_another_reference_model_is_refused(setup, tmp_path):
+    if not (setup / "cache" / "train.safetensors").exists():
+        pytest.skip("needs the cache written by test_precomputed_equals_online")
+    from mdpo.data.synthetic import build_demo_tokenizer
+
+    other = tmp_path / "other_hf"
+    tiny_hf_llama(seed=99, vocab_size=len(build_demo_tokenizer(tmp_path / "tok"))).save_pretrained(other)
+    result = train(setup, "other", "dpo.reference=precomputed", f"model.init_from={other}")
+    assert result.returncode == 2
+    assert "stale reference cache: the reference checkpoint changed" in result.stderr

@@ -31,7 +31,8 @@ _STEP_DIR = re.compile(r"^step_(\d{7})$")
 def optimizer_metadata() -> dict:
     """How the distributed optimizer's state is laid out in a checkpoint: reshardable to any TP/PP/DP layout, but
     megatron-core 0.16 can only load that back with TE's or Apex's Adam (torch's AdamW keeps a per-parameter step
-    its loader does not restore); with torch's AdamW (CPU runs) the layout reshards over DP only."""
+    its loader does not restore); with torch's AdamW (CPU runs) it is saved dp_reshardable, which saves and loads
+    without error but not exactly (see `_ensure_optimizer_state`)."""
     fused_adam = distrib_optimizer.HAVE_APEX_OR_TE
     return {"distrib_optim_sharding_type": "fully_reshardable" if fused_adam else "dp_reshardable"}
 
@@ -120,19 +121,28 @@ def read_meta(folder: Path) -> dict:
     return json.loads((folder / META).read_text())
 
 
-def _ensure_optimizer_state(optimizer) -> None:
+def _ensure_optimizer_state(optimizer, folder: Path) -> None:
     """A distributed optimizer that has not stepped has no state tensors for a checkpoint to be loaded into;
-    Megatron-LM fills them with dummy values first (replaced in place by the load), and so do we."""
+    Megatron-LM fills them with dummy values first (replaced in place by the load), and so do we.
+
+    With torch's AdamW (no TE/Apex: CPU runs) megatron-core 0.16 restores that state inexactly (measured: the first
+    update after resuming differs), so resuming such a run is refused rather than silently changing the run."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
-            opt._init_optimizer_states_with_dummy_values()
+        if isinstance(opt, DistributedOptimizer):
+            if not distrib_optimizer.HAVE_APEX_OR_TE:
+                raise MdpoError(
+                    f"{folder}: resuming parallel.distributed_optimizer=true needs Transformer Engine's or Apex's Adam "
+                    "(megatron-core 0.16 restores torch AdamW's distributed state inexactly)"
+                )
+            if len(opt.optimizer.state) == 0:
+                opt._init_optimizer_states_with_dummy_values()
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler, load_rng: bool = True) -> dict:
     """Restore model, optimizer, scheduler and (same layout only: they are per TP/PP rank) RNG states in place;
     returns the checkpoint's meta (step, ...)."""
     meta = read_meta(folder)
-    _ensure_optimizer_state(optimizer)
+    _ensure_optimizer_state(optimizer, folder)
     state = _sharded_state(model, optimizer, is_loading=True, rng=load_rng)
     state["scheduler"] = None  # common (unsharded) state: read as saved
     try:
