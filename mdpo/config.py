@@ -60,6 +60,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     init_std: float = 0.02  # std of the normal init when init_from is None
+    attention: str = "auto"  # auto (TE if present, else SDPA on GPU, local on CPU) | te | sdpa | local
 
 
 @dataclass
@@ -650,6 +651,10 @@ def validate(cfg: TrainConfig) -> None:
     need(ck.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {ck.keep_last!r}")
     if ck.save_interval is not None:
         need(ck.save_interval > 0, f"checkpoint.save_interval must be > 0, got {ck.save_interval!r}")
+    need(
+        m.attention in ("auto", "te", "sdpa", "local"),
+        f"model.attention must be auto, te, sdpa or local, got {m.attention!r}",
+    )
     need(0 <= s.warmup_ratio < 1, f"schedule.warmup_ratio must be in [0, 1), got {s.warmup_ratio!r}")
     need(0 <= s.seed < 2**32, f"schedule.seed must be in [0, 2**32), got {s.seed!r}")
     need(

@@ -28,11 +28,12 @@ def model_config(hf_config) -> ModelConfig:
     )
 
 
-def mdpo_model(hf_model):
+def mdpo_model(hf_model, attention: str = "auto"):
     from mdpo.models import hf_llama, sharding
     from mdpo.models.gpt import build_gpt_model, padded_vocab_size, transformer_config
 
     cfg = model_config(hf_model.config)
+    cfg.attention = attention
     model = build_gpt_model(cfg, transformer_config(cfg))
     full = hf_llama.hf_to_mcore(hf_model.state_dict(), cfg, padded_vocab_size(cfg.vocab_size, 1))
     local = sharding.local_state_dict(
@@ -71,12 +72,14 @@ def mdpo_logps(model, pairs, packed: bool = False) -> torch.Tensor:
     return stats.logps
 
 
+@pytest.mark.parametrize("attention", ["local", "sdpa"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_sequence_logps_equal_hf_float64(megatron_world, packed):
-    """Padded rows, and all eight sequences packed in one row with a block-diagonal mask, give HF's log-probs."""
+def test_sequence_logps_equal_hf_float64(megatron_world, packed, attention):
+    """Padded rows, and all eight sequences packed in one row with a block-diagonal mask, give HF's log-probs, with
+    Megatron's local attention and with torch SDPA as the core attention."""
     hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
     pairs = random_pairs()
-    got = mdpo_logps(mdpo_model(hf), pairs, packed)
+    got = mdpo_logps(mdpo_model(hf, attention), pairs, packed)
     want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
     want += [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs]
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5), (got, want)

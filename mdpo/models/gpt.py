@@ -10,6 +10,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from mdpo.config import ModelConfig
+from mdpo.models.attention import with_sdpa
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -31,13 +32,17 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec() -> ModuleSpec:
-    """Transformer Engine spec when available, Megatron-Core's local layers (torch attention) otherwise."""
-    if transformer_engine_available():
+def layer_spec(attention: str = "auto") -> ModuleSpec:
+    """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers, with torch SDPA as
+    the core attention on GPU (`auto`) or when asked (`sdpa`), Megatron's unfused attention on CPU (`local`)."""
+    if attention == "te" or (attention == "auto" and transformer_engine_available()):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    local = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention == "sdpa" or (attention == "auto" and torch.cuda.is_available()):
+        return with_sdpa(local)
+    return local
 
 
 def transformer_config(
@@ -90,7 +95,7 @@ def build_gpt_model(
     """One pipeline stage of the policy (or reference) model; untied embeddings as in Llama 2."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(model.attention),
         vocab_size=padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
