@@ -11,16 +11,17 @@ from collections.abc import Sequence
 from mdpo.errors import MdpoError
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Megatron-Core warns at import that TE/Apex are absent; that is expected on CPU and says nothing new."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*Apex.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _start() -> None:
-    _quiet_libraries()
+    quiet_libraries()
     from mdpo import megatron_cpu
 
     megatron_cpu.apply()
@@ -61,10 +62,26 @@ def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def cmd_data_stats(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if extra:
         raise MdpoError(f"unexpected arguments for data stats: {' '.join(extra)}")
-    _quiet_libraries()
+    quiet_libraries()
     from mdpo.data.stats import print_stats
 
     return print_stats(args)
+
+
+def cmd_convert(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    if extra:
+        raise MdpoError(f"unexpected arguments for convert: {' '.join(extra)}")
+    quiet_libraries()
+    from mdpo.checkpoint import convert
+
+    if args.direction == "hf-to-megatron":
+        out = convert.hf_to_megatron(
+            args.hf, args.out, tp=args.tp, pp=args.pp, position_embedding=args.position_embedding
+        )
+    else:
+        out = convert.megatron_to_hf(args.ckpt, args.out)
+    print(f"[mdpo] wrote {out}")
+    return 0
 
 
 def cmd_plot(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -105,6 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", help="counts, token-length percentiles, truncation, padding waste and packing efficiency"
     )
     add_arguments(stats).set_defaults(func=cmd_data_stats)
+    conv = sub.add_parser("convert", help="HF model folder <-> Megatron-Core distributed checkpoint").add_subparsers(
+        dest="direction", required=True
+    )
+    to_mcore = conv.add_parser(
+        "hf-to-megatron",
+        help="HF folder (Llama 2 / Tulu 2, Qwen 1.0, Baichuan 2) -> reshardable Megatron checkpoint",
+        description="Writes with --tp x --pp processes (each holds its part of the model); the checkpoint loads "
+        "at any TP/PP/DP layout. Point model.init_from at the output to train from it.",
+    )
+    to_mcore.add_argument("--hf", required=True, help="HF model folder (config.json, safetensors or .bin)")
+    to_mcore.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write with (default 1)")
+    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write with (default 1)")
+    to_mcore.add_argument(
+        "--position-embedding",
+        choices=("auto", "rope", "alibi"),
+        default="auto",
+        help="Baichuan 2: auto = RoPE when hidden_size is 4096 (7B), else ALiBi (13B)",
+    )
+    to_mcore.set_defaults(func=cmd_convert)
+    to_hf = conv.add_parser(
+        "megatron-to-hf", help="converted or training checkpoint (step_N folder) -> HF folder of the model's family"
+    )
+    to_hf.add_argument("--ckpt", required=True, help="mdpo convert output or training checkpoint folder")
+    to_hf.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    to_hf.set_defaults(func=cmd_convert)
     plot = sub.add_parser("plot", help="draw RUN_DIR/metrics.jsonl as a PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")

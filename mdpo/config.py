@@ -46,19 +46,25 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    """A HF LlamaConfig-shaped model description."""
+    """A HF-config-shaped model description (Llama 2, Qwen 1.0 and Baichuan 2 are all this shape)."""
 
     hf_config: str | None = None  # HF config.json or model folder; its values fill the fields below
-    init_from: str | None = None  # HF model folder whose safetensors weights are loaded; None = random init
+    # Weights to start from: a HF model folder, a `mdpo convert` output or a training checkpoint (step_N folder);
+    # None = random init
+    init_from: str | None = None
+    family: str = "llama"  # llama | qwen | baichuan: the HF format weights are read and exported in
     vocab_size: int = 32000
     hidden_size: int = 4096
-    intermediate_size: int = 11008
+    intermediate_size: int = 11008  # the MLP width
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int | None = None  # None = num_attention_heads (MHA)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
+    qkv_bias: bool = False  # bias on the q/k/v projection (Qwen 1.0)
+    position_embedding: str = "auto"  # auto (from config.json, else rope) | rope | alibi (Baichuan 2 13B)
+    norm_head: bool = False  # output weight rows L2-normalised in every forward (Baichuan 2's NormHead)
     init_std: float = 0.02  # std of the normal init when init_from is None
     attention: str = "auto"  # auto (TE if present, else SDPA on GPU, local on CPU) | te | sdpa | local
 
@@ -181,21 +187,6 @@ ARG_ALIASES: dict[str, str] = {
     "--adam-eps": "optimizer.adam_eps",
 }
 _FLAG_ARGS = frozenset({"--use-distributed-optimizer"})  # take no value; present = true
-
-# HF LlamaConfig keys copied into ModelConfig by apply_hf_config.
-_HF_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "rms_norm_eps",
-    "rope_theta",
-    "max_position_embeddings",
-)
-_HF_MODEL_TYPES = ("llama",)
-
 
 # --------------------------------------------------------------------------- YAML
 
@@ -481,48 +472,24 @@ def translate_args(argv: Sequence[str]) -> list[str]:
 
 
 def apply_hf_config(model: ModelConfig) -> None:
-    """Fill the model shape from ``model.hf_config`` (or ``model.init_from``) config.json.
+    """Fill the model description from ``model.hf_config`` (or ``model.init_from``): a HF config.json (its family
+    found from ``architectures``), or the description stored in a ``mdpo convert`` output or training checkpoint.
 
-    A field the user set away from its default must agree with config.json. Features the
-    ModelConfig cannot describe (rope scaling, biases, tied embeddings, ...) are ConfigErrors.
+    A field the user set away from its default must agree with that source. Features the model cannot describe
+    (rope scaling, tied embeddings, ...) and unknown architectures are ConfigErrors.
     """
     key, source = "model.hf_config", model.hf_config
     if source is None and model.init_from is not None:
         key, source = "model.init_from", model.init_from
     if source is None:
         return
-    file = os.path.join(source, "config.json") if os.path.isdir(source) else source
-    try:
-        with open(file, encoding="utf-8") as f:
-            hf = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"{key}='{source}': cannot read '{file}': {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{key}='{source}': '{file}' is not valid JSON: {_one_line(e)}") from None
-    if not isinstance(hf, dict):
-        raise ConfigError(f"{key}='{source}': '{file}' must hold a JSON object, got {_describe(hf)}")
+    from mdpo.checkpoint.convert import stored_model_fields
 
-    def unsupported(what: str) -> ConfigError:
-        return ConfigError(f"{key}='{source}': {file}: {what} is not supported by mdpo's Llama model")
-
-    model_type = hf.get("model_type")
-    if model_type is not None and model_type not in _HF_MODEL_TYPES:
-        raise unsupported(f"model_type={model_type!r}")
-    for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-        if hf.get(flag):
-            raise unsupported(f"{flag}=true")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise unsupported(f"hidden_act={hf['hidden_act']!r}")
-    rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 nests rope_theta here
-    scaling = hf.get("rope_scaling") or {}
-    for params in (rope, scaling):
-        rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else params
-        if rope_type not in (None, "default"):
-            raise unsupported(f"rope scaling {rope_type!r}")
-
-    values = {name: hf[name] for name in _HF_FIELDS if name in hf}
-    if "rope_theta" not in values and "rope_theta" in rope:
-        values["rope_theta"] = rope["rope_theta"]
+    stored = stored_model_fields(source)
+    if stored is not None:
+        file, values = stored
+    else:
+        file, values = _read_hf_config(key, source)
     hints = _hints(ModelConfig)
     defaults = ModelConfig()
     for name, value in values.items():
@@ -533,19 +500,39 @@ def apply_hf_config(model: ModelConfig) -> None:
                 f"{key}='{source}': {file}: '{name}' must be {_type_name(hints[name])}, got {_describe(value)}"
             ) from None
         current = getattr(model, name)
+        if name == "position_embedding" and current != "auto":
+            continue  # config.json cannot say (Baichuan 2): the user's explicit choice wins
         if current != getattr(defaults, name) and current != value:
             raise ConfigError(
                 f"model.{name}={current!r} conflicts with {name}={value!r} in {file} ({key}); "
                 f"drop model.{name} or make them agree"
             )
         setattr(model, name, value)
-    head_dim = hf.get("head_dim")
-    if (
-        head_dim is not None
-        and model.num_attention_heads
-        and (head_dim * model.num_attention_heads != model.hidden_size)
-    ):
-        raise unsupported(f"head_dim={head_dim} (hidden_size/num_attention_heads != head_dim)")
+
+
+def _read_hf_config(key: str, source: str) -> tuple[str, dict[str, Any]]:
+    """(file, ModelConfig fields) from a HF config.json."""
+    from mdpo.models import families
+
+    file = os.path.join(source, "config.json") if os.path.isdir(source) else source
+    try:
+        with open(file, encoding="utf-8") as f:
+            hf = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{key}='{source}': cannot read '{file}': {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}='{source}': '{file}' is not valid JSON: {_one_line(e)}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{key}='{source}': '{file}' must hold a JSON object, got {_describe(hf)}")
+    try:
+        family = families.detect(hf)
+    except ValueError as e:
+        raise ConfigError(f"{key}='{source}': {file}: {e}") from None
+    try:
+        values = family.read_config(hf)
+    except ValueError as e:
+        raise ConfigError(f"{key}='{source}': {file}: {e} is not supported by mdpo's {family.name} model") from None
+    return file, {"family": family.name, **values}
 
 
 # --------------------------------------------------------------------------- validation
@@ -654,6 +641,18 @@ def validate(cfg: TrainConfig) -> None:
     need(
         m.attention in ("auto", "te", "sdpa", "local"),
         f"model.attention must be auto, te, sdpa or local, got {m.attention!r}",
+    )
+    from mdpo.models.families import FAMILIES
+
+    need(m.family in FAMILIES, f"model.family must be one of {', '.join(FAMILIES)}, got {m.family!r}")
+    need(
+        m.position_embedding in ("auto", "rope", "alibi"),
+        f"model.position_embedding must be auto, rope or alibi, got {m.position_embedding!r}",
+    )
+    need(
+        m.position_embedding != "alibi" or m.attention in ("auto", "sdpa"),
+        f"model.position_embedding=alibi needs model.attention=auto or sdpa (ALiBi biases are added to the scores "
+        f"of torch SDPA; Megatron's local and Transformer Engine attention here take no ALiBi), got {m.attention!r}",
     )
     need(0 <= s.warmup_ratio < 1, f"schedule.warmup_ratio must be in [0, 1), got {s.warmup_ratio!r}")
     need(0 <= s.seed < 2**32, f"schedule.seed must be in [0, 2**32), got {s.seed!r}")

@@ -1,41 +1,141 @@
-"""Read and write HF model folders (safetensors; legacy .bin only with weights_only=True)."""
+"""Read and write HF model folders: safetensors read lazily (one tensor at a time), legacy .bin only with
+weights_only=True, sharded safetensors with an index written by huggingface_hub."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 
 from mdpo.errors import MdpoError
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Files of a Megatron checkpoint folder (dist_checkpointing's and mdpo's own), never HF auxiliary files.
+CHECKPOINT_FILES = ("metadata.json", "common.pt", ".metadata", "mdpo_model.json", "mdpo_meta.json", "COMPLETE")
+
+
+class HFWeights(Mapping[str, torch.Tensor]):
+    """The tensors of a HF model folder, read on access. Shapes and dtypes come from the safetensors headers, so
+    names and shapes are checked before any tensor is read, and a converter holds one tensor at a time."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._file: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._eager: dict[str, torch.Tensor] = {}
+        shards = self._shards()
+        if shards[0].suffix == ".safetensors":
+            for shard in shards:
+                try:
+                    with safe_open(str(shard), framework="pt") as f:
+                        for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                            piece = f.get_slice(name)
+                            self._file[name] = shard
+                            self.shapes[name] = tuple(piece.get_shape())
+                            self.dtypes[name] = _DTYPES[piece.get_dtype()]
+                except Exception as err:  # safetensors raises its own types for truncated or corrupt files
+                    raise MdpoError(f"{shard}: cannot read safetensors file ({err})") from None
+        else:
+            for shard in shards:
+                try:
+                    self._eager.update(torch.load(shard, map_location="cpu", weights_only=True))
+                except Exception as err:
+                    raise MdpoError(f"{shard}: cannot read PyTorch weights ({str(err).splitlines()[0]})") from None
+            self.shapes = {k: tuple(v.shape) for k, v in self._eager.items()}
+            self.dtypes = {k: v.dtype for k, v in self._eager.items()}
+
+    def _shards(self) -> list[Path]:
+        for index_name in INDEX_FILES:
+            index = self.folder / index_name
+            if index.is_file():
+                try:
+                    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                except (ValueError, KeyError, AttributeError) as err:
+                    raise MdpoError(f"{index}: not a valid weight index ({err})") from None
+                missing = [f for f in files if not (self.folder / f).is_file()]
+                if missing:
+                    raise MdpoError(f"{index}: names shard '{missing[0]}', which is not in {self.folder}")
+                return [self.folder / f for f in files]
+        shards = sorted(self.folder.glob("*.safetensors")) or sorted(self.folder.glob("pytorch_model*.bin"))
+        if not shards:
+            raise MdpoError(f"{self.folder}: no *.safetensors or pytorch_model*.bin weights found")
+        return shards
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._eager:
+            return self._eager[name]
+        shard = self._file[name]
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as err:
+            raise MdpoError(f"{shard}: cannot read tensor '{name}' ({err})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def dtype(self) -> torch.dtype:
+        """The one floating dtype of the weights (mixed dtypes are refused: a conversion keeps the dtype)."""
+        found = sorted({str(d) for d in self.dtypes.values()})
+        if len(found) != 1:
+            raise MdpoError(f"{self.folder}: weights mix dtypes {', '.join(found)}; expected one")
+        return next(iter(self.dtypes.values()))
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
 
 def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF model folder; never unpickles arbitrary objects."""
-    folder = Path(folder)
-    shards = sorted(folder.glob("*.safetensors"))
-    if shards:
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            try:
-                state.update(load_file(str(shard)))
-            except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-                raise MdpoError(f"{shard}: cannot read safetensors file ({err})") from None
-        return state
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if not bins:
-        raise MdpoError(f"{folder}: no *.safetensors or pytorch_model*.bin weights found")
-    state = {}
-    for shard in bins:
-        state.update(torch.load(shard, map_location="cpu", weights_only=True))
-    return state
+    """All tensors of a HF model folder in memory (small models and tests; converters stream `HFWeights`)."""
+    weights = HFWeights(folder)
+    return {name: weights[name] for name in weights}
 
 
-def write_hf_llama(folder: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
-    """A folder `transformers` loads: config.json and one safetensors file."""
+def is_auxiliary(path: Path) -> bool:
+    """Files of a HF model folder that are neither weights nor config.json: tokenizer, generation config, remote
+    model code. They travel with a conversion unchanged (and a checkpoint's own files never do)."""
+    return (
+        path.is_file()
+        and not path.name.endswith((*WEIGHT_SUFFIXES, ".distcp"))
+        and path.name not in (*INDEX_FILES, *CHECKPOINT_FILES, "config.json")
+    )
+
+
+def copy_auxiliary(src: str | Path, dst: str | Path) -> list[str]:
+    copied = []
+    for path in sorted(Path(src).iterdir()):
+        if is_auxiliary(path):
+            shutil.copy2(path, Path(dst) / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor that is a slice of a larger one (vocab padding stripped, gate/up split) gets its own storage, as
+    safetensors refuses to write part of a storage."""
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
+def write_hf_folder(folder: str | Path, state: dict[str, torch.Tensor], config: dict, max_shard_size: str = "5GB"):
+    """A folder `transformers` loads: config.json and safetensors shards (with an index when more than one)."""
+    from huggingface_hub import save_torch_state_dict
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"), {"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    state = {name: _own_storage(t) for name, t in state.items()}
+    save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder

@@ -1,4 +1,4 @@
-"""Build a Megatron-Core GPTModel with Llama architecture from a HF LlamaConfig-shaped description."""
+"""Build a Megatron-Core GPTModel from a HF-config-shaped description (Llama, Qwen 1.0 and Baichuan 2 math)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from mdpo.config import ModelConfig
-from mdpo.models.attention import with_sdpa
+from mdpo.models.attention import ALiBiAttention, SDPAttention, with_core_attention
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -32,23 +33,31 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec(attention: str = "auto") -> ModuleSpec:
+def layer_spec(attention: str = "auto", position_embedding: str = "rope") -> ModuleSpec:
     """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers, with torch SDPA as
-    the core attention on GPU (`auto`) or when asked (`sdpa`), Megatron's unfused attention on CPU (`local`)."""
+    the core attention on GPU (`auto`) or when asked (`sdpa`), Megatron's unfused attention on CPU (`local`).
+    ALiBi always runs through SDPA with the biases as an additive mask (the config refuses te/local with it)."""
+    local = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if position_embedding == "alibi":
+        return with_core_attention(local, ALiBiAttention)
     if attention == "te" or (attention == "auto" and transformer_engine_available()):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    local = get_gpt_layer_local_spec(normalization="RMSNorm")
     if attention == "sdpa" or (attention == "auto" and torch.cuda.is_available()):
-        return with_sdpa(local)
+        return with_core_attention(local, SDPAttention)
     return local
 
 
 def transformer_config(
-    model: ModelConfig, *, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32
+    model: ModelConfig,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    init_weights: bool = True,
 ) -> TransformerConfig:
-    """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases, RoPE, GQA."""
+    """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA."""
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=model.num_hidden_layers,
@@ -62,10 +71,11 @@ def transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_std,
+        perform_initialization=init_weights,  # False when weights are loaded next (converters)
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         params_dtype=params_dtype,
@@ -89,18 +99,31 @@ def transformer_config(
     )
 
 
+class NormHeadLinear(ColumnParallelLinear):
+    """Baichuan 2's NormHead: the output weight's rows are L2-normalised in every forward, so gradients flow through
+    the normalisation as in Baichuan's own training. Rows are vocabulary entries, whole on every TP rank, so the
+    normalisation needs no communication."""
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        return super().forward(input_, F.normalize(self.weight, dim=-1), runtime_gather_output)
+
+
 def build_gpt_model(
     model: ModelConfig, config: TransformerConfig, *, pre_process: bool = True, post_process: bool = True
 ) -> GPTModel:
-    """One pipeline stage of the policy (or reference) model; untied embeddings as in Llama 2."""
-    return GPTModel(
+    """One pipeline stage of the policy (or reference) model; untied embeddings as in every supported family."""
+    alibi = model.position_embedding == "alibi"
+    gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model.attention),
+        transformer_layer_spec=layer_spec(model.attention, model.position_embedding),
         vocab_size=padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
+        position_embedding_type="none" if alibi else "rope",
         rotary_base=model.rope_theta,
     )
+    if model.norm_head and post_process:
+        gpt.output_layer.__class__ = NormHeadLinear  # same parameters, normalising forward
+    return gpt

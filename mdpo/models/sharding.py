@@ -74,6 +74,21 @@ def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
     return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
 
 
+def stage_local_name(name: str, *, num_layers: int, pp_rank: int, pp_size: int) -> str | None:
+    """A full-model tensor name as one pipeline stage calls it (stage-local layer number), or None when the tensor
+    lives on another stage."""
+    match = _LAYER.match(name)
+    if match:
+        layers = stage_layers(num_layers, pp_rank, pp_size)
+        index = int(match.group(1))
+        return f"decoder.layers.{index - layers.start}.{match.group(2)}" if index in layers else None
+    if name.startswith("embedding."):
+        return name if pp_rank == 0 else None
+    if name.startswith(("decoder.final_layernorm", "output_layer")):
+        return name if pp_rank == pp_size - 1 else None
+    return name
+
+
 def local_state_dict(
     full: Mapping[str, torch.Tensor],
     *,
@@ -84,27 +99,11 @@ def local_state_dict(
     pp_size: int,
 ) -> dict[str, torch.Tensor]:
     """The part of a full state dict one (TP, PP) rank holds, with stage-local layer numbers."""
-    layers = stage_layers(num_layers, pp_rank, pp_size)
-    first, last = pp_rank == 0, pp_rank == pp_size - 1
     out = {}
     for name, tensor in full.items():
-        match = _LAYER.match(name)
-        if match:
-            index = int(match.group(1))
-            if index not in layers:
-                continue
-            local = f"decoder.layers.{index - layers.start}.{match.group(2)}"
-        elif name.startswith("embedding."):
-            if not first:
-                continue
-            local = name
-        elif name.startswith(("decoder.final_layernorm", "output_layer")):
-            if not last:
-                continue
-            local = name
-        else:
-            local = name
-        out[local] = shard_tensor(tensor, tp_rule(name), tp_rank, tp_size).clone()
+        local = stage_local_name(name, num_layers=num_layers, pp_rank=pp_rank, pp_size=pp_size)
+        if local is not None:
+            out[local] = shard_tensor(tensor, tp_rule(name), tp_rank, tp_size).clone()
     return out
 
 
@@ -123,12 +122,13 @@ def merge_state_dicts(
     return full
 
 
-def load_into(module: torch.nn.Module, local: Mapping[str, torch.Tensor]) -> None:
-    """Copy a rank's tensors into a built model (either layer spec), checking names and shapes."""
+def load_into(module: torch.nn.Module, local: Mapping[str, torch.Tensor], *, partial: bool = False) -> None:
+    """Copy a rank's tensors into a built model (either layer spec), checking names and shapes; `partial` allows
+    a subset (a caller streaming tensors one at a time checks completeness itself)."""
     own = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
     te = any(k.endswith("layer_norm_weight") for k in own)
     renamed = {(te_name(k) if te else k): v for k, v in local.items()}
-    missing = sorted(set(own) - set(renamed))
+    missing = [] if partial else sorted(set(own) - set(renamed))
     extra = sorted(set(renamed) - set(own))
     if missing or extra:
         what = f"missing '{missing[0]}'" if missing else f"unexpected '{extra[0]}'"

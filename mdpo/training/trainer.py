@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -20,16 +19,17 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from tqdm import tqdm
 
+from mdpo import parallel
+from mdpo.checkpoint.convert import export_origin, load_initial_weights, write_hf_export
 from mdpo.checkpoint.dist import complete_checkpoints, load_checkpoint, read_meta, save_checkpoint
-from mdpo.checkpoint.hf import read_hf_weights, write_hf_llama
 from mdpo.config import TrainConfig, config_to_dict
 from mdpo.data.batching import MicroBatch, PairSampler, collate, collate_packed, pack_microbatches, rank_share
 from mdpo.data.encoding import load_tokenizer
 from mdpo.data.pairs import TokenizedPair, TokenizeReport
 from mdpo.data.pairs import load_pairs as read_pairs
 from mdpo.errors import ConfigError, DataError, MdpoError
-from mdpo.models import hf_llama, sharding
-from mdpo.models.gpt import build_gpt_model, padded_vocab_size, transformer_config
+from mdpo.models import sharding
+from mdpo.models.gpt import build_gpt_model, transformer_config
 from mdpo.training.metrics import SUM_FIELDS, MetricsWriter, finalize
 from mdpo.training.reference import ReferenceLogps, cache_path, reference_stamp, save_reference_logps
 from mdpo.training.step import (
@@ -51,19 +51,9 @@ class Layout:
     dp_rank: int
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_parallel(cfg: TrainConfig) -> Layout:
-    """torch.distributed (NCCL on GPU, gloo on CPU) and Megatron's TP/PP/DP groups; a plain `mdpo train` without
-    torchrun is a world of one."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    world = int(os.environ["WORLD_SIZE"])
+    """torch.distributed and Megatron's TP/PP/DP groups for this run's layout (checked against the world size)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if world % (tp * pp):
         raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}")
@@ -73,11 +63,7 @@ def init_parallel(cfg: TrainConfig) -> Layout:
         raise ConfigError(f"schedule.global_batch_size={gbs} is not divisible by the data-parallel size {dp}")
     if not cfg.data.packing and gbs % (mbs * dp):
         raise ConfigError(f"schedule.global_batch_size={gbs} is not divisible by micro_batch_size x DP = {mbs} x {dp}")
-    if not torch.distributed.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel.start(tp, pp)
     return Layout(
         tp,
         pp,
@@ -86,13 +72,6 @@ def init_parallel(cfg: TrainConfig) -> Layout:
         parallel_state.get_pipeline_model_parallel_rank(),
         parallel_state.get_data_parallel_rank(),
     )
-
-
-def shutdown_parallel() -> None:
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def load_pairs(path: str, cfg: TrainConfig, tokenizer, what: str) -> list[TokenizedPair]:
@@ -187,38 +166,22 @@ def _log(message: str) -> None:
         tqdm.write(f"[mdpo] {message}")
 
 
-def build_stage(cfg: TrainConfig, layout: Layout, full_state: dict | None, dtype: torch.dtype):
-    """This rank's pipeline stage of the model, from HF weights when given, else a seeded random init."""
-    config = transformer_config(cfg.model, tp=layout.tp, pp=layout.pp, params_dtype=dtype)
+def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool):
+    """This rank's pipeline stage of the model: `model.init_from` loaded into it when `load` (HF folder or Megatron
+    checkpoint, streamed per tensor and resharded for this layout), else a seeded random init."""
+    load = load and cfg.model.init_from is not None
+    config = transformer_config(cfg.model, tp=layout.tp, pp=layout.pp, params_dtype=dtype, init_weights=not load)
     model = build_gpt_model(
         cfg.model,
         config,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
-    if full_state is not None:
-        local = sharding.local_state_dict(
-            full_state,
-            num_layers=cfg.model.num_hidden_layers,
-            tp_rank=layout.tp_rank,
-            tp_size=layout.tp,
-            pp_rank=layout.pp_rank,
-            pp_size=layout.pp,
-        )
-        sharding.load_into(model, local)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if load:
+        load_initial_weights(model, cfg.model)
     return model
-
-
-def hf_full_state(cfg: TrainConfig, padded_vocab: int) -> dict | None:
-    if cfg.model.init_from is None:
-        return None
-    hf = read_hf_weights(cfg.model.init_from)
-    try:
-        return hf_llama.hf_to_mcore(hf, cfg.model, padded_vocab)
-    except (KeyError, ValueError) as err:
-        raise MdpoError(f"{cfg.model.init_from}: {err.args[0]}") from None
 
 
 def gather_full_state(model: torch.nn.Module, cfg: TrainConfig, layout: Layout) -> dict | None:
@@ -265,13 +228,11 @@ class Trainer:
         self.sampler = PairSampler(len(self.train_pairs), cfg.schedule.global_batch_size, seed)
         self.train_steps = cfg.schedule.train_steps or max(1, int(cfg.schedule.epochs * self.sampler.steps_per_epoch))
 
-        padded = padded_vocab_size(cfg.model.vocab_size, self.layout.tp)
-        full_state = hf_full_state(cfg, padded)
-        policy = build_stage(cfg, self.layout, full_state, self.dtype)
+        policy = build_stage(cfg, self.layout, self.dtype, load=True)
         self.reference, self.reference_cache = None, {}
         if cfg.dpo.reference == "online":
             # The reference starts as an exact copy of the policy and never trains.
-            self.reference = build_stage(cfg, self.layout, None, self.dtype)
+            self.reference = build_stage(cfg, self.layout, self.dtype, load=False)
             self.reference.load_state_dict(policy.state_dict())
             self.reference.requires_grad_(False).eval()
         elif cfg.dpo.reference == "precomputed":
@@ -508,10 +469,11 @@ class Trainer:
             writer.write(record)
 
     def export_hf(self, folder: Path) -> None:
-        """The trained policy as a HF Llama folder (tokenizer included), gathered on rank 0."""
+        """The trained policy as a HF folder of the model's family (tokenizer included), gathered on rank 0."""
         full = gather_full_state(self.policy.module, self.cfg, self.layout)
         if full is not None:
-            write_hf_llama(folder, hf_llama.mcore_to_hf(full, self.cfg.model), hf_llama.hf_config(self.cfg.model))
+            init_from = self.cfg.model.init_from
+            write_hf_export(folder, full, self.cfg.model, export_origin(Path(init_from)) if init_from else None)
             self.tokenizer.save_pretrained(folder)
             _log(f"exported HF model to {folder}")
         torch.distributed.barrier()
@@ -528,8 +490,7 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.schedule.seed)
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-        padded = padded_vocab_size(cfg.model.vocab_size, layout.tp)
-        reference = build_stage(cfg, layout, hf_full_state(cfg, padded), dtype).eval()
+        reference = build_stage(cfg, layout, dtype, load=True).eval()
         stamp = reference_stamp(cfg)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         written = []
@@ -567,7 +528,7 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
             torch.distributed.barrier()
         return written
     finally:
-        shutdown_parallel()
+        parallel.stop()
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
@@ -575,4 +536,4 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     try:
         return Trainer(cfg).fit()
     finally:
-        shutdown_parallel()
+        parallel.stop()

@@ -1,0 +1,222 @@
+"""Machinery shared by every HF model family: a family is a mapping table plus config translation, nothing else.
+
+A table row is (Megatron name, HF names, transform). Transforms are the only real tensor work:
+
+- `copy`: the same tensor.
+- `vocab`: embedding/head rows padded with zeros to the padded vocabulary (stripped on the way back).
+- `norm_vocab`: as `vocab`, rows first L2-normalised (Baichuan 2's NormHead folded in; see `families.baichuan`).
+- `qkv`: separate q, k, v (weights or biases) -> Megatron's fused layout, per query group
+  [q heads of the group, k, v], so GQA shards cleanly over TP.
+- `packed_qkv`: one HF tensor holding q|k|v stacked (Qwen's c_attn, Baichuan's W_pack) -> the same fused layout.
+- `gate_up`: [gate; up] stacked into `linear_fc1` (the table lists gate first, whatever the HF names).
+
+Tensors here are full (unsharded); `mdpo.models.sharding` cuts them for a TP/PP rank. Expected HF shapes are not
+written anywhere: they are derived by running the table backwards on meta tensors of the Megatron shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mdpo.config import ModelConfig
+
+Entry = tuple[str, tuple[str, ...], str]
+LAYER_PREFIX_MCORE = "decoder.layers.{i}."
+KINDS = ("copy", "vocab", "norm_vocab", "qkv", "packed_qkv", "gate_up")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF architecture: its mapping table and how its config.json translates to and from a ModelConfig."""
+
+    name: str
+    architecture: str  # config.json "architectures"[0]
+    model_type: str  # config.json "model_type"
+    global_tensors: tuple[Entry, ...]
+    layer_tensors: tuple[Entry, ...]  # names relative to the layer prefixes
+    hf_layer_prefix: str  # e.g. "model.layers.{i}."
+    read_config: Callable[[dict], dict]  # config.json -> ModelConfig fields; ValueError names what is unsupported
+    write_config: Callable[[ModelConfig], dict]  # ModelConfig -> the config.json keys this family defines
+    ignored_suffixes: tuple[str, ...] = ()  # HF buffers that are not weights (e.g. rotary inv_freq)
+
+    def entries(self, num_layers: int) -> Iterator[Entry]:
+        yield from self.global_tensors
+        for i in range(num_layers):
+            for mcore, hf, kind in self.layer_tensors:
+                yield (
+                    LAYER_PREFIX_MCORE.format(i=i) + mcore,
+                    tuple(self.hf_layer_prefix.format(i=i) + name for name in hf),
+                    kind,
+                )
+
+    def hf_names(self, num_layers: int) -> set[str]:
+        return {name for _, names, _ in self.entries(num_layers) for name in names}
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Attention head geometry needed to (un)fuse QKV."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> Heads:
+        kv = model.num_key_value_heads or model.num_attention_heads
+        return cls(model.num_attention_heads, kv, model.hidden_size // model.num_attention_heads)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Rows of q, k and v."""
+        kv = self.num_kv_heads * self.head_dim
+        return [self.num_heads * self.head_dim, kv, kv]
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Heads) -> torch.Tensor:
+    """[q; k; v] (HF, weights [rows, hidden] or biases [rows]) -> per query group [q_0..q_{g-1}, k, v] (Megatron)."""
+    per_group, rest = heads.num_heads // heads.num_kv_heads, tuple(q.shape[1:])
+    q = q.reshape(heads.num_kv_heads, per_group * heads.head_dim, *rest)
+    k = k.reshape(heads.num_kv_heads, heads.head_dim, *rest)
+    v = v.reshape(heads.num_kv_heads, heads.head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, heads: Heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `fuse_qkv`."""
+    per_group, rest = heads.num_heads // heads.num_kv_heads, tuple(qkv.shape[1:])
+    grouped = qkv.reshape(heads.num_kv_heads, (per_group + 2) * heads.head_dim, *rest)
+    q, k, v = torch.split(grouped, [per_group * heads.head_dim, heads.head_dim, heads.head_dim], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def pad_vocab(weight: torch.Tensor, padded_rows: int) -> torch.Tensor:
+    """Zero rows for the padded vocabulary; their logits are masked out of the softmax anyway."""
+    if weight.shape[0] > padded_rows:
+        raise ValueError(f"vocab rows {weight.shape[0]} exceed the padded vocabulary {padded_rows}")
+    pad = weight.new_zeros(padded_rows - weight.shape[0], *weight.shape[1:])
+    return torch.cat([weight, pad], dim=0)
+
+
+def normalize_rows(weight: torch.Tensor) -> torch.Tensor:
+    """Unit L2 norm per row, computed in float32 and returned in the weight's dtype."""
+    return F.normalize(weight.float(), dim=-1).to(weight.dtype)
+
+
+def to_mcore(kind: str, tensors: list[torch.Tensor], heads: Heads, padded_vocab: int) -> torch.Tensor:
+    if kind == "copy":
+        return tensors[0]
+    if kind == "vocab":
+        return pad_vocab(tensors[0], padded_vocab)
+    if kind == "norm_vocab":
+        return pad_vocab(normalize_rows(tensors[0]), padded_vocab)
+    if kind == "qkv":
+        return fuse_qkv(*tensors, heads)
+    if kind == "packed_qkv":
+        return fuse_qkv(*torch.split(tensors[0], heads.sizes, dim=0), heads)
+    if kind == "gate_up":
+        return torch.cat(tensors, dim=0)
+    raise ValueError(f"unknown transform {kind!r}")
+
+
+def to_hf(kind: str, tensor: torch.Tensor, heads: Heads, vocab_size: int) -> tuple[torch.Tensor, ...]:
+    if kind == "copy":
+        return (tensor,)
+    if kind in ("vocab", "norm_vocab"):
+        return (tensor[:vocab_size],)
+    if kind == "qkv":
+        return split_qkv(tensor, heads)
+    if kind == "packed_qkv":
+        return (torch.cat(split_qkv(tensor, heads), dim=0),)
+    if kind == "gate_up":
+        return tuple(torch.chunk(tensor, 2, dim=0))
+    raise ValueError(f"unknown transform {kind!r}")
+
+
+def mcore_shapes(model: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """Every full Megatron tensor of this architecture (local layer spec names) and its shape."""
+    heads = Heads.of(model)
+    h, f = model.hidden_size, model.intermediate_size
+    qkv_rows, attn = sum(heads.sizes), heads.num_heads * heads.head_dim
+    layer = {
+        "input_layernorm.weight": (h,),
+        "self_attention.linear_qkv.weight": (qkv_rows, h),
+        "self_attention.linear_proj.weight": (h, attn),
+        "pre_mlp_layernorm.weight": (h,),
+        "mlp.linear_fc1.weight": (2 * f, h),
+        "mlp.linear_fc2.weight": (h, f),
+    }
+    if model.qkv_bias:
+        layer["self_attention.linear_qkv.bias"] = (qkv_rows,)
+    shapes = {
+        "embedding.word_embeddings.weight": (padded_vocab, h),
+        "decoder.final_layernorm.weight": (h,),
+        "output_layer.weight": (padded_vocab, h),
+    }
+    for i in range(model.num_hidden_layers):
+        shapes.update({LAYER_PREFIX_MCORE.format(i=i) + name: shape for name, shape in layer.items()})
+    return shapes
+
+
+def hf_shapes(family: Family, model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape each HF tensor must have: the table run backwards on meta tensors."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in mcore_shapes(model, model.vocab_size).items()}
+    return {name: tuple(t.shape) for name, t in mcore_to_hf(family, meta, model).items()}
+
+
+def shape_of(hf: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """A tensor's shape without reading it where the mapping can tell (lazy safetensors readers)."""
+    shapes = getattr(hf, "shapes", None)
+    return tuple(shapes[name]) if shapes is not None else tuple(hf[name].shape)
+
+
+def check_hf_state(family: Family, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
+    """Raise KeyError/ValueError naming the first missing, unexpected or misshapen tensor."""
+    expected = hf_shapes(family, model)
+    present = {name for name in hf if not name.endswith(family.ignored_suffixes)}
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise KeyError(f"HF checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+    extra = sorted(present - set(expected))
+    if extra:
+        raise KeyError(f"HF checkpoint has unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all)")
+    for name, shape in expected.items():
+        if shape_of(hf, name) != shape:
+            raise ValueError(f"tensor '{name}' has shape {shape_of(hf, name)}, the model config expects {shape}")
+
+
+def iter_hf_to_mcore(
+    family: Family,
+    hf: Mapping[str, torch.Tensor],
+    model: ModelConfig,
+    padded_vocab: int,
+    wanted: Callable[[str], bool] = lambda name: True,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full Megatron tensors one at a time (only those `wanted`), reading each HF tensor when it is needed, so a
+    caller that consumes them as they come holds one tensor, not the model. Call `check_hf_state` first."""
+    heads = Heads.of(model)
+    for mcore, hf_names, kind in family.entries(model.num_hidden_layers):
+        if wanted(mcore):
+            yield mcore, to_mcore(kind, [hf[n] for n in hf_names], heads, padded_vocab)
+
+
+def hf_to_mcore(
+    family: Family, hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab: int
+) -> dict[str, torch.Tensor]:
+    """Full HF state dict -> full (TP=1, PP=1) Megatron state dict."""
+    check_hf_state(family, hf, model)
+    return dict(iter_hf_to_mcore(family, hf, model, padded_vocab))
+
+
+def mcore_to_hf(family: Family, mcore: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full Megatron state dict -> HF state dict of this family, vocab padding stripped."""
+    heads = Heads.of(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, hf_names, kind in family.entries(model.num_hidden_layers):
+        parts = to_hf(kind, mcore[name], heads, model.vocab_size)
+        out.update({hf_name: part.contiguous() for hf_name, part in zip(hf_names, parts)})
+    return out

@@ -1,0 +1,379 @@
+"""HF <-> Megatron converters for Llama 2, Qwen 1.0 and Baichuan 2 (7B RoPE, 13B ALiBi), against independent oracles:
+HF LlamaForCausalLM / Qwen2ForCausalLM with hand-mapped weights and a float64 plain-PyTorch ALiBi Baichuan."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, run_mdpo, tiny_hf_llama
+from safetensors.torch import load_file, save_file
+
+VOCAB = 250
+
+
+def _random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: (0.5 + torch.rand(shape, generator=g)) if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight",
+               "layernorm.weight", "norm.weight")) else 0.05 * torch.randn(shape, generator=g)
+        for name, shape in shapes.items()
+    }  # fmt: skip
+
+
+def _save_hf(folder: Path, state: dict, config: dict, shard_size: str = "5GB") -> Path:
+    """Sharded safetensors with an index (as HF writes them), config.json, and stand-ins for remote code/tokenizer."""
+    from huggingface_hub import save_torch_state_dict
+
+    folder.mkdir(parents=True)
+    save_torch_state_dict(state, folder, max_shard_size=shard_size)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    (folder / "modeling_remote.py").write_text("# remote model code travels with the checkpoint\n")
+    return folder
+
+
+def qwen_checkpoint(folder: Path, seed: int = 3) -> Path:
+    h, f, n, layers = 64, 96, 4, 2
+    config = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "auto_map": {"AutoModelForCausalLM":
+              "modeling_qwen.QWenLMHeadModel"}, "vocab_size": VOCAB, "hidden_size": h, "intermediate_size": 2 * f,
+              "num_hidden_layers": layers, "num_attention_heads": n, "kv_channels": h // n,
+              "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0, "seq_length": 256,
+              "max_position_embeddings": 256, "no_bias": True, "tie_word_embeddings": False,
+              "use_dynamic_ntk": True, "use_logn_attn": True, "torch_dtype": "float32"}  # fmt: skip
+    shapes = {"transformer.wte.weight": (VOCAB, h), "transformer.ln_f.weight": (h,), "lm_head.weight": (VOCAB, h)}
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        shapes.update({p + "ln_1.weight": (h,), p + "attn.c_attn.weight": (3 * h, h), p + "attn.c_attn.bias": (3 * h,),
+                       p + "attn.c_proj.weight": (h, h), p + "ln_2.weight": (h,), p + "mlp.w1.weight": (f, h),
+                       p + "mlp.w2.weight": (f, h), p + "mlp.c_proj.weight": (h, f)})  # fmt: skip
+    return _save_hf(folder, _random_state(shapes, seed), config, shard_size="100KB")
+
+
+def baichuan_checkpoint(folder: Path, heads: int = 6, seed: int = 4) -> Path:
+    """6 heads: ALiBi slopes for a head count that is not a power of two (as Baichuan 2 13B's 40)."""
+    h, f, layers = 16 * heads, 80, 2
+    config = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "auto_map": {"AutoModelForCausalLM":
+              "modeling_baichuan.BaichuanForCausalLM"}, "vocab_size": VOCAB, "hidden_size": h,
+              "intermediate_size": f, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "hidden_act": "silu", "rms_norm_eps": 1e-6, "model_max_length": 256, "tie_word_embeddings": False,
+              "z_loss_weight": 0, "torch_dtype": "float32"}  # fmt: skip
+    shapes = {"model.embed_tokens.weight": (VOCAB, h), "model.norm.weight": (h,), "lm_head.weight": (VOCAB, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "self_attn.W_pack.weight": (3 * h, h),
+                       p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
+                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                       p + "mlp.down_proj.weight": (h, f)})  # fmt: skip
+    return _save_hf(folder, _random_state(shapes, seed), config)
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
+
+
+# --------------------------------------------------------------------------- independent oracles
+
+
+def qwen_oracle_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Qwen 1.0 == Qwen2ForCausalLM with equal KV heads, c_attn split into q/k/v, gate = w2, up = w1."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg, sd = json.loads((folder / "config.json").read_text()), read_folder(folder)
+    h = cfg["hidden_size"]
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=h,
+                             intermediate_size=cfg["intermediate_size"] // 2,
+                             num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+                             num_key_value_heads=cfg["num_attention_heads"], rms_norm_eps=cfg["layer_norm_epsilon"],
+                             rope_theta=cfg["rotary_emb_base"], max_position_embeddings=256,
+                             tie_word_embeddings=False, use_sliding_window=False))  # fmt: skip
+    mapped = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
+              "model.norm.weight": sd["transformer.ln_f.weight"],
+              "lm_head.weight": sd["lm_head.weight"]}  # fmt: skip
+    for i in range(cfg["num_hidden_layers"]):
+        src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = sd[src + f"attn.c_attn.{kind}"].split(h)
+            mapped.update({dst + f"self_attn.q_proj.{kind}": q, dst + f"self_attn.k_proj.{kind}": k,
+                           dst + f"self_attn.v_proj.{kind}": v})  # fmt: skip
+        mapped.update({dst + "self_attn.o_proj.weight": sd[src + "attn.c_proj.weight"],
+                       dst + "input_layernorm.weight": sd[src + "ln_1.weight"],
+                       dst + "post_attention_layernorm.weight": sd[src + "ln_2.weight"],
+                       dst + "mlp.gate_proj.weight": sd[src + "mlp.w2.weight"],
+                       dst + "mlp.up_proj.weight": sd[src + "mlp.w1.weight"],
+                       dst + "mlp.down_proj.weight": sd[src + "mlp.c_proj.weight"]})  # fmt: skip
+    model.load_state_dict(mapped, strict=True)
+    with torch.no_grad():
+        return model.float().eval()(tokens).logits
+
+
+def baichuan7b_oracle_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Baichuan 2 7B == LlamaForCausalLM after splitting W_pack and normalising the head's rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg, sd = json.loads((folder / "config.json").read_text()), read_folder(folder)
+    h = cfg["hidden_size"]
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=h, intermediate_size=cfg["intermediate_size"],
+                             num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+                             rms_norm_eps=cfg["rms_norm_eps"], max_position_embeddings=256,
+                             tie_word_embeddings=False))  # fmt: skip
+    mapped = {}
+    for name, tensor in sd.items():
+        if name.endswith("W_pack.weight"):
+            for part, piece in zip("qkv", tensor.split(h)):
+                mapped[name.replace("W_pack", f"{part}_proj")] = piece
+        elif name == "lm_head.weight":
+            mapped[name] = tensor / tensor.norm(dim=-1, keepdim=True)
+        else:
+            mapped[name] = tensor
+    model.load_state_dict(mapped, strict=True)
+    with torch.no_grad():
+        return model.float().eval()(tokens).logits
+
+
+def baichuan13b_oracle_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Baichuan 2 13B in float64 plain PyTorch: ALiBi bias slope_h * key_position on the scores (Baichuan's form),
+    causal mask, no position embedding, NormHead."""
+    cfg, sd = json.loads((folder / "config.json").read_text()), read_folder(folder)
+    sd = {k: v.double() for k, v in sd.items()}
+    n, h, eps = cfg["num_attention_heads"], cfg["hidden_size"], cfg["rms_norm_eps"]
+    d, (b, s) = h // n, tokens.shape
+    closest = 2 ** int(math.log2(n))
+    base = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
+    extra = [2 ** (-8 * (i + 1) / (2 * closest)) for i in range(2 * closest)][0::2][: n - closest]
+    slopes = torch.tensor(base + extra, dtype=torch.float64)
+    bias = slopes[:, None, None] * torch.arange(s, dtype=torch.float64)[None, None, :]
+    bias = bias + torch.full((s, s), float("-inf"), dtype=torch.float64).triu(1)
+    rms = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    x = sd["model.embed_tokens.weight"][tokens]
+    for i in range(cfg["num_hidden_layers"]):
+        p = lambda name, i=i: sd[f"model.layers.{i}.{name}.weight"]
+        q, k, v = (
+            t.reshape(b, s, n, d).transpose(1, 2)
+            for t in (rms(x, p("input_layernorm")) @ p("self_attn.W_pack").T).split(h, -1)
+        )
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + bias, dim=-1) @ v
+        x = x + attn.transpose(1, 2).reshape(b, s, h) @ p("self_attn.o_proj").T
+        y = rms(x, p("post_attention_layernorm"))
+        x = x + (F.silu(y @ p("mlp.gate_proj").T) * (y @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
+    head = sd["lm_head.weight"]
+    return rms(x, sd["model.norm.weight"]) @ (head / head.norm(dim=-1, keepdim=True)).T
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Each family written at TP=2 x PP=2 (4 writer processes); Baichuan 7B-style (RoPE) at TP=PP=1."""
+    root = tmp_path_factory.mktemp("convert")
+    tiny_hf_llama(seed=0, vocab_size=VOCAB, num_hidden_layers=2).save_pretrained(root / "llama_hf")
+    sources = {"llama": root / "llama_hf", "qwen": qwen_checkpoint(root / "qwen_hf"),
+               "baichuan13b": baichuan_checkpoint(root / "baichuan13b_hf"),
+               "baichuan7b": baichuan_checkpoint(root / "baichuan7b_hf", heads=4, seed=5)}  # fmt: skip
+    out = {}
+    for name, src in sources.items():
+        layout = (
+            ["--tp", "1", "--pp", "1", "--position-embedding", "rope"]
+            if name == "baichuan7b"
+            else ["--tp", "2", "--pp", "2"]
+        )
+        result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(src), "--out", str(root / f"{name}_mc"), *layout])
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[name] = (src, root / f"{name}_mc")
+    return out
+
+
+def test_descriptions_follow_config_json(converted):
+    model = {name: json.loads((mc / "mdpo_model.json").read_text())["model"] for name, (_, mc) in converted.items()}
+    assert model["qwen"]["intermediate_size"] == 96 and model["qwen"]["qkv_bias"] is True
+    assert model["qwen"]["rms_norm_eps"] == 1e-6
+    assert model["baichuan13b"]["position_embedding"] == "alibi" and model["baichuan13b"]["norm_head"] is True
+    assert model["baichuan7b"]["position_embedding"] == "rope"
+    assert model["llama"]["num_key_value_heads"] == 2 and model["llama"]["family"] == "llama"
+
+
+def test_round_trip_is_bitwise(converted, tmp_path):
+    """HF -> Megatron (written at TP=2, PP=2) -> HF: every tensor and the config identical; Baichuan's head comes
+    back with its rows normalised (NormHead folded in on import), bitwise equal to that normalisation."""
+    for name, (src, mc) in converted.items():
+        back = tmp_path / name
+        result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(mc), "--out", str(back)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        original, returned = read_folder(src), read_folder(back)
+        assert sorted(original) == sorted(returned), name
+        for tensor_name, tensor in original.items():
+            if name.startswith("baichuan") and tensor_name == "lm_head.weight":
+                tensor = F.normalize(tensor.float(), dim=-1)
+            assert torch.equal(tensor, returned[tensor_name]), (name, tensor_name)
+        assert json.loads((back / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+        aux = ["generation_config.json"] if name == "llama" else ["modeling_remote.py", "tokenizer_config.json"]
+        assert all((back / file).is_file() for file in aux), name
+        assert not list(back.glob("*.distcp")) and not (back / "mdpo_model.json").exists()
+    assert len(list(converted["qwen"][0].glob("*.safetensors"))) > 1  # the Qwen source was sharded with an index
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_logits_equal_independent_oracles(converted, tmp_path, tp):
+    """mdpo's forward on each converted checkpoint at TP=1 and TP=2 == the family's oracle (fp32, <= 1e-4)."""
+    from transformers import LlamaForCausalLM
+
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    ckpts = [str(mc) for _, mc in converted.values()]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp}", "--standalone",
+           str(REPO / "tests" / "workers" / "convert_logits.py"), str(tmp_path / "logits.pt"),
+           str(tmp_path / "tokens.pt"), *ckpts]  # fmt: skip
+    result = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logits = torch.load(tmp_path / "logits.pt")
+    with torch.no_grad():
+        oracles = {
+            "llama": LlamaForCausalLM.from_pretrained(converted["llama"][0]).float().eval()(tokens).logits,
+            "qwen": qwen_oracle_logits(converted["qwen"][0], tokens),
+            "baichuan13b": baichuan13b_oracle_logits(converted["baichuan13b"][0], tokens),
+            "baichuan7b": baichuan7b_oracle_logits(converted["baichuan7b"][0], tokens),
+        }
+    for name, (_, mc) in converted.items():
+        ours, oracle = logits[str(mc)].double(), oracles[name].double()
+        assert ours.shape == oracle.shape, name
+        err = (ours - oracle).abs().max().item()
+        assert err <= 1e-4, f"{name} at TP={tp}: max abs logit error {err}"
+        assert oracle.std() > 0.05  # the logits are far from constant: a wrong mapping would show
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def convert_error(tmp_path: Path, src: Path, *extra: str) -> str:
+    from mdpo.checkpoint.convert import hf_to_megatron
+    from mdpo.errors import MdpoError
+
+    args = dict(zip(extra[::2], extra[1::2]))
+    with pytest.raises(MdpoError) as info:
+        hf_to_megatron(src, tmp_path / "out", tp=int(args.get("tp", 1)), pp=int(args.get("pp", 1)))
+    assert not (tmp_path / "out").exists()
+    return str(info.value)
+
+
+def _edit(folder: Path, drop: str | None = None, add: dict | None = None, reshape: str | None = None) -> Path:
+    file = folder / "model.safetensors"
+    state = load_file(file)
+    if drop:
+        del state[drop]
+    if reshape:
+        state[reshape] = torch.zeros(state[reshape].shape[0] + 1, *state[reshape].shape[1:])
+    state.update(add or {})
+    save_file(state, file)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing", "missing tensor 'model.layers.1.self_attn.k_proj.weight'"),
+        ("extra", "unexpected tensor 'model.layers.0.mlp.bias'"),
+        ("shape", "tensor 'model.layers.0.mlp.up_proj.weight' has shape (97, 64), the model config expects (96, 64)"),
+        ("tp", "--tp 3 does not divide the attention heads (4 query, 2 key/value)"),
+        ("pp", "--pp 3 does not divide the 4 layers"),
+        ("family", "the tensors are those of a QWenLMHeadModel checkpoint, config.json says llama"),
+        ("truncated", "model.safetensors: cannot read safetensors file"),
+        (
+            "architecture",
+            "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM (llama), "
+            "QWenLMHeadModel (qwen), BaichuanForCausalLM (baichuan)",
+        ),  # fmt: skip
+        ("megatron", "is already a Megatron checkpoint"),
+    ],
+)
+def test_conversion_errors_name_the_problem(tmp_path, case, expected):
+    src = tmp_path / "hf"
+    tiny_hf_llama(seed=0, vocab_size=VOCAB).save_pretrained(src)
+    extra: tuple[str, ...] = ()
+    if case == "missing":
+        _edit(src, drop="model.layers.1.self_attn.k_proj.weight")
+    elif case == "extra":
+        _edit(src, add={"model.layers.0.mlp.bias": torch.zeros(3)})
+    elif case == "shape":
+        _edit(src, reshape="model.layers.0.mlp.up_proj.weight")
+    elif case in ("tp", "pp"):
+        extra = (case, "3")
+    elif case == "family":
+        qwen = qwen_checkpoint(tmp_path / "qwen")
+        for file in qwen.glob("*.safetensors*"):
+            file.rename(src / file.name)
+        (src / "model.safetensors").unlink()
+    elif case == "truncated":
+        data = (src / "model.safetensors").read_bytes()
+        (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "architecture":
+        config = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(
+            json.dumps({**config, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+        )
+    elif case == "megatron":
+        (src / "mdpo_model.json").write_text('{"format": "mdpo-megatron", "model": {}}')
+    message = convert_error(tmp_path, src, *extra)
+    assert expected in message, message
+
+
+def test_cli_error_is_one_line(tmp_path):
+    result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"mdpo: error: {tmp_path / 'nothing'}: no config.json (expected a HF model folder)"
+    ]
+
+
+# --------------------------------------------------------------------------- training from and to checkpoints
+
+
+def test_training_from_a_converted_checkpoint(tmp_path):
+    """`model.init_from` at a converted checkpoint (written at TP=1, trained at TP=2) trains exactly as from the HF
+    folder, and `megatron-to-hf` of the run's training checkpoint equals the run's own HF export."""
+    import yaml
+    from conftest import tiny_run_files
+
+    files = tiny_run_files(tmp_path, n_train=16, n_eval=0, data_seed=2, model_seed=6)
+    result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(files["hf"]), "--out", str(tmp_path / "mc")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = {
+        "data": {"train_file": str(files["train"]), "tokenizer": str(files["tokenizer"]), "max_length": 64},
+        "schedule": {"global_batch_size": 8, "micro_batch_size": 4, "train_steps": 2, "warmup_ratio": 0.0},
+        "optimizer": {"lr": 1e-3},
+        "logging": {"progress": False, "plot": False},
+        "parallel": {"tp": 2},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = {}
+    for name, source in (("from_hf", files["hf"]), ("from_mc", tmp_path / "mc")):
+        run = tmp_path / name
+        result = run_mdpo(["train", str(tmp_path / "config.yaml"), f"model.init_from={source}",
+                           f"logging.run_dir={run}", f"checkpoint.dir={run / 'ckpt'}"], nproc=2)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs["from_hf"], runs["from_mc"], strict=True):
+        assert a["loss"] == b["loss"] and a["rewards/margins"] == b["rewards/margins"]
+    step = tmp_path / "from_mc" / "ckpt" / "step_0000002"
+    result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(step), "--out", str(tmp_path / "back")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported, converted = read_folder(tmp_path / "from_mc" / "hf"), read_folder(tmp_path / "back")
+    assert sorted(exported) == sorted(converted)
+    assert all(torch.equal(exported[name], converted[name]) for name in exported)
+    original = read_folder(files["hf"])
+    assert not torch.equal(original["lm_head.weight"], converted["lm_head.weight"])  # training moved the weights

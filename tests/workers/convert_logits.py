@@ -1,0 +1,50 @@
+"""Under torchrun: load converted checkpoints into mdpo's GPTModel at TP = world size and save their full logits.
+
+usage: torchrun --nproc_per_node=TP convert_logits.py OUT.pt TOKENS.pt CKPT [CKPT ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def main(out: str, tokens_file: str, ckpts: list[str]) -> None:
+    from mdpo import megatron_cpu, parallel
+
+    megatron_cpu.apply()
+    from megatron.core import parallel_state, tensor_parallel
+
+    from mdpo.checkpoint.convert import load_initial_weights
+    from mdpo.config import ModelConfig, apply_hf_config
+    from mdpo.models.gpt import build_gpt_model, transformer_config
+
+    tp = int(__import__("os").environ["WORLD_SIZE"])
+    parallel.start(tp, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    tokens = torch.load(tokens_file)
+    b, s = tokens.shape
+    mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None].expand(b, 1, s, s)
+    positions = torch.arange(s)[None].expand(b, s)
+    results = {}
+    for ckpt in ckpts:
+        model = ModelConfig(init_from=ckpt)
+        apply_hf_config(model)
+        module = build_gpt_model(model, transformer_config(model, tp=tp, init_weights=False)).eval()
+        load_initial_weights(module, model)
+        with torch.no_grad():
+            logits = module(input_ids=tokens, position_ids=positions, attention_mask=mask)  # [b, s, v/tp]
+        parts = [torch.empty_like(logits) for _ in range(tp)]
+        torch.distributed.all_gather(parts, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        results[ckpt] = torch.cat(parts, dim=-1)[..., : model.vocab_size]
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, out)
+    parallel.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
