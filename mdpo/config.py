@@ -98,6 +98,9 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
+    sequence_parallel: bool = False  # split norm/residual activations over the TP ranks too (needs tp > 1)
+    recompute: str = "none"  # none | selective (core attention) | full (each layer's activations)
+    overlap_grad_reduce: bool = False  # overlap the data-parallel gradient reduction with the backward pass
 
 
 @dataclass
@@ -642,6 +645,11 @@ def validate(cfg: TrainConfig) -> None:
         m.attention in ("auto", "te", "sdpa", "local"),
         f"model.attention must be auto, te, sdpa or local, got {m.attention!r}",
     )
+    need(
+        p.recompute in ("none", "selective", "full"),
+        f"parallel.recompute must be none, selective or full, got {p.recompute!r}",
+    )
+    need(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1")
     from mdpo.models.families import FAMILIES
 
     need(m.family in FAMILIES, f"model.family must be one of {', '.join(FAMILIES)}, got {m.family!r}")

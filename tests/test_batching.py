@@ -36,3 +36,22 @@ def test_sampler_is_layout_independent_and_reshuffles_per_epoch():
 def test_too_few_pairs_for_a_batch():
     with pytest.raises(DataError, match="global_batch_size=8"):
         PairSampler(num_pairs=5, global_batch_size=8, seed=0)
+
+
+def test_sequence_parallel_padding_keeps_every_real_token_and_label():
+    """Rounded up to a multiple of the TP size (sequence parallelism), a micro-batch has the same tokens, labels and
+    loss mask in its real positions, and the padding is outside the loss."""
+    from mdpo.data.batching import collate_packed
+
+    pairs = [TokenizedPair(0, [5, 6, 7], [8, 9], [10]), TokenizedPair(1, [11], [12, 13, 14], [15])]  # 15 tokens
+    for build in (lambda m: collate(pairs, pad_id=0, multiple=m), lambda m: collate_packed(pairs, 0, 64, multiple=m)):
+        plain, padded = build(1), build(4)
+        length = plain.tokens.shape[1]
+        assert padded.tokens.shape[1] % 4 == 0 and padded.tokens.shape[1] > length
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"):
+            assert torch.equal(getattr(padded, name)[:, :length], getattr(plain, name)), name
+        assert padded.loss_mask[:, length:].sum() == 0
+        assert padded.num_input_tokens == plain.num_input_tokens
+    packed = collate_packed(pairs, 0, 64, multiple=4)
+    assert packed.position_ids[0, -3:].tolist() == [0, 1, 2]  # the last sequence (2 tokens), then its padding
+    assert int(packed.cu_seqlens[-1]) == packed.tokens.shape[1]

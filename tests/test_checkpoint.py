@@ -45,6 +45,7 @@ def outcome(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for record in records:
         record.pop("tokens_per_second", None)  # wall-clock, differs run to run
+        record.pop("peak_memory_gib", None)  # process memory, differs run to run
     return records, load_file(str(run_dir / "hf" / "model.safetensors"))
 
 

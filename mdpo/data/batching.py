@@ -43,11 +43,13 @@ class MicroBatch:
         return self
 
 
-def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> MicroBatch:
-    """Right-pad to the longest sequence in the micro-batch; padding only ever follows real tokens, so the causal
-    mask alone keeps it out of every real token's attention, and the loss mask keeps it out of the loss."""
+def collate(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 1) -> MicroBatch:
+    """Right-pad to the longest sequence in the micro-batch (rounded up to `multiple`: sequence parallelism splits
+    the sequence over TP ranks); padding only ever follows real tokens, so the causal mask alone keeps it out of
+    every real token's attention, and the loss mask keeps it out of the loss."""
     sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     length = max(len(prompt) + len(response) for prompt, response in sequences)
+    length = -(-length // multiple) * multiple
     tokens = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(len(sequences), length, dtype=torch.float32)
     for row, (prompt, response) in enumerate(sequences):
@@ -71,16 +73,18 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> MicroBatch:
     )
 
 
-def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int, budget: int) -> MicroBatch:
+def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int, budget: int, multiple: int = 1) -> MicroBatch:
     """All 2m sequences of the pairs in one row (pair by pair, chosen then rejected), each attending only to
-    itself (block-diagonal causal mask) with its own position ids; no padding. RoPE depends only on relative
-    positions inside a segment, so the logits equal the unpacked ones."""
+    itself (block-diagonal causal mask) with its own position ids. RoPE depends only on relative positions inside a
+    segment, so the logits equal the unpacked ones. Only when the row must be a multiple of `multiple` (sequence
+    parallelism) is it padded, the padding joining the last segment outside its loss mask."""
     m = len(pairs)
     order = [x for k, p in enumerate(pairs) for x in ((k, p.prompt, p.chosen), (m + k, p.prompt, p.rejected))]
-    total = sum(len(prompt) + len(response) for _, prompt, response in order)
-    if total > budget:
-        raise ValueError(f"pairs take {total} tokens, more than the pack budget {budget}")
-    tokens = torch.empty(1, total, dtype=torch.long)
+    real = sum(len(prompt) + len(response) for _, prompt, response in order)
+    if real > budget:
+        raise ValueError(f"pairs take {real} tokens, more than the pack budget {budget}")
+    total = -(-real // multiple) * multiple
+    tokens = torch.full((1, total), pad_id, dtype=torch.long)
     labels = torch.full((1, total), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(1, total, dtype=torch.float32)
     positions = torch.empty(1, total, dtype=torch.long)
@@ -95,6 +99,10 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int, budget: int) -> 
         positions[0, start:end] = torch.arange(len(ids))
         segments[0, start:end] = segment
         boundaries.append(end)
+    if total > real:  # padding: the last segment continues (its positions too), masked out of the loss
+        positions[0, real:] = torch.arange(real - boundaries[-2], total - boundaries[-2])
+        segments[0, real:] = order[-1][0]
+        boundaries[-1] = total
     same = segments[0].unsqueeze(0) == segments[0].unsqueeze(1)
     causal = torch.tril(torch.ones(total, total, dtype=torch.bool))
     return MicroBatch(
@@ -105,8 +113,8 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int, budget: int) -> 
         attention_mask=~(same & causal).view(1, 1, total, total),
         segment_ids=segments,
         pair_ids=[p.index for p in pairs],
-        num_input_tokens=total,
-        num_slots=budget,
+        num_input_tokens=real,
+        num_slots=max(budget, total),
         cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
     )
 

@@ -11,6 +11,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from mdpo.config import ModelConfig
+from mdpo.errors import ConfigError
 from mdpo.models.attention import ALiBiAttention, SDPAttention, with_core_attention
 
 VOCAB_PAD_MULTIPLE = 128
@@ -33,18 +34,25 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec(attention: str = "auto", position_embedding: str = "rope") -> ModuleSpec:
+def uses_transformer_engine(model: ModelConfig) -> bool:
+    """Transformer Engine's layers: asked for, or `auto` with TE present (never with ALiBi, which runs on SDPA)."""
+    if model.position_embedding == "alibi":
+        return False
+    return model.attention == "te" or (model.attention == "auto" and transformer_engine_available())
+
+
+def layer_spec(model: ModelConfig) -> ModuleSpec:
     """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers, with torch SDPA as
     the core attention on GPU (`auto`) or when asked (`sdpa`), Megatron's unfused attention on CPU (`local`).
     ALiBi always runs through SDPA with the biases as an additive mask (the config refuses te/local with it)."""
-    local = get_gpt_layer_local_spec(normalization="RMSNorm")
-    if position_embedding == "alibi":
-        return with_core_attention(local, ALiBiAttention)
-    if attention == "te" or (attention == "auto" and transformer_engine_available()):
+    if uses_transformer_engine(model):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    if attention == "sdpa" or (attention == "auto" and torch.cuda.is_available()):
+    local = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if model.position_embedding == "alibi":
+        return with_core_attention(local, ALiBiAttention)
+    if model.attention == "sdpa" or (model.attention == "auto" and torch.cuda.is_available()):
         return with_core_attention(local, SDPAttention)
     return local
 
@@ -56,6 +64,8 @@ def transformer_config(
     pp: int = 1,
     params_dtype: torch.dtype = torch.float32,
     init_weights: bool = True,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
 ) -> TransformerConfig:
     """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA."""
     on_gpu = torch.cuda.is_available()
@@ -75,8 +85,14 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_std,
-        perform_initialization=init_weights,  # False when weights are loaded next (converters)
+        # False only in the converters: Megatron then also skips marking tensor-parallel weights, which training needs
+        perform_initialization=init_weights,
         tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        # selective: recompute the core attention in backward; full: keep only each layer's input
+        recompute_granularity=None if recompute == "none" else recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
         pipeline_model_parallel_size=pp,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -113,9 +129,14 @@ def build_gpt_model(
 ) -> GPTModel:
     """One pipeline stage of the policy (or reference) model; untied embeddings as in every supported family."""
     alibi = model.position_embedding == "alibi"
+    if config.sequence_parallel and not uses_transformer_engine(model):
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs Transformer Engine's layers (installed, with model.attention auto "
+            "or te): Megatron-Core's local RMSNorm cannot reduce its gradients over a split sequence"
+        )
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model.attention, model.position_embedding),
+        transformer_layer_spec=layer_spec(model),
         vocab_size=padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

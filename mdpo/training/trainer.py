@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -151,14 +152,15 @@ def _nonfinite_pairs(outputs: list[dict]) -> list[int]:
 
 
 def make_microbatches(cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int], pad_id: int):
-    """Micro-batches of the given pairs: packs (data.packing) or groups of micro_batch_size padded pairs."""
+    """Micro-batches of the given pairs: packs (data.packing) or groups of micro_batch_size padded pairs; with
+    sequence parallelism their length is a multiple of the TP size."""
+    multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
     if cfg.data.packing:
         budget = cfg.data.pack_tokens or 2 * cfg.data.max_length
-        return [
-            collate_packed([pairs[i] for i in g], pad_id, budget) for g in pack_microbatches(pairs, indices, budget)
-        ]
+        groups = pack_microbatches(pairs, indices, budget)
+        return [collate_packed([pairs[i] for i in g], pad_id, budget, multiple) for g in groups]
     mbs = cfg.schedule.micro_batch_size
-    return [collate([pairs[i] for i in indices[k : k + mbs]], pad_id) for k in range(0, len(indices), mbs)]
+    return [collate([pairs[i] for i in indices[k : k + mbs]], pad_id, multiple) for k in range(0, len(indices), mbs)]
 
 
 def _log(message: str) -> None:
@@ -169,8 +171,16 @@ def _log(message: str) -> None:
 def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool):
     """This rank's pipeline stage of the model: `model.init_from` loaded into it when `load` (HF folder or Megatron
     checkpoint, streamed per tensor and resharded for this layout), else a seeded random init."""
-    load = load and cfg.model.init_from is not None
-    config = transformer_config(cfg.model, tp=layout.tp, pp=layout.pp, params_dtype=dtype, init_weights=not load)
+    # Initialised even when weights are loaded next: Megatron marks tensor-parallel weights (which the grad norm and
+    # weight decay need) only in its init functions.
+    config = transformer_config(
+        cfg.model,
+        tp=layout.tp,
+        pp=layout.pp,
+        params_dtype=dtype,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        recompute=cfg.parallel.recompute,
+    )
     model = build_gpt_model(
         cfg.model,
         config,
@@ -179,7 +189,7 @@ def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    if load:
+    if load and cfg.model.init_from is not None:
         load_initial_weights(model, cfg.model)
     return model
 
@@ -244,7 +254,7 @@ class Trainer:
 
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         )
         self.policy = DistributedDataParallel(config=policy.config, ddp_config=ddp_config, module=policy)
@@ -322,9 +332,19 @@ class Trainer:
             grad_norm=grad_norm,
             learning_rate=learning_rate,
             tokens_per_second=record["num_tokens"] / elapsed,
+            peak_memory_gib=self._peak_memory_gib(),
             skipped=not finite,
         )
         return record
+
+    def _peak_memory_gib(self) -> float:
+        """The largest peak over ranks: CUDA memory allocated on GPU, the process's peak RSS on CPU."""
+        if torch.cuda.is_available():
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=self.device)
+        else:
+            peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        return float(peak)
 
     def evaluate(self) -> dict[str, float]:
         """Forward-only DPO metrics over the held-out pairs (each DP rank takes every dp-th pair)."""

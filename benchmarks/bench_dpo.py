@@ -1,0 +1,141 @@
+"""Throughput of one DPO configuration: tokens/s, step time, peak memory and MFU, as a table and a CSV row.
+
+    python benchmarks/bench_dpo.py --model 1b --seq-len 1024 --micro-batch 2 --steps 8   # one process
+    python benchmarks/bench_dpo.py --model 13b --nproc 8 --tp 4 --pp 2 ...               # torchrun, one node
+
+The pairs are synthetic (digit strings of the demo tokenizer, each sequence `--seq-len` tokens: a prompt of
+`--prompt-len` and a response of the rest), so only the model's shape and the layout matter. MFU counts, per the
+standard convention, 6N FLOPs per trained token, 2N per reference-forward token (none with a precomputed reference)
+and causal attention (12 x layers x hidden x seq / 2 per trained token, a third of it per reference token), over
+the steps after `--warmup` against `--peak-tflops` per GPU (default: the H100/A100/A800 bf16 dense peak when the
+GPU's name says so; on CPU MFU is shown only when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Llama 2 shapes (vocab 32000) and TinyLlama's 1.1B shape; "tiny" is for CPU.
+PRESETS = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+}  # fmt: skip
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0}  # bf16 dense
+
+
+def param_count(m: dict, vocab: int = 32000) -> int:
+    """N: every weight that does matmul work (the output head included, the input embedding not)."""
+    h, f, layers = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"]
+    kv = m.get("num_key_value_heads", m["num_attention_heads"]) * h // m["num_attention_heads"]
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
+    return layers * per_layer + h + vocab * h
+
+
+def flops_per_step(m: dict, tokens: int, seq_len: int, reference: str) -> float:
+    n, attn = param_count(m), 6 * m["num_hidden_layers"] * m["hidden_size"] * seq_len  # causal: half of 12 L h s
+    trained = (6 * n + attn) * tokens
+    return trained + ((2 * n + attn / 3) * tokens if reference == "online" else 0.0)
+
+
+def default_peak() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=PRESETS, default="tiny")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (prompt + response)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="default: a quarter of --seq-len")
+    parser.add_argument("--micro-batch", type=int, default=1, help="pairs per micro-batch")
+    parser.add_argument("--global-batch", type=int, default=None, help="pairs per step (default 4 micro-batches)")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the averages")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node, started with torchrun")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--reference", choices=("online", "precomputed", "none"), default="online")
+    parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="per device; default from the GPU's name")
+    parser.add_argument("--csv", default="benchmarks/results.csv")
+    parser.add_argument("extra", nargs="*", help="more mdpo key=value overrides")
+    args = parser.parse_args()
+    world = args.nproc
+    model = PRESETS[args.model]
+    gbs = args.global_batch or 4 * args.micro_batch * max(1, world // (args.tp * args.pp))
+    prompt_len = args.prompt_len or args.seq_len // 4
+    root = Path(os.environ.get("MDPO_BENCH_DIR", tempfile.mkdtemp(prefix="mdpo_bench_")))
+    data = root / "pairs.jsonl"
+    from mdpo.data.synthetic import build_demo_tokenizer
+
+    build_demo_tokenizer(root / "tokenizer")
+    # The demo tokenizer puts BOS first and the trainer appends EOS: a prompt of prompt_len - 1 characters.
+    digits = lambda n, k: "".join(str((k * 7 + i * 3) % 10) for i in range(n))
+    response = args.seq_len - prompt_len - 1
+    rows = [
+        {"prompt": digits(prompt_len - 1, k), "chosen": digits(response, k + 1), "rejected": digits(response, k + 2)}
+        for k in range(gbs * args.steps)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [f"model.{k}={v}" for k, v in model.items()] + [
+        "model.vocab_size=32000", f"model.max_position_embeddings={max(4096, args.seq_len)}",
+        f"model.attention={args.attention}", f"data.train_file={data}", f"data.tokenizer={root / 'tokenizer'}",
+        "data.format=plain", "data.template=raw", f"data.max_length={args.seq_len}", f"data.packing={args.packing}",
+        f"schedule.global_batch_size={gbs}", f"schedule.micro_batch_size={args.micro_batch}",
+        f"schedule.train_steps={args.steps}", "schedule.warmup_ratio=0", f"parallel.tp={args.tp}",
+        f"parallel.pp={args.pp}", f"dpo.reference={'none' if args.reference == 'none' else 'online'}",
+        f"logging.run_dir={root / 'run'}", "logging.progress=false", "logging.plot=false",
+        "checkpoint.export_hf=false", "checkpoint.save_at_end=false", *args.extra,
+    ]  # fmt: skip
+    if args.reference == "none":
+        overrides.append("dpo.loss_type=apo_zero")  # a loss defined without a reference: same compute as precomputed
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    command = [*(launcher if world > 1 else [sys.executable]), "-m", "mdpo", "train", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(result.stderr[-3000:])
+    records = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "loss" in r][args.warmup :]
+    step_s = sum(r["num_tokens"] / r["tokens_per_second"] for r in timed) / len(timed)
+    tokens = sum(r["num_tokens"] for r in timed) / len(timed)
+    reference = "online" if args.reference == "online" else "none"
+    achieved = flops_per_step(model, tokens, args.seq_len, reference) / step_s / 1e12
+    peak = args.peak_tflops or default_peak()
+    mfu = achieved / (peak * world) if peak else None
+    row = {"model": args.model, "params_b": round(param_count(model) / 1e9, 3), "seq_len": args.seq_len,
+           "micro_batch": args.micro_batch, "global_batch": gbs, "tp": args.tp, "pp": args.pp, "world": world,
+           "reference": args.reference, "packing": args.packing, "step_s": round(step_s, 3),
+           "tokens_per_s": round(tokens / step_s, 1), "tokens_per_s_per_device": round(tokens / step_s / world, 1),
+           "peak_memory_gib": round(max(r["peak_memory_gib"] for r in timed), 2),
+           "tflops_per_device": round(achieved / world, 2),
+           "mfu": round(mfu, 4) if mfu is not None else ""}  # fmt: skip
+    width = max(map(len, row))
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in row.items()))
+    print(f"MFU: {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a (pass --peak-tflops)'}")
+    path = Path(args.csv)
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+if __name__ == "__main__":
+    main()
