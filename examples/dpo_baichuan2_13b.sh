@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# DPO of Baichuan 2 13B (BaichuanForCausalLM, with ALiBi and NormHead, both handled in the model) on UltraFeedback-binarized, one node x 8 GPUs (80 GB).
+# DPO of Baichuan 2 13B (BaichuanForCausalLM, with ALiBi and NormHead, both handled in the model)
+# on UltraFeedback-binarized, one node x 8 GPUs (80 GB).
 #   NNODES=1 HF_MODEL=/models/Baichuan2-13B-Base DATA=/data/ultrafeedback_binarized/train_prefs bash examples/dpo_baichuan2_13b.sh
-# Layout: 13B at TP=4 with sequence parallel, as for tulu-2-13b; ALiBi runs through torch SDPA with an additive bias mask built per micro-batch.
+# Layout: 13B at TP=4 (weights, fp32 grads and sharded optimizer states ~39 GB per GPU at DP=2), with
+# selective recompute of the attention (ALiBi bias masks are materialised per micro-batch); packs of 8192 tokens.
 # Distributed optimizer over DP, precomputed reference, packing; see examples/dpo_tulu2_13b.sh for the reasoning.
+# ALiBi runs on torch SDPA (not TE), so sequence parallel is off here; selective recompute instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NNODES=${NNODES:-1}
@@ -23,7 +26,7 @@ LAUNCH=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$
 ARGS=(
   model.init_from="$WORK/mcore" data.tokenizer="$WORK/mcore" data.train_file="$DATA"
   data.template=tokenizer data.max_length=4096 data.packing=true data.pack_tokens=8192
-  parallel.tp=4 parallel.sequence_parallel=true parallel.distributed_optimizer=true
+  parallel.tp=4 parallel.recompute=selective parallel.distributed_optimizer=true
   parallel.overlap_grad_reduce=true parallel.overlap_param_gather=true
   schedule.global_batch_size=$((128 * NNODES)) schedule.epochs=3 schedule.warmup_ratio=0.1
   optimizer.lr="$LR" optimizer.weight_decay=0.0 dpo.beta=0.1

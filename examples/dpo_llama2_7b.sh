@@ -3,6 +3,8 @@
 #   NNODES=1 HF_MODEL=/models/llama-2-7b DATA=/data/ultrafeedback_binarized/train_prefs bash examples/dpo_llama2_7b.sh
 # Layout: 7B at TP=2 (state 7e9 x (2 + 4) / 2 + 7e9 x 12 / 8 = 31.5 GB on one 8-GPU node; packs of 8192 tokens with SP ~14 GB of activations).
 # Distributed optimizer over DP, precomputed reference, packing; see examples/dpo_tulu2_13b.sh for the reasoning.
+# Sequence parallel needs Transformer Engine's layers (NGC PyTorch containers have TE); without TE pass
+# parallel.sequence_parallel=false parallel.recompute=selective, or a larger TP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NNODES=${NNODES:-1}

@@ -3,6 +3,8 @@
 #   NNODES=1 HF_MODEL=/models/Qwen-7B DATA=/data/ultrafeedback_binarized/train_prefs bash examples/dpo_qwen_7b.sh
 # Layout: 7B with Qwen's 151,936-token vocabulary at TP=2 (vocab-parallel logits of an 8192-token pack ~2.5 GB per GPU in fp32).
 # Distributed optimizer over DP, precomputed reference, packing; see examples/dpo_tulu2_13b.sh for the reasoning.
+# Sequence parallel needs Transformer Engine's layers (NGC PyTorch containers have TE); without TE pass
+# parallel.sequence_parallel=false parallel.recompute=selective, or a larger TP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NNODES=${NNODES:-1}

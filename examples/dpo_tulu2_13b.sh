@@ -17,6 +17,8 @@
 #   The reference is precomputed once (one forward over the data, same layout), so training holds no reference
 #   model and runs 3 passes (fwd + bwd) instead of 4 per step. Micro-batch = one pack; 128 x nodes pairs per step
 #   are ~8 packs per DP rank, enough to overlap the gradient reduce-scatter and parameter all-gather.
+# Sequence parallel needs Transformer Engine's layers (NGC PyTorch containers have TE); without TE pass
+# parallel.sequence_parallel=false parallel.recompute=selective, or a larger TP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NNODES=${NNODES:-2}

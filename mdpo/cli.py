@@ -27,10 +27,18 @@ def _start() -> None:
     megatron_cpu.apply()
 
 
-def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+def _config_and_overrides(args: argparse.Namespace, extra: Sequence[str]):
+    """The YAML file is optional: `mdpo train key=value ...` configures everything from overrides."""
     from mdpo.config import load_config, translate_args
 
-    cfg = load_config(args.config, translate_args(list(args.overrides) + list(extra)))
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):
+        config, overrides = None, [config, *overrides]
+    return load_config(config, translate_args(overrides + list(extra)))
+
+
+def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    cfg = _config_and_overrides(args, extra)
     _start()
     from mdpo.training.trainer import train
 
@@ -39,9 +47,7 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_precompute_ref(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from mdpo.config import load_config, translate_args
-
-    cfg = load_config(args.config, translate_args(list(args.overrides) + list(extra)))
+    cfg = _config_and_overrides(args, extra)
     _start()
     from mdpo.training.trainer import precompute_reference
 

@@ -87,3 +87,12 @@ def test_world_size_not_divisible_by_layout(base):
     root, config = base
     result = run_mdpo(["train", str(write_config(root, config)), "parallel.tp=2"], nproc=1)
     assert_user_error(result, "world size 1", "parallel.tp")
+
+
+def test_overrides_alone_configure_a_run():
+    """No YAML file: the first key=value is an override, not a file name (the recipes rely on it)."""
+    result = run_mdpo(["train", "data.train_file=pairs.jsonl", "schedule.train_steps=2"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mdpo: error: data.tokenizer is required (set it in the config file or pass data.tokenizer=...)"
+    ]
