@@ -175,22 +175,22 @@ def baichuan13b_oracle_logits(folder: Path, tokens: torch.Tensor) -> torch.Tenso
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Each family written at TP=2 x PP=2 (4 writer processes); Baichuan 7B-style (RoPE) at TP=PP=1."""
+    """Each family written at TP=2 x PP=2 (4 writer processes); Baichuan 7B-style (RoPE) and a second Qwen at
+    TP=PP=1 (one process writing in parts of one HF shard: the Qwen source has several 100 KB shards)."""
     root = tmp_path_factory.mktemp("convert")
     tiny_hf_llama(seed=0, vocab_size=VOCAB, num_hidden_layers=2).save_pretrained(root / "llama_hf")
     sources = {"llama": root / "llama_hf", "qwen": qwen_checkpoint(root / "qwen_hf"),
                "baichuan13b": baichuan_checkpoint(root / "baichuan13b_hf"),
                "baichuan7b": baichuan_checkpoint(root / "baichuan7b_hf", heads=4, seed=5)}  # fmt: skip
+    sources["qwen_parts"] = sources["qwen"]
+    layouts = {"baichuan7b": ["--position-embedding", "rope"], "qwen_parts": []}
     out = {}
     for name, src in sources.items():
-        layout = (
-            ["--tp", "1", "--pp", "1", "--position-embedding", "rope"]
-            if name == "baichuan7b"
-            else ["--tp", "2", "--pp", "2"]
-        )
+        layout = layouts.get(name, ["--tp", "2", "--pp", "2"])
         result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(src), "--out", str(root / f"{name}_mc"), *layout])
         assert result.returncode == 0, result.stderr[-3000:]
         out[name] = (src, root / f"{name}_mc")
+    assert len(list((root / "qwen_parts_mc").glob("part*.distcp"))) > 2  # really written in several parts
     return out
 
 
@@ -204,8 +204,8 @@ def test_descriptions_follow_config_json(converted):
 
 
 def test_round_trip_is_bitwise(converted, tmp_path):
-    """HF -> Megatron (written at TP=2, PP=2) -> HF: every tensor and the config identical; Baichuan's head comes
-    back with its rows normalised (NormHead folded in on import), bitwise equal to that normalisation."""
+    """HF -> Megatron (written at TP=2, PP=2, or in parts) -> HF: every tensor and the config identical; Baichuan's
+    head comes back with its rows normalised (NormHead folded in on import), bitwise equal to that normalisation."""
     for name, (src, mc) in converted.items():
         back = tmp_path / name
         result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(mc), "--out", str(back)])
@@ -249,6 +249,7 @@ def test_logits_equal_independent_oracles(converted, tmp_path, tp):
             "baichuan13b": baichuan13b_oracle_logits(converted["baichuan13b"][0], tokens),
             "baichuan7b": baichuan7b_oracle_logits(converted["baichuan7b"][0], tokens),
         }
+        oracles["qwen_parts"] = oracles["qwen"]
     for name, (_, mc) in converted.items():
         ours, oracle = logits[str(mc)].double(), oracles[name].double()
         assert ours.shape == oracle.shape, name
@@ -377,3 +378,17 @@ def test_training_from_a_converted_checkpoint(tmp_path):
     assert all(torch.equal(exported[name], converted[name]) for name in exported)
     original = read_folder(files["hf"])
     assert not torch.equal(original["lm_head.weight"], converted["lm_head.weight"])  # training moved the weights
+
+
+def test_bf16_round_trip_keeps_dtype_and_bits(tmp_path):
+    """A bf16 checkpoint (Megatron keeps its norms in fp32) comes back bf16 and bitwise equal."""
+    tiny_hf_llama(seed=2, vocab_size=VOCAB, num_hidden_layers=2).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    for args in (["hf-to-megatron", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mc")],
+                 ["megatron-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "back")]):  # fmt: skip
+        result = run_mdpo(["convert", *args])
+        assert result.returncode == 0, result.stderr[-3000:]
+    original, returned = read_folder(tmp_path / "hf"), read_folder(tmp_path / "back")
+    assert sorted(original) == sorted(returned)
+    for name, tensor in original.items():
+        assert tensor.dtype == torch.bfloat16 and returned[name].dtype == torch.bfloat16, name
+        assert torch.equal(tensor, returned[name]), name

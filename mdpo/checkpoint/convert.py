@@ -10,17 +10,23 @@ holds its part of the model (1/(TP*PP) of it) plus one full tensor.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import math
 import os
+import pickle
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from mdpo.checkpoint.hf import HFWeights, copy_auxiliary, write_hf_folder
+from mdpo.checkpoint.hf import WEIGHT_SUFFIXES, HFWeights, copy_auxiliary, write_hf_folder
 from mdpo.config import ModelConfig, apply_hf_config
 from mdpo.errors import MdpoError
 from mdpo.models import families, sharding
+from mdpo.models.families import base
 from mdpo.models.families.base import check_hf_state, iter_hf_to_mcore, mcore_to_hf
 
 MODEL_FILE = "mdpo_model.json"
@@ -229,8 +235,143 @@ def _write_stage(rank: int, world: int, port: int, hf_dir: str, tmp: str, model:
         parallel.stop()
 
 
-def hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, position_embedding: str = "auto"):
-    """`mdpo convert hf-to-megatron`: everything is checked here before any worker starts."""
+def _units(model: ModelConfig, padded_vocab: int) -> list[tuple[list[str], int]]:
+    """The model in write order as (Megatron names, bytes per element summed) units: the embedding, each layer,
+    then the final norm with the output layer."""
+    shapes = base.mcore_shapes(model, padded_vocab)
+    size = lambda names: sum(math.prod(shapes[n]) for n in names)
+    layer = lambda i: [n for n in shapes if n.startswith(f"decoder.layers.{i}.")]
+    units = [["embedding.word_embeddings.weight"]]
+    units += [layer(i) for i in range(model.num_hidden_layers)]
+    units.append(["decoder.final_layernorm.weight", "output_layer.weight"])
+    return [(names, size(names)) for names in units]
+
+
+def _plan_parts(model: ModelConfig, padded_vocab: int, element_size: int, part_bytes: int) -> list[list[str]]:
+    """Consecutive units (embedding, layers, head) grouped into parts of about `part_bytes` (at least one unit)."""
+    parts: list[list[str]] = [[]]
+    filled = 0
+    for names, elements in _units(model, padded_vocab):
+        if parts[-1] and filled + elements * element_size > part_bytes:
+            parts.append([])
+            filled = 0
+        parts[-1] += names
+        filled += elements * element_size
+    return parts
+
+
+def _cut_layers(entry, first: int, count: int):
+    """A stacked layer tensor's shard as part of a grid of `count` layers starting at layer `first`."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if not (isinstance(entry, ShardedTensor) and entry.prepend_axis_num):
+        return entry
+    return dataclasses.replace(
+        entry,
+        global_shape=(count, *entry.global_shape[1:]),
+        global_offset=(entry.global_offset[0] - first, *entry.global_offset[1:]),
+        axis_fragmentations=(count, *entry.axis_fragmentations[1:]),
+    )
+
+
+def _merge_part(merged, part_dir: Path, tmp: Path, k: int, first: int, num_layers: int):
+    """Fold part k's DCP metadata into `merged` (None for the first): its layer chunks moved back to their layers,
+    its files moved into the checkpoint and renamed."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+    metadata = FileSystemReader(str(part_dir)).read_metadata()
+    move = lambda offsets: torch.Size([offsets[0] + first, *offsets[1:]])
+    stacked = set()
+    for fqn, meta in metadata.state_dict_metadata.items():
+        if isinstance(meta, TensorStorageMetadata) and fqn.startswith("decoder.layers."):
+            stacked.add(fqn)
+            meta.size = torch.Size([num_layers, *meta.size[1:]])
+            meta.chunks = [ChunkStorageMetadata(move(c.offsets), c.sizes) for c in meta.chunks]
+    renamed = {}
+    for file in part_dir.glob("*.distcp"):
+        renamed[file.name] = f"part{k}{file.name}"
+        file.rename(tmp / renamed[file.name])
+    storage = {
+        (MetadataIndex(i.fqn, move(i.offset)) if i.fqn in stacked else i): dataclasses.replace(
+            info, relative_path=renamed[info.relative_path]
+        )
+        for i, info in metadata.storage_data.items()
+    }
+    if merged is None:
+        for extra in ("metadata.json", "common.pt"):
+            (part_dir / extra).rename(tmp / extra)
+        return dataclasses.replace(metadata, storage_data=storage)
+    merged.storage_data.update(storage)
+    for fqn, meta in metadata.state_dict_metadata.items():
+        if fqn in stacked and fqn in merged.state_dict_metadata:
+            merged.state_dict_metadata[fqn].chunks.extend(meta.chunks)
+        else:
+            merged.state_dict_metadata[fqn] = meta
+    return merged
+
+
+def _write_in_parts(hf_dir: Path, tmp: Path, model: ModelConfig, part_bytes: int) -> int:
+    """HF -> Megatron in one process that never holds the model. The model is built on the meta device for its
+    sharded state dict; consecutive layers of about `part_bytes` are filled from the HF files and saved as a dist
+    checkpoint of their own, the stacked layer tensors cut to the part's layers (Megatron lays a world of one's
+    shards on one grid); the parts' metadata is then merged into one checkpoint, which loads like any other.
+    Returns the number of parts."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    from mdpo import megatron_cpu, parallel
+    from mdpo.cli import quiet_libraries
+    from mdpo.models.gpt import build_gpt_model, padded_vocab_size, transformer_config
+
+    quiet_libraries()
+    megatron_cpu.apply()
+    parallel.start(1, 1)
+    try:
+        weights = HFWeights(hf_dir)
+        with torch.device("meta"):
+            module = build_gpt_model(model, transformer_config(model, params_dtype=weights.dtype(), init_weights=False))
+        sharded = module.sharded_state_dict()
+        padded = padded_vocab_size(model.vocab_size, 1)
+        element_size = torch.empty(0, dtype=weights.dtype()).element_size()
+        parts = _plan_parts(model, padded, element_size, part_bytes)
+        family, merged = families.get(model.family), None
+        for k, names in enumerate(parts):
+            wanted = set(names)
+            prefixes = tuple(n.rsplit(".", 1)[0] + "." for n in names)  # their modules' _extra_state entries too
+            sub = {key: copy.copy(entry) for key, entry in sharded.items() if key in wanted or key.startswith(prefixes)}
+            for key, tensor in iter_hf_to_mcore(family, weights, model, padded, wanted.__contains__):
+                # Megatron keeps norm weights in fp32 whatever the params dtype: match what the model would hold
+                sub[key].data = tensor.to(getattr(sub[key], "dtype", None) or tensor.dtype)
+            apply_factories(sub)
+            layers = sorted({int(n.split(".")[2]) for n in names if n.startswith("decoder.layers.")})
+            first = layers[0] if layers else 0
+            dict_list_map_inplace(partial(_cut_layers, first=first, count=len(layers)), sub)
+            part_dir = tmp / f"part{k}"
+            part_dir.mkdir()
+            dist_checkpointing.save({"model": sub}, str(part_dir), validate_access_integrity=False)
+            del sub
+            merged = _merge_part(merged, part_dir, tmp, k, first, model.num_hidden_layers)
+            shutil.rmtree(part_dir)
+        with open(tmp / ".metadata", "wb") as f:
+            pickle.dump(merged, f)
+    finally:
+        parallel.stop()
+    return len(parts)
+
+
+def hf_to_megatron(
+    hf_dir: str | Path,
+    out: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    position_embedding: str = "auto",
+    part_bytes: int | None = None,
+):
+    """`mdpo convert hf-to-megatron`: everything is checked here before any writing starts. At 1 x 1 one process
+    writes in parts of about one HF shard (`part_bytes`, default the largest shard's size); a larger layout is
+    written by TP x PP processes, each holding its share of the model."""
     from mdpo.parallel import free_port
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -242,7 +383,8 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1
     world, port = tp * pp, free_port()
     args = (world, port, str(hf_dir), str(tmp), model, tp, pp)
     if world == 1:
-        _write_stage(0, *args)
+        shards = [p for p in hf_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)]
+        _write_in_parts(hf_dir, tmp, model, part_bytes or max(p.stat().st_size for p in shards))
     else:
         import torch.multiprocessing as mp
 
@@ -282,7 +424,10 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path) -> Path:
             raise MdpoError(f"{ckpt}: cannot read the checkpoint's metadata ({err})") from None
         module = build_gpt_model(model, transformer_config(model, params_dtype=dtype, init_weights=False))
         load_megatron_weights(module, ckpt)
-        full = {sharding.te_name_inverse(k): v for k, v in module.state_dict().items() if "_extra_state" not in k}
+        # norm weights are fp32 in Megatron: everything goes back in the checkpoint's dtype (exact for bf16 -> fp32)
+        full = {
+            sharding.te_name_inverse(k): v.to(dtype) for k, v in module.state_dict().items() if "_extra_state" not in k
+        }
         write_hf_export(tmp, full, model, export_origin(ckpt))
     finally:
         parallel.stop()
