@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The seed's workload: DPO of tulu-2-13b on UltraFeedback-binarized (61k pairs), Tulu 2 format, beta 0.1,
 # lr 1e-6 x sqrt(nodes), global batch 128 x nodes, AdamW, linear schedule, warmup 0.1, weight decay 0, 3 epochs,
-# max length 8192, on 2 nodes x 8 A800-80G. Run the same command on every node (a shared filesystem holds WORK):
+# max length 8192, on 2 nodes x 8 A800-80G (the steps are in examples/_dpo_recipe.sh). Run the same command on every node (a shared filesystem holds WORK):
 #
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 \
 #   HF_MODEL=/models/tulu-2-13b DATA=/data/ultrafeedback_binarized/train_prefs bash examples/dpo_tulu2_13b.sh
@@ -19,38 +19,12 @@
 #   are ~8 packs per DP rank, enough to overlap the gradient reduce-scatter and parameter all-gather.
 # Sequence parallel needs Transformer Engine's layers (NGC PyTorch containers have TE); without TE pass
 # parallel.sequence_parallel=false parallel.recompute=selective, or a larger TP.
-set -euo pipefail
-cd "$(dirname "$0")/.."
 NNODES=${NNODES:-2}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 HF_MODEL=${HF_MODEL:?set HF_MODEL to a local tulu-2-13b HF folder}
-DATA=${DATA:?set DATA to the UltraFeedback-binarized train_prefs files (parquet/jsonl or a folder of shards)}
+DATA=${DATA:?set DATA to the preference data files (e.g. UltraFeedback-binarized train_prefs)}
 WORK=${WORK:-runs/tulu2_13b_dpo}
-LR=$(python -c "import math; print(1e-6 * math.sqrt($NNODES))")
-GBS=$((128 * NNODES))
-
-# 1. HF -> Megatron once (node 0), written at the training layout; the other nodes wait for it.
-if [ "$NODE_RANK" = 0 ] && [ ! -f "$WORK/mcore/mdpo_model.json" ]; then
-  mdpo convert hf-to-megatron --hf "$HF_MODEL" --out "$WORK/mcore" --tp 4
-fi
-until [ -f "$WORK/mcore/mdpo_model.json" ]; do sleep 10; done
-
-LAUNCH=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE"
-        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m mdpo)
-ARGS=(
-  model.init_from="$WORK/mcore" data.tokenizer="$WORK/mcore" data.train_file="$DATA"
-  data.format=ultrafeedback data.template=tulu2 data.max_length=8192 data.packing=true data.pack_tokens=16384
-  parallel.tp=4 parallel.pp=1 parallel.sequence_parallel=true parallel.distributed_optimizer=true
-  parallel.overlap_grad_reduce=true parallel.overlap_param_gather=true
-  schedule.global_batch_size="$GBS" schedule.epochs=3 schedule.warmup_ratio=0.1
-  optimizer.lr="$LR" optimizer.weight_decay=0.0 optimizer.clip_grad=1.0
-  dpo.beta=0.1 dpo.loss_type=sigmoid dpo.reference=precomputed dpo.reference_cache="$WORK/reference"
-  logging.run_dir="$WORK" checkpoint.save_interval=100 checkpoint.export_hf=true
-)
-# 2. The reference log-probs, once (skipped by the cache check when already there and current).
-[ -f "$WORK/reference/train.safetensors" ] || "${LAUNCH[@]}" precompute-ref "${ARGS[@]}"
-# 3. DPO; rerunning the same command resumes from the last checkpoint. The policy is exported to $WORK/hf.
-"${LAUNCH[@]}" train "${ARGS[@]}" "$@"
+TP=4
+MAX_LENGTH=8192
+TEMPLATE=tulu2
+RECIPE_ARGS=(data.format=ultrafeedback parallel.sequence_parallel=true)
+source "$(dirname "$0")/_dpo_recipe.sh"
