@@ -311,12 +311,11 @@ def _merge_part(merged, part_dir: Path, tmp: Path, k: int, first: int, num_layer
     return merged
 
 
-def _write_in_parts(hf_dir: Path, tmp: Path, model: ModelConfig, part_bytes: int) -> int:
+def _write_in_parts(hf_dir: Path, tmp: Path, model: ModelConfig, part_bytes: int) -> None:
     """HF -> Megatron in one process that never holds the model. The model is built on the meta device for its
     sharded state dict; consecutive layers of about `part_bytes` are filled from the HF files and saved as a dist
     checkpoint of their own, the stacked layer tensors cut to the part's layers (Megatron lays a world of one's
-    shards on one grid); the parts' metadata is then merged into one checkpoint, which loads like any other.
-    Returns the number of parts."""
+    shards on one grid); the parts' metadata is then merged into one checkpoint, which loads like any other."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import apply_factories
@@ -330,8 +329,10 @@ def _write_in_parts(hf_dir: Path, tmp: Path, model: ModelConfig, part_bytes: int
     parallel.start(1, 1)
     try:
         weights = HFWeights(hf_dir)
+        config = transformer_config(model, params_dtype=weights.dtype(), init_weights=False)
+        config.use_cpu_initialization = True  # on a GPU machine too: the meta device below, never CUDA memory
         with torch.device("meta"):
-            module = build_gpt_model(model, transformer_config(model, params_dtype=weights.dtype(), init_weights=False))
+            module = build_gpt_model(model, config)
         sharded = module.sharded_state_dict()
         padded = padded_vocab_size(model.vocab_size, 1)
         element_size = torch.empty(0, dtype=weights.dtype()).element_size()
@@ -358,7 +359,6 @@ def _write_in_parts(hf_dir: Path, tmp: Path, model: ModelConfig, part_bytes: int
             pickle.dump(merged, f)
     finally:
         parallel.stop()
-    return len(parts)
 
 
 def hf_to_megatron(
