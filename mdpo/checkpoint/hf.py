@@ -95,12 +95,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 
 
-def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF model folder in memory (small models and tests; converters stream `HFWeights`)."""
-    weights = HFWeights(folder)
-    return {name: weights[name] for name in weights}
-
-
 def is_auxiliary(path: Path) -> bool:
     """Files of a HF model folder that are neither weights nor config.json: tokenizer, generation config, remote
     model code. They travel with a conversion unchanged (and a checkpoint's own files never do)."""
