@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mdpo.checkpoint.hf import WEIGHT_SUFFIXES, HFWeights, copy_auxiliary, write_hf_folder
+from mdpo.checkpoint.hf import HFWeights, copy_auxiliary, write_hf_folder
 from mdpo.config import ModelConfig, apply_hf_config
 from mdpo.errors import MdpoError
 from mdpo.models import families, sharding
@@ -311,7 +311,7 @@ def _merge_part(merged, part_dir: Path, tmp: Path, k: int, first: int, num_layer
     return merged
 
 
-def _write_in_parts(hf_dir: Path, tmp: Path, model: ModelConfig, part_bytes: int) -> None:
+def _write_in_parts(weights: HFWeights, tmp: Path, model: ModelConfig, part_bytes: int) -> None:
     """HF -> Megatron in one process that never holds the model. The model is built on the meta device for its
     sharded state dict; consecutive layers of about `part_bytes` are filled from the HF files and saved as a dist
     checkpoint of their own, the stacked layer tensors cut to the part's layers (Megatron lays a world of one's
@@ -328,7 +328,6 @@ def _write_in_parts(hf_dir: Path, tmp: Path, model: ModelConfig, part_bytes: int
     megatron_cpu.apply()
     parallel.start(1, 1)
     try:
-        weights = HFWeights(hf_dir)
         config = transformer_config(model, params_dtype=weights.dtype(), init_weights=False)
         config.use_cpu_initialization = True  # on a GPU machine too: the meta device below, never CUDA memory
         with torch.device("meta"):
@@ -377,14 +376,13 @@ def hf_to_megatron(
     hf_dir, out = Path(hf_dir), Path(out)
     model = describe_hf(hf_dir, position_embedding)
     check_layout(model, tp, pp)
-    HFWeights(hf_dir).dtype()
-    open_hf(hf_dir, model)
+    weights = open_hf(hf_dir, model)
+    weights.dtype()  # one dtype, or an error naming the mix
     tmp = _fresh_output(out)
     world, port = tp * pp, free_port()
     args = (world, port, str(hf_dir), str(tmp), model, tp, pp)
     if world == 1:
-        shards = [p for p in hf_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)]
-        _write_in_parts(hf_dir, tmp, model, part_bytes or max(p.stat().st_size for p in shards))
+        _write_in_parts(weights, tmp, model, part_bytes or max(p.stat().st_size for p in weights.shard_files))
     else:
         import torch.multiprocessing as mp
 

@@ -29,7 +29,7 @@ class HFWeights(Mapping[str, torch.Tensor]):
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self._eager: dict[str, torch.Tensor] = {}
-        shards = self._shards()
+        self.shard_files = shards = self._shards()
         if shards[0].suffix == ".safetensors":
             for shard in shards:
                 try:
