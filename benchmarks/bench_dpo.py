@@ -102,6 +102,8 @@ def main() -> None:
         f"logging.run_dir={root / 'run'}", "logging.progress=false", "logging.plot=false",
         "checkpoint.export_hf=false", "checkpoint.save_at_end=false", *args.extra,
     ]  # fmt: skip
+    if args.packing:  # a pack holds a micro-batch's worth of pairs
+        overrides.append(f"data.pack_tokens={2 * args.seq_len * args.micro_batch}")
     if args.reference == "none":
         overrides.append("dpo.loss_type=apo_zero")  # a loss defined without a reference: same compute as precomputed
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
@@ -119,7 +121,8 @@ def main() -> None:
     mfu = achieved / (peak * world) if peak else None
     row = {"model": args.model, "params_b": round(param_count(model) / 1e9, 3), "seq_len": args.seq_len,
            "micro_batch": args.micro_batch, "global_batch": gbs, "tp": args.tp, "pp": args.pp, "world": world,
-           "reference": args.reference, "packing": args.packing, "step_s": round(step_s, 3),
+           "attention": args.attention, "reference": args.reference, "packing": args.packing,
+           "step_s": round(step_s, 3),
            "tokens_per_s": round(tokens / step_s, 1), "tokens_per_s_per_device": round(tokens / step_s / world, 1),
            "peak_memory_gib": round(max(r["peak_memory_gib"] for r in timed), 2),
            "tflops_per_device": round(achieved / world, 2),

@@ -101,6 +101,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # split norm/residual activations over the TP ranks too (needs tp > 1)
     recompute: str = "none"  # none | selective (core attention) | full (each layer's activations)
     overlap_grad_reduce: bool = False  # overlap the data-parallel gradient reduction with the backward pass
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 (weights/activations, fp32 master) | fp32
 
 
 @dataclass
@@ -148,6 +149,7 @@ class LoggingConfig:
     plot: bool = True  # write loss/reward plots to run_dir
     tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard (needs `tensorboard`)
     wandb_project: str | None = None  # also log to this Weights & Biases project (needs `wandb`)
+    profile_step: int | None = None  # run this step (1-based) under torch.profiler: RUN_DIR/profile.txt + trace
 
 
 @dataclass
@@ -649,6 +651,9 @@ def validate(cfg: TrainConfig) -> None:
         p.recompute in ("none", "selective", "full"),
         f"parallel.recompute must be none, selective or full, got {p.recompute!r}",
     )
+    if cfg.logging.profile_step is not None:
+        need(cfg.logging.profile_step >= 1, f"logging.profile_step must be >= 1, got {cfg.logging.profile_step!r}")
+    need(p.precision in ("auto", "bf16", "fp32"), f"parallel.precision must be auto, bf16 or fp32, got {p.precision!r}")
     need(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1")
     from mdpo.models.families import FAMILIES
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mdpo.data.batching import PairSampler, collate, rank_share
+from mdpo.data.batching import PairSampler, collate, collate_packed, packed_attention_mask, rank_share
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError
 
@@ -17,8 +17,20 @@ def test_collate_masks_exactly_the_response_labels():
     # labels are the next tokens; the mask selects labels that are response tokens (EOS included upstream)
     picked = [batch.labels[i][batch.loss_mask[i].bool()].tolist() for i in range(4)]
     assert picked == [[4, 5], [8, 9, 10], [6], [11, 12]]
-    assert batch.num_input_tokens == 5 + 4 + 4 + 3
-    assert batch.attention_mask.shape == (1, 1, 5, 5) and bool(batch.attention_mask[0, 0, 0, 1])
+    assert batch.num_input_tokens == 5 + 4 + 4 + 3 and batch.cu_seqlens is None  # plain causal attention
+
+
+def test_packed_mask_and_boundaries():
+    """Two pairs in one row: each position sees the earlier positions of its own sequence only."""
+    pairs = [TokenizedPair(0, [1, 2], [3], [4, 5]), TokenizedPair(1, [6], [7], [8])]
+    batch = collate_packed(pairs, pad_id=0, budget=16)
+    # order: pair 0 chosen, pair 0 rejected, pair 1 chosen, pair 1 rejected
+    assert batch.tokens.tolist() == [[1, 2, 3, 1, 2, 4, 5, 6, 7, 6, 8]]
+    assert batch.cu_seqlens.tolist() == [0, 3, 7, 9, 11]
+    allowed = ~packed_attention_mask(batch.segment_ids)[0, 0]
+    lengths = [3, 4, 2, 2]
+    blocks = torch.block_diag(*(torch.ones(n, n, dtype=torch.bool).tril() for n in lengths))
+    assert torch.equal(allowed, blocks)
 
 
 def test_sampler_is_layout_independent_and_reshuffles_per_epoch():

@@ -55,7 +55,7 @@ def assert_bitwise(got, want):
     assert all(torch.equal(got[1][k], want[1][k]) for k in want[1])
 
 
-LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"])}
+LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "tp1_bf16": (1, ["parallel.precision=bf16"])}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -64,9 +64,13 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, name):
     train(setup, f"{name}_full", *layout, nproc=nproc)
     first = train(setup, f"{name}_resumed", *layout, "schedule.exit_interval=2", nproc=nproc)
     assert "stopped after step 2" in first.stdout
-    second = train(setup, f"{name}_resumed", *layout, nproc=nproc)
+    # The resumed part also profiles a step (logging.profile_step): profiling must not change the result.
+    second = train(setup, f"{name}_resumed", *layout, "logging.profile_step=4", nproc=nproc)
     assert "resumed from" in second.stdout and "(step 2)" in second.stdout
     assert_bitwise(outcome(setup / f"{name}_resumed"), outcome(setup / f"{name}_full"))
+    profile = (setup / f"{name}_resumed" / "profile.txt").read_text()
+    assert profile.startswith("step 4") and "aten::mm" in profile
+    assert (setup / f"{name}_resumed" / "profile_trace.json").stat().st_size > 0
 
 
 def test_resume_at_another_layout(setup):

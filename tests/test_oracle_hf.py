@@ -62,12 +62,15 @@ def hf_logps_float64(hf_model, prompt: list[int], response: list[int]) -> float:
     return sum(logprobs[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1))
 
 
-def mdpo_logps(model, pairs, packed: bool = False) -> torch.Tensor:
+def mdpo_logps(model, pairs, packed: bool = False, thd: bool = False) -> torch.Tensor:
+    """Through the trainer's forward: padded rows with causal attention alone; packed rows as THD sequences
+    (`thd`) or with the block-diagonal mask."""
     from mdpo.training.logprobs import sequence_stats
+    from mdpo.training.step import _forward
 
     batch = collate_packed(pairs, pad_id=0, budget=512) if packed else collate(pairs, pad_id=0)
     with torch.no_grad():
-        logits = model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+        logits = _forward(batch, model, thd)
         stats = sequence_stats(logits, batch.labels, batch.loss_mask, VOCAB, batch.segment_ids, 2 * len(pairs))
     expected_tokens = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
     assert stats.num_tokens.tolist() == expected_tokens
@@ -77,11 +80,17 @@ def mdpo_logps(model, pairs, packed: bool = False) -> torch.Tensor:
 @pytest.mark.parametrize("attention", ["local", "sdpa"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_sequence_logps_equal_hf_float64(megatron_world, packed, attention):
-    """Padded rows, and all eight sequences packed in one row with a block-diagonal mask, give HF's log-probs, with
-    Megatron's local attention and with torch SDPA as the core attention."""
+    """Padded rows, and all eight sequences packed in one row, give HF's log-probs: with Megatron's local attention
+    (packed: block-diagonal mask) and with torch SDPA as the core attention (packed: THD sequences, Megatron's
+    per-sequence RoPE)."""
+    from mdpo.models.gpt import packs_as_thd
+
     hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
     pairs = random_pairs()
-    got = mdpo_logps(mdpo_model(hf, attention), pairs, packed)
+    cfg = model_config(hf.config)
+    cfg.attention = attention
+    assert packs_as_thd(cfg) == (attention == "sdpa")
+    got = mdpo_logps(mdpo_model(hf, attention), pairs, packed, thd=packs_as_thd(cfg))
     want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
     want += [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs]
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5), (got, want)

@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# Everything a lent GPU needs, in one call of under 5 minutes (the GPU machine has no internet and no megatron-core).
-#
-# Before the call, on this machine, fetch Python 3.12 wheels into the ignored folder gpu-wheels/:
-#   pip download --python-version 3.12 --platform manylinux_2_28_x86_64 --only-binary=:all: --no-deps \
-#       -d gpu-wheels/ megatron-core==0.16.1
-#   pip download --python-version 3.12 --platform manylinux_2_28_x86_64 --only-binary=:all: -d gpu-wheels/ datasets
-# and pass `carry: ["gpu-wheels"]` to the device call. Runs the GPU tests, measures the card's bf16 matmul peak,
-# then benchmarks DPO on a ~1B Llama (SDPA attention, bf16) and prints a table with MFU last.
+# Everything a lent GPU needs, in one call of under 5 minutes (the GPU machine has no internet, no megatron-core,
+# no datasets). Before the call, on this machine, fetch Python 3.12 wheels into the ignored folder gpu-wheels/:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d gpu-wheels megatron-core==0.16.1 datasets dill multiprocess pyarrow
+# and pass `carry: ["gpu-wheels"]` to the device call (pyarrow is installed only if the machine's is too old).
+# Runs the GPU tests, measures the card's bf16 matmul peak, then benchmarks DPO on a 1.1B Llama (bf16, SDPA flash
+# attention; packed rows through torch's varlen flash kernel) and prints a table with MFU last. Logs and the CSV
+# go to $OUT when set (the device tool brings that folder back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python - <<'PY' || pip install --quiet --no-index --find-links gpu-wheels megatron-core datasets
-import datasets, megatron.core  # noqa: F401
-PY
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out"
 start=$(date +%s)
-timeout 120 python -m pytest -q tests/test_gpu.py 2>&1 | tail -5
+if ! python3 -c "import datasets, megatron.core" 2>/dev/null; then
+  wheels=(gpu-wheels/megatron_core-*.whl gpu-wheels/datasets-*.whl gpu-wheels/dill-*.whl gpu-wheels/multiprocess-*.whl)
+  python3 -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null \
+    || wheels+=(gpu-wheels/pyarrow-*.whl)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${wheels[@]}" \
+    || { echo "wheel install failed: fetch the wheels named above into gpu-wheels/"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)
+python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
-matmul=$(python - <<'PY'
+matmul=$(python3 - <<'PY'
 import time, torch
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 for _ in range(3):
@@ -30,20 +39,45 @@ torch.cuda.synchronize()
 print(f"{20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12:.0f}")
 PY
 )
-rm -f /tmp/gpu_bench.csv
-for args in "--reference online" "--reference none" "--reference none --packing"; do
-  timeout 150 python benchmarks/bench_dpo.py --model 1b --seq-len 2048 --micro-batch 2 --steps 6 --attention sdpa \
-    --csv /tmp/gpu_bench.csv $args > /tmp/gpu_bench_last.txt 2>&1 || tail -20 /tmp/gpu_bench_last.txt
+csv="$out/gpu_bench.csv"
+rm -f "$csv" "$out/bench.log"
+# name|arguments|profile (1: profile step 3, a warm-up step, into $out/profile_NAME.txt); later rows are skipped
+# once the script has run 250 s
+configs=(
+  "padded_online|--reference online|1"
+  "padded_noref|--reference none|0"
+  "packed_noref|--reference none --packing|1"
+  "padded_noref_mbs4|--reference none --micro-batch 4|0"
+  "packed_noref_mbs4|--reference none --packing --micro-batch 4|0"
+  "padded_online_mbs4|--reference online --micro-batch 4|0"
+)
+for entry in "${configs[@]}"; do
+  IFS='|' read -r name args profile <<< "$entry"
+  if (( $(date +%s) - start > 250 )); then echo "skipped (time): $name"; continue; fi
+  dir=/tmp/bench_$name
+  extra=()
+  [ "$profile" = 1 ] && extra=(logging.profile_step=3)
+  echo "== $name" >> "$out/bench.log"
+  # shellcheck disable=SC2086
+  MDPO_BENCH_DIR=$dir timeout 120 python3 benchmarks/bench_dpo.py --model 1b --seq-len 2048 --micro-batch 2 \
+    --steps 8 --warmup 3 --attention sdpa --csv "$csv" $args "${extra[@]}" >> "$out/bench.log" 2>&1 \
+    || { echo "FAILED: $name"; tail -15 "$out/bench.log"; }
+  [ -f "$dir/run/profile.txt" ] && cp "$dir/run/profile.txt" "$out/profile_$name.txt"
 done
+echo
+echo "| $gpu | |"
+echo "|---|---|"
 echo "| GPU tests exit code | $tests_rc |"
 echo "| bf16 8192^3 matmul (TFLOP/s) | $matmul |"
-python - <<'PY'
-import csv
-rows = list(csv.DictReader(open("/tmp/gpu_bench.csv"))) if __import__("os").path.exists("/tmp/gpu_bench.csv") else []
-print("| 1.1B Llama, seq 2048, mbs 2 | step s | tokens/s | peak GiB | TFLOP/s | MFU (of 989) |\n|---|---|---|---|---|---|")
+python3 - "$csv" <<'PY'
+import csv, os, sys
+rows = list(csv.DictReader(open(sys.argv[1]))) if os.path.exists(sys.argv[1]) else []
+print("\n| 1.1B Llama, seq 2048 | mbs | attention | step s | tokens/s | peak GiB | TFLOP/s | MFU (of 989) |")
+print("|---|---|---|---|---|---|---|---|")
 for r in rows:
     name = f"reference={r['reference']}" + (", packed" if r["packing"] == "True" else "")
     mfu = f"{100 * float(r['mfu']):.1f}%" if r["mfu"] else "n/a"
-    print(f"| {name} | {r['step_s']} | {r['tokens_per_s']} | {r['peak_memory_gib']} | {r['tflops_per_device']} | {mfu} |")
+    print(f"| {name} | {r['micro_batch']} | {r.get('attention', '')} | {r['step_s']} | {r['tokens_per_s']} "
+          f"| {r['peak_memory_gib']} | {r['tflops_per_device']} | {mfu} |")
 PY
 echo "| total seconds | $(( $(date +%s) - start )) |"

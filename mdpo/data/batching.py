@@ -2,8 +2,9 @@
 
 A micro-batch of m pairs holds 2m sequences; sequence k < m is pair k's chosen response, sequence m + k its
 rejected one, so a pair never straddles micro-batches, DP ranks or pipeline stages. With dynamic padding each
-sequence is a row, right-padded to the longest; packed, all 2m sequences sit in one row with a block-diagonal
-causal mask, and `segment_ids` says which sequence each position belongs to.
+sequence is a row, right-padded to the longest (plain causal attention needs no mask); packed, all 2m sequences sit
+in one row, `segment_ids` says which sequence each position belongs to and `cu_seqlens` where each starts: THD
+attention kernels take the boundaries, the others the block-diagonal causal mask built from them on the device.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ class MicroBatch:
     labels: torch.Tensor  # [2m, s] next-token ids
     loss_mask: torch.Tensor  # [2m, s] 1 where the label is a response token
     position_ids: torch.Tensor  # [2m, s]
-    attention_mask: torch.Tensor  # [1, 1, s, s] bool, True = masked (Megatron's convention)
     segment_ids: torch.Tensor  # [rows, s] the sequence (0..2m-1) each position belongs to (0 on padding)
     pair_ids: list[int]  # dataset indices, for error messages
     num_input_tokens: int = 0  # real (non-padding) tokens of all 2m sequences
@@ -37,7 +37,7 @@ class MicroBatch:
         return len(self.pair_ids)
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        for name in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "segment_ids", "cu_seqlens"):
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "cu_seqlens"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         return self
@@ -59,18 +59,25 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 1) -> M
         loss_mask[row, len(prompt) - 1 : len(ids) - 1] = 1.0
     labels = torch.roll(tokens, shifts=-1, dims=1)
     labels[:, -1] = pad_id
-    causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
     return MicroBatch(
         tokens=tokens,
         labels=labels,
         loss_mask=loss_mask,
         position_ids=torch.arange(length).expand(len(sequences), length).contiguous(),
-        attention_mask=causal.view(1, 1, length, length),
         segment_ids=torch.arange(len(sequences)).unsqueeze(1).expand(len(sequences), length).contiguous(),
         pair_ids=[p.index for p in pairs],
         num_input_tokens=sum(len(prompt) + len(response) for prompt, response in sequences),
         num_slots=tokens.numel(),
     )
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Megatron's bool mask (True = masked) for one packed row [1, s]: each position sees only the earlier positions
+    of its own sequence. [1, 1, s, s], built where the segment ids are (the GPU): s x s is large for long packs."""
+    row = segment_ids[0]
+    same = row.unsqueeze(0) == row.unsqueeze(1)
+    causal = torch.ones(row.numel(), row.numel(), dtype=torch.bool, device=row.device).tril()
+    return ~(same & causal).view(1, 1, row.numel(), row.numel())
 
 
 def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int, budget: int, multiple: int = 1) -> MicroBatch:
@@ -103,14 +110,11 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int, budget: int, mul
         positions[0, real:] = torch.arange(real - boundaries[-2], total - boundaries[-2])
         segments[0, real:] = order[-1][0]
         boundaries[-1] = total
-    same = segments[0].unsqueeze(0) == segments[0].unsqueeze(1)
-    causal = torch.tril(torch.ones(total, total, dtype=torch.bool))
     return MicroBatch(
         tokens=tokens,
         labels=labels,
         loss_mask=loss_mask,
         position_ids=positions,
-        attention_mask=~(same & causal).view(1, 1, total, total),
         segment_ids=segments,
         pair_ids=[p.index for p in pairs],
         num_input_tokens=real,

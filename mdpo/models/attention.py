@@ -3,11 +3,14 @@
 Megatron's local `DotProductAttention` materialises the [b, heads, s, s] score matrix in the activation dtype;
 SDPA dispatches to flash / memory-efficient kernels on GPU (and a fused CPU kernel), which is what a GPU without
 Transformer Engine needs. Same interface and math: grouped query heads, Megatron's bool mask (True = masked).
+Packed rows come as THD sequences (Megatron's PackedSeqParams): on a GPU torch's flash `varlen_attn` takes the
+boundaries directly; elsewhere the block-diagonal causal mask is built from them.
 `ALiBiAttention` adds ALiBi's per-head linear biases to the scores (Baichuan 2 13B), as an additive SDPA mask.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -31,6 +34,35 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+def _varlen_attn():
+    """torch's flash varlen attention (torch >= 2.9, CUDA), or None where it is missing."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def causal_varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
+    """Causal attention of each packed sequence to itself: q, k, v [t, heads, d] (k, v already repeated to the query
+    heads) -> [t, heads, d]. Flash varlen on CUDA in half precision; a block-diagonal mask through SDPA otherwise.
+    torch's varlen signature changed after 2.9 (is_causal -> window_size, scale added): both are handled."""
+    varlen = _varlen_attn()
+    if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        params = inspect.signature(varlen).parameters
+        kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        if "scale" in params:
+            kwargs["scale"] = scale
+        else:  # the kernel scales by 1/sqrt(d): fold the difference into q
+            q = q * (scale * math.sqrt(q.shape[-1]))
+        return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    t = q.shape[0]
+    segment = torch.searchsorted(cu_seqlens[1:].to(torch.long), torch.arange(t, device=q.device), right=True)
+    allowed = (segment[None, :] == segment[:, None]) & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), attn_mask=allowed, scale=scale)
+    return out.transpose(0, 1)
+
+
 class SDPAttention(DotProductAttention):
     """Drop-in for DotProductAttention (its constructor sets heads per partition and the softmax scale)."""
 
@@ -40,11 +72,19 @@ class SDPAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):  # fmt: skip
-        """query [sq, b, heads, d], key/value [sk, b, groups, d] -> context [sq, b, heads * d]."""
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention takes packed rows as a block mask and no attention bias")
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
+        """query [sq, b, heads, d], key/value [sk, b, groups, d] -> context [sq, b, heads * d]; packed (THD):
+        query [t, heads, d], key/value [t, groups, d] -> [t, heads, d]."""
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention takes no attention bias")
         repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if packed_seq_params is not None:
+            if self.score_bias(1, 1, query.device) is not None:
+                raise NotImplementedError(f"{type(self).__name__} takes packed rows as a block mask, not THD")
+            if repeat > 1:
+                key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+            p = packed_seq_params
+            return causal_varlen_attention(query, key, value, p.cu_seqlens_q, p.max_seqlen_q, self.softmax_scale)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
         if repeat > 1:
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         sq, b, sk = query.shape[0], query.shape[1], key.shape[0]

@@ -41,6 +41,23 @@ def uses_transformer_engine(model: ModelConfig) -> bool:
     return model.attention == "te" or (model.attention == "auto" and transformer_engine_available())
 
 
+def uses_sdpa(model: ModelConfig) -> bool:
+    """torch SDPA as Megatron's core attention: asked for, `auto` on a GPU without TE, and always with ALiBi."""
+    if uses_transformer_engine(model):
+        return False
+    return (
+        model.position_embedding == "alibi"
+        or model.attention == "sdpa"
+        or (model.attention == "auto" and torch.cuda.is_available())
+    )
+
+
+def packs_as_thd(model: ModelConfig) -> bool:
+    """Whether packed rows reach the core attention as THD sequences (boundaries) rather than an [s, s] mask:
+    Transformer Engine's and mdpo's SDPA attention take them; Megatron's local attention and ALiBi do not."""
+    return uses_transformer_engine(model) or (uses_sdpa(model) and model.position_embedding != "alibi")
+
+
 def layer_spec(model: ModelConfig) -> ModuleSpec:
     """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers, with torch SDPA as
     the core attention on GPU (`auto`) or when asked (`sdpa`), Megatron's unfused attention on CPU (`local`).
@@ -52,7 +69,7 @@ def layer_spec(model: ModelConfig) -> ModuleSpec:
     local = get_gpt_layer_local_spec(normalization="RMSNorm")
     if model.position_embedding == "alibi":
         return with_core_attention(local, ALiBiAttention)
-    if model.attention == "sdpa" or (model.attention == "auto" and torch.cuda.is_available()):
+    if uses_sdpa(model):
         return with_core_attention(local, SDPAttention)
     return local
 
@@ -105,9 +122,9 @@ def transformer_config(
         variable_seq_lengths=True,
         # Dense model: no experts, but megatron rejects variable lengths with the default MoE dispatcher.
         moe_token_dispatcher_type="alltoall",
-        # Fusions need CUDA kernels; keep them to the GPU.
+        # No biases and no dropout: the bias-dropout-add "fusion" would be a torch.compile of a plain residual add.
         bias_activation_fusion=False,
-        bias_dropout_fusion=on_gpu,
+        bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,

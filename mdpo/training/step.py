@@ -19,9 +19,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mdpo.config import DPOConfig
-from mdpo.data.batching import MicroBatch
+from mdpo.data.batching import MicroBatch, packed_attention_mask
 from mdpo.loss import nll_loss, preference_loss
-from mdpo.models.gpt import transformer_engine_available
 from mdpo.training.logprobs import sequence_stats
 from mdpo.training.metrics import pair_sums
 
@@ -95,10 +94,13 @@ class DPOObjective:
         return losses, chosen_rewards, rejected_rewards, components
 
 
-def _forward(batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
-    """Packed rows go to Transformer Engine as THD sequences (cu_seqlens) when TE is in use; the local layers
-    take the block-diagonal causal mask instead."""
-    if batch.cu_seqlens is not None and transformer_engine_available():
+def _forward(batch: MicroBatch, model: torch.nn.Module, thd: bool) -> torch.Tensor:
+    """Padded rows need only causal attention, which every core attention applies itself (no [s, s] mask: SDPA
+    then runs its flash kernel). Packed rows go to THD attention kernels as sequence boundaries when the model's
+    attention takes them (`thd`: Transformer Engine, torch SDPA/varlen), else as a block-diagonal causal mask."""
+    if batch.cu_seqlens is None:
+        return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None)
+    if thd:
         longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
         params = PackedSeqParams(
             qkv_format="thd",
@@ -110,7 +112,8 @@ def _forward(batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
         return model(
             input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None, packed_seq_params=params
         )
-    return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+    mask = packed_attention_mask(batch.segment_ids)
+    return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=mask)
 
 
 def _stats(batch: MicroBatch, vocab_size: int, output: torch.Tensor):
@@ -149,14 +152,16 @@ def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
     return losses.sum(), torch.tensor(m, dtype=torch.int), {"sums": sums, "pair_ids": batch.pair_ids}
 
 
-def reference_forward_step(vocab_size: int, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+def reference_forward_step(
+    vocab_size: int, thd: bool, data_iterator: Iterator[MicroBatch], model: torch.nn.Module
+):  # fmt: skip
     batch = next(data_iterator)
-    return _forward(batch, model), partial(_reference_loss, batch, vocab_size)
+    return _forward(batch, model, thd), partial(_reference_loss, batch, vocab_size)
 
 
-def dpo_forward_step(objective: DPOObjective, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+def dpo_forward_step(objective: DPOObjective, thd: bool, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
     batch = next(data_iterator)
-    return _forward(batch, model), partial(_dpo_loss, batch, objective)
+    return _forward(batch, model, thd), partial(_dpo_loss, batch, objective)
 
 
 def run_schedule(forward_step, microbatches: list[MicroBatch], model, *, forward_only: bool) -> list[dict]:
@@ -173,10 +178,13 @@ def run_schedule(forward_step, microbatches: list[MicroBatch], model, *, forward
     )
 
 
-def attach_reference_logps(microbatches: list[MicroBatch], reference: torch.nn.Module, vocab_size: int) -> None:
+def attach_reference_logps(
+    microbatches: list[MicroBatch], reference: torch.nn.Module, vocab_size: int, thd: bool
+) -> None:
     """Forward-only pass of the frozen reference; its log-probs land on the micro-batches (last stage only)."""
+    step = partial(reference_forward_step, vocab_size, thd)
     with torch.no_grad():
-        outputs = run_schedule(partial(reference_forward_step, vocab_size), microbatches, reference, forward_only=True)
+        outputs = run_schedule(step, microbatches, reference, forward_only=True)
     for batch, out in zip(microbatches, outputs):
         batch.ref_logps = out["ref_logps"]
 

@@ -30,7 +30,7 @@ from mdpo.data.pairs import TokenizedPair, TokenizeReport
 from mdpo.data.pairs import load_pairs as read_pairs
 from mdpo.errors import ConfigError, DataError, MdpoError
 from mdpo.models import sharding
-from mdpo.models.gpt import build_gpt_model, transformer_config
+from mdpo.models.gpt import build_gpt_model, packs_as_thd, transformer_config
 from mdpo.training.metrics import SUM_FIELDS, MetricsWriter, finalize
 from mdpo.training.reference import ReferenceLogps, cache_path, reference_stamp, save_reference_logps
 from mdpo.training.step import (
@@ -168,6 +168,14 @@ def _log(message: str) -> None:
         tqdm.write(f"[mdpo] {message}")
 
 
+def train_dtype(cfg: TrainConfig) -> torch.dtype:
+    """Weights and activations: bf16 (with Megatron's fp32 master weights and grads) or fp32."""
+    precision = cfg.parallel.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool):
     """This rank's pipeline stage of the model: `model.init_from` loaded into it when `load` (HF folder or Megatron
     checkpoint, streamed per tensor and resharded for this layout), else a seeded random init."""
@@ -187,6 +195,10 @@ def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
+    # Megatron-Core's local RMSNorm (torch.nn.RMSNorm) is built in float32 whatever params_dtype says; its bf16
+    # optimizer maps only bf16 weights to checkpoint entries (Megatron-LM's Float16Module casts them all too).
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if load and cfg.model.init_from is not None:
@@ -218,7 +230,7 @@ class Trainer:
         seed = cfg.schedule.seed
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
-        self.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        self.dtype = train_dtype(cfg)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.run_dir = Path(cfg.logging.run_dir)
         if torch.distributed.get_rank() == 0:
@@ -227,6 +239,7 @@ class Trainer:
                 _check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
 
         self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size)
+        self.thd = packs_as_thd(cfg.model)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if len(self.tokenizer) > cfg.model.vocab_size:
             raise ConfigError(
@@ -304,15 +317,18 @@ class Trainer:
         return [mb.to(self.device) for mb in batches] if self.device is not None else batches
 
     def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step; a non-finite loss or grad norm skips the update (the caller applies the policy)."""
+        """One optimizer step; a non-finite loss or grad norm skips the update (the caller applies the policy).
+        Timed from collation to the finished update (the GPU synchronised), so tokens_per_second is honest."""
+        started = time.perf_counter()
         microbatches = self._microbatches(
             rank_share(self.sampler.global_batch(step), self.layout.dp_rank, self.layout.dp), self.train_pairs
         )
-        started = time.perf_counter()
         self._attach_reference(microbatches, "train")
         self.policy.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = run_schedule(partial(dpo_forward_step, self.objective), microbatches, self.policy, forward_only=False)
+        outputs = run_schedule(
+            partial(dpo_forward_step, self.objective, self.thd), microbatches, self.policy, forward_only=False
+        )
         record = finalize(self._reduce(outputs), self.objective.components)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         # The norm is checked before the update: Megatron's clipping turns an inf norm into NaN weights.
@@ -324,6 +340,8 @@ class Trainer:
             self.scheduler.step(increment=1)
         else:
             record["nonfinite_pairs"] = _nonfinite_pairs(outputs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         record.update(
             step=step + 1,
@@ -335,6 +353,21 @@ class Trainer:
             peak_memory_gib=self._peak_memory_gib(),
             skipped=not finite,
         )
+        return record
+
+    def profiled_step(self, step: int) -> dict[str, float]:
+        """One train_step under torch.profiler: rank 0 writes RUN_DIR/profile.txt (ops by device time, the GPU's
+        kernels when there is one) and profile_trace.json (for chrome://tracing or Perfetto)."""
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profiler:
+            record = self.train_step(step)
+        if self.is_logger:
+            sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            table = profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
+            (self.run_dir / "profile.txt").write_text(f"step {step + 1}\n{table}\n")
+            profiler.export_chrome_trace(str(self.run_dir / "profile_trace.json"))
         return record
 
     def _peak_memory_gib(self) -> float:
@@ -355,7 +388,7 @@ class Trainer:
         self._attach_reference(microbatches, "eval")
         with torch.no_grad():
             outputs = run_schedule(
-                partial(dpo_forward_step, self.objective), microbatches, self.policy, forward_only=True
+                partial(dpo_forward_step, self.objective, self.thd), microbatches, self.policy, forward_only=True
             )
         return finalize(self._reduce(outputs), self.objective.components, prefix="eval_")
 
@@ -386,7 +419,8 @@ class Trainer:
         skipped = 0
         step = start
         for step in range(start, self.train_steps):
-            record = self.train_step(step)
+            step_fn = self.profiled_step if step + 1 == cfg.logging.profile_step else self.train_step
+            record = step_fn(step)
             if record["skipped"]:
                 skipped += 1
                 where = f"step {step + 1}: non-finite loss ({record['loss']}) or grad norm ({record['grad_norm']})"
@@ -476,7 +510,7 @@ class Trainer:
     def _attach_reference(self, microbatches: list[MicroBatch], split: str) -> None:
         """Reference log-probs for each micro-batch: a forward pass (online), the cache (precomputed), or none."""
         if self.reference is not None:
-            attach_reference_logps(microbatches, self.reference, self.objective.vocab_size)
+            attach_reference_logps(microbatches, self.reference, self.objective.vocab_size, self.thd)
         elif split in self.reference_cache:
             for mb in microbatches:
                 mb.ref_logps = self.reference_cache[split].lookup(mb.pair_ids, torch.float32, mb.tokens.device)
@@ -508,7 +542,7 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
         layout = init_parallel(cfg)
         torch.manual_seed(cfg.schedule.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.schedule.seed)
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        dtype = train_dtype(cfg)
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         reference = build_stage(cfg, layout, dtype, load=True).eval()
         stamp = reference_stamp(cfg)
@@ -528,7 +562,7 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
                 microbatches = everything[start : start + chunk]
                 if device is not None:
                     microbatches = [mb.to(device) for mb in microbatches]
-                attach_reference_logps(microbatches, reference, cfg.model.vocab_size)
+                attach_reference_logps(microbatches, reference, cfg.model.vocab_size, packs_as_thd(cfg.model))
                 if parallel_state.is_pipeline_last_stage() and layout.tp_rank == 0:
                     results += [(mb.pair_ids, mb.ref_logps.double().cpu().tolist()) for mb in microbatches]
             gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
