@@ -101,6 +101,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # split norm/residual activations over the TP ranks too (needs tp > 1)
     recompute: str = "none"  # none | selective (core attention) | full (each layer's activations)
     overlap_grad_reduce: bool = False  # overlap the data-parallel gradient reduction with the backward pass
+    overlap_param_gather: bool = False  # distributed optimizer: gather updated weights during the next forward
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 (weights/activations, fp32 master) | fp32
 
 
@@ -654,6 +655,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.logging.profile_step is not None:
         need(cfg.logging.profile_step >= 1, f"logging.profile_step must be >= 1, got {cfg.logging.profile_step!r}")
     need(p.precision in ("auto", "bf16", "fp32"), f"parallel.precision must be auto, bf16 or fp32, got {p.precision!r}")
+    need(
+        not p.overlap_param_gather or p.distributed_optimizer,
+        "parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true (without it every rank "
+        "updates whole weights and there is nothing to gather)",
+    )
     need(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1")
     from mdpo.models.families import FAMILIES
 

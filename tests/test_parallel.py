@@ -27,13 +27,15 @@ LAYOUTS = {
     # Whole pairs packed into rows of at most 160 tokens (several packs per step, of different lengths), through
     # the pipeline: the loss is still the exact mean over the step's pairs.
     "packed_pp2": (2, ["parallel.pp=2", "data.packing=true", "data.pack_tokens=160"]),
-    # Activation recompute and overlapped gradient reduction change when work happens, never the result.
+    # Activation recompute and overlapped gradient reduction / parameter gather change when work happens, never
+    # the result (the final export must see the gathered weights).
     "tp2_recompute_full": (2, ["parallel.tp=2", "schedule.micro_batch_size=2", "parallel.recompute=full"]),
     "dp2_overlap_selective": (
         2,
         [
             "parallel.distributed_optimizer=true",
             "parallel.overlap_grad_reduce=true",
+            "parallel.overlap_param_gather=true",
             "parallel.recompute=selective",
             "schedule.micro_batch_size=2",
         ],

@@ -268,6 +268,7 @@ class Trainer:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         )
         self.policy = DistributedDataParallel(config=policy.config, ddp_config=ddp_config, module=policy)
@@ -471,7 +472,14 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return Path(self.cfg.checkpoint.dir or self.run_dir / "checkpoints")
 
+    def _sync_params(self) -> None:
+        """With parallel.overlap_param_gather each DP rank holds only its shard of the updated weights until the
+        next forward's hooks gather them; a checkpoint or export reads the weights directly, so gather them now."""
+        if self.cfg.parallel.overlap_param_gather:
+            self.policy.start_param_sync(force_sync=True)
+
     def save(self, step: int) -> None:
+        self._sync_params()
         meta = {
             "consumed_samples": step * self.cfg.schedule.global_batch_size,
             "global_batch_size": self.cfg.schedule.global_batch_size,
@@ -524,6 +532,7 @@ class Trainer:
 
     def export_hf(self, folder: Path) -> None:
         """The trained policy as a HF folder of the model's family (tokenizer included), gathered on rank 0."""
+        self._sync_params()
         full = gather_full_state(self.policy.module, self.cfg, self.layout)
         if full is not None:
             init_from = self.cfg.model.init_from
