@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node, started with torchrun")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1, help="context parallel (padded rows; TE or SDPA attention)")
     parser.add_argument("--reference", choices=("online", "precomputed", "none"), default="online")
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--attention", default="auto")
@@ -77,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     world = args.nproc
     model = PRESETS[args.model]
-    gbs = args.global_batch or 4 * args.micro_batch * max(1, world // (args.tp * args.pp))
+    gbs = args.global_batch or 4 * args.micro_batch * max(1, world // (args.tp * args.pp * args.cp))
     prompt_len = args.prompt_len or args.seq_len // 4
     root = Path(os.environ.get("MDPO_BENCH_DIR", tempfile.mkdtemp(prefix="mdpo_bench_")))
     data = root / "pairs.jsonl"
@@ -98,7 +99,8 @@ def main() -> None:
         "data.format=plain", "data.template=raw", f"data.max_length={args.seq_len}", f"data.packing={args.packing}",
         f"schedule.global_batch_size={gbs}", f"schedule.micro_batch_size={args.micro_batch}",
         f"schedule.train_steps={args.steps}", "schedule.warmup_ratio=0", f"parallel.tp={args.tp}",
-        f"parallel.pp={args.pp}", f"dpo.reference={'none' if args.reference == 'none' else 'online'}",
+        f"parallel.pp={args.pp}", f"parallel.cp={args.cp}",
+        f"dpo.reference={'none' if args.reference == 'none' else 'online'}",
         f"logging.run_dir={root / 'run'}", "logging.progress=false", "logging.plot=false",
         "checkpoint.export_hf=false", "checkpoint.save_at_end=false", *args.extra,
     ]  # fmt: skip
@@ -120,8 +122,8 @@ def main() -> None:
     peak = args.peak_tflops or default_peak()
     mfu = achieved / (peak * world) if peak else None
     row = {"model": args.model, "params_b": round(param_count(model) / 1e9, 3), "seq_len": args.seq_len,
-           "micro_batch": args.micro_batch, "global_batch": gbs, "tp": args.tp, "pp": args.pp, "world": world,
-           "attention": args.attention, "reference": args.reference, "packing": args.packing,
+           "micro_batch": args.micro_batch, "global_batch": gbs, "tp": args.tp, "pp": args.pp, "cp": args.cp,
+           "world": world, "attention": args.attention, "reference": args.reference, "packing": args.packing,
            "step_s": round(step_s, 3),
            "tokens_per_s": round(tokens / step_s, 1), "tokens_per_s_per_device": round(tokens / step_s / world, 1),
            "peak_memory_gib": round(max(r["peak_memory_gib"] for r in timed), 2),

@@ -97,6 +97,7 @@ class DataConfig:
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size
+    cp: int = 1  # context-parallel size: each sequence split over cp ranks (long pairs; TE or SDPA attention)
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
     sequence_parallel: bool = False  # split norm/residual activations over the TP ranks too (needs tp > 1)
     recompute: str = "none"  # none | selective (core attention) | full (each layer's activations)
@@ -655,6 +656,18 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.logging.profile_step is not None:
         need(cfg.logging.profile_step >= 1, f"logging.profile_step must be >= 1, got {cfg.logging.profile_step!r}")
     need(p.precision in ("auto", "bf16", "fp32"), f"parallel.precision must be auto, bf16 or fp32, got {p.precision!r}")
+    need(p.cp >= 1, f"parallel.cp must be >= 1, got {p.cp!r}")
+    if p.cp > 1:
+        need(
+            not cfg.data.packing,
+            "parallel.cp > 1 takes padded micro-batches (data.packing=false): packed rows would have to be split "
+            "sequence by sequence",
+        )
+        need(
+            m.position_embedding != "alibi" and m.attention != "local",
+            "parallel.cp > 1 needs RoPE and model.attention auto, te or sdpa (Megatron's local attention and "
+            "ALiBi have no context parallelism)",
+        )
     need(
         not p.overlap_param_gather or p.distributed_optimizer,
         "parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true (without it every rank "

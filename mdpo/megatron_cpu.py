@@ -34,8 +34,9 @@ class _CpuFactoryTorch(types.ModuleType):
 
     Covers literal `device="cuda"` in pipeline_parallel/schedules.py (total_num_tokens, lines 596/983/2138),
     optimizer/clip_grads.py (90-207), optimizer/optimizer.py (473-485, 907), transformer/utils.py (35, 40) and
-    utils.py:1207 (the local multi-tensor L2 norm used for grad norms without Apex/TE).
-    Everything else is the real torch module.
+    utils.py:1207 (the local multi-tensor L2 norm used for grad norms without Apex/TE), and `pin_memory=True` in
+    models/common/embeddings/rope_utils.py:62 (context parallelism's RoPE slice). Everything else is the real torch
+    module.
     """
 
     _FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange")
@@ -52,6 +53,7 @@ class _CpuFactoryTorch(types.ModuleType):
         def factory(*args: Any, **kwargs: Any) -> Any:
             if _is_cuda(kwargs.get("device")):
                 kwargs["device"] = "cpu"
+            kwargs.pop("pin_memory", None)
             return attr(*args, **kwargs)
 
         return factory
@@ -62,7 +64,8 @@ class _CudaTypeNames(TorchFunctionMode):
 
     optimizer/distrib_optimizer.py (361, 420, 582), optimizer/optimizer.py (671, 690) and clip_grads.py:167 accept
     only 'torch.cuda.FloatTensor'-style names; distrib_optimizer.py:1089 moves the optimizer state it gathers for a
-    checkpoint with `.cuda()`. Active only inside the wrapped functions below.
+    checkpoint with `.cuda()`, and rope_utils.py:64 moves context parallelism's chunk index there. Active only inside
+    the wrapped functions below.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -90,6 +93,8 @@ def apply() -> None:
         return
     _applied = True
     # Import megatron (and through it torch._dynamo, which indexes torch.cuda's functions) before patching.
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+    import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary_pos_embedding
     import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
     import megatron.core.optimizer.optimizer as optimizer
@@ -113,8 +118,11 @@ def apply() -> None:
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
 
-    for module in (schedules, clip_grads, optimizer, transformer_utils, mcore_utils):
+    for module in (schedules, clip_grads, optimizer, transformer_utils, mcore_utils, rope_utils):
         module.torch = _CpuFactoryTorch()
+    # Context parallelism's RoPE slice (imported by name into rotary_pos_embedding.py).
+    cp_slice = _with_cuda_type_names(rope_utils.get_pos_emb_on_this_cp_rank)
+    rope_utils.get_pos_emb_on_this_cp_rank = rotary_pos_embedding.get_pos_emb_on_this_cp_rank = cp_slice
 
     # `.type() == 'torch.cuda.FloatTensor'` checks (see _CudaTypeNames).
     clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)

@@ -15,7 +15,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(tp: int, pp: int) -> None:
+def start(tp: int, pp: int, cp: int = 1) -> None:
     """NCCL on GPU, gloo on CPU; a process not launched by torchrun is a world of one."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -24,7 +24,9 @@ def start(tp: int, pp: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+    )
 
 
 def stop() -> None:

@@ -96,7 +96,9 @@ def corpus(tmp_path_factory):
         "YAML syntax": (["train", str(root / "broken.yaml")], "broken.yaml: line"),
         "missing required key": (["train", str(no_train_file)], "data.train_file is required"),
         "TP not dividing heads": (["train", c, "parallel.tp=3"], "parallel.tp=3 does not divide model.num_attention_heads=4"),
-        "layout vs world size": (["train", c, "parallel.tp=2"], "world size 1 is not divisible by parallel.tp x parallel.pp = 2 x 1"),
+        "layout vs world size": (["train", c, "parallel.tp=2"], "world size 1 is not divisible by parallel.tp x parallel.pp x parallel.cp = 2 x 1 x 1"),
+        "context parallel with packing": (["train", c, "parallel.cp=2", "data.packing=true"], "parallel.cp > 1 takes padded micro-batches"),
+        "context parallel with local attention": (["train", c, "parallel.cp=2", "model.attention=local"], "parallel.cp > 1 needs RoPE and model.attention auto, te or sdpa"),
         "unknown loss": (["train", c, "dpo.loss_type=dpo2"], "dpo2"),
         "batch not divisible": (["train", c, "schedule.micro_batch_size=3"], "global_batch_size=4 is not divisible by"),
         # data rows
@@ -136,7 +138,7 @@ CASE_NAMES = [
     "empty response", "identical responses", "data file missing", "fewer pairs than a batch",
     "tokenizer folder missing", "tokenizer larger than model vocab", "truncated safetensors", "wrong tensor shape",
     "missing tensor", "no weights", "incomplete checkpoint", "reference cache missing", "run dir is a file",
-    "read-only file system",
+    "read-only file system", "context parallel with packing", "context parallel with local attention",
 ]  # fmt: skip
 
 

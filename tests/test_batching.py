@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mdpo.data.batching import PairSampler, collate, collate_packed, packed_attention_mask, rank_share
+from mdpo.data.batching import (
+    PairSampler,
+    collate,
+    collate_packed,
+    context_parallel_share,
+    packed_attention_mask,
+    rank_share,
+)
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError
 
@@ -67,3 +74,20 @@ def test_sequence_parallel_padding_keeps_every_real_token_and_label():
     packed = collate_packed(pairs, 0, 64, multiple=4)
     assert packed.position_ids[0, -3:].tolist() == [0, 1, 2]  # the last sequence (2 tokens), then its padding
     assert int(packed.cu_seqlens[-1]) == packed.tokens.shape[1]
+
+
+def test_context_parallel_shares_are_megatrons_chunks_and_cover_each_row_once():
+    """CP=2 cuts each row into 4 chunks: rank 0 keeps chunks 0 and 3, rank 1 chunks 1 and 2 (the layout Megatron's
+    RoPE slice assumes); together they hold every position once, labels shifted before the cut."""
+    pairs = [TokenizedPair(0, [1, 2, 3], [4, 5], [6]), TokenizedPair(1, [7], [8, 9, 10], [11, 12])]
+    whole = collate(pairs, pad_id=0, multiple=4)  # length 8
+    shares = [context_parallel_share(whole, 2, rank) for rank in range(2)]
+    assert shares[0].position_ids[0].tolist() == [0, 1, 6, 7] and shares[1].position_ids[0].tolist() == [2, 3, 4, 5]
+    for name in ("tokens", "labels", "loss_mask", "segment_ids"):
+        rebuilt = torch.empty_like(getattr(whole, name))
+        for share in shares:
+            rebuilt[:, share.position_ids[0]] = getattr(share, name)
+        assert torch.equal(rebuilt, getattr(whole, name)), name
+    assert shares[1].num_input_tokens == whole.num_input_tokens  # metrics count the whole micro-batch
+    with pytest.raises(ValueError, match="multiple of 4"):
+        context_parallel_share(collate(pairs, pad_id=0), 2, 0)  # length 5

@@ -24,6 +24,13 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pp=2", "schedule.micro_batch_size=2"]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true", "schedule.micro_batch_size=2"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "schedule.micro_batch_size=1"]),
+    # Context parallelism: every sequence split over 2 ranks (chunks 0+3 and 1+2), K/V gathered; with DP=2 the
+    # gradients and the distributed optimizer span DP x CP.
+    "cp2": (2, ["parallel.cp=2", "model.attention=sdpa", "schedule.micro_batch_size=2"]),
+    "dp2_cp2": (
+        4,
+        ["parallel.cp=2", "model.attention=sdpa", "parallel.distributed_optimizer=true", "schedule.micro_batch_size=2"],
+    ),
     # Whole pairs packed into rows of at most 160 tokens (several packs per step, of different lengths), through
     # the pipeline: the loss is still the exact mean over the step's pairs.
     "packed_pp2": (2, ["parallel.pp=2", "data.packing=true", "data.pack_tokens=160"]),

@@ -50,7 +50,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def _rng_state() -> ShardedObject:
-    """This rank's RNG states; ranks of one TP/PP position are DP replicas of each other."""
+    """This rank's RNG states; ranks of one TP/PP position are DP (and CP) replicas of each other."""
     state = {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -61,7 +61,13 @@ def _rng_state() -> ShardedObject:
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_tensor_model_parallel_world_size(),
     )
-    return ShardedObject("rng_state", [state], shape, (pp, tp), replica_id=parallel_state.get_data_parallel_rank())
+    return ShardedObject(
+        "rng_state",
+        [state],
+        shape,
+        (pp, tp),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
 
 
 def _sharded_state(model, optimizer, is_loading: bool, rng: bool = True) -> dict:

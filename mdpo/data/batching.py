@@ -9,6 +9,7 @@ attention kernels take the boundaries, the others the block-diagonal causal mask
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,6 +70,23 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 1) -> M
         num_input_tokens=sum(len(prompt) + len(response) for prompt, response in sequences),
         num_slots=tokens.numel(),
     )
+
+
+def context_parallel_share(batch: MicroBatch, cp: int, rank: int) -> MicroBatch:
+    """This context-parallel rank's part of a padded micro-batch (length a multiple of 2 x cp): every row cut into
+    2 x cp chunks, of which the rank keeps chunks `rank` and `2cp - 1 - rank` (Megatron's layout: causal attention
+    work is balanced, and its RoPE slices positions the same way). Labels were shifted before the cut, and the
+    token counts stay the whole micro-batch's, for the metrics."""
+    if cp == 1:
+        return batch
+    length = batch.tokens.shape[1]
+    chunk = length // (2 * cp)
+    if batch.cu_seqlens is not None or chunk * 2 * cp != length:
+        raise ValueError(f"context parallelism takes padded rows of a multiple of {2 * cp} tokens, got {length}")
+    early = torch.arange(rank * chunk, (rank + 1) * chunk)
+    keep = torch.cat([early, length - 1 - early.flip(0)])  # chunk 2cp - 1 - rank
+    names = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
+    return dataclasses.replace(batch, **{name: getattr(batch, name)[:, keep] for name in names})
 
 
 def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:

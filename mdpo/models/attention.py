@@ -4,19 +4,23 @@ Megatron's local `DotProductAttention` materialises the [b, heads, s, s] score m
 SDPA dispatches to flash / memory-efficient kernels on GPU (and a fused CPU kernel), which is what a GPU without
 Transformer Engine needs. Same interface and math: grouped query heads, Megatron's bool mask (True = masked).
 Packed rows come as THD sequences (Megatron's PackedSeqParams): on a GPU torch's flash `varlen_attn` takes the
-boundaries directly; elsewhere the block-diagonal causal mask is built from them.
+boundaries directly; elsewhere the block-diagonal causal mask is built from them. Context parallelism (which
+Megatron's own DotProductAttention refuses) gathers K and V over the CP group, as Llama 3's training did.
 `ALiBiAttention` adds ALiBi's per-head linear biases to the scores (Baichuan 2 13B), as an additive SDPA mask.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from torch.nn.attention.bias import causal_lower_right
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -66,6 +70,12 @@ def causal_varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, 
 class SDPAttention(DotProductAttention):
     """Drop-in for DotProductAttention (its constructor sets heads per partition and the softmax scale)."""
 
+    def __init__(self, config, *args, **kwargs) -> None:
+        local = copy.copy(config)
+        local.context_parallel_size = 1  # the parent asserts CP == 1; context parallelism is done here
+        super().__init__(local, *args, **kwargs)
+        self.config = config
+
     def score_bias(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
         """An additive [heads, sq, sk] bias on the attention scores; none for plain attention."""
         return None
@@ -84,10 +94,18 @@ class SDPAttention(DotProductAttention):
                 key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
             p = packed_seq_params
             return causal_varlen_attention(query, key, value, p.cu_seqlens_q, p.max_seqlen_q, self.softmax_scale)
+        sq, b = query.shape[0], query.shape[1]
+        if self.config.context_parallel_size > 1:
+            if attention_mask is not None or self.score_bias(1, 1, query.device) is not None:
+                raise NotImplementedError("context parallelism takes plain causal attention (no mask, no bias)")
+            key, value = (self._gather_sequence(t) for t in (key, value))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
         if repeat > 1:
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        sq, b, sk = query.shape[0], query.shape[1], key.shape[0]
+        if self.config.context_parallel_size > 1:
+            context = self._context_parallel_attention(q, k, v)
+            return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+        sk = key.shape[0]
         bias = self.score_bias(sq, sk, query.device)
         if bias is None:
             mask, causal = (None, True) if attention_mask is None else (~attention_mask, False)
@@ -105,6 +123,36 @@ class SDPAttention(DotProductAttention):
             scale=self.softmax_scale,
         )
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    @staticmethod
+    def _gather_sequence(x: torch.Tensor) -> torch.Tensor:
+        """[s/cp, b, g, d] holding sequence chunks (rank, 2cp-1-rank) -> the whole [s, b, g, d] in order; backward
+        reduce-scatters the gradient to the ranks that own each chunk."""
+        group = parallel_state.get_context_parallel_group()
+        cp, half = group.size(), x.shape[0] // 2
+        parts = gather_from_sequence_parallel_region(x, True, group).view(cp, 2, half, *x.shape[1:])
+        # chunk c < cp is rank c's first half; chunk cp + i is rank cp - 1 - i's second half
+        return torch.cat([parts[c, 0] for c in range(cp)] + [parts[cp - 1 - i, 1] for i in range(cp)])
+
+    def _context_parallel_attention(self, q, k, v) -> torch.Tensor:
+        """q [b, n, s/cp, d] (this rank's two chunks), k/v [b, n, s, d] -> [b, n, s/cp, d]: each query chunk attends
+        causally to the keys up to its own end (SDPA's lower-right causal mask)."""
+        group = parallel_state.get_context_parallel_group()
+        cp, rank, half = group.size(), group.rank(), q.shape[2] // 2
+        out = []
+        for part, chunk in enumerate((rank, 2 * cp - 1 - rank)):
+            end = (chunk + 1) * half
+            out.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, part * half : (part + 1) * half],
+                    k[:, :, :end],
+                    v[:, :, :end],
+                    attn_mask=causal_lower_right(half, end),
+                    dropout_p=self.attention_dropout.p if self.training else 0.0,
+                    scale=self.softmax_scale,
+                )
+            )
+        return torch.cat(out, dim=2)
 
 
 class ALiBiAttention(SDPAttention):

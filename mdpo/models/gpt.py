@@ -79,6 +79,7 @@ def transformer_config(
     *,
     tp: int = 1,
     pp: int = 1,
+    cp: int = 1,
     params_dtype: torch.dtype = torch.float32,
     init_weights: bool = True,
     sequence_parallel: bool = False,
@@ -111,6 +112,7 @@ def transformer_config(
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -146,6 +148,11 @@ def build_gpt_model(
 ) -> GPTModel:
     """One pipeline stage of the policy (or reference) model; untied embeddings as in every supported family."""
     alibi = model.position_embedding == "alibi"
+    if config.context_parallel_size > 1 and not packs_as_thd(model):  # the same attentions split sequences
+        raise ConfigError(
+            "parallel.cp > 1 needs Transformer Engine's attention or model.attention=sdpa (on CPU `auto` means "
+            "Megatron's local attention, which has no context parallelism)"
+        )
     if config.sequence_parallel and not uses_transformer_engine(model):
         raise ConfigError(
             "parallel.sequence_parallel=true needs Transformer Engine's layers (installed, with model.attention auto "

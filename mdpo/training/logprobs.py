@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 
 @dataclass
@@ -38,7 +39,8 @@ def sequence_stats(
     Without `segment_ids` each row is one sequence; with them (packed rows) position t adds to sequence
     segment_ids[t], of `num_sequences`. Padded vocabulary columns are set to -inf so that log-probs equal the
     unpadded (HF) model's. Megatron's vocab-parallel cross entropy works in place on its input, so the metric
-    sums are taken first.
+    sums are taken first. With context parallelism each rank holds part of every sequence: the sums are reduced
+    over the CP group (the log-probs' gradient passes back unchanged to every rank).
     """
     pad = vocab_padding_mask(logits.shape[-1], vocab_size, logits.device)
     with torch.no_grad():
@@ -59,4 +61,9 @@ def sequence_stats(
         logps, logit_sums, num_tokens = (
             t.new_zeros(num_sequences).index_add(0, index, t.reshape(-1)) for t in per_token
         )
+    if parallel_state.get_context_parallel_world_size() > 1:
+        group = parallel_state.get_context_parallel_group()
+        logps = reduce_from_tensor_model_parallel_region(logps, group)
+        for total in (logit_sums, num_tokens):
+            torch.distributed.all_reduce(total, group=group)
     return SequenceStats(logps=logps, logit_sums=logit_sums, num_tokens=num_tokens)

@@ -148,8 +148,10 @@ def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
         batch.num_slots,
         components,
     )
+    # finalize_model_grads sums the pair count over DP x CP: the CP ranks' copies of the loss count their pairs once.
+    count = m if parallel_state.get_context_parallel_rank() == 0 else 0
     # pair_ids let a non-finite loss be traced to its examples.
-    return losses.sum(), torch.tensor(m, dtype=torch.int), {"sums": sums, "pair_ids": batch.pair_ids}
+    return losses.sum(), torch.tensor(count, dtype=torch.int), {"sums": sums, "pair_ids": batch.pair_ids}
 
 
 def reference_forward_step(

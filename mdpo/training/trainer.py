@@ -24,7 +24,15 @@ from mdpo import parallel
 from mdpo.checkpoint.convert import export_origin, load_initial_weights, write_hf_export
 from mdpo.checkpoint.dist import complete_checkpoints, load_checkpoint, read_meta, save_checkpoint
 from mdpo.config import TrainConfig, config_to_dict
-from mdpo.data.batching import MicroBatch, PairSampler, collate, collate_packed, pack_microbatches, rank_share
+from mdpo.data.batching import (
+    MicroBatch,
+    PairSampler,
+    collate,
+    collate_packed,
+    context_parallel_share,
+    pack_microbatches,
+    rank_share,
+)
 from mdpo.data.encoding import load_tokenizer
 from mdpo.data.pairs import TokenizedPair, TokenizeReport
 from mdpo.data.pairs import load_pairs as read_pairs
@@ -50,21 +58,30 @@ class Layout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp: int = 1
+    cp_rank: int = 0
+
+    @property
+    def sizes(self) -> list[int]:
+        """[TP, PP, DP, CP], as checkpoints record it."""
+        return [self.tp, self.pp, self.dp, self.cp]
 
 
 def init_parallel(cfg: TrainConfig) -> Layout:
-    """torch.distributed and Megatron's TP/PP/DP groups for this run's layout (checked against the world size)."""
+    """torch.distributed and Megatron's TP/PP/CP/DP groups for this run's layout (checked against the world size)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if world % (tp * pp):
-        raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}")
-    dp = world // (tp * pp)
+    tp, pp, cp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp
+    if world % (tp * pp * cp):
+        raise ConfigError(
+            f"world size {world} is not divisible by parallel.tp x parallel.pp x parallel.cp = {tp} x {pp} x {cp}"
+        )
+    dp = world // (tp * pp * cp)
     gbs, mbs = cfg.schedule.global_batch_size, cfg.schedule.micro_batch_size
     if cfg.data.packing and gbs % dp:
         raise ConfigError(f"schedule.global_batch_size={gbs} is not divisible by the data-parallel size {dp}")
     if not cfg.data.packing and gbs % (mbs * dp):
         raise ConfigError(f"schedule.global_batch_size={gbs} is not divisible by micro_batch_size x DP = {mbs} x {dp}")
-    parallel.start(tp, pp)
+    parallel.start(tp, pp, cp)
     return Layout(
         tp,
         pp,
@@ -72,6 +89,8 @@ def init_parallel(cfg: TrainConfig) -> Layout:
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_pipeline_model_parallel_rank(),
         parallel_state.get_data_parallel_rank(),
+        cp,
+        parallel_state.get_context_parallel_rank(),
     )
 
 
@@ -151,16 +170,21 @@ def _nonfinite_pairs(outputs: list[dict]) -> list[int]:
     return sorted({i for part in gathered for i in part})
 
 
-def make_microbatches(cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int], pad_id: int):
-    """Micro-batches of the given pairs: packs (data.packing) or groups of micro_batch_size padded pairs; with
-    sequence parallelism their length is a multiple of the TP size."""
+def make_microbatches(
+    cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int], pad_id: int, cp_rank: int = 0
+) -> list[MicroBatch]:
+    """Micro-batches of the given pairs: packs (data.packing) or groups of micro_batch_size padded pairs. With
+    sequence parallelism their length is a multiple of the TP size; with context parallelism a multiple of 2 x CP,
+    and this CP rank keeps its two chunks of every row."""
     multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
     if cfg.data.packing:
         budget = cfg.data.pack_tokens or 2 * cfg.data.max_length
         groups = pack_microbatches(pairs, indices, budget)
         return [collate_packed([pairs[i] for i in g], pad_id, budget, multiple) for g in groups]
-    mbs = cfg.schedule.micro_batch_size
-    return [collate([pairs[i] for i in indices[k : k + mbs]], pad_id, multiple) for k in range(0, len(indices), mbs)]
+    mbs, cp = cfg.schedule.micro_batch_size, cfg.parallel.cp
+    multiple *= 2 * cp if cp > 1 else 1
+    batches = (collate([pairs[i] for i in indices[k : k + mbs]], pad_id, multiple) for k in range(0, len(indices), mbs))
+    return [context_parallel_share(batch, cp, cp_rank) for batch in batches]
 
 
 def _log(message: str) -> None:
@@ -185,6 +209,7 @@ def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool
         cfg.model,
         tp=layout.tp,
         pp=layout.pp,
+        cp=layout.cp,
         params_dtype=dtype,
         sequence_parallel=cfg.parallel.sequence_parallel,
         recompute=cfg.parallel.recompute,
@@ -207,10 +232,10 @@ def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool
 
 
 def gather_full_state(model: torch.nn.Module, cfg: TrainConfig, layout: Layout) -> dict | None:
-    """The whole model's tensors on global rank 0 (None elsewhere), from the DP-rank-0 replicas."""
+    """The whole model's tensors on global rank 0 (None elsewhere), from the DP- and CP-rank-0 replicas."""
     local = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     local = {sharding.te_name_inverse(k): v for k, v in local.items()}
-    payload = (layout.tp_rank, layout.pp_rank, local) if layout.dp_rank == 0 else None
+    payload = (layout.tp_rank, layout.pp_rank, local) if layout.dp_rank == layout.cp_rank == 0 else None
     gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
     torch.distributed.gather_object(payload, gathered, dst=0)
     if gathered is None:
@@ -314,7 +339,7 @@ class Trainer:
     def _microbatches(self, indices: list[int], pairs: list[TokenizedPair]) -> list[MicroBatch]:
         """This rank's pairs as micro-batches: packs of at most data.pack_tokens tokens, or micro_batch_size
         pairs padded to their longest sequence."""
-        batches = make_microbatches(self.cfg, pairs, indices, self.tokenizer.pad_token_id)
+        batches = make_microbatches(self.cfg, pairs, indices, self.tokenizer.pad_token_id, self.layout.cp_rank)
         return [mb.to(self.device) for mb in batches] if self.device is not None else batches
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -483,7 +508,7 @@ class Trainer:
         meta = {
             "consumed_samples": step * self.cfg.schedule.global_batch_size,
             "global_batch_size": self.cfg.schedule.global_batch_size,
-            "layout": [self.layout.tp, self.layout.pp, self.layout.dp],
+            "layout": self.layout.sizes,
             "config": config_to_dict(self.cfg),
         }
         folder = save_checkpoint(
@@ -510,7 +535,8 @@ class Trainer:
                 f"{folder}: saved with schedule.global_batch_size={meta['global_batch_size']}, now "
                 f"{self.cfg.schedule.global_batch_size}: the resumed data order would differ"
             )
-        same_layout = meta["layout"] == [self.layout.tp, self.layout.pp, self.layout.dp]
+        saved = list(meta["layout"]) + [1] * (4 - len(meta["layout"]))  # [TP, PP, DP] before CP existed
+        same_layout = saved == self.layout.sizes
         load_checkpoint(folder, self.policy.module, self.optimizer, self.scheduler, load_rng=same_layout)
         _log(f"resumed from {folder} (step {meta['step']})")
         return int(meta["step"])
@@ -562,7 +588,7 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
                 continue
             pairs = load_pairs(path, cfg, tokenizer, split)
             mine = list(range(layout.dp_rank, len(pairs), layout.dp))
-            everything = make_microbatches(cfg, pairs, mine, tokenizer.pad_token_id)
+            everything = make_microbatches(cfg, pairs, mine, tokenizer.pad_token_id, layout.cp_rank)
             results: list[tuple[list[int], list[float]]] = []
             chunk = 64  # micro-batches per schedule call
             for start in tqdm(
@@ -572,7 +598,7 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
                 if device is not None:
                     microbatches = [mb.to(device) for mb in microbatches]
                 attach_reference_logps(microbatches, reference, cfg.model.vocab_size, packs_as_thd(cfg.model))
-                if parallel_state.is_pipeline_last_stage() and layout.tp_rank == 0:
+                if parallel_state.is_pipeline_last_stage() and layout.tp_rank == layout.cp_rank == 0:
                     results += [(mb.pair_ids, mb.ref_logps.double().cpu().tolist()) for mb in microbatches]
             gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
             torch.distributed.gather_object(results, gathered, dst=0)
