@@ -1,6 +1,6 @@
 # Shared by examples/dpo_*.sh (sourced, not run): convert once, precompute the reference once, then train (a rerun
 # resumes from the last checkpoint) and export the policy to $WORK/hf. The recipe sets HF_MODEL, DATA, WORK, TP,
-# MAX_LENGTH, TEMPLATE and RECIPE_ARGS (its own key=value settings) first; NNODES, NODE_RANK, MASTER_ADDR,
+# PP (default 1), MAX_LENGTH, TEMPLATE and RECIPE_ARGS (its own key=value settings) first; NNODES, NODE_RANK, MASTER_ADDR,
 # MASTER_PORT and GPUS_PER_NODE come from the environment. lr = 1e-6 x sqrt(nodes), global batch = 128 x nodes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -9,6 +9,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+PP=${PP:-1}
 : "${HF_MODEL:?set HF_MODEL to a local HF model folder}" "${DATA:?set DATA to the preference data files}"
 LR=$(python -c "import math; print(1e-6 * math.sqrt($NNODES))")
 
@@ -23,7 +24,7 @@ LAUNCH=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$
 ARGS=(
   model.init_from="$WORK/mcore" data.tokenizer="$WORK/mcore" data.train_file="$DATA" data.template="$TEMPLATE"
   data.max_length="$MAX_LENGTH" data.packing=true data.pack_tokens=$((2 * MAX_LENGTH))
-  parallel.tp="$TP" parallel.distributed_optimizer=true parallel.overlap_grad_reduce=true
+  parallel.tp="$TP" parallel.pp="$PP" parallel.distributed_optimizer=true parallel.overlap_grad_reduce=true
   schedule.global_batch_size=$((128 * NNODES)) schedule.epochs=3 schedule.warmup_ratio=0.1
   optimizer.lr="$LR" optimizer.weight_decay=0.0 optimizer.clip_grad=1.0 dpo.beta=0.1 dpo.loss_type=sigmoid
   dpo.reference=precomputed dpo.reference_cache="$WORK/reference"

@@ -99,6 +99,15 @@ def cmd_plot(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    if extra:
+        raise MdpoError(f"unexpected arguments for plan: {' '.join(extra)}")
+    from mdpo.planner import run
+
+    print(run(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdpo", description="DPO on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--ckpt", required=True, help="mdpo convert output or training checkpoint folder")
     to_hf.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     to_hf.set_defaults(func=cmd_convert)
+    from mdpo.planner import add_arguments as plan_arguments
+
+    planner = sub.add_parser("plan", help="predict per-GPU memory and step time of layouts; rank the feasible ones")
+    plan_arguments(planner).set_defaults(func=cmd_plan)
     plot = sub.add_parser("plot", help="draw RUN_DIR/metrics.jsonl as a PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -185,6 +186,26 @@ def make_microbatches(
     multiple *= 2 * cp if cp > 1 else 1
     batches = (collate([pairs[i] for i in indices[k : k + mbs]], pad_id, multiple) for k in range(0, len(indices), mbs))
     return [context_parallel_share(batch, cp, cp_rank) for batch in batches]
+
+
+def _reset_peak_memory() -> None:
+    """Start the peak-memory metric at training: loading, and on CPU the imports' transient peaks, are not it."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    # Linux: resets the resident set's high-water mark; elsewhere the process's lifetime peak stands (ru_maxrss)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_gib() -> float:
+    """The resident set's high-water mark (VmHWM on Linux, else ru_maxrss), in GiB."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return kib / 2**20
 
 
 def _log(message: str) -> None:
@@ -397,11 +418,12 @@ class Trainer:
         return record
 
     def _peak_memory_gib(self) -> float:
-        """The largest peak over ranks: CUDA memory allocated on GPU, the process's peak RSS on CPU."""
+        """The largest peak over ranks since training started: CUDA memory allocated on GPU, the resident set on
+        CPU (see _reset_peak_memory)."""
         if torch.cuda.is_available():
             peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=self.device)
         else:
-            peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
+            peak = torch.tensor([_peak_rss_gib()])
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         return float(peak)
 
@@ -424,6 +446,7 @@ class Trainer:
         SIGTERM/SIGINT (a scheduler's pre-emption) save a checkpoint and return early."""
         cfg = self.cfg
         start = self._resume()
+        _reset_peak_memory()
         writer = None
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,148 @@
+"""The planner's predictions against measurements on this machine: peak memory and step time of small models over
+several layouts, trained for real by `mdpo train` (through bench_dpo.run_config).
+
+    python benchmarks/validate_planner.py [--csv benchmarks/results/planner_cpu.csv]
+
+Memory: on CPU the trainer reports each process's peak RSS; the process floor (Python, torch, Megatron, the
+data) is measured by the same run with a negligible model (its own small prediction added back) and subtracted,
+and glibc is told to map every large block (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS. Time:
+one process = one "GPU" of one thread; the planner's efficiency is the one constant calibrated for the machine
+(the geometric-mean fit over all the configurations), and gloo's measured bandwidth and latency are the
+interconnect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from bench_dpo import run_config
+
+from mdpo import planner
+
+ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+SMALL = planner.ModelShape(hidden=256, ffn=688, layers=4, heads=4, kv_heads=2, vocab=8192)
+FLOOR = planner.ModelShape(hidden=32, ffn=64, layers=1, heads=2, kv_heads=2, vocab=256)
+
+# name: model, sequence length, micro-batch (pairs), processes, TP, PP, recompute, reference
+CONFIGS = {
+    "base": (SMALL, 256, 2, 1, 1, 1, "none", "online"),
+    "mbs4": (SMALL, 256, 4, 1, 1, 1, "none", "online"),
+    "seq512": (SMALL, 512, 2, 1, 1, 1, "none", "none"),
+    "selective": (SMALL, 512, 2, 1, 1, 1, "selective", "none"),
+    "full": (SMALL, 512, 2, 1, 1, 1, "full", "none"),
+    "tp2": (SMALL, 256, 2, 2, 2, 1, "none", "online"),
+    "pp2": (SMALL, 256, 2, 2, 1, 2, "none", "online"),
+    "dp2": (SMALL, 256, 2, 2, 1, 1, "none", "online"),
+}
+
+
+def measure(model: planner.ModelShape, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str,
+            reference: str, steps: int) -> dict:  # fmt: skip
+    dp = nproc // (tp * pp)
+    return run_config(
+        model, seq_len=seq, micro_batch=mbs, steps=steps, warmup=1, nproc=nproc, tp=tp, pp=pp, reference=reference,
+        attention="sdpa", global_batch=2 * mbs * dp, env=ENV,
+        extra=(f"parallel.recompute={recompute}", "data.cache=false"),  # every run tokenizes: the same floor
+    )  # fmt: skip
+
+
+def floor_gib(seq: int, mbs: int, reference: str, cluster: planner.Cluster) -> float:
+    """Peak RSS of a process that does everything a configuration's does (same pairs) but with a negligible model."""
+    config = (FLOOR, seq, mbs, 1, 1, 1, "none", reference)
+    return measure(*config, steps=2)["peak_memory_gib"] - predict(*config, cluster).memory_gib["total"]
+
+
+def predict(model: planner.ModelShape, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str,
+            reference: str, cluster: planner.Cluster) -> planner.Plan:  # fmt: skip
+    dp = nproc // (tp * pp)
+    layout = planner.Layout(tp=tp, pp=pp, recompute=recompute, micro_batch=mbs, packing=False, precision="fp32",
+                            distributed_optimizer=False, overlap_grad_reduce=False)  # fmt: skip
+    workload = planner.Workload(mean_tokens=2 * seq, max_tokens=2 * seq, reference=reference,
+                                global_batch=2 * mbs * dp, padded_fill=1.0)  # fmt: skip
+    return planner.plan(model, layout, workload, replace(cluster, gpus_per_node=nproc))
+
+
+GLOO_BANDWIDTH = """
+import time, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+x = torch.ones(2**20)  # 4 MiB, about one TP all-reduce of these configs
+for _ in range(3):
+    dist.all_reduce(x)
+start = time.perf_counter()
+for _ in range(20):
+    dist.all_reduce(x)
+bandwidth = 2 * (2 - 1) / 2 * x.numel() * 4 * 20 / (time.perf_counter() - start) / 1e9  # bus bandwidth
+tiny = torch.ones(1)
+start = time.perf_counter()
+for _ in range(200):
+    dist.all_reduce(tiny)
+if dist.get_rank() == 0:
+    print(bandwidth, (time.perf_counter() - start) / 200 * 1e6)
+dist.destroy_process_group()
+"""
+
+
+def gloo_link() -> tuple[float, float]:
+    """All-reduce bus bandwidth (GB/s) and latency (us) between two processes here: the planner's interconnect."""
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "gloo_bandwidth.py"
+        script.write_text(GLOO_BANDWIDTH)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **ENV}, check=True)
+    bandwidth, latency = map(float, result.stdout.split()[-2:])
+    return bandwidth, latency
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", default="benchmarks/results/planner_cpu.csv")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--only", nargs="*", default=list(CONFIGS))
+    args = parser.parse_args()
+    bandwidth, latency = gloo_link()
+    cpu = planner.GPU(memory_gib=24, peak_tflops=1.0, intra_node_gbs=bandwidth)  # peak: a unit the efficiency scales
+    cluster = planner.Cluster(
+        cpu, nodes=1, gpus_per_node=1, efficiency=1.0, norm_saves=3, collective_latency_us=latency
+    )  # composite CPU norm
+    floors = {}
+    measured = {name: measure(*CONFIGS[name], steps=args.steps) for name in args.only}
+    # The one calibrated constant: the efficiency that best fits all step times (geometric mean of the ratios).
+    ratios = []
+    for name, got in measured.items():
+        guess = predict(*CONFIGS[name], cluster)
+        ratios.append(guess.time_s["compute"] / (got["step_s"] - (guess.step_s - guess.time_s["compute"])))
+    cluster = replace(cluster, efficiency=math.exp(sum(map(math.log, ratios)) / len(ratios)))
+    rows = []
+    for name, got in measured.items():
+        want = predict(*CONFIGS[name], cluster)
+        _, seq, mbs, *_, reference = CONFIGS[name]
+        if (seq, mbs, reference) not in floors:
+            floors[seq, mbs, reference] = floor_gib(seq, mbs, reference, cluster)
+        memory = got["peak_memory_gib"] - floors[seq, mbs, reference]
+        rows.append({
+            "config": name, "predicted_gib": round(want.memory_gib["total"], 3), "measured_gib": round(memory, 3),
+            "memory_error": round(want.memory_gib["total"] / memory - 1, 3), "predicted_s": round(want.step_s, 3),
+            "measured_s": round(got["step_s"], 3), "time_error": round(want.step_s / got["step_s"] - 1, 3),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    floors_gib = ", ".join(f"{f:.3f}" for f in floors.values())
+    print(f"floors {floors_gib} GiB, gloo {bandwidth:.2f} GB/s and {latency:.0f} us, "
+          f"efficiency {cluster.efficiency:.4f} of 1 TFLOP/s")  # fmt: skip
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
