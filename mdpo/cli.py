@@ -108,6 +108,15 @@ def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    if extra:
+        raise MdpoError(f"unexpected arguments for sweep: {' '.join(extra)}")
+    from mdpo.sweep import run_sweep
+
+    print(run_sweep(args.sweep))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdpo", description="DPO on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     planner = sub.add_parser("plan", help="predict per-GPU memory and step time of layouts; rank the feasible ones")
     plan_arguments(planner).set_defaults(func=cmd_plan)
+    sweep = sub.add_parser(
+        "sweep", help="a grid of short runs (sizes x layouts) -> OUT/sweep.csv and sweep.png; reruns resume"
+    )
+    sweep.add_argument("sweep", help="sweep YAML (config, overrides, grid, nproc, steps, warmup, out)")
+    sweep.set_defaults(func=cmd_sweep)
     plot = sub.add_parser("plot", help="draw RUN_DIR/metrics.jsonl as a PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
