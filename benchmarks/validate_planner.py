@@ -1,7 +1,8 @@
 """The planner's predictions against measurements on this machine: peak memory and step time of small models over
 several layouts, trained for real by `mdpo train` (through bench_dpo.run_config).
 
-    python benchmarks/validate_planner.py [--csv benchmarks/results/planner_cpu.csv]
+    python benchmarks/validate_planner.py          # this CPU -> benchmarks/results/planner_cpu.csv
+    python benchmarks/validate_planner.py --gpu    # one GPU, a 1.1B model (tools/gpu_check.sh planner)
 
 Memory: on CPU the trainer reports each process's peak RSS; the process floor (Python, torch, Megatron, the
 data) is measured by the same run with a negligible model (its own small prediction added back) and subtracted,
@@ -42,14 +43,23 @@ CONFIGS = {
     "pp2": (SMALL, 256, 2, 2, 1, 2, "none", "online"),
     "dp2": (SMALL, 256, 2, 2, 1, 1, "none", "online"),
 }
+# --gpu (one GPU, bf16): a 1.1B Llama at 2048 tokens per sequence
+ONE_B = planner.MODELS["tinyllama-1.1b"]
+GPU_CONFIGS = {
+    "1b_mbs1": (ONE_B, 2048, 1, 1, 1, 1, "none", "online"),
+    "1b_mbs2": (ONE_B, 2048, 2, 1, 1, 1, "none", "none"),
+    "1b_mbs4": (ONE_B, 2048, 4, 1, 1, 1, "none", "none"),
+    "1b_selective": (ONE_B, 2048, 4, 1, 1, 1, "selective", "none"),
+    "1b_full": (ONE_B, 2048, 4, 1, 1, 1, "full", "none"),
+}
 
 
 def measure(model: planner.ModelShape, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str,
-            reference: str, steps: int) -> dict:  # fmt: skip
+            reference: str, steps: int, env: dict | None = None) -> dict:  # fmt: skip
     dp = nproc // (tp * pp)
     return run_config(
         model, seq_len=seq, micro_batch=mbs, steps=steps, warmup=1, nproc=nproc, tp=tp, pp=pp, reference=reference,
-        attention="sdpa", global_batch=2 * mbs * dp, env=ENV,
+        attention="sdpa", global_batch=2 * mbs * dp, env=ENV if env is None else env,
         extra=(f"parallel.recompute={recompute}", "data.cache=false"),  # every run tokenizes: the same floor
     )  # fmt: skip
 
@@ -63,7 +73,8 @@ def floor_gib(seq: int, mbs: int, reference: str, cluster: planner.Cluster) -> f
 def predict(model: planner.ModelShape, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str,
             reference: str, cluster: planner.Cluster) -> planner.Plan:  # fmt: skip
     dp = nproc // (tp * pp)
-    layout = planner.Layout(tp=tp, pp=pp, recompute=recompute, micro_batch=mbs, packing=False, precision="fp32",
+    precision = "fp32" if cluster.norm_saves == 3 else "bf16"  # the CPU runs fp32, the GPU bf16
+    layout = planner.Layout(tp=tp, pp=pp, recompute=recompute, micro_batch=mbs, packing=False, precision=precision,
                             distributed_optimizer=False, overlap_grad_reduce=False)  # fmt: skip
     workload = planner.Workload(mean_tokens=2 * seq, max_tokens=2 * seq, reference=reference,
                                 global_batch=2 * mbs * dp, padded_fill=1.0)  # fmt: skip
@@ -101,25 +112,69 @@ def gloo_link() -> tuple[float, float]:
     return bandwidth, latency
 
 
+def calibrate(configs: dict, measured: dict, cluster: planner.Cluster) -> planner.Cluster:
+    """The one constant: the efficiency that best fits all step times (geometric mean of the ratios)."""
+    ratios = []
+    for name, got in measured.items():
+        guess = predict(*configs[name], cluster)
+        ratios.append(guess.time_s["compute"] / (got["step_s"] - (guess.step_s - guess.time_s["compute"])))
+    return replace(cluster, efficiency=math.exp(sum(map(math.log, ratios)) / len(ratios)))
+
+
+def compare(name: str, want: planner.Plan, got: dict, memory: float) -> dict:
+    return {
+        "config": name, "predicted_gib": round(want.memory_gib["total"], 3), "measured_gib": round(memory, 3),
+        "memory_error": round(want.memory_gib["total"] / memory - 1, 3), "predicted_s": round(want.step_s, 3),
+        "measured_s": round(got["step_s"], 3), "time_error": round(want.step_s / got["step_s"] - 1, 3),
+    }  # fmt: skip
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def validate_gpu(args: argparse.Namespace) -> None:
+    """One GPU: CUDA's peak allocated bytes since training started (no floor) and step times, bf16."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    gpu = planner.GPUS["h200-141g" if "H200" in name else "h100-80g"]
+    cluster = planner.Cluster(gpu, nodes=1, gpus_per_node=1, efficiency=1.0)
+    configs = {k: GPU_CONFIGS[k] for k in args.only or GPU_CONFIGS}
+    measured = {}
+    for key, config in configs.items():
+        measured[key] = measure(*config, steps=args.steps, env={})
+        print(key, measured[key], flush=True)
+    cluster = calibrate(configs, measured, cluster)
+    rows = [compare(k, predict(*configs[k], cluster), got, got["peak_memory_gib"]) for k, got in measured.items()]
+    for row in rows:
+        print(row, flush=True)
+    print(f"{name}: efficiency {cluster.efficiency:.3f}")
+    write_csv(rows, Path(args.csv))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", default="benchmarks/results/planner_cpu.csv")
+    parser.add_argument("--csv", default=None, help="default benchmarks/results/planner_{cpu,gpu}.csv")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--only", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--only", nargs="*", default=None, help="configuration names (default: all)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU, bf16, the 1.1B configurations")
     args = parser.parse_args()
+    args.csv = args.csv or f"benchmarks/results/planner_{'gpu' if args.gpu else 'cpu'}.csv"
+    if args.gpu:
+        return validate_gpu(args)
     bandwidth, latency = gloo_link()
     cpu = planner.GPU(memory_gib=24, peak_tflops=1.0, intra_node_gbs=bandwidth)  # peak: a unit the efficiency scales
     cluster = planner.Cluster(
         cpu, nodes=1, gpus_per_node=1, efficiency=1.0, norm_saves=3, collective_latency_us=latency
     )  # composite CPU norm
     floors = {}
-    measured = {name: measure(*CONFIGS[name], steps=args.steps) for name in args.only}
-    # The one calibrated constant: the efficiency that best fits all step times (geometric mean of the ratios).
-    ratios = []
-    for name, got in measured.items():
-        guess = predict(*CONFIGS[name], cluster)
-        ratios.append(guess.time_s["compute"] / (got["step_s"] - (guess.step_s - guess.time_s["compute"])))
-    cluster = replace(cluster, efficiency=math.exp(sum(map(math.log, ratios)) / len(ratios)))
+    measured = {name: measure(*CONFIGS[name], steps=args.steps) for name in args.only or CONFIGS}
+    cluster = calibrate(CONFIGS, measured, cluster)
     rows = []
     for name, got in measured.items():
         want = predict(*CONFIGS[name], cluster)
@@ -127,21 +182,12 @@ def main() -> None:
         if (seq, mbs, reference) not in floors:
             floors[seq, mbs, reference] = floor_gib(seq, mbs, reference, cluster)
         memory = got["peak_memory_gib"] - floors[seq, mbs, reference]
-        rows.append({
-            "config": name, "predicted_gib": round(want.memory_gib["total"], 3), "measured_gib": round(memory, 3),
-            "memory_error": round(want.memory_gib["total"] / memory - 1, 3), "predicted_s": round(want.step_s, 3),
-            "measured_s": round(got["step_s"], 3), "time_error": round(want.step_s / got["step_s"] - 1, 3),
-        })  # fmt: skip
+        rows.append(compare(name, want, got, memory))
         print(rows[-1], flush=True)
     floors_gib = ", ".join(f"{f:.3f}" for f in floors.values())
     print(f"floors {floors_gib} GiB, gloo {bandwidth:.2f} GB/s and {latency:.0f} us, "
           f"efficiency {cluster.efficiency:.4f} of 1 TFLOP/s")  # fmt: skip
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, Path(args.csv))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 #       -d gpu-wheels megatron-core==0.16.1 datasets dill multiprocess pyarrow
 # and pass `carry: ["gpu-wheels"]` to the device call (pyarrow is installed only if the machine's is too old).
 # Runs the GPU tests, measures the card's bf16 matmul peak, then benchmarks DPO on a 1.1B Llama (bf16, SDPA flash
-# attention; packed rows through torch's varlen flash kernel) and prints a table with MFU last. Logs and the CSV
+# attention; packed rows through torch's varlen flash kernel) and prints a table with MFU last. With the argument
+# `planner` it checks `mdpo plan`'s memory and time predictions against 1.1B runs instead. Logs and the CSV
 # go to $OUT when set (the device tool brings that folder back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,11 @@ if ! python3 -c "import datasets, megatron.core" 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)
+if [ "${1:-}" = planner ]; then  # `bash tools/gpu_check.sh planner`: the planner against 1.1B runs instead
+  echo "$gpu"
+  timeout 280 python3 benchmarks/validate_planner.py --gpu --steps 5 --csv "$out/planner_gpu.csv" 2>&1 | tail -8
+  exit
+fi
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
