@@ -9,7 +9,7 @@ NNODES=${NNODES:-1}
 HF_MODEL=${HF_MODEL:?set HF_MODEL to a local Qwen-7B HF folder}
 DATA=${DATA:?set DATA to the preference data files (e.g. UltraFeedback-binarized train_prefs)}
 WORK=${WORK:-runs/qwen_7b_dpo}
-TP=2
+TP=${TP:-2}
 MAX_LENGTH=4096
 TEMPLATE=tokenizer
 RECIPE_ARGS=(parallel.sequence_parallel=true)

@@ -58,6 +58,7 @@ MODELS = {
     "llama2-7b": ModelShape(4096, 11008, 32, 32, 32, 32000),
     "llama2-13b": ModelShape(5120, 13824, 40, 40, 40, 32000),
     "llama2-70b": ModelShape(8192, 28672, 80, 64, 8, 32000),
+    "codellama-34b": ModelShape(8192, 22016, 48, 64, 8, 32000),
     "tulu2-13b": ModelShape(5120, 13824, 40, 40, 40, 32000),
     "tulu2-70b": ModelShape(8192, 28672, 80, 64, 8, 32000),
     "qwen-7b": ModelShape(4096, 11008, 32, 32, 32, 151936, qkv_bias=True),
