@@ -12,8 +12,8 @@
 # The same recipe trains other Llama-architecture sizes (HF_MODEL=..., TP=..., PP=...): a 34B (codellama-34b), 4 nodes,
 # at TP=4 PP=2 DP=4 + SP, 65.0 GiB, 31.0 s per step, 3.4 h; Qwen 72B on 8 nodes goes through dpo_qwen_7b.sh with
 # TP=8 PP=2: 64.1 GiB, 66.4 s per step, 3.6 h.
-# These are predictions (the planner is validated on CPU and on a 1.1B on one GPU, not at 70B); the first steps' peak_memory_gib and
-# tokens_per_second in metrics.jsonl say how close they are. Sequence parallel needs Transformer Engine's layers.
+# These are predictions (the planner is validated on CPU and on a 1.1B on one GPU, not at 70B); the first steps'
+# peak_memory_gib and tokens_per_second in metrics.jsonl say how close they are. Sequence parallel needs TE's layers.
 NNODES=${NNODES:-4}
 HF_MODEL=${HF_MODEL:?set HF_MODEL to a local llama-2-70b HF folder}
 DATA=${DATA:?set DATA to the preference data files (e.g. UltraFeedback-binarized train_prefs)}
