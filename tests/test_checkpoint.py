@@ -89,8 +89,9 @@ def test_resume_at_another_layout(setup):
 def _launch(setup: Path, run: str, *overrides: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     cmd = [sys.executable, "-m", "mdpo", "train", str(setup / "c.yaml"), f"logging.run_dir={setup / run}", *overrides]
+    # its own process group: a kill takes its helper processes (torch's compile workers) down with it
     return subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -125,7 +126,7 @@ def test_kill_9_loses_only_the_steps_since_the_last_save(setup):
         train(setup, "long_full", *LONG)
     proc = _launch(setup, "killed", *LONG)
     _wait_for_step(setup / "killed", 8, proc)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)  # the node dies: every process of the run at once
     proc.wait()
     # A checkpoint folder without its completion marker (a save cut short) must never be picked up.
     fake = setup / "killed" / "checkpoints" / "step_0000023"  # never saved by this run (23 % 3 != 0)
