@@ -89,7 +89,7 @@ def test_resume_at_another_layout(setup):
 def _launch(setup: Path, run: str, *overrides: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     cmd = [sys.executable, "-m", "mdpo", "train", str(setup / "c.yaml"), f"logging.run_dir={setup / run}", *overrides]
-    # its own process group: a kill takes its helper processes (torch's compile workers) down with it
+    # its own process group: a kill takes its helpers (the checkpoint writer's Manager process) down with it
     return subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
 
