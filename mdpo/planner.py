@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 GIB = 2**30
 
@@ -102,6 +102,11 @@ class Cluster:
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    @property
+    def flops_per_s(self) -> float:
+        """What the whole cluster achieves on the model's FLOPs."""
+        return self.world * self.gpu.peak_tflops * 1e12 * self.efficiency
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -133,6 +138,11 @@ class Layout:
     def dp(self, world: int) -> int:
         return world // (self.tp * self.pp * self.cp)
 
+    @property
+    def width(self) -> int:
+        """Bytes per weight or activation value."""
+        return 2 if self.precision == "bf16" else 4
+
 
 @dataclass
 class Plan:
@@ -144,7 +154,6 @@ class Plan:
     tokens_per_s_per_gpu: float
     workload_h: float
     fits: bool
-    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "layout": asdict(self.layout)}
@@ -173,7 +182,7 @@ def activation_bytes_per_token_layer(model: ModelShape, layout: Layout, norm_sav
     the repeat and the projection input instead), SwiGLU's gate, up, product and the down projection's input
     (4f/TP). Full recompute keeps only each layer's input (one layer recomputed at a time is the caller's)."""
     h, f, t = model.hidden, model.ffn, layout.tp
-    width = 2 if layout.precision == "bf16" else 4
+    width = layout.width
     if layout.recompute == "full":
         return width * h / (t if layout.sequence_parallel else 1)
     norms = (2 * norm_saves + 2) * h / (t if layout.sequence_parallel else 1)
@@ -187,7 +196,7 @@ def memory_per_gpu(model: ModelShape, layout: Layout, workload: Workload, cluste
     logits; with PP = 1 one stage holds all of it."""
     t, p, c = layout.tp, layout.pp, layout.cp
     dp = layout.dp(cluster.world)
-    width = 2 if layout.precision == "bf16" else 4
+    width = layout.width
     shard = dp * c if layout.distributed_optimizer else 1
     optimizer_per_param = 12 if layout.precision == "bf16" else 8  # bf16: fp32 master + two moments
     tokens = microbatch_tokens(workload, layout) / c
@@ -195,7 +204,7 @@ def memory_per_gpu(model: ModelShape, layout: Layout, workload: Workload, cluste
     stage_layers = math.ceil(model.layers / p)
     vocab_part = model.vocab * model.hidden / t  # embedding or head rows of one TP rank
     stages = []
-    for first, last in ((True, p == 1), (False, True)) if p > 1 else ((True, True),):
+    for first, last in ((True, False), (False, True)) if p > 1 else ((True, True),):
         params = stage_layers * model.layer_params() / t + vocab_part * (first + last)
         in_flight = min(p, math.ceil(microbatches_per_step(workload, layout, dp))) if first and p > 1 else 1
         activations = layer_bytes * stage_layers * tokens * in_flight
@@ -234,10 +243,10 @@ def step_time(model: ModelShape, layout: Layout, workload: Workload, cluster: Cl
     elif layout.recompute == "selective":  # the core attention's forward again
         flops += tokens * 2 * model.layers * model.hidden * seq
     fill = workload.pack_fill if layout.packing else workload.padded_fill
-    compute = flops / fill / (world * cluster.gpu.peak_tflops * 1e12 * cluster.efficiency)
+    compute = flops / fill / cluster.flops_per_s
     microbatches = microbatches_per_step(workload, layout, dp)
     bubble = compute * (p - 1) / (layout.vpp * microbatches) if p > 1 else 0.0
-    width = 2 if layout.precision == "bf16" else 4
+    width = layout.width
     intra, inter = cluster.gpu.intra_node_gbs * 1e9, cluster.inter_node_gbs * 1e9
     # forward, backward, and the reference's and the full recompute's extra forwards
     passes = 2 + (1 if workload.reference == "online" else 0) + (1 if layout.recompute == "full" else 0)
@@ -277,7 +286,7 @@ def plan(model: ModelShape, layout: Layout, workload: Workload, cluster: Cluster
     total_s = steps * times["total"]
     if workload.reference == "precomputed":  # one forward pass over the data before training
         flops = workload.pairs * workload.mean_tokens * model.flops_per_token(workload.mean_tokens / 2, False)
-        total_s += flops / (world * cluster.gpu.peak_tflops * 1e12 * cluster.efficiency)
+        total_s += flops / cluster.flops_per_s
     tokens = workload.global_batch * workload.mean_tokens
     return Plan(
         layout=layout,
