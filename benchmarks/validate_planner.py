@@ -3,13 +3,17 @@ several layouts, trained for real by `mdpo train` (through bench_dpo.run_config)
 
     python benchmarks/validate_planner.py          # this CPU -> benchmarks/results/planner_cpu.csv
     python benchmarks/validate_planner.py --gpu    # one GPU, a 1.1B model (tools/gpu_check.sh planner)
+    python benchmarks/validate_planner.py --gpu --measured benchmarks/results/planner_gpu_h100_2026-11-26.csv \
+        --preset h100-80g                          # today's planner against an earlier run's measurements
 
 Memory: on CPU the trainer reports each process's peak RSS; the process floor (Python, torch, Megatron, the
 data) is measured by the same run with a negligible model (its own small prediction added back) and subtracted,
 and glibc is told to map every large block (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS. Time:
+a second run of each configuration without that setting (fresh pages for every tensor cost a third more time);
 one process = one "GPU" of one thread; the planner's efficiency is the one constant calibrated for the machine
-(the geometric-mean fit over all the configurations), and gloo's measured bandwidth and latency are the
-interconnect.
+(the geometric-mean fit over all the configurations); gloo's bandwidth and latency are the interconnect and a
+single-threaded copy's bandwidth the memory's, both measured here. On a GPU one run gives both (CUDA's
+allocator counts exactly), and the preset's memory bandwidth is used.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from bench_dpo import run_config
 
 from mdpo import planner
 
-ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+TIME_ENV = {"OMP_NUM_THREADS": "1"}
+CPU_NORM_SAVES = 2  # torch's composite RMSNorm on CPU keeps its input and the normalised product
+MEMORY_ENV = TIME_ENV | {"MALLOC_MMAP_THRESHOLD_": "65536"}
 SMALL = planner.ModelShape(hidden=256, ffn=688, layers=4, heads=4, kv_heads=2, vocab=8192)
 FLOOR = planner.ModelShape(hidden=32, ffn=64, layers=1, heads=2, kv_heads=2, vocab=256)
 
@@ -55,11 +61,11 @@ GPU_CONFIGS = {
 
 
 def measure(model: planner.ModelShape, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str,
-            reference: str, steps: int, env: dict | None = None) -> dict:  # fmt: skip
+            reference: str, steps: int, env: dict) -> dict:  # fmt: skip
     dp = nproc // (tp * pp)
     return run_config(
-        model, seq_len=seq, micro_batch=mbs, steps=steps, warmup=1, nproc=nproc, tp=tp, pp=pp, reference=reference,
-        attention="sdpa", global_batch=2 * mbs * dp, env=ENV if env is None else env,
+        model, seq_len=seq, micro_batch=mbs, steps=steps, warmup=2, nproc=nproc, tp=tp, pp=pp, reference=reference,
+        attention="sdpa", global_batch=2 * mbs * dp, env=env,
         extra=(f"parallel.recompute={recompute}", "data.cache=false"),  # every run tokenizes: the same floor
     )  # fmt: skip
 
@@ -67,13 +73,13 @@ def measure(model: planner.ModelShape, seq: int, mbs: int, nproc: int, tp: int, 
 def floor_gib(seq: int, mbs: int, reference: str, cluster: planner.Cluster) -> float:
     """Peak RSS of a process that does everything a configuration's does (same pairs) but with a negligible model."""
     config = (FLOOR, seq, mbs, 1, 1, 1, "none", reference)
-    return measure(*config, steps=2)["peak_memory_gib"] - predict(*config, cluster).memory_gib["total"]
+    return measure(*config, steps=3, env=MEMORY_ENV)["peak_memory_gib"] - predict(*config, cluster).memory_gib["total"]
 
 
 def predict(model: planner.ModelShape, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str,
             reference: str, cluster: planner.Cluster) -> planner.Plan:  # fmt: skip
     dp = nproc // (tp * pp)
-    precision = "fp32" if cluster.norm_saves == 3 else "bf16"  # the CPU runs fp32, the GPU bf16
+    precision = "fp32" if cluster.norm_saves == CPU_NORM_SAVES else "bf16"  # the CPU runs fp32, the GPU bf16
     layout = planner.Layout(tp=tp, pp=pp, recompute=recompute, micro_batch=mbs, packing=False, precision=precision,
                             distributed_optimizer=False, overlap_grad_reduce=False)  # fmt: skip
     workload = planner.Workload(mean_tokens=2 * seq, max_tokens=2 * seq, reference=reference,
@@ -107,9 +113,27 @@ def gloo_link() -> tuple[float, float]:
         script = Path(folder) / "gloo_bandwidth.py"
         script.write_text(GLOO_BANDWIDTH)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **ENV}, check=True)
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **TIME_ENV}, check=True)
     bandwidth, latency = map(float, result.stdout.split()[-2:])
     return bandwidth, latency
+
+
+def copy_bandwidth() -> float:
+    """GB/s one thread moves copying 512 MiB (read + write): the "GPU" memory bandwidth of a CPU process."""
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    source, target = torch.ones(2**27), torch.empty(2**27)
+    target.copy_(source)
+    start = time.perf_counter()
+    for _ in range(5):
+        target.copy_(source)
+    seconds = (time.perf_counter() - start) / 5
+    torch.set_num_threads(threads)
+    return 2 * source.numel() * 4 / seconds / 1e9
 
 
 def calibrate(configs: dict, measured: dict, cluster: planner.Cluster) -> planner.Cluster:
@@ -137,55 +161,96 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def validate_gpu(args: argparse.Namespace) -> None:
-    """One GPU: CUDA's peak allocated bytes since training started (no floor) and step times, bf16."""
+def adamw_bytes_per_param(gpu: planner.GPU, params: int = 2**30) -> float:
+    """torch's foreach AdamW step on `params` fp32 weights, timed, as bytes per weight at the preset's memory
+    bandwidth: the part of the planner's OPTIMIZER_BYTES_PER_PARAM (72 of them) that is torch's."""
+    import time
+
     import torch
 
-    name = torch.cuda.get_device_name()
-    gpu = planner.GPUS["h200-141g" if "H200" in name else "h100-80g"]
-    cluster = planner.Cluster(gpu, nodes=1, gpus_per_node=1, efficiency=1.0)
-    configs = {k: GPU_CONFIGS[k] for k in args.only or GPU_CONFIGS}
-    measured = {}
-    for key, config in configs.items():
-        measured[key] = measure(*config, steps=args.steps, env={})
-        print(key, measured[key], flush=True)
-    cluster = calibrate(configs, measured, cluster)
-    rows = [compare(k, predict(*configs[k], cluster), got, got["peak_memory_gib"]) for k, got in measured.items()]
+    weights = [torch.zeros(2**26, device="cuda", requires_grad=True) for _ in range(params // 2**26)]
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    optimizer = torch.optim.AdamW(weights, lr=1e-6, weight_decay=0.0, foreach=True)
+    for _ in range(2):
+        optimizer.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        optimizer.step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / 5
+    return seconds * gpu.memory_gbs * 1e9 / params
+
+
+def stored(path: str) -> dict[str, dict]:
+    """An earlier run's measurements (its CSV), to check a changed planner against without measuring again."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {r["config"]: {"step_s": float(r["measured_s"]), "peak_memory_gib": float(r["measured_gib"])} for r in rows}
+
+
+def validate_gpu(args: argparse.Namespace) -> None:
+    """One GPU: CUDA's peak allocated bytes since training started (no floor) and step times, bf16."""
+    if args.measured:
+        name, gpu, measured = args.preset, planner.GPUS[args.preset], stored(args.measured)
+    else:
+        import torch
+
+        name = torch.cuda.get_device_name()
+        gpu = planner.GPUS["h200-141g" if "H200" in name else "h100-80g"]
+        measured = {}
+        for key in args.only or GPU_CONFIGS:
+            measured[key] = measure(*GPU_CONFIGS[key], steps=args.steps, env={})  # CUDA's peak counts exactly
+            print(key, measured[key], flush=True)
+    cluster = calibrate(GPU_CONFIGS, measured, planner.Cluster(gpu, nodes=1, gpus_per_node=1, efficiency=1.0))
+    rows = [compare(k, predict(*GPU_CONFIGS[k], cluster), got, got["peak_memory_gib"]) for k, got in measured.items()]
     for row in rows:
         print(row, flush=True)
     print(f"{name}: efficiency {cluster.efficiency:.3f}")
+    if not args.measured:
+        print(f"torch AdamW moves {adamw_bytes_per_param(gpu):.0f} bytes per weight at {gpu.memory_gbs:g} GB/s "
+              "(planner: 72)")  # fmt: skip
     write_csv(rows, Path(args.csv))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", default=None, help="default benchmarks/results/planner_{cpu,gpu}.csv")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6, help="of which the first 2 are not timed")
     parser.add_argument("--only", nargs="*", default=None, help="configuration names (default: all)")
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16, the 1.1B configurations")
+    parser.add_argument("--measured", help="take the measurements from this earlier CSV instead of running")
+    parser.add_argument("--preset", choices=planner.GPUS, default="h100-80g", help="the GPU of --gpu --measured")
     args = parser.parse_args()
     args.csv = args.csv or f"benchmarks/results/planner_{'gpu' if args.gpu else 'cpu'}.csv"
     if args.gpu:
         return validate_gpu(args)
     bandwidth, latency = gloo_link()
-    cpu = planner.GPU(memory_gib=24, peak_tflops=1.0, intra_node_gbs=bandwidth)  # peak: a unit the efficiency scales
+    memory_gbs = copy_bandwidth()
+    # peak: a unit the efficiency scales
+    cpu = planner.GPU(memory_gib=24, peak_tflops=1.0, intra_node_gbs=bandwidth, memory_gbs=memory_gbs)
     cluster = planner.Cluster(
-        cpu, nodes=1, gpus_per_node=1, efficiency=1.0, norm_saves=3, collective_latency_us=latency
-    )  # composite CPU norm
-    floors = {}
-    measured = {name: measure(*CONFIGS[name], steps=args.steps) for name in args.only or CONFIGS}
-    cluster = calibrate(CONFIGS, measured, cluster)
-    rows = []
-    for name, got in measured.items():
-        want = predict(*CONFIGS[name], cluster)
-        _, seq, mbs, *_, reference = CONFIGS[name]
-        if (seq, mbs, reference) not in floors:
-            floors[seq, mbs, reference] = floor_gib(seq, mbs, reference, cluster)
-        memory = got["peak_memory_gib"] - floors[seq, mbs, reference]
-        rows.append(compare(name, want, got, memory))
-        print(rows[-1], flush=True)
-    floors_gib = ", ".join(f"{f:.3f}" for f in floors.values())
-    print(f"floors {floors_gib} GiB, gloo {bandwidth:.2f} GB/s and {latency:.0f} us, "
+        cpu, nodes=1, gpus_per_node=1, efficiency=1.0, norm_saves=CPU_NORM_SAVES, collective_latency_us=latency
+    )
+    if args.measured:  # the stored memory is already over the floor
+        timed = stored(args.measured)
+        memory = {name: got["peak_memory_gib"] for name, got in timed.items()}
+    else:
+        timed = {name: measure(*CONFIGS[name], steps=args.steps, env=TIME_ENV) for name in args.only or CONFIGS}
+        floors, memory = {}, {}
+        for name in timed:
+            _, seq, mbs, *_, reference = CONFIGS[name]
+            if (seq, mbs, reference) not in floors:
+                floors[seq, mbs, reference] = floor_gib(seq, mbs, reference, cluster)
+            peak = measure(*CONFIGS[name], steps=3, env=MEMORY_ENV)["peak_memory_gib"]
+            memory[name] = peak - floors[seq, mbs, reference]
+        print("floors", ", ".join(f"{f:.3f}" for f in floors.values()), "GiB")
+    cluster = calibrate(CONFIGS, timed, cluster)
+    rows = [compare(name, predict(*CONFIGS[name], cluster), got, memory[name]) for name, got in timed.items()]
+    for row in rows:
+        print(row, flush=True)
+    print(f"gloo {bandwidth:.2f} GB/s and {latency:.0f} us, copy {memory_gbs:.1f} GB/s, "
           f"efficiency {cluster.efficiency:.4f} of 1 TFLOP/s")  # fmt: skip
     write_csv(rows, Path(args.csv))
 

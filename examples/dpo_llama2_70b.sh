@@ -3,15 +3,14 @@
 #   NNODES=4 NODE_RANK=... MASTER_ADDR=... HF_MODEL=/models/llama-2-70b DATA=/data/ultrafeedback_binarized/train_prefs \
 #     bash examples/dpo_llama2_70b.sh
 # Layout from the planner (mdpo plan --model llama2-70b --nodes 4 --gpu a800-80g --global-batch 512), the seed's
-# workload (61k pairs x 3 epochs, 1,010 tokens per pair, packs of 8,192, precomputed reference, efficiency 0.40
-# as measured on one H200):
-#   4 nodes, TP=8 PP=4 DP=1 + SP: 65.2 GiB per GPU (36.4 weights/grads/optimizer, 28.8 activations), 65.3 s per
-#   step, 7.1 h. The marginally faster TP=8 PP=2 (64.6 s) predicts 73.5 GiB with selective recompute: at the 92%
-#   usable line of an 80 GB card, too tight to recommend.
-#   8 nodes (NNODES=8, global batch 1,024): TP=8 PP=2 DP=4 + SP: 64.9 GiB, 64.5 s per step, 3.5 h; set PP=2.
+# workload (61k pairs x 3 epochs, 1,010 tokens per pair, packs of 8,192, precomputed reference, efficiency 0.35
+# as fitted on a 1.1B on one H100/H200):
+#   4 nodes, TP=8 PP=4 DP=1 + SP: 69.5 GiB per GPU (36.4 weights/grads/optimizer, 33.1 activations), 73.8 s per
+#   step, 8.0 h (selective recompute saves only 2 GiB here: Megatron keeps the fused QKV output the value views).
+#   8 nodes (NNODES=8, global batch 1,024): TP=8 PP=2 DP=4 + SP: 69.3 GiB, 72.8 s per step, 4.0 h; set PP=2.
 # The same recipe trains other Llama-architecture sizes (HF_MODEL=..., TP=..., PP=...): a 34B (codellama-34b), 4 nodes,
-# at TP=4 PP=2 DP=4 + SP, 65.0 GiB, 31.0 s per step, 3.4 h; Qwen 72B on 8 nodes goes through dpo_qwen_7b.sh with
-# TP=8 PP=2: 64.1 GiB, 66.4 s per step, 3.6 h.
+# at TP=4 PP=2 DP=4 + SP, 69.0 GiB, 35.2 s per step, 3.8 h; Qwen 72B on 8 nodes goes through dpo_qwen_7b.sh with
+# TP=8 PP=2: 67.9 GiB, 75.1 s per step, 4.1 h.
 # These are predictions (the planner is validated on CPU and on a 1.1B on one GPU, not at 70B); the first steps'
 # peak_memory_gib and tokens_per_second in metrics.jsonl say how close they are. Sequence parallel needs TE's layers.
 NNODES=${NNODES:-4}

@@ -6,7 +6,8 @@ moments (Megatron's mixed-precision optimizer, its states sharded over DP x CP w
 a frozen bf16 reference copy when the reference runs online; activations of Megatron's layers with flash-style
 attention (no [s, s] score matrix); fp32 copies of the vocab-parallel logits in the cross entropy. Time counts
 model FLOPs as bench_dpo.py does (6N per trained token, 2N per reference token, causal attention), divided by the
-cluster's peak times one calibrated efficiency, plus the exposed communication and the pipeline bubble.
+cluster's peak times one calibrated efficiency, plus the exposed communication, the pipeline bubble and the
+optimizer step (memory-bound: the bytes it moves over the GPU's memory bandwidth).
 """
 
 from __future__ import annotations
@@ -75,15 +76,21 @@ class GPU:
     memory_gib: float
     peak_tflops: float  # dense bf16
     intra_node_gbs: float  # GB/s per GPU, one direction (NVLink)
+    memory_gbs: float  # HBM bandwidth, GB/s
 
 
 GPUS = {
-    "a800-80g": GPU(80, 312, 200),  # NVLink capped at 400 GB/s both directions
-    "a100-80g": GPU(80, 312, 300),
-    "h800-80g": GPU(80, 989, 200),
-    "h100-80g": GPU(80, 989, 450),
-    "h200-141g": GPU(141, 989, 450),
+    "a800-80g": GPU(80, 312, 200, 2039),  # NVLink capped at 400 GB/s both directions
+    "a100-80g": GPU(80, 312, 300, 2039),
+    "h800-80g": GPU(80, 989, 200, 3350),
+    "h100-80g": GPU(80, 989, 450, 3350),
+    "h200-141g": GPU(141, 989, 450, 4800),
 }
+# What the optimizer step moves per parameter of its shard: torch's foreach AdamW (Megatron's fallback without
+# Transformer Engine or apex) reads and writes the fp32 master weight, both moments and a square-root temporary
+# in seven passes (72 bytes); Megatron adds the gradient norm (4), the bf16 weight copy (6) and zeroing the
+# gradient buffer (4).
+OPTIMIZER_BYTES_PER_PARAM = 86
 
 
 @dataclass(frozen=True)
@@ -92,9 +99,12 @@ class Cluster:
     nodes: int = 1
     gpus_per_node: int = 8
     inter_node_gbs: float = 25.0  # GB/s per GPU between nodes (e.g. one 200 Gb/s NIC per GPU)
-    efficiency: float = 0.40  # of peak on the model FLOPs before communication and bubbles (measured: H200, 1.1B)
+    # of peak on the model FLOPs, before communication, bubbles and the optimizer step: fitted on a 1.1B Llama on one
+    # GPU (validate_planner.py --gpu: 0.349 on an H100, 0.359 on an H200); larger matrices usually do better
+    efficiency: float = 0.35
     usable_memory: float = 0.92  # of each GPU's memory: the CUDA context and allocator fragmentation take the rest
-    # torch's RMSNorm is one kernel on CUDA (autograd keeps its input); on CPU it is composite (keeps 3 tensors)
+    # hidden-sized tensors torch's RMSNorm keeps: one kernel on CUDA keeps its input; on CPU it is composite and
+    # keeps the input and the normalised product (the per-token rsqrt is negligible either way)
     norm_saves: int = 1
     collective_latency_us: float = 10.0  # fixed cost of one TP/CP collective (NCCL within a node: a few us)
 
@@ -178,16 +188,19 @@ def activation_bytes_per_token_layer(model: ModelShape, layout: Layout, norm_sav
     """Bytes autograd keeps per token and layer (for one micro-batch in flight), from what each op saves in
     Megatron's layers with flash-style attention: the two norms' saved tensors and their matmuls' inputs
     ((2 x norm_saves + 2)h; split over TP with sequence parallelism), q and the key/value heads repeated to the
-    query heads, the attention output and the projection's input (5h/TP; selective recompute keeps q, k, v before
-    the repeat and the projection input instead), SwiGLU's gate, up, product and the down projection's input
-    (4f/TP). Full recompute keeps only each layer's input (one layer recomputed at a time is the caller's)."""
+    query heads, the attention output and the projection's input (5h/TP; selective recompute keeps instead q and
+    k after the rotary embedding, the fused QKV output the value is a view of, and the projection input), and in
+    the MLP the fused gate/up output, the silu, the up half plus Megatron's glu_linear_offset (a copy), their
+    product as the down projection's input (5f/TP). Full recompute keeps only each layer's input (one layer
+    recomputed at a time is the caller's). Left out: the rotary cos/sin per layer (4 x head_dim per row position,
+    under 1%)."""
     h, f, t = model.hidden, model.ffn, layout.tp
     width = layout.width
     if layout.recompute == "full":
         return width * h / (t if layout.sequence_parallel else 1)
     norms = (2 * norm_saves + 2) * h / (t if layout.sequence_parallel else 1)
-    attention = (2 * h + 2 * model.kv_dim) / t if layout.recompute == "selective" else 5 * h / t
-    return width * (norms + attention + 4 * f / t)
+    attention = 3 * (h + model.kv_dim) / t if layout.recompute == "selective" else 5 * h / t
+    return width * (norms + attention + 5 * f / t)
 
 
 def memory_per_gpu(model: ModelShape, layout: Layout, workload: Workload, cluster: Cluster) -> dict[str, float]:
@@ -230,7 +243,8 @@ def memory_per_gpu(model: ModelShape, layout: Layout, workload: Workload, cluste
 
 def step_time(model: ModelShape, layout: Layout, workload: Workload, cluster: Cluster) -> dict[str, float]:
     """Seconds per optimizer step, by part: compute (model FLOPs of the real tokens over the fill of the token
-    slots, at the calibrated efficiency), the pipeline bubble, and the communication not hidden behind compute."""
+    slots, at the calibrated efficiency), the pipeline bubble, the communication not hidden behind compute, and
+    the optimizer step over the rank's shard of the weights."""
     world, t, p, c = cluster.world, layout.tp, layout.pp, layout.cp
     dp = layout.dp(world)
     seq = workload.mean_tokens / 2
@@ -264,6 +278,8 @@ def step_time(model: ModelShape, layout: Layout, workload: Workload, cluster: Cl
     dp_bytes = (group - 1) / group * shard_params * (4 + width) if group > 1 else 0
     dp_link = inter if world > cluster.gpus_per_node and t * p * c <= cluster.gpus_per_node else intra
     exposed = 0.2 if layout.overlap_grad_reduce else 1.0
+    shard = group if layout.distributed_optimizer else 1
+    optimizer = OPTIMIZER_BYTES_PER_PARAM * shard_params / shard / (cluster.gpu.memory_gbs * 1e9)
     parts = {
         "compute": compute,
         "bubble": bubble,
@@ -272,6 +288,7 @@ def step_time(model: ModelShape, layout: Layout, workload: Workload, cluster: Cl
         if c > 1
         else 0.0,
         "dp_comm": exposed * dp_bytes / dp_link,
+        "optimizer": optimizer,
     }
     return parts | {"total": sum(parts.values())}
 
@@ -372,6 +389,7 @@ def add_arguments(parser):  # noqa: ANN001, ANN201 - argparse types
     parser.add_argument("--gpu-memory-gib", type=float, help="override the GPU preset's memory")
     parser.add_argument("--peak-tflops", type=float, help="override the GPU preset's dense bf16 peak")
     parser.add_argument("--intra-node-gbs", type=float, help="override the GPU preset's NVLink GB/s per GPU")
+    parser.add_argument("--memory-gbs", type=float, help="override the GPU preset's memory bandwidth (GB/s)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--inter-node-gbs", type=float, default=Cluster.inter_node_gbs, help="GB/s per GPU")
@@ -412,6 +430,7 @@ def run(args) -> str:  # noqa: ANN001 - argparse namespace
         args.gpu_memory_gib or preset.memory_gib,
         args.peak_tflops or preset.peak_tflops,
         args.intra_node_gbs or preset.intra_node_gbs,
+        args.memory_gbs or preset.memory_gbs,
     )
     cluster = Cluster(gpu, args.nodes, args.gpus_per_node, args.inter_node_gbs, args.efficiency)
     workload = Workload(args.pairs, args.mean_tokens, args.max_tokens, args.epochs, args.reference,

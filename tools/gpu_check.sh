@@ -26,7 +26,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)
 if [ "${1:-}" = planner ]; then  # `bash tools/gpu_check.sh planner`: the planner against 1.1B runs instead
   echo "$gpu"
-  timeout 280 python3 benchmarks/validate_planner.py --gpu --steps 5 --csv "$out/planner_gpu.csv" 2>&1 | tail -8
+  timeout 400 python3 benchmarks/validate_planner.py --gpu --steps 6 --csv "$out/planner_gpu.csv" 2>&1 \
+    | tee "$out/planner.log" | grep -v Warning | tail -12
   exit
 fi
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"
