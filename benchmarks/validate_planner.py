@@ -33,8 +33,8 @@ from bench_dpo import run_config
 from mdpo import planner
 
 TIME_ENV = {"OMP_NUM_THREADS": "1"}
-CPU_NORM_SAVES = 2  # torch's composite RMSNorm on CPU keeps its input and the normalised product
 MEMORY_ENV = TIME_ENV | {"MALLOC_MMAP_THRESHOLD_": "65536"}
+CPU_NORM_SAVES = 2  # torch's composite RMSNorm on CPU keeps its input and the normalised product
 SMALL = planner.ModelShape(hidden=256, ffn=688, layers=4, heads=4, kv_heads=2, vocab=8192)
 FLOOR = planner.ModelShape(hidden=32, ffn=64, layers=1, heads=2, kv_heads=2, vocab=256)
 
