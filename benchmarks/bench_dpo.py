@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-from mdpo.planner import MODELS, ModelShape
+import torch
+
+from mdpo.config import ModelConfig
+from mdpo.planner import MODELS, flops_per_token, matmul_params
+from mdpo.planner.runs import run_config
 
 # Llama 2 shapes (vocab 32000) and TinyLlama's 1.1B shape (mdpo.planner's presets); "tiny" is for CPU.
+TINY = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
 PRESETS = {
-    "tiny": ModelShape(hidden=256, ffn=688, layers=4, heads=4, kv_heads=4, vocab=32000),
+    "tiny": TINY,
     "1b": MODELS["tinyllama-1.1b"],
     "7b": MODELS["llama2-7b"],
     "13b": MODELS["llama2-13b"],
@@ -34,75 +35,19 @@ PRESETS = {
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0}  # bf16 dense
 
 
-def flops_per_step(m: ModelShape, tokens: float, seq_len: int, reference: str) -> float:
+def flops_per_step(m: ModelConfig, tokens: float, seq_len: int, reference: str) -> float:
     """Trained tokens (6N + causal attention) plus, online, a reference forward (2N + its attention)."""
     return tokens * (
-        m.flops_per_token(seq_len, True) + (m.flops_per_token(seq_len, False) if reference == "online" else 0)
+        flops_per_token(m, seq_len, True) + (flops_per_token(m, seq_len, False) if reference == "online" else 0)
     )
 
 
 def default_peak() -> float | None:
-    import torch
-
+    """The bf16 dense peak of this GPU, when its name says which; None on CPU."""
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def run_config(model: ModelShape, *, seq_len: int, micro_batch: int = 1, steps: int = 6, warmup: int = 2,
-               nproc: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, reference: str = "online",
-               packing: bool = False, attention: str = "auto", global_batch: int | None = None,
-               prompt_len: int | None = None, extra: tuple[str, ...] = (), env: dict | None = None,
-               ) -> dict:  # fmt: skip
-    """Train `steps` steps of synthetic pairs (every sequence seq_len tokens) in a fresh process (torchrun when
-    nproc > 1); the mean step time, tokens and the peak memory over the steps after `warmup`."""
-    gbs = global_batch or 4 * micro_batch * max(1, nproc // (tp * pp * cp))
-    prompt_len = prompt_len or seq_len // 4
-    root = Path(os.environ.get("MDPO_BENCH_DIR", tempfile.mkdtemp(prefix="mdpo_bench_")))
-    data = root / "pairs.jsonl"
-    from mdpo.data.synthetic import build_demo_tokenizer
-
-    build_demo_tokenizer(root / "tokenizer")
-    # The demo tokenizer puts BOS first and the trainer appends EOS: a prompt of prompt_len - 1 characters.
-    digits = lambda n, k: "".join(str((k * 7 + i * 3) % 10) for i in range(n))
-    response = seq_len - prompt_len - 1
-    rows = [
-        {"prompt": digits(prompt_len - 1, k), "chosen": digits(response, k + 1), "rejected": digits(response, k + 2)}
-        for k in range(gbs * steps)
-    ]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    overrides = [
-        f"model.hidden_size={model.hidden}", f"model.intermediate_size={model.ffn}",
-        f"model.num_hidden_layers={model.layers}", f"model.num_attention_heads={model.heads}",
-        f"model.num_key_value_heads={model.kv_heads}", f"model.vocab_size={model.vocab}",
-        f"model.max_position_embeddings={max(4096, seq_len)}",
-        f"model.attention={attention}", f"data.train_file={data}", f"data.tokenizer={root / 'tokenizer'}",
-        "data.format=plain", "data.template=raw", f"data.max_length={seq_len}", f"data.packing={packing}",
-        f"schedule.global_batch_size={gbs}", f"schedule.micro_batch_size={micro_batch}",
-        f"schedule.train_steps={steps}", "schedule.warmup_ratio=0", f"parallel.tp={tp}", f"parallel.pp={pp}",
-        f"parallel.cp={cp}", f"dpo.reference={'none' if reference == 'none' else 'online'}",
-        f"logging.run_dir={root / 'run'}", "logging.progress=false", "logging.plot=false",
-        "checkpoint.export_hf=false", "checkpoint.save_at_end=false", *extra,
-    ]  # fmt: skip
-    if packing:  # a pack holds a micro-batch's worth of pairs
-        overrides.append(f"data.pack_tokens={2 * seq_len * micro_batch}")
-    if reference == "none":
-        overrides.append("dpo.loss_type=apo_zero")  # a loss defined without a reference: same compute as precomputed
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = [*(launcher if nproc > 1 else [sys.executable]), "-m", "mdpo", "train", *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if result.returncode:
-        sys.exit(result.stderr[-3000:])
-    records = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if "loss" in r][warmup:]
-    step_s = sum(r["num_tokens"] / r["tokens_per_second"] for r in timed) / len(timed)
-    return {
-        "global_batch": gbs,
-        "step_s": step_s,
-        "tokens": sum(r["num_tokens"] for r in timed) / len(timed),
-        "peak_memory_gib": max(r["peak_memory_gib"] for r in timed),
-    }
 
 
 def main() -> None:
@@ -135,7 +80,7 @@ def main() -> None:
     achieved = flops_per_step(model, tokens, args.seq_len, reference) / step_s / 1e12
     peak = args.peak_tflops or default_peak()
     mfu = achieved / (peak * world) if peak else None
-    row = {"model": args.model, "params_b": round(model.matmul_params() / 1e9, 3), "seq_len": args.seq_len,
+    row = {"model": args.model, "params_b": round(matmul_params(model) / 1e9, 3), "seq_len": args.seq_len,
            "micro_batch": args.micro_batch, "global_batch": run["global_batch"], "tp": args.tp, "pp": args.pp,
            "cp": args.cp, "world": world, "attention": args.attention, "reference": args.reference,
            "packing": args.packing, "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 1),

@@ -1,5 +1,5 @@
 """The planner's predictions against measurements on this machine: peak memory and step time of small models over
-several layouts, trained for real by `mdpo train` (through bench_dpo.run_config).
+several layouts, trained for real by `mdpo train` (the configurations and the fit are mdpo.planner.validation's).
 
     python benchmarks/validate_planner.py          # this CPU -> benchmarks/results/planner_cpu.csv
     python benchmarks/validate_planner.py --gpu    # one GPU, a 1.1B model (tools/gpu_check.sh planner)
@@ -20,72 +20,28 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
+import time
 from pathlib import Path
 
-from bench_dpo import run_config
+import torch
 
 from mdpo import planner
-
-TIME_ENV = {"OMP_NUM_THREADS": "1"}
-MEMORY_ENV = TIME_ENV | {"MALLOC_MMAP_THRESHOLD_": "65536"}
-CPU_NORM_SAVES = 2  # torch's composite RMSNorm on CPU keeps its input and the normalised product
-SMALL = planner.ModelShape(hidden=256, ffn=688, layers=4, heads=4, kv_heads=2, vocab=8192)
-FLOOR = planner.ModelShape(hidden=32, ffn=64, layers=1, heads=2, kv_heads=2, vocab=256)
-
-# name: model, sequence length, micro-batch (pairs), processes, TP, PP, recompute, reference
-CONFIGS = {
-    "base": (SMALL, 256, 2, 1, 1, 1, "none", "online"),
-    "mbs4": (SMALL, 256, 4, 1, 1, 1, "none", "online"),
-    "seq512": (SMALL, 512, 2, 1, 1, 1, "none", "none"),
-    "selective": (SMALL, 512, 2, 1, 1, 1, "selective", "none"),
-    "full": (SMALL, 512, 2, 1, 1, 1, "full", "none"),
-    "tp2": (SMALL, 256, 2, 2, 2, 1, "none", "online"),
-    "pp2": (SMALL, 256, 2, 2, 1, 2, "none", "online"),
-    "dp2": (SMALL, 256, 2, 2, 1, 1, "none", "online"),
-}
-# --gpu (one GPU, bf16): a 1.1B Llama at 2048 tokens per sequence
-ONE_B = planner.MODELS["tinyllama-1.1b"]
-GPU_CONFIGS = {
-    "1b_mbs1": (ONE_B, 2048, 1, 1, 1, 1, "none", "online"),
-    "1b_mbs2": (ONE_B, 2048, 2, 1, 1, 1, "none", "none"),
-    "1b_mbs4": (ONE_B, 2048, 4, 1, 1, 1, "none", "none"),
-    "1b_selective": (ONE_B, 2048, 4, 1, 1, 1, "selective", "none"),
-    "1b_full": (ONE_B, 2048, 4, 1, 1, 1, "full", "none"),
-}
-
-
-def measure(model: planner.ModelShape, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str,
-            reference: str, steps: int, env: dict) -> dict:  # fmt: skip
-    dp = nproc // (tp * pp)
-    return run_config(
-        model, seq_len=seq, micro_batch=mbs, steps=steps, warmup=2, nproc=nproc, tp=tp, pp=pp, reference=reference,
-        attention="sdpa", global_batch=2 * mbs * dp, env=env,
-        extra=(f"parallel.recompute={recompute}", "data.cache=false"),  # every run tokenizes: the same floor
-    )  # fmt: skip
-
-
-def floor_gib(seq: int, mbs: int, reference: str, cluster: planner.Cluster) -> float:
-    """Peak RSS of a process that does everything a configuration's does (same pairs) but with a negligible model."""
-    config = (FLOOR, seq, mbs, 1, 1, 1, "none", reference)
-    return measure(*config, steps=3, env=MEMORY_ENV)["peak_memory_gib"] - predict(*config, cluster).memory_gib["total"]
-
-
-def predict(model: planner.ModelShape, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str,
-            reference: str, cluster: planner.Cluster) -> planner.Plan:  # fmt: skip
-    dp = nproc // (tp * pp)
-    precision = "fp32" if cluster.norm_saves == CPU_NORM_SAVES else "bf16"  # the CPU runs fp32, the GPU bf16
-    layout = planner.Layout(tp=tp, pp=pp, recompute=recompute, micro_batch=mbs, packing=False, precision=precision,
-                            distributed_optimizer=False, overlap_grad_reduce=False)  # fmt: skip
-    workload = planner.Workload(mean_tokens=2 * seq, max_tokens=2 * seq, reference=reference,
-                                global_batch=2 * mbs * dp, padded_fill=1.0)  # fmt: skip
-    return planner.plan(model, layout, workload, replace(cluster, gpus_per_node=nproc))
-
+from mdpo.planner.validation import (
+    CONFIGS,
+    CPU_NORM_SAVES,
+    GPU_CONFIGS,
+    MEMORY_ENV,
+    TIME_ENV,
+    calibrate,
+    compare,
+    floor_gib,
+    measure,
+    predict,
+)
 
 GLOO_BANDWIDTH = """
 import time, torch, torch.distributed as dist
@@ -120,10 +76,6 @@ def gloo_link() -> tuple[float, float]:
 
 def copy_bandwidth() -> float:
     """GB/s one thread moves copying 512 MiB (read + write): the "GPU" memory bandwidth of a CPU process."""
-    import time
-
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     source, target = torch.ones(2**27), torch.empty(2**27)
@@ -134,23 +86,6 @@ def copy_bandwidth() -> float:
     seconds = (time.perf_counter() - start) / 5
     torch.set_num_threads(threads)
     return 2 * source.numel() * 4 / seconds / 1e9
-
-
-def calibrate(configs: dict, measured: dict, cluster: planner.Cluster) -> planner.Cluster:
-    """The one constant: the efficiency that best fits all step times (geometric mean of the ratios)."""
-    ratios = []
-    for name, got in measured.items():
-        guess = predict(*configs[name], cluster)
-        ratios.append(guess.time_s["compute"] / (got["step_s"] - (guess.step_s - guess.time_s["compute"])))
-    return replace(cluster, efficiency=math.exp(sum(map(math.log, ratios)) / len(ratios)))
-
-
-def compare(name: str, want: planner.Plan, got: dict, memory: float) -> dict:
-    return {
-        "config": name, "predicted_gib": round(want.memory_gib["total"], 3), "measured_gib": round(memory, 3),
-        "memory_error": round(want.memory_gib["total"] / memory - 1, 3), "predicted_s": round(want.step_s, 3),
-        "measured_s": round(got["step_s"], 3), "time_error": round(want.step_s / got["step_s"] - 1, 3),
-    }  # fmt: skip
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -164,10 +99,6 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def adamw_bytes_per_param(gpu: planner.GPU, params: int = 2**30) -> float:
     """torch's foreach AdamW step on `params` fp32 weights, timed, as bytes per weight at the preset's memory
     bandwidth: the part of the planner's OPTIMIZER_BYTES_PER_PARAM (72 of them) that is torch's."""
-    import time
-
-    import torch
-
     weights = [torch.zeros(2**26, device="cuda", requires_grad=True) for _ in range(params // 2**26)]
     for w in weights:
         w.grad = torch.ones_like(w)
@@ -195,8 +126,6 @@ def validate_gpu(args: argparse.Namespace) -> None:
     if args.measured:
         name, gpu, measured = args.preset, planner.GPUS[args.preset], stored(args.measured)
     else:
-        import torch
-
         name = torch.cuda.get_device_name()
         gpu = planner.GPUS["h200-141g" if "H200" in name else "h100-80g"]
         measured = {}

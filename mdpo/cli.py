@@ -1,85 +1,70 @@
-"""`mdpo` command line: train, demo, plot. User errors print one line and exit 2, never a traceback."""
+"""`mdpo` command line: train, precompute-ref, demo, data stats, convert (hf-to-megatron, megatron-to-hf), plan,
+sweep and plot. User errors print one line and exit 2, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 
+from mdpo import planner, startup
+from mdpo.checkpoint import convert
+from mdpo.checkpoint.description import describe_model
+from mdpo.config import TrainConfig, load_config, translate_args
+from mdpo.data import stats
+from mdpo.demo import run_demo
 from mdpo.errors import MdpoError
+from mdpo.plot import plot_metrics
+from mdpo.sweep import run_sweep
+from mdpo.training.precompute import precompute_reference
+from mdpo.training.trainer import train
 
 
-def quiet_libraries() -> None:
-    """Megatron-Core warns at import that TE/Apex are absent; that is expected on CPU and says nothing new."""
-    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
-    warnings.filterwarnings("ignore", message=".*Apex.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _start() -> None:
-    quiet_libraries()
-    from mdpo import megatron_cpu
-
-    megatron_cpu.apply()
-
-
-def _config_and_overrides(args: argparse.Namespace, extra: Sequence[str]):
-    """The YAML file is optional: `mdpo train key=value ...` configures everything from overrides."""
-    from mdpo.config import load_config, translate_args
-
-    config, overrides = args.config, list(args.overrides)
+def load_run_config(config: str | None, overrides: Sequence[str]) -> TrainConfig:
+    """A run's config as `mdpo train` reads it: the YAML file (optional: `mdpo train key=value ...` configures
+    everything from overrides), overrides and Megatron-LM style flags, the model described by the folder
+    `model.hf_config` / `model.init_from` names."""
+    overrides = list(overrides)
     if config is not None and "=" in config and not os.path.exists(config):
         config, overrides = None, [config, *overrides]
-    return load_config(config, translate_args(overrides + list(extra)))
+    return load_config(config, translate_args(overrides), describe_model=describe_model)
+
+
+def _no_extra(command: str, extra: Sequence[str]) -> None:
+    if extra:
+        raise MdpoError(f"unexpected arguments for {command}: {' '.join(extra)}")
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    cfg = _config_and_overrides(args, extra)
-    _start()
-    from mdpo.training.trainer import train
-
+    cfg = load_run_config(args.config, [*args.overrides, *extra])
+    startup.prepare()
     train(cfg)
     return 0
 
 
 def cmd_precompute_ref(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    cfg = _config_and_overrides(args, extra)
-    _start()
-    from mdpo.training.trainer import precompute_reference
-
+    cfg = load_run_config(args.config, [*args.overrides, *extra])
+    startup.prepare()
     precompute_reference(cfg)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    if extra:
-        raise MdpoError(f"unexpected arguments for demo: {' '.join(extra)}")
-    _start()
-    from mdpo.demo import run_demo
-
+    _no_extra("demo", extra)
+    startup.prepare()
     run_demo(args.out)
     return 0
 
 
 def cmd_data_stats(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    if extra:
-        raise MdpoError(f"unexpected arguments for data stats: {' '.join(extra)}")
-    quiet_libraries()
-    from mdpo.data.stats import print_stats
-
-    return print_stats(args)
+    _no_extra("data stats", extra)
+    startup.quiet_libraries()
+    return stats.print_stats(args)
 
 
 def cmd_convert(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    if extra:
-        raise MdpoError(f"unexpected arguments for convert: {' '.join(extra)}")
-    quiet_libraries()
-    from mdpo.checkpoint import convert
-
+    _no_extra("convert", extra)
     if args.direction == "hf-to-megatron":
         out = convert.hf_to_megatron(
             args.hf, args.out, tp=args.tp, pp=args.pp, position_embedding=args.position_embedding
@@ -91,28 +76,19 @@ def cmd_convert(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_plot(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    if extra:
-        raise MdpoError(f"unexpected arguments for plot: {' '.join(extra)}")
-    from mdpo.plot import plot_metrics
-
+    _no_extra("plot", extra)
     print(plot_metrics(args.run_dir, args.out))
     return 0
 
 
 def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    if extra:
-        raise MdpoError(f"unexpected arguments for plan: {' '.join(extra)}")
-    from mdpo.planner import run
-
-    print(run(args))
+    _no_extra("plan", extra)
+    print(planner.run(args))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    if extra:
-        raise MdpoError(f"unexpected arguments for sweep: {' '.join(extra)}")
-    from mdpo.sweep import run_sweep
-
+    _no_extra("sweep", extra)
     print(run_sweep(args.sweep))
     return 0
 
@@ -140,12 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.set_defaults(func=cmd_demo)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    from mdpo.data.stats import add_arguments
-
-    stats = data.add_parser(
+    data_stats = data.add_parser(
         "stats", help="counts, token-length percentiles, truncation, padding waste and packing efficiency"
     )
-    add_arguments(stats).set_defaults(func=cmd_data_stats)
+    stats.add_arguments(data_stats).set_defaults(func=cmd_data_stats)
     conv = sub.add_parser("convert", help="HF model folder <-> Megatron-Core distributed checkpoint").add_subparsers(
         dest="direction", required=True
     )
@@ -172,10 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--ckpt", required=True, help="mdpo convert output or training checkpoint folder")
     to_hf.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     to_hf.set_defaults(func=cmd_convert)
-    from mdpo.planner import add_arguments as plan_arguments
-
-    planner = sub.add_parser("plan", help="predict per-GPU memory and step time of layouts; rank the feasible ones")
-    plan_arguments(planner).set_defaults(func=cmd_plan)
+    plan = sub.add_parser("plan", help="predict per-GPU memory and step time of layouts; rank the feasible ones")
+    planner.add_arguments(plan).set_defaults(func=cmd_plan)
     sweep = sub.add_parser(
         "sweep", help="a grid of short runs (sizes x layouts) -> OUT/sweep.csv and sweep.png; reruns resume"
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mdpo.config import TrainConfig, validate
+from mdpo.data.synthetic import build_demo_tokenizer, make_demo_data
+from mdpo.training.trainer import train
 
 DEMO_MODEL = dict(
     hidden_size=128,
@@ -24,8 +26,6 @@ DEMO_MODEL = dict(
 
 def demo_config(out: str | Path, **overrides: dict) -> TrainConfig:
     """Write the tokenizer and data under `out` and return the run's config (sections overridable)."""
-    from mdpo.data.synthetic import build_demo_tokenizer, make_demo_data
-
     out = Path(out)
     tokenizer = build_demo_tokenizer(out / "tokenizer")
     train_file, eval_file = make_demo_data(out / "data", n_train=4096, n_eval=128, seed=0)
@@ -54,8 +54,6 @@ def demo_config(out: str | Path, **overrides: dict) -> TrainConfig:
 
 def run_demo(out: str | Path = "runs/demo", **overrides: dict) -> dict[str, float]:
     """Run the demo; prints held-out accuracy before and after, and where metrics and the plot went."""
-    from mdpo.training.trainer import train
-
     cfg = demo_config(out, **overrides)
     summary = train(cfg)
     print(

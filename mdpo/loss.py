@@ -1,10 +1,11 @@
 """Preference-optimisation losses (DPO and its variants) as pure per-pair tensor math.
 
-Inputs are per-pair *summed* response log-probs, shape [B], from the policy and the frozen
-reference, so this module knows nothing about models, parallelism or tokens. The formulas follow
-TRL 0.28's ``DPOTrainer.dpo_loss`` so that runs are comparable with TRL; where TRL keeps hidden
-state (``bco_pair``'s running reward mean) or length-normalises log-probs before the call
-(``ipo``), this module takes an explicit option or the response lengths instead.
+Inputs are per-pair *summed* response log-probs, shape [B], from the policy and the frozen reference, so this
+module knows nothing about models, parallelism or tokens. The formulas follow TRL 0.28's ``DPOTrainer.dpo_loss``
+so that runs are comparable with TRL; where TRL keeps hidden state (``bco_pair``'s running reward mean) or
+length-normalises log-probs before the call (``ipo``), this module takes an explicit option or the response lengths
+instead. The objective's settings are a `DPOConfig`, which checks them once when it is built: `pair_losses` (the
+training step's path) only computes, and `preference_loss` is the checked entry point for direct callers.
 """
 
 import math
@@ -15,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mdpo.config import LOSS_TYPES, DPOConfig
 from mdpo.errors import ConfigError
 
-__all__ = ["LOSS_TYPES", "nll_loss", "preference_loss"]
+__all__ = ["LOSS_TYPES", "PairLosses", "nll_loss", "pair_losses", "preference_loss"]
 
-# Extra keyword options of preference_loss and their defaults; anything else is a config typo.
-_OPTION_DEFAULTS: dict[str, float] = {"bco_delta": 0.0, "discopop_tau": 0.05}
+# The DPOConfig fields preference_loss takes as keyword settings (the rest say where the reference comes from).
+OBJECTIVE_SETTINGS = ("loss_type", "loss_weights", "beta", "label_smoothing", "rpo_alpha", "bco_delta", "discopop_tau")
 # TRL replaces label_smoothing == 0 by this for exo_pair, whose target distribution needs eps > 0.
 _EXO_DEFAULT_EPS = 1e-3
 
@@ -165,12 +167,69 @@ _LOSSES: dict[str, Callable[[_Pairs], Tensor]] = {
 }
 _NEEDS_LENGTHS = frozenset({"ipo", "sigmoid_norm"})
 
-LOSS_TYPES: tuple[str, ...] = tuple(_LOSSES)
+
+@dataclass(frozen=True)
+class PairLosses:
+    """Per-pair values, each [B]: the objective's loss, the implicit rewards beta * (policy - reference) on the
+    summed log-probs (detached: metrics, not loss), each loss type's own unweighted term, and the chosen response's
+    mean token NLL when the objective has an RPO term."""
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    terms: dict[str, Tensor]
+    nll: Tensor | None = None
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """At least float32: the losses are [B]-sized and cheap, and half precision loses long lengths."""
     return torch.promote_types(t.dtype, torch.float32)
+
+
+def pair_losses(
+    dpo: DPOConfig,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> PairLosses:
+    """The objective `dpo` describes, on [B] tensors of one shape (reference values are ignored when
+    `dpo.reference_free`). Nothing is checked here: `dpo` checked itself when it was built, and callers pass
+    well-formed tensors (`preference_loss` checks them for direct callers)."""
+    dtype = _compute_dtype(policy_chosen)
+    policy_chosen, policy_rejected = policy_chosen.to(dtype), policy_rejected.to(dtype)
+    if dpo.reference_free:
+        ref_chosen, ref_rejected = torch.zeros_like(policy_chosen), torch.zeros_like(policy_rejected)
+    else:
+        ref_chosen, ref_rejected = ref_chosen.detach().to(dtype), ref_rejected.detach().to(dtype)
+    c_len = chosen_lengths.to(dtype) if chosen_lengths is not None else None
+    r_len = rejected_lengths.to(dtype) if rejected_lengths is not None else None
+    pairs = _Pairs(
+        policy_chosen=policy_chosen,
+        policy_rejected=policy_rejected,
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+        chosen_lengths=c_len,
+        rejected_lengths=r_len,
+        beta=dpo.beta,
+        label_smoothing=dpo.label_smoothing,
+        bco_delta=dpo.bco_delta,
+        discopop_tau=dpo.discopop_tau,
+    )
+    terms = {name: _LOSSES[name](pairs) for name in dpo.loss_types}
+    losses = sum(weight * terms[name] for name, weight in zip(dpo.loss_types, dpo.weights))
+    nll = -policy_chosen / c_len if dpo.rpo_alpha > 0 else None
+    if nll is not None:
+        losses = losses + dpo.rpo_alpha * nll
+    return PairLosses(
+        losses=losses,
+        chosen_rewards=dpo.beta * pairs.chosen_logratios.detach(),
+        rejected_rewards=dpo.beta * pairs.rejected_logratios.detach(),
+        terms=terms,
+        nll=nll,
+    )
 
 
 def _check_shape(name: str, t: Tensor, like: Tensor) -> None:
@@ -182,40 +241,11 @@ def _as_lengths(name: str, value: Tensor | Sequence[float], like: Tensor) -> Ten
     """Response token counts as a float tensor shaped like the log-probs; they must be positive."""
     lengths = torch.as_tensor(value, device=like.device)
     _check_shape(name, lengths, like)
-    lengths = lengths.to(like.dtype)
+    lengths = lengths.to(_compute_dtype(like))
     bad = ~(lengths > 0)  # also catches NaN
     if bool(bad.any()):
         raise ConfigError(f"{name} must be positive token counts, got {lengths[bad][0].item():g}")
     return lengths
-
-
-def _finite(name: str, value: float) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{name} must be finite, got {value!r}")
-    return value
-
-
-def _loss_terms(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None) -> list[tuple[str, float]]:
-    """Pair each requested loss type with its weight, rejecting unknown names and bad weights."""
-    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    if not names:
-        raise ConfigError(f"loss_type is empty; use one or more of: {', '.join(LOSS_TYPES)}")
-    for name in names:
-        if not isinstance(name, str) or name not in _LOSSES:
-            raise ConfigError(f"unknown loss_type {name!r}; valid: {', '.join(LOSS_TYPES)}")
-    if loss_weights is None:
-        return [(name, 1.0) for name in names]
-    weights = [_finite("loss_weights entry", w) for w in loss_weights]
-    if len(weights) != len(names):
-        raise ConfigError(f"loss_weights has {len(weights)} entries {weights} but loss_type has {len(names)} {names}")
-    for w in weights:
-        if w < 0:
-            raise ConfigError(f"loss_weights entries must be >= 0, got {w!r}")
-    return list(zip(names, weights, strict=True))
 
 
 def preference_loss(
@@ -224,55 +254,32 @@ def preference_loss(
     ref_chosen_logps: Tensor | None,
     ref_rejected_logps: Tensor | None,
     *,
-    loss_type: str | Sequence[str] = "sigmoid",
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
     chosen_lengths: Tensor | Sequence[float] | None = None,
     rejected_lengths: Tensor | Sequence[float] | None = None,
-    loss_weights: Sequence[float] | None = None,
     reference_free: bool = False,
-    rpo_alpha: float = 0.0,
-    **options: float,
+    **settings: object,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair preference losses and implicit rewards, each shaped [B].
+    """Per-pair preference losses and implicit rewards, each shaped [B], with every input checked.
 
-    Log-probs are summed over response tokens. ``loss_type`` is one of ``LOSS_TYPES`` or a list of
-    them, combined as the ``loss_weights``-weighted sum (weights default to 1.0). Rewards are
-    ``beta * (policy - reference)`` on the summed log-probs, detached: they are metrics, not loss.
+    Log-probs are summed over response tokens. `settings` are DPOConfig's objective fields, its defaults where not
+    given: ``loss_type`` (one of ``LOSS_TYPES`` or a list of them, combined as the ``loss_weights``-weighted sum),
+    ``beta``, ``label_smoothing`` (eps in [0, 0.5): sigmoid (cDPO), sigmoid_norm, robust, exo_pair (eps 0 means 1e-3,
+    as in TRL), aot and aot_unpaired use it), ``rpo_alpha`` (adds ``rpo_alpha * (-policy_chosen_logps /
+    chosen_lengths)``, the chosen response's mean token NLL: RPO, NeMo's sft_loss_weight), ``bco_delta``
+    (bco_pair's reward offset; TRL uses a running mean of past batch rewards, which a caller can keep and pass in)
+    and ``discopop_tau`` (DiscoPOP's mixing temperature).
 
     - ``reference_free``: reference log-probs are taken as zero (they may then be None).
-    - ``label_smoothing`` (eps, in [0, 0.5)) is used by sigmoid (cDPO), sigmoid_norm, robust,
-      exo_pair (eps 0 means 1e-3, as in TRL), aot and aot_unpaired; other types ignore it.
-    - ``chosen_lengths`` / ``rejected_lengths``: response token counts; required by ipo and
-      sigmoid_norm (which compare per-token average log-probs) and by ``rpo_alpha > 0``.
-    - ``rpo_alpha``: adds ``rpo_alpha * (-policy_chosen_logps / chosen_lengths)``, the chosen
-      response's mean token NLL (RPO; NeMo's sft_loss_weight), to every pair's loss.
-    - options: ``bco_delta`` (default 0.0) is the reward offset of bco_pair; TRL uses a running
-      mean of past batch rewards, which a caller can keep and pass in. ``discopop_tau``
-      (default 0.05) is DiscoPOP's mixing temperature.
+    - ``chosen_lengths`` / ``rejected_lengths``: response token counts; required by ipo and sigmoid_norm (which
+      compare per-token average log-probs) and by ``rpo_alpha > 0``.
 
-    aot and aot_unpaired sort over the batch, so their pair i is not tied to input pair i and the
-    result depends on which pairs share a call (e.g. the local micro-batch).
+    aot and aot_unpaired sort over the batch, so their pair i is not tied to input pair i and the result depends on
+    which pairs share a call (e.g. the local micro-batch).
     """
-    unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
+    unknown = sorted(set(settings) - set(OBJECTIVE_SETTINGS))
     if unknown:
-        raise ConfigError(f"unknown preference_loss option {unknown[0]!r}; known: {', '.join(_OPTION_DEFAULTS)}")
-    opts = {key: _finite(key, options.get(key, default)) for key, default in _OPTION_DEFAULTS.items()}
-    if opts["discopop_tau"] <= 0:
-        raise ConfigError(f"discopop_tau must be > 0, got {opts['discopop_tau']!r}")
-
-    terms = _loss_terms(loss_type, loss_weights)
-    names = [name for name, _ in terms]
-    beta = _finite("beta", beta)
-    if beta <= 0:
-        raise ConfigError(f"beta must be > 0, got {beta!r}")
-    label_smoothing = _finite("label_smoothing", label_smoothing)
-    if not 0.0 <= label_smoothing < 0.5:
-        why = " (robust divides by 1 - 2*label_smoothing)" if "robust" in names else ""
-        raise ConfigError(f"label_smoothing must be in [0, 0.5){why}, got {label_smoothing!r}")
-    rpo_alpha = _finite("rpo_alpha", rpo_alpha)
-    if rpo_alpha < 0:
-        raise ConfigError(f"rpo_alpha must be >= 0, got {rpo_alpha!r}")
+        raise ConfigError(f"unknown preference_loss option {unknown[0]!r}; known: {', '.join(OBJECTIVE_SETTINGS)}")
+    dpo = DPOConfig(**settings, reference="none" if reference_free else "online")  # checks every setting
 
     like = policy_chosen_logps
     if like.dim() != 1:
@@ -285,50 +292,16 @@ def preference_loss(
                 raise ConfigError(f"{name} is None but reference_free is False")
         else:
             _check_shape(name, ref, like)
-
-    dtype = _compute_dtype(like)
-    policy_chosen = policy_chosen_logps.to(dtype)
-    policy_rejected = policy_rejected_logps.to(dtype)
-    if reference_free:
-        ref_chosen = torch.zeros_like(policy_chosen)
-        ref_rejected = torch.zeros_like(policy_rejected)
-    else:
-        assert ref_chosen_logps is not None and ref_rejected_logps is not None
-        ref_chosen = ref_chosen_logps.detach().to(dtype)
-        ref_rejected = ref_rejected_logps.detach().to(dtype)
-
-    length_users = sorted(_NEEDS_LENGTHS.intersection(names))
-    if chosen_lengths is None and (length_users or rpo_alpha > 0):
-        user = f"loss_type {length_users[0]!r}" if length_users else f"rpo_alpha={rpo_alpha!r}"
+    length_users = sorted(_NEEDS_LENGTHS.intersection(dpo.loss_types))
+    if chosen_lengths is None and (length_users or dpo.rpo_alpha > 0):
+        user = f"loss_type {length_users[0]!r}" if length_users else f"rpo_alpha={dpo.rpo_alpha!r}"
         raise ConfigError(f"chosen_lengths is required by {user}")
     if rejected_lengths is None and length_users:
         raise ConfigError(f"rejected_lengths is required by loss_type {length_users[0]!r}")
-    c_len = r_len = None
-    if chosen_lengths is not None:
-        c_len = _as_lengths("chosen_lengths", chosen_lengths, policy_chosen)
-    if rejected_lengths is not None:
-        r_len = _as_lengths("rejected_lengths", rejected_lengths, policy_chosen)
-
-    pairs = _Pairs(
-        policy_chosen=policy_chosen,
-        policy_rejected=policy_rejected,
-        ref_chosen=ref_chosen,
-        ref_rejected=ref_rejected,
-        chosen_lengths=c_len,
-        rejected_lengths=r_len,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        bco_delta=opts["bco_delta"],
-        discopop_tau=opts["discopop_tau"],
-    )
-    losses = sum(weight * _LOSSES[name](pairs) for name, weight in terms)
-    if rpo_alpha > 0:
-        assert c_len is not None
-        losses = losses + rpo_alpha * (-policy_chosen / c_len)
-
-    chosen_rewards = beta * pairs.chosen_logratios.detach()
-    rejected_rewards = beta * pairs.rejected_logratios.detach()
-    return losses, chosen_rewards, rejected_rewards
+    c_len = _as_lengths("chosen_lengths", chosen_lengths, like) if chosen_lengths is not None else None
+    r_len = _as_lengths("rejected_lengths", rejected_lengths, like) if rejected_lengths is not None else None
+    out = pair_losses(dpo, like, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, c_len, r_len)
+    return out.losses, out.chosen_rewards, out.rejected_rewards
 
 
 def nll_loss(chosen_logps_sum: Tensor, chosen_lengths: Tensor | Sequence[float]) -> Tensor:

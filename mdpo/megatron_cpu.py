@@ -13,10 +13,17 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import megatron.core.models.common.embeddings.rope_utils as rope_utils
+import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary_pos_embedding
+import megatron.core.optimizer.clip_grads as clip_grads
+import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
+import megatron.core.optimizer.optimizer as optimizer
+import megatron.core.pipeline_parallel.schedules as schedules
+import megatron.core.tensor_parallel.random as mcore_random
+import megatron.core.transformer.utils as transformer_utils
+import megatron.core.utils as mcore_utils
 import torch
 from torch.overrides import TorchFunctionMode
-
-_applied = False
 
 
 def _cpu_device(*_args: Any, **_kwargs: Any) -> str:
@@ -88,21 +95,9 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
 
 def apply() -> None:
     """Install the CPU patches once; a no-op on machines with CUDA."""
-    global _applied
-    if _applied or torch.cuda.is_available():
+    if torch.cuda.is_available() or isinstance(schedules.torch, _CpuFactoryTorch):  # no CUDA patch, or done
         return
-    _applied = True
-    # Import megatron (and through it torch._dynamo, which indexes torch.cuda's functions) before patching.
-    import megatron.core.models.common.embeddings.rope_utils as rope_utils
-    import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary_pos_embedding
-    import megatron.core.optimizer.clip_grads as clip_grads
-    import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
-    import megatron.core.optimizer.optimizer as optimizer
-    import megatron.core.pipeline_parallel.schedules as schedules
-    import megatron.core.tensor_parallel.random as mcore_random
-    import megatron.core.transformer.utils as transformer_utils
-    import megatron.core.utils as mcore_utils
-
+    # megatron (and through it torch._dynamo, which indexes torch.cuda's functions) is imported above, before this.
     # `device=torch.cuda.current_device()` in rotary_pos_embedding.py:162, tensor_parallel/mappings.py:91-181,
     # utils.py:631 (global memory buffer), p2p_communication.py:190-321, param_and_grad_buffer and DDP buffers.
     torch.cuda.current_device = _cpu_device

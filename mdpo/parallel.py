@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import NamedTuple
 
 import torch
 from megatron.core import parallel_state
+
+from mdpo.config import Layout
+
+
+class Ranks(NamedTuple):
+    """This process's place in each of Megatron's groups."""
+
+    tp: int
+    pp: int
+    dp: int
+    cp: int
 
 
 def free_port() -> int:
@@ -15,8 +27,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(tp: int, pp: int, cp: int = 1) -> None:
-    """NCCL on GPU, gloo on CPU; a process not launched by torchrun is a world of one."""
+def start(layout: Layout) -> Ranks:
+    """NCCL on GPU, gloo on CPU; a process not launched by torchrun is a world of one. The layout's TP, PP and CP
+    sizes make Megatron's groups (DP is what the world size leaves)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -25,7 +38,19 @@ def start(tp: int, pp: int, cp: int = 1) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+    )
+    return ranks()
+
+
+def ranks() -> Ranks:
+    return Ranks(
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_context_parallel_rank(),
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 PANELS = (
     ("rewards", ("rewards/chosen", "rewards/rejected")),
     ("accuracies", ("rewards/accuracies",)),
@@ -21,15 +23,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Train curves as lines, eval points (``eval_`` names) as markers; returns the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Train curves as lines, eval points (``eval_`` names) as markers; returns the PNG path. (A bare `Figure`:
+    no pyplot, so no GUI backend and no global figure state.)"""
     records = read_metrics(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "metrics.png"
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig = Figure(figsize=(15, 8))
+    axes = fig.subplots(2, 3)
     for ax, (title, names) in zip(axes.flat, PANELS):
         for name in names:
             for prefix, style in (("", "-"), ("eval_", "o--")):
@@ -43,5 +42,4 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
-    plt.close(fig)
     return out

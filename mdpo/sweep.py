@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from mdpo.errors import ConfigError
@@ -89,13 +90,9 @@ def run_entry(spec: dict[str, Any], entry: dict[str, Any], run_dir: Path) -> dic
 
 def plot_sweep(rows: list[dict[str, Any]], out: Path) -> Path:
     """Tokens/s per GPU and peak memory of every finished combination, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [row for row in rows if row["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 1.5 + 0.45 * max(1, len(done))))
+    fig = Figure(figsize=(14, 1.5 + 0.45 * max(1, len(done))))
+    axes = fig.subplots(1, 2)
     for ax, key, label in ((axes[0], "tokens_per_s_per_gpu", "tokens/s per GPU"),
                            (axes[1], "peak_memory_gib", "peak memory (GiB)")):  # fmt: skip
         ax.barh([row["entry"] for row in done], [float(row[key]) for row in done])
@@ -104,7 +101,6 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path) -> Path:
     axes[1].set_yticks([])
     fig.tight_layout()
     fig.savefig(out, dpi=80)
-    plt.close(fig)
     return out
 
 

@@ -139,16 +139,17 @@ def test_kill_9_loses_only_the_steps_since_the_last_save(setup):
 
 
 _INJECT = """
+import dataclasses
 import sys
 import mdpo.training.step as step
-real, calls = step.preference_loss, [0]
+real, calls = step.pair_losses, [0]
 def faulty(*args, **kwargs):
-    losses, chosen, rejected = real(*args, **kwargs)
+    out = real(*args, **kwargs)
     calls[0] += 1
-    if calls[0] == 4:  # call 1 is the config check; then one call per micro-batch (2 per step): step 2
-        losses = losses * float("nan")
-    return losses, chosen, rejected
-step.preference_loss = faulty
+    if calls[0] == 3:  # one call per micro-batch (2 per step): step 2's first
+        out = dataclasses.replace(out, losses=out.losses * float("nan"))
+    return out
+step.pair_losses = faulty
 from mdpo.cli import main
 sys.exit(main(sys.argv[1:]))
 """

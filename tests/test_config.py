@@ -1,20 +1,31 @@
+import dataclasses
 import json
 import textwrap
 
 import pytest
 
+from mdpo import config
+from mdpo.checkpoint.description import describe_model
 from mdpo.config import (
     ARG_ALIASES,
     DataConfig,
     ModelConfig,
     TrainConfig,
-    apply_hf_config,
     config_to_dict,
-    load_config,
     translate_args,
     validate,
 )
 from mdpo.errors import ConfigError, MdpoError
+
+
+def load_config(path, overrides=()):
+    """As `mdpo train` loads a config: the model described by the folder model.hf_config / init_from names."""
+    return config.load_config(path, overrides, describe_model=describe_model)
+
+
+def described(model: ModelConfig) -> ModelConfig:
+    return describe_model(dataclasses.asdict(model))
+
 
 REQUIRED = ["data.train_file=train.jsonl", "data.tokenizer=tok"]
 # A small, consistent model so layout checks only fail when a test means them to.
@@ -390,10 +401,9 @@ def test_hf_config_from_folder_and_file(tmp_path):
     folder = write_hf(tmp_path)
     cfg = load_config(None, [*REQUIRED, f"model.hf_config={folder}", "parallel.tp=2"])
     check_hf_model(cfg.model)
-    model = ModelConfig(hf_config=str(folder / "config.json"))
-    apply_hf_config(model)
+    model = described(ModelConfig(hf_config=str(folder / "config.json")))
     check_hf_model(model)
-    apply_hf_config(model)  # idempotent
+    model = described(model)  # idempotent
     check_hf_model(model)
 
 
@@ -412,8 +422,7 @@ def test_hf_config_rope_parameters_layout(tmp_path):
         rope_scaling=...,
         rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
     )
-    model = ModelConfig(hf_config=str(folder))
-    apply_hf_config(model)
+    model = described(ModelConfig(hf_config=str(folder)))
     check_hf_model(model, rope_theta=1e6)
 
 
@@ -430,8 +439,7 @@ def test_hf_config_real_llama_config(tmp_path):
         max_position_embeddings=2048,
         rope_theta=500000.0,
     ).save_pretrained(tmp_path)
-    model = ModelConfig(hf_config=str(tmp_path))
-    apply_hf_config(model)
+    model = described(ModelConfig(hf_config=str(tmp_path)))
     check_hf_model(model)
 
 

@@ -392,3 +392,30 @@ def test_bf16_round_trip_keeps_dtype_and_bits(tmp_path):
     for name, tensor in original.items():
         assert tensor.dtype == torch.bfloat16 and returned[name].dtype == torch.bfloat16, name
         assert torch.equal(tensor, returned[name]), name
+
+
+def test_dcp_merge_edits_the_metadata_this_torch_writes():
+    """`checkpoint.dcp_merge` rewrites torch.distributed.checkpoint's metadata by hand (the parts writer's round trip
+    above proves the result loads). Pinned here: the torch versions that was checked on, and the fields it edits,
+    so a torch upgrade fails this test before it breaks a conversion."""
+    import dataclasses
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorStorageMetadata,
+    )
+
+    from mdpo.checkpoint import dcp_merge
+
+    assert ".".join(torch.__version__.split(".")[:2]) in dcp_merge.CHECKED_TORCH, torch.__version__
+    fields = lambda cls: {f.name for f in dataclasses.fields(cls)}
+    assert {"state_dict_metadata", "storage_data"} <= fields(Metadata)
+    assert {"size", "chunks"} <= fields(TensorStorageMetadata)
+    assert fields(ChunkStorageMetadata) == {"offsets", "sizes"}
+    assert {"fqn", "offset"} <= fields(MetadataIndex)
+    assert "relative_path" in fields(_StorageInfo)
+    # MetadataIndex hashes by name and offset only: the merge re-keys moved chunks by building new ones
+    assert MetadataIndex("a", torch.Size([1, 0])) == MetadataIndex("a", torch.Size([1, 0]), index=3)

@@ -29,19 +29,19 @@ def model_config(hf_config) -> ModelConfig:
 
 
 def mdpo_model(hf_model, attention: str = "auto"):
+    from mdpo.config import padded_vocab_size
     from mdpo.models import sharding
     from mdpo.models.families import llama
-    from mdpo.models.families.base import hf_to_mcore
-    from mdpo.models.gpt import build_gpt_model, padded_vocab_size, transformer_config
+    from mdpo.models.families.base import check_hf_state, iter_hf_to_mcore
+    from mdpo.models.gpt import build_gpt_model, transformer_config
 
     cfg = model_config(hf_model.config)
     cfg.attention = attention
     model = build_gpt_model(cfg, transformer_config(cfg))
-    full = hf_to_mcore(llama.FAMILY, hf_model.state_dict(), cfg, padded_vocab_size(cfg.vocab_size, 1))
-    local = sharding.local_state_dict(
-        full, num_layers=cfg.num_hidden_layers, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1
-    )
-    sharding.load_into(model, local)
+    hf_state = hf_model.state_dict()
+    check_hf_state(llama.FAMILY, hf_state, cfg)
+    full = dict(iter_hf_to_mcore(llama.FAMILY, hf_state, cfg, padded_vocab_size(cfg.vocab_size, 1)))
+    sharding.load_into(model, full)  # TP = PP = 1: the full state dict is the rank's
     return model.eval()
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
-from conftest import REPO, run_mdpo
+from conftest import run_mdpo
 
 from mdpo import planner
+from mdpo.config import Layout, ModelConfig, TrainConfig
+from mdpo.models import families
+from mdpo.models.families.base import hf_shapes
+from mdpo.planner import validation as v
 
 
 @pytest.mark.parametrize("name", ["llama2-7b", "llama2-70b", "tinyllama-1.1b"])
@@ -19,26 +22,19 @@ def test_llama_presets_count_hf_parameters(name):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = planner.MODELS[name]
-    config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
-                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                         vocab_size=shape.vocab)  # fmt: skip
+    config = LlamaConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+                         num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab_size)  # fmt: skip
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    assert shape.params() == sum(p.numel() for p in model.parameters())
+    assert planner.params(shape) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name,family", [("qwen-14b", "qwen"), ("baichuan2-13b", "baichuan")])
 def test_other_presets_count_the_family_tables_tensors(name, family):
     """Qwen 1.0 and Baichuan 2 ship remote code only: their HF tensor shapes come from mdpo's mapping tables."""
-    from mdpo.config import ModelConfig
-    from mdpo.models import families
-    from mdpo.models.families.base import hf_shapes
-
-    s = planner.MODELS[name]
-    model = ModelConfig(family=family, vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.ffn,
-                        num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-                        qkv_bias=s.qkv_bias)  # fmt: skip
-    assert s.params() == sum(math.prod(shape) for shape in hf_shapes(families.get(family), model).values())
+    model = planner.MODELS[name]
+    assert planner.params(model) == sum(math.prod(shape) for shape in hf_shapes(families.get(family), model).values())
 
 
 def test_static_memory_is_what_megatron_allocates(megatron_world):
@@ -46,13 +42,13 @@ def test_static_memory_is_what_megatron_allocates(megatron_world):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from mdpo.config import ModelConfig, TrainConfig
-    from mdpo.training.trainer import Layout, build_stage
+    from mdpo.training.setup import build_stage
 
-    shape = planner.ModelShape(hidden=64, ffn=96, layers=3, heads=4, kv_heads=2, vocab=256)  # 256: no vocab padding
-    cfg = TrainConfig(model=ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
-    model = build_stage(cfg, Layout(1, 1, 1, 0, 0, 0), torch.float32, load=False)
+    # vocabulary 256: no padding
+    shape = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    cfg = TrainConfig(model=shape)
+    model = build_stage(cfg, Layout(), torch.float32, load=False)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, params_dtype=torch.float32), [ddp])
     optimizer.step()  # Adam's moments exist from the first step
@@ -63,16 +59,15 @@ def test_static_memory_is_what_megatron_allocates(megatron_world):
         "grads": sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers),
         "optimizer": sum(t.numel() * t.element_size() for t in states),
     }
-    layout = planner.Layout(precision="fp32", distributed_optimizer=False)
+    candidate = planner.Candidate(precision="fp32", distributed_optimizer=False)
     cluster = planner.Cluster(planner.GPUS["h100-80g"], gpus_per_node=1)
-    predicted = planner.memory_per_gpu(shape, layout, planner.Workload(reference="none", max_tokens=64), cluster)
+    predicted = planner.memory_per_gpu(shape, candidate, planner.Workload(reference="none", max_tokens=64), cluster)
     for part, size in measured.items():
         assert predicted[part] * planner.GIB == pytest.approx(size, rel=0.02), part  # the buffer pads to 128s
 
 
 def _saved_bytes_per_token(layers: int, recompute: str) -> float:
     """Bytes of the distinct tensors autograd keeps for backward in one forward of a real model, per token."""
-    from mdpo.config import ModelConfig
     from mdpo.models.gpt import build_gpt_model, transformer_config
 
     cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
@@ -98,17 +93,15 @@ def test_activation_bytes_per_layer_are_what_autograd_keeps(megatron_world, reco
     """The planner's per-token, per-layer activation bytes against the tensors a real Megatron layer (local spec,
     SDPA, GQA, fp32 on CPU: torch's composite RMSNorm keeps 2 hidden-sized tensors) saves for backward."""
     per_layer = (_saved_bytes_per_token(4, recompute) - _saved_bytes_per_token(2, recompute)) / 2
-    shape = planner.ModelShape(hidden=256, ffn=688, layers=4, heads=4, kv_heads=2, vocab=512)
-    layout = planner.Layout(precision="fp32", recompute=recompute)
-    assert planner.activation_bytes_per_token_layer(shape, layout, norm_saves=2) == pytest.approx(per_layer, rel=0.03)
+    shape = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    fp32 = planner.Candidate(precision="fp32", recompute=recompute)
+    assert planner.activation_bytes_per_token_layer(shape, fp32, norm_saves=2) == pytest.approx(per_layer, rel=0.03)
 
 
 @pytest.mark.parametrize("name", ["base", "pp2"])
 def test_predicted_peak_memory_within_10_percent_of_a_real_run(name):
     """A real `mdpo train` (benchmarks/validate_planner.py's configurations): peak RSS over the process floor."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import validate_planner as v
-
     cluster = planner.Cluster(planner.GPU(24, 1.0, 1.0, 10.0), gpus_per_node=1, norm_saves=v.CPU_NORM_SAVES)
     model, seq, mbs, *_, reference = v.CONFIGS[name]
     floor = v.floor_gib(seq, mbs, reference, cluster)
@@ -124,10 +117,11 @@ def test_search_ranks_fitting_layouts_and_respects_the_rules():
     assert plans and all(p.fits for p in plans)
     assert [p.step_s for p in plans] == sorted(p.step_s for p in plans)
     for p in plans:
-        assert not planner.check_layout(model, p.layout, workload, cluster)
+        assert not planner.check_layout(model, p.candidate, workload, cluster)
         assert p.dp * p.layout.tp * p.layout.pp * p.layout.cp == cluster.world
     # 70B does not fit one 80 GB node with the full optimizer on every GPU and no model parallelism
-    alone = planner.plan(model, planner.Layout(distributed_optimizer=False), workload, planner.Cluster(cluster.gpu))
+    one_node = planner.Cluster(cluster.gpu)
+    alone = planner.plan(model, planner.Candidate.on(one_node.world, distributed_optimizer=False), workload, one_node)
     assert not alone.fits and alone.memory_gib["weights"] > 100
 
 

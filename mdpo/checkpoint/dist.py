@@ -21,10 +21,9 @@ from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
+from mdpo.checkpoint.files import COMPLETE, TRAINING_META
 from mdpo.errors import MdpoError
 
-COMPLETE = "COMPLETE"
-META = "mdpo_meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 
@@ -95,7 +94,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: di
         dist_checkpointing.save(state, str(tmp))
         torch.distributed.barrier()
         if rank0:
-            (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+            (tmp / TRAINING_META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
             (tmp / COMPLETE).write_text("")
             _fsync_dir(tmp)
             if final.exists():
@@ -103,14 +102,31 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: di
             os.replace(tmp, final)
             for old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-    except (Exception, CheckpointException) as err:  # e.g. a full disk; torch's CheckpointException is a
-        # BaseException whose message holds every rank's traceback: keep only its last line
-        cause = err.strerror if isinstance(err, OSError) else str(err).strip().splitlines()[-1][-200:]
+    except (Exception, CheckpointException) as err:  # e.g. a full disk
+        cause = _write_error_cause(err, root)
         raise MdpoError(
             f"cannot write checkpoint {final} ({cause}); it stays an unmarked .tmp folder, earlier ones are intact"
         ) from None
     torch.distributed.barrier()
     return final
+
+
+# Below this much free space a failed write is taken to be a full disk (torch's zip writer reports a short write
+# as "unexpected pos", without the errno).
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _write_error_cause(err: BaseException, root: Path) -> str:
+    """One line saying why a save failed. torch's CheckpointException is a BaseException whose message holds every
+    rank's traceback: only its last line is kept."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    cause = str(err).strip().splitlines()[-1][-200:] if str(err).strip() else type(err).__name__
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return cause
+    return f"No space left on device: {free} bytes free; {cause}" if free < _NEARLY_FULL_BYTES else cause
 
 
 def _fsync_dir(path: Path) -> None:
@@ -124,7 +140,7 @@ def _fsync_dir(path: Path) -> None:
 def read_meta(folder: Path) -> dict:
     if not (folder / COMPLETE).is_file():
         raise MdpoError(f"{folder}: not a complete mdpo checkpoint (no {COMPLETE} marker)")
-    return json.loads((folder / META).read_text())
+    return json.loads((folder / TRAINING_META).read_text())
 
 
 def _ensure_optimizer_state(optimizer, folder: Path) -> None:

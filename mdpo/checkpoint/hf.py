@@ -9,14 +9,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 
+from mdpo.checkpoint.files import CHECKPOINT_FILES
 from mdpo.errors import MdpoError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-# Files of a Megatron checkpoint folder (dist_checkpointing's and mdpo's own), never HF auxiliary files.
-CHECKPOINT_FILES = ("metadata.json", "common.pt", ".metadata", "mdpo_model.json", "mdpo_meta.json", "COMPLETE")
 
 
 class HFWeights(Mapping[str, torch.Tensor]):
@@ -125,8 +125,6 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
 
 def write_hf_folder(folder: str | Path, state: dict[str, torch.Tensor], config: dict, max_shard_size: str = "5GB"):
     """A folder `transformers` loads: config.json and safetensors shards (with an index when more than one)."""
-    from huggingface_hub import save_torch_state_dict
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: _own_storage(t) for name, t in state.items()}

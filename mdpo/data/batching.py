@@ -31,6 +31,7 @@ class MicroBatch:
     num_input_tokens: int = 0  # real (non-padding) tokens of all 2m sequences
     num_slots: int = 0  # token slots this micro-batch takes: rows x padded length, or the pack budget
     cu_seqlens: torch.Tensor | None = None  # packed: int32 sequence boundaries, for THD attention kernels
+    max_seqlen: int = 0  # packed: the longest sequence (THD kernels take it from the host)
     ref_logps: torch.Tensor | None = None  # [2m] reference log-probs, filled by the reference pass
 
     @property
@@ -138,6 +139,7 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int, budget: int, mul
         num_input_tokens=real,
         num_slots=max(budget, total),
         cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
+        max_seqlen=max(end - start for start, end in zip(boundaries, boundaries[1:])),
     )
 
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from mdpo.data.templates import Rendered
 from mdpo.errors import DataError
 
@@ -44,8 +46,6 @@ class Encoded:
 
 def load_tokenizer(path: str):
     """A HF tokenizer folder (pad falls back to EOS: batches are right-padded and the padding is masked)."""
-    from transformers import AutoTokenizer
-
     if not Path(path).exists():
         raise DataError(f"data.tokenizer: '{path}' does not exist")
     tokenizer = AutoTokenizer.from_pretrained(path)

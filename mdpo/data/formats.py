@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-FORMATS = ("auto", "ultrafeedback", "hh", "plain", "conversational")
 ROLES = ("system", "user", "assistant")
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")

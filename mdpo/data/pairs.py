@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from mdpo.config import DataConfig
 from mdpo.data.encoding import LengthLimits
 from mdpo.data.formats import ColumnKeys
 from mdpo.data.pipeline import Settings, default_cache_dir, tokenized_table
 from mdpo.data.sources import resolve_sources
 from mdpo.errors import DataError
-
-if TYPE_CHECKING:
-    from mdpo.config import DataConfig
 
 __all__ = [
     "TokenizeReport",

@@ -25,6 +25,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import datasets
+import tokenizers
+import transformers
+
 from mdpo.data.encoding import Encoded, LengthLimits, encode_batch, fit_lengths, special_prefix
 from mdpo.data.formats import ColumnKeys, RowError, detect_format, normalize
 from mdpo.data.sources import JSON_COLUMN, ROW_COLUMN, Source, read_source, signature
@@ -58,8 +62,6 @@ def tokenized_table(
 ) -> Iterator[tuple[object, dict]]:
     """Yield (Dataset of tokenized rows, info); from the cache when its key matches, else built (and stored when
     `cache_dir` is given). The table is only valid inside the `with` block when there is no cache."""
-    import datasets
-
     key = cache_key(sources, settings, tokenizer)
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="mdpo-data-") as work:
@@ -93,8 +95,6 @@ def tokenized_table(
 
 def build_table(sources: list[Source], settings: Settings, tokenizer, num_proc: int, work: str, key: str):
     """Read, validate, template and tokenize every source with `map`; returns (Dataset, info)."""
-    import datasets
-
     raws = [read_source(source, work, f"{key}-raw-{i}") for i, source in enumerate(sources)]
     fmt = settings.fmt if settings.fmt != "auto" else _detect(raws, settings.keys)
     template = resolve_template(settings.template, fmt, tokenizer)
@@ -123,8 +123,6 @@ def build_table(sources: list[Source], settings: Settings, tokenizer, num_proc: 
 
 def output_features():
     """The tokenized table's schema (fixed, so that a batch of only bad rows has the same types)."""
-    import datasets
-
     ids = datasets.List(datasets.Value("int32"))
     return datasets.Features(
         {
@@ -204,9 +202,6 @@ def process_batch(
 
 
 def cache_key(sources: list[Source], settings: Settings, tokenizer) -> str:
-    import tokenizers
-    import transformers
-
     parts = {
         "version": CACHE_VERSION,
         "files": signature(sources),

@@ -19,6 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import pyarrow as pa
+import pyarrow.feather
+
 from mdpo.errors import DataError
 
 JSON_COLUMN = "__json"
@@ -84,8 +88,6 @@ def signature(sources: list[Source]) -> list[tuple[str, int, int]]:
 
 def read_source(source: Source, work_dir: str, fingerprint: str):
     """The raw rows of one source as a Dataset with a row-number column (JSON: the line text in `__json`)."""
-    import datasets
-
     if source.kind == "json":
         features = datasets.Features({ROW_COLUMN: datasets.Value("int64"), JSON_COLUMN: datasets.Value("string")})
         try:
@@ -111,20 +113,14 @@ def read_source(source: Source, work_dir: str, fingerprint: str):
 
 
 def _read_arrow(path: str):
-    import datasets
-    import pyarrow as pa
 
     try:
         return datasets.Dataset.from_file(path)  # the streaming format datasets writes
     except pa.ArrowInvalid:
-        import pyarrow.feather
-
         return datasets.Dataset(pyarrow.feather.read_table(path))  # the Arrow IPC file format
 
 
 def _read_saved(path: str):
-    import datasets
-
     loaded = datasets.load_from_disk(path)
     if isinstance(loaded, datasets.DatasetDict):
         if "train" in loaded:

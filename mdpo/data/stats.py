@@ -12,13 +12,14 @@ does (same `load_pairs`, same cache), so a stats run also warms the cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
 import sys
 from collections.abc import Sequence
 
-from mdpo.config import DataConfig, TrainConfig, load_config, validate
+from mdpo.config import DataConfig, load_section
 from mdpo.data.encoding import BOUNDARY_FIXED, load_tokenizer
 from mdpo.data.packing import pack_pairs, packing_efficiency, pair_lengths
 from mdpo.data.pairs import TokenizedPair, TokenizeReport, load_pairs
@@ -54,9 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def data_config(args: argparse.Namespace) -> tuple[DataConfig, str]:
-    """The data config (config file, then flags) and the file to read; validated like a training config."""
+    """The data config (the config file's data section, then flags) and the file to read, checked as training
+    checks it."""
     if args.config:
-        data = load_config(args.config).data
+        data = load_section(args.config, "data")
     elif not (args.data and args.tokenizer):
         raise ConfigError("data stats needs a CONFIG.yaml, or --data FILE and --tokenizer DIR")
     else:
@@ -74,12 +76,10 @@ def data_config(args: argparse.Namespace) -> tuple[DataConfig, str]:
         "num_proc": args.num_proc,
         "cache_dir": args.cache_dir,
     }
-    for name, value in flags.items():
-        if value is not None:
-            setattr(data, name, value)
     if args.no_cache:
-        data.cache = False
-    validate(TrainConfig(data=data))
+        flags["cache"] = False
+    data = dataclasses.replace(data, **{name: value for name, value in flags.items() if value is not None})
+    data.check_required()
     path = data.eval_file if args.eval else data.train_file
     if not path:
         raise ConfigError("data.eval_file is not set")

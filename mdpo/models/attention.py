@@ -173,8 +173,6 @@ class ALiBiAttention(SDPAttention):
 
 def with_core_attention(spec, core_attention: type[DotProductAttention]):
     """A copy of a local GPT layer spec whose self-attention uses another core attention class."""
-    import copy
-
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec

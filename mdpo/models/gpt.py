@@ -5,22 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from mdpo.config import ModelConfig
-from mdpo.errors import ConfigError
+from mdpo.config import Layout, ModelConfig, padded_vocab_size
 from mdpo.models.attention import ALiBiAttention, SDPAttention, with_core_attention
-
-VOCAB_PAD_MULTIPLE = 128
-
-
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
-    """Megatron-LM's rule: round the vocabulary up to a multiple of TP x 128 so every TP shard is equal."""
-    step = multiple * tp
-    return -(-vocab_size // step) * step
 
 
 def transformer_engine_available() -> bool:
@@ -28,48 +22,42 @@ def transformer_engine_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401 - optional dependency
     except Exception:
         return False
     return True
 
 
-def uses_transformer_engine(model: ModelConfig) -> bool:
-    """Transformer Engine's layers: asked for, or `auto` with TE present (never with ALiBi, which runs on SDPA)."""
-    if model.position_embedding == "alibi":
-        return False
-    return model.attention == "te" or (model.attention == "auto" and transformer_engine_available())
-
-
-def uses_sdpa(model: ModelConfig) -> bool:
-    """torch SDPA as Megatron's core attention: asked for, `auto` on a GPU without TE, and always with ALiBi."""
-    if uses_transformer_engine(model):
-        return False
-    return (
-        model.position_embedding == "alibi"
-        or model.attention == "sdpa"
-        or (model.attention == "auto" and torch.cuda.is_available())
-    )
+def core_attention(model: ModelConfig) -> str:
+    """What `model.attention` means on this machine: `te` (Transformer Engine's layers: asked for, or `auto` with TE
+    present; never with ALiBi), `sdpa` (torch SDPA: asked for, `auto` on a GPU without TE, always with ALiBi) or
+    `local` (Megatron's unfused attention: asked for, or `auto` on CPU)."""
+    if model.position_embedding != "alibi" and (
+        model.attention == "te" or (model.attention == "auto" and transformer_engine_available())
+    ):
+        return "te"
+    if model.position_embedding == "alibi" or model.attention == "sdpa":
+        return "sdpa"
+    return "sdpa" if model.attention == "auto" and torch.cuda.is_available() else "local"
 
 
 def packs_as_thd(model: ModelConfig) -> bool:
     """Whether packed rows reach the core attention as THD sequences (boundaries) rather than an [s, s] mask:
     Transformer Engine's and mdpo's SDPA attention take them; Megatron's local attention and ALiBi do not."""
-    return uses_transformer_engine(model) or (uses_sdpa(model) and model.position_embedding != "alibi")
+    return core_attention(model) != "local" and model.position_embedding != "alibi"
 
 
 def layer_spec(model: ModelConfig) -> ModuleSpec:
     """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers, with torch SDPA as
     the core attention on GPU (`auto`) or when asked (`sdpa`), Megatron's unfused attention on CPU (`local`).
     ALiBi always runs through SDPA with the biases as an additive mask (the config refuses te/local with it)."""
-    if uses_transformer_engine(model):
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
+    attention = core_attention(model)
+    if attention == "te":
         return get_gpt_layer_with_transformer_engine_spec()
     local = get_gpt_layer_local_spec(normalization="RMSNorm")
     if model.position_embedding == "alibi":
         return with_core_attention(local, ALiBiAttention)
-    if uses_sdpa(model):
+    if attention == "sdpa":
         return with_core_attention(local, SDPAttention)
     return local
 
@@ -148,16 +136,12 @@ def build_gpt_model(
 ) -> GPTModel:
     """One pipeline stage of the policy (or reference) model; untied embeddings as in every supported family."""
     alibi = model.position_embedding == "alibi"
-    if config.context_parallel_size > 1 and not packs_as_thd(model):  # the same attentions split sequences
-        raise ConfigError(
-            "parallel.cp > 1 needs Transformer Engine's attention or model.attention=sdpa (on CPU `auto` means "
-            "Megatron's local attention, which has no context parallelism)"
-        )
-    if config.sequence_parallel and not uses_transformer_engine(model):
-        raise ConfigError(
-            "parallel.sequence_parallel=true needs Transformer Engine's layers (installed, with model.attention auto "
-            "or te): Megatron-Core's local RMSNorm cannot reduce its gradients over a split sequence"
-        )
+    layout = Layout(
+        tp=config.tensor_model_parallel_size,
+        cp=config.context_parallel_size,
+        sequence_parallel=config.sequence_parallel,
+    )
+    layout.check_attention(model.attention, model.position_embedding, resolved=core_attention(model))
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model),

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
+from mdpo.config import stage_layers
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 # Local-spec name -> Transformer Engine spec name (norm fused into the next linear layer).
@@ -68,12 +70,6 @@ def te_name_inverse(name: str) -> str:
     return name
 
 
-def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
-    """Global layer indices on one pipeline stage (even split, as validated by the config)."""
-    per_stage = num_layers // pp_size
-    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
-
-
 def stage_local_name(name: str, *, num_layers: int, pp_rank: int, pp_size: int) -> str | None:
     """A full-model tensor name as one pipeline stage calls it (stage-local layer number), or None when the tensor
     lives on another stage."""
@@ -89,28 +85,10 @@ def stage_local_name(name: str, *, num_layers: int, pp_rank: int, pp_size: int) 
     return name
 
 
-def local_state_dict(
-    full: Mapping[str, torch.Tensor],
-    *,
-    num_layers: int,
-    tp_rank: int,
-    tp_size: int,
-    pp_rank: int,
-    pp_size: int,
-) -> dict[str, torch.Tensor]:
-    """The part of a full state dict one (TP, PP) rank holds, with stage-local layer numbers."""
-    out = {}
-    for name, tensor in full.items():
-        local = stage_local_name(name, num_layers=num_layers, pp_rank=pp_rank, pp_size=pp_size)
-        if local is not None:
-            out[local] = shard_tensor(tensor, tp_rule(name), tp_rank, tp_size).clone()
-    return out
-
-
 def merge_state_dicts(
     pieces: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], *, num_layers: int, tp_size: int, pp_size: int
 ) -> dict[str, torch.Tensor]:
-    """Glue {(tp_rank, pp_rank): local state dict} back into a full state dict (inverse of local_state_dict)."""
+    """Glue {(tp_rank, pp_rank): the rank's state dict, stage-local layer numbers} back into a full state dict."""
     full: dict[str, torch.Tensor] = {}
     for pp_rank in range(pp_size):
         offset = stage_layers(num_layers, pp_rank, pp_size).start

@@ -21,9 +21,9 @@ class SequenceStats:
 def vocab_padding_mask(local_vocab: int, vocab_size: int, device: torch.device) -> torch.Tensor | None:
     """True for this TP rank's logit columns that are vocab padding (ids >= vocab_size), None if there are none."""
     start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
-    ids = torch.arange(start, start + local_vocab, device=device)
-    mask = ids >= vocab_size
-    return mask if bool(mask.any()) else None
+    if start + local_vocab <= vocab_size:  # decided on the host: no device sync per micro-batch
+        return None
+    return torch.arange(start, start + local_vocab, device=device) >= vocab_size
 
 
 def sequence_stats(

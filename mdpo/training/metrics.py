@@ -1,11 +1,14 @@
-"""DPO metrics: per-micro-batch sums, reduced over micro-batches and DP ranks, then turned into TRL's means."""
+"""DPO metrics: per-micro-batch sums, reduced over micro-batches and DP ranks, then turned into TRL's means; and
+the run's record of them (`MetricsLogger`: RUN_DIR/metrics.jsonl, TensorBoard, W&B)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 from mdpo.errors import MdpoError
 
@@ -44,7 +47,9 @@ def pair_sums(
     components: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One micro-batch's metric sums: SUM_FIELDS, then the per-pair loss `components` in their given order
-    (float64 so sums over many pairs stay exact enough)."""
+    (float64 so sums over many pairs stay exact enough). They stay on the loss's device: the step moves them to
+    the host once, after reducing them."""
+    count = lambda n: losses.new_tensor(float(n), dtype=torch.float64)
     values = [
         losses.sum(),
         chosen_rewards.sum(),
@@ -57,12 +62,12 @@ def pair_sums(
         rejected_logit_sums.sum(),
         chosen_tokens.sum(),
         rejected_tokens.sum(),
-        torch.tensor(float(input_tokens)),
-        torch.tensor(float(slots)),
-        torch.tensor(float(losses.numel())),
+        count(input_tokens),
+        count(slots),
+        count(losses.numel()),
     ]
     values += [per_pair.sum() for per_pair in (components or {}).values()]
-    return torch.stack([v.detach().double().cpu() for v in values])
+    return torch.stack([v.detach().double() for v in values])
 
 
 def finalize(sums: torch.Tensor, components: tuple[str, ...] = (), prefix: str = "") -> dict[str, float]:
@@ -120,3 +125,57 @@ class MetricsWriter:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint's step (a killed run may have logged past its last save);
+    a run starting from step 0 starts a new file."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Fail at start-up, not at the first save, when an output folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".mdpo_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise MdpoError(f"{key}: cannot write to {folder} ({err.strerror or err})") from None
+
+
+class MetricsLogger:
+    """A run's record in RUN_DIR: its resolved config (config.yaml) and one line per logged step (metrics.jsonl,
+    cut back to the resumed step, mirrored to TensorBoard / W&B when asked). Only global rank 0 writes; on the
+    other ranks every call does nothing."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], tensorboard: bool, wandb_project: str | None,
+                 is_logger: bool) -> None:  # fmt: skip
+        self.run_dir, self.config, self.is_logger = run_dir, config, is_logger
+        self._sinks = (tensorboard, wandb_project)
+        self._writer: MetricsWriter | None = None
+        if is_logger:
+            check_writable(run_dir, "logging.run_dir")
+
+    def start(self, step: int) -> None:
+        """Open the sinks for a run starting (or resuming) at `step`."""
+        if not self.is_logger:
+            return
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+        truncate_metrics(self.run_dir / "metrics.jsonl", step)
+        self._writer = MetricsWriter(self.run_dir, *self._sinks, self.config)
+
+    def log(self, record: dict) -> None:
+        if self._writer is not None:
+            self._writer.write(record)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

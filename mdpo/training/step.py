@@ -20,78 +20,36 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mdpo.config import DPOConfig
 from mdpo.data.batching import MicroBatch, packed_attention_mask
-from mdpo.loss import nll_loss, preference_loss
+from mdpo.loss import pair_losses
 from mdpo.training.logprobs import sequence_stats
 from mdpo.training.metrics import pair_sums
 
 
 @dataclass(frozen=True)
 class DPOObjective:
-    """The configured preference objective; `components` name the per-pair terms logged besides `loss`."""
+    """The configured preference objective (`dpo` checked itself when built, so a step only computes);
+    `components` name the per-pair terms logged besides `loss`."""
 
+    dpo: DPOConfig
     vocab_size: int
-    beta: float
-    label_smoothing: float
-    loss_types: tuple[str, ...]
-    loss_weights: tuple[float, ...]
-    rpo_alpha: float
-    reference_free: bool
-    options: tuple[tuple[str, float], ...]
 
     @classmethod
     def from_config(cls, dpo: DPOConfig, vocab_size: int) -> DPOObjective:
-        types = (dpo.loss_type,) if isinstance(dpo.loss_type, str) else tuple(dpo.loss_type)
-        weights = tuple(dpo.loss_weights) if dpo.loss_weights is not None else (1.0,) * len(types)
-        objective = cls(
-            vocab_size=vocab_size,
-            beta=dpo.beta,
-            label_smoothing=dpo.label_smoothing,
-            loss_types=types,
-            loss_weights=weights,
-            rpo_alpha=dpo.rpo_alpha,
-            reference_free=dpo.reference == "none",
-            options=(("bco_delta", dpo.bco_delta), ("discopop_tau", dpo.discopop_tau)),
-        )
-        one = torch.zeros(1)
-        objective(one, one, one, one, one + 1, one + 1)  # bad names or options fail now, not at step 1
-        return objective
+        return cls(dpo, vocab_size)
 
     @property
     def components(self) -> tuple[str, ...]:
-        names = tuple(f"loss/{t}" for t in self.loss_types) if len(self.loss_types) > 1 else ()
-        return names + (("nll_loss",) if self.rpo_alpha > 0 else ())
+        types = self.dpo.loss_types
+        names = tuple(f"loss/{t}" for t in types) if len(types) > 1 else ()
+        return names + (("nll_loss",) if self.dpo.rpo_alpha > 0 else ())
 
     def __call__(self, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths):
         """Per-pair (losses, chosen_rewards, rejected_rewards, {component: per-pair value})."""
-        common = dict(
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-            reference_free=self.reference_free,
-            **dict(self.options),
-        )
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            chosen,
-            rejected,
-            ref_chosen,
-            ref_rejected,
-            loss_type=list(self.loss_types),
-            loss_weights=list(self.loss_weights),
-            rpo_alpha=self.rpo_alpha,
-            **common,
-        )
-        components = {}
-        if len(self.loss_types) > 1:
-            for loss_type in self.loss_types:
-                with torch.no_grad():
-                    part, _, _ = preference_loss(
-                        chosen, rejected, ref_chosen, ref_rejected, loss_type=loss_type, **common
-                    )
-                components[f"loss/{loss_type}"] = part
-        if self.rpo_alpha > 0:
-            components["nll_loss"] = nll_loss(chosen.detach(), chosen_lengths)
-        return losses, chosen_rewards, rejected_rewards, components
+        out = pair_losses(self.dpo, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths)
+        components = {f"loss/{t}": term.detach() for t, term in out.terms.items()} if len(out.terms) > 1 else {}
+        if out.nll is not None:
+            components["nll_loss"] = out.nll.detach()
+        return out.losses, out.chosen_rewards, out.rejected_rewards, components
 
 
 def _forward(batch: MicroBatch, model: torch.nn.Module, thd: bool) -> torch.Tensor:
@@ -101,13 +59,12 @@ def _forward(batch: MicroBatch, model: torch.nn.Module, thd: bool) -> torch.Tens
     if batch.cu_seqlens is None:
         return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None)
     if thd:
-        longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
         params = PackedSeqParams(
             qkv_format="thd",
             cu_seqlens_q=batch.cu_seqlens,
             cu_seqlens_kv=batch.cu_seqlens,
-            max_seqlen_q=longest,
-            max_seqlen_kv=longest,
+            max_seqlen_q=batch.max_seqlen,
+            max_seqlen_kv=batch.max_seqlen,
         )
         return model(
             input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None, packed_seq_params=params
@@ -123,7 +80,7 @@ def _stats(batch: MicroBatch, vocab_size: int, output: torch.Tensor):
 def _reference_loss(batch: MicroBatch, vocab_size: int, output: torch.Tensor):
     stats = _stats(batch, vocab_size, output)
     zero = output.new_zeros(())
-    return zero, torch.tensor(0, dtype=torch.int), {"ref_logps": stats.logps.detach()}
+    return zero, torch.zeros((), dtype=torch.int, device=output.device), {"ref_logps": stats.logps.detach()}
 
 
 def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
@@ -151,7 +108,8 @@ def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
     # finalize_model_grads sums the pair count over DP x CP: the CP ranks' copies of the loss count their pairs once.
     count = m if parallel_state.get_context_parallel_rank() == 0 else 0
     # pair_ids let a non-finite loss be traced to its examples.
-    return losses.sum(), torch.tensor(count, dtype=torch.int), {"sums": sums, "pair_ids": batch.pair_ids}
+    count = torch.tensor(count, dtype=torch.int, device=output.device)
+    return losses.sum(), count, {"sums": sums, "pair_ids": batch.pair_ids}
 
 
 def reference_forward_step(
@@ -192,12 +150,12 @@ def attach_reference_logps(
 
 
 def reduce_sums(outputs: list[dict], num_fields: int) -> torch.Tensor:
-    """Sum the metric sums over micro-batches, DP ranks, and hand them from the last PP stage to all stages."""
-    sums = torch.zeros(num_fields, dtype=torch.float64)
+    """Sum the metric sums over micro-batches and DP ranks, hand them from the last PP stage to all stages, and move
+    them to the host: the step's one device-to-host transfer of metrics."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sums = torch.zeros(num_fields, dtype=torch.float64, device=device)
     for out in outputs:
         sums += out["sums"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sums = sums.to(device)
     torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     torch.distributed.broadcast(
         sums,

@@ -14,17 +14,18 @@ warnings.filterwarnings("ignore")
 
 
 def main(out: str, tokens_file: str, ckpts: list[str]) -> None:
-    from mdpo import megatron_cpu, parallel
+    from mdpo import parallel, startup
 
-    megatron_cpu.apply()
+    startup.prepare()
     from megatron.core import parallel_state, tensor_parallel
 
-    from mdpo.checkpoint.convert import load_initial_weights
-    from mdpo.config import ModelConfig, apply_hf_config
+    from mdpo.checkpoint.description import describe_model
+    from mdpo.checkpoint.load import load_initial_weights
+    from mdpo.config import Layout
     from mdpo.models.gpt import build_gpt_model, transformer_config
 
     tp = int(__import__("os").environ["WORLD_SIZE"])
-    parallel.start(tp, 1)
+    parallel.start(Layout(tp=tp))
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     tokens = torch.load(tokens_file)
     b, s = tokens.shape
@@ -32,8 +33,7 @@ def main(out: str, tokens_file: str, ckpts: list[str]) -> None:
     positions = torch.arange(s)[None].expand(b, s)
     results = {}
     for ckpt in ckpts:
-        model = ModelConfig(init_from=ckpt)
-        apply_hf_config(model)
+        model = describe_model({"init_from": ckpt})
         module = build_gpt_model(model, transformer_config(model, tp=tp, init_weights=False)).eval()
         load_initial_weights(module, model)
         with torch.no_grad():

@@ -1,7 +1,12 @@
-"""Supported HF model families, found from a config.json."""
+"""Supported HF model families, found from a config.json, and the model description a config.json gives."""
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Any
+
+from mdpo.errors import ConfigError
 from mdpo.models.families import baichuan, llama, qwen
 from mdpo.models.families.base import Family
 
@@ -41,3 +46,27 @@ def owner(tensor_names: set[str]) -> Family | None:
         if family.hf_names(1) <= tensor_names:
             return family
     return None
+
+
+def read_hf_config(key: str, source: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """(file, ModelConfig fields, the family's name among them) of a HF config.json or of the model folder holding
+    it; `key` is the config key that named it, for the error messages."""
+    file = os.path.join(source, "config.json") if os.path.isdir(source) else os.fspath(source)
+    try:
+        with open(file, encoding="utf-8") as f:
+            hf = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{key}='{source}': cannot read '{file}': {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}='{source}': '{file}' is not valid JSON: {' '.join(str(e).split())}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{key}='{source}': '{file}' must hold a JSON object, got {type(hf).__name__}")
+    try:
+        family = detect(hf)
+    except ValueError as e:
+        raise ConfigError(f"{key}='{source}': {file}: {e}") from None
+    try:
+        values = family.read_config(hf)
+    except ValueError as e:
+        raise ConfigError(f"{key}='{source}': {file}: {e} is not supported by mdpo's {family.name} model") from None
+    return file, {"family": family.name, **values}

@@ -26,7 +26,6 @@ from mdpo.config import ModelConfig
 
 Entry = tuple[str, tuple[str, ...], str]
 LAYER_PREFIX_MCORE = "decoder.layers.{i}."
-KINDS = ("copy", "vocab", "norm_vocab", "qkv", "packed_qkv", "gate_up")
 
 
 @dataclass(frozen=True)
@@ -202,14 +201,6 @@ def iter_hf_to_mcore(
     for mcore, hf_names, kind in family.entries(model.num_hidden_layers):
         if wanted(mcore):
             yield mcore, to_mcore(kind, [hf[n] for n in hf_names], heads, padded_vocab)
-
-
-def hf_to_mcore(
-    family: Family, hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab: int
-) -> dict[str, torch.Tensor]:
-    """Full HF state dict -> full (TP=1, PP=1) Megatron state dict."""
-    check_hf_state(family, hf, model)
-    return dict(iter_hf_to_mcore(family, hf, model, padded_vocab))
 
 
 def mcore_to_hf(family: Family, mcore: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from transformers import LlamaConfig
+
 from mdpo.config import ModelConfig
 from mdpo.models.families.base import Family
 
@@ -57,8 +59,6 @@ def read_config(hf: dict) -> dict:
 
 def write_config(model: ModelConfig) -> dict:
     """A complete config.json, from transformers' own LlamaConfig."""
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,

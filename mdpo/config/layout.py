@@ -1,0 +1,201 @@
+"""The one home of the layout rules: how TP x PP x CP x DP processes split a model and a global batch.
+
+`Layout` is frozen and checks itself when built. The config checks a layout without a world size (DP = 1), the
+trainer with torchrun's world size, the converters with the layout they write, and the planner with every layout it
+searches; each names the sizes in its own words (`Wording`: config keys, command-line flags, the planner's table),
+but the rules, and the sizes derived from them (DP, the sequence-length multiple, a stage's layers, the padded
+vocabulary), are written only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from mdpo.errors import ConfigError
+
+VOCAB_PAD_MULTIPLE = 128
+# Core attentions that split a sequence over context-parallel ranks: Transformer Engine's and mdpo's SDPA.
+CONTEXT_PARALLEL_ATTENTIONS = ("auto", "te", "sdpa")
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How a front end names the layout's sizes and the model's counts in its error messages. `key` and `size`
+    format a size's name and its value (fields `name`, `NAME`, `value`); `counts` format what a size must divide
+    (fields `heads`, `kv_heads`, `layers`)."""
+
+    key: str
+    size: str
+    counts: dict[str, str]
+    short: dict[str, str] = field(default_factory=dict)  # a size's own name where NAME is not its upper case
+
+    def name(self, name: str) -> str:
+        return self.key.format(name=name, NAME=self.short.get(name, name.upper()))
+
+    def sized(self, name: str, value: int) -> str:
+        return self.size.format(name=name, NAME=self.short.get(name, name.upper()), value=value)
+
+
+CONFIG_WORDING = Wording(
+    key="parallel.{name}",
+    size="parallel.{name}={value}",
+    counts={
+        "heads": "model.num_attention_heads={heads}",
+        "kv_heads": "model.num_key_value_heads={kv_heads}",
+        "layers": "model.num_hidden_layers={layers}",
+    },
+)
+FLAG_WORDING = Wording(
+    key="--{name}",
+    size="--{name} {value}",
+    counts={
+        "heads": "the attention heads ({heads} query, {kv_heads} key/value)",
+        "kv_heads": "the attention heads ({heads} query, {kv_heads} key/value)",
+        "layers": "the {layers} layers",
+    },
+)
+PLANNER_WORDING = Wording(
+    key="{NAME}",
+    size="{NAME}={value}",
+    counts={
+        "heads": "the heads ({heads}, {kv_heads} key/value)",
+        "kv_heads": "the heads ({heads}, {kv_heads} key/value)",
+        "layers": "{layers} layers",
+    },
+    short={"sequence_parallel": "SP"},
+)
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """Megatron-LM's rule: round the vocabulary up to a multiple of TP x 128 so every TP shard is equal."""
+    step = multiple * tp
+    return -(-vocab_size // step) * step
+
+
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
+    """Global layer indices on one pipeline stage (an even split, which `Layout.check_model` guarantees)."""
+    per_stage = num_layers // pp_size
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Process-group sizes in Megatron's order (TP innermost, then CP, DP, PP): world = TP x PP x CP x DP.
+
+    `vpp` is the number of model chunks per pipeline stage (the planner's interleaved schedule); the trainer runs
+    vpp = 1."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    vpp: int = 1
+    sequence_parallel: bool = False
+    wording: Wording = field(default=CONFIG_WORDING, repr=False, compare=False)  # how errors name the sizes
+
+    def __post_init__(self) -> None:
+        w = self.wording
+        for name in ("tp", "pp", "cp", "dp", "vpp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{w.name(name)} must be >= 1, got {value!r}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError(f"{w.name('sequence_parallel')}=true needs {w.name('tp')} > 1")
+
+    @classmethod
+    def for_world(cls, world: int, **sizes) -> Layout:
+        """The layout of `world` processes: DP is what TP x PP x CP leave."""
+        probe = cls(**sizes)  # the sizes' own rules first
+        if world % probe.model_parallel:
+            w = probe.wording
+            raise ConfigError(
+                f"world size {world} is not divisible by {w.name('tp')} x {w.name('pp')} x {w.name('cp')} = "
+                f"{probe.tp} x {probe.pp} x {probe.cp}"
+            )
+        return dataclasses.replace(probe, dp=world // probe.model_parallel)
+
+    # ------------------------------------------------------------------ derived sizes
+
+    @property
+    def model_parallel(self) -> int:
+        """Processes that hold one copy of the model between them (TP x PP x CP)."""
+        return self.tp * self.pp * self.cp
+
+    @property
+    def world(self) -> int:
+        return self.model_parallel * self.dp
+
+    @property
+    def sizes(self) -> list[int]:
+        """[TP, PP, DP, CP], as checkpoints record it."""
+        return [self.tp, self.pp, self.dp, self.cp]
+
+    @property
+    def sequence_multiple(self) -> int:
+        """What every padded row's length must be a multiple of: TP with sequence parallelism (the sequence is split
+        over the TP ranks), times 2 x CP with context parallelism (each CP rank takes two chunks of every row)."""
+        return (self.tp if self.sequence_parallel else 1) * (2 * self.cp if self.cp > 1 else 1)
+
+    @property
+    def pack_multiple(self) -> int:
+        """What a packed row's length must be a multiple of (packed rows have no context parallelism)."""
+        return self.tp if self.sequence_parallel else 1
+
+    def padded_vocab(self, vocab_size: int) -> int:
+        return padded_vocab_size(vocab_size, self.tp)
+
+    def stage_layers(self, num_layers: int, pp_rank: int) -> range:
+        return stage_layers(num_layers, pp_rank, self.pp)
+
+    # ------------------------------------------------------------------ rules against the rest of a run
+
+    def check_model(self, heads: int, kv_heads: int | None, layers: int) -> None:
+        """TP splits the query and key/value heads evenly; PP x VPP splits the layers evenly."""
+        kv_heads = kv_heads or heads
+        w = self.wording
+        counts = {"heads": heads, "kv_heads": kv_heads, "layers": layers}
+        for count in ("heads", "kv_heads"):
+            if counts[count] % self.tp:
+                raise ConfigError(f"{w.sized('tp', self.tp)} does not divide {w.counts[count].format(**counts)}")
+        chunks = self.pp * self.vpp
+        if layers % chunks:
+            size = w.sized("pp", self.pp) if self.vpp == 1 else f"{w.name('pp')} x {w.name('vpp')} = {chunks}"
+            raise ConfigError(f"{size} does not divide {w.counts['layers'].format(**counts)}")
+
+    def check_batch(self, global_batch: int, micro_batch: int, packing: bool) -> None:
+        """A global batch splits evenly over the DP ranks, and (padded rows) each share into whole micro-batches."""
+        if packing and global_batch % self.dp:
+            raise ConfigError(
+                f"schedule.global_batch_size={global_batch} is not divisible by the data-parallel size {self.dp}"
+            )
+        if not packing and global_batch % (micro_batch * self.dp):
+            raise ConfigError(
+                f"schedule.global_batch_size={global_batch} is not divisible by micro_batch_size x DP = "
+                f"{micro_batch} x {self.dp}"
+            )
+
+    def check_rows(self, packing: bool) -> None:
+        """Context parallelism cuts every row into 2 x CP chunks: a packed row would have to be cut per sequence."""
+        if self.cp > 1 and packing:
+            raise ConfigError(
+                f"{self.wording.name('cp')} > 1 takes padded micro-batches (data.packing=false): packed rows would "
+                "have to be split sequence by sequence"
+            )
+
+    def check_attention(self, attention: str, position_embedding: str, resolved: str | None = None) -> None:
+        """What the core attention must do for this layout. The config checks `model.attention` as written (`auto`
+        passes: the machine decides); the model build checks what it `resolved` to (te, sdpa or local)."""
+        name = self.wording.name
+        used = resolved or attention
+        if self.cp > 1 and (position_embedding == "alibi" or used not in CONTEXT_PARALLEL_ATTENTIONS):
+            on_machine = f" ({resolved} on this machine)" if resolved not in (None, attention) else ""
+            raise ConfigError(
+                f"{name('cp')} > 1 needs RoPE and model.attention auto, te or sdpa (Megatron's local attention and "
+                f"ALiBi have no context parallelism), got model.attention={attention}{on_machine}"
+            )
+        if self.sequence_parallel and resolved not in (None, "te"):
+            raise ConfigError(
+                f"{name('sequence_parallel')}=true needs Transformer Engine's layers (installed, with model.attention "
+                "auto or te): Megatron-Core's local RMSNorm cannot reduce its gradients over a split sequence"
+            )

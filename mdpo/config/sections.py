@@ -1,0 +1,372 @@
+"""The run's configuration: one dataclass per component (torchtitan / Megatron-Core style), each checking itself.
+
+A section checks its own values when built (`__post_init__`) and again in `validate`, for sections edited in place.
+Rules that join sections (the layout against the model, packing against context parallelism, a precomputed
+reference against the weights it is stamped with) are `TrainConfig.check`'s, and the layout rules themselves are
+`Layout`'s. The choices each key takes are listed here once. Every failure is a one-line `ConfigError` naming the
+dotted key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from mdpo.config.layout import Layout
+from mdpo.errors import ConfigError
+
+MODEL_FAMILIES = ("llama", "qwen", "baichuan")  # the HF formats of mdpo.models.families
+POSITION_EMBEDDINGS = ("auto", "rope", "alibi")
+ATTENTIONS = ("auto", "te", "sdpa", "local")
+DATA_FORMATS = ("auto", "ultrafeedback", "hh", "plain", "conversational")
+TEMPLATES = ("auto", "tulu2", "tokenizer", "raw")  # or a Jinja chat template
+ON_BAD_ROW = ("error", "skip")
+PROMPT_TRUNCATIONS = ("keep_end", "keep_start")
+OVER_LENGTH = ("truncate", "drop")
+RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("auto", "bf16", "fp32")
+NONFINITE = ("stop", "skip")
+REFERENCE_MODES = ("online", "precomputed", "none")
+# The DPO family, with TRL 0.28's names; mdpo.loss implements each.
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "apo_zero",
+              "apo_down", "discopop", "aot_unpaired", "sigmoid_norm")  # fmt: skip
+
+
+def need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: object, choices: tuple[str, ...]) -> None:
+    two = len(choices) == 2  # two choices read as 'a' or 'b'; longer lists unquoted
+    listed = f"'{choices[0]}' or '{choices[1]}'" if two else f"{', '.join(choices[:-1])} or {choices[-1]}"
+    need(value in choices, f"{key} must be {listed}, got {value!r}")
+
+
+def _positive(section: str, obj: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            need(value > 0, f"{section}.{name} must be > 0, got {value!r}")
+
+
+class Section:
+    """Checks a section's own values: every float finite, then the section's rules (`_rules`)."""
+
+    name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                need(math.isfinite(value), f"{self.name}.{f.name} must be finite, got {value!r}")
+        self._rules()
+
+    def _rules(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class ModelConfig(Section):
+    """A HF-config-shaped model description (Llama 2, Qwen 1.0 and Baichuan 2 are all this shape)."""
+
+    name: ClassVar[str] = "model"
+    hf_config: str | None = None  # HF config.json or model folder; its values fill the fields below
+    # Weights to start from: a HF model folder, a `mdpo convert` output or a training checkpoint (step_N folder);
+    # None = random init
+    init_from: str | None = None
+    family: str = "llama"  # llama | qwen | baichuan: the HF format weights are read and exported in
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008  # the MLP width
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None = num_attention_heads (MHA)
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False  # bias on the q/k/v projection (Qwen 1.0)
+    position_embedding: str = "auto"  # auto (from config.json, else rope) | rope | alibi (Baichuan 2 13B)
+    norm_head: bool = False  # output weight rows L2-normalised in every forward (Baichuan 2's NormHead)
+    init_std: float = 0.02  # std of the normal init when init_from is None
+    attention: str = "auto"  # auto (TE if present, else SDPA on GPU, local on CPU) | te | sdpa | local
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    def _rules(self) -> None:
+        _positive("model", self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
+                                  "max_position_embeddings", "init_std"))  # fmt: skip
+        need(self.family in MODEL_FAMILIES, f"model.family must be one of {', '.join(MODEL_FAMILIES)}, "
+                                            f"got {self.family!r}")  # fmt: skip
+        _one_of("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        _one_of("model.attention", self.attention, ATTENTIONS)
+        need(
+            self.position_embedding != "alibi" or self.attention in ("auto", "sdpa"),
+            "model.position_embedding=alibi needs model.attention=auto or sdpa (ALiBi biases are added to the scores "
+            "of torch SDPA; Megatron's local and Transformer Engine attention here take no ALiBi), got "
+            f"{self.attention!r}",
+        )
+        heads, kv_heads = self.num_attention_heads, self.kv_heads
+        need(
+            heads % kv_heads == 0,
+            f"model.num_key_value_heads={kv_heads} does not divide model.num_attention_heads={heads}",
+        )
+        need(
+            self.hidden_size % heads == 0,
+            f"model.num_attention_heads={heads} does not divide model.hidden_size={self.hidden_size}",
+        )
+
+
+@dataclass
+class DataConfig(Section):
+    name: ClassVar[str] = "data"
+    train_file: str = ""  # required: a data file or folder (see format below)
+    eval_file: str | None = None
+    tokenizer: str = ""  # required: a HF tokenizer folder
+    max_length: int = 8192  # tokens per prompt+response sequence
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    on_bad_row: str = "error"  # error | skip (skips are counted and reported)
+    # .jsonl/.json(.gz), .parquet, .arrow, a datasets.save_to_disk folder or a folder of such shards
+    format: str = "auto"  # auto | ultrafeedback | hh | plain | conversational (auto: from the first row's types)
+    template: str = "auto"  # auto | tulu2 | tokenizer | raw | a Jinja chat template (auto: raw for text rows,
+    #                         the tokenizer's chat template for message rows, tulu2 if it has none)
+    max_prompt_length: int | None = None  # None = only max_length limits the prompt
+    prompt_truncation: str = "keep_end"  # keep_end | keep_start: which part of a prompt over max_prompt_length stays
+    over_length: str = "truncate"  # truncate | drop: pairs over max_prompt_length / max_length (always counted)
+    num_proc: int = 1  # processes for tokenizing (datasets.map)
+    cache: bool = True  # reuse the tokenized set from an earlier run when files, tokenizer and settings match
+    cache_dir: str | None = None  # None = $MDPO_CACHE_DIR, else $XDG_CACHE_HOME/mdpo/data or ~/.cache/mdpo/data
+    packing: bool = False  # pack whole pairs into micro-batches of pack_tokens tokens instead of padding rows
+    pack_tokens: int | None = None  # token budget of a pack; None = 2 x max_length (the longest possible pair)
+
+    @property
+    def pack_budget(self) -> int:
+        return self.pack_tokens or 2 * self.max_length
+
+    def check_required(self) -> None:
+        """The inputs a run cannot start without (the defaults leave them empty)."""
+        for key in ("train_file", "tokenizer"):
+            need(bool(getattr(self, key)), f"data.{key} is required (set it in the config file or pass data.{key}=...)")
+
+    def _rules(self) -> None:
+        _positive("data", self, ("max_length",))
+        _one_of("data.on_bad_row", self.on_bad_row, ON_BAD_ROW)
+        need(self.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
+        need(
+            self.template in TEMPLATES or "{{" in self.template or "{%" in self.template,
+            f"data.template must be {', '.join(TEMPLATES)} or a Jinja chat template, got {self.template!r}",
+        )
+        _one_of("data.prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATIONS)
+        _one_of("data.over_length", self.over_length, OVER_LENGTH)
+        need(self.num_proc >= 1, f"data.num_proc must be >= 1, got {self.num_proc!r}")
+        if self.max_prompt_length is not None:
+            need(
+                0 < self.max_prompt_length < self.max_length,
+                f"data.max_prompt_length must be in (0, data.max_length={self.max_length}), "
+                f"got {self.max_prompt_length!r}",
+            )
+        if self.pack_tokens is not None:
+            need(
+                self.pack_tokens >= 2 * self.max_length,
+                f"data.pack_tokens={self.pack_tokens} must be >= 2 x data.max_length={2 * self.max_length} "
+                "(a pair is two sequences of up to max_length tokens)",
+            )
+
+
+@dataclass
+class ParallelConfig(Section):
+    name: ClassVar[str] = "parallel"
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    cp: int = 1  # context-parallel size: each sequence split over cp ranks (long pairs; TE or SDPA attention)
+    distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
+    sequence_parallel: bool = False  # split norm/residual activations over the TP ranks too (needs tp > 1)
+    recompute: str = "none"  # none | selective (core attention) | full (each layer's activations)
+    overlap_grad_reduce: bool = False  # overlap the data-parallel gradient reduction with the backward pass
+    overlap_param_gather: bool = False  # distributed optimizer: gather updated weights during the next forward
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 (weights/activations, fp32 master) | fp32
+
+    def layout(self, world: int | None = None) -> Layout:
+        """The layout these sizes make: with DP = 1 (the config's own checks), or of `world` processes."""
+        sizes = dict(tp=self.tp, pp=self.pp, cp=self.cp, sequence_parallel=self.sequence_parallel)
+        return Layout(**sizes) if world is None else Layout.for_world(world, **sizes)
+
+    def _rules(self) -> None:
+        self.layout()  # sizes >= 1, sequence parallelism needs TP > 1
+        _one_of("parallel.recompute", self.recompute, RECOMPUTE)
+        _one_of("parallel.precision", self.precision, PRECISIONS)
+        need(
+            not self.overlap_param_gather or self.distributed_optimizer,
+            "parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true (without it every rank "
+            "updates whole weights and there is nothing to gather)",
+        )
+
+
+@dataclass
+class OptimizerConfig(Section):
+    name: ClassVar[str] = "optimizer"
+    lr: float = 1e-6  # peak learning rate
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # max global grad norm; 0 = no clipping
+    nonfinite: str = "stop"  # a non-finite loss or grad norm: stop (naming step and pairs) | skip the step
+    max_skipped_steps: int = 10  # with nonfinite=skip, stop once this many steps were skipped
+
+    def _rules(self) -> None:
+        _positive("optimizer", self, ("lr", "adam_eps"))
+        for key in ("weight_decay", "clip_grad"):
+            need(getattr(self, key) >= 0, f"optimizer.{key} must be >= 0, got {getattr(self, key)!r}")
+        for key in ("adam_beta1", "adam_beta2"):
+            need(0 <= getattr(self, key) < 1, f"optimizer.{key} must be in [0, 1), got {getattr(self, key)!r}")
+        _one_of("optimizer.nonfinite", self.nonfinite, NONFINITE)
+        need(self.max_skipped_steps >= 0, f"optimizer.max_skipped_steps must be >= 0, got {self.max_skipped_steps!r}")
+
+
+@dataclass
+class ScheduleConfig(Section):
+    name: ClassVar[str] = "schedule"
+    global_batch_size: int = 128  # preference pairs per optimizer step
+    micro_batch_size: int = 1  # preference pairs per forward/backward
+    train_steps: int | None = None  # None = derived from epochs and data size
+    epochs: float = 1.0
+    warmup_ratio: float = 0.1  # fraction of train_steps spent in linear warmup
+    exit_interval: int | None = None  # save and exit after a step divisible by this (Megatron's --exit-interval)
+    seed: int = 1234
+
+    def _rules(self) -> None:
+        _positive("schedule", self, ("global_batch_size", "micro_batch_size", "train_steps", "epochs"))
+        need(0 <= self.warmup_ratio < 1, f"schedule.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        need(0 <= self.seed < 2**32, f"schedule.seed must be in [0, 2**32), got {self.seed!r}")
+        need(
+            self.global_batch_size % self.micro_batch_size == 0,
+            f"schedule.global_batch_size={self.global_batch_size} is not divisible by "
+            f"schedule.micro_batch_size={self.micro_batch_size}",
+        )
+
+
+@dataclass
+class DPOConfig(Section):
+    """The preference objective (mdpo.loss computes it; its hyperparameters are checked here, once)."""
+
+    name: ClassVar[str] = "dpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO (cDPO) label noise, in [0, 0.5)
+    loss_type: str | list[str] = "sigmoid"  # a name in LOSS_TYPES, or several (weighted sum)
+    loss_weights: list[float] | None = None  # one per loss_type; None = all 1.0
+    rpo_alpha: float = 0.0  # weight of the chosen responses' mean token NLL (RPO / NeMo sft_loss_weight)
+    reference: str = "online"  # online | precomputed (see `mdpo precompute-ref`) | none (reference-free)
+    reference_cache: str | None = None  # precomputed reference log-probs; None = RUN_DIR/reference_logps
+    bco_delta: float = 0.0  # bco_pair's reward shift
+    discopop_tau: float = 0.05  # discopop's temperature
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """One weight per loss type (all 1.0 unless loss_weights says)."""
+        return tuple(self.loss_weights) if self.loss_weights is not None else (1.0,) * len(self.loss_types)
+
+    @property
+    def reference_free(self) -> bool:
+        return self.reference == "none"
+
+    def _rules(self) -> None:
+        types = self.loss_types
+        need(bool(types), f"dpo.loss_type is empty; use one or more of: {', '.join(LOSS_TYPES)}")
+        for loss_type in types:
+            need(loss_type in LOSS_TYPES, f"unknown dpo.loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+        if self.loss_weights is not None:
+            weights = list(self.loss_weights)
+            need(len(weights) == len(types), f"dpo.loss_weights has {len(weights)} entries {weights} but "
+                                             f"dpo.loss_type has {len(types)} {list(types)}")  # fmt: skip
+            for weight in weights:
+                need(math.isfinite(weight), f"dpo.loss_weights entries must be finite, got {weight!r}")
+                need(weight >= 0, f"dpo.loss_weights entries must be >= 0, got {weight!r}")
+        need(self.beta > 0, f"dpo.beta must be > 0, got {self.beta!r}")
+        why = " (robust divides by 1 - 2*label_smoothing)" if "robust" in types else ""
+        need(0 <= self.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5){why}, "
+                                              f"got {self.label_smoothing!r}")  # fmt: skip
+        need(self.rpo_alpha >= 0, f"dpo.rpo_alpha must be >= 0, got {self.rpo_alpha!r}")
+        need(self.discopop_tau > 0, f"dpo.discopop_tau must be > 0, got {self.discopop_tau!r}")
+        _one_of("dpo.reference", self.reference, REFERENCE_MODES)
+
+
+@dataclass
+class LoggingConfig(Section):
+    name: ClassVar[str] = "logging"
+    run_dir: str = "runs/mdpo"
+    log_interval: int = 1  # steps between metric lines
+    eval_interval: int | None = None  # steps between held-out evaluations (also before and after training)
+    progress: bool = True  # show a progress bar
+    plot: bool = True  # write loss/reward plots to run_dir
+    tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard (needs `tensorboard`)
+    wandb_project: str | None = None  # also log to this Weights & Biases project (needs `wandb`)
+    profile_step: int | None = None  # run this step (1-based) under torch.profiler: RUN_DIR/profile.txt + trace
+
+    def _rules(self) -> None:
+        _positive("logging", self, ("log_interval", "eval_interval", "profile_step"))
+
+
+@dataclass
+class CheckpointConfig(Section):
+    name: ClassVar[str] = "checkpoint"
+    export_hf: bool = True  # write the trained policy to RUN_DIR/hf as a HF model folder
+    dir: str | None = None  # None = RUN_DIR/checkpoints
+    save_interval: int | None = None  # steps between checkpoints (None: only at the end and on SIGTERM/SIGINT)
+    save_at_end: bool = True
+    keep_last: int = 2  # complete checkpoints kept
+    resume: str = "auto"  # auto (the latest complete checkpoint in dir, if any) | none | a checkpoint folder
+
+    def _rules(self) -> None:
+        need(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last!r}")
+        _positive("checkpoint", self, ("save_interval",))
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The rules that join sections (each section's own rules ran when it was built)."""
+        m = self.model
+        layout = self.parallel.layout()
+        layout.check_rows(self.data.packing)
+        layout.check_attention(m.attention, m.position_embedding)
+        layout.check_model(m.num_attention_heads, m.num_key_value_heads, m.num_hidden_layers)
+        need(
+            self.dpo.reference != "precomputed" or m.init_from is not None,
+            "dpo.reference=precomputed needs model.init_from (the reference checkpoint the cache is stamped with)",
+        )
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every section's rules again (a section may have been edited in place), the inputs a run needs, and the rules
+    that join sections; raises the first ConfigError."""
+    for section in dataclasses.fields(cfg):
+        getattr(cfg, section.name).check()
+    cfg.data.check_required()
+    cfg.check()

@@ -1,0 +1,73 @@
+"""Memory and step-time planner for DPO on Megatron-Core: what one GPU holds, part by part, and how long a step
+takes, for a given layout or for every feasible one, ranked.
+
+The terms follow what mdpo builds: bf16 weights with an fp32 gradient buffer, fp32 master weights and AdamW
+moments (Megatron's mixed-precision optimizer, its states sharded over DP x CP with the distributed optimizer);
+a frozen bf16 reference copy when the reference runs online; activations of Megatron's layers with flash-style
+attention (no [s, s] score matrix); fp32 copies of the vocab-parallel logits in the cross entropy. Time counts
+model FLOPs as bench_dpo.py does (6N per trained token, 2N per reference token, causal attention), divided by the
+cluster's peak times one calibrated efficiency, plus the exposed communication, the pipeline bubble and the
+optimizer step (memory-bound: the bytes it moves over the GPU's memory bandwidth).
+
+A model is the run's `ModelConfig` (`models`: presets and counts); a candidate is the run's `Layout` plus the
+settings the search varies (`estimate`: predictions, rules and search); `command` is `mdpo plan`. `runs` trains
+synthetic pairs for real and `validation` checks the predictions against such runs (benchmarks/ and the tests);
+neither is imported here.
+"""
+
+from mdpo.planner.command import add_arguments, run
+from mdpo.planner.estimate import (
+    GIB,
+    GPU,
+    GPUS,
+    OPTIMIZER_BYTES_PER_PARAM,
+    Candidate,
+    Cluster,
+    Plan,
+    Workload,
+    activation_bytes_per_token_layer,
+    check_layout,
+    memory_per_gpu,
+    microbatch_tokens,
+    microbatches_per_step,
+    plan,
+    search,
+    step_time,
+)
+from mdpo.planner.models import (
+    MODELS,
+    flops_per_token,
+    kv_dim,
+    layer_params,
+    matmul_params,
+    model_shape,
+    params,
+)
+
+__all__ = [
+    "GIB",
+    "GPU",
+    "GPUS",
+    "MODELS",
+    "OPTIMIZER_BYTES_PER_PARAM",
+    "Candidate",
+    "Cluster",
+    "Plan",
+    "Workload",
+    "activation_bytes_per_token_layer",
+    "add_arguments",
+    "check_layout",
+    "flops_per_token",
+    "kv_dim",
+    "layer_params",
+    "matmul_params",
+    "memory_per_gpu",
+    "microbatch_tokens",
+    "microbatches_per_step",
+    "model_shape",
+    "params",
+    "plan",
+    "run",
+    "search",
+    "step_time",
+]

@@ -1,0 +1,73 @@
+"""Real `mdpo train` runs of synthetic pairs, measured: what benchmarks/bench_dpo.py reports and what the planner's
+predictions are checked against (`validation`). The pairs are digit strings of the demo tokenizer, every sequence
+`seq_len` tokens, so only the model's shape and the layout matter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mdpo.config import ModelConfig
+from mdpo.data.synthetic import build_demo_tokenizer
+
+
+def _digits(n: int, k: int) -> str:
+    return "".join(str((k * 7 + i * 3) % 10) for i in range(n))
+
+
+def run_config(model: ModelConfig, *, seq_len: int, micro_batch: int = 1, steps: int = 6, warmup: int = 2,
+               nproc: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, reference: str = "online",
+               packing: bool = False, attention: str = "auto", global_batch: int | None = None,
+               prompt_len: int | None = None, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+               ) -> dict[str, Any]:  # fmt: skip
+    """Train `steps` steps of synthetic pairs (every sequence seq_len tokens) in a fresh process (torchrun when
+    nproc > 1), a Llama of `model`'s shape; the mean step time, tokens and the peak memory over the steps after
+    `warmup`. A failed run exits with the end of its stderr (these runs are the benchmarks' whole point)."""
+    gbs = global_batch or 4 * micro_batch * max(1, nproc // (tp * pp * cp))
+    prompt_len = prompt_len or seq_len // 4
+    root = Path(os.environ.get("MDPO_BENCH_DIR", tempfile.mkdtemp(prefix="mdpo_bench_")))
+    data = root / "pairs.jsonl"
+    build_demo_tokenizer(root / "tokenizer")
+    # The demo tokenizer puts BOS first and the trainer appends EOS: a prompt of prompt_len - 1 characters.
+    response = seq_len - prompt_len - 1
+    rows = [
+        {"prompt": _digits(prompt_len - 1, k), "chosen": _digits(response, k + 1), "rejected": _digits(response, k + 2)}
+        for k in range(gbs * steps)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [
+        f"model.hidden_size={model.hidden_size}", f"model.intermediate_size={model.intermediate_size}",
+        f"model.num_hidden_layers={model.num_hidden_layers}", f"model.num_attention_heads={model.num_attention_heads}",
+        f"model.num_key_value_heads={model.kv_heads}", f"model.vocab_size={model.vocab_size}",
+        f"model.max_position_embeddings={max(4096, seq_len)}",
+        f"model.attention={attention}", f"data.train_file={data}", f"data.tokenizer={root / 'tokenizer'}",
+        "data.format=plain", "data.template=raw", f"data.max_length={seq_len}", f"data.packing={packing}",
+        f"schedule.global_batch_size={gbs}", f"schedule.micro_batch_size={micro_batch}",
+        f"schedule.train_steps={steps}", "schedule.warmup_ratio=0", f"parallel.tp={tp}", f"parallel.pp={pp}",
+        f"parallel.cp={cp}", f"dpo.reference={'none' if reference == 'none' else 'online'}",
+        f"logging.run_dir={root / 'run'}", "logging.progress=false", "logging.plot=false",
+        "checkpoint.export_hf=false", "checkpoint.save_at_end=false", *extra,
+    ]  # fmt: skip
+    if packing:  # a pack holds a micro-batch's worth of pairs
+        overrides.append(f"data.pack_tokens={2 * seq_len * micro_batch}")
+    if reference == "none":
+        overrides.append("dpo.loss_type=apo_zero")  # a loss defined without a reference: same compute as precomputed
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = [*(launcher if nproc > 1 else [sys.executable]), "-m", "mdpo", "train", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if result.returncode:
+        sys.exit(result.stderr[-3000:])
+    records = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "loss" in r][warmup:]
+    step_s = sum(r["num_tokens"] / r["tokens_per_second"] for r in timed) / len(timed)
+    return {
+        "global_batch": gbs,
+        "step_s": step_s,
+        "tokens": sum(r["num_tokens"] for r in timed) / len(timed),
+        "peak_memory_gib": max(r["peak_memory_gib"] for r in timed),
+    }

@@ -1,0 +1,111 @@
+"""When and where a run's training state is saved and restored: every `checkpoint.save_interval` steps, at the
+end, and when SIGTERM/SIGINT (a scheduler's pre-emption) or `schedule.exit_interval` ask the run to stop, in which
+case it saves and leaves. On start it resumes from the latest complete checkpoint (or the one named)."""
+
+from __future__ import annotations
+
+import enum
+import signal
+from pathlib import Path
+
+import torch
+
+from mdpo.checkpoint.dist import complete_checkpoints, load_checkpoint, read_meta, save_checkpoint
+from mdpo.config import CheckpointConfig, Layout
+from mdpo.errors import ConfigError
+from mdpo.training.metrics import check_writable
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the ranks agree on it at a step boundary (a signal may reach them at different
+    times), so every rank saves the same checkpoint. Installed for the training loop only."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class After(enum.Enum):
+    """What a finished step asks of the loop."""
+
+    GO_ON = "go on"
+    SAVE = "save"
+    STOP = "save and stop"
+
+
+class Checkpointer:
+    """Owns the checkpoint folder, the save cadence, the stop signals and resuming."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, exit_interval: int | None, layout: Layout,
+                 global_batch_size: int, is_logger: bool) -> None:  # fmt: skip
+        self.cfg, self.exit_interval, self.layout = cfg, exit_interval, layout
+        self.global_batch_size = global_batch_size
+        self.root = Path(cfg.dir) if cfg.dir else run_dir / "checkpoints"
+        self._stop: StopRequest | None = None
+        if is_logger and cfg.dir:
+            check_writable(self.root, "checkpoint.dir")
+
+    def resume(self, model, optimizer, scheduler) -> tuple[int, Path | None]:  # noqa: ANN001 - Megatron's types
+        """Load the checkpoint `checkpoint.resume` names (auto: the latest complete one): (the step to start at,
+        the folder loaded; None when starting afresh)."""
+        if self.cfg.resume == "none":
+            return 0, None
+        if self.cfg.resume == "auto":
+            found = complete_checkpoints(self.root)
+            if not found:
+                return 0, None
+            folder = found[-1]
+        else:
+            folder = Path(self.cfg.resume)
+        meta = read_meta(folder)
+        if meta["global_batch_size"] != self.global_batch_size:
+            raise ConfigError(
+                f"{folder}: saved with schedule.global_batch_size={meta['global_batch_size']}, now "
+                f"{self.global_batch_size}: the resumed data order would differ"
+            )
+        saved = list(meta["layout"]) + [1] * (4 - len(meta["layout"]))  # [TP, PP, DP] before CP existed
+        load_checkpoint(folder, model, optimizer, scheduler, load_rng=saved == self.layout.sizes)
+        return int(meta["step"]), folder
+
+    def start(self) -> None:
+        """From here until `close`, SIGTERM/SIGINT ask the run to save and stop at the next step boundary."""
+        self._stop = StopRequest()
+
+    def after_step(self, step: int, train_steps: int) -> After:
+        """Collective (the ranks agree on a signal): what the loop does once `step` steps are done. The last step's
+        save is `save_at_end`'s, not this."""
+        stop = self._stop is not None and self._stop.agreed()
+        stop = stop or bool(self.exit_interval and step % self.exit_interval == 0)
+        if step >= train_steps:
+            return After.GO_ON
+        if stop:
+            return After.STOP
+        every = self.cfg.save_interval
+        return After.SAVE if every and step % every == 0 else After.GO_ON
+
+    def save(self, step: int, model, optimizer, scheduler, meta: dict) -> Path:  # noqa: ANN001 - Megatron's types
+        """Collective: a checkpoint of `step` (keeping the last `keep_last`)."""
+        meta = {
+            "consumed_samples": step * self.global_batch_size,
+            "global_batch_size": self.global_batch_size,
+            "layout": self.layout.sizes,
+            **meta,
+        }
+        return save_checkpoint(self.root, step, model, optimizer, scheduler, meta, self.cfg.keep_last)
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._stop.restore()
+            self._stop = None

@@ -1,0 +1,65 @@
+"""The data each rank trains on: tokenized pairs read once per run (rank 0 fills the cache, the others read it),
+and a rank's pairs cut into micro-batches for its layout."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from mdpo.config import DataConfig, Layout, ScheduleConfig
+from mdpo.data.batching import MicroBatch, collate, collate_packed, context_parallel_share, pack_microbatches
+from mdpo.data.pairs import TokenizedPair, TokenizeReport, load_pairs
+from mdpo.errors import DataError, MdpoError
+
+
+def log(message: str) -> None:
+    """A line above the progress bar, from global rank 0 only."""
+    if torch.distributed.get_rank() == 0:
+        tqdm.write(f"[mdpo] {message}")
+
+
+def load_pairs_on_ranks(
+    data: DataConfig, path: str, tokenizer: PreTrainedTokenizerBase, what: str
+) -> list[TokenizedPair]:
+    """Rank 0 tokenizes (and fills the data cache) first; the other ranks then read the cache. A data error on
+    rank 0 is raised on every rank, so no rank waits forever at the broadcast."""
+    report = TokenizeReport()
+    error = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            pairs = load_pairs(data, path, tokenizer, report)
+        except MdpoError as err:
+            error = str(err)
+    message = [error]
+    torch.distributed.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise DataError(message[0])
+    if torch.distributed.get_rank() != 0:
+        pairs = load_pairs(data, path, tokenizer, report)
+    log(f"{what}: {len(pairs)} pairs from {path} ({report.summary()})")
+    return pairs
+
+
+def make_microbatches(
+    data: DataConfig,
+    schedule: ScheduleConfig,
+    layout: Layout,
+    pairs: list[TokenizedPair],
+    indices: list[int],
+    pad_id: int,
+    cp_rank: int = 0,
+) -> list[MicroBatch]:
+    """Micro-batches of the given pairs: packs (data.packing) or groups of micro_batch_size padded pairs, each as
+    long as the layout needs (`Layout.sequence_multiple`); with context parallelism this CP rank keeps its two
+    chunks of every row."""
+    if data.packing:
+        budget = data.pack_budget
+        groups = pack_microbatches(pairs, indices, budget)
+        return [collate_packed([pairs[i] for i in g], pad_id, budget, layout.pack_multiple) for g in groups]
+    mbs = schedule.micro_batch_size
+    batches = (
+        collate([pairs[i] for i in indices[k : k + mbs]], pad_id, layout.sequence_multiple)
+        for k in range(0, len(indices), mbs)
+    )
+    return [context_parallel_share(batch, layout.cp, cp_rank) for batch in batches]

@@ -1,0 +1,71 @@
+"""The policy's Megatron DDP wrapper, Megatron's optimizer (AdamW with clipping, optionally distributed) and its
+linear warmup/decay schedule, hooked into the model config the pipeline schedule reads."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from mdpo.config import TrainConfig
+
+
+def wrap_ddp(cfg: TrainConfig, module: torch.nn.Module) -> DistributedDataParallel:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    return DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
+
+
+def build_optimizer(cfg: TrainConfig, policy: DistributedDataParallel, dtype: torch.dtype) -> MegatronOptimizer:
+    """Megatron's optimizer over the policy, registered with the model config for the schedule's gradient
+    finalisation (DP/PP reduction, division by the global pair count) and loss scaling."""
+    opt = cfg.optimizer
+    optimizer = get_megatron_optimizer(
+        MegatronOptimizerConfig(
+            optimizer="adam",
+            lr=opt.lr,
+            min_lr=0.0,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2,
+            adam_eps=opt.adam_eps,
+            clip_grad=opt.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        ),
+        [policy],
+    )
+    config = policy.module.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = policy.no_sync
+    config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: MegatronOptimizer, train_steps: int) -> OptimizerParamScheduler:
+    """Linear warmup over warmup_ratio of the steps (HF's rounding), then linear decay to 0."""
+    opt = cfg.optimizer
+    # Megatron's scheduler needs at least one step after warmup.
+    warmup = min(math.ceil(cfg.schedule.warmup_ratio * train_steps), train_steps - 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=opt.lr,
+        min_lr=0.0,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=train_steps,
+        lr_decay_style="linear",
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=train_steps,
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,68 @@
+"""`mdpo precompute-ref`: the reference forward once over the train and eval pairs, at any TP/PP/DP layout, written
+per split to the reference cache with the stamp `dpo.reference=precomputed` checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from mdpo import parallel
+from mdpo.config import TrainConfig
+from mdpo.errors import ConfigError
+from mdpo.models.gpt import packs_as_thd
+from mdpo.training.data import load_pairs_on_ranks, log, make_microbatches
+from mdpo.training.reference import cache_path, reference_stamp, save_reference_logps
+from mdpo.training.setup import build_stage, start_run
+from mdpo.training.step import attach_reference_logps
+
+MICROBATCHES_PER_CALL = 64  # per schedule call: results leave the device every this many micro-batches
+
+
+def precompute_reference(cfg: TrainConfig) -> list[Path]:
+    """The reference's log-probs of every train (and eval) pair, one cache file per split; returns the files."""
+    if cfg.model.init_from is None:
+        raise ConfigError("precompute-ref needs model.init_from (the reference checkpoint)")
+    try:
+        run = start_run(cfg)
+        reference = build_stage(cfg, run.layout, run.dtype, load=True).eval()
+        stamp = reference_stamp(cfg)
+        thd = packs_as_thd(cfg.model)
+        written = []
+        for split, path in (("train", cfg.data.train_file), ("eval", cfg.data.eval_file)):
+            if not path:
+                continue
+            pairs = load_pairs_on_ranks(cfg.data, path, run.tokenizer, split)
+            mine = list(range(run.ranks.dp, len(pairs), run.layout.dp))
+            everything = make_microbatches(
+                cfg.data, cfg.schedule, run.layout, pairs, mine, run.tokenizer.pad_token_id, run.ranks.cp
+            )
+            results: list[tuple[list[int], list[float]]] = []
+            calls = range(0, len(everything), MICROBATCHES_PER_CALL)
+            for start in tqdm(calls, desc=f"reference {split}", disable=not run.is_logger):
+                microbatches = everything[start : start + MICROBATCHES_PER_CALL]
+                if run.device is not None:
+                    microbatches = [mb.to(run.device) for mb in microbatches]
+                attach_reference_logps(microbatches, reference, cfg.model.vocab_size, thd)
+                if parallel_state.is_pipeline_last_stage() and run.ranks.tp == run.ranks.cp == 0:
+                    results += [(mb.pair_ids, mb.ref_logps.double().cpu().tolist()) for mb in microbatches]
+            gathered = [None] * torch.distributed.get_world_size() if run.is_logger else None
+            torch.distributed.gather_object(results, gathered, dst=0)
+            if gathered is not None:
+                table = {}
+                for ids, logps in (item for part in gathered for item in part):
+                    m = len(ids)
+                    table.update({pid: (logps[k], logps[m + k]) for k, pid in enumerate(ids)})
+                indices = sorted(table)
+                target = cache_path(cfg, split)
+                save_reference_logps(
+                    target, indices, [table[i][0] for i in indices], [table[i][1] for i in indices], stamp
+                )
+                log(f"reference log-probs of {len(indices)} {split} pairs -> {target}")
+                written.append(target)
+            torch.distributed.barrier()
+        return written
+    finally:
+        parallel.stop()

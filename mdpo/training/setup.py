@@ -1,0 +1,91 @@
+"""What every command that runs the model starts with: the parallel world, seeds, dtype and device, the tokenizer,
+and a pipeline stage of the model with its starting weights. Shared by training and `mdpo precompute-ref`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from transformers import PreTrainedTokenizerBase
+
+from mdpo import parallel
+from mdpo.checkpoint.load import load_initial_weights
+from mdpo.config import Layout, ParallelConfig, TrainConfig
+from mdpo.data.encoding import load_tokenizer
+from mdpo.errors import ConfigError
+from mdpo.models.gpt import build_gpt_model, transformer_config
+
+
+@dataclass(frozen=True)
+class Run:
+    """One process's share of a run: the layout (checked against the world size), its ranks, and how it computes."""
+
+    layout: Layout
+    ranks: parallel.Ranks
+    dtype: torch.dtype
+    device: torch.device | None  # None on CPU: tensors stay where they are built
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def is_logger(self) -> bool:
+        """Global rank 0 writes the run's files and prints."""
+        return torch.distributed.get_rank() == 0
+
+
+def train_dtype(parallel_cfg: ParallelConfig) -> torch.dtype:
+    """Weights and activations: bf16 (with Megatron's fp32 master weights and grads) or fp32."""
+    precision = parallel_cfg.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def start_run(cfg: TrainConfig) -> Run:
+    """torch.distributed and Megatron's groups for the configured layout at torchrun's world size, the seeds, and
+    the tokenizer (refused when it has more tokens than the model's vocabulary)."""
+    layout = cfg.parallel.layout(int(os.environ.get("WORLD_SIZE", 1)))
+    layout.check_batch(cfg.schedule.global_batch_size, cfg.schedule.micro_batch_size, cfg.data.packing)
+    ranks = parallel.start(layout)
+    torch.manual_seed(cfg.schedule.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.schedule.seed)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ConfigError(
+            f"tokenizer {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size is {cfg.model.vocab_size}"
+        )
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    return Run(layout, ranks, train_dtype(cfg.parallel), device, tokenizer)
+
+
+def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool) -> GPTModel:
+    """This rank's pipeline stage of the model: `model.init_from` loaded into it when `load` (HF folder or Megatron
+    checkpoint, streamed per tensor and resharded for this layout), else a seeded random init."""
+    # Initialised even when weights are loaded next: Megatron marks tensor-parallel weights (which the grad norm and
+    # weight decay need) only in its init functions.
+    config = transformer_config(
+        cfg.model,
+        tp=layout.tp,
+        pp=layout.pp,
+        cp=layout.cp,
+        params_dtype=dtype,
+        sequence_parallel=layout.sequence_parallel,
+        recompute=cfg.parallel.recompute,
+    )
+    model = build_gpt_model(
+        cfg.model,
+        config,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    # Megatron-Core's local RMSNorm (torch.nn.RMSNorm) is built in float32 whatever params_dtype says; its bf16
+    # optimizer maps only bf16 weights to checkpoint entries (Megatron-LM's Float16Module casts them all too).
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if load and cfg.model.init_from is not None:
+        load_initial_weights(model, cfg.model)
+    return model

@@ -1,0 +1,112 @@
+"""The package's dependency rules (ARCHITECTURE.md), read from the source: no import cycles, imports at module top
+(only optional dependencies are imported where they are used), and the config a leaf that every module may use."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mdpo"
+# Imported inside the function that needs them: installed only for some runs (pyproject's extras) or torch versions.
+OPTIONAL = {"transformer_engine.pytorch", "torch.utils.tensorboard", "wandb", "torch.nn.attention.varlen"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    base = node.module or ""
+    if node.level:  # relative import
+        anchor = module.split(".") if is_package else module.split(".")[:-1]
+        base = ".".join(anchor[: len(anchor) - node.level + 1] + ([base] if base else []))
+    # `from mdpo import x` may name a submodule
+    return [f"{base}.{alias.name}" for alias in node.names] + [base]
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _graph() -> tuple[dict[str, set[str]], list[tuple[str, str]]]:
+    """Module-level mdpo imports of every mdpo module, and (module, what it imports) for every import inside a
+    function or class body."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    nested: list[tuple[str, str]] = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or getattr(node, "module", None) == "__future__":
+                continue
+            targets = _imported(node, name, path.name == "__init__.py")
+            if id(node) not in top:
+                nested.append((name, targets[-1] if isinstance(node, ast.ImportFrom) else targets[0]))
+                continue
+            deps |= {t for t in targets if t in modules and t != name}
+        graph[name] = deps
+    return graph, nested
+
+
+def test_no_import_cycles():
+    graph, _ = _graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep) :] + [dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+
+
+def test_imports_are_at_module_top_except_optional_dependencies():
+    _, nested = _graph()
+    deferred = sorted({(module, imported) for module, imported in nested if imported not in OPTIONAL})
+    assert not deferred, deferred
+
+
+def test_config_is_a_leaf():
+    graph, _ = _graph()
+    config = {m for m in graph if m == "mdpo.config" or m.startswith("mdpo.config.")}
+    outside = {(m, d) for m in config for d in graph[m] if d not in config and d != "mdpo.errors" and d != "mdpo"}
+    assert not outside, outside
+
+
+def test_the_rules_catch_a_cycle(tmp_path, monkeypatch):
+    """The cycle check itself: a package with a -> b -> a must fail it."""
+    pkg = tmp_path / "mdpo"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from mdpo import b\n")
+    (pkg / "b.py").write_text("import mdpo.a\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
+    with pytest.raises(pytest.fail.Exception, match="import cycle"):
+        test_no_import_cycles()
+
+
+def test_the_rules_catch_a_deferred_import(tmp_path, monkeypatch):
+    pkg = tmp_path / "mdpo"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    import json\n    return json\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
+    with pytest.raises(AssertionError, match="json"):
+        test_imports_are_at_module_top_except_optional_dependencies()
