@@ -2,7 +2,11 @@
 
 import sys
 
-from mdpo.cli import main
+from mdpo.lifeline import watch_launcher
+
+watch_launcher()  # before the heavy imports below: a launcher killed during start-up takes this worker with it
+
+from mdpo.cli import main  # noqa: E402 - after the watchdog on purpose
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mdpo import planner, startup
 from mdpo.checkpoint import convert
@@ -65,12 +66,18 @@ def cmd_data_stats(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def cmd_convert(args: argparse.Namespace, extra: Sequence[str]) -> int:
     _no_extra("convert", extra)
+    if not args.check and (args.check_data is not None or args.check_rows is not None):
+        raise MdpoError("--check-data and --check-rows need --check")
+    check = None
+    if args.check:
+        rows = args.check_rows if args.check_rows is not None else convert.Check.rows
+        check = convert.Check(Path(args.check_data) if args.check_data else None, rows)
     if args.direction == "hf-to-megatron":
         out = convert.hf_to_megatron(
-            args.hf, args.out, tp=args.tp, pp=args.pp, position_embedding=args.position_embedding
+            args.hf, args.out, tp=args.tp, pp=args.pp, position_embedding=args.position_embedding, check=check
         )
     else:
-        out = convert.megatron_to_hf(args.ckpt, args.out)
+        out = convert.megatron_to_hf(args.ckpt, args.out, check=check)
     print(f"[mdpo] wrote {out}")
     return 0
 
@@ -91,6 +98,18 @@ def cmd_sweep(args: argparse.Namespace, extra: Sequence[str]) -> int:
     _no_extra("sweep", extra)
     print(run_sweep(args.sweep))
     return 0
+
+
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="after converting, compare mdpo's forward of the Megatron checkpoint with an independent forward of the "
+        "HF folder (float32; exit 2 over max |logit error| 1e-4)",
+    )
+    parser.add_argument("--check-data", help="compare on prompt + chosen of this data file's first pairs (default: "
+                        "generated ids)")  # fmt: skip
+    parser.add_argument("--check-rows", type=int, help="rows to compare (default 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,12 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="Baichuan 2: auto = RoPE when hidden_size is 4096 (7B), else ALiBi (13B)",
     )
+    _check_arguments(to_mcore)
     to_mcore.set_defaults(func=cmd_convert)
     to_hf = conv.add_parser(
         "megatron-to-hf", help="converted or training checkpoint (step_N folder) -> HF folder of the model's family"
     )
     to_hf.add_argument("--ckpt", required=True, help="mdpo convert output or training checkpoint folder")
     to_hf.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    _check_arguments(to_hf)
     to_hf.set_defaults(func=cmd_convert)
     plan = sub.add_parser("plan", help="predict per-GPU memory and step time of layouts; rank the feasible ones")
     planner.add_arguments(plan).set_defaults(func=cmd_plan)

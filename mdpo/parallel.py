@@ -10,6 +10,7 @@ import torch
 from megatron.core import parallel_state
 
 from mdpo.config import Layout
+from mdpo.lifeline import watch_launcher
 
 
 class Ranks(NamedTuple):
@@ -30,6 +31,7 @@ def free_port() -> int:
 def start(layout: Layout) -> Ranks:
     """NCCL on GPU, gloo on CPU; a process not launched by torchrun is a world of one. The layout's TP, PP and CP
     sizes make Megatron's groups (DP is what the world size leaves)."""
+    watch_launcher()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO, tiny_hf_llama
@@ -87,6 +89,17 @@ def corpus(tmp_path_factory):
     good = {"prompt": "12=", "chosen": "12", "rejected": "13"}
     bad = root / "rows"
     bad.mkdir()
+    empty = root / "empty"
+    empty.mkdir()
+    (empty / "empty.jsonl").write_text("")
+    (empty / "blank.jsonl").write_text("\n  \n\n")
+    (empty / "empty.json").write_text("[]")
+    pq.write_table(pa.table({k: pa.array([], pa.string()) for k in good}), empty / "empty.parquet")
+    no_data = empty / "notes"
+    no_data.mkdir()
+    (no_data / "README.txt").write_text("not a data file")
+    (no_data / "sub").mkdir()
+    long_row = {"prompt": "1" * 40, "chosen": "2" * 10, "rejected": "3" * 10}  # over max_length=32
     c = str(config)
     cases = {
         # configs
@@ -108,6 +121,15 @@ def corpus(tmp_path_factory):
         "identical responses": (["train", c, f"data.train_file={write_rows(bad / 'd.jsonl', [good, {**good, 'rejected': '12'}])}"], "d.jsonl:2: chosen and rejected are identical"),
         "data file missing": (["train", c, f"data.train_file={root / 'nope.jsonl'}"], "nope.jsonl: data file not found"),
         "fewer pairs than a batch": (["train", c, f"data.train_file={write_rows(bad / 'e.jsonl', [good])}"], "1 usable pairs are fewer than one global batch"),
+        # empty or emptied inputs
+        "empty data file": (["train", c, f"data.train_file={empty / 'empty.jsonl'}"], "empty.jsonl: no rows (an empty data file)"),
+        "data file of blank lines": (["train", c, f"data.train_file={empty / 'blank.jsonl'}"], "blank.jsonl: no rows (an empty data file)"),
+        "empty JSON array": (["train", c, f"data.train_file={empty / 'empty.json'}"], "empty.json: no rows (an empty data file)"),
+        "empty parquet file": (["train", c, f"data.train_file={empty / 'empty.parquet'}"], "empty.parquet: no rows (an empty data file)"),
+        "empty eval file": (["train", c, f"data.eval_file={empty / 'empty.jsonl'}"], "empty.jsonl: no rows (an empty data file)"),
+        "folder of no data files": (["train", c, f"data.train_file={no_data}"], "notes: no data files in folder"),
+        "every row skipped": (["train", c, f"data.train_file={write_rows(bad / 'f.jsonl', [{**good, 'chosen': ''}] * 3)}", "data.on_bad_row=skip"], "f.jsonl: no usable pairs (skipped: 'chosen' is empty: 3)"),
+        "every pair dropped by length": (["train", c, f"data.train_file={write_rows(bad / 'g.jsonl', [long_row] * 2)}", "data.over_length=drop"], "g.jsonl: no usable pairs (dropped"),
         # tokenizer vs model
         "tokenizer folder missing": (["train", c, f"data.tokenizer={root / 'no_tok'}"], "no_tok' does not exist"),
         "tokenizer larger than model vocab": (["train", c, "model.init_from=null", "model.vocab_size=16", "model.hidden_size=32",
@@ -139,6 +161,8 @@ CASE_NAMES = [
     "tokenizer folder missing", "tokenizer larger than model vocab", "truncated safetensors", "wrong tensor shape",
     "missing tensor", "no weights", "incomplete checkpoint", "reference cache missing", "run dir is a file",
     "read-only file system", "context parallel with packing", "context parallel with local attention",
+    "empty data file", "data file of blank lines", "empty JSON array", "empty parquet file", "empty eval file",
+    "folder of no data files", "every row skipped", "every pair dropped by length",
 ]  # fmt: skip
 
 

@@ -1,10 +1,10 @@
 """HF <-> Megatron converters for Llama 2, Qwen 1.0 and Baichuan 2 (7B RoPE, 13B ALiBi), against independent oracles:
-HF LlamaForCausalLM / Qwen2ForCausalLM with hand-mapped weights and a float64 plain-PyTorch ALiBi Baichuan."""
+HF LlamaForCausalLM / Qwen2ForCausalLM with hand-mapped weights and a float64 plain-PyTorch ALiBi Baichuan (the
+oracles of `mdpo convert --check`, in mdpo/checkpoint/check.py: they share nothing with the mapping tables)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, run_mdpo, tiny_hf_llama
 from safetensors.torch import load_file, save_file
+
+from mdpo.checkpoint.check import hf_logits
+from mdpo.checkpoint.description import describe_model
 
 VOCAB = 250
 
@@ -82,94 +85,6 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-# --------------------------------------------------------------------------- independent oracles
-
-
-def qwen_oracle_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """Qwen 1.0 == Qwen2ForCausalLM with equal KV heads, c_attn split into q/k/v, gate = w2, up = w1."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg, sd = json.loads((folder / "config.json").read_text()), read_folder(folder)
-    h = cfg["hidden_size"]
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=h,
-                             intermediate_size=cfg["intermediate_size"] // 2,
-                             num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
-                             num_key_value_heads=cfg["num_attention_heads"], rms_norm_eps=cfg["layer_norm_epsilon"],
-                             rope_theta=cfg["rotary_emb_base"], max_position_embeddings=256,
-                             tie_word_embeddings=False, use_sliding_window=False))  # fmt: skip
-    mapped = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
-              "model.norm.weight": sd["transformer.ln_f.weight"],
-              "lm_head.weight": sd["lm_head.weight"]}  # fmt: skip
-    for i in range(cfg["num_hidden_layers"]):
-        src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = sd[src + f"attn.c_attn.{kind}"].split(h)
-            mapped.update({dst + f"self_attn.q_proj.{kind}": q, dst + f"self_attn.k_proj.{kind}": k,
-                           dst + f"self_attn.v_proj.{kind}": v})  # fmt: skip
-        mapped.update({dst + "self_attn.o_proj.weight": sd[src + "attn.c_proj.weight"],
-                       dst + "input_layernorm.weight": sd[src + "ln_1.weight"],
-                       dst + "post_attention_layernorm.weight": sd[src + "ln_2.weight"],
-                       dst + "mlp.gate_proj.weight": sd[src + "mlp.w2.weight"],
-                       dst + "mlp.up_proj.weight": sd[src + "mlp.w1.weight"],
-                       dst + "mlp.down_proj.weight": sd[src + "mlp.c_proj.weight"]})  # fmt: skip
-    model.load_state_dict(mapped, strict=True)
-    with torch.no_grad():
-        return model.float().eval()(tokens).logits
-
-
-def baichuan7b_oracle_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """Baichuan 2 7B == LlamaForCausalLM after splitting W_pack and normalising the head's rows."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg, sd = json.loads((folder / "config.json").read_text()), read_folder(folder)
-    h = cfg["hidden_size"]
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=h, intermediate_size=cfg["intermediate_size"],
-                             num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
-                             rms_norm_eps=cfg["rms_norm_eps"], max_position_embeddings=256,
-                             tie_word_embeddings=False))  # fmt: skip
-    mapped = {}
-    for name, tensor in sd.items():
-        if name.endswith("W_pack.weight"):
-            for part, piece in zip("qkv", tensor.split(h)):
-                mapped[name.replace("W_pack", f"{part}_proj")] = piece
-        elif name == "lm_head.weight":
-            mapped[name] = tensor / tensor.norm(dim=-1, keepdim=True)
-        else:
-            mapped[name] = tensor
-    model.load_state_dict(mapped, strict=True)
-    with torch.no_grad():
-        return model.float().eval()(tokens).logits
-
-
-def baichuan13b_oracle_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """Baichuan 2 13B in float64 plain PyTorch: ALiBi bias slope_h * key_position on the scores (Baichuan's form),
-    causal mask, no position embedding, NormHead."""
-    cfg, sd = json.loads((folder / "config.json").read_text()), read_folder(folder)
-    sd = {k: v.double() for k, v in sd.items()}
-    n, h, eps = cfg["num_attention_heads"], cfg["hidden_size"], cfg["rms_norm_eps"]
-    d, (b, s) = h // n, tokens.shape
-    closest = 2 ** int(math.log2(n))
-    base = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
-    extra = [2 ** (-8 * (i + 1) / (2 * closest)) for i in range(2 * closest)][0::2][: n - closest]
-    slopes = torch.tensor(base + extra, dtype=torch.float64)
-    bias = slopes[:, None, None] * torch.arange(s, dtype=torch.float64)[None, None, :]
-    bias = bias + torch.full((s, s), float("-inf"), dtype=torch.float64).triu(1)
-    rms = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-    x = sd["model.embed_tokens.weight"][tokens]
-    for i in range(cfg["num_hidden_layers"]):
-        p = lambda name, i=i: sd[f"model.layers.{i}.{name}.weight"]
-        q, k, v = (
-            t.reshape(b, s, n, d).transpose(1, 2)
-            for t in (rms(x, p("input_layernorm")) @ p("self_attn.W_pack").T).split(h, -1)
-        )
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + bias, dim=-1) @ v
-        x = x + attn.transpose(1, 2).reshape(b, s, h) @ p("self_attn.o_proj").T
-        y = rms(x, p("post_attention_layernorm"))
-        x = x + (F.silu(y @ p("mlp.gate_proj").T) * (y @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
-    head = sd["lm_head.weight"]
-    return rms(x, sd["model.norm.weight"]) @ (head / head.norm(dim=-1, keepdim=True)).T
-
-
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -187,8 +102,11 @@ def converted(tmp_path_factory):
     out = {}
     for name, src in sources.items():
         layout = layouts.get(name, ["--tp", "2", "--pp", "2"])
-        result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(src), "--out", str(root / f"{name}_mc"), *layout])
+        result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(src), "--out", str(root / f"{name}_mc"), *layout,
+                           "--check", "--check-rows", "2"])  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
+        checked = [line for line in result.stdout.splitlines() if "check: 2 rows" in line]
+        assert len(checked) == 1 and checked[0].endswith(": ok"), result.stdout  # the self-check ran and passed
         out[name] = (src, root / f"{name}_mc")
     assert len(list((root / "qwen_parts_mc").glob("part*.distcp"))) > 2  # really written in several parts
     return out
@@ -243,12 +161,10 @@ def test_logits_equal_independent_oracles(converted, tmp_path, tp):
     assert result.returncode == 0, result.stderr[-3000:]
     logits = torch.load(tmp_path / "logits.pt")
     with torch.no_grad():
-        oracles = {
-            "llama": LlamaForCausalLM.from_pretrained(converted["llama"][0]).float().eval()(tokens).logits,
-            "qwen": qwen_oracle_logits(converted["qwen"][0], tokens),
-            "baichuan13b": baichuan13b_oracle_logits(converted["baichuan13b"][0], tokens),
-            "baichuan7b": baichuan7b_oracle_logits(converted["baichuan7b"][0], tokens),
-        }
+        oracles = {"llama": LlamaForCausalLM.from_pretrained(converted["llama"][0]).float().eval()(tokens).logits}
+        for name in ("qwen", "baichuan13b", "baichuan7b"):
+            src, mc = converted[name]
+            oracles[name] = torch.stack(hf_logits(src, describe_model({"init_from": str(mc)}), tokens.tolist()))
         oracles["qwen_parts"] = oracles["qwen"]
     for name, (_, mc) in converted.items():
         ours, oracle = logits[str(mc)].double(), oracles[name].double()
@@ -419,3 +335,38 @@ def test_dcp_merge_edits_the_metadata_this_torch_writes():
     assert "relative_path" in fields(_StorageInfo)
     # MetadataIndex hashes by name and offset only: the merge re-keys moved chunks by building new ones
     assert MetadataIndex("a", torch.Size([1, 0])) == MetadataIndex("a", torch.Size([1, 0]), index=3)
+
+
+def test_check_uses_the_users_rows_both_ways_and_fails_on_another_model(tmp_path):
+    """`--check --check-data`: prompt + chosen of the data file's pairs, tokenized with the folder's tokenizer, on the
+    way in and on the way back; and the check fails (exit 2, one line) when the weights are not the folder's."""
+    import shutil
+
+    from conftest import tiny_run_files
+
+    from mdpo.checkpoint.check import check_conversion
+    from mdpo.errors import MdpoError
+
+    files = tiny_run_files(tmp_path, n_train=8, n_eval=0, data_seed=4, model_seed=7)
+    for item in files["tokenizer"].iterdir():  # a HF model folder carries its tokenizer
+        shutil.copy(item, files["hf"] / item.name)
+    check = ["--check", "--check-data", str(files["train"]), "--check-rows", "3"]
+    result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(files["hf"]), "--out", str(tmp_path / "mc"), *check])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "check: 3 rows" in line]
+    assert len(lines) == 1 and lines[0].endswith(": ok"), result.stdout
+    tokens = int(lines[0].split("rows, ")[1].split(" tokens")[0])
+    assert tokens > 3 * 10  # real prompt + chosen rows, not three ids
+    result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "back"),
+                       *check])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any(line.endswith(": ok") and "check: 3 rows" in line for line in result.stdout.splitlines())
+
+    model = describe_model({"init_from": str(tmp_path / "mc")})
+    other = tmp_path / "other"
+    tiny_hf_llama(seed=8, vocab_size=model.vocab_size).save_pretrained(other)  # same shapes, other weights
+    with pytest.raises(MdpoError, match="conversion check failed"):
+        check_conversion(other, tmp_path / "mc", model, None, 2)
+    bad = run_mdpo(["convert", "hf-to-megatron", "--hf", str(files["hf"]), "--out", str(tmp_path / "mc2"), "--check",
+                    "--check-rows", "0"])  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["mdpo: error: --check-rows must be >= 1, got 0"]

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.multiprocessing as mp
 from megatron.core import dist_checkpointing, parallel_state
 
 from mdpo import parallel, startup
+from mdpo.checkpoint.check import check_conversion
 from mdpo.checkpoint.dcp_merge import write_in_parts
 from mdpo.checkpoint.description import arch_fields, describe_model, export_origin, stored_model_fields
 from mdpo.checkpoint.files import MODEL_FILE, MODEL_FORMAT, TRAINING_META
@@ -76,6 +78,15 @@ def _write_stage(rank: int, world: int, port: int, hf_dir: str, tmp: str, model:
         parallel.stop()
 
 
+@dataclass(frozen=True)
+class Check:
+    """`--check`: compare the result against an independent forward on `rows` rows of `data` (None: generated
+    ids) and fail over the tolerance (`checkpoint.check`)."""
+
+    data: Path | None = None
+    rows: int = 4
+
+
 def hf_to_megatron(
     hf_dir: str | Path,
     out: str | Path,
@@ -83,6 +94,7 @@ def hf_to_megatron(
     pp: int = 1,
     position_embedding: str = "auto",
     part_bytes: int | None = None,
+    check: Check | None = None,
 ) -> Path:
     """`mdpo convert hf-to-megatron`: everything is checked here before any writing starts. At 1 x 1 one process
     writes in parts of about one HF shard (`part_bytes`, default the largest shard's size); a larger layout is
@@ -109,10 +121,12 @@ def hf_to_megatron(
     shutil.copy2(hf_dir / "config.json", tmp / "config.json")
     copy_auxiliary(hf_dir, tmp)
     _finish(tmp, out)
+    if check is not None:
+        check_conversion(hf_dir, out, model, check.data, check.rows)
     return out
 
 
-def megatron_to_hf(ckpt: str | Path, out: str | Path) -> Path:
+def megatron_to_hf(ckpt: str | Path, out: str | Path, check: Check | None = None) -> Path:
     """`mdpo convert megatron-to-hf`: a converted or training checkpoint -> a HF folder of the model's family, in
     the checkpoint's dtype, vocab padding stripped."""
     startup.prepare()
@@ -137,4 +151,6 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path) -> Path:
     finally:
         parallel.stop()
     _finish(tmp, out)
+    if check is not None:
+        check_conversion(out, ckpt, model, check.data, check.rows)
     return out

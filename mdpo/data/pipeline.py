@@ -33,6 +33,7 @@ from mdpo.data.encoding import Encoded, LengthLimits, encode_batch, fit_lengths,
 from mdpo.data.formats import ColumnKeys, RowError, detect_format, normalize
 from mdpo.data.sources import JSON_COLUMN, ROW_COLUMN, Source, read_source, signature
 from mdpo.data.templates import owns_special_tokens, render, resolve_template
+from mdpo.errors import DataError
 
 CACHE_VERSION = 1
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -96,6 +97,10 @@ def tokenized_table(
 def build_table(sources: list[Source], settings: Settings, tokenizer, num_proc: int, work: str, key: str):
     """Read, validate, template and tokenize every source with `map`; returns (Dataset, info)."""
     raws = [read_source(source, work, f"{key}-raw-{i}") for i, source in enumerate(sources)]
+    if not any(len(raw) for raw in raws):
+        if len(sources) == 1:
+            raise DataError(f"{sources[0].path}: no rows (an empty data file)")
+        raise DataError(f"{Path(sources[0].path).parent}: no rows in its {len(sources)} data files")
     fmt = settings.fmt if settings.fmt != "auto" else _detect(raws, settings.keys)
     template = resolve_template(settings.template, fmt, tokenizer)
     prefix = [] if owns_special_tokens(template) else special_prefix(tokenizer)

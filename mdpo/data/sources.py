@@ -22,6 +22,7 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 import pyarrow.feather
+import pyarrow.parquet
 
 from mdpo.errors import DataError
 
@@ -90,6 +91,8 @@ def read_source(source: Source, work_dir: str, fingerprint: str):
     """The raw rows of one source as a Dataset with a row-number column (JSON: the line text in `__json`)."""
     if source.kind == "json":
         features = datasets.Features({ROW_COLUMN: datasets.Value("int64"), JSON_COLUMN: datasets.Value("string")})
+        if next(_json_rows(source.path), None) is None:  # datasets' generator builder refuses to build no rows
+            return datasets.Dataset.from_dict({ROW_COLUMN: [], JSON_COLUMN: []}, features=features)
         try:
             return datasets.Dataset.from_generator(
                 _json_rows, features, work_dir, gen_kwargs={"path": source.path}, fingerprint=fingerprint
@@ -99,7 +102,9 @@ def read_source(source: Source, work_dir: str, fingerprint: str):
                 raise err.__cause__ from None
             raise
     try:
-        if source.kind == "parquet":
+        if source.kind == "parquet" and not pyarrow.parquet.ParquetFile(source.path).metadata.num_rows:
+            table = datasets.Dataset(pyarrow.parquet.read_table(source.path))  # the builder refuses no rows
+        elif source.kind == "parquet":
             table = datasets.Dataset.from_parquet(source.path, cache_dir=work_dir)
         elif source.kind == "arrow":
             table = _read_arrow(source.path)

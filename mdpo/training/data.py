@@ -23,14 +23,15 @@ def load_pairs_on_ranks(
     data: DataConfig, path: str, tokenizer: PreTrainedTokenizerBase, what: str
 ) -> list[TokenizedPair]:
     """Rank 0 tokenizes (and fills the data cache) first; the other ranks then read the cache. A data error on
-    rank 0 is raised on every rank, so no rank waits forever at the broadcast."""
+    rank 0 is raised on every rank, so no rank waits forever at the broadcast; it names the key (`what` is "train"
+    or "eval": data.train_file or data.eval_file) as well as the file."""
     report = TokenizeReport()
     error = None
     if torch.distributed.get_rank() == 0:
         try:
             pairs = load_pairs(data, path, tokenizer, report)
         except MdpoError as err:
-            error = str(err)
+            error = f"data.{what}_file: {err}"
     message = [error]
     torch.distributed.broadcast_object_list(message, src=0)
     if message[0] is not None:

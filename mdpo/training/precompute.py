@@ -15,6 +15,7 @@ from mdpo.errors import ConfigError
 from mdpo.models.gpt import packs_as_thd
 from mdpo.training.data import load_pairs_on_ranks, log, make_microbatches
 from mdpo.training.reference import cache_path, reference_stamp, save_reference_logps
+from mdpo.training.run_lock import lock_run
 from mdpo.training.setup import build_stage, start_run
 from mdpo.training.step import attach_reference_logps
 
@@ -25,8 +26,10 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
     """The reference's log-probs of every train (and eval) pair, one cache file per split; returns the files."""
     if cfg.model.init_from is None:
         raise ConfigError("precompute-ref needs model.init_from (the reference checkpoint)")
+    lock = None
     try:
         run = start_run(cfg)
+        lock = lock_run({"logging.run_dir": Path(cfg.logging.run_dir)})
         reference = build_stage(cfg, run.layout, run.dtype, load=True).eval()
         stamp = reference_stamp(cfg)
         thd = packs_as_thd(cfg.model)
@@ -65,4 +68,6 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
             torch.distributed.barrier()
         return written
     finally:
+        if lock is not None:
+            lock.release()
         parallel.stop()

@@ -27,6 +27,7 @@ from mdpo.training.metrics import SUM_FIELDS, MetricsLogger, finalize
 from mdpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from mdpo.training.profiling import profiled
 from mdpo.training.reference import ReferenceLogps, cache_path, reference_stamp
+from mdpo.training.run_lock import lock_run
 from mdpo.training.setup import build_stage, start_run
 from mdpo.training.step import DPOObjective, attach_reference_logps, dpo_forward_step, reduce_sums, run_schedule
 
@@ -50,9 +51,20 @@ class Trainer:
                                      cfg.logging.wandb_project, self.run.is_logger)  # fmt: skip
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, cfg.schedule.exit_interval, self.run.layout,
                                          cfg.schedule.global_batch_size, self.run.is_logger)  # fmt: skip
+        busy = {"logging.run_dir": self.run_dir} | ({"checkpoint.dir": self.checkpointer.root} if cfg.checkpoint.dir
+                                                    else {})  # fmt: skip
+        self.lock = lock_run(busy)  # held until train() ends
+        try:
+            self._build()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self) -> None:
+        """The run's data, models and optimizer (with the run's folders locked)."""
+        cfg = self.cfg
         self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size)
         self.thd = packs_as_thd(cfg.model)
-
         tokenizer = self.run.tokenizer
         self.train_pairs = load_pairs_on_ranks(cfg.data, cfg.data.train_file, tokenizer, "train")
         self.eval_pairs = (
@@ -269,6 +281,10 @@ class Trainer:
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Run DPO as configured; used by `mdpo train` and `mdpo demo`."""
     try:
-        return Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.lock.release()
     finally:
         parallel.stop()
