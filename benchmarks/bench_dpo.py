@@ -3,12 +3,17 @@
     python benchmarks/bench_dpo.py --model 1b --seq-len 1024 --micro-batch 2 --steps 8   # one process
     python benchmarks/bench_dpo.py --model 13b --nproc 8 --tp 4 --pp 2 ...               # torchrun, one node
 
-The pairs are synthetic (digit strings of the demo tokenizer, each sequence `--seq-len` tokens: a prompt of
-`--prompt-len` and a response of the rest), so only the model's shape and the layout matter. MFU counts, per the
-standard convention, 6N FLOPs per trained token, 2N per reference-forward token (none with a precomputed reference)
-and causal attention (12 x layers x hidden x seq / 2 per trained token, a third of it per reference token), over
-the steps after `--warmup` against `--peak-tflops` per GPU (default: the H100/A100/A800 bf16 dense peak when the
-GPU's name says so; on CPU MFU is shown only when given).
+`--data synthetic` (default): digit strings of the demo tokenizer, each sequence `--seq-len` tokens (a prompt of
+`--prompt-len` and a response of the rest), so only the model's shape and the layout matter. `--data real`: the
+200 UltraFeedback rows of ../shared/data with the Llama 2 tokenizer and the Tulu 2 template, `--seq-len` as
+data.max_length, so lengths vary as users' do (the model's vocabulary must be Llama 2's 32,000: every preset's).
+
+Tokens are counted as TRL counts them (the prompt in both sequences, `tokens_per_s`) and as the model computed them
+(a shared prompt once, `computed_tokens_per_s`). MFU counts, per the standard convention, 6N FLOPs per computed
+trained token, 2N per reference-forward token (none with a precomputed reference) and causal attention (12 x layers
+x hidden x seq / 2 per trained token, seq the mean sequence length, a third of it per reference token), over the
+steps after `--warmup` against `--peak-tflops` per GPU (default: the H100/A100/A800 bf16 dense peak when the GPU's
+name says so; on CPU MFU is shown only when given).
 """
 
 from __future__ import annotations
@@ -32,10 +37,14 @@ PRESETS = {
     "7b": MODELS["llama2-7b"],
     "13b": MODELS["llama2-13b"],
 }
+# ../shared beside the checkout, or shared/ inside it (where the device tool puts a checkout's own)
+SHARED = next((p for p in (Path(__file__).resolve().parents[i] / "shared" for i in (1, 2)) if p.is_dir()),
+              Path(__file__).resolve().parents[2] / "shared")  # fmt: skip
+REAL_DATA = (SHARED / "data" / "ultrafeedback_binarized_sample_200.jsonl", SHARED / "tokenizers" / "llama2")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0}  # bf16 dense
 
 
-def flops_per_step(m: ModelConfig, tokens: float, seq_len: int, reference: str) -> float:
+def flops_per_step(m: ModelConfig, tokens: float, seq_len: float, reference: str) -> float:
     """Trained tokens (6N + causal attention) plus, online, a reference forward (2N + its attention)."""
     return tokens * (
         flops_per_token(m, seq_len, True) + (flops_per_token(m, seq_len, False) if reference == "online" else 0)
@@ -53,7 +62,9 @@ def default_peak() -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=PRESETS, default="tiny")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (prompt + response)")
+    parser.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (prompt + response); real data: "
+                        "data.max_length")  # fmt: skip
     parser.add_argument("--prompt-len", type=int, default=None, help="default: a quarter of --seq-len")
     parser.add_argument("--micro-batch", type=int, default=1, help="pairs per micro-batch")
     parser.add_argument("--global-batch", type=int, default=None, help="pairs per step (default 4 micro-batches)")
@@ -65,6 +76,7 @@ def main() -> None:
     parser.add_argument("--cp", type=int, default=1, help="context parallel (padded rows; TE or SDPA attention)")
     parser.add_argument("--reference", choices=("online", "precomputed", "none"), default="online")
     parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--no-share-prompt", action="store_true", help="each pair's prompt in both sequences")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per device; default from the GPU's name")
     parser.add_argument("--csv", default="benchmarks/results.csv")
@@ -74,17 +86,22 @@ def main() -> None:
     run = run_config(model, seq_len=args.seq_len, micro_batch=args.micro_batch, steps=args.steps, warmup=args.warmup,
                      nproc=world, tp=args.tp, pp=args.pp, cp=args.cp, reference=args.reference, packing=args.packing,
                      attention=args.attention, global_batch=args.global_batch, prompt_len=args.prompt_len,
-                     extra=tuple(args.extra))  # fmt: skip
-    step_s, tokens = run["step_s"], run["tokens"]
+                     extra=(*args.extra, *(["data.share_prompt=false"] if args.no_share_prompt else [])),
+                     real_data=REAL_DATA if args.data == "real" else None)  # fmt: skip
+    step_s, tokens, computed = run["step_s"], run["tokens"], run["computed_tokens"]
     reference = "online" if args.reference == "online" else "none"
-    achieved = flops_per_step(model, tokens, args.seq_len, reference) / step_s / 1e12
+    mean_sequence = tokens / (2 * run["global_batch"])  # prompt + response, as each response attends
+    achieved = flops_per_step(model, computed, mean_sequence, reference) / step_s / 1e12
     peak = args.peak_tflops or default_peak()
     mfu = achieved / (peak * world) if peak else None
-    row = {"model": args.model, "params_b": round(matmul_params(model) / 1e9, 3), "seq_len": args.seq_len,
+    row = {"model": args.model, "params_b": round(matmul_params(model) / 1e9, 3), "data": args.data,
+           "seq_len": args.seq_len, "mean_sequence": round(mean_sequence, 1),
            "micro_batch": args.micro_batch, "global_batch": run["global_batch"], "tp": args.tp, "pp": args.pp,
            "cp": args.cp, "world": world, "attention": args.attention, "reference": args.reference,
-           "packing": args.packing, "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 1),
+           "packing": args.packing, "share_prompt": not args.no_share_prompt, "step_s": round(step_s, 3),
+           "tokens_per_s": round(tokens / step_s, 1),
            "tokens_per_s_per_device": round(tokens / step_s / world, 1),
+           "computed_tokens_per_s": round(computed / step_s, 1),
            "peak_memory_gib": round(run["peak_memory_gib"], 2), "tflops_per_device": round(achieved / world, 2),
            "mfu": round(mfu, 4) if mfu is not None else ""}  # fmt: skip
     width = max(map(len, row))

@@ -1,11 +1,14 @@
 """Preference-optimisation losses (DPO and its variants) as pure per-pair tensor math.
 
 Inputs are per-pair *summed* response log-probs, shape [B], from the policy and the frozen reference, so this
-module knows nothing about models, parallelism or tokens. The formulas follow TRL 0.28's ``DPOTrainer.dpo_loss``
-so that runs are comparable with TRL; where TRL keeps hidden state (``bco_pair``'s running reward mean) or
-length-normalises log-probs before the call (``ipo``), this module takes an explicit option or the response lengths
-instead. The objective's settings are a `DPOConfig`, which checks them once when it is built: `pair_losses` (the
-training step's path) only computes, and `preference_loss` is the checked entry point for direct callers.
+module knows nothing about models, parallelism or tokens. The formulas follow TRL 0.28's ``DPOTrainer.dpo_loss``,
+and TRL 1.16's ``sft`` term and f-divergences (``f_divergence_type``), so that runs are comparable with TRL; where
+TRL keeps hidden state (``bco_pair``'s running reward mean) or length-normalises log-probs before the call
+(``ipo``), this module takes an explicit option or the response lengths instead. ``sft`` is each pair's mean token
+NLL where TRL 1.16 pools the chosen tokens of its per-device batch: the two agree when those lengths are equal, and
+only the per-pair mean keeps the loss independent of how a global batch is split into micro-batches and ranks. The
+objective's settings are a `DPOConfig`, which checks them once when it is built: `pair_losses` (the training step's
+path) only computes, and `preference_loss` is the checked entry point for direct callers.
 """
 
 import math
@@ -22,19 +25,28 @@ from mdpo.errors import ConfigError
 __all__ = ["LOSS_TYPES", "PairLosses", "nll_loss", "pair_losses", "preference_loss"]
 
 # The DPOConfig fields preference_loss takes as keyword settings (the rest say where the reference comes from).
-OBJECTIVE_SETTINGS = ("loss_type", "loss_weights", "beta", "label_smoothing", "rpo_alpha", "bco_delta", "discopop_tau")
+OBJECTIVE_SETTINGS = ("loss_type", "loss_weights", "beta", "label_smoothing", "rpo_alpha", "bco_delta", "discopop_tau",
+                      "f_divergence", "f_alpha_coef")  # fmt: skip
 # TRL replaces label_smoothing == 0 by this for exo_pair, whose target distribution needs eps > 0.
 _EXO_DEFAULT_EPS = 1e-3
+# TRL's alpha_divergence: within this of alpha = 1 the score is its limit, the log-ratio (reverse KL)...
+_ALPHA_ONE_TOLERANCE = 1e-6
+# ...and (alpha - 1) * log-ratio is clamped to this before exp (TRL's float32 bound), so the score stays finite.
+_ALPHA_EXPONENT_MAX = 80.0
 
 
 @dataclass(frozen=True)
 class _Pairs:
-    """What a per-type loss may read; reference log-probs are already zero when reference-free."""
+    """What a per-type loss may read; reference log-probs are already zero when reference-free. The scores are
+    f-DPO's f'(policy / reference) of each response, which the f-divergence loss types compare instead of the
+    log-ratios (they are the log-ratios under reverse KL, plain DPO)."""
 
     policy_chosen: Tensor
     policy_rejected: Tensor
     ref_chosen: Tensor
     ref_rejected: Tensor
+    chosen_scores: Tensor
+    rejected_scores: Tensor
     chosen_lengths: Tensor | None
     rejected_lengths: Tensor | None
     beta: float
@@ -52,14 +64,48 @@ class _Pairs:
 
     @property
     def margin(self) -> Tensor:
-        """The DPO logit: how much more the policy prefers chosen over rejected than the reference does."""
-        return self.chosen_logratios - self.rejected_logratios
+        """The DPO logit: how much more the policy prefers chosen over rejected than the reference does (the score
+        difference; the log-ratio difference under reverse KL)."""
+        return self.chosen_scores - self.rejected_scores
 
     @property
     def normalized_margin(self) -> Tensor:
-        """The margin on per-token mean log-probs, so long responses do not dominate (ipo, sigmoid_norm)."""
+        """The margin on per-token means, so long responses do not dominate (ipo, sigmoid_norm)."""
         assert self.chosen_lengths is not None and self.rejected_lengths is not None
-        return self.chosen_logratios / self.chosen_lengths - self.rejected_logratios / self.rejected_lengths
+        return self.chosen_scores / self.chosen_lengths - self.rejected_scores / self.rejected_lengths
+
+
+# f-DPO (Wang et al. 2023, "Beyond Reverse KL"): a divergence f puts f'(policy / reference) where DPO has the
+# log-ratio; each function takes the log-ratio and alpha_divergence's alpha. TRL 1.16 writes 1 - exp(-x) and
+# exp(t) - 1, which expm1 equals without the cancellation near 0 (and computes them here in float32 at least).
+
+
+def _reverse_kl(logratios: Tensor, alpha: float) -> Tensor:
+    return logratios  # DPO itself: f(t) = t log t
+
+
+def _forward_kl(logratios: Tensor, alpha: float) -> Tensor:
+    return -torch.expm1(-logratios)  # f'(t) = 1 - 1/t
+
+
+def _js_divergence(logratios: Tensor, alpha: float) -> Tensor:
+    return math.log(2.0) + F.logsigmoid(logratios)  # f'(t) = log(2t / (1 + t))
+
+
+def _alpha_divergence(logratios: Tensor, alpha: float) -> Tensor:
+    # f'(t) = (t^(alpha - 1) - 1) / (alpha - 1), whose limit at alpha = 1 is log t.
+    if abs(alpha - 1.0) < _ALPHA_ONE_TOLERANCE:
+        return logratios
+    exponent = torch.clamp((alpha - 1.0) * logratios, max=_ALPHA_EXPONENT_MAX)
+    return torch.expm1(exponent) / (alpha - 1.0)
+
+
+_F_SCORES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "reverse_kl": _reverse_kl,
+    "forward_kl": _forward_kl,
+    "js_divergence": _js_divergence,
+    "alpha_divergence": _alpha_divergence,
+}
 
 
 def _smoothed_logistic(x: Tensor, eps: float) -> Tensor:
@@ -136,7 +182,8 @@ def _apo_zero(p: _Pairs) -> Tensor:
 
 
 def _apo_down(p: _Pairs) -> Tensor:
-    return torch.sigmoid(p.beta * p.chosen_logratios) + torch.sigmoid(-p.beta * p.margin)
+    logratio_margin = p.chosen_logratios - p.rejected_logratios  # the log-ratios: apo takes no f-divergence
+    return torch.sigmoid(p.beta * p.chosen_logratios) + torch.sigmoid(-p.beta * logratio_margin)
 
 
 def _discopop(p: _Pairs) -> Tensor:
@@ -147,6 +194,12 @@ def _discopop(p: _Pairs) -> Tensor:
     logistic = -F.logsigmoid(x) * torch.sigmoid(-x / tau)
     exponential = torch.exp(F.logsigmoid(x / tau) - x)
     return logistic + exponential
+
+
+def _sft(p: _Pairs) -> Tensor:
+    # The chosen response's mean token NLL (also rpo_alpha's term): no reference, no log-ratio, no f-divergence.
+    assert p.chosen_lengths is not None
+    return -p.policy_chosen / p.chosen_lengths
 
 
 _LOSSES: dict[str, Callable[[_Pairs], Tensor]] = {
@@ -164,15 +217,17 @@ _LOSSES: dict[str, Callable[[_Pairs], Tensor]] = {
     "discopop": _discopop,
     "aot_unpaired": _aot_unpaired,
     "sigmoid_norm": _sigmoid_norm,
+    "sft": _sft,
 }
-_NEEDS_LENGTHS = frozenset({"ipo", "sigmoid_norm"})
+_NEEDS_LENGTHS = frozenset({"ipo", "sigmoid_norm"})  # both responses' lengths
+_NEEDS_CHOSEN_LENGTHS = _NEEDS_LENGTHS | {"sft"}
 
 
 @dataclass(frozen=True)
 class PairLosses:
     """Per-pair values, each [B]: the objective's loss, the implicit rewards beta * (policy - reference) on the
-    summed log-probs (detached: metrics, not loss), each loss type's own unweighted term, and the chosen response's
-    mean token NLL when the objective has an RPO term."""
+    summed log-probs (detached: metrics, not loss, whatever the f-divergence, as in TRL), each loss type's own
+    unweighted term (``sft`` among them), and the chosen response's mean token NLL when ``rpo_alpha > 0``."""
 
     losses: Tensor
     chosen_rewards: Tensor
@@ -206,11 +261,14 @@ def pair_losses(
         ref_chosen, ref_rejected = ref_chosen.detach().to(dtype), ref_rejected.detach().to(dtype)
     c_len = chosen_lengths.to(dtype) if chosen_lengths is not None else None
     r_len = rejected_lengths.to(dtype) if rejected_lengths is not None else None
+    score = _F_SCORES[dpo.f_divergence]
     pairs = _Pairs(
         policy_chosen=policy_chosen,
         policy_rejected=policy_rejected,
         ref_chosen=ref_chosen,
         ref_rejected=ref_rejected,
+        chosen_scores=score(policy_chosen - ref_chosen, dpo.f_alpha_coef),
+        rejected_scores=score(policy_rejected - ref_rejected, dpo.f_alpha_coef),
         chosen_lengths=c_len,
         rejected_lengths=r_len,
         beta=dpo.beta,
@@ -220,7 +278,7 @@ def pair_losses(
     )
     terms = {name: _LOSSES[name](pairs) for name in dpo.loss_types}
     losses = sum(weight * terms[name] for name, weight in zip(dpo.loss_types, dpo.weights))
-    nll = -policy_chosen / c_len if dpo.rpo_alpha > 0 else None
+    nll = _sft(pairs) if dpo.rpo_alpha > 0 else None  # rpo_alpha's term; a listed sft is terms["sft"]
     if nll is not None:
         losses = losses + dpo.rpo_alpha * nll
     return PairLosses(
@@ -264,14 +322,18 @@ def preference_loss(
     Log-probs are summed over response tokens. `settings` are DPOConfig's objective fields, its defaults where not
     given: ``loss_type`` (one of ``LOSS_TYPES`` or a list of them, combined as the ``loss_weights``-weighted sum),
     ``beta``, ``label_smoothing`` (eps in [0, 0.5): sigmoid (cDPO), sigmoid_norm, robust, exo_pair (eps 0 means 1e-3,
-    as in TRL), aot and aot_unpaired use it), ``rpo_alpha`` (adds ``rpo_alpha * (-policy_chosen_logps /
-    chosen_lengths)``, the chosen response's mean token NLL: RPO, NeMo's sft_loss_weight), ``bco_delta``
-    (bco_pair's reward offset; TRL uses a running mean of past batch rewards, which a caller can keep and pass in)
-    and ``discopop_tau`` (DiscoPOP's mixing temperature).
+    as in TRL), aot and aot_unpaired use it), ``rpo_alpha`` (adds ``rpo_alpha`` times loss type sft's term
+    ``-policy_chosen_logps / chosen_lengths``, the chosen response's mean token NLL: RPO, NeMo's sft_loss_weight;
+    ``rpo_alpha=a`` equals ``loss_type=["sigmoid", "sft"], loss_weights=[1, a]``), ``bco_delta`` (bco_pair's reward
+    offset; TRL uses a running mean of past batch rewards, which a caller can keep and pass in), ``discopop_tau``
+    (DiscoPOP's mixing temperature), ``f_divergence`` (reverse_kl, i.e. DPO; forward_kl, js_divergence or
+    alpha_divergence: f-DPO's f'(policy / reference) takes the log-ratio's place in sigmoid, sigmoid_norm, hinge, ipo,
+    exo_pair, robust and discopop, as TRL 1.16's ``f_divergence_type``) and ``f_alpha_coef`` (alpha_divergence's
+    alpha, TRL's ``f_alpha_divergence_coef``).
 
     - ``reference_free``: reference log-probs are taken as zero (they may then be None).
     - ``chosen_lengths`` / ``rejected_lengths``: response token counts; required by ipo and sigmoid_norm (which
-      compare per-token average log-probs) and by ``rpo_alpha > 0``.
+      compare per-token average log-probs), and chosen_lengths by sft and ``rpo_alpha > 0``.
 
     aot and aot_unpaired sort over the batch, so their pair i is not tied to input pair i and the result depends on
     which pairs share a call (e.g. the local micro-batch).
@@ -292,12 +354,13 @@ def preference_loss(
                 raise ConfigError(f"{name} is None but reference_free is False")
         else:
             _check_shape(name, ref, like)
-    length_users = sorted(_NEEDS_LENGTHS.intersection(dpo.loss_types))
-    if chosen_lengths is None and (length_users or dpo.rpo_alpha > 0):
-        user = f"loss_type {length_users[0]!r}" if length_users else f"rpo_alpha={dpo.rpo_alpha!r}"
+    chosen_users = sorted(_NEEDS_CHOSEN_LENGTHS.intersection(dpo.loss_types))
+    if chosen_lengths is None and (chosen_users or dpo.rpo_alpha > 0):
+        user = f"loss_type {chosen_users[0]!r}" if chosen_users else f"rpo_alpha={dpo.rpo_alpha!r}"
         raise ConfigError(f"chosen_lengths is required by {user}")
-    if rejected_lengths is None and length_users:
-        raise ConfigError(f"rejected_lengths is required by loss_type {length_users[0]!r}")
+    rejected_users = sorted(_NEEDS_LENGTHS.intersection(dpo.loss_types))
+    if rejected_lengths is None and rejected_users:
+        raise ConfigError(f"rejected_lengths is required by loss_type {rejected_users[0]!r}")
     c_len = _as_lengths("chosen_lengths", chosen_lengths, like) if chosen_lengths is not None else None
     r_len = _as_lengths("rejected_lengths", rejected_lengths, like) if rejected_lengths is not None else None
     out = pair_losses(dpo, like, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, c_len, r_len)
@@ -305,7 +368,7 @@ def preference_loss(
 
 
 def nll_loss(chosen_logps_sum: Tensor, chosen_lengths: Tensor | Sequence[float]) -> Tensor:
-    """Per-pair mean token NLL of the chosen response, ``-sum / length``, shaped [B]."""
+    """Per-pair mean token NLL of the chosen response, ``-sum / length``, shaped [B]: loss type sft's term."""
     if chosen_logps_sum.dim() != 1:
         raise ConfigError(f"chosen_logps_sum must have shape [B], got {tuple(chosen_logps_sum.shape)}")
     logps = chosen_logps_sum.to(_compute_dtype(chosen_logps_sum))

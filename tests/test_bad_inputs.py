@@ -112,6 +112,9 @@ def corpus(tmp_path_factory):
         "layout vs world size": (["train", c, "parallel.tp=2"], "world size 1 is not divisible by parallel.tp x parallel.pp x parallel.cp = 2 x 1 x 1"),
         "context parallel with packing": (["train", c, "parallel.cp=2", "data.packing=true"], "parallel.cp > 1 takes padded micro-batches"),
         "context parallel with local attention": (["train", c, "parallel.cp=2", "model.attention=local"], "parallel.cp > 1 needs RoPE and model.attention auto, te or sdpa"),
+        "shared prompt with context parallel": (["train", c, "parallel.cp=2", "model.attention=sdpa", "data.share_prompt=true"], "data.share_prompt=true needs parallel.cp=1"),
+        "shared prompt with TE attention": (["train", c, "model.attention=te", "data.share_prompt=true"], "data.share_prompt=true needs model.attention auto, sdpa or local"),
+        "log-prob chunk of zero tokens": (["train", c, "model.logprob_chunk_tokens=0"], "model.logprob_chunk_tokens must be > 0"),
         "unknown loss": (["train", c, "dpo.loss_type=dpo2"], "dpo2"),
         "batch not divisible": (["train", c, "schedule.micro_batch_size=3"], "global_batch_size=4 is not divisible by"),
         # data rows
@@ -161,6 +164,7 @@ CASE_NAMES = [
     "tokenizer folder missing", "tokenizer larger than model vocab", "truncated safetensors", "wrong tensor shape",
     "missing tensor", "no weights", "incomplete checkpoint", "reference cache missing", "run dir is a file",
     "read-only file system", "context parallel with packing", "context parallel with local attention",
+    "shared prompt with context parallel", "shared prompt with TE attention", "log-prob chunk of zero tokens",
     "empty data file", "data file of blank lines", "empty JSON array", "empty parquet file", "empty eval file",
     "folder of no data files", "every row skipped", "every pair dropped by length",
 ]  # fmt: skip

@@ -6,38 +6,50 @@ import pytest
 import torch
 
 from mdpo.data.batching import (
+    MicroBatch,
     PairSampler,
     collate,
     collate_packed,
     context_parallel_share,
-    packed_attention_mask,
     rank_share,
 )
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError
 
 
-def test_collate_masks_exactly_the_response_labels():
+def scored(batch: MicroBatch) -> list[list[tuple[int, int]]]:
+    """Per sequence: the (flat position, label) pairs it scores, in position order."""
+    out = [[] for _ in range(2 * batch.num_pairs)]
+    for index, label, sequence in zip(batch.score_index.tolist(), batch.score_labels.tolist(),
+                                      batch.score_sequence.tolist()):  # fmt: skip
+        out[sequence].append((index, label))
+    return [sorted(x) for x in out]
+
+
+def test_collate_scores_exactly_the_response_tokens():
     pairs = [TokenizedPair(0, [1, 2, 3], [4, 5], [6]), TokenizedPair(1, [7], [8, 9, 10], [11, 12])]
     batch = collate(pairs, pad_id=0)
     assert batch.tokens.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0], [1, 2, 3, 6, 0], [7, 11, 12, 0, 0]]
-    # labels are the next tokens; the mask selects labels that are response tokens (EOS included upstream)
-    picked = [batch.labels[i][batch.loss_mask[i].bool()].tolist() for i in range(4)]
-    assert picked == [[4, 5], [8, 9, 10], [6], [11, 12]]
+    # position t scores token t+1: each response token from the position before it (EOS included upstream)
+    assert scored(batch) == [[(2, 4), (3, 5)], [(5, 8), (6, 9), (7, 10)], [(12, 6)], [(15, 11), (16, 12)]]
     assert batch.num_input_tokens == 5 + 4 + 4 + 3 and batch.cu_seqlens is None  # plain causal attention
+    assert batch.blocks is None
 
 
-def test_packed_mask_and_boundaries():
-    """Two pairs in one row: each position sees the earlier positions of its own sequence only."""
+def test_packed_blocks_and_boundaries():
+    """Two pairs in one row: each sequence is one block, attending only to itself (no [t, t] mask anywhere)."""
     pairs = [TokenizedPair(0, [1, 2], [3], [4, 5]), TokenizedPair(1, [6], [7], [8])]
     batch = collate_packed(pairs, pad_id=0, budget=16)
     # order: pair 0 chosen, pair 0 rejected, pair 1 chosen, pair 1 rejected
     assert batch.tokens.tolist() == [[1, 2, 3, 1, 2, 4, 5, 6, 7, 6, 8]]
     assert batch.cu_seqlens.tolist() == [0, 3, 7, 9, 11]
-    allowed = ~packed_attention_mask(batch.segment_ids)[0, 0]
+    b = batch.blocks
     lengths = [3, 4, 2, 2]
-    blocks = torch.block_diag(*(torch.ones(n, n, dtype=torch.bool).tril() for n in lengths))
-    assert torch.equal(allowed, blocks)
+    assert b.q_lengths == b.k_lengths == tuple(lengths) and torch.equal(b.q_index, b.k_index)
+    assert b.q_index.tolist() == list(range(11)) and b.cu_q.tolist() == [0, 3, 7, 9, 11]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1]]
+    # sequence 0 (pair 0 chosen) scores 3 from position 1; sequence 2 (pair 0 rejected) 4, 5 from 4, 5; ...
+    assert scored(batch) == [[(1, 3)], [(7, 7)], [(4, 4), (5, 5)], [(9, 8)]]
 
 
 def test_sampler_is_layout_independent_and_reshuffles_per_epoch():
@@ -58,18 +70,24 @@ def test_too_few_pairs_for_a_batch():
 
 
 def test_sequence_parallel_padding_keeps_every_real_token_and_label():
-    """Rounded up to a multiple of the TP size (sequence parallelism), a micro-batch has the same tokens, labels and
-    loss mask in its real positions, and the padding is outside the loss."""
-    from mdpo.data.batching import collate_packed
+    """Rounded up to a multiple of the TP size (sequence parallelism), a micro-batch in each layout has the same
+    tokens and positions in its real positions and scores the same positions: the padding is never scored."""
+    from mdpo.data.batching import collate_packed, collate_shared
 
     pairs = [TokenizedPair(0, [5, 6, 7], [8, 9], [10]), TokenizedPair(1, [11], [12, 13, 14], [15])]  # 15 tokens
-    for build in (lambda m: collate(pairs, pad_id=0, multiple=m), lambda m: collate_packed(pairs, 0, 64, multiple=m)):
+    for build in (lambda m: collate(pairs, pad_id=0, multiple=m), lambda m: collate_packed(pairs, 0, 64, multiple=m),
+                  lambda m: collate_shared(pairs, pad_id=0, multiple=m),
+                  lambda m: collate_packed(pairs, 0, 64, multiple=m, shared=True)):  # fmt: skip
         plain, padded = build(1), build(4)
         length = plain.tokens.shape[1]
         assert padded.tokens.shape[1] % 4 == 0 and padded.tokens.shape[1] > length
-        for name in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"):
+        for name in ("tokens", "position_ids"):
             assert torch.equal(getattr(padded, name)[:, :length], getattr(plain, name)), name
-        assert padded.loss_mask[:, length:].sum() == 0
+        rows = lambda batch: [
+            (i // batch.tokens.shape[1], i % batch.tokens.shape[1]) for i in batch.score_index.tolist()
+        ]
+        assert rows(padded) == rows(plain)  # the same positions scored, none in the padding
+        assert torch.equal(padded.score_labels, plain.score_labels)
         assert padded.num_input_tokens == plain.num_input_tokens
     packed = collate_packed(pairs, 0, 64, multiple=4)
     assert packed.position_ids[0, -3:].tolist() == [0, 1, 2]  # the last sequence (2 tokens), then its padding
@@ -83,11 +101,16 @@ def test_context_parallel_shares_are_megatrons_chunks_and_cover_each_row_once():
     whole = collate(pairs, pad_id=0, multiple=4)  # length 8
     shares = [context_parallel_share(whole, 2, rank) for rank in range(2)]
     assert shares[0].position_ids[0].tolist() == [0, 1, 6, 7] and shares[1].position_ids[0].tolist() == [2, 3, 4, 5]
-    for name in ("tokens", "labels", "loss_mask", "segment_ids"):
-        rebuilt = torch.empty_like(getattr(whole, name))
-        for share in shares:
-            rebuilt[:, share.position_ids[0]] = getattr(share, name)
-        assert torch.equal(rebuilt, getattr(whole, name)), name
+    rebuilt = torch.empty_like(whole.tokens)
+    for share in shares:
+        rebuilt[:, share.position_ids[0]] = share.tokens
+    assert torch.equal(rebuilt, whole.tokens)
+    # every score lands on exactly one rank, at the local position of the same (row, column)
+    columns = lambda batch: zip(batch.score_index.tolist(), batch.score_labels.tolist(), batch.score_sequence.tolist())
+    to_global = lambda share, i: (i // 4, int(share.position_ids[0, i % 4]))
+    got = sorted((*to_global(share, i), label, seq) for share in shares for i, label, seq in columns(share))
+    want = sorted((i // 8, i % 8, label, seq) for i, label, seq in columns(whole))
+    assert got == want
     assert shares[1].num_input_tokens == whole.num_input_tokens  # metrics count the whole micro-batch
     with pytest.raises(ValueError, match="multiple of 4"):
         context_parallel_share(collate(pairs, pad_id=0), 2, 0)  # length 5

@@ -272,6 +272,16 @@ def test_missing_required(key):
         (["optimizer.weight_decay=-1"], "optimizer.weight_decay must be >= 0"),
         (["dpo.beta=0"], "dpo.beta must be > 0"),
         (["dpo.label_smoothing=0.5"], "dpo.label_smoothing must be in [0, 0.5)"),
+        (
+            ["dpo.f_divergence=kl"],
+            "dpo.f_divergence must be reverse_kl, forward_kl, js_divergence or alpha_divergence, got 'kl'",
+        ),
+        (
+            ["dpo.loss_type=[sigmoid, aot]", "dpo.f_divergence=forward_kl"],
+            "dpo.f_divergence=forward_kl applies only to loss types sigmoid, sigmoid_norm, hinge, ipo, exo_pair, "
+            "robust, discopop, sft",
+        ),
+        (["dpo.f_alpha_coef=.inf"], "dpo.f_alpha_coef must be finite, got inf"),
         (["parallel.tp=0"], "parallel.tp must be >= 1, got 0"),
         (["parallel.pp=0"], "parallel.pp must be >= 1, got 0"),
         (["model.vocab_size=0"], "model.vocab_size must be > 0"),
@@ -296,6 +306,14 @@ def test_valid_layouts_pass():
     assert cfg.parallel.tp == 2 and cfg.parallel.pp == 4
     # MHA: num_key_value_heads=None counts as num_attention_heads for the tp check
     load_config(None, [*REQUIRED, *SMALL, "model.num_key_value_heads=null", "parallel.tp=4"])
+
+
+def test_dpo_objective_keys_load():
+    overrides = ["dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1, 0.5]", "dpo.f_divergence=alpha_divergence",
+                 "dpo.f_alpha_coef=0.3"]  # fmt: skip
+    dpo = load_config(None, [*REQUIRED, *overrides]).dpo
+    assert dpo.loss_types == ("sigmoid", "sft") and dpo.weights == (1.0, 0.5)
+    assert (dpo.f_divergence, dpo.f_alpha_coef, dpo.rpo_alpha) == ("alpha_divergence", 0.3, 0.0)
 
 
 def test_validate_directly():

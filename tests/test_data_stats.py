@@ -52,6 +52,13 @@ def test_packing_beats_dynamic_padding_on_the_sample(uf_stats):
     assert packing["budget"] == 8192 and packing["efficiency"] > 0.9
 
 
+def test_shared_prompt_removes_each_prompt_once(uf_stats):
+    share, prompts = uf_stats["shared_prompt"], uf_stats["lengths"]["prompt"]
+    assert share["tokens"] - share["shared_tokens"] == round(prompts["mean"] * uf_stats["pairs"])
+    assert share["removed"] == pytest.approx(1 - share["shared_tokens"] / share["tokens"])
+    assert share["packs"] < uf_stats["packing"]["packs"] and share["efficiency"] > 0.9
+
+
 def test_show_marks_exactly_the_trained_tokens(uf_stats):
     shown, missing = uf_stats["show"]
     prompt, _, rest = shown["chosen"].partition("[[")

@@ -1,13 +1,16 @@
-"""mdpo.loss against float64 oracles written here from the papers / TRL 0.28 math, in plain Python."""
+"""mdpo.loss against float64 oracles written here from the papers / TRL 0.28 and 1.16 math, in plain Python."""
 
+import collections
 import math
 import re
+import types
 
 import pytest
 import torch
 
+from mdpo.config import DPOConfig
 from mdpo.errors import ConfigError
-from mdpo.loss import LOSS_TYPES, nll_loss, preference_loss
+from mdpo.loss import LOSS_TYPES, nll_loss, pair_losses, preference_loss
 
 ALL_TYPES = (
     "sigmoid",
@@ -24,8 +27,12 @@ ALL_TYPES = (
     "discopop",
     "aot_unpaired",
     "sigmoid_norm",
+    "sft",
 )
 SMOOTHED = ("sigmoid", "sigmoid_norm", "robust", "exo_pair", "aot", "aot_unpaired")
+# TRL 1.16's f_divergence_type values, and the loss types it lets them change (dpo_trainer.py, DPOTrainer.__init__)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,12 +61,32 @@ def cdpo(z: float, eps: float) -> float:
     return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
 
 
-def oracle(name, pc, pr, rc, rr, lc=None, lr=None, *, beta=0.1, eps=0.0, delta=0.0, tau=0.05):
+def f_score(x: float, f: str, alpha: float) -> float:
+    """TRL 1.16's score for log-ratio x = log(pi / pi_ref): f'(pi / pi_ref) of f-DPO, as DPOTrainer._compute_loss
+    writes it (forward KL 1 - 1/t, JS log(2t / (1 + t)), alpha (t^(alpha-1) - 1) / (alpha - 1) with its exponent
+    clamped at 80 and reverse KL within 1e-6 of alpha = 1)."""
+    if f == "reverse_kl":
+        return x
+    if f == "forward_kl":
+        return 1 - math.exp(-x)
+    if f == "js_divergence":
+        return math.log(2) + log_sigmoid(x)
+    assert f == "alpha_divergence", f
+    if abs(alpha - 1) < 1e-6:
+        return x
+    return (math.exp(min((alpha - 1) * x, 80.0)) - 1) / (alpha - 1)
+
+
+def oracle(
+    name, pc, pr, rc, rr, lc=None, lr=None, *, beta=0.1, eps=0.0, delta=0.0, tau=0.05, f="reverse_kl", alpha=0.5
+):
     """Expected per-pair losses for lists of floats (policy/ref chosen/rejected, lengths)."""
     n = len(pc)
     ch = [pc[i] - rc[i] for i in range(n)]  # log pi/pi_ref on chosen
     rj = [pr[i] - rr[i] for i in range(n)]
-    h = [ch[i] - rj[i] for i in range(n)]  # DPO logit
+    sc = [f_score(x, f, alpha) for x in ch]  # what the f-divergence types compare in place of ch / rj
+    sr = [f_score(x, f, alpha) for x in rj]
+    h = [sc[i] - sr[i] for i in range(n)]  # DPO logit
     out = []
     if name in ("aot", "aot_unpaired"):
         if name == "aot":
@@ -75,10 +102,10 @@ def oracle(name, pc, pr, rc, rr, lc=None, lr=None, *, beta=0.1, eps=0.0, delta=0
         elif name == "hinge":
             out.append(max(0.0, 1.0 - z))
         elif name == "ipo":
-            hn = ch[i] / lc[i] - rj[i] / lr[i]
+            hn = sc[i] / lc[i] - sr[i] / lr[i]
             out.append((hn - 1 / (2 * beta)) ** 2)
         elif name == "sigmoid_norm":
-            hn = ch[i] / lc[i] - rj[i] / lr[i]
+            hn = sc[i] / lc[i] - sr[i] / lr[i]
             out.append(cdpo(beta * hn, eps))
         elif name == "robust":
             out.append(((1 - eps) * -log_sigmoid(z) - eps * -log_sigmoid(-z)) / (1 - 2 * eps))
@@ -98,12 +125,14 @@ def oracle(name, pc, pr, rc, rr, lc=None, lr=None, *, beta=0.1, eps=0.0, delta=0
         elif name == "apo_zero":
             out.append((1 - sigmoid(beta * ch[i])) + sigmoid(beta * rj[i]))
         elif name == "apo_down":
-            out.append(sigmoid(beta * ch[i]) + (1 - sigmoid(z)))
+            out.append(sigmoid(beta * ch[i]) + (1 - sigmoid(beta * (ch[i] - rj[i]))))
         elif name == "discopop":
             m = sigmoid(z / tau)
             # e^-z overflows a double beyond ~709; there use e^-z * m = exp(-z + log m)
             exp_part = math.exp(-z) * m if -z < 700 else math.exp(-z + log_sigmoid(z / tau))
             out.append(-log_sigmoid(z) * (1 - m) + exp_part)
+        elif name == "sft":
+            out.append(-pc[i] / lc[i])  # the chosen response's mean token NLL
         else:
             raise AssertionError(name)
     return out
@@ -189,7 +218,8 @@ def check_large_margins(name, dtype, beta):
     assert torch.isfinite(losses).all(), losses
     assert torch.isfinite(chosen_r).all() and torch.isfinite(rejected_r).all()
     losses.sum().backward()
-    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    assert torch.isfinite(pc.grad).all()
+    assert torch.isfinite(pr.grad).all() if name != "sft" else pr.grad is None  # sft reads only the chosen
     want = expected(name, *large_batch(), beta=beta, eps=0.1)
     assert torch.isfinite(want).all()
     tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
@@ -216,7 +246,7 @@ def test_rewards_are_detached_beta_logratios(name):
     torch.testing.assert_close(rejected_r, want_r, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("name", [t for t in ALL_TYPES if t != "sft"])  # sft reads no reference
 def test_reference_free_treats_reference_as_zero(name):
     pc, pr, rc, rr, lc, lr = random_batch(seed=7)
     zeros = torch.zeros_like(pc)
@@ -306,6 +336,145 @@ def test_aot_depends_on_batch_order_statistics_not_pairing():
     assert not torch.allclose(sig, sig_perm)
 
 
+# ---------------------------------------------------------------- sft (TRL 1.16's loss type) and rpo_alpha
+
+
+def test_sft_is_the_chosen_mean_token_nll_and_reads_nothing_else():
+    pc, pr, rc, rr, lc, lr = random_batch(seed=29)
+    nll = torch.tensor([-a / n for a, n in zip(pc.tolist(), lc.tolist(), strict=True)], dtype=torch.float64)
+    alone, _, _ = preference_loss(pc, pr, rc, rr, loss_type="sft", chosen_lengths=lc)  # no rejected lengths needed
+    torch.testing.assert_close(alone, nll, rtol=1e-12, atol=1e-12)
+    # neither the reference, the rejected response, beta nor the f-divergence moves it (TRL's sft term reads only
+    # the chosen tokens' log-probs)
+    for kw in (dict(reference_free=True), dict(beta=0.9), dict(f_divergence="js_divergence")):
+        other, _, _ = preference_loss(pc, 2 * pr, rc + 3, rr, loss_type="sft", chosen_lengths=lc, **kw)
+        torch.testing.assert_close(other, nll, rtol=1e-12, atol=1e-12)
+    scaled, _, _ = preference_loss(pc, pr, rc, rr, loss_type="sft", chosen_lengths=2 * lc)
+    torch.testing.assert_close(scaled, nll / 2)
+
+
+def test_sft_in_a_weighted_mixture():
+    batch = random_batch(seed=31)
+    names, weights = ["sigmoid", "sft", "ipo"], [1.0, 0.3, 0.2]
+    losses, _, _ = call(names, *batch, beta=0.2, loss_weights=weights)
+    want = sum(w * expected(n, *batch, beta=0.2) for n, w in zip(names, weights, strict=True))
+    torch.testing.assert_close(losses, want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(losses, call(["sigmoid", "ipo"], *batch, beta=0.2, loss_weights=[1.0, 0.2])[0])
+
+
+@pytest.mark.parametrize("base", ["sigmoid", "ipo", "bco_pair"])
+def test_rpo_alpha_equals_a_weighted_sft_term(base):
+    """rpo_alpha: a is the older spelling of loss_type [base, sft] with loss_weights [1, a]."""
+    pc, pr, rc, rr, lc, lr = random_batch(seed=37)
+    a = 0.35
+    listed, _, _ = call([base, "sft"], pc, pr, rc, rr, lc, lr, loss_weights=[1.0, a])
+    rpo, _, _ = call(base, pc, pr, rc, rr, lc, lr, rpo_alpha=a)
+    torch.testing.assert_close(listed, rpo, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(
+        rpo, expected(base, pc, pr, rc, rr, lc, lr) + a * expected("sft", pc, pr, rc, rr, lc, lr)
+    )
+    # the training step's view: the listed sft is a term (logged as loss/sft), rpo_alpha's is `nll` (nll_loss)
+    listed_out = pair_losses(DPOConfig(loss_type=[base, "sft"], loss_weights=[1.0, a]), pc, pr, rc, rr, lc, lr)
+    rpo_out = pair_losses(DPOConfig(loss_type=base, rpo_alpha=a), pc, pr, rc, rr, lc, lr)
+    assert list(listed_out.terms) == [base, "sft"] and listed_out.nll is None
+    assert list(rpo_out.terms) == [base] and rpo_out.nll is not None
+    torch.testing.assert_close(listed_out.terms["sft"], rpo_out.nll, rtol=0, atol=0)
+    torch.testing.assert_close(listed_out.terms["sft"], expected("sft", pc, pr, rc, rr, lc, lr), rtol=1e-12, atol=0)
+    torch.testing.assert_close(listed_out.losses, rpo_out.losses, rtol=1e-14, atol=1e-14)
+
+
+# ---------------------------------------------------------------- f-divergences (TRL 1.16's f_divergence_type)
+
+
+@pytest.mark.parametrize("f", F_DIVERGENCES)
+@pytest.mark.parametrize("name", F_TYPES)
+def test_f_divergence_matches_oracle(name, f):
+    # log-ratios of a few nats, as in training (random_batch's reach +/-25: forward KL's exp(25) would dominate)
+    pc, pr, rc, rr, lc, lr = random_batch(seed=41 + F_TYPES.index(name))
+    rc, rr = pc + (rc - pc) / 4, pr + (rr - pr) / 4
+    eps = 0.1 if name in ("robust", "exo_pair") else 0.0
+    for beta, alpha in ((0.1, 0.5), (0.5, 0.2), (0.3, 1.7)):
+        kw = dict(beta=beta, label_smoothing=eps)
+        losses, chosen_r, _ = call(name, pc, pr, rc, rr, lc, lr, f_divergence=f, f_alpha_coef=alpha, **kw)
+        want = expected(name, pc, pr, rc, rr, lc, lr, beta=beta, eps=eps, f=f, alpha=alpha)
+        torch.testing.assert_close(losses, want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(chosen_r, beta * (pc - rc))  # rewards stay beta * log-ratio, as TRL logs them
+        plain, _, _ = call(name, pc, pr, rc, rr, lc, lr, **kw)
+        # teeth: every divergence but reverse KL changes every loss that compares scores (sft compares none)
+        assert torch.allclose(plain, losses) == (f == "reverse_kl" or name == "sft"), (name, f, alpha)
+
+
+def test_f_divergence_in_a_weighted_mixture():
+    pc, pr, rc, rr, lc, lr = random_batch(seed=43)
+    rc, rr = pc + (rc - pc) / 4, pr + (rr - pr) / 4
+    names, weights = ["sigmoid", "ipo", "sft"], [1.0, 0.5, 0.25]
+    kw = dict(f_divergence="alpha_divergence", f_alpha_coef=0.3)
+    losses, _, _ = call(names, pc, pr, rc, rr, lc, lr, loss_weights=weights, **kw)
+    want = sum(
+        w * expected(n, pc, pr, rc, rr, lc, lr, f="alpha_divergence", alpha=0.3)
+        for n, w in zip(names, weights, strict=True)
+    )
+    torch.testing.assert_close(losses, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_alpha_divergence_near_one_is_reverse_kl(dtype):
+    pc, pr, rc, rr, lc, lr = random_batch(seed=47, dtype=dtype)
+    rc, rr = pc + (rc - pc) / 4, pr + (rr - pr) / 4
+    reverse, _, _ = call("sigmoid", pc, pr, rc, rr, lc, lr, f_divergence="reverse_kl")
+    # within TRL's 1e-6 of alpha = 1: exactly the limit, f'(t) = log t
+    for alpha in (1.0, 1.0 + 5e-7, 1.0 - 9e-7):
+        limit, _, _ = call("sigmoid", pc, pr, rc, rr, lc, lr, f_divergence="alpha_divergence", f_alpha_coef=alpha)
+        assert torch.equal(limit, reverse), alpha
+    # just outside it the formula is used, continuous with the limit (in float32 too: no exp(t) - 1 cancellation)
+    for alpha in (1.0 + 2e-6, 1.0 - 2e-6, 1.0 + 1e-4):
+        near, _, _ = call("sigmoid", pc, pr, rc, rr, lc, lr, f_divergence="alpha_divergence", f_alpha_coef=alpha)
+        want = expected("sigmoid", pc, pr, rc, rr, lc, lr, f="alpha_divergence", alpha=alpha)
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(near.double(), want, **tol)
+        torch.testing.assert_close(near.double(), reverse.double(), rtol=5e-3, atol=0)
+        assert not torch.equal(near, reverse)
+
+
+def test_alpha_divergence_exponent_is_clamped_as_in_trl():
+    # alpha = 2: the score of log-ratio x is e^x - 1, with x clamped at 80 (TRL's float32 bound), so a rejected
+    # log-ratio of 100 scores e^80 - 1: hinge is then 1 + beta * (e^80 - 1 - score(chosen)), not 1 + beta * e^100
+    pc = torch.tensor([-20.0, -30.0], dtype=torch.float64)
+    pr = torch.tensor([-10.0, -40.0], dtype=torch.float64)
+    rc = pc - torch.tensor([0.5, -1.0], dtype=torch.float64)
+    rr = pr - torch.tensor([100.0, 2.0], dtype=torch.float64)
+    lc = lr = torch.ones(2, dtype=torch.float64)
+    losses, _, _ = call("hinge", pc, pr, rc, rr, lc, lr, beta=0.1, f_divergence="alpha_divergence", f_alpha_coef=2.0)
+    torch.testing.assert_close(losses, expected("hinge", pc, pr, rc, rr, lc, lr, f="alpha_divergence", alpha=2.0))
+    clamped = 1 + 0.1 * ((math.exp(80) - 1) - (math.exp(0.5) - 1))
+    assert losses[0].item() == pytest.approx(clamped, rel=1e-12)
+    unclamped = 1 + 0.1 * ((math.exp(100) - 1) - (math.exp(0.5) - 1))
+    assert losses[0].item() != pytest.approx(unclamped, rel=1e-3)
+    assert losses[1].item() == pytest.approx(max(0.0, 1 - 0.1 * ((math.exp(-1) - 1) - (math.exp(2) - 1))), rel=1e-12)
+    # float32: the same clamp keeps the score finite where e^100 would overflow
+    f32 = [t.float() for t in (pc, pr, rc, rr, lc, lr)]
+    losses32, _, _ = call("hinge", *f32, beta=0.1, f_divergence="alpha_divergence", f_alpha_coef=2.0)
+    assert torch.isfinite(losses32).all()
+    torch.testing.assert_close(losses32.double(), losses, rtol=1e-5, atol=0)
+
+
+REFUSED = tuple(t for t in ALL_TYPES if t not in F_TYPES)
+
+
+@pytest.mark.parametrize("f", F_DIVERGENCES[1:])
+@pytest.mark.parametrize("name", REFUSED)
+def test_f_divergence_refused_for_other_loss_types(name, f):
+    assert set(REFUSED) == {"nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down"}
+    with pytest.raises(ConfigError) as info:
+        DPOConfig(loss_type=["sigmoid", name], f_divergence=f)
+    assert str(info.value) == (
+        f"dpo.f_divergence={f} applies only to loss types sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, "
+        f"discopop, sft (f-DPO's log Z(x) cancels only in a chosen-rejected difference), got dpo.loss_type "
+        f"'{name}'; use dpo.f_divergence=reverse_kl with it"
+    )
+    DPOConfig(loss_type=["sigmoid", name])  # reverse KL (plain DPO) takes every loss type
+
+
 B = 4
 _x = torch.full((B,), -10.0)
 _len = torch.full((B,), 5.0)
@@ -338,6 +507,14 @@ ERROR_CASES = [
     (dict(ref_rejected_logps=torch.zeros(B, 1)), ["ref_rejected_logps", f"({B}, 1)"]),
     (dict(policy_chosen_logps=torch.zeros(B, 2)), ["policy_chosen_logps", f"({B}, 2)"]),
     (dict(ref_chosen_logps=None), ["ref_chosen_logps", "reference_free"]),
+    (dict(loss_type="sft", chosen_lengths=None), ["chosen_lengths", "'sft'"]),
+    (dict(loss_type=["ipo", "sft"], rejected_lengths=None), ["rejected_lengths", "'ipo'"]),
+    (
+        dict(f_divergence="kl"),
+        ["dpo.f_divergence must be reverse_kl, forward_kl, js_divergence or alpha_divergence, got 'kl'"],
+    ),
+    (dict(f_divergence="js_divergence", loss_type=["sft", "apo_zero"]), ["f_divergence=js_divergence", "'apo_zero'"]),
+    (dict(f_divergence="alpha_divergence", f_alpha_coef=float("inf")), ["dpo.f_alpha_coef must be finite", "inf"]),
 ]
 
 
@@ -374,3 +551,97 @@ def test_nll_loss_errors():
         nll_loss(_x, torch.zeros(B))
     with pytest.raises(ConfigError, match=re.escape(f"({B + 1},)")):
         nll_loss(_x, torch.ones(B + 1))
+
+
+# ---------------------------------------------------------------- TRL 1.16's own loss code, where TRL is installed
+
+
+def trl_loss(per_token, completion_mask, ref_chosen, ref_rejected, loss_types, loss_weights=None, **settings):
+    """TRL 1.16's DPOTrainer._compute_loss run on given per-token log-probs: a stand-in trainer holds what the
+    method reads, and a stand-in model returns the log-probs (zero off the completion, as TRL's fused head)."""
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    outputs = types.SimpleNamespace(
+        log_probs=per_token,
+        entropy=torch.zeros_like(per_token),
+        mean_logits=torch.zeros_like(per_token),
+        is_top1=torch.zeros_like(per_token, dtype=torch.bool),
+    )
+    identity = lambda t: t  # noqa: E731 - one process: gathers are identities
+    trainer = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=False),
+        accelerator=types.SimpleNamespace(device=per_token.device, gather_for_metrics=identity, gather=identity),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,  # reference log-probs come in the inputs
+        use_weighting=False,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        _total_train_tokens=0,
+        args=types.SimpleNamespace(discopop_tau=0.05),
+        loss_types=list(loss_types),
+        loss_weights=loss_weights or [1.0] * len(loss_types),
+        beta=settings.get("beta", 0.1),
+        label_smoothing=settings.get("label_smoothing", 0.0),
+        f_divergence_type=settings.get("f_divergence", "reverse_kl"),
+        f_alpha_divergence_coef=settings.get("f_alpha_coef", 0.5),
+    )
+    inputs = dict(
+        input_ids=torch.zeros(completion_mask.shape, dtype=torch.long),
+        attention_mask=torch.ones_like(completion_mask),
+        completion_mask=completion_mask,
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
+    )
+    return trl_dpo.DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, False)
+
+
+def token_batch(chosen_lengths, rejected_lengths, seed=0):
+    """Per-token log-probs of [chosen rows; rejected rows] after a 3-token prompt, the completion mask, and the
+    summed log-probs, lengths and reference log-probs mdpo takes."""
+    lengths = torch.tensor(list(chosen_lengths) + list(rejected_lengths))
+    g = torch.Generator().manual_seed(seed)
+    width = 3 + int(lengths.max()) + 2  # two columns of padding
+    positions = torch.arange(width)
+    completion_mask = ((positions >= 3) & (positions < 3 + lengths[:, None])).long()
+    shift_mask = completion_mask[:, 1:]
+    per_token = (-3 * torch.rand(shift_mask.shape, generator=g)) * shift_mask
+    sums = per_token.sum(dim=1)
+    ref = sums + 1.5 * torch.randn(sums.shape, generator=g)
+    n = len(chosen_lengths)
+    counts = shift_mask.sum(dim=1).float()
+    mdpo_args = (sums[:n], sums[n:], ref[:n], ref[n:], counts[:n], counts[n:])
+    return per_token, completion_mask, mdpo_args
+
+
+def test_matches_trl_own_loss_code():
+    per_token, mask, (pc, pr, rc, rr, lc, lr) = token_batch([5, 2, 7, 4], [3, 6, 1, 5])
+    for f in F_DIVERGENCES:
+        for name in F_TYPES[:-1]:  # sft: below
+            kw = dict(beta=0.3, f_divergence=f, f_alpha_coef=0.4)
+            kw["label_smoothing"] = 0.1 if name in ("robust", "exo_pair") else 0.0  # TRL 1.16's sigmoid has none
+            want = trl_loss(per_token, mask, rc, rr, [name], **kw)
+            losses, _, _ = call(name, pc, pr, rc, rr, lc, lr, **kw)
+            torch.testing.assert_close(losses.mean(), want, rtol=2e-6, atol=1e-6, msg=f"{name} {f}")
+    kw = dict(f_divergence="alpha_divergence", f_alpha_coef=1.0 + 5e-7)
+    want = trl_loss(per_token, mask, rc, rr, ["sigmoid", "ipo"], [1.0, 0.5], **kw)
+    losses, _, _ = call(["sigmoid", "ipo"], pc, pr, rc, rr, lc, lr, loss_weights=[1.0, 0.5], **kw)
+    torch.testing.assert_close(losses.mean(), want, rtol=2e-6, atol=1e-6)
+
+
+def test_sft_against_trl_which_pools_the_batch_chosen_tokens():
+    # TRL 1.16 takes the mean over every chosen token of its (per-device) batch; mdpo each pair's mean, averaged
+    # over pairs. They agree when the chosen lengths are equal...
+    per_token, mask, (pc, pr, rc, rr, lc, lr) = token_batch([4, 4, 4], [2, 6, 3], seed=1)
+    want = trl_loss(per_token, mask, rc, rr, ["sigmoid", "sft"], [1.0, 0.7])
+    listed, _, _ = call(["sigmoid", "sft"], pc, pr, rc, rr, lc, lr, loss_weights=[1.0, 0.7])
+    rpo, _, _ = call("sigmoid", pc, pr, rc, rr, lc, lr, rpo_alpha=0.7)
+    torch.testing.assert_close(listed.mean(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(rpo.mean(), want, rtol=2e-6, atol=1e-6)
+    # ...and otherwise TRL weights each pair by its chosen length: sum of chosen NLLs over all chosen tokens
+    per_token, mask, (pc, pr, rc, rr, lc, lr) = token_batch([1, 9, 3], [2, 6, 3], seed=2)
+    want = trl_loss(per_token, mask, rc, rr, ["sft"])
+    pooled = -sum(pc.tolist()) / sum(lc.tolist())
+    assert want.item() == pytest.approx(pooled, rel=1e-6)
+    per_pair, _, _ = preference_loss(pc, pr, rc, rr, loss_type="sft", chosen_lengths=lc)
+    means = [-a / n for a, n in zip(pc.tolist(), lc.tolist(), strict=True)]
+    assert per_pair.mean().item() == pytest.approx(sum(means) / len(means), rel=1e-6)
+    assert per_pair.mean().item() != pytest.approx(pooled, rel=1e-3)

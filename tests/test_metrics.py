@@ -30,7 +30,9 @@ def objective(**dpo) -> DPOObjective:
 def sums_for(obj: DPOObjective, rows: slice) -> torch.Tensor:
     losses, cr, rr, comps = obj(PC[rows], PR[rows], RC[rows], RR[rows], LC[rows], LR[rows])
     logit_sums = torch.ones(3)[rows]
-    return pair_sums(losses, cr, rr, PC[rows], PR[rows], logit_sums, 2 * logit_sums, LC[rows], LR[rows], 7, 10, comps)
+    return pair_sums(
+        losses, cr, rr, PC[rows], PR[rows], logit_sums, 2 * logit_sums, LC[rows], LR[rows], 7, 6, 10, comps
+    )
 
 
 def test_uneven_microbatches_reduce_to_the_hand_computed_means():
@@ -53,7 +55,8 @@ def test_uneven_microbatches_reduce_to_the_hand_computed_means():
     assert out["logits/chosen"] == pytest.approx(3 / LC.sum().item())  # logit sums 1 per pair over 14 tokens
     assert out["logits/rejected"] == pytest.approx(6 / LR.sum().item())
     assert out["num_tokens"] == 14  # 7 input tokens per micro-batch
-    assert out["packing_efficiency"] == pytest.approx(14 / 20)  # over 10 slots per micro-batch
+    assert out["num_tokens_computed"] == 12  # 6 per micro-batch: a shared prompt counted once
+    assert out["packing_efficiency"] == pytest.approx(12 / 20)  # computed tokens over 10 slots per micro-batch
 
 
 def test_single_loss_has_no_components_and_bad_names_fail_at_start():

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from conftest import tiny_hf_llama
 
 from mdpo.config import ModelConfig
-from mdpo.data.batching import collate, collate_packed
 from mdpo.data.pairs import TokenizedPair
 
 VOCAB = 250  # padded to 256 for TP=1: six padding logits that must not enter the softmax
@@ -29,11 +28,12 @@ def model_config(hf_config) -> ModelConfig:
 
 
 def mdpo_model(hf_model, attention: str = "auto"):
+    """mdpo's model of the HF model's weights, its output layer as training uses it (hidden states out)."""
     from mdpo.config import padded_vocab_size
     from mdpo.models import sharding
     from mdpo.models.families import llama
     from mdpo.models.families.base import check_hf_state, iter_hf_to_mcore
-    from mdpo.models.gpt import build_gpt_model, transformer_config
+    from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
 
     cfg = model_config(hf_model.config)
     cfg.attention = attention
@@ -42,7 +42,7 @@ def mdpo_model(hf_model, attention: str = "auto"):
     check_hf_state(llama.FAMILY, hf_state, cfg)
     full = dict(iter_hf_to_mcore(llama.FAMILY, hf_state, cfg, padded_vocab_size(cfg.vocab_size, 1)))
     sharding.load_into(model, full)  # TP = PP = 1: the full state dict is the rank's
-    return model.eval()
+    return use_scoring_head(model).eval()
 
 
 def random_pairs() -> list[TokenizedPair]:
@@ -62,35 +62,53 @@ def hf_logps_float64(hf_model, prompt: list[int], response: list[int]) -> float:
     return sum(logprobs[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1))
 
 
-def mdpo_logps(model, pairs, packed: bool = False, thd: bool = False) -> torch.Tensor:
-    """Through the trainer's forward: padded rows with causal attention alone; packed rows as THD sequences
-    (`thd`) or with the block-diagonal mask."""
-    from mdpo.training.logprobs import sequence_stats
-    from mdpo.training.step import _forward
+LAYOUTS = ("padded", "packed", "shared", "shared_packed")
 
-    batch = collate_packed(pairs, pad_id=0, budget=512) if packed else collate(pairs, pad_id=0)
+
+def collate_as(layout: str, pairs):
+    """A micro-batch of the pairs in one of the four layouts (data/batching.py)."""
+    from mdpo.data.batching import collate, collate_packed, collate_shared
+
+    return {
+        "padded": lambda: collate(pairs, pad_id=0),
+        "packed": lambda: collate_packed(pairs, pad_id=0, budget=512),
+        "shared": lambda: collate_shared(pairs, pad_id=0),
+        "shared_packed": lambda: collate_packed(pairs, pad_id=0, budget=512, shared=True),
+    }[layout]()
+
+
+def mdpo_logps(model, pairs, layout: str = "padded", cfg=None, thd: bool = False) -> torch.Tensor:
+    """Through the trainer's forward and scoring: padded rows with causal attention alone; packed rows and shared
+    prompts in attention blocks (or packed rows as THD sequences, `thd`); the output layer in chunks of 7 tokens."""
+    from mdpo.training.step import Scorer
+
+    scorer = Scorer(cfg if cfg is not None else model_config_of(model), chunk_tokens=7, thd=thd)
+    batch = collate_as(layout, pairs)
     with torch.no_grad():
-        logits = _forward(batch, model, thd)
-        stats = sequence_stats(logits, batch.labels, batch.loss_mask, VOCAB, batch.segment_ids, 2 * len(pairs))
+        stats = scorer.stats(batch, model, scorer.forward(batch, model))
     expected_tokens = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
     assert stats.num_tokens.tolist() == expected_tokens
     return stats.logps
 
 
-@pytest.mark.parametrize("attention", ["local", "sdpa"])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_sequence_logps_equal_hf_float64(megatron_world, packed, attention):
-    """Padded rows, and all eight sequences packed in one row, give HF's log-probs: with Megatron's local attention
-    (packed: block-diagonal mask) and with torch SDPA as the core attention (packed: THD sequences, Megatron's
-    per-sequence RoPE)."""
-    from mdpo.models.gpt import packs_as_thd
+def model_config_of(model) -> ModelConfig:
+    config = model.config
+    return ModelConfig(vocab_size=VOCAB, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+                       num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+                       num_key_value_heads=config.num_query_groups)  # fmt: skip
 
+
+@pytest.mark.parametrize("attention", ["local", "sdpa"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sequence_logps_equal_hf_float64(megatron_world, layout, attention):
+    """Each sequence a row, all eight packed in one row, each pair one row with its prompt once, and those pair rows
+    packed: every layout gives HF's log-probs of every sequence run alone, with Megatron's local attention and with
+    torch SDPA as the core attention (blocks attended one by one on CPU: no [s, s] mask)."""
     hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
     pairs = random_pairs()
     cfg = model_config(hf.config)
     cfg.attention = attention
-    assert packs_as_thd(cfg) == (attention == "sdpa")
-    got = mdpo_logps(mdpo_model(hf, attention), pairs, packed, thd=packs_as_thd(cfg))
+    got = mdpo_logps(mdpo_model(hf, attention), pairs, layout, cfg)
     want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
     want += [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs]
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5), (got, want)
@@ -98,11 +116,16 @@ def test_sequence_logps_equal_hf_float64(megatron_world, packed, attention):
 
 def test_vocab_padding_is_masked_out(megatron_world):
     """The padded head rows are zero, not -inf: without the mask their exp(0) would leak into the softmax."""
+    from mdpo.data.batching import MicroBatch
     from mdpo.training.logprobs import sequence_stats
 
-    logits = torch.zeros(1, 2, 256)
-    stats = sequence_stats(logits, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), VOCAB)
-    assert torch.allclose(stats.logps, torch.tensor([-2 * torch.log(torch.tensor(250.0)).item()]))
+    hidden, weight = torch.ones(1, 2, 4), torch.zeros(256, 4)  # every logit 0
+    index = torch.tensor([0, 1])
+    batch = MicroBatch(tokens=torch.zeros(1, 2, dtype=torch.long), position_ids=torch.zeros(1, 2, dtype=torch.long),
+                       score_index=index, score_labels=torch.zeros(2, dtype=torch.long),
+                       score_sequence=torch.zeros(2, dtype=torch.long), pair_ids=[0])  # fmt: skip
+    stats = sequence_stats(hidden, batch, weight, VOCAB, chunk_tokens=1)
+    assert torch.allclose(stats.logps, torch.tensor([-2 * torch.log(torch.tensor(250.0)).item(), 0.0]))
 
 
 def test_dpo_loss_equals_float64_formula(megatron_world):

@@ -1,4 +1,5 @@
-"""Oracle 2: TP=2, PP=2, DP=2 and TP2xPP2 runs (torchrun, gloo) equal the TP=1 run step for step.
+"""Oracle 2: TP=2, PP=2, DP=2 and TP2xPP2 runs (torchrun, gloo) equal the TP=1 run step for step, and runs
+without a shared prompt equal the (shared) reference run.
 
 Each layout trains the same HF weights on the same pairs for three steps; the per-step metrics and the
 exported weights must agree with the single-process run, and so must 8 micro-batches of 1 vs 1 of 8.
@@ -37,6 +38,14 @@ LAYOUTS = {
     # Activation recompute and overlapped gradient reduction / parameter gather change when work happens, never
     # the result (the final export must see the gathered weights).
     "tp2_recompute_full": (2, ["parallel.tp=2", "schedule.micro_batch_size=2", "parallel.recompute=full"]),
+    # The reference run shares each pair's prompt (data.share_prompt: auto); these do not, so they prove sharing
+    # exact: same metrics step for step and same weights, one process, TP=2 and packed through the pipeline.
+    "tp1_unshared": (1, ["schedule.micro_batch_size=8", "data.share_prompt=false"]),
+    "tp2_unshared": (2, ["parallel.tp=2", "schedule.micro_batch_size=2", "data.share_prompt=false"]),
+    "packed_pp2_unshared": (
+        2,
+        ["parallel.pp=2", "data.packing=true", "data.pack_tokens=160", "data.share_prompt=false"],
+    ),  # fmt: skip
     "dp2_overlap_selective": (
         2,
         [

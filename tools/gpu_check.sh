@@ -6,7 +6,8 @@
 #       -d gpu-wheels megatron-core==0.16.1 datasets dill multiprocess pyarrow
 # and pass `carry: ["gpu-wheels"]` to the device call (pyarrow is installed only if the machine's is too old).
 # Runs the GPU tests, measures the card's bf16 matmul peak, then benchmarks DPO on a 1.1B Llama (bf16, SDPA flash
-# attention; packed rows through torch's varlen flash kernel) and prints a table with MFU last. With the argument
+# attention; packed rows and shared-prompt blocks through torch's varlen flash kernel) on synthetic equal-length
+# pairs and on real UltraFeedback lengths, and prints a table with MFU last. With the argument
 # `planner` it checks `mdpo plan`'s memory and time predictions against 1.1B runs instead. Logs and the CSV
 # go to $OUT when set (the device tool brings that folder back).
 set -uo pipefail
@@ -52,12 +53,22 @@ rm -f "$csv" "$out/bench.log"
 # once the script has run 250 s
 configs=(
   "padded_online|--reference online|1"
-  "padded_noref|--reference none|0"
-  "packed_noref|--reference none --packing|1"
   "padded_noref_mbs4|--reference none --micro-batch 4|0"
   "packed_noref_mbs4|--reference none --packing --micro-batch 4|0"
-  "padded_online_mbs4|--reference online --micro-batch 4|0"
 )
+# Real UltraFeedback lengths (Tulu 2, Llama 2 tokenizer, max_length 2048): shared vs unshared prompts, packed, MFU on
+# the tokens computed. Needs ../shared (or shared/) with the data; skipped with a line where it is missing.
+uf=data/ultrafeedback_binarized_sample_200.jsonl
+if [ -f "../shared/$uf" ] || [ -f "shared/$uf" ]; then
+  configs+=(
+    "real_packed_shared_noref|--data real --reference none --packing --micro-batch 4|1"
+    "real_packed_unshared_noref|--data real --reference none --packing --micro-batch 4 --no-share-prompt|0"
+    "real_padded_shared_noref|--data real --reference none --micro-batch 4|0"
+    "real_packed_shared_online|--data real --reference online --packing --micro-batch 4|0"
+  )
+else
+  echo "real-data rows skipped: no shared/$uf here or in ../shared"
+fi
 for entry in "${configs[@]}"; do
   IFS='|' read -r name args profile <<< "$entry"
   if (( $(date +%s) - start > 250 )); then echo "skipped (time): $name"; continue; fi
@@ -79,12 +90,14 @@ echo "| bf16 8192^3 matmul (TFLOP/s) | $matmul |"
 python3 - "$csv" <<'PY'
 import csv, os, sys
 rows = list(csv.DictReader(open(sys.argv[1]))) if os.path.exists(sys.argv[1]) else []
-print("\n| 1.1B Llama, seq 2048 | mbs | attention | step s | tokens/s | peak GiB | TFLOP/s | MFU (of 989) |")
-print("|---|---|---|---|---|---|---|---|")
+print("\n| 1.1B Llama, max 2048 per sequence | data (mean seq) | mbs | step s | tokens/s (TRL count) "
+      "| computed tokens/s | peak GiB | TFLOP/s | MFU (of 989, computed tokens) |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     name = f"reference={r['reference']}" + (", packed" if r["packing"] == "True" else "")
+    name += ", shared prompt" if r["share_prompt"] == "True" else ", unshared"
     mfu = f"{100 * float(r['mfu']):.1f}%" if r["mfu"] else "n/a"
-    print(f"| {name} | {r['micro_batch']} | {r.get('attention', '')} | {r['step_s']} | {r['tokens_per_s']} "
-          f"| {r['peak_memory_gib']} | {r['tflops_per_device']} | {mfu} |")
+    print(f"| {name} | {r['data']} ({r['mean_sequence']}) | {r['micro_batch']} | {r['step_s']} | {r['tokens_per_s']} "
+          f"| {r['computed_tokens_per_s']} | {r['peak_memory_gib']} | {r['tflops_per_device']} | {mfu} |")
 PY
 echo "| total seconds | $(( $(date +%s) - start )) |"

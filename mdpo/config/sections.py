@@ -29,9 +29,14 @@ RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("auto", "bf16", "fp32")
 NONFINITE = ("stop", "skip")
 REFERENCE_MODES = ("online", "precomputed", "none")
-# The DPO family, with TRL 0.28's names; mdpo.loss implements each.
+# The DPO family, with TRL's names (TRL 0.28's, and 1.16's sft); mdpo.loss implements each.
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "apo_zero",
-              "apo_down", "discopop", "aot_unpaired", "sigmoid_norm")  # fmt: skip
+              "apo_down", "discopop", "aot_unpaired", "sigmoid_norm", "sft")  # fmt: skip
+# f-DPO's divergences between policy and reference (TRL 1.16's f_divergence_type); reverse_kl is plain DPO.
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The loss types another divergence applies to (TRL 1.16's list): those built on the chosen-rejected score
+# difference, where f-DPO's beta * log Z(x) cancels, and sft, which uses no log-ratio.
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
 def need(ok: bool, message: str) -> None:
@@ -94,7 +99,10 @@ class ModelConfig(Section):
     position_embedding: str = "auto"  # auto (from config.json, else rope) | rope | alibi (Baichuan 2 13B)
     norm_head: bool = False  # output weight rows L2-normalised in every forward (Baichuan 2's NormHead)
     init_std: float = 0.02  # std of the normal init when init_from is None
-    attention: str = "auto"  # auto (TE if present, else SDPA on GPU, local on CPU) | te | sdpa | local
+    attention: str = "auto"  # auto (TE if present, else SDPA) | te | sdpa | local (Megatron's unfused attention)
+    # tokens whose logits exist at once when the output layer scores them (forward and backward): the full
+    # [tokens, vocab] logits never do
+    logprob_chunk_tokens: int = 1024
 
     @property
     def kv_heads(self) -> int:
@@ -103,7 +111,7 @@ class ModelConfig(Section):
     def _rules(self) -> None:
         _positive("model", self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                   "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
-                                  "max_position_embeddings", "init_std"))  # fmt: skip
+                                  "max_position_embeddings", "init_std", "logprob_chunk_tokens"))  # fmt: skip
         need(self.family in MODEL_FAMILIES, f"model.family must be one of {', '.join(MODEL_FAMILIES)}, "
                                             f"got {self.family!r}")  # fmt: skip
         _one_of("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
@@ -148,6 +156,9 @@ class DataConfig(Section):
     cache_dir: str | None = None  # None = $MDPO_CACHE_DIR, else $XDG_CACHE_HOME/mdpo/data or ~/.cache/mdpo/data
     packing: bool = False  # pack whole pairs into micro-batches of pack_tokens tokens instead of padding rows
     pack_tokens: int | None = None  # token budget of a pack; None = 2 x max_length (the longest possible pair)
+    # each pair as one sequence [prompt | chosen | rejected] (the prompt computed once); None: wherever it is exact
+    # (not with context parallelism or Transformer Engine's attention)
+    share_prompt: bool | None = None
 
     @property
     def pack_budget(self) -> int:
@@ -265,11 +276,17 @@ class DPOConfig(Section):
     label_smoothing: float = 0.0  # conservative DPO (cDPO) label noise, in [0, 0.5)
     loss_type: str | list[str] = "sigmoid"  # a name in LOSS_TYPES, or several (weighted sum)
     loss_weights: list[float] | None = None  # one per loss_type; None = all 1.0
-    rpo_alpha: float = 0.0  # weight of the chosen responses' mean token NLL (RPO / NeMo sft_loss_weight)
+    # weight of the chosen responses' mean token NLL: the older spelling of loss type sft (RPO, NeMo
+    # sft_loss_weight); rpo_alpha: a equals loss_type [sigmoid, sft] with loss_weights [1, a]
+    rpo_alpha: float = 0.0
     reference: str = "online"  # online | precomputed (see `mdpo precompute-ref`) | none (reference-free)
     reference_cache: str | None = None  # precomputed reference log-probs; None = RUN_DIR/reference_logps
     bco_delta: float = 0.0  # bco_pair's reward shift
     discopop_tau: float = 0.05  # discopop's temperature
+    # reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence: f-DPO's f'(policy / reference) replaces the
+    # log-ratio in the loss (only for F_DIVERGENCE_LOSS_TYPES)
+    f_divergence: str = "reverse_kl"
+    f_alpha_coef: float = 0.5  # alpha_divergence's alpha (TRL f_alpha_divergence_coef); within 1e-6 of 1: reverse_kl
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -302,6 +319,14 @@ class DPOConfig(Section):
                                               f"got {self.label_smoothing!r}")  # fmt: skip
         need(self.rpo_alpha >= 0, f"dpo.rpo_alpha must be >= 0, got {self.rpo_alpha!r}")
         need(self.discopop_tau > 0, f"dpo.discopop_tau must be > 0, got {self.discopop_tau!r}")
+        _one_of("dpo.f_divergence", self.f_divergence, F_DIVERGENCES)
+        others = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
+        if self.f_divergence != "reverse_kl" and others:
+            raise ConfigError(
+                f"dpo.f_divergence={self.f_divergence} applies only to loss types {', '.join(F_DIVERGENCE_LOSS_TYPES)} "
+                f"(f-DPO's log Z(x) cancels only in a chosen-rejected difference), got dpo.loss_type {others[0]!r}; "
+                "use dpo.f_divergence=reverse_kl with it"
+            )
         _one_of("dpo.reference", self.reference, REFERENCE_MODES)
 
 
@@ -357,6 +382,16 @@ class TrainConfig:
         layout.check_rows(self.data.packing)
         layout.check_attention(m.attention, m.position_embedding)
         layout.check_model(m.num_attention_heads, m.num_key_value_heads, m.num_hidden_layers)
+        need(
+            self.data.share_prompt is not True or self.parallel.cp == 1,
+            "data.share_prompt=true needs parallel.cp=1 (context parallelism cuts rows into chunks; a shared "
+            "prompt's blocks would straddle them): set data.share_prompt=false",
+        )
+        need(
+            self.data.share_prompt is not True or m.attention != "te",
+            "data.share_prompt=true needs model.attention auto, sdpa or local (Transformer Engine's attention here "
+            "takes no attention blocks): set data.share_prompt=false",
+        )
         need(
             self.dpo.reference != "precomputed" or m.init_from is not None,
             "dpo.reference=precomputed needs model.init_from (the reference checkpoint the cache is stamped with)",

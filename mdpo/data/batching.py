@@ -1,10 +1,19 @@
-"""Global batches of pairs, split over data-parallel ranks and micro-batches: dynamic padding or packing.
+"""Global batches of pairs, split over data-parallel ranks and micro-batches: padded rows or packs, each pair's
+prompt once (shared) or in both of its sequences.
 
 A micro-batch of m pairs holds 2m sequences; sequence k < m is pair k's chosen response, sequence m + k its
-rejected one, so a pair never straddles micro-batches, DP ranks or pipeline stages. With dynamic padding each
-sequence is a row, right-padded to the longest (plain causal attention needs no mask); packed, all 2m sequences sit
-in one row, `segment_ids` says which sequence each position belongs to and `cu_seqlens` where each starts: THD
-attention kernels take the boundaries, the others the block-diagonal causal mask built from them on the device.
+rejected one, so a pair never straddles micro-batches, DP ranks or pipeline stages. Four layouts:
+
+- padded: each sequence [prompt | response] is a row, right-padded to the longest; plain causal attention.
+- packed: all 2m sequences in one row, each attending only to itself (`blocks`; THD kernels take `cu_seqlens`).
+- shared (padded): each pair is one row [prompt | chosen | rejected]; the rejected tokens' positions continue from
+  the prompt's end, as in their own sequence; chosen attends to prompt + chosen, rejected to prompt + rejected and
+  never to chosen (`blocks`), and both responses' first tokens are scored from the prompt's last position.
+- shared and packed: those pair rows one after another in one row.
+
+What is scored is explicit: `score_index` (flat positions, row * length + column, whose next-token log-prob counts),
+`score_labels` (the token) and `score_sequence` (which of the 2m sequences it adds to); with a shared prompt the
+prompt's last position is scored twice. Everything is built here, on the host, so the step needs no device sync.
 """
 
 from __future__ import annotations
@@ -21,16 +30,47 @@ from mdpo.errors import DataError
 
 
 @dataclass
+class Blocks:
+    """Attention within sequences, over the micro-batch's flattened tokens (row-major, rows x length): block i's
+    queries q_index[cu_q[i]:cu_q[i+1]] attend causally, aligned at the end (the last query sees every key), to the
+    keys k_index[cu_k[i]:cu_k[i+1]]. A token in no block (padding) attends nothing. The lengths are also kept on the
+    host, so a core attention can loop over blocks or call a varlen kernel without a device sync."""
+
+    q_index: torch.Tensor  # int64 [Q]
+    k_index: torch.Tensor  # int64 [K]
+    cu_q: torch.Tensor  # int32 [blocks + 1]
+    cu_k: torch.Tensor  # int32 [blocks + 1]
+    q_positions: torch.Tensor  # int64 [Q] position ids of the queries (ALiBi's distances)
+    k_positions: torch.Tensor  # int64 [K]
+    q_lengths: tuple[int, ...]
+    k_lengths: tuple[int, ...]
+
+    @property
+    def max_q(self) -> int:
+        return max(self.q_lengths)
+
+    @property
+    def max_k(self) -> int:
+        return max(self.k_lengths)
+
+    def to(self, device: torch.device | str) -> Blocks:
+        names = ("q_index", "k_index", "cu_q", "cu_k", "q_positions", "k_positions")
+        return dataclasses.replace(self, **{name: getattr(self, name).to(device, non_blocking=True) for name in names})
+
+
+@dataclass
 class MicroBatch:
-    tokens: torch.Tensor  # [2m, s] input ids
-    labels: torch.Tensor  # [2m, s] next-token ids
-    loss_mask: torch.Tensor  # [2m, s] 1 where the label is a response token
-    position_ids: torch.Tensor  # [2m, s]
-    segment_ids: torch.Tensor  # [rows, s] the sequence (0..2m-1) each position belongs to (0 on padding)
+    tokens: torch.Tensor  # [rows, length] input ids
+    position_ids: torch.Tensor  # [rows, length]
+    score_index: torch.Tensor  # [n] flat positions whose next-token log-prob is scored
+    score_labels: torch.Tensor  # [n] the token scored there
+    score_sequence: torch.Tensor  # [n] the sequence (0..2m-1) it adds to
     pair_ids: list[int]  # dataset indices, for error messages
-    num_input_tokens: int = 0  # real (non-padding) tokens of all 2m sequences
+    num_input_tokens: int = 0  # as TRL counts them: every sequence's real tokens, its prompt included
+    num_computed_tokens: int = 0  # real tokens the rows hold (a shared prompt once)
     num_slots: int = 0  # token slots this micro-batch takes: rows x padded length, or the pack budget
-    cu_seqlens: torch.Tensor | None = None  # packed: int32 sequence boundaries, for THD attention kernels
+    blocks: Blocks | None = None  # None: plain causal rows
+    cu_seqlens: torch.Tensor | None = None  # packed, unshared: int32 sequence boundaries, for THD attention kernels
     max_seqlen: int = 0  # packed: the longest sequence (THD kernels take it from the host)
     ref_logps: torch.Tensor | None = None  # [2m] reference log-probs, filled by the reference pass
 
@@ -39,107 +79,157 @@ class MicroBatch:
         return len(self.pair_ids)
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        for name in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "cu_seqlens"):
+        for name in ("tokens", "position_ids", "score_index", "score_labels", "score_sequence", "cu_seqlens"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        if self.blocks is not None:
+            self.blocks = self.blocks.to(device)
         return self
 
 
-def collate(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 1) -> MicroBatch:
-    """Right-pad to the longest sequence in the micro-batch (rounded up to `multiple`: sequence parallelism splits
-    the sequence over TP ranks); padding only ever follows real tokens, so the causal mask alone keeps it out of
-    every real token's attention, and the loss mask keeps it out of the loss."""
-    sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    length = max(len(prompt) + len(response) for prompt, response in sequences)
-    length = -(-length // multiple) * multiple
-    tokens = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(len(sequences), length, dtype=torch.float32)
-    for row, (prompt, response) in enumerate(sequences):
+class _Rows:
+    """Builds a micro-batch's rows: token ids, position ids, scores and attention blocks, sequence by sequence."""
+
+    def __init__(self, rows: int, length: int, pad_id: int) -> None:
+        self.length = length
+        self.tokens = torch.full((rows, length), pad_id, dtype=torch.long)
+        self.positions = torch.arange(length).repeat(rows, 1)  # padding keeps its index (CP slices RoPE by it)
+        self.scores: list[tuple[int, int, int]] = []  # (flat position, label, sequence)
+        self.blocks: list[tuple[list[int], list[int]]] = []  # (query flat positions, key flat positions)
+
+    def _place(self, row: int, start: int, ids: list[int], first_position: int) -> list[int]:
+        self.tokens[row, start : start + len(ids)] = torch.tensor(ids)
+        self.positions[row, start : start + len(ids)] = torch.arange(first_position, first_position + len(ids))
+        base = row * self.length + start
+        return list(range(base, base + len(ids)))
+
+    def sequence(self, row: int, start: int, prompt: list[int], response: list[int], sequence: int) -> int:
+        """[prompt | response] at `start`: response tokens scored, one square causal block; returns its end."""
         ids = prompt + response
-        tokens[row, : len(ids)] = torch.tensor(ids)
-        # label at t is token t+1: response tokens sit at labels [len(prompt)-1, len(ids)-1)
-        loss_mask[row, len(prompt) - 1 : len(ids) - 1] = 1.0
-    labels = torch.roll(tokens, shifts=-1, dims=1)
-    labels[:, -1] = pad_id
-    return MicroBatch(
-        tokens=tokens,
-        labels=labels,
-        loss_mask=loss_mask,
-        position_ids=torch.arange(length).expand(len(sequences), length).contiguous(),
-        segment_ids=torch.arange(len(sequences)).unsqueeze(1).expand(len(sequences), length).contiguous(),
-        pair_ids=[p.index for p in pairs],
-        num_input_tokens=sum(len(prompt) + len(response) for prompt, response in sequences),
-        num_slots=tokens.numel(),
-    )
+        flat = self._place(row, start, ids, 0)
+        self.scores += [(flat[t], ids[t + 1], sequence) for t in range(len(prompt) - 1, len(ids) - 1)]
+        self.blocks.append((flat, flat))
+        return start + len(ids)
+
+    def shared(self, row: int, start: int, pair: TokenizedPair, chosen_seq: int, rejected_seq: int) -> int:
+        """[prompt | chosen | rejected] at `start`, rejected's positions continuing from the prompt's end."""
+        p, c = len(pair.prompt), len(pair.chosen)
+        head = self._place(row, start, pair.prompt + pair.chosen, 0)
+        tail = self._place(row, start + p + c, pair.rejected, p)
+        self.scores += [(head[p - 1 + t], token, chosen_seq) for t, token in enumerate(pair.chosen)]
+        before_rejected = [head[p - 1], *tail[:-1]]  # the prompt's last position predicts rejected's first token
+        self.scores += [(flat, token, rejected_seq) for flat, token in zip(before_rejected, pair.rejected)]
+        self.blocks += [(head, head), (tail, head[:p] + tail)]
+        return start + p + c + len(pair.rejected)
+
+    def batch(self, pairs: Sequence[TokenizedPair], *, with_blocks: bool, **fields: object) -> MicroBatch:
+        index, labels, sequences = (torch.tensor(column, dtype=torch.long) for column in zip(*self.scores))
+        blocks = None
+        if with_blocks:
+            queries, keys = zip(*self.blocks)
+            flat_positions = self.positions.reshape(-1)
+            q_index = torch.tensor([i for q in queries for i in q], dtype=torch.long)
+            k_index = torch.tensor([i for k in keys for i in k], dtype=torch.long)
+            offsets = lambda lengths: torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+            q_lengths, k_lengths = tuple(map(len, queries)), tuple(map(len, keys))
+            blocks = Blocks(q_index, k_index, offsets(q_lengths), offsets(k_lengths), flat_positions[q_index],
+                            flat_positions[k_index], q_lengths, k_lengths)  # fmt: skip
+        return MicroBatch(
+            tokens=self.tokens,
+            position_ids=self.positions,
+            score_index=index,
+            score_labels=labels,
+            score_sequence=sequences,
+            pair_ids=[p.index for p in pairs],
+            num_input_tokens=sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs),
+            blocks=blocks,
+            **fields,
+        )
+
+
+def _rounded(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def collate(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 1) -> MicroBatch:
+    """Each sequence a row, right-padded to the longest (rounded up to `multiple`: sequence parallelism splits the
+    sequence over TP ranks, context parallelism into 2 x CP chunks); padding only ever follows real tokens, so the
+    causal mask alone keeps it out of every real token's attention."""
+    m = len(pairs)
+    sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    length = _rounded(max(len(prompt) + len(response) for prompt, response in sequences), multiple)
+    rows = _Rows(2 * m, length, pad_id)
+    for k, (prompt, response) in enumerate(sequences):
+        rows.sequence(k, 0, prompt, response, k)
+    computed = sum(len(prompt) + len(response) for prompt, response in sequences)
+    return rows.batch(pairs, with_blocks=False, num_computed_tokens=computed, num_slots=2 * m * length)
+
+
+def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 1) -> MicroBatch:
+    """Each pair a row [prompt | chosen | rejected], right-padded to the longest (rounded up to `multiple`)."""
+    m = len(pairs)
+    length = _rounded(max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs), multiple)
+    rows = _Rows(m, length, pad_id)
+    computed = sum(rows.shared(k, 0, p, k, m + k) for k, p in enumerate(pairs))
+    return rows.batch(pairs, with_blocks=True, num_computed_tokens=computed, num_slots=m * length)
+
+
+def collate_packed(
+    pairs: Sequence[TokenizedPair], pad_id: int, budget: int, multiple: int = 1, shared: bool = False
+) -> MicroBatch:
+    """All of the pairs in one row, pair by pair (chosen then rejected; or one [prompt | chosen | rejected] each when
+    `shared`). Only when the row must be a multiple of `multiple` (sequence parallelism) is it padded; the padding
+    attends nothing and is never scored (for THD kernels it joins the last sequence)."""
+    m = len(pairs)
+    real = sum(pair_lengths(pairs, shared=shared))
+    if real > budget:
+        raise ValueError(f"pairs take {real} tokens, more than the pack budget {budget}")
+    total = _rounded(real, multiple)
+    rows = _Rows(1, total, pad_id)
+    end, boundaries = 0, [0]
+    for k, pair in enumerate(pairs):
+        if shared:
+            end = rows.shared(0, end, pair, k, m + k)
+        else:
+            end = rows.sequence(0, end, pair.prompt, pair.chosen, k)
+            boundaries.append(end)
+            end = rows.sequence(0, end, pair.prompt, pair.rejected, m + k)
+        boundaries.append(end)
+    if total > real:  # the padding continues the last sequence's positions (THD kernels count it in that one)
+        last = int(rows.positions[0, real - 1])
+        rows.positions[0, real:] = torch.arange(last + 1, last + 1 + total - real)
+    fields: dict[str, object] = {"num_computed_tokens": real, "num_slots": max(budget, total)}
+    if not shared:  # THD kernels: one sequence per boundary (the padding joins the last)
+        boundaries[-1] = total
+        fields["cu_seqlens"] = torch.tensor(boundaries, dtype=torch.int32)
+        fields["max_seqlen"] = max(b - a for a, b in zip(boundaries, boundaries[1:]))
+    return rows.batch(pairs, with_blocks=True, **fields)
 
 
 def context_parallel_share(batch: MicroBatch, cp: int, rank: int) -> MicroBatch:
     """This context-parallel rank's part of a padded micro-batch (length a multiple of 2 x cp): every row cut into
     2 x cp chunks, of which the rank keeps chunks `rank` and `2cp - 1 - rank` (Megatron's layout: causal attention
-    work is balanced, and its RoPE slices positions the same way). Labels were shifted before the cut, and the
-    token counts stay the whole micro-batch's, for the metrics."""
+    work is balanced, and its RoPE slices positions the same way). Scores stay with the positions they are taken
+    at, and the token counts stay the whole micro-batch's, for the metrics."""
     if cp == 1:
         return batch
-    length = batch.tokens.shape[1]
+    rows, length = batch.tokens.shape
     chunk = length // (2 * cp)
-    if batch.cu_seqlens is not None or chunk * 2 * cp != length:
+    if batch.blocks is not None or chunk * 2 * cp != length:
         raise ValueError(f"context parallelism takes padded rows of a multiple of {2 * cp} tokens, got {length}")
     early = torch.arange(rank * chunk, (rank + 1) * chunk)
     keep = torch.cat([early, length - 1 - early.flip(0)])  # chunk 2cp - 1 - rank
-    names = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
-    return dataclasses.replace(batch, **{name: getattr(batch, name)[:, keep] for name in names})
-
-
-def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Megatron's bool mask (True = masked) for one packed row [1, s]: each position sees only the earlier positions
-    of its own sequence. [1, 1, s, s], built where the segment ids are (the GPU): s x s is large for long packs."""
-    row = segment_ids[0]
-    same = row.unsqueeze(0) == row.unsqueeze(1)
-    causal = torch.ones(row.numel(), row.numel(), dtype=torch.bool, device=row.device).tril()
-    return ~(same & causal).view(1, 1, row.numel(), row.numel())
-
-
-def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int, budget: int, multiple: int = 1) -> MicroBatch:
-    """All 2m sequences of the pairs in one row (pair by pair, chosen then rejected), each attending only to
-    itself (block-diagonal causal mask) with its own position ids. RoPE depends only on relative positions inside a
-    segment, so the logits equal the unpacked ones. Only when the row must be a multiple of `multiple` (sequence
-    parallelism) is it padded, the padding joining the last segment outside its loss mask."""
-    m = len(pairs)
-    order = [x for k, p in enumerate(pairs) for x in ((k, p.prompt, p.chosen), (m + k, p.prompt, p.rejected))]
-    real = sum(len(prompt) + len(response) for _, prompt, response in order)
-    if real > budget:
-        raise ValueError(f"pairs take {real} tokens, more than the pack budget {budget}")
-    total = -(-real // multiple) * multiple
-    tokens = torch.full((1, total), pad_id, dtype=torch.long)
-    labels = torch.full((1, total), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(1, total, dtype=torch.float32)
-    positions = torch.empty(1, total, dtype=torch.long)
-    segments = torch.empty(1, total, dtype=torch.long)
-    boundaries = [0]
-    for segment, prompt, response in order:
-        ids = torch.tensor(prompt + response)
-        start, end = boundaries[-1], boundaries[-1] + len(ids)
-        tokens[0, start:end] = ids
-        labels[0, start : end - 1] = ids[1:]  # the last position of a segment predicts nothing
-        loss_mask[0, start + len(prompt) - 1 : end - 1] = 1.0
-        positions[0, start:end] = torch.arange(len(ids))
-        segments[0, start:end] = segment
-        boundaries.append(end)
-    if total > real:  # padding: the last segment continues (its positions too), masked out of the loss
-        positions[0, real:] = torch.arange(real - boundaries[-2], total - boundaries[-2])
-        segments[0, real:] = order[-1][0]
-        boundaries[-1] = total
-    return MicroBatch(
-        tokens=tokens,
-        labels=labels,
-        loss_mask=loss_mask,
-        position_ids=positions,
-        segment_ids=segments,
-        pair_ids=[p.index for p in pairs],
-        num_input_tokens=real,
-        num_slots=max(budget, total),
-        cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
-        max_seqlen=max(end - start for start, end in zip(boundaries, boundaries[1:])),
+    local = torch.full((length,), -1, dtype=torch.long)
+    local[keep] = torch.arange(keep.numel())
+    row, column = batch.score_index // length, batch.score_index % length
+    mine = local[column] >= 0
+    return dataclasses.replace(
+        batch,
+        tokens=batch.tokens[:, keep],
+        position_ids=batch.position_ids[:, keep],
+        score_index=row[mine] * keep.numel() + local[column[mine]],
+        score_labels=batch.score_labels[mine],
+        score_sequence=batch.score_sequence[mine],
     )
 
 
@@ -174,7 +264,9 @@ def rank_share(indices: Sequence[int], dp_rank: int, dp_size: int) -> list[int]:
     return list(indices[dp_rank * share : (dp_rank + 1) * share])
 
 
-def pack_microbatches(pairs: Sequence[TokenizedPair], indices: Sequence[int], budget: int) -> list[list[int]]:
+def pack_microbatches(
+    pairs: Sequence[TokenizedPair], indices: Sequence[int], budget: int, shared: bool = False
+) -> list[list[int]]:
     """This rank's pairs (dataset indices) grouped into packs of at most `budget` tokens (first-fit decreasing)."""
-    bins = pack_pairs(pair_lengths([pairs[i] for i in indices]), budget)
+    bins = pack_pairs(pair_lengths([pairs[i] for i in indices], shared=shared), budget)
     return [[indices[k] for k in sorted(b)] for b in bins]

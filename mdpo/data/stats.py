@@ -2,8 +2,9 @@
 
 Counts (rows, pairs, skips, drops, truncations, boundary fixes), token-length percentiles of prompts, responses and
 pairs, the padding that dynamic padding wastes at the given micro-batch sizes against the efficiency of packing
-whole pairs, and chosen pairs rendered with their trained tokens marked. It reads the data exactly as training
-does (same `load_pairs`, same cache), so a stats run also warms the cache.
+whole pairs, the tokens a shared prompt (`data.share_prompt`) removes, and chosen pairs rendered with their trained
+tokens marked. It reads the data exactly as training does (same `load_pairs`, same cache), so a stats run also warms
+the cache.
 
     mdpo data stats CONFIG.yaml [--eval] [flags]
     mdpo data stats --data FILE --tokenizer DIR [--template NAME] [--max-length N] [--json] [--show N]
@@ -96,6 +97,8 @@ def data_stats(args: argparse.Namespace) -> dict:
     lengths = pair_lengths(pairs)
     budget = args.pack_budget or 2 * data.max_length
     bins = pack_pairs(lengths, budget)
+    shared = pair_lengths(pairs, shared=True)
+    shared_bins = pack_pairs(shared, budget)
     by_index = {p.index: p for p in pairs}
     micro_batches = [int(m) for m in str(args.micro_batch_sizes).split(",") if m.strip()]
     return {
@@ -122,6 +125,14 @@ def data_stats(args: argparse.Namespace) -> dict:
             "budget": budget,
             "packs": len(bins),
             "efficiency": packing_efficiency(lengths, bins, budget),
+        },
+        # data.share_prompt: each pair's prompt computed once instead of in both sequences
+        "shared_prompt": {
+            "tokens": sum(lengths),
+            "shared_tokens": sum(shared),
+            "removed": 1 - sum(shared) / max(sum(lengths), 1),
+            "packs": len(shared_bins),
+            "efficiency": packing_efficiency(shared, shared_bins, budget),
         },
         "show": [show_pair(tokenizer, by_index.get(n), n, args.color) for n in args.show],
     }
@@ -187,6 +198,11 @@ def format_stats(stats: dict) -> str:
     lines.append(
         f"packing (first-fit decreasing, {pack['budget']} tokens per pack): {pack['packs']} packs, "
         f"efficiency {pack['efficiency']:.1%}"
+    )
+    share = stats["shared_prompt"]
+    lines.append(
+        f"shared prompt (data.share_prompt): {share['shared_tokens']} of {share['tokens']} tokens computed, "
+        f"{share['removed']:.1%} removed; {share['packs']} packs, efficiency {share['efficiency']:.1%}"
     )
     for shown in stats["show"]:
         if "error" in shown:

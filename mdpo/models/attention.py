@@ -1,12 +1,16 @@
-"""Core attention through torch's scaled_dot_product_attention, for Megatron-Core's local layer spec.
+"""mdpo's core attentions for Megatron-Core's local layer spec: torch SDPA, SDPA with ALiBi, and Megatron's own
+unfused attention, each also taking attention within sequences (`Blocks`) without an [s, s] mask.
 
-Megatron's local `DotProductAttention` materialises the [b, heads, s, s] score matrix in the activation dtype;
-SDPA dispatches to flash / memory-efficient kernels on GPU (and a fused CPU kernel), which is what a GPU without
-Transformer Engine needs. Same interface and math: grouped query heads, Megatron's bool mask (True = masked).
-Packed rows come as THD sequences (Megatron's PackedSeqParams): on a GPU torch's flash `varlen_attn` takes the
-boundaries directly; elsewhere the block-diagonal causal mask is built from them. Context parallelism (which
-Megatron's own DotProductAttention refuses) gathers K and V over the CP group, as Llama 3's training did.
-`ALiBiAttention` adds ALiBi's per-head linear biases to the scores (Baichuan 2 13B), as an additive SDPA mask.
+- Plain rows (each sequence a row): causal attention, no mask (SDPA then runs its flash / fused kernels).
+- THD (packed rows on a GPU, unshared prompts): torch's flash `varlen_attn` takes the sequence boundaries.
+- Blocks (packed rows elsewhere, and shared prompts everywhere): the micro-batch's tokens are gathered per block
+  (its queries; its keys: the sequence's own, or a shared prompt's followed by the rejected response's), each block
+  attends causally aligned at its end, and the outputs are scattered back. On a GPU in half precision one
+  `varlen_attn` call covers every block; otherwise one attention call per block. Cost: the sum over sequences of
+  their own attention, never the pack's or the row's square.
+
+Context parallelism (which Megatron's own DotProductAttention refuses) gathers K and V over the CP group, as Llama 3's
+training did. `ALiBiAttention` adds ALiBi's per-head linear biases on position ids (Baichuan 2 13B).
 """
 
 from __future__ import annotations
@@ -14,13 +18,27 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch.nn.attention.bias import causal_lower_right
+
+from mdpo.data.batching import Blocks
+
+
+@dataclass
+class BlockAttention(PackedSeqParams):
+    """How a micro-batch with `Blocks` reaches the core attention. It rides in Megatron's `packed_seq_params`, which
+    every layer passes on unchanged (activation recompute included); its `sbhd` format keeps Megatron's own THD
+    handling out of the way. `max_seqlen_q/kv` cover the position ids (Megatron sizes its rotary table by them)."""
+
+    blocks: Blocks | None = None
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -38,91 +56,157 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def _varlen_attn():
+def _varlen_attn() -> Callable | None:
     """torch's flash varlen attention (torch >= 2.9, CUDA), or None where it is missing."""
     try:
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn  # optional: a torch version's kernel
     except ImportError:
         return None
     return varlen_attn
 
 
-def causal_varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
-    """Causal attention of each packed sequence to itself: q, k, v [t, heads, d] (k, v already repeated to the query
-    heads) -> [t, heads, d]. Flash varlen on CUDA in half precision; a block-diagonal mask through SDPA otherwise.
-    torch's varlen signature changed after 2.9 (is_causal -> window_size, scale added): both are handled."""
+def varlen_kernel(q: torch.Tensor) -> Callable | None:
+    """The varlen kernel when it can run on these tensors (CUDA, half precision), else None."""
     varlen = _varlen_attn()
-    if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        params = inspect.signature(varlen).parameters
-        kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-        if "scale" in params:
-            kwargs["scale"] = scale
-        else:  # the kernel scales by 1/sqrt(d): fold the difference into q
-            q = q * (scale * math.sqrt(q.shape[-1]))
-        return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
-    t = q.shape[0]
-    segment = torch.searchsorted(cu_seqlens[1:].to(torch.long), torch.arange(t, device=q.device), right=True)
-    allowed = (segment[None, :] == segment[:, None]) & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    out = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), attn_mask=allowed, scale=scale)
-    return out.transpose(0, 1)
+    return varlen if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else None
+
+
+def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:  # noqa: ANN001
+    """Flash varlen: sequence i's queries attend causally, aligned at the end, to its keys. q [Tq, heads, d],
+    k/v [Tk, heads, d] (already repeated to the query heads). torch's signature changed after 2.9 (is_causal ->
+    window_size, scale added): both are handled."""
+    varlen = _varlen_attn()
+    params = inspect.signature(varlen).parameters
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    else:  # the kernel scales by 1/sqrt(d): fold the difference into q
+        q = q * (scale * math.sqrt(q.shape[-1]))
+    return varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+def causal_end_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
+    """Megatron's bool mask (True = masked) for sq queries attending causally to sk keys, aligned at the end."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1)
+
+
+def row_major(x: torch.Tensor) -> torch.Tensor:
+    """x with row-major strides (copied only where it has others). torch's matmul folds an [s, b, h] input into one
+    mm when its strides allow it or when the weight requires grad, and runs bmm otherwise, so a frozen reference fed
+    transposed activations would differ from an equal policy by rounding. `contiguous()` is not enough: it keeps any
+    stride on a size-1 dimension (one-row micro-batches)."""
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.insert(0, step)
+        step *= size
+    return x if list(x.stride()) == strides else x.clone(memory_format=torch.contiguous_format)
+
+
+def attend_blocks(query, key, value, blocks: Blocks, attend: Callable) -> torch.Tensor:  # noqa: ANN001
+    """query [s, b, heads, d], key/value [s, b, heads or groups, d] (Megatron's layout) -> context [s, b, heads, d]:
+    the blocks' queries and keys are gathered (q [Q, heads, d], k/v [K, ..., d]) and `attend(q, k, v) ->
+    [Q, heads, d]` attends each block's queries to its keys, causally aligned at the end (all blocks in one kernel
+    call, or `per_block`). Tokens in no block get zeros."""
+    s, b = query.shape[0], query.shape[1]
+    flat = lambda x: x.transpose(0, 1).reshape(b * s, *x.shape[2:])  # row-major tokens, as Blocks index them
+    q = flat(query).index_select(0, blocks.q_index)
+    k, v = (flat(x).index_select(0, blocks.k_index) for x in (key, value))
+    out = attend(q, k, v)
+    # Scattered back by a gather from [out; a zero row] (padding reads the zero row): index_select keeps only its
+    # index for backward, where index_copy would keep all of `out`.
+    inverse = torch.full((b * s,), out.shape[0], dtype=torch.long, device=out.device)
+    inverse[blocks.q_index] = torch.arange(out.shape[0], device=out.device)
+    context = torch.cat([out, out.new_zeros(1, *out.shape[1:])]).index_select(0, inverse)
+    return row_major(context.view(b, s, *query.shape[2:]).transpose(0, 1))
+
+
+def per_block(blocks: Blocks, attend_one: Callable) -> Callable:
+    """An `attend` for `attend_blocks` that loops over the blocks (the lengths are on the host), calling
+    `attend_one(q, k, v, q_positions, k_positions)` for each."""
+
+    def attend(q, k, v):  # noqa: ANN001, ANN202
+        q_lengths, k_lengths = blocks.q_lengths, blocks.k_lengths
+        pieces = zip(q.split(q_lengths), k.split(k_lengths), v.split(k_lengths),
+                     blocks.q_positions.split(q_lengths), blocks.k_positions.split(k_lengths), strict=True)  # fmt: skip
+        return torch.cat([attend_one(*piece) for piece in pieces])
+
+    return attend
 
 
 class SDPAttention(DotProductAttention):
     """Drop-in for DotProductAttention (its constructor sets heads per partition and the softmax scale)."""
 
-    def __init__(self, config, *args, **kwargs) -> None:
+    has_score_bias = False  # `score_bias` adds to the scores (the varlen kernel takes none)
+
+    def __init__(self, config, *args, **kwargs) -> None:  # noqa: ANN001 - Megatron's signature
         local = copy.copy(config)
         local.context_parallel_size = 1  # the parent asserts CP == 1; context parallelism is done here
         super().__init__(local, *args, **kwargs)
         self.config = config
 
-    def score_bias(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
-        """An additive [heads, sq, sk] bias on the attention scores; none for plain attention."""
+    def score_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor | None:
+        """An additive [heads, sq, sk] bias on the scores of queries and keys at these position ids; none here."""
         return None
 
+    def _sdpa(self, q, k, v, mask=None, causal=False):  # noqa: ANN001, ANN202
+        """q [b, heads, sq, d], k/v [b, heads, sk, d]; Megatron's dropout and scale."""
+        dropout = self.attention_dropout.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                              scale=self.softmax_scale)  # fmt: skip
+
+    def _block(self, q, k, v, q_positions, k_positions) -> torch.Tensor:  # noqa: ANN001
+        """One block's attention: q [Lq, heads, d], k/v [Lk, heads, d] -> [Lq, heads, d]. Fewer queries than keys
+        (a rejected response after its prompt's keys) run as a square causal call with zero queries in front,
+        whose outputs are dropped: no [Lq, Lk] mask is built or kept for backward (a mask would be, on CPU)."""
+        sq, sk = q.shape[0], k.shape[0]
+        if self.has_score_bias:  # ALiBi: the bias is a dense [heads, Lq, Lk] score term anyway
+            bias = self.score_bias(q_positions, k_positions).to(q.dtype)
+            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            out = self._sdpa(q, k, v, mask=bias.masked_fill(causal_end_mask(sq, sk, q.device), float("-inf")))
+            return out.squeeze(0).transpose(0, 1)
+        if sq < sk:
+            q = torch.cat([q.new_zeros(sk - sq, *q.shape[1:]), q])
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        out = self._sdpa(q, k, v, causal=True)
+        return out.squeeze(0).transpose(0, 1)[sk - sq :]
+
+    def _blocks(self, query, key, value, blocks: Blocks) -> torch.Tensor:  # noqa: ANN001
+        if not self.has_score_bias and varlen_kernel(query) is not None:
+            attend = lambda q, k, v: causal_varlen(q, k, v, blocks.cu_q, blocks.cu_k, blocks.max_q, blocks.max_k,
+                                                   self.softmax_scale)  # fmt: skip
+        else:
+            attend = per_block(blocks, self._block)
+        context = attend_blocks(query, key, value, blocks, attend)
+        return context.reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):  # fmt: skip
+                packed_seq_params=None):  # noqa: ANN001 - Megatron's signature  # fmt: skip
         """query [sq, b, heads, d], key/value [sk, b, groups, d] -> context [sq, b, heads * d]; packed (THD):
         query [t, heads, d], key/value [t, groups, d] -> [t, heads, d]."""
-        if attention_bias is not None:
-            raise NotImplementedError("SDPAttention takes no attention bias")
+        if attention_bias is not None or attention_mask is not None:
+            raise NotImplementedError(f"{type(self).__name__} takes no attention mask or bias (causal rows, THD or "
+                                      "blocks)")  # fmt: skip
         repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if packed_seq_params is not None:
-            if self.score_bias(1, 1, query.device) is not None:
-                raise NotImplementedError(f"{type(self).__name__} takes packed rows as a block mask, not THD")
-            if repeat > 1:
-                key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+        heads = lambda x, dim: x.repeat_interleave(repeat, dim=dim) if repeat > 1 else x  # GQA: groups -> heads
+        if isinstance(packed_seq_params, BlockAttention):
+            return self._blocks(query, heads(key, 2), heads(value, 2), packed_seq_params.blocks)
+        if packed_seq_params is not None:  # THD: a GPU's varlen kernel (mdpo sends THD only where it runs)
             p = packed_seq_params
-            return causal_varlen_attention(query, key, value, p.cu_seqlens_q, p.max_seqlen_q, self.softmax_scale)
+            return causal_varlen(query, heads(key, 1), heads(value, 1), p.cu_seqlens_q, p.cu_seqlens_kv,
+                                 p.max_seqlen_q, p.max_seqlen_kv, self.softmax_scale)  # fmt: skip
         sq, b = query.shape[0], query.shape[1]
-        if self.config.context_parallel_size > 1:
-            if attention_mask is not None or self.score_bias(1, 1, query.device) is not None:
-                raise NotImplementedError("context parallelism takes plain causal attention (no mask, no bias)")
+        if self.config.context_parallel_size > 1:  # gather the groups, then repeat: less to communicate
             key, value = (self._gather_sequence(t) for t in (key, value))
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
-        if repeat > 1:
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, heads(key, 2), heads(value, 2)))  # [b, n, s, d]
         if self.config.context_parallel_size > 1:
             context = self._context_parallel_attention(q, k, v)
-            return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
-        sk = key.shape[0]
-        bias = self.score_bias(sq, sk, query.device)
-        if bias is None:
-            mask, causal = (None, True) if attention_mask is None else (~attention_mask, False)
+        elif self.has_score_bias:
+            positions = torch.arange(sq, device=query.device)
+            mask = self.score_bias(positions, positions).to(q.dtype)
+            context = self._sdpa(q, k, v, mask=mask.masked_fill(causal_end_mask(sq, sq, q.device), float("-inf")))
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).triu(1)
-            mask, causal = bias.to(q.dtype).masked_fill(attention_mask, float("-inf")), False
-        context = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            dropout_p=self.attention_dropout.p if self.training else 0.0,
-            scale=self.softmax_scale,
-        )
-        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+            context = self._sdpa(q, k, v, causal=True)
+        return row_major(context.permute(2, 0, 1, 3)).view(sq, b, self.hidden_size_per_partition)
 
     @staticmethod
     def _gather_sequence(x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +218,7 @@ class SDPAttention(DotProductAttention):
         # chunk c < cp is rank c's first half; chunk cp + i is rank cp - 1 - i's second half
         return torch.cat([parts[c, 0] for c in range(cp)] + [parts[cp - 1 - i, 1] for i in range(cp)])
 
-    def _context_parallel_attention(self, q, k, v) -> torch.Tensor:
+    def _context_parallel_attention(self, q, k, v) -> torch.Tensor:  # noqa: ANN001
         """q [b, n, s/cp, d] (this rank's two chunks), k/v [b, n, s, d] -> [b, n, s/cp, d]: each query chunk attends
         causally to the keys up to its own end (SDPA's lower-right causal mask)."""
         group = parallel_state.get_context_parallel_group()
@@ -142,36 +226,50 @@ class SDPAttention(DotProductAttention):
         out = []
         for part, chunk in enumerate((rank, 2 * cp - 1 - rank)):
             end = (chunk + 1) * half
-            out.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, part * half : (part + 1) * half],
-                    k[:, :, :end],
-                    v[:, :, :end],
-                    attn_mask=causal_lower_right(half, end),
-                    dropout_p=self.attention_dropout.p if self.training else 0.0,
-                    scale=self.softmax_scale,
-                )
-            )
+            q_part = q[:, :, part * half : (part + 1) * half]
+            out.append(self._sdpa(q_part, k[:, :, :end], v[:, :, :end], mask=causal_lower_right(half, end)))
         return torch.cat(out, dim=2)
 
 
 class ALiBiAttention(SDPAttention):
-    """SDPA with ALiBi: score(i, j) += slope_h * (j - i). Each TP rank holds the slopes of its own heads; packed
-    sequences need no reset because the bias depends only on the distance within the (block-masked) sequence."""
+    """SDPA with ALiBi: score(i, j) += slope_h * (position_j - position_i). Each TP rank holds the slopes of its own
+    heads; the bias depends only on position ids, so packed rows and shared prompts need nothing more."""
 
-    def __init__(self, config, *args, **kwargs) -> None:
+    has_score_bias = True
+
+    def __init__(self, config, *args, **kwargs) -> None:  # noqa: ANN001 - Megatron's signature
         super().__init__(config, *args, **kwargs)
         per_rank = self.num_attention_heads_per_partition
         first = parallel_state.get_tensor_model_parallel_rank() * per_rank
         slopes = alibi_slopes(config.num_attention_heads)[first : first + per_rank]
         self.register_buffer("slopes", slopes, persistent=False)  # not a weight: kept out of checkpoints
 
-    def score_bias(self, sq: int, sk: int, device: torch.device) -> torch.Tensor:
-        distance = torch.arange(sk, device=device)[None, :] - torch.arange(sq, device=device)[:, None]
-        return self.slopes.to(device)[:, None, None] * distance
+    def score_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
+        distance = (k_positions[None, :] - q_positions[:, None]).to(self.slopes.device, torch.float32)
+        return self.slopes[:, None, None] * distance
 
 
-def with_core_attention(spec, core_attention: type[DotProductAttention]):
+class LocalAttention(DotProductAttention):
+    """Megatron's unfused attention (materialises [b, heads, sq, sk] scores), with blocks attended block by block:
+    each block gets its own small causal mask, so packed rows and shared prompts cost what their sequences do."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):  # noqa: ANN001 - Megatron's signature  # fmt: skip
+        if not isinstance(packed_seq_params, BlockAttention):
+            return row_major(super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                             packed_seq_params))  # fmt: skip
+        blocks = packed_seq_params.blocks
+
+        def attend_one(q, k, v, q_positions, k_positions):  # noqa: ANN001, ANN202 - q [L, heads, d], k/v [L, groups, d]
+            mask = causal_end_mask(q.shape[0], k.shape[0], q.device)[None, None]
+            out = super(LocalAttention, self).forward(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), mask)
+            return out.squeeze(1).view(q.shape)
+
+        context = attend_blocks(query, key, value, blocks, per_block(blocks, attend_one))
+        return context.reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+
+
+def with_core_attention(spec, core_attention: type[DotProductAttention]):  # noqa: ANN001, ANN201
     """A copy of a local GPT layer spec whose self-attention uses another core attention class."""
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.submodules.core_attention = core_attention

@@ -4,8 +4,9 @@ takes, for a given layout or for every feasible one, ranked.
 The terms follow what mdpo builds: bf16 weights with an fp32 gradient buffer, fp32 master weights and AdamW
 moments (Megatron's mixed-precision optimizer, its states sharded over DP x CP with the distributed optimizer);
 a frozen bf16 reference copy when the reference runs online; activations of Megatron's layers with flash-style
-attention (no [s, s] score matrix); fp32 copies of the vocab-parallel logits in the cross entropy. Time counts
-model FLOPs as bench_dpo.py does (6N per trained token, 2N per reference token, causal attention), divided by the
+attention (no [s, s] score matrix); one chunk of the vocab-parallel logits (`model.logprob_chunk_tokens` rows). Each
+pair's prompt runs once where it is shared. Time counts model FLOPs on the tokens computed as bench_dpo.py does (6N
+per trained token, 2N per reference token, causal attention), divided by the
 cluster's peak times one calibrated efficiency, plus the exposed communication, the pipeline bubble and the
 optimizer step (memory-bound: the bytes it moves over the GPU's memory bandwidth).
 
@@ -27,6 +28,7 @@ from mdpo.planner.estimate import (
     Workload,
     activation_bytes_per_token_layer,
     check_layout,
+    computed_tokens,
     memory_per_gpu,
     microbatch_tokens,
     microbatches_per_step,
@@ -57,6 +59,7 @@ __all__ = [
     "activation_bytes_per_token_layer",
     "add_arguments",
     "check_layout",
+    "computed_tokens",
     "flops_per_token",
     "kv_dim",
     "layer_params",

@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--pairs", type=int, default=w.pairs)
     parser.add_argument("--mean-tokens", type=float, default=w.mean_tokens, help="per pair (both sequences)")
     parser.add_argument("--max-tokens", type=int, default=w.max_tokens, help="per pair, after truncation")
+    parser.add_argument("--prompt-tokens", type=float, default=w.prompt_tokens, help="per pair: what sharing saves")
     parser.add_argument("--epochs", type=float, default=w.epochs)
     parser.add_argument("--reference", choices=REFERENCE_MODES, default=w.reference)
     parser.add_argument("--global-batch", type=int, default=w.global_batch, help="pairs per step")
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     layout.add_argument("--micro-batch", type=int, default=1, help="pairs per padded micro-batch")
     layout.add_argument("--no-packing", action="store_true")
     layout.add_argument("--pack-tokens", type=int)
+    layout.add_argument("--no-share-prompt", action="store_true", help="each pair's prompt in both sequences")
+    layout.add_argument("--logprob-chunk-tokens", type=int, default=Candidate.logprob_chunk_tokens)
     parser.add_argument("--top", type=int, default=10, help="layouts listed by the search")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -59,12 +62,14 @@ def run(args: argparse.Namespace) -> str:
     )
     cluster = Cluster(gpu, args.nodes, args.gpus_per_node, args.inter_node_gbs, args.efficiency)
     workload = Workload(args.pairs, args.mean_tokens, args.max_tokens, args.epochs, args.reference,
-                        args.global_batch, args.padded_fill)  # fmt: skip
+                        args.global_batch, args.padded_fill, prompt_tokens=args.prompt_tokens)  # fmt: skip
     if args.tp is not None:
         candidate = Candidate.on(
             cluster.world, tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp, sequence_parallel=args.sequence_parallel,
             distributed_optimizer=not args.no_distributed_optimizer, recompute=args.recompute,
             micro_batch=args.micro_batch, packing=not args.no_packing, pack_tokens=args.pack_tokens,
+            share_prompt=not args.no_share_prompt and args.cp == 1 and not args.sequence_parallel,
+            logprob_chunk_tokens=args.logprob_chunk_tokens,
         )  # fmt: skip
         problems = check_layout(model, candidate, workload, cluster)
         if problems:

@@ -73,13 +73,15 @@ class Workload:
     """The data and the schedule, as the predictions need them: how many pairs, how long, how batched."""
 
     pairs: int = 61_000
-    mean_tokens: float = 1010  # per pair: prompt + chosen + prompt + rejected
+    mean_tokens: float = 1010  # per pair: prompt + chosen + prompt + rejected (as TRL counts tokens)
     max_tokens: int = 8192  # per pair after truncation (each sequence at most half, padded)
     epochs: float = 3
     reference: str = "precomputed"  # online | precomputed | none
     global_batch: int = 128  # pairs per optimizer step
     padded_fill: float = 0.6  # real tokens / token slots of padded micro-batches (data stats tell; packs: 0.95)
     pack_fill: float = 0.95
+    # per pair, counted once: what a shared prompt saves (UltraFeedback in Tulu 2, Llama 2 tokenizer: 199 of 997)
+    prompt_tokens: float = 200
 
 
 _ONE_GPU = Layout(wording=PLANNER_WORDING)
@@ -98,6 +100,10 @@ class Candidate:
     pack_tokens: int | None = None  # None: the longest pair (mdpo's default, 2 x data.max_length)
     overlap_grad_reduce: bool = True
     precision: str = "bf16"  # bf16 | fp32
+    # each pair one sequence [prompt | chosen | rejected] (data.share_prompt): not with CP, nor with sequence
+    # parallelism, which needs Transformer Engine's layers, whose attention mdpo gives no blocks
+    share_prompt: bool = True
+    logprob_chunk_tokens: int = 1024  # rows of logits that exist at once (model.logprob_chunk_tokens)
 
     @classmethod
     def on(cls, world: int, *, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int = 1, sequence_parallel: bool = False,
@@ -147,23 +153,32 @@ class Plan:
         return {"layout": self.candidate.as_dict(), "dp": self.dp, **predictions}
 
 
+def computed_tokens(workload: Workload, candidate: Candidate) -> float:
+    """Tokens the model runs per pair on average: both sequences, or the prompt once when it is shared."""
+    return workload.mean_tokens - (workload.prompt_tokens if candidate.share_prompt else 0.0)
+
+
 def microbatch_tokens(workload: Workload, candidate: Candidate) -> int:
-    """Token slots of the largest micro-batch: a pack, or micro_batch pairs padded to the longest sequence."""
+    """Token slots of the largest micro-batch: a pack, or micro_batch pairs padded to the longest pair (two rows
+    of half the pair's tokens, or one shared row: the pair less one prompt, taken at the mean prompt length)."""
     if candidate.packing:
         return candidate.pack_tokens or workload.max_tokens
-    return candidate.micro_batch * workload.max_tokens
+    shared = workload.prompt_tokens if candidate.share_prompt else 0
+    return int(candidate.micro_batch * (workload.max_tokens - shared))
 
 
 def microbatches_per_step(workload: Workload, candidate: Candidate) -> float:
     """Micro-batches each DP rank runs per optimizer step (packs hold about slots x fill / mean pairs)."""
     dp = candidate.layout.dp
     if candidate.packing:
-        pairs_per_pack = max(1.0, microbatch_tokens(workload, candidate) * workload.pack_fill / workload.mean_tokens)
+        per_pair = computed_tokens(workload, candidate)
+        pairs_per_pack = max(1.0, microbatch_tokens(workload, candidate) * workload.pack_fill / per_pair)
         return max(1.0, workload.global_batch / dp / pairs_per_pack)
     return max(1.0, workload.global_batch / (dp * candidate.micro_batch))
 
 
-def activation_bytes_per_token_layer(model: ModelConfig, candidate: Candidate, norm_saves: int = 1) -> float:
+def activation_bytes_per_token_layer(model: ModelConfig, candidate: Candidate, norm_saves: int = 1,
+                                     key_ratio: float = 1.0) -> float:  # fmt: skip
     """Bytes autograd keeps per token and layer (for one micro-batch in flight), from what each op saves in
     Megatron's layers with flash-style attention: the two norms' saved tensors and their matmuls' inputs
     ((2 x norm_saves + 2)h; split over TP with sequence parallelism), q and the key/value heads repeated to the
@@ -171,8 +186,9 @@ def activation_bytes_per_token_layer(model: ModelConfig, candidate: Candidate, n
     k after the rotary embedding, the fused QKV output the value is a view of, and the projection input), and in
     the MLP the fused gate/up output, the silu, the up half plus Megatron's glu_linear_offset (a copy), their
     product as the down projection's input (5f/TP). Full recompute keeps only each layer's input (one layer
-    recomputed at a time is the caller's). Left out: the rotary cos/sin per layer (4 x head_dim per row position,
-    under 1%)."""
+    recomputed at a time is the caller's). With a shared prompt the blocks' keys and values are gathered per response,
+    `key_ratio` (keys per query token: both sequences' tokens over the tokens computed) times the queries'. Left out:
+    the rotary cos/sin per layer (4 x head_dim per row position, under 1%)."""
     h, f, t = model.hidden_size, model.intermediate_size, candidate.layout.tp
     sequence_parallel = candidate.layout.sequence_parallel
     width = candidate.width
@@ -180,20 +196,23 @@ def activation_bytes_per_token_layer(model: ModelConfig, candidate: Candidate, n
         return width * h / (t if sequence_parallel else 1)
     norms = (2 * norm_saves + 2) * h / (t if sequence_parallel else 1)
     attention = 3 * (h + kv_dim(model)) / t if candidate.recompute == "selective" else 5 * h / t
+    if key_ratio > 1 and candidate.recompute != "selective":  # a shared prompt's keys are gathered per response
+        attention += 2 * (key_ratio - 1) * h / t
     return width * (norms + attention + 5 * f / t)
 
 
 def memory_per_gpu(model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster) -> dict[str, float]:
     """Peak GiB on one GPU of the fullest pipeline stage, by part. The first stage holds the input embedding and,
-    under 1F1B, up to PP micro-batches of activations; the last holds the head, one micro-batch in flight and the
-    logits; with PP = 1 one stage holds all of it."""
+    under 1F1B, up to PP micro-batches of activations; the last holds the head, one micro-batch in flight and one
+    chunk of logits; with PP = 1 one stage holds all of it."""
     layout = candidate.layout
     t, p, c = layout.tp, layout.pp, layout.cp
     width = candidate.width
     shard = layout.dp * c if candidate.distributed_optimizer else 1
     optimizer_per_param = 12 if candidate.precision == "bf16" else 8  # bf16: fp32 master + two moments
     tokens = microbatch_tokens(workload, candidate) / c
-    layer_bytes = activation_bytes_per_token_layer(model, candidate, cluster.norm_saves)
+    key_ratio = workload.mean_tokens / computed_tokens(workload, candidate)
+    layer_bytes = activation_bytes_per_token_layer(model, candidate, cluster.norm_saves, key_ratio)
     stage_layers = math.ceil(model.num_hidden_layers / p)
     vocab_part = model.vocab_size * model.hidden_size / t  # embedding or head rows of one TP rank
     stages = []
@@ -203,12 +222,12 @@ def memory_per_gpu(model: ModelConfig, candidate: Candidate, workload: Workload,
         activations = layer_bytes * stage_layers * tokens * in_flight
         if last:  # the final norm's saved tensors
             activations += width * cluster.norm_saves * model.hidden_size * tokens
-        # the logits and a second copy (transposed for the loss, later their gradient); in bf16 also the cross
-        # entropy's fp32 copy and the metrics' (in fp32 both work on the logits themselves); and, while they are
-        # alive, the output layer's weight gradient, which autograd materialises in the weights' dtype before DDP
-        # adds it into the fp32 buffer (Megatron's linear without gradient-accumulation fusion)
-        logits = tokens * model.vocab_size / t * (2 * width + (6 if width == 2 else 0)) if last else 0.0
-        logits += width * vocab_part if last else 0.0
+        # one chunk of logits (training.vocab_head), at its fullest in backward: the recomputed matmul and its
+        # fp32 softmax gradient (in bf16 also the matmul's bf16 output and the gradient cast back, 8 bytes a value;
+        # fp32 works in place, 4); and, while it is alive, the output layer's weight gradient in the weights'
+        # dtype, before DDP adds it into the fp32 buffer
+        rows = min(tokens, candidate.logprob_chunk_tokens)
+        logits = rows * model.vocab_size / t * (8 if width == 2 else 4) + width * vocab_part if last else 0.0
         if candidate.recompute == "full":  # backward rebuilds one layer at a time, once the logits are gone
             kept = activation_bytes_per_token_layer(model, replace(candidate, recompute="none"), cluster.norm_saves)
             activations += max(0.0, kept * tokens - logits)
@@ -231,8 +250,8 @@ def step_time(model: ModelConfig, candidate: Candidate, workload: Workload, clus
     layout = candidate.layout
     world, t, p, c, dp = cluster.world, layout.tp, layout.pp, layout.cp, layout.dp
     h, layers = model.hidden_size, model.num_hidden_layers
-    seq = workload.mean_tokens / 2
-    tokens = workload.global_batch * workload.mean_tokens
+    seq = workload.mean_tokens / 2  # each response attends to its prompt and itself, shared or not
+    tokens = workload.global_batch * computed_tokens(workload, candidate)
     flops = tokens * flops_per_token(model, seq, trained=True)
     if workload.reference == "online":
         flops += tokens * flops_per_token(model, seq, trained=False)
@@ -285,9 +304,9 @@ def plan(model: ModelConfig, candidate: Candidate, workload: Workload, cluster: 
     steps = math.ceil(workload.pairs * workload.epochs / workload.global_batch)
     total_s = steps * times["total"]
     if workload.reference == "precomputed":  # one forward pass over the data before training
-        flops = workload.pairs * workload.mean_tokens * flops_per_token(model, workload.mean_tokens / 2, False)
-        total_s += flops / cluster.flops_per_s
-    tokens = workload.global_batch * workload.mean_tokens
+        computed = workload.pairs * computed_tokens(workload, candidate)
+        total_s += computed * flops_per_token(model, workload.mean_tokens / 2, False) / cluster.flops_per_s
+    tokens = workload.global_batch * workload.mean_tokens  # as TRL counts them: sharing shows as speed
     return Plan(
         candidate=candidate,
         memory_gib=memory,
@@ -325,6 +344,10 @@ def check_layout(model: ModelConfig, candidate: Candidate, workload: Workload, c
     # the data rule (a pack holds whole pairs), per pair here: the workload has no per-sequence data.max_length
     if candidate.packing and microbatch_tokens(workload, candidate) < workload.max_tokens:
         problems.append("a pack must hold the longest pair")
+    if candidate.share_prompt and layout.cp > 1:
+        problems.append("a shared prompt needs CP=1 (context parallelism cuts rows into chunks)")
+    if candidate.share_prompt and layout.sequence_parallel:
+        problems.append("a shared prompt needs mdpo's attention; sequence parallelism needs Transformer Engine's")
     return problems
 
 
@@ -343,7 +366,7 @@ def search(model: ModelConfig, workload: Workload, cluster: Cluster, top: int = 
         for shape in shapes:
             try:
                 candidate = Candidate.on(world, tp=t, pp=p, cp=c, sequence_parallel=t > 1, recompute=recompute,
-                                         **shape)  # fmt: skip
+                                         share_prompt=c == 1 and t == 1, **shape)  # fmt: skip
             except ConfigError:  # TP x PP x CP does not divide the world
                 continue
             if check_layout(model, candidate, workload, cluster):

@@ -1,6 +1,6 @@
-"""Real `mdpo train` runs of synthetic pairs, measured: what benchmarks/bench_dpo.py reports and what the planner's
-predictions are checked against (`validation`). The pairs are digit strings of the demo tokenizer, every sequence
-`seq_len` tokens, so only the model's shape and the layout matter."""
+"""Real `mdpo train` runs, measured: what benchmarks/bench_dpo.py reports and what the planner's predictions are
+checked against (`validation`). The pairs are synthetic (digit strings of the demo tokenizer, every sequence
+`seq_len` tokens, so only the model's shape and the layout matter) or a real data file with its tokenizer."""
 
 from __future__ import annotations
 
@@ -24,29 +24,25 @@ def run_config(model: ModelConfig, *, seq_len: int, micro_batch: int = 1, steps:
                nproc: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, reference: str = "online",
                packing: bool = False, attention: str = "auto", global_batch: int | None = None,
                prompt_len: int | None = None, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
-               ) -> dict[str, Any]:  # fmt: skip
-    """Train `steps` steps of synthetic pairs (every sequence seq_len tokens) in a fresh process (torchrun when
-    nproc > 1), a Llama of `model`'s shape; the mean step time, tokens and the peak memory over the steps after
-    `warmup`. A failed run exits with the end of its stderr (these runs are the benchmarks' whole point)."""
+               real_data: tuple[Path, Path] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train `steps` steps in a fresh process (torchrun when nproc > 1), a Llama of `model`'s shape, on synthetic
+    pairs (every sequence seq_len tokens) or on `real_data` (an UltraFeedback file and its tokenizer, the Tulu 2
+    template, data.max_length seq_len); the mean step time, tokens (as TRL counts them, and as computed) and the
+    peak memory over the steps after `warmup`. A failed run exits with the end of its stderr (these runs are the
+    benchmarks' whole point)."""
     gbs = global_batch or 4 * micro_batch * max(1, nproc // (tp * pp * cp))
-    prompt_len = prompt_len or seq_len // 4
     root = Path(os.environ.get("MDPO_BENCH_DIR", tempfile.mkdtemp(prefix="mdpo_bench_")))
-    data = root / "pairs.jsonl"
-    build_demo_tokenizer(root / "tokenizer")
-    # The demo tokenizer puts BOS first and the trainer appends EOS: a prompt of prompt_len - 1 characters.
-    response = seq_len - prompt_len - 1
-    rows = [
-        {"prompt": _digits(prompt_len - 1, k), "chosen": _digits(response, k + 1), "rejected": _digits(response, k + 2)}
-        for k in range(gbs * steps)
-    ]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if real_data is None:
+        data_overrides = _synthetic_pairs(root, seq_len, prompt_len or seq_len // 4, gbs * steps)
+    else:
+        data_overrides = [f"data.train_file={real_data[0]}", f"data.tokenizer={real_data[1]}",
+                          "data.format=ultrafeedback", "data.template=tulu2"]  # fmt: skip
     overrides = [
         f"model.hidden_size={model.hidden_size}", f"model.intermediate_size={model.intermediate_size}",
         f"model.num_hidden_layers={model.num_hidden_layers}", f"model.num_attention_heads={model.num_attention_heads}",
         f"model.num_key_value_heads={model.kv_heads}", f"model.vocab_size={model.vocab_size}",
         f"model.max_position_embeddings={max(4096, seq_len)}",
-        f"model.attention={attention}", f"data.train_file={data}", f"data.tokenizer={root / 'tokenizer'}",
-        "data.format=plain", "data.template=raw", f"data.max_length={seq_len}", f"data.packing={packing}",
+        f"model.attention={attention}", *data_overrides, f"data.max_length={seq_len}", f"data.packing={packing}",
         f"schedule.global_batch_size={gbs}", f"schedule.micro_batch_size={micro_batch}",
         f"schedule.train_steps={steps}", "schedule.warmup_ratio=0", f"parallel.tp={tp}", f"parallel.pp={pp}",
         f"parallel.cp={cp}", f"dpo.reference={'none' if reference == 'none' else 'online'}",
@@ -69,5 +65,20 @@ def run_config(model: ModelConfig, *, seq_len: int, micro_batch: int = 1, steps:
         "global_batch": gbs,
         "step_s": step_s,
         "tokens": sum(r["num_tokens"] for r in timed) / len(timed),
+        "computed_tokens": sum(r["num_tokens_computed"] for r in timed) / len(timed),
         "peak_memory_gib": max(r["peak_memory_gib"] for r in timed),
     }
+
+
+def _synthetic_pairs(root: Path, seq_len: int, prompt_len: int, count: int) -> list[str]:
+    """`count` pairs of digit strings, every sequence seq_len tokens of the demo tokenizer: the data overrides."""
+    data = root / "pairs.jsonl"
+    build_demo_tokenizer(root / "tokenizer")
+    # The demo tokenizer puts BOS first and the trainer appends EOS: a prompt of prompt_len - 1 characters.
+    response = seq_len - prompt_len - 1
+    rows = [
+        {"prompt": _digits(prompt_len - 1, k), "chosen": _digits(response, k + 1), "rejected": _digits(response, k + 2)}
+        for k in range(count)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [f"data.train_file={data}", f"data.tokenizer={root / 'tokenizer'}", "data.format=plain", "data.template=raw"]

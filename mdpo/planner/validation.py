@@ -51,12 +51,14 @@ GPU_CONFIGS: dict[str, Config] = {
 def measure(model: ModelConfig, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str, reference: str,
             steps: int, env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     """One configuration trained for real: SDPA, two micro-batches per DP rank and step, no data cache (every run
-    tokenizes, so every run has the same floor)."""
+    tokenizes, so every run has the same floor), each prompt in both sequences: on CPU a shared prompt's blocks are
+    attended one SDPA call at a time, which keeps more per token (the rejected block's prompt keys gathered again,
+    queries padded to a square call) than the GPU's one varlen call the planner models."""
     dp = nproc // (tp * pp)
     return run_config(
         model, seq_len=seq, micro_batch=mbs, steps=steps, warmup=2, nproc=nproc, tp=tp, pp=pp, reference=reference,
         attention="sdpa", global_batch=2 * mbs * dp, env=env,
-        extra=(f"parallel.recompute={recompute}", "data.cache=false"),
+        extra=(f"parallel.recompute={recompute}", "data.cache=false", "data.share_prompt=false"),
     )  # fmt: skip
 
 
@@ -68,7 +70,8 @@ def predict(model: ModelConfig, seq: int, mbs: int, nproc: int, tp: int, pp: int
     dp = nproc // (tp * pp)
     precision = "fp32" if cluster.norm_saves == CPU_NORM_SAVES else "bf16"  # the CPU runs fp32, the GPU bf16
     candidate = Candidate.on(cluster.world, tp=tp, pp=pp, recompute=recompute, micro_batch=mbs, packing=False,
-                             precision=precision, distributed_optimizer=False, overlap_grad_reduce=False)  # fmt: skip
+                             precision=precision, distributed_optimizer=False, overlap_grad_reduce=False,
+                             share_prompt=False)  # fmt: skip
     workload = Workload(mean_tokens=2 * seq, max_tokens=2 * seq, reference=reference, global_batch=2 * mbs * dp,
                         padded_fill=1.0)  # fmt: skip
     return plan(model, candidate, workload, cluster)

@@ -8,7 +8,14 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from mdpo.config import DataConfig, Layout, ScheduleConfig
-from mdpo.data.batching import MicroBatch, collate, collate_packed, context_parallel_share, pack_microbatches
+from mdpo.data.batching import (
+    MicroBatch,
+    collate,
+    collate_packed,
+    collate_shared,
+    context_parallel_share,
+    pack_microbatches,
+)
 from mdpo.data.pairs import TokenizedPair, TokenizeReport, load_pairs
 from mdpo.errors import DataError, MdpoError
 
@@ -50,17 +57,18 @@ def make_microbatches(
     indices: list[int],
     pad_id: int,
     cp_rank: int = 0,
+    share_prompt: bool = False,
 ) -> list[MicroBatch]:
     """Micro-batches of the given pairs: packs (data.packing) or groups of micro_batch_size padded pairs, each as
-    long as the layout needs (`Layout.sequence_multiple`); with context parallelism this CP rank keeps its two
-    chunks of every row."""
+    long as the layout needs (`Layout.sequence_multiple`), each pair's prompt once when `share_prompt`; with
+    context parallelism (never with a shared prompt) this CP rank keeps its two chunks of every row."""
     if data.packing:
         budget = data.pack_budget
-        groups = pack_microbatches(pairs, indices, budget)
-        return [collate_packed([pairs[i] for i in g], pad_id, budget, layout.pack_multiple) for g in groups]
+        groups = pack_microbatches(pairs, indices, budget, shared=share_prompt)
+        return [collate_packed([pairs[i] for i in g], pad_id, budget, layout.pack_multiple, share_prompt)
+                for g in groups]  # fmt: skip
     mbs = schedule.micro_batch_size
-    batches = (
-        collate([pairs[i] for i in indices[k : k + mbs]], pad_id, layout.sequence_multiple)
-        for k in range(0, len(indices), mbs)
-    )
+    build = collate_shared if share_prompt else collate
+    batches = (build([pairs[i] for i in indices[k : k + mbs]], pad_id, layout.sequence_multiple)
+               for k in range(0, len(indices), mbs))  # fmt: skip
     return [context_parallel_share(batch, layout.cp, cp_rank) for batch in batches]

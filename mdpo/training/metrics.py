@@ -26,6 +26,7 @@ SUM_FIELDS = (
     "num_tokens/chosen",
     "num_tokens/rejected",
     "num_tokens/input",
+    "num_tokens/computed",
     "num_tokens/slots",
     "num_pairs",
 )
@@ -43,6 +44,7 @@ def pair_sums(
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
     input_tokens: int,
+    computed_tokens: int,
     slots: int,
     components: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -63,6 +65,7 @@ def pair_sums(
         chosen_tokens.sum(),
         rejected_tokens.sum(),
         count(input_tokens),
+        count(computed_tokens),
         count(slots),
         count(losses.numel()),
     ]
@@ -79,8 +82,10 @@ def finalize(sums: torch.Tensor, components: tuple[str, ...] = (), prefix: str =
     out[prefix + "logits/rejected"] = s["logit_sum/rejected"] / max(s["num_tokens/rejected"], 1.0)
     # As TRL counts it: every non-padding input token (prompts included, once per sequence).
     out[prefix + "num_tokens"] = s["num_tokens/input"]
-    # Real tokens over the slots they took: padded rows x length, or packs x pack budget.
-    out[prefix + "packing_efficiency"] = s["num_tokens/input"] / max(s["num_tokens/slots"], 1.0)
+    # What the model ran: a shared prompt once (what MFU counts).
+    out[prefix + "num_tokens_computed"] = s["num_tokens/computed"]
+    # Real tokens over the slots they took (padded rows x length, or packs x pack budget); a shared prompt once.
+    out[prefix + "packing_efficiency"] = s["num_tokens/computed"] / max(s["num_tokens/slots"], 1.0)
     return out
 
 

@@ -12,7 +12,6 @@ from tqdm import tqdm
 from mdpo import parallel
 from mdpo.config import TrainConfig
 from mdpo.errors import ConfigError
-from mdpo.models.gpt import packs_as_thd
 from mdpo.training.data import load_pairs_on_ranks, log, make_microbatches
 from mdpo.training.reference import cache_path, reference_stamp, save_reference_logps
 from mdpo.training.run_lock import lock_run
@@ -32,7 +31,6 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
         lock = lock_run({"logging.run_dir": Path(cfg.logging.run_dir)})
         reference = build_stage(cfg, run.layout, run.dtype, load=True).eval()
         stamp = reference_stamp(cfg)
-        thd = packs_as_thd(cfg.model)
         written = []
         for split, path in (("train", cfg.data.train_file), ("eval", cfg.data.eval_file)):
             if not path:
@@ -40,7 +38,14 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
             pairs = load_pairs_on_ranks(cfg.data, path, run.tokenizer, split)
             mine = list(range(run.ranks.dp, len(pairs), run.layout.dp))
             everything = make_microbatches(
-                cfg.data, cfg.schedule, run.layout, pairs, mine, run.tokenizer.pad_token_id, run.ranks.cp
+                cfg.data,
+                cfg.schedule,
+                run.layout,
+                pairs,
+                mine,
+                run.tokenizer.pad_token_id,
+                run.ranks.cp,
+                run.share_prompt,
             )
             results: list[tuple[list[int], list[float]]] = []
             calls = range(0, len(everything), MICROBATCHES_PER_CALL)
@@ -48,7 +53,7 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
                 microbatches = everything[start : start + MICROBATCHES_PER_CALL]
                 if run.device is not None:
                     microbatches = [mb.to(run.device) for mb in microbatches]
-                attach_reference_logps(microbatches, reference, cfg.model.vocab_size, thd)
+                attach_reference_logps(microbatches, reference, run.scorer)
                 if parallel_state.is_pipeline_last_stage() and run.ranks.tp == run.ranks.cp == 0:
                     results += [(mb.pair_ids, mb.ref_logps.double().cpu().tolist()) for mb in microbatches]
             gathered = [None] * torch.distributed.get_world_size() if run.is_logger else None

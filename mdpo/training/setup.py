@@ -16,7 +16,9 @@ from mdpo.checkpoint.load import load_initial_weights
 from mdpo.config import Layout, ParallelConfig, TrainConfig
 from mdpo.data.encoding import load_tokenizer
 from mdpo.errors import ConfigError
-from mdpo.models.gpt import build_gpt_model, transformer_config
+from mdpo.models.gpt import build_gpt_model, core_attention, packs_as_thd, transformer_config, use_scoring_head
+from mdpo.training.data import log
+from mdpo.training.step import Scorer
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class Run:
     dtype: torch.dtype
     device: torch.device | None  # None on CPU: tensors stay where they are built
     tokenizer: PreTrainedTokenizerBase
+    share_prompt: bool  # each pair one sequence [prompt | chosen | rejected] (data.share_prompt, resolved)
+    scorer: Scorer  # how the last stage's output becomes per-sequence log-probs
 
     @property
     def is_logger(self) -> bool:
@@ -57,12 +61,33 @@ def start_run(cfg: TrainConfig) -> Run:
             f"tokenizer {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size is {cfg.model.vocab_size}"
         )
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    return Run(layout, ranks, train_dtype(cfg.parallel), device, tokenizer)
+    dtype = train_dtype(cfg.parallel)
+    scorer = Scorer(cfg.model, cfg.model.logprob_chunk_tokens, packs_as_thd(cfg.model, dtype))
+    return Run(layout, ranks, dtype, device, tokenizer, share_prompt(cfg), scorer)
+
+
+def share_prompt(cfg: TrainConfig) -> bool:
+    """`data.share_prompt` resolved: on (None) wherever it is exact, i.e. without context parallelism and with
+    mdpo's own core attentions; an explicit true where it is not is refused (by the config for CP and an explicit
+    model.attention=te, here for Transformer Engine's layers that `auto` chose)."""
+    te = core_attention(cfg.model) == "te"
+    if cfg.data.share_prompt and te:
+        raise ConfigError(
+            "data.share_prompt=true needs mdpo's core attention (sdpa or local): model.attention=auto chose "
+            "Transformer Engine's layers here, whose attention takes no attention blocks; set model.attention=sdpa "
+            "or data.share_prompt=false"
+        )
+    if cfg.data.share_prompt is None and (cfg.parallel.cp > 1 or te):
+        why = "context parallelism" if cfg.parallel.cp > 1 else "Transformer Engine's attention"
+        log(f"data.share_prompt: off (auto; not exact with {why}): each pair's prompt runs in both sequences")
+        return False
+    return cfg.data.share_prompt is not False
 
 
 def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool) -> GPTModel:
     """This rank's pipeline stage of the model: `model.init_from` loaded into it when `load` (HF folder or Megatron
-    checkpoint, streamed per tensor and resharded for this layout), else a seeded random init."""
+    checkpoint, streamed per tensor and resharded for this layout), else a seeded random init. Its output layer
+    hands on hidden states (`ScoringHead`): the loss applies it to the scored positions only."""
     # Initialised even when weights are loaded next: Megatron marks tensor-parallel weights (which the grad norm and
     # weight decay need) only in its init functions.
     config = transformer_config(
@@ -74,11 +99,13 @@ def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool
         sequence_parallel=layout.sequence_parallel,
         recompute=cfg.parallel.recompute,
     )
-    model = build_gpt_model(
-        cfg.model,
-        config,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+    model = use_scoring_head(
+        build_gpt_model(
+            cfg.model,
+            config,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
     )
     # Megatron-Core's local RMSNorm (torch.nn.RMSNorm) is built in float32 whatever params_dtype says; its bf16
     # optimizer maps only bf16 weights to checkpoint entries (Megatron-LM's Float16Module casts them all too).

@@ -18,10 +18,12 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from mdpo.config import DPOConfig
-from mdpo.data.batching import MicroBatch, packed_attention_mask
+from mdpo.config import DPOConfig, ModelConfig
+from mdpo.data.batching import MicroBatch
 from mdpo.loss import pair_losses
-from mdpo.training.logprobs import sequence_stats
+from mdpo.models.attention import BlockAttention
+from mdpo.models.gpt import head_weight
+from mdpo.training.logprobs import SequenceStats, sequence_stats
 from mdpo.training.metrics import pair_sums
 
 
@@ -52,39 +54,53 @@ class DPOObjective:
         return out.losses, out.chosen_rewards, out.rejected_rewards, components
 
 
-def _forward(batch: MicroBatch, model: torch.nn.Module, thd: bool) -> torch.Tensor:
-    """Padded rows need only causal attention, which every core attention applies itself (no [s, s] mask: SDPA
-    then runs its flash kernel). Packed rows go to THD attention kernels as sequence boundaries when the model's
-    attention takes them (`thd`: Transformer Engine, torch SDPA/varlen), else as a block-diagonal causal mask."""
-    if batch.cu_seqlens is None:
-        return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None)
-    if thd:
-        params = PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=batch.cu_seqlens,
-            cu_seqlens_kv=batch.cu_seqlens,
-            max_seqlen_q=batch.max_seqlen,
-            max_seqlen_kv=batch.max_seqlen,
-        )
-        return model(
-            input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None, packed_seq_params=params
-        )
-    mask = packed_attention_mask(batch.segment_ids)
-    return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=mask)
+@dataclass(frozen=True)
+class Scorer:
+    """How a last stage's output becomes per-sequence stats: the output layer at the scored positions only, in
+    chunks of `chunk_tokens` (the full logits never exist), on `vocab_size` real columns; `thd` says whether packed
+    rows reach the attention as THD sequences (`models.gpt.packs_as_thd`)."""
+
+    model: ModelConfig
+    chunk_tokens: int
+    thd: bool
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    def forward(self, batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
+        """Plain rows need only causal attention, which every core attention applies itself (no [s, s] mask: SDPA
+        then runs its flash kernel). Packed rows go to THD kernels as sequence boundaries where the attention takes
+        them; packed rows elsewhere and shared prompts go as blocks (`models.attention.BlockAttention`)."""
+        inputs = dict(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None)
+        if batch.cu_seqlens is not None and self.thd:
+            inputs["packed_seq_params"] = PackedSeqParams(
+                qkv_format="thd",
+                cu_seqlens_q=batch.cu_seqlens,
+                cu_seqlens_kv=batch.cu_seqlens,
+                max_seqlen_q=batch.max_seqlen,
+                max_seqlen_kv=batch.max_seqlen,
+            )
+        elif batch.blocks is not None:
+            length = batch.tokens.shape[1]  # covers every position id: Megatron sizes its rotary table by it
+            inputs["packed_seq_params"] = BlockAttention(qkv_format="sbhd", max_seqlen_q=length, max_seqlen_kv=length,
+                                                         blocks=batch.blocks)  # fmt: skip
+        return model(**inputs)
+
+    def stats(self, batch: MicroBatch, model: torch.nn.Module, hidden: torch.Tensor) -> SequenceStats:
+        weight = head_weight(getattr(model, "module", model), self.model)
+        return sequence_stats(hidden, batch, weight, self.vocab_size, self.chunk_tokens)
 
 
-def _stats(batch: MicroBatch, vocab_size: int, output: torch.Tensor):
-    return sequence_stats(output, batch.labels, batch.loss_mask, vocab_size, batch.segment_ids, 2 * batch.num_pairs)
-
-
-def _reference_loss(batch: MicroBatch, vocab_size: int, output: torch.Tensor):
-    stats = _stats(batch, vocab_size, output)
+def _reference_loss(batch: MicroBatch, scorer: Scorer, model: torch.nn.Module, output: torch.Tensor):
+    stats = scorer.stats(batch, model, output)
     zero = output.new_zeros(())
     return zero, torch.zeros((), dtype=torch.int, device=output.device), {"ref_logps": stats.logps.detach()}
 
 
-def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
-    stats = _stats(batch, objective.vocab_size, output)
+def _dpo_loss(batch: MicroBatch, objective: DPOObjective, scorer: Scorer, model: torch.nn.Module,
+              output: torch.Tensor):  # fmt: skip
+    stats = scorer.stats(batch, model, output)
     m = batch.num_pairs
     ref = batch.ref_logps if batch.ref_logps is not None else torch.zeros_like(stats.logps)
     lengths = stats.num_tokens.to(stats.logps.dtype)
@@ -102,6 +118,7 @@ def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
         stats.num_tokens[:m],
         stats.num_tokens[m:],
         batch.num_input_tokens,
+        batch.num_computed_tokens,
         batch.num_slots,
         components,
     )
@@ -112,16 +129,15 @@ def _dpo_loss(batch: MicroBatch, objective: DPOObjective, output: torch.Tensor):
     return losses.sum(), count, {"sums": sums, "pair_ids": batch.pair_ids}
 
 
-def reference_forward_step(
-    vocab_size: int, thd: bool, data_iterator: Iterator[MicroBatch], model: torch.nn.Module
-):  # fmt: skip
+def reference_forward_step(scorer: Scorer, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
     batch = next(data_iterator)
-    return _forward(batch, model, thd), partial(_reference_loss, batch, vocab_size)
+    return scorer.forward(batch, model), partial(_reference_loss, batch, scorer, model)
 
 
-def dpo_forward_step(objective: DPOObjective, thd: bool, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+def dpo_forward_step(objective: DPOObjective, scorer: Scorer, data_iterator: Iterator[MicroBatch],
+                     model: torch.nn.Module):  # fmt: skip
     batch = next(data_iterator)
-    return _forward(batch, model, thd), partial(_dpo_loss, batch, objective)
+    return scorer.forward(batch, model), partial(_dpo_loss, batch, objective, scorer, model)
 
 
 def run_schedule(forward_step, microbatches: list[MicroBatch], model, *, forward_only: bool) -> list[dict]:
@@ -138,11 +154,9 @@ def run_schedule(forward_step, microbatches: list[MicroBatch], model, *, forward
     )
 
 
-def attach_reference_logps(
-    microbatches: list[MicroBatch], reference: torch.nn.Module, vocab_size: int, thd: bool
-) -> None:
+def attach_reference_logps(microbatches: list[MicroBatch], reference: torch.nn.Module, scorer: Scorer) -> None:
     """Forward-only pass of the frozen reference; its log-probs land on the micro-batches (last stage only)."""
-    step = partial(reference_forward_step, vocab_size, thd)
+    step = partial(reference_forward_step, scorer)
     with torch.no_grad():
         outputs = run_schedule(step, microbatches, reference, forward_only=True)
     for batch, out in zip(microbatches, outputs):

@@ -18,7 +18,6 @@ from mdpo.config import TrainConfig, config_to_dict
 from mdpo.data.batching import MicroBatch, PairSampler, rank_share
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError, MdpoError
-from mdpo.models.gpt import packs_as_thd
 from mdpo.plot import plot_metrics
 from mdpo.training.checkpointing import After, Checkpointer
 from mdpo.training.data import load_pairs_on_ranks, log, make_microbatches
@@ -64,7 +63,6 @@ class Trainer:
         """The run's data, models and optimizer (with the run's folders locked)."""
         cfg = self.cfg
         self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size)
-        self.thd = packs_as_thd(cfg.model)
         tokenizer = self.run.tokenizer
         self.train_pairs = load_pairs_on_ranks(cfg.data, cfg.data.train_file, tokenizer, "train")
         self.eval_pairs = (
@@ -186,7 +184,7 @@ class Trainer:
         self.policy.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = run_schedule(
-            partial(dpo_forward_step, self.objective, self.thd), microbatches, self.policy, forward_only=False
+            partial(dpo_forward_step, self.objective, self.run.scorer), microbatches, self.policy, forward_only=False
         )
         record = finalize(self._reduce(outputs), self.objective.components)
         learning_rate = self.optimizer.param_groups[0]["lr"]
@@ -224,7 +222,7 @@ class Trainer:
         self._attach_reference(microbatches, "eval")
         with torch.no_grad():
             outputs = run_schedule(
-                partial(dpo_forward_step, self.objective, self.thd), microbatches, self.policy, forward_only=True
+                partial(dpo_forward_step, self.objective, self.run.scorer), microbatches, self.policy, forward_only=True
             )
         return finalize(self._reduce(outputs), self.objective.components, prefix="eval_")
 
@@ -232,13 +230,13 @@ class Trainer:
         """This rank's pairs as micro-batches, on this rank's device."""
         cfg, run = self.cfg, self.run
         batches = make_microbatches(cfg.data, cfg.schedule, run.layout, pairs, indices, run.tokenizer.pad_token_id,
-                                    run.ranks.cp)  # fmt: skip
+                                    run.ranks.cp, run.share_prompt)  # fmt: skip
         return [mb.to(run.device) for mb in batches] if run.device is not None else batches
 
     def _attach_reference(self, microbatches: list[MicroBatch], split: str) -> None:
         """Reference log-probs for each micro-batch: a forward pass (online), the cache (precomputed), or none."""
         if self.reference is not None:
-            attach_reference_logps(microbatches, self.reference, self.objective.vocab_size, self.thd)
+            attach_reference_logps(microbatches, self.reference, self.run.scorer)
         elif split in self.reference_cache:
             for mb in microbatches:
                 mb.ref_logps = self.reference_cache[split].lookup(mb.pair_ids, torch.float32, mb.tokens.device)

@@ -29,7 +29,6 @@ def main(out: str, tokens_file: str, ckpts: list[str]) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     tokens = torch.load(tokens_file)
     b, s = tokens.shape
-    mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None].expand(b, 1, s, s)
     positions = torch.arange(s)[None].expand(b, s)
     results = {}
     for ckpt in ckpts:
@@ -37,7 +36,7 @@ def main(out: str, tokens_file: str, ckpts: list[str]) -> None:
         module = build_gpt_model(model, transformer_config(model, tp=tp, init_weights=False)).eval()
         load_initial_weights(module, model)
         with torch.no_grad():
-            logits = module(input_ids=tokens, position_ids=positions, attention_mask=mask)  # [b, s, v/tp]
+            logits = module(input_ids=tokens, position_ids=positions, attention_mask=None)  # causal; [b, s, v/tp]
         parts = [torch.empty_like(logits) for _ in range(tp)]
         torch.distributed.all_gather(parts, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
         results[ckpt] = torch.cat(parts, dim=-1)[..., : model.vocab_size]
