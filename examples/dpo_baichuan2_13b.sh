@@ -5,7 +5,8 @@
 # Layout: 13B at TP=4 (weights, fp32 grads and sharded optimizer states ~39 GB per GPU at DP=2), with
 # selective recompute of the attention (ALiBi bias masks are materialised per micro-batch); packs of 8192 tokens.
 # Distributed optimizer over DP, precomputed reference, packing (examples/_dpo_recipe.sh); see dpo_tulu2_13b.sh.
-# ALiBi runs on torch SDPA (not TE), so sequence parallel is off here; selective recompute instead.
+# ALiBi runs on torch SDPA (not TE); selective recompute here. parallel.sequence_parallel=true also runs on that
+# path (Megatron-Core's local layers) and splits the norm and residual activations over the TP ranks too.
 NNODES=${NNODES:-1}
 HF_MODEL=${HF_MODEL:?set HF_MODEL to a local Baichuan2-13B-Base HF folder}
 DATA=${DATA:?set DATA to the preference data files (e.g. UltraFeedback-binarized train_prefs)}

@@ -5,14 +5,16 @@
 # Layout from the planner (mdpo plan --model llama2-70b --nodes 4 --gpu a800-80g --global-batch 512), the seed's
 # workload (61k pairs x 3 epochs, 1,010 tokens per pair, packs of 8,192, precomputed reference, efficiency 0.35
 # as fitted on a 1.1B on one H100/H200):
-#   4 nodes, TP=8 PP=4 DP=1 + SP: 69.5 GiB per GPU (36.4 weights/grads/optimizer, 33.1 activations), 73.8 s per
-#   step, 8.0 h (selective recompute saves only 2 GiB here: Megatron keeps the fused QKV output the value views).
-#   8 nodes (NNODES=8, global batch 1,024): TP=8 PP=2 DP=4 + SP: 69.3 GiB, 72.8 s per step, 4.0 h; set PP=2.
+#   4 nodes, TP=8 PP=4 DP=1 + SP: 70.2 GiB per GPU (36.4 weights/grads/optimizer, 33.7 activations), 59.8 s per
+#   step, 6.5 h (selective recompute saves under 3 GiB here: Megatron keeps the fused QKV output the value views).
+#   8 nodes (NNODES=8, global batch 1,024): TP=8 PP=2 DP=4 + SP: 69.9 GiB, 58.8 s per step, 3.2 h; set PP=2.
 # The same recipe trains other Llama-architecture sizes (HF_MODEL=..., TP=..., PP=...): a 34B (codellama-34b), 4 nodes,
-# at TP=4 PP=2 DP=4 + SP, 69.0 GiB, 35.2 s per step, 3.8 h; Qwen 72B on 8 nodes goes through dpo_qwen_7b.sh with
-# TP=8 PP=2: 67.9 GiB, 75.1 s per step, 4.1 h.
-# These are predictions (the planner is validated on CPU and on a 1.1B on one GPU, not at 70B); the first steps'
-# peak_memory_gib and tokens_per_second in metrics.jsonl say how close they are. Sequence parallel needs TE's layers.
+# at TP=4 PP=2 DP=4 + SP, 69.8 GiB, 28.6 s per step, 3.1 h; Qwen 72B on 8 nodes goes through dpo_qwen_7b.sh with
+# TP=8 PP=2: 68.5 GiB, 60.6 s per step, 3.3 h.
+# These count each pair's prompt once (data.share_prompt, on Megatron-Core's local layers: model.attention=sdpa);
+# Transformer Engine's layers take no shared prompt and compute it twice (mdpo plan --no-share-prompt: 4 nodes
+# 69.5 GiB, 73.8 s per step, 8.0 h). They are predictions (the planner is validated on CPU and on a 1.1B on one GPU,
+# not at 70B); the first steps' peak_memory_gib and tokens_per_second in metrics.jsonl say how close they are.
 NNODES=${NNODES:-4}
 HF_MODEL=${HF_MODEL:?set HF_MODEL to a local llama-2-70b HF folder}
 DATA=${DATA:?set DATA to the preference data files (e.g. UltraFeedback-binarized train_prefs)}

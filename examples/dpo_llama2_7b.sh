@@ -3,8 +3,8 @@
 #   NNODES=1 HF_MODEL=/models/llama-2-7b DATA=/data/ultrafeedback_binarized/train_prefs bash examples/dpo_llama2_7b.sh
 # Layout: 7B at TP=2 (state 7e9 x (2 + 4) / 2 + 7e9 x 12 / 8 = 31.5 GB on one 8-GPU node; packs of 8192 tokens with SP ~14 GB of activations).
 # Distributed optimizer over DP, precomputed reference, packing (examples/_dpo_recipe.sh); see dpo_tulu2_13b.sh.
-# Sequence parallel needs Transformer Engine's layers (NGC PyTorch containers have TE); without TE pass
-# parallel.sequence_parallel=false parallel.recompute=selective, or a larger TP.
+# Sequence parallel runs on Transformer Engine's layers (NGC PyTorch containers have TE) and on Megatron-Core's
+# local ones (no TE, or model.attention=sdpa: there each pair's prompt is also computed once, data.share_prompt).
 NNODES=${NNODES:-1}
 HF_MODEL=${HF_MODEL:?set HF_MODEL to a local llama-2-7b HF folder}
 DATA=${DATA:?set DATA to the preference data files (e.g. UltraFeedback-binarized train_prefs)}

@@ -3,8 +3,8 @@
 #   NNODES=1 HF_MODEL=/models/Qwen-7B DATA=/data/ultrafeedback_binarized/train_prefs bash examples/dpo_qwen_7b.sh
 # Layout: 7B with Qwen's 151,936-token vocabulary at TP=2 (vocab-parallel logits of an 8192-token pack ~2.5 GB per GPU in fp32).
 # Distributed optimizer over DP, precomputed reference, packing (examples/_dpo_recipe.sh); see dpo_tulu2_13b.sh.
-# Sequence parallel needs Transformer Engine's layers (NGC PyTorch containers have TE); without TE pass
-# parallel.sequence_parallel=false parallel.recompute=selective, or a larger TP.
+# Sequence parallel runs on Transformer Engine's layers (NGC PyTorch containers have TE) and on Megatron-Core's
+# local ones (no TE, or model.attention=sdpa: there each pair's prompt is also computed once, data.share_prompt).
 NNODES=${NNODES:-1}
 HF_MODEL=${HF_MODEL:?set HF_MODEL to a local Qwen-7B HF folder}
 DATA=${DATA:?set DATA to the preference data files (e.g. UltraFeedback-binarized train_prefs)}

@@ -17,8 +17,8 @@
 #   The reference is precomputed once (one forward over the data, same layout), so training holds no reference
 #   model and runs 3 passes (fwd + bwd) instead of 4 per step. Micro-batch = one pack; 128 x nodes pairs per step
 #   are ~8 packs per DP rank, enough to overlap the gradient reduce-scatter and parameter all-gather.
-# Sequence parallel needs Transformer Engine's layers (NGC PyTorch containers have TE); without TE pass
-# parallel.sequence_parallel=false parallel.recompute=selective, or a larger TP.
+# Sequence parallel runs on Transformer Engine's layers (NGC PyTorch containers have TE) and on Megatron-Core's
+# local ones (no TE, or model.attention=sdpa: there each pair's prompt is also computed once, data.share_prompt).
 NNODES=${NNODES:-2}
 HF_MODEL=${HF_MODEL:?set HF_MODEL to a local tulu-2-13b HF folder}
 DATA=${DATA:?set DATA to the preference data files (e.g. UltraFeedback-binarized train_prefs)}

@@ -1,5 +1,5 @@
-"""`mdpo` command line: train, precompute-ref, demo, data stats, convert (hf-to-megatron, megatron-to-hf), plan,
-sweep and plot. User errors print one line and exit 2, never a traceback."""
+"""`mdpo` command line: train, precompute-ref, eval, demo, data stats, convert (hf-to-megatron, megatron-to-hf),
+plan, sweep and plot. User errors print one line and exit 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from mdpo.demo import run_demo
 from mdpo.errors import MdpoError
 from mdpo.plot import plot_metrics
 from mdpo.sweep import run_sweep
+from mdpo.training import eval_command
 from mdpo.training.precompute import precompute_reference
 from mdpo.training.trainer import train
 
@@ -49,6 +50,13 @@ def cmd_precompute_ref(args: argparse.Namespace, extra: Sequence[str]) -> int:
     startup.prepare()
     precompute_reference(cfg)
     return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    setup = eval_command.eval_setup(args.model, args.data, args.reference, args.reference_free,
+                                    [*args.overrides, *extra])  # fmt: skip
+    startup.prepare()
+    return eval_command.run_eval(setup, args.json)
 
 
 def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -131,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     precompute.add_argument("config", nargs="?", help="YAML config file (the same one training uses)")
     precompute.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     precompute.set_defaults(func=cmd_precompute_ref)
+    evaluate = sub.add_parser("eval", help=eval_command.HELP, description=eval_command.DESCRIPTION)
+    eval_command.add_arguments(evaluate).set_defaults(func=cmd_eval)
     demo = sub.add_parser("demo", help="a complete DPO run on a built-in task, no download")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.set_defaults(func=cmd_demo)

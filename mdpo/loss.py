@@ -2,13 +2,15 @@
 
 Inputs are per-pair *summed* response log-probs, shape [B], from the policy and the frozen reference, so this
 module knows nothing about models, parallelism or tokens. The formulas follow TRL 0.28's ``DPOTrainer.dpo_loss``,
-and TRL 1.16's ``sft`` term and f-divergences (``f_divergence_type``), so that runs are comparable with TRL; where
-TRL keeps hidden state (``bco_pair``'s running reward mean) or length-normalises log-probs before the call
-(``ipo``), this module takes an explicit option or the response lengths instead. ``sft`` is each pair's mean token
-NLL where TRL 1.16 pools the chosen tokens of its per-device batch: the two agree when those lengths are equal, and
-only the per-pair mean keeps the loss independent of how a global batch is split into micro-batches and ranks. The
-objective's settings are a `DPOConfig`, which checks them once when it is built: `pair_losses` (the training step's
-path) only computes, and `preference_loss` is the checked entry point for direct callers.
+and TRL 1.16's ``sft`` term, f-divergences (``f_divergence_type``) and WPO weights (``use_weighting``), so that runs
+are comparable with TRL; where TRL keeps hidden state (``bco_pair``'s running reward mean) or length-normalises
+log-probs before the call (``ipo``), this module takes the value or the response lengths instead. LD-DPO's
+``ld_alpha`` acts on the summed log-probs themselves, before they reach this module (`training.logprobs`).
+``sft`` is each pair's mean token NLL where TRL 1.16 pools the chosen tokens of its per-device batch: the two agree
+when those lengths are equal, and only the per-pair mean keeps the loss independent of how a global batch is split
+into micro-batches and ranks. The objective's settings are a `DPOConfig`, which checks them once when it is built:
+`pair_losses` (the training step's path) only computes, and `preference_loss` is the checked entry point for direct
+callers.
 """
 
 import math
@@ -22,7 +24,7 @@ from torch import Tensor
 from mdpo.config import LOSS_TYPES, DPOConfig
 from mdpo.errors import ConfigError
 
-__all__ = ["LOSS_TYPES", "PairLosses", "nll_loss", "pair_losses", "preference_loss"]
+__all__ = ["LOSS_TYPES", "PairLosses", "nll_loss", "pair_losses", "preference_loss", "wpo_weights"]
 
 # The DPOConfig fields preference_loss takes as keyword settings (the rest say where the reference comes from).
 OBJECTIVE_SETTINGS = ("loss_type", "loss_weights", "beta", "label_smoothing", "rpo_alpha", "bco_delta", "discopop_tau",
@@ -53,6 +55,7 @@ class _Pairs:
     label_smoothing: float
     bco_delta: float
     discopop_tau: float
+    sft_chosen: Tensor  # the chosen responses' plain summed log-probs (policy_chosen unless LD-DPO weights it)
 
     @property
     def chosen_logratios(self) -> Tensor:
@@ -199,7 +202,7 @@ def _discopop(p: _Pairs) -> Tensor:
 def _sft(p: _Pairs) -> Tensor:
     # The chosen response's mean token NLL (also rpo_alpha's term): no reference, no log-ratio, no f-divergence.
     assert p.chosen_lengths is not None
-    return -p.policy_chosen / p.chosen_lengths
+    return -p.sft_chosen / p.chosen_lengths
 
 
 _LOSSES: dict[str, Callable[[_Pairs], Tensor]] = {
@@ -249,10 +252,17 @@ def pair_losses(
     ref_rejected: Tensor,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    *,
+    sft_chosen: Tensor | None = None,
+    pair_weights: Tensor | None = None,
+    bco_mean: float = 0.0,
 ) -> PairLosses:
     """The objective `dpo` describes, on [B] tensors of one shape (reference values are ignored when
-    `dpo.reference_free`). Nothing is checked here: `dpo` checked itself when it was built, and callers pass
-    well-formed tensors (`preference_loss` checks them for direct callers)."""
+    `dpo.reference_free`). `sft_chosen` is the chosen responses' plain summed log-probs for the sft term where
+    `policy_chosen` is LD-DPO's weighted sum (default: `policy_chosen`); `pair_weights` multiply every pair's loss
+    (WPO, `wpo_weights`); `bco_mean` is bco_pair's shift when `dpo.bco_delta` is None (the running reward mean the
+    caller keeps). Nothing is checked here: `dpo` checked itself when it was built, and callers pass well-formed
+    tensors (`preference_loss` checks them for direct callers)."""
     dtype = _compute_dtype(policy_chosen)
     policy_chosen, policy_rejected = policy_chosen.to(dtype), policy_rejected.to(dtype)
     if dpo.reference_free:
@@ -273,14 +283,17 @@ def pair_losses(
         rejected_lengths=r_len,
         beta=dpo.beta,
         label_smoothing=dpo.label_smoothing,
-        bco_delta=dpo.bco_delta,
+        bco_delta=bco_mean if dpo.bco_delta is None else dpo.bco_delta,
         discopop_tau=dpo.discopop_tau,
+        sft_chosen=policy_chosen if sft_chosen is None else sft_chosen.to(dtype),
     )
     terms = {name: _LOSSES[name](pairs) for name in dpo.loss_types}
     losses = sum(weight * terms[name] for name, weight in zip(dpo.loss_types, dpo.weights))
     nll = _sft(pairs) if dpo.rpo_alpha > 0 else None  # rpo_alpha's term; a listed sft is terms["sft"]
     if nll is not None:
         losses = losses + dpo.rpo_alpha * nll
+    if pair_weights is not None:  # TRL weights each loss type's term, sft's included: the sum alike
+        losses = losses * pair_weights.detach().to(dtype)
     return PairLosses(
         losses=losses,
         chosen_rewards=dpo.beta * pairs.chosen_logratios.detach(),
@@ -365,6 +378,16 @@ def preference_loss(
     r_len = _as_lengths("rejected_lengths", rejected_lengths, like) if rejected_lengths is not None else None
     out = pair_losses(dpo, like, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, c_len, r_len)
     return out.losses, out.chosen_rewards, out.rejected_rewards
+
+
+def wpo_weights(chosen_aligned: Tensor, rejected_aligned: Tensor, chosen_lengths: Tensor,
+                rejected_lengths: Tensor) -> Tensor:  # fmt: skip
+    """WPO's per-pair weights (Zhou et al. 2024, Eq. 2, as TRL 1.16 computes them): each response's summed
+    log p(token) - log sum_v p_v^2 (its probability against the policy's own distribution at that position) over
+    its length, exponentiated, and the two responses' values multiplied. [B] each; no gradient flows through them."""
+    dtype = _compute_dtype(chosen_aligned)
+    mean = lambda aligned, lengths: aligned.detach().to(dtype) / lengths.to(dtype).clamp(min=1.0)
+    return torch.exp(mean(chosen_aligned, chosen_lengths)) * torch.exp(mean(rejected_aligned, rejected_lengths))
 
 
 def nll_loss(chosen_logps_sum: Tensor, chosen_lengths: Tensor | Sequence[float]) -> Tensor:

@@ -49,11 +49,20 @@ def megatron_world():
     torch.distributed.destroy_process_group()
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment without torchrun's variables: an in-process run (`parallel.start` as a world of one) sets
+    them, and a child inheriting MASTER_PORT would try to listen on a port this process already holds."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    return env
+
+
 def run_mdpo(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """`mdpo ...` in a fresh process (under torchrun when nproc > 1), as a user would launch it."""
-    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = subprocess_env()
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--standalone", "-m", "mdpo", *args]  # fmt: skip

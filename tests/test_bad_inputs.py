@@ -6,7 +6,6 @@ All cases run through the real `mdpo` command line, one after another in one sub
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, tiny_hf_llama
+from conftest import REPO, subprocess_env, tiny_hf_llama
 
 _RUNNER = r"""
 import contextlib, io, json, os, sys, traceback
@@ -70,6 +69,8 @@ def corpus(tmp_path_factory):
     )
     missing = model_variant("missing", {k: v for k, v in weights.items() if k != "model.layers.1.mlp.up_proj.weight"})
     no_weights = model_variant("no_weights")
+    small_vocab = root / "small_vocab"
+    tiny_hf_llama(seed=0, vocab_size=24).save_pretrained(small_vocab)
 
     base = {
         "model": {"init_from": str(hf)},
@@ -109,6 +110,9 @@ def corpus(tmp_path_factory):
         "YAML syntax": (["train", str(root / "broken.yaml")], "broken.yaml: line"),
         "missing required key": (["train", str(no_train_file)], "data.train_file is required"),
         "TP not dividing heads": (["train", c, "parallel.tp=3"], "parallel.tp=3 does not divide model.num_attention_heads=4"),
+        "Megatron-style flag": (["train", c, "--tensor-model-parallel-size", "8"], "parallel.tp=8 does not divide model.num_attention_heads=4"),
+        # no YAML file: the first key=value is an override, not a file name (the recipes rely on it)
+        "overrides alone": (["train", "data.train_file=pairs.jsonl", "schedule.train_steps=2"], "data.tokenizer is required (set it in the config file or pass data.tokenizer=...)"),
         "layout vs world size": (["train", c, "parallel.tp=2"], "world size 1 is not divisible by parallel.tp x parallel.pp x parallel.cp = 2 x 1 x 1"),
         "context parallel with packing": (["train", c, "parallel.cp=2", "data.packing=true"], "parallel.cp > 1 takes padded micro-batches"),
         "context parallel with local attention": (["train", c, "parallel.cp=2", "model.attention=local"], "parallel.cp > 1 needs RoPE and model.attention auto, te or sdpa"),
@@ -147,11 +151,18 @@ def corpus(tmp_path_factory):
         # output folders
         "run dir is a file": (["train", c, f"logging.run_dir={root / 'a_file' / 'run'}"], "logging.run_dir: cannot write to"),
         "read-only file system": (["train", c, "logging.run_dir=/sys/mdpo_run"], "logging.run_dir: cannot write to /sys/mdpo_run"),
+        # mdpo eval
+        "eval model folder missing": (["eval", "--model", str(root / "no_model"), "--data", str(train)], "--model " + str(root / "no_model") + ": no such model folder"),
+        "eval data file missing": (["eval", "--model", str(hf), "--data", str(root / "nope.jsonl"), "--reference-free", f"data.tokenizer={root / 'tok'}"], "nope.jsonl: no such data file or folder"),
+        "eval empty data file": (["eval", "--model", str(hf), "--data", str(empty / "empty.json"), "--reference-free", f"data.tokenizer={root / 'tok'}"], "data.eval_file: " + str(empty / "empty.json") + ": no rows (an empty data file)"),
+        "eval model without tokenizer": (["eval", "--model", str(hf), "--data", str(train), "--reference-free"], "holds no tokenizer files: pass data.tokenizer=FOLDER"),
+        "eval without a reference": (["eval", "--model", str(hf), "--data", str(train), f"data.tokenizer={root / 'tok'}"], "no reference model recorded"),
+        "eval tokenizer larger than model vocab": (["eval", "--model", str(small_vocab), "--data", str(train), "--reference-free", f"data.tokenizer={root / 'tok'}"], "tokens but model.vocab_size is 24"),
+        "eval reference of another architecture": (["eval", "--model", str(hf), "--data", str(train), "--reference", str(small_vocab), f"data.tokenizer={root / 'tok'}"], "is another architecture than --model"),
     }  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     argvs = [argv for argv, _ in cases.values()]
     result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(argvs)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                            text=True, timeout=600, env=subprocess_env())  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
     return {name: (expected, *out) for (name, (_, expected)), out in zip(cases.items(), outputs)}
@@ -159,6 +170,7 @@ def corpus(tmp_path_factory):
 
 CASE_NAMES = [
     "unknown key", "wrong type", "malformed override", "YAML syntax", "missing required key", "TP not dividing heads",
+    "Megatron-style flag", "overrides alone",
     "layout vs world size", "unknown loss", "batch not divisible", "malformed JSON", "row without chosen",
     "empty response", "identical responses", "data file missing", "fewer pairs than a batch",
     "tokenizer folder missing", "tokenizer larger than model vocab", "truncated safetensors", "wrong tensor shape",
@@ -166,7 +178,9 @@ CASE_NAMES = [
     "read-only file system", "context parallel with packing", "context parallel with local attention",
     "shared prompt with context parallel", "shared prompt with TE attention", "log-prob chunk of zero tokens",
     "empty data file", "data file of blank lines", "empty JSON array", "empty parquet file", "empty eval file",
-    "folder of no data files", "every row skipped", "every pair dropped by length",
+    "folder of no data files", "every row skipped", "every pair dropped by length", "eval model folder missing",
+    "eval data file missing", "eval empty data file", "eval model without tokenizer", "eval without a reference",
+    "eval tokenizer larger than model vocab", "eval reference of another architecture",
 ]  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_mdpo, tiny_run_files
+from conftest import REPO, run_mdpo, subprocess_env, tiny_run_files
 from safetensors.torch import load_file
 
 STEPS = 6
@@ -57,7 +57,9 @@ def assert_bitwise(got, want):
     assert all(torch.equal(got[1][k], want[1][k]) for k in want[1])
 
 
-LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "tp1_bf16": (1, ["parallel.precision=bf16"])}
+# bco_pair's running reward mean is training state too: these resumes are bitwise only if it is restored.
+BCO = "dpo.loss_type=[sigmoid, bco_pair]"
+LAYOUTS = {"tp1": (1, [BCO]), "tp2": (2, [BCO, "parallel.tp=2"]), "tp1_bf16": (1, [BCO, "parallel.precision=bf16"])}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -78,9 +80,9 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, name):
 def test_resume_at_another_layout(setup):
     """A TP=1 checkpoint resumed under TP=2 (resharded) continues the same run, to fp32 reordering noise."""
     if not (setup / "tp1_full").exists():
-        train(setup, "tp1_full")
-    train(setup, "relayout", "schedule.exit_interval=3")
-    train(setup, "relayout", "parallel.tp=2", nproc=2)
+        train(setup, "tp1_full", BCO)
+    train(setup, "relayout", BCO, "schedule.exit_interval=3")
+    train(setup, "relayout", BCO, "parallel.tp=2", nproc=2)
     (got, got_w), (want, want_w) = outcome(setup / "relayout"), outcome(setup / "tp1_full")
     for a, b in zip(got, want):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -89,12 +91,11 @@ def test_resume_at_another_layout(setup):
 
 
 def _launch(setup: Path, run: str, *overrides: str, nproc: int = 1) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc > 1 else []
     cmd = [sys.executable, *launcher, "-m", "mdpo", "train", str(setup / "c.yaml"), f"logging.run_dir={setup / run}",
            *overrides]  # fmt: skip
     # its own process group: a kill takes its helpers (the checkpoint writer's Manager process) down with it
-    return subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
 
 
@@ -230,7 +231,7 @@ sys.exit(main(sys.argv[1:]))
 def _inject(setup: Path, run: str, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", _INJECT, "train", str(setup / "c.yaml"), f"logging.run_dir={setup / run}",
            "checkpoint.save_at_end=false", *overrides]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_nonfinite_loss_stops_naming_step_and_pairs(setup):

@@ -282,8 +282,15 @@ def test_missing_required(key):
             "robust, discopop, sft",
         ),
         (["dpo.f_alpha_coef=.inf"], "dpo.f_alpha_coef must be finite, got inf"),
+        (["dpo.ld_alpha=1.5"], "dpo.ld_alpha must be in [0, 1] (or null: off), got 1.5"),
+        (
+            ["dpo.loss_type=[sigmoid, aot_unpaired]", "dpo.use_weighting=true"],
+            "dpo.use_weighting (WPO) does not apply to loss type 'aot_unpaired'",
+        ),
+        (["dpo.bco_delta=.nan"], "dpo.bco_delta must be finite, got nan"),
         (["parallel.tp=0"], "parallel.tp must be >= 1, got 0"),
         (["parallel.pp=0"], "parallel.pp must be >= 1, got 0"),
+        (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs parallel.tp > 1"),
         (["model.vocab_size=0"], "model.vocab_size must be > 0"),
         (["model.num_key_value_heads=0"], "model.num_key_value_heads must be > 0"),
         (
@@ -306,6 +313,12 @@ def test_valid_layouts_pass():
     assert cfg.parallel.tp == 2 and cfg.parallel.pp == 4
     # MHA: num_key_value_heads=None counts as num_attention_heads for the tp check
     load_config(None, [*REQUIRED, *SMALL, "model.num_key_value_heads=null", "parallel.tp=4"])
+    # sequence parallelism on every attention (mdpo's local layers split the sequence too), with CP and shared prompts
+    for attention in ("sdpa", "local"):
+        load_config(None, [*REQUIRED, *SMALL, "parallel.tp=2", "parallel.sequence_parallel=true",
+                           f"model.attention={attention}", "data.share_prompt=true"])  # fmt: skip
+    load_config(None, [*REQUIRED, *SMALL, "parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true",
+                       "model.attention=sdpa"])  # fmt: skip
 
 
 def test_dpo_objective_keys_load():
@@ -314,6 +327,9 @@ def test_dpo_objective_keys_load():
     dpo = load_config(None, [*REQUIRED, *overrides]).dpo
     assert dpo.loss_types == ("sigmoid", "sft") and dpo.weights == (1.0, 0.5)
     assert (dpo.f_divergence, dpo.f_alpha_coef, dpo.rpo_alpha) == ("alpha_divergence", 0.3, 0.0)
+    assert (dpo.ld_alpha, dpo.use_weighting, dpo.bco_delta) == (None, False, None)  # off, off, running mean
+    dpo = load_config(None, [*REQUIRED, "dpo.ld_alpha=0", "dpo.use_weighting=true", "dpo.bco_delta=0.25"]).dpo
+    assert (dpo.ld_alpha, dpo.use_weighting, dpo.bco_delta) == (0.0, True, 0.25)
 
 
 def test_validate_directly():

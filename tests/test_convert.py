@@ -5,7 +5,6 @@ oracles of `mdpo convert --check`, in mdpo/checkpoint/check.py: they share nothi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_mdpo, tiny_hf_llama
+from conftest import REPO, run_mdpo, subprocess_env, tiny_hf_llama
 from safetensors.torch import load_file, save_file
 
 from mdpo.checkpoint.check import hf_logits
@@ -149,15 +148,10 @@ def test_logits_equal_independent_oracles(converted, tmp_path, tp):
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.save(tokens, tmp_path / "tokens.pt")
     ckpts = [str(mc) for _, mc in converted.values()]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp}", "--standalone",
            str(REPO / "tests" / "workers" / "convert_logits.py"), str(tmp_path / "logits.pt"),
            str(tmp_path / "tokens.pt"), *ckpts]  # fmt: skip
-    result = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     logits = torch.load(tmp_path / "logits.pt")
     with torch.no_grad():

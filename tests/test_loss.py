@@ -7,10 +7,11 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mdpo.config import DPOConfig
 from mdpo.errors import ConfigError
-from mdpo.loss import LOSS_TYPES, nll_loss, pair_losses, preference_loss
+from mdpo.loss import LOSS_TYPES, nll_loss, pair_losses, preference_loss, wpo_weights
 
 ALL_TYPES = (
     "sigmoid",
@@ -556,24 +557,27 @@ def test_nll_loss_errors():
 # ---------------------------------------------------------------- TRL 1.16's own loss code, where TRL is installed
 
 
-def trl_loss(per_token, completion_mask, ref_chosen, ref_rejected, loss_types, loss_weights=None, **settings):
+def trl_loss(per_token, completion_mask, ref_chosen, ref_rejected, loss_types, loss_weights=None, *, ld_alpha=None,
+             log_sum_sq=None, **settings):  # fmt: skip
     """TRL 1.16's DPOTrainer._compute_loss run on given per-token log-probs: a stand-in trainer holds what the
-    method reads, and a stand-in model returns the log-probs (zero off the completion, as TRL's fused head)."""
+    method reads, and a stand-in model returns the log-probs (zero off the completion, as TRL's fused head) and,
+    for WPO (`log_sum_sq` given: use_weighting), the per-token log sum_v p_v^2."""
     trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
     outputs = types.SimpleNamespace(
         log_probs=per_token,
         entropy=torch.zeros_like(per_token),
         mean_logits=torch.zeros_like(per_token),
         is_top1=torch.zeros_like(per_token, dtype=torch.bool),
+        log_sum_sq_probs=log_sum_sq,
     )
     identity = lambda t: t  # noqa: E731 - one process: gathers are identities
     trainer = types.SimpleNamespace(
         model=types.SimpleNamespace(training=False),
         accelerator=types.SimpleNamespace(device=per_token.device, gather_for_metrics=identity, gather=identity),
         aux_loss_enabled=False,
-        ld_alpha=None,
+        ld_alpha=ld_alpha,
         precompute_ref_logps=True,  # reference log-probs come in the inputs
-        use_weighting=False,
+        use_weighting=log_sum_sq is not None,
         _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
         _total_train_tokens=0,
         args=types.SimpleNamespace(discopop_tau=0.05),
@@ -645,3 +649,58 @@ def test_sft_against_trl_which_pools_the_batch_chosen_tokens():
     means = [-a / n for a, n in zip(pc.tolist(), lc.tolist(), strict=True)]
     assert per_pair.mean().item() == pytest.approx(sum(means) / len(means), rel=1e-6)
     assert per_pair.mean().item() != pytest.approx(pooled, rel=1e-3)
+
+
+def test_ld_alpha_and_wpo_weights_against_trl_own_loss_code():
+    """LD-DPO's weighted sums and WPO's pair weights, given to pair_losses, against TRL 1.16 with ld_alpha and
+    use_weighting on the same per-token values (equal chosen lengths, so TRL's pooled sft is the per-pair mean; the
+    rejected ones longer and shorter, so tails fall on both sides). The tail mask is TRL's: 1-based completion
+    position > min(chosen, rejected length); mdpo builds its own in data.batching (test_oracle_hf checks it)."""
+    per_token, mask, (pc, pr, rc, rr, lc, lr) = token_batch([4, 4, 4, 4], [3, 6, 1, 5], seed=3)
+    shift = mask[:, 1:]
+    log_sum_sq = -2 * torch.rand(per_token.shape, generator=torch.Generator().manual_seed(4)) * shift
+    n, alpha = 4, 0.4
+    lengths = shift.sum(dim=1)
+    shorter = torch.minimum(lengths[:n], lengths[n:]).repeat(2)
+    tail = shift.cumsum(dim=1) > shorter[:, None]
+    ld = (per_token * torch.where(tail, alpha, 1.0)).sum(dim=1)
+    aligned = ((per_token - log_sum_sq) * shift).sum(dim=1)
+    weights = wpo_weights(aligned[:n], aligned[n:], lc, lr)
+    assert weights.std() > 0.01  # pairs weighted differently: a weight dropped or swapped would show
+    cases = [(["sigmoid"], None, {}), (["sigmoid", "sft"], [1.0, 0.5], {}), (["ipo"], None, {}),
+             (["hinge"], None, {"f_divergence": "js_divergence"})]  # fmt: skip
+    for loss_types, loss_weights, extra in cases:
+        for use_ld, use_wpo in ((True, False), (False, True), (True, True)):
+            if use_wpo and "sft" in loss_types:
+                continue  # TRL 1.16 raises there: it scales sft's expanded scalar in place (*=)
+            want = trl_loss(per_token, mask, rc, rr, loss_types, loss_weights, ld_alpha=alpha if use_ld else None,
+                            log_sum_sq=log_sum_sq if use_wpo else None, beta=0.2, **extra)  # fmt: skip
+            dpo = DPOConfig(loss_type=loss_types, loss_weights=loss_weights, beta=0.2,
+                            ld_alpha=alpha if use_ld else None, use_weighting=use_wpo, **extra)  # fmt: skip
+            chosen, rejected = (ld[:n], ld[n:]) if use_ld else (pc, pr)
+            out = pair_losses(dpo, chosen, rejected, rc, rr, lc, lr, sft_chosen=pc,
+                              pair_weights=weights if use_wpo else None)  # fmt: skip
+            torch.testing.assert_close(out.losses.mean(), want, rtol=2e-6, atol=1e-6,
+                                       msg=f"{loss_types} ld={use_ld} wpo={use_wpo}")  # fmt: skip
+
+
+def test_wpo_weights_float64():
+    """exp(mean aligned log-prob) of each response, multiplied; lengths below 1 clamp as TRL's clamp_min(1)."""
+    chosen, rejected = torch.tensor([-2.0, -0.5, -9.0]), torch.tensor([-1.0, -3.0, 0.0])
+    lc, lr = torch.tensor([4.0, 1.0, 3.0]), torch.tensor([2.0, 6.0, 0.0])
+    want = [math.exp(c / max(a, 1.0)) * math.exp(r / max(b, 1.0))
+            for c, r, a, b in zip(chosen.tolist(), rejected.tolist(), lc.tolist(), lr.tolist())]  # fmt: skip
+    got = wpo_weights(chosen.requires_grad_(), rejected, lc, lr)
+    assert not got.requires_grad
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_bco_pair_shifts_by_the_running_mean_unless_bco_delta_is_set():
+    """With dpo.bco_delta null the step passes the running mean (bco_mean); a number overrides it."""
+    pc, pr, rc, rr = (torch.tensor(v) for v in ([-3.0, -5.0], [-4.0, -2.0], [-3.5, -4.0], [-3.0, -3.0]))
+    running = pair_losses(DPOConfig(loss_type="bco_pair", beta=0.5), pc, pr, rc, rr, bco_mean=0.3).losses
+    fixed = pair_losses(DPOConfig(loss_type="bco_pair", beta=0.5, bco_delta=0.3), pc, pr, rc, rr, bco_mean=9.0).losses
+    c, r = 0.5 * (pc - rc).double() - 0.3, 0.5 * (pr - rr).double() - 0.3
+    want = -F.logsigmoid(c) - F.logsigmoid(-r)
+    torch.testing.assert_close(running.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fixed.double(), want, rtol=1e-6, atol=0)

@@ -114,6 +114,46 @@ def test_sequence_logps_equal_hf_float64(megatron_world, layout, attention):
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5), (got, want)
 
 
+def hf_token_stats_float64(hf_model, prompt: list[int], response: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response token, each sequence run alone in float64: log p(token) and log sum_v p_v^2 (TRL's
+    log_sum_sq_probs, WPO's normaliser)."""
+    ids = prompt + response
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf_model.double()(torch.tensor([ids])).logits[0], dim=-1)
+    hf_model.float()
+    rows = torch.arange(len(prompt) - 1, len(ids) - 1)
+    return logprobs[rows, torch.tensor(response)], (2 * logprobs[rows]).logsumexp(dim=-1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ld_dpo_and_wpo_sums_equal_trl_float64(megatron_world, layout):
+    """LD-DPO (ld_alpha 0.3): each response's tokens past the pair's shorter response count 0.3 times, as TRL's
+    shared/tail masks do; WPO: the summed log p(token) - log sum_v p_v^2. Every layout, against HF in float64 on each
+    sequence alone; the plain sums (the sft term's) are unchanged."""
+    from mdpo.training.step import Scorer
+
+    hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
+    pairs = random_pairs()  # chosen/rejected lengths 5/3, 3/2... pairs 2 and 3 longer on either side
+    alpha = 0.3
+    scorer = Scorer(model_config(hf.config), chunk_tokens=7, thd=False, ld_alpha=alpha)
+    model = mdpo_model(hf, "sdpa")
+    batch = collate_as(layout, pairs)
+    with torch.no_grad():
+        stats = scorer.stats(batch, model, scorer.forward(batch, model), square_mass=True)
+    want_ld, want_plain, want_wpo = [], [], []
+    for side in ("chosen", "rejected"):
+        for p in pairs:
+            logps, square = hf_token_stats_float64(hf, p.prompt, getattr(p, side))
+            shorter = min(len(p.chosen), len(p.rejected))
+            weights = torch.where(torch.arange(1, len(logps) + 1) > shorter, alpha, 1.0).double()
+            want_ld.append((logps * weights).sum())
+            want_plain.append(logps.sum())
+            want_wpo.append((logps - square).sum())
+    for got, want in ((stats.logps, want_ld), (stats.plain_logps, want_plain), (stats.wpo_logps, want_wpo)):
+        assert torch.allclose(got.double(), torch.stack(want), rtol=0, atol=2e-5), (got, want)
+    assert not torch.allclose(stats.logps, stats.plain_logps)  # some pair has a tail on either side
+
+
 def test_vocab_padding_is_masked_out(megatron_world):
     """The padded head rows are zero, not -inf: without the mask their exp(0) would leak into the softmax."""
     from mdpo.data.batching import MicroBatch
@@ -123,7 +163,8 @@ def test_vocab_padding_is_masked_out(megatron_world):
     index = torch.tensor([0, 1])
     batch = MicroBatch(tokens=torch.zeros(1, 2, dtype=torch.long), position_ids=torch.zeros(1, 2, dtype=torch.long),
                        score_index=index, score_labels=torch.zeros(2, dtype=torch.long),
-                       score_sequence=torch.zeros(2, dtype=torch.long), pair_ids=[0])  # fmt: skip
+                       score_sequence=torch.zeros(2, dtype=torch.long), score_tail=torch.zeros(2, dtype=torch.bool),
+                       pair_ids=[0])  # fmt: skip
     stats = sequence_stats(hidden, batch, weight, VOCAB, chunk_tokens=1)
     assert torch.allclose(stats.logps, torch.tensor([-2 * torch.log(torch.tensor(250.0)).item(), 0.0]))
 

@@ -20,9 +20,9 @@ STEPS = 3
 LAYOUTS = {
     # name: (processes, overrides)
     "tp1_mb8": (1, ["schedule.micro_batch_size=8"]),
-    "tp1_mb1": (1, ["schedule.micro_batch_size=1"]),
     "tp2": (2, ["parallel.tp=2", "schedule.micro_batch_size=2"]),
-    "pp2": (2, ["parallel.pp=2", "schedule.micro_batch_size=2"]),
+    # 8 micro-batches of 1 through the pipeline (vs 1 of 8 in the reference run)
+    "pp2_mb1": (2, ["parallel.pp=2", "schedule.micro_batch_size=1"]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true", "schedule.micro_batch_size=2"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "schedule.micro_batch_size=1"]),
     # Context parallelism: every sequence split over 2 ranks (chunks 0+3 and 1+2), K/V gathered; with DP=2 the
@@ -35,17 +35,24 @@ LAYOUTS = {
     # Whole pairs packed into rows of at most 160 tokens (several packs per step, of different lengths), through
     # the pipeline: the loss is still the exact mean over the step's pairs.
     "packed_pp2": (2, ["parallel.pp=2", "data.packing=true", "data.pack_tokens=160"]),
-    # Activation recompute and overlapped gradient reduction / parameter gather change when work happens, never
-    # the result (the final export must see the gathered weights).
-    "tp2_recompute_full": (2, ["parallel.tp=2", "schedule.micro_batch_size=2", "parallel.recompute=full"]),
+    # Sequence parallelism on the local layers: each TP rank's norms see half of every packed row (padded to even),
+    # so the norm weights' gradients are summed over TP; shared-prompt blocks, RoPE and scoring see the whole row.
+    "tp2_sp_packed": (
+        2,
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true", "data.pack_tokens=160"],
+    ),  # fmt: skip
     # The reference run shares each pair's prompt (data.share_prompt: auto); these do not, so they prove sharing
-    # exact: same metrics step for step and same weights, one process, TP=2 and packed through the pipeline.
-    "tp1_unshared": (1, ["schedule.micro_batch_size=8", "data.share_prompt=false"]),
-    "tp2_unshared": (2, ["parallel.tp=2", "schedule.micro_batch_size=2", "data.share_prompt=false"]),
+    # exact: same metrics step for step and same weights, at TP=2 (with full activation recompute, which changes
+    # when work happens, never the result) and packed through the pipeline.
+    "tp2_unshared_recompute_full": (
+        2,
+        ["parallel.tp=2", "schedule.micro_batch_size=2", "data.share_prompt=false", "parallel.recompute=full"],
+    ),  # fmt: skip
     "packed_pp2_unshared": (
         2,
         ["parallel.pp=2", "data.packing=true", "data.pack_tokens=160", "data.share_prompt=false"],
     ),  # fmt: skip
+    # Overlapped gradient reduction / parameter gather (the final export must see the gathered weights).
     "dp2_overlap_selective": (
         2,
         [
@@ -70,8 +77,16 @@ def setup(tmp_path_factory) -> Path:
         # adam_eps well above fp32 summation noise: with 1e-8, grads that cancel to ~1e-8 make Adam's
         # g/(|g|+eps) amplify reordering noise (different micro-batch sums) into ~1e-3 of a step.
         "optimizer": {"lr": 1e-4, "clip_grad": 1.0, "adam_eps": 1e-6},
-        # A loss mixture with an NLL term, so that every logged component is checked across layouts too.
-        "dpo": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, 0.1], "rpo_alpha": 0.2},
+        # A loss mixture with an NLL term, so that every logged component is checked across layouts too, with
+        # every training-level term of the objective: LD-DPO's tail weight (score_tail, reduced over CP), WPO's pair
+        # weights (the vocab-parallel square mass) and bco_pair's running reward mean (DP-reduced between steps).
+        "dpo": {
+            "loss_type": ["sigmoid", "ipo", "bco_pair"],
+            "loss_weights": [1.0, 0.1, 0.5],
+            "rpo_alpha": 0.2,
+            "ld_alpha": 0.5,
+            "use_weighting": True,
+        },
         "logging": {"progress": False, "plot": False},
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
@@ -88,7 +103,7 @@ def run_layout(root: Path, name: str) -> tuple[list[dict], dict[str, torch.Tenso
     return records, load_file(str(run_dir / "hf" / "model.safetensors"))
 
 
-METRICS = ("loss", "loss/sigmoid", "loss/ipo", "nll_loss", "rewards/chosen", "rewards/rejected",
+METRICS = ("loss", "loss/sigmoid", "loss/ipo", "loss/bco_pair", "nll_loss", "rewards/chosen", "rewards/rejected",
            "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen",
            "logits/rejected", "grad_norm", "learning_rate", "num_tokens")  # fmt: skip
 

@@ -125,6 +125,19 @@ def test_search_ranks_fitting_layouts_and_respects_the_rules():
     assert not alone.fits and alone.memory_gib["weights"] > 100
 
 
+def test_shared_prompt_with_sequence_parallelism_but_not_context_parallelism():
+    """As the trainer: a shared prompt runs with sequence parallelism (mdpo's local layers split the sequence too),
+    never with CP; the search shares prompts at TP > 1 + SP, so the 13B recipe's layout counts each prompt once."""
+    model, workload = planner.MODELS["tulu2-13b"], planner.Workload(global_batch=256)
+    cluster = planner.Cluster(planner.GPUS["a800-80g"], nodes=2)
+    shared = planner.Candidate.on(cluster.world, tp=4, sequence_parallel=True, pack_tokens=16384)
+    assert shared.share_prompt and not planner.check_layout(model, shared, workload, cluster)
+    with_cp = planner.Candidate.on(cluster.world, tp=4, cp=2, sequence_parallel=True, packing=False)
+    assert "a shared prompt needs CP=1" in "; ".join(planner.check_layout(model, with_cp, workload, cluster))
+    best = planner.search(model, workload, cluster, top=1)[0]
+    assert best.layout.tp == 4 and best.layout.sequence_parallel and best.candidate.share_prompt
+
+
 def test_plan_cli_json_and_errors(tmp_path):
     result = run_mdpo(["plan", "--model", "tulu2-13b", "--nodes", "2", "--global-batch", "256", "--json"])
     assert result.returncode == 0, result.stderr

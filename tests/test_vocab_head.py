@@ -4,16 +4,14 @@ in bf16, and its memory bound (no [tokens, vocab/TP] tensor is ever created when
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 PADDED, VOCAB = 256, 250  # 6 padding columns, all in the last TP shard
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def make_case(n: int, *, vocab_size: int = VOCAB, padded: int = PADDED, h: int = 32, seed: int = 0) -> dict:
@@ -32,7 +30,8 @@ def make_case(n: int, *, vocab_size: int = VOCAB, padded: int = PADDED, h: int =
 
 
 def oracle(case: dict) -> dict[str, torch.Tensor]:
-    """Plain float64 PyTorch on the full weight: masked full logits, log_softmax, gather; autograd for the grads."""
+    """Plain float64 PyTorch on the full weight: masked full logits, log_softmax, gather; autograd for the grads; WPO's
+    log sum_v p_v^2 as a logsumexp of the doubled log-probs."""
     hidden = case["hidden"].double().requires_grad_()
     weight = case["weight"].double().requires_grad_()
     logits = hidden @ weight.t()
@@ -40,7 +39,9 @@ def oracle(case: dict) -> dict[str, torch.Tensor]:
     logps = logits.masked_fill(~real, float("-inf")).log_softmax(dim=-1).gather(1, case["labels"][:, None])[:, 0]
     (logps * case["upstream"].double()).sum().backward()
     means = logits.detach()[:, real].mean(dim=-1)
-    return {"logps": logps.detach(), "means": means, "grad_hidden": hidden.grad, "grad_weight": weight.grad}
+    square = (2 * logits.detach()[:, real].log_softmax(dim=-1)).logsumexp(dim=-1)
+    return {"logps": logps.detach(), "means": means, "square": square, "grad_hidden": hidden.grad,
+            "grad_weight": weight.grad}  # fmt: skip
 
 
 def rel_err(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -58,11 +59,14 @@ def ours(case: dict, chunk_tokens: int, dtype: torch.dtype = torch.float32) -> d
 
     hidden = case["hidden"].to(dtype).requires_grad_()
     weight = case["weight"].to(dtype).requires_grad_()
-    logps, means = token_logps(hidden, weight, case["labels"], case["vocab_size"], chunk_tokens)
-    assert logps.dtype == means.dtype == torch.float32 and not means.requires_grad
+    logps, means, square = token_logps(hidden, weight, case["labels"], case["vocab_size"], chunk_tokens,
+                                       square_mass=True)  # fmt: skip
+    assert logps.dtype == means.dtype == square.dtype == torch.float32
+    assert not (means.requires_grad or square.requires_grad)
     (logps * case["upstream"]).sum().backward()
     assert hidden.grad.dtype == weight.grad.dtype == dtype
-    return {"logps": logps.detach(), "means": means, "grad_hidden": hidden.grad, "grad_weight": weight.grad}
+    return {"logps": logps.detach(), "means": means, "square": square, "grad_hidden": hidden.grad,
+            "grad_weight": weight.grad}  # fmt: skip
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 37, 100])
@@ -143,8 +147,7 @@ def test_tp2_matches_float64_oracle(tmp_path):
     """Two ranks, each with half of the padded vocabulary, under torchrun (gloo): the oracle on the full weight."""
     cases = tp2_cases()
     torch.save(cases, tmp_path / "cases.pt")
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = subprocess_env(PYTHONPATH=str(REPO))
     worker = REPO / "tests" / "workers" / "vocab_head_tp2.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(worker), str(tmp_path / "cases.pt"), str(tmp_path)]  # fmt: skip
@@ -213,8 +216,7 @@ def test_chunked_never_creates_full_logits(tmp_path):
     dispatch mode in a fresh process. Chunked by 256 it is one chunk's logits; unchunked (and today) n x vocab."""
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    env = subprocess_env(PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,7 +1,8 @@
 """Training checkpoints with Megatron-Core dist_checkpointing: atomic, complete-or-ignored, reshardable.
 
 A checkpoint is a folder `step_NNNNNNN` holding the model and optimizer as sharded tensors (loadable at another
-TP/PP/DP layout), the scheduler, the step and consumed pairs, each rank's RNG states and the run's config. It is
+TP/PP/DP layout), the scheduler, the step and consumed pairs, each rank's RNG states and the run's config (and,
+when TR-DPO moves the reference's weights, the reference model under `reference.`). It is
 written to `step_NNNNNNN.tmp` and renamed after every rank has finished and rank 0 has written the `COMPLETE`
 marker inside it, so a crash mid-save leaves only a `.tmp` folder that is never loaded. The last `keep_last` are kept.
 """
@@ -27,6 +28,9 @@ from mdpo.checkpoint.files import COMPLETE, TRAINING_META
 from mdpo.errors import MdpoError
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
+# The key prefix of a reference model saved with the policy (`dpo.sync_ref_model`), and the meta flag saying so
+REFERENCE_PREFIX = "reference."
+HAS_REFERENCE = "reference_weights"
 
 
 def optimizer_metadata() -> dict:
@@ -70,7 +74,8 @@ def _rng_state() -> ShardedObject:
     )
 
 
-def _sharded_state(model, optimizer, is_loading: bool, rng: bool = True) -> dict:
+def _sharded_state(model, optimizer, is_loading: bool, rng: bool = True,
+                   reference: torch.nn.Module | None = None) -> dict:  # fmt: skip
     model_state = model.sharded_state_dict()
     state = {
         "model": model_state,
@@ -78,19 +83,25 @@ def _sharded_state(model, optimizer, is_loading: bool, rng: bool = True) -> dict
     }
     if rng:
         state["rng_state"] = _rng_state()
+    if reference is not None:  # its own keys: a sharded tensor's key, not its place in this dict, names it on disk
+        state["reference"] = reference.sharded_state_dict(prefix=REFERENCE_PREFIX)
     return state
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: dict, keep_last: int,
+                    reference: torch.nn.Module | None = None) -> Path:  # fmt: skip
+    """Collective: every rank calls it. Returns the final folder. `reference`: a reference model whose weights are
+    training state too (TR-DPO), saved under its own keys and flagged in the meta."""
     final, tmp = step_dir(root, step), root / f"step_{step:07d}.tmp"
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False)
+    state = _sharded_state(model, optimizer, is_loading=False, reference=reference)
     state["scheduler"] = scheduler.state_dict()
+    if reference is not None:
+        meta = {**meta, HAS_REFERENCE: True}
     try:
         dist_checkpointing.save(state, str(tmp))
         torch.distributed.barrier()
@@ -142,6 +153,11 @@ def read_meta(folder: Path) -> dict:
     if not (folder / COMPLETE).is_file():
         raise MdpoError(f"{folder}: not a complete mdpo checkpoint (no {COMPLETE} marker)")
     return json.loads((folder / TRAINING_META).read_text())
+
+
+def has_reference(meta: dict) -> bool:
+    """Whether a checkpoint holds a reference model (saved by a TR-DPO run); older checkpoints never do."""
+    return bool(meta.get(HAS_REFERENCE, False))
 
 
 def _distributed_optimizers(optimizer) -> list[DistributedOptimizer]:  # noqa: ANN001 - Megatron's types
@@ -206,18 +222,21 @@ def _restore_adam_steps(optimizer) -> None:  # noqa: ANN001 - Megatron's types
                     opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, load_rng: bool = True) -> dict:
-    """Restore model, optimizer, scheduler and (same layout only: they are per TP/PP rank) RNG states in place;
-    returns the checkpoint's meta (step, ...)."""
+def load_checkpoint(folder: Path, model, optimizer, scheduler, load_rng: bool = True,
+                    reference: torch.nn.Module | None = None) -> dict:  # fmt: skip
+    """Restore model, optimizer, scheduler, (same layout only: they are per TP/PP rank) RNG states and the
+    `reference` model when given (saved with it: see `has_reference`) in place; returns the checkpoint's meta."""
     meta = read_meta(folder)
     _ensure_optimizer_state(optimizer)
-    state = _sharded_state(model, optimizer, is_loading=True, rng=load_rng)
+    state = _sharded_state(model, optimizer, is_loading=True, rng=load_rng, reference=reference)
     state["scheduler"] = None  # common (unsharded) state: read as saved
     try:
         loaded = dist_checkpointing.load(state, str(folder))
     except (Exception, CheckpointException) as err:  # many kinds; name the folder and the cause
         raise MdpoError(f"{folder}: cannot load checkpoint ({type(err).__name__}: {str(err)[:300]})") from None
     model.load_state_dict(loaded["model"])
+    if reference is not None:
+        reference.load_state_dict({k.removeprefix(REFERENCE_PREFIX): v for k, v in loaded["reference"].items()})
     with torch.no_grad(), _load_without_adam_steps(optimizer):
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)

@@ -18,6 +18,7 @@ from mdpo.config.loading import (
     coerce_field,
     config_to_dict,
     load_config,
+    load_config_tree,
     load_section,
     translate_args,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "coerce_field",
     "config_to_dict",
     "load_config",
+    "load_config_tree",
     "load_section",
     "padded_vocab_size",
     "stage_layers",

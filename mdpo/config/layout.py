@@ -194,8 +194,3 @@ class Layout:
                 f"{name('cp')} > 1 needs RoPE and model.attention auto, te or sdpa (Megatron's local attention and "
                 f"ALiBi have no context parallelism), got model.attention={attention}{on_machine}"
             )
-        if self.sequence_parallel and resolved not in (None, "te"):
-            raise ConfigError(
-                f"{name('sequence_parallel')}=true needs Transformer Engine's layers (installed, with model.attention "
-                "auto or te): Megatron-Core's local RMSNorm cannot reduce its gradients over a split sequence"
-            )

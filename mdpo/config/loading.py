@@ -10,6 +10,7 @@ launcher (`ParallelConfig.layout(world)`), not here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -303,6 +304,25 @@ def load_config(
     or `model.init_from` names (`mdpo.checkpoint.description.describe_model`); without it those keys are kept as
     given and the model section's own values describe the model."""
     raw, origin = _read_tree(path, overrides)
+    cfg = _build(raw, origin, describe_model)
+    validate(cfg)
+    return cfg
+
+
+def load_config_tree(
+    tree: dict[str, Any],
+    origin: dict[str, str],
+    overrides: Sequence[str] = (),
+    *,
+    describe_model: DescribeModel | None = None,
+) -> TrainConfig:
+    """`load_config` for sections a command derived rather than read from a YAML file (`mdpo eval`: a training
+    checkpoint's stored settings and its own flags), then ``key=value`` overrides; `origin` maps dotted keys to
+    where each came from, for the error messages."""
+    raw = copy.deepcopy(tree)
+    origin = dict(origin)
+    for item in overrides:
+        _apply_override(raw, item, origin)
     cfg = _build(raw, origin, describe_model)
     validate(cfg)
     return cfg

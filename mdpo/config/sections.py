@@ -281,12 +281,22 @@ class DPOConfig(Section):
     rpo_alpha: float = 0.0
     reference: str = "online"  # online | precomputed (see `mdpo precompute-ref`) | none (reference-free)
     reference_cache: str | None = None  # precomputed reference log-probs; None = RUN_DIR/reference_logps
-    bco_delta: float = 0.0  # bco_pair's reward shift
+    # bco_pair's reward shift; None = the running mean of past steps' rewards (BCO, TRL 0.x), kept in checkpoints
+    bco_delta: float | None = None
     discopop_tau: float = 0.05  # discopop's temperature
     # reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence: f-DPO's f'(policy / reference) replaces the
     # log-ratio in the loss (only for F_DIVERGENCE_LOSS_TYPES)
     f_divergence: str = "reverse_kl"
     f_alpha_coef: float = 0.5  # alpha_divergence's alpha (TRL f_alpha_divergence_coef); within 1e-6 of 1: reverse_kl
+    # LD-DPO: response tokens past the pair's shorter response count ld_alpha times in the summed log-probs (policy
+    # and reference); None = plain sums (1.0 is the same), 0.0 = only the shared length counts
+    ld_alpha: float | None = None
+    use_weighting: bool = False  # WPO: each pair's loss weighted by its responses' length-normalised probabilities
+    # TR-DPO (TRL's names): every ref_model_sync_steps steps the online reference becomes
+    # ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6  # in (0, 1]; 1 copies the policy
+    ref_model_sync_steps: int = 512
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -328,6 +338,20 @@ class DPOConfig(Section):
                 "use dpo.f_divergence=reverse_kl with it"
             )
         _one_of("dpo.reference", self.reference, REFERENCE_MODES)
+        if self.ld_alpha is not None:
+            need(0.0 <= self.ld_alpha <= 1.0, f"dpo.ld_alpha must be in [0, 1] (or null: off), got {self.ld_alpha!r}")
+        sorting = [t for t in types if t in ("aot", "aot_unpaired")]
+        if self.use_weighting and sorting:
+            raise ConfigError(f"dpo.use_weighting (WPO) does not apply to loss type {sorting[0]!r}: it sorts over "
+                              "the batch, so its terms are not tied to pairs (TRL refuses it too)")  # fmt: skip
+        alpha, every = self.ref_model_mixup_alpha, self.ref_model_sync_steps
+        need(0 < alpha <= 1, f"dpo.ref_model_mixup_alpha must be in (0, 1], got {alpha!r}")
+        need(every >= 1, f"dpo.ref_model_sync_steps must be >= 1, got {every!r}")
+        need(
+            not self.sync_ref_model or self.reference == "online",
+            f"dpo.sync_ref_model=true needs dpo.reference=online, got dpo.reference={self.reference}: TR-DPO mixes "
+            "the policy's weights into a reference model, and there is none to mix into",
+        )
 
 
 @dataclass

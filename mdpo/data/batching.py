@@ -13,7 +13,8 @@ rejected one, so a pair never straddles micro-batches, DP ranks or pipeline stag
 
 What is scored is explicit: `score_index` (flat positions, row * length + column, whose next-token log-prob counts),
 `score_labels` (the token) and `score_sequence` (which of the 2m sequences it adds to); with a shared prompt the
-prompt's last position is scored twice. Everything is built here, on the host, so the step needs no device sync.
+prompt's last position is scored twice. `score_tail` marks the response tokens past the pair's shorter response
+(LD-DPO weights them by `dpo.ld_alpha`). Everything is built here, on the host, so the step needs no device sync.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class MicroBatch:
     score_index: torch.Tensor  # [n] flat positions whose next-token log-prob is scored
     score_labels: torch.Tensor  # [n] the token scored there
     score_sequence: torch.Tensor  # [n] the sequence (0..2m-1) it adds to
+    score_tail: torch.Tensor  # [n] bool: the token lies past the pair's shorter response (LD-DPO's tail)
     pair_ids: list[int]  # dataset indices, for error messages
     num_input_tokens: int = 0  # as TRL counts them: every sequence's real tokens, its prompt included
     num_computed_tokens: int = 0  # real tokens the rows hold (a shared prompt once)
@@ -79,7 +81,8 @@ class MicroBatch:
         return len(self.pair_ids)
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        for name in ("tokens", "position_ids", "score_index", "score_labels", "score_sequence", "cu_seqlens"):
+        for name in ("tokens", "position_ids", "score_index", "score_labels", "score_sequence", "score_tail",
+                     "cu_seqlens"):  # fmt: skip
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         if self.blocks is not None:
@@ -94,7 +97,7 @@ class _Rows:
         self.length = length
         self.tokens = torch.full((rows, length), pad_id, dtype=torch.long)
         self.positions = torch.arange(length).repeat(rows, 1)  # padding keeps its index (CP slices RoPE by it)
-        self.scores: list[tuple[int, int, int]] = []  # (flat position, label, sequence)
+        self.scores: list[tuple[int, int, int, bool]] = []  # (flat position, label, sequence, past the shorter)
         self.blocks: list[tuple[list[int], list[int]]] = []  # (query flat positions, key flat positions)
 
     def _place(self, row: int, start: int, ids: list[int], first_position: int) -> list[int]:
@@ -103,27 +106,31 @@ class _Rows:
         base = row * self.length + start
         return list(range(base, base + len(ids)))
 
-    def sequence(self, row: int, start: int, prompt: list[int], response: list[int], sequence: int) -> int:
-        """[prompt | response] at `start`: response tokens scored, one square causal block; returns its end."""
-        ids = prompt + response
+    def sequence(self, row: int, start: int, prompt: list[int], response: list[int], sequence: int,
+                 shorter: int) -> int:  # fmt: skip
+        """[prompt | response] at `start`: response tokens scored (those past `shorter`, the pair's shorter response
+        length, marked as tail), one square causal block; returns its end."""
+        ids, p = prompt + response, len(prompt)
         flat = self._place(row, start, ids, 0)
-        self.scores += [(flat[t], ids[t + 1], sequence) for t in range(len(prompt) - 1, len(ids) - 1)]
+        self.scores += [(flat[p - 1 + t], token, sequence, t >= shorter) for t, token in enumerate(response)]
         self.blocks.append((flat, flat))
         return start + len(ids)
 
     def shared(self, row: int, start: int, pair: TokenizedPair, chosen_seq: int, rejected_seq: int) -> int:
         """[prompt | chosen | rejected] at `start`, rejected's positions continuing from the prompt's end."""
-        p, c = len(pair.prompt), len(pair.chosen)
+        p, c, shorter = len(pair.prompt), len(pair.chosen), _shorter(pair)
         head = self._place(row, start, pair.prompt + pair.chosen, 0)
         tail = self._place(row, start + p + c, pair.rejected, p)
-        self.scores += [(head[p - 1 + t], token, chosen_seq) for t, token in enumerate(pair.chosen)]
+        self.scores += [(head[p - 1 + t], token, chosen_seq, t >= shorter) for t, token in enumerate(pair.chosen)]
         before_rejected = [head[p - 1], *tail[:-1]]  # the prompt's last position predicts rejected's first token
-        self.scores += [(flat, token, rejected_seq) for flat, token in zip(before_rejected, pair.rejected)]
+        self.scores += [(flat, token, rejected_seq, t >= shorter)
+                        for t, (flat, token) in enumerate(zip(before_rejected, pair.rejected))]  # fmt: skip
         self.blocks += [(head, head), (tail, head[:p] + tail)]
         return start + p + c + len(pair.rejected)
 
     def batch(self, pairs: Sequence[TokenizedPair], *, with_blocks: bool, **fields: object) -> MicroBatch:
-        index, labels, sequences = (torch.tensor(column, dtype=torch.long) for column in zip(*self.scores))
+        index, labels, sequences, tails = zip(*self.scores)
+        index, labels, sequences = (torch.tensor(column, dtype=torch.long) for column in (index, labels, sequences))
         blocks = None
         if with_blocks:
             queries, keys = zip(*self.blocks)
@@ -140,11 +147,16 @@ class _Rows:
             score_index=index,
             score_labels=labels,
             score_sequence=sequences,
+            score_tail=torch.tensor(tails, dtype=torch.bool),
             pair_ids=[p.index for p in pairs],
             num_input_tokens=sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs),
             blocks=blocks,
             **fields,
         )
+
+
+def _shorter(pair: TokenizedPair) -> int:
+    return min(len(pair.chosen), len(pair.rejected))
 
 
 def _rounded(length: int, multiple: int) -> int:
@@ -160,7 +172,7 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 1) -> M
     length = _rounded(max(len(prompt) + len(response) for prompt, response in sequences), multiple)
     rows = _Rows(2 * m, length, pad_id)
     for k, (prompt, response) in enumerate(sequences):
-        rows.sequence(k, 0, prompt, response, k)
+        rows.sequence(k, 0, prompt, response, k, _shorter(pairs[k % m]))
     computed = sum(len(prompt) + len(response) for prompt, response in sequences)
     return rows.batch(pairs, with_blocks=False, num_computed_tokens=computed, num_slots=2 * m * length)
 
@@ -191,9 +203,9 @@ def collate_packed(
         if shared:
             end = rows.shared(0, end, pair, k, m + k)
         else:
-            end = rows.sequence(0, end, pair.prompt, pair.chosen, k)
+            end = rows.sequence(0, end, pair.prompt, pair.chosen, k, _shorter(pair))
             boundaries.append(end)
-            end = rows.sequence(0, end, pair.prompt, pair.rejected, m + k)
+            end = rows.sequence(0, end, pair.prompt, pair.rejected, m + k, _shorter(pair))
         boundaries.append(end)
     if total > real:  # the padding continues the last sequence's positions (THD kernels count it in that one)
         last = int(rows.positions[0, real - 1])
@@ -230,6 +242,7 @@ def context_parallel_share(batch: MicroBatch, cp: int, rank: int) -> MicroBatch:
         score_index=row[mine] * keep.numel() + local[column[mine]],
         score_labels=batch.score_labels[mine],
         score_sequence=batch.score_sequence[mine],
+        score_tail=batch.score_tail[mine],
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -13,6 +15,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from mdpo.config import Layout, ModelConfig, padded_vocab_size
 from mdpo.models.attention import (
@@ -59,19 +63,48 @@ def packs_as_thd(model: ModelConfig, dtype: torch.dtype) -> bool:
     return attention == "sdpa" and model.position_embedding != "alibi" and flash
 
 
+class TorchNorm:
+    """Megatron's WrappedTorchNorm (torch's RMSNorm or LayerNorm, as `config.normalization` says) that also runs
+    under sequence parallelism, which WrappedTorchNorm refuses. There each TP rank normalises its own part of the
+    sequence, so its weight's gradient is a part of the sum: the weight (and bias) are marked `sequence_parallel`,
+    as Megatron marks its fused and TE norms, and `finalize_model_grads` sums their gradients over the TP ranks."""
+
+    def __new__(
+        cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs: object
+    ) -> torch.nn.Module:
+        plain = copy.copy(config)
+        plain.sequence_parallel = False  # the norm's math is per token: the split changes only its gradient's sum
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        if config.sequence_parallel:
+            for param in norm.parameters():
+                param.sequence_parallel = True
+        return norm
+
+
 def layer_spec(model: ModelConfig) -> ModuleSpec:
-    """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers, with torch SDPA as
-    the core attention (`auto`, `sdpa`) or Megatron's unfused attention when asked (`local`). ALiBi always runs
-    through SDPA with the biases added to the scores (the config refuses te/local with it)."""
+    """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers (norms: `TorchNorm`),
+    with torch SDPA as the core attention (`auto`, `sdpa`) or Megatron's unfused attention when asked (`local`).
+    ALiBi always runs through SDPA with the biases added to the scores (the config refuses te/local with it)."""
     attention = core_attention(model)
     if attention == "te":
         return get_gpt_layer_with_transformer_engine_spec()
     local = get_gpt_layer_local_spec(normalization="RMSNorm")
+    local.submodules.input_layernorm = local.submodules.pre_mlp_layernorm = TorchNorm
     if model.position_embedding == "alibi":
         return with_core_attention(local, ALiBiAttention)
     if attention == "sdpa":
         return with_core_attention(local, SDPAttention)
     return with_core_attention(local, LocalAttention)
+
+
+def decoder_spec(model: ModelConfig, config: TransformerConfig) -> ModuleSpec | TransformerBlockSubmodules:
+    """What GPTModel builds this stage's layers and final norm from. Given a layer spec alone, Megatron picks the
+    final norm itself (TE's, apex's or WrappedTorchNorm, whichever imports), so the local layers come as a block
+    whose final norm is `TorchNorm` too. TE's layers keep TE's final norm, which takes sequence parallelism."""
+    spec = layer_spec(model)
+    if core_attention(model) == "te":
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=TorchNorm)
 
 
 def transformer_config(
@@ -198,7 +231,7 @@ def build_gpt_model(
     layout.check_attention(model.attention, model.position_embedding, resolved=core_attention(model))
     gpt = PositionedGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model),
+        transformer_layer_spec=decoder_spec(model, config),
         vocab_size=padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

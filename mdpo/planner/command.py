@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> str:
             cluster.world, tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp, sequence_parallel=args.sequence_parallel,
             distributed_optimizer=not args.no_distributed_optimizer, recompute=args.recompute,
             micro_batch=args.micro_batch, packing=not args.no_packing, pack_tokens=args.pack_tokens,
-            share_prompt=not args.no_share_prompt and args.cp == 1 and not args.sequence_parallel,
+            share_prompt=not args.no_share_prompt and args.cp == 1,
             logprob_chunk_tokens=args.logprob_chunk_tokens,
         )  # fmt: skip
         problems = check_layout(model, candidate, workload, cluster)

@@ -100,8 +100,8 @@ class Candidate:
     pack_tokens: int | None = None  # None: the longest pair (mdpo's default, 2 x data.max_length)
     overlap_grad_reduce: bool = True
     precision: str = "bf16"  # bf16 | fp32
-    # each pair one sequence [prompt | chosen | rejected] (data.share_prompt): not with CP, nor with sequence
-    # parallelism, which needs Transformer Engine's layers, whose attention mdpo gives no blocks
+    # each pair one sequence [prompt | chosen | rejected] (data.share_prompt): not with CP; on mdpo's attention,
+    # with or without sequence parallelism (Transformer Engine's attention takes no blocks)
     share_prompt: bool = True
     logprob_chunk_tokens: int = 1024  # rows of logits that exist at once (model.logprob_chunk_tokens)
 
@@ -346,8 +346,6 @@ def check_layout(model: ModelConfig, candidate: Candidate, workload: Workload, c
         problems.append("a pack must hold the longest pair")
     if candidate.share_prompt and layout.cp > 1:
         problems.append("a shared prompt needs CP=1 (context parallelism cuts rows into chunks)")
-    if candidate.share_prompt and layout.sequence_parallel:
-        problems.append("a shared prompt needs mdpo's attention; sequence parallelism needs Transformer Engine's")
     return problems
 
 
@@ -366,7 +364,7 @@ def search(model: ModelConfig, workload: Workload, cluster: Cluster, top: int = 
         for shape in shapes:
             try:
                 candidate = Candidate.on(world, tp=t, pp=p, cp=c, sequence_parallel=t > 1, recompute=recompute,
-                                         share_prompt=c == 1 and t == 1, **shape)  # fmt: skip
+                                         share_prompt=c == 1, **shape)  # fmt: skip
             except ConfigError:  # TP x PP x CP does not divide the world
                 continue
             if check_layout(model, candidate, workload, cluster):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mdpo.checkpoint.dist import complete_checkpoints, load_checkpoint, read_meta, save_checkpoint
+from mdpo.checkpoint.dist import complete_checkpoints, has_reference, load_checkpoint, read_meta, save_checkpoint
 from mdpo.config import CheckpointConfig, Layout
 from mdpo.errors import ConfigError
 from mdpo.training.metrics import check_writable
@@ -37,6 +37,21 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _check_reference(folder: Path, meta: dict, wanted: bool) -> None:
+    """A TR-DPO run's reference has moved: resuming one without it (or the other way round) would not continue it."""
+    if has_reference(meta) == wanted:
+        return
+    if wanted:
+        raise ConfigError(
+            f"{folder}: saved without dpo.sync_ref_model (it holds no reference weights), now dpo.sync_ref_model=true: "
+            "resume it with dpo.sync_ref_model=false, or start a new run"
+        )
+    raise ConfigError(
+        f"{folder}: saved with dpo.sync_ref_model=true (its reference weights have moved), now false: the resumed "
+        "reference would be the initial policy; resume it with dpo.sync_ref_model=true, or start a new run"
+    )
+
+
 class After(enum.Enum):
     """What a finished step asks of the loop."""
 
@@ -57,9 +72,11 @@ class Checkpointer:
         if is_logger and cfg.dir:
             check_writable(self.root, "checkpoint.dir")
 
-    def resume(self, model, optimizer, scheduler) -> tuple[int, Path | None]:  # noqa: ANN001 - Megatron's types
+    def resume(self, model, optimizer, scheduler,  # noqa: ANN001 - Megatron's types
+               reference: torch.nn.Module | None = None) -> tuple[int, Path | None]:  # fmt: skip
         """Load the checkpoint `checkpoint.resume` names (auto: the latest complete one): (the step to start at,
-        the folder loaded; None when starting afresh)."""
+        the folder loaded; None when starting afresh). `reference`: the reference model when its weights are
+        training state (`dpo.sync_ref_model`); the checkpoint must hold one exactly then."""
         if self.cfg.resume == "none":
             return 0, None
         if self.cfg.resume == "auto":
@@ -75,8 +92,9 @@ class Checkpointer:
                 f"{folder}: saved with schedule.global_batch_size={meta['global_batch_size']}, now "
                 f"{self.global_batch_size}: the resumed data order would differ"
             )
+        _check_reference(folder, meta, reference is not None)
         saved = list(meta["layout"]) + [1] * (4 - len(meta["layout"]))  # [TP, PP, DP] before CP existed
-        load_checkpoint(folder, model, optimizer, scheduler, load_rng=saved == self.layout.sizes)
+        load_checkpoint(folder, model, optimizer, scheduler, load_rng=saved == self.layout.sizes, reference=reference)
         return int(meta["step"]), folder
 
     def start(self) -> None:
@@ -95,15 +113,16 @@ class Checkpointer:
         every = self.cfg.save_interval
         return After.SAVE if every and step % every == 0 else After.GO_ON
 
-    def save(self, step: int, model, optimizer, scheduler, meta: dict) -> Path:  # noqa: ANN001 - Megatron's types
-        """Collective: a checkpoint of `step` (keeping the last `keep_last`)."""
+    def save(self, step: int, model, optimizer, scheduler, meta: dict,  # noqa: ANN001 - Megatron's types
+             reference: torch.nn.Module | None = None) -> Path:  # fmt: skip
+        """Collective: a checkpoint of `step` (keeping the last `keep_last`), with `reference` when given."""
         meta = {
             "consumed_samples": step * self.global_batch_size,
             "global_batch_size": self.global_batch_size,
             "layout": self.layout.sizes,
             **meta,
         }
-        return save_checkpoint(self.root, step, model, optimizer, scheduler, meta, self.cfg.keep_last)
+        return save_checkpoint(self.root, step, model, optimizer, scheduler, meta, self.cfg.keep_last, reference)
 
     def close(self) -> None:
         if self._stop is not None:

@@ -12,13 +12,11 @@ from tqdm import tqdm
 from mdpo import parallel
 from mdpo.config import TrainConfig
 from mdpo.errors import ConfigError
-from mdpo.training.data import load_pairs_on_ranks, log, make_microbatches
+from mdpo.training.data import load_pairs_on_ranks, log
 from mdpo.training.reference import cache_path, reference_stamp, save_reference_logps
 from mdpo.training.run_lock import lock_run
-from mdpo.training.setup import build_stage, start_run
+from mdpo.training.setup import FORWARD_CHUNK, build_stage, start_run
 from mdpo.training.step import attach_reference_logps
-
-MICROBATCHES_PER_CALL = 64  # per schedule call: results leave the device every this many micro-batches
 
 
 def precompute_reference(cfg: TrainConfig) -> list[Path]:
@@ -37,22 +35,11 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
                 continue
             pairs = load_pairs_on_ranks(cfg.data, path, run.tokenizer, split)
             mine = list(range(run.ranks.dp, len(pairs), run.layout.dp))
-            everything = make_microbatches(
-                cfg.data,
-                cfg.schedule,
-                run.layout,
-                pairs,
-                mine,
-                run.tokenizer.pad_token_id,
-                run.ranks.cp,
-                run.share_prompt,
-            )
+            everything = run.microbatches(cfg, pairs, mine)
             results: list[tuple[list[int], list[float]]] = []
-            calls = range(0, len(everything), MICROBATCHES_PER_CALL)
-            for start in tqdm(calls, desc=f"reference {split}", disable=not run.is_logger):
-                microbatches = everything[start : start + MICROBATCHES_PER_CALL]
-                if run.device is not None:
-                    microbatches = [mb.to(run.device) for mb in microbatches]
+            chunks = tqdm(run.device_chunks(everything), desc=f"reference {split}", disable=not run.is_logger,
+                          total=-(-len(everything) // FORWARD_CHUNK))  # fmt: skip
+            for microbatches in chunks:
                 attach_reference_logps(microbatches, reference, run.scorer)
                 if parallel_state.is_pipeline_last_stage() and run.ranks.tp == run.ranks.cp == 0:
                     results += [(mb.pair_ids, mb.ref_logps.double().cpu().tolist()) for mb in microbatches]

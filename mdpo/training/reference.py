@@ -1,8 +1,8 @@
 """Precomputed reference log-probs: one forward pass of the reference over the data set, cached on disk.
 
 With `dpo.reference=precomputed` training never builds the reference model. The cache is stamped with hashes of
-the reference checkpoint, the tokenizer and the data settings; a cache whose stamp differs, or that lacks a pair
-the run needs, is refused with the reason.
+the reference checkpoint, the tokenizer, the data settings and LD-DPO's weight; a cache whose stamp differs, or
+that lacks a pair the run needs, is refused with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from mdpo.config import TrainConfig
 from mdpo.errors import MdpoError
 
-STAMP_PARTS = ("reference checkpoint", "tokenizer", "data")
+STAMP_PARTS = ("reference checkpoint", "tokenizer", "data", "LD-DPO weighting (dpo.ld_alpha)")
 # Data settings that do not change the tokens (the files themselves are hashed by content).
 _NOT_TOKEN_SETTINGS = ("train_file", "eval_file", "num_proc", "cache", "cache_dir")
 
@@ -39,7 +39,7 @@ def _folder_files(folder: str) -> list[Path]:
     return [p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")]
 
 
-def reference_stamp(cfg: TrainConfig) -> dict[str, str]:
+def reference_stamp(cfg: TrainConfig) -> dict[str, str | None]:
     """What the reference log-probs depend on, hashed per part so a mismatch can be named."""
     data_settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_TOKEN_SETTINGS}
     data_files = [Path(f) for f in (cfg.data.train_file, cfg.data.eval_file) if f]
@@ -49,6 +49,8 @@ def reference_stamp(cfg: TrainConfig) -> dict[str, str]:
         "reference checkpoint": _hash_files(_folder_files(cfg.model.init_from)),
         "tokenizer": _hash_files(_folder_files(cfg.data.tokenizer)),
         "data": data_digest.hexdigest(),
+        # absent (as in caches made before it existed) when off
+        "LD-DPO weighting (dpo.ld_alpha)": None if cfg.dpo.ld_alpha is None else repr(cfg.dpo.ld_alpha),
     }
 
 
@@ -58,7 +60,7 @@ def cache_path(cfg: TrainConfig, split: str) -> Path:
 
 
 def save_reference_logps(
-    path: Path, indices: list[int], chosen: list[float], rejected: list[float], stamp: dict[str, str]
+    path: Path, indices: list[int], chosen: list[float], rejected: list[float], stamp: dict[str, str | None]
 ) -> None:
     """Atomic: written to a temporary name and renamed, so a crash never leaves a partial cache behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,7 @@ def save_reference_logps(
 class ReferenceLogps:
     """Per-pair reference log-probs looked up by dataset index."""
 
-    def __init__(self, path: Path, stamp: dict[str, str], needed: list[int]) -> None:
+    def __init__(self, path: Path, stamp: dict[str, str | None], needed: list[int]) -> None:
         if not path.exists():
             raise MdpoError(f"{path}: no precomputed reference log-probs; run `mdpo precompute-ref CONFIG.yaml` first")
         with safe_open(str(path), framework="pt") as handle:

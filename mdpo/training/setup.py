@@ -4,6 +4,7 @@ and a pipeline stage of the model with its starting weights. Shared by training 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,11 +15,16 @@ from transformers import PreTrainedTokenizerBase
 from mdpo import parallel
 from mdpo.checkpoint.load import load_initial_weights
 from mdpo.config import Layout, ParallelConfig, TrainConfig
+from mdpo.data.batching import MicroBatch
 from mdpo.data.encoding import load_tokenizer
+from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import ConfigError
 from mdpo.models.gpt import build_gpt_model, core_attention, packs_as_thd, transformer_config, use_scoring_head
-from mdpo.training.data import log
+from mdpo.training.data import log, make_microbatches
 from mdpo.training.step import Scorer
+
+# Micro-batches a forward-only pass puts on the device per schedule call (results leave it as often).
+FORWARD_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,20 @@ class Run:
     def is_logger(self) -> bool:
         """Global rank 0 writes the run's files and prints."""
         return torch.distributed.get_rank() == 0
+
+    def microbatches(self, cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int]) -> list[MicroBatch]:
+        """This rank's pairs (`indices` into `pairs`) as micro-batches of its layout, on the host."""
+        return make_microbatches(cfg.data, cfg.schedule, self.layout, pairs, indices, self.tokenizer.pad_token_id,
+                                 self.ranks.cp, self.share_prompt)  # fmt: skip
+
+    def on_device(self, batches: list[MicroBatch]) -> list[MicroBatch]:
+        return [mb.to(self.device) for mb in batches] if self.device is not None else batches
+
+    def device_chunks(self, batches: list[MicroBatch]) -> Iterator[list[MicroBatch]]:
+        """A forward-only pass over many micro-batches (evaluation, `precompute-ref`): FORWARD_CHUNK of them on the
+        device at a time, the rest on the host."""
+        for start in range(0, len(batches), FORWARD_CHUNK):
+            yield self.on_device(batches[start : start + FORWARD_CHUNK])
 
 
 def train_dtype(parallel_cfg: ParallelConfig) -> torch.dtype:
@@ -62,7 +82,7 @@ def start_run(cfg: TrainConfig) -> Run:
         )
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     dtype = train_dtype(cfg.parallel)
-    scorer = Scorer(cfg.model, cfg.model.logprob_chunk_tokens, packs_as_thd(cfg.model, dtype))
+    scorer = Scorer(cfg.model, cfg.model.logprob_chunk_tokens, packs_as_thd(cfg.model, dtype), cfg.dpo.ld_alpha)
     return Run(layout, ranks, dtype, device, tokenizer, share_prompt(cfg), scorer)
 
 

@@ -10,7 +10,7 @@ exact mean over pairs for any micro-batch count, DP size or PP size.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -20,20 +20,43 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mdpo.config import DPOConfig, ModelConfig
 from mdpo.data.batching import MicroBatch
-from mdpo.loss import pair_losses
+from mdpo.loss import pair_losses, wpo_weights
 from mdpo.models.attention import BlockAttention
 from mdpo.models.gpt import head_weight
 from mdpo.training.logprobs import SequenceStats, sequence_stats
 from mdpo.training.metrics import pair_sums
 
 
+@dataclass
+class RewardMean:
+    """bco_pair's shift when `dpo.bco_delta` is None: the running mean of past steps' implicit rewards (chosen and
+    rejected alike), each step's global-batch mean counted once, as BCO and TRL 0.x keep it per batch. It is
+    updated after each applied step from the step's DP-reduced metrics, so it is the same on every rank and for
+    every layout, and the step uses the mean of the steps before it (TRL also folds in the current batch, which
+    would need the policy's rewards before its own forward). Saved in checkpoints: resume is exact."""
+
+    mean: float = 0.0
+    steps: int = 0
+
+    def update(self, chosen_reward: float, rejected_reward: float) -> None:
+        self.steps += 1
+        self.mean += ((chosen_reward + rejected_reward) / 2 - self.mean) / self.steps
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.mean, self.steps = float(state["mean"]), int(state["steps"])
+
+
 @dataclass(frozen=True)
 class DPOObjective:
     """The configured preference objective (`dpo` checked itself when built, so a step only computes);
-    `components` name the per-pair terms logged besides `loss`."""
+    `components` name the per-pair terms logged besides `loss`; `reward_mean` is bco_pair's running shift."""
 
     dpo: DPOConfig
     vocab_size: int
+    reward_mean: RewardMean = field(default_factory=RewardMean)
 
     @classmethod
     def from_config(cls, dpo: DPOConfig, vocab_size: int) -> DPOObjective:
@@ -45,9 +68,11 @@ class DPOObjective:
         names = tuple(f"loss/{t}" for t in types) if len(types) > 1 else ()
         return names + (("nll_loss",) if self.dpo.rpo_alpha > 0 else ())
 
-    def __call__(self, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths):
+    def __call__(self, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, *,
+                 sft_chosen=None, pair_weights=None):  # fmt: skip
         """Per-pair (losses, chosen_rewards, rejected_rewards, {component: per-pair value})."""
-        out = pair_losses(self.dpo, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths)
+        out = pair_losses(self.dpo, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+                          sft_chosen=sft_chosen, pair_weights=pair_weights, bco_mean=self.reward_mean.mean)  # fmt: skip
         components = {f"loss/{t}": term.detach() for t, term in out.terms.items()} if len(out.terms) > 1 else {}
         if out.nll is not None:
             components["nll_loss"] = out.nll.detach()
@@ -58,11 +83,13 @@ class DPOObjective:
 class Scorer:
     """How a last stage's output becomes per-sequence stats: the output layer at the scored positions only, in
     chunks of `chunk_tokens` (the full logits never exist), on `vocab_size` real columns; `thd` says whether packed
-    rows reach the attention as THD sequences (`models.gpt.packs_as_thd`)."""
+    rows reach the attention as THD sequences (`models.gpt.packs_as_thd`); `ld_alpha` is LD-DPO's weight of the
+    tokens past a pair's shorter response, for the policy and the reference alike."""
 
     model: ModelConfig
     chunk_tokens: int
     thd: bool
+    ld_alpha: float | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -87,9 +114,11 @@ class Scorer:
                                                          blocks=batch.blocks)  # fmt: skip
         return model(**inputs)
 
-    def stats(self, batch: MicroBatch, model: torch.nn.Module, hidden: torch.Tensor) -> SequenceStats:
+    def stats(self, batch: MicroBatch, model: torch.nn.Module, hidden: torch.Tensor,
+              square_mass: bool = False) -> SequenceStats:  # fmt: skip
+        """`square_mass`: also WPO's per-sequence sums (the policy's pass with `dpo.use_weighting`)."""
         weight = head_weight(getattr(model, "module", model), self.model)
-        return sequence_stats(hidden, batch, weight, self.vocab_size, self.chunk_tokens)
+        return sequence_stats(hidden, batch, weight, self.vocab_size, self.chunk_tokens, self.ld_alpha, square_mass)
 
 
 def _reference_loss(batch: MicroBatch, scorer: Scorer, model: torch.nn.Module, output: torch.Tensor):
@@ -100,13 +129,16 @@ def _reference_loss(batch: MicroBatch, scorer: Scorer, model: torch.nn.Module, o
 
 def _dpo_loss(batch: MicroBatch, objective: DPOObjective, scorer: Scorer, model: torch.nn.Module,
               output: torch.Tensor):  # fmt: skip
-    stats = scorer.stats(batch, model, output)
+    stats = scorer.stats(batch, model, output, square_mass=objective.dpo.use_weighting)
     m = batch.num_pairs
     ref = batch.ref_logps if batch.ref_logps is not None else torch.zeros_like(stats.logps)
     lengths = stats.num_tokens.to(stats.logps.dtype)
+    wpo = stats.wpo_logps
+    weights = wpo_weights(wpo[:m], wpo[m:], lengths[:m], lengths[m:]) if wpo is not None else None
     losses, chosen_rewards, rejected_rewards, components = objective(
-        stats.logps[:m], stats.logps[m:], ref[:m], ref[m:], lengths[:m], lengths[m:]
-    )
+        stats.logps[:m], stats.logps[m:], ref[:m], ref[m:], lengths[:m], lengths[m:],
+        sft_chosen=stats.plain_logps[:m], pair_weights=weights,
+    )  # fmt: skip
     sums = pair_sums(
         losses,
         chosen_rewards,

@@ -13,19 +13,22 @@ from tqdm import tqdm
 
 from mdpo import parallel
 from mdpo.checkpoint.description import export_origin
+from mdpo.checkpoint.dist import read_meta
 from mdpo.checkpoint.hf_export import gather_full_state, write_hf_export
 from mdpo.config import TrainConfig, config_to_dict
 from mdpo.data.batching import MicroBatch, PairSampler, rank_share
 from mdpo.data.pairs import TokenizedPair
-from mdpo.errors import DataError, MdpoError
+from mdpo.errors import MdpoError
 from mdpo.plot import plot_metrics
 from mdpo.training.checkpointing import After, Checkpointer
-from mdpo.training.data import load_pairs_on_ranks, log, make_microbatches
+from mdpo.training.data import load_pairs_on_ranks, log
+from mdpo.training.evaluation import evaluate_pairs
 from mdpo.training.memory import peak_memory_gib, reset_peak_memory
 from mdpo.training.metrics import SUM_FIELDS, MetricsLogger, finalize
 from mdpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from mdpo.training.profiling import profiled
 from mdpo.training.reference import ReferenceLogps, cache_path, reference_stamp
+from mdpo.training.reference_sync import sync_reference
 from mdpo.training.run_lock import lock_run
 from mdpo.training.setup import build_stage, start_run
 from mdpo.training.step import DPOObjective, attach_reference_logps, dpo_forward_step, reduce_sums, run_schedule
@@ -112,6 +115,7 @@ class Trainer:
             for step in range(start + 1, self.train_steps + 1):
                 record = self.train_step(step - 1)
                 skipped += self._apply_nonfinite_policy(step, record, skipped)
+                self._sync_reference(step)
                 record["skipped_steps"] = skipped
                 if step % cfg.logging.log_interval == 0 or step == self.train_steps:
                     self.metrics.log(record)
@@ -147,6 +151,16 @@ class Trainer:
             raise MdpoError(f"{where}; pairs in the offending micro-batches: {record['nonfinite_pairs']}")
         log(f"{where}: step skipped ({skipped + 1} so far)")
         return 1
+
+    def _sync_reference(self, step: int) -> None:
+        """TR-DPO (`dpo.sync_ref_model`): after every `ref_model_sync_steps`-th step the reference is mixed toward
+        the policy's weights (gathered first: with `overlap_param_gather` they are still shards). A skipped step
+        counts too, as in TRL, whose callback runs at every step end whether or not the optimizer stepped: the
+        schedule stays on the step numbers (TRL's `global_step`), and the policy mixed in is the last finite one."""
+        dpo = self.cfg.dpo
+        if dpo.sync_ref_model and step % dpo.ref_model_sync_steps == 0:
+            self._sync_params()
+            sync_reference(self.reference, self.policy.module, dpo.ref_model_mixup_alpha)
 
     def _eval_due(self, step: int) -> bool:
         """Held-out evaluation every eval_interval steps (the one after the last step is the final evaluation)."""
@@ -195,6 +209,7 @@ class Trainer:
         if finite:
             self.optimizer.step()
             self.scheduler.step(increment=1)
+            self.objective.reward_mean.update(record["rewards/chosen"], record["rewards/rejected"])
         else:
             record["nonfinite_pairs"] = _nonfinite_pairs(outputs)
         if torch.cuda.is_available():
@@ -213,25 +228,13 @@ class Trainer:
         return record
 
     def evaluate(self) -> dict[str, float]:
-        """Forward-only DPO metrics over the held-out pairs (each DP rank takes every dp-th pair)."""
-        dp = self.run.layout.dp
-        if len(self.eval_pairs) < dp:
-            raise DataError(f"{self.cfg.data.eval_file}: fewer eval pairs than data-parallel ranks ({dp})")
-        mine = list(range(self.run.ranks.dp, len(self.eval_pairs), dp))
-        microbatches = self._microbatches(mine, self.eval_pairs)
-        self._attach_reference(microbatches, "eval")
-        with torch.no_grad():
-            outputs = run_schedule(
-                partial(dpo_forward_step, self.objective, self.run.scorer), microbatches, self.policy, forward_only=True
-            )
-        return finalize(self._reduce(outputs), self.objective.components, prefix="eval_")
+        """Forward-only DPO metrics over the held-out pairs: `evaluate_pairs`, which `mdpo eval` runs too."""
+        return evaluate_pairs(self.cfg, self.run, self.objective, self.policy, self.eval_pairs,
+                              partial(self._attach_reference, split="eval"))  # fmt: skip
 
     def _microbatches(self, indices: list[int], pairs: list[TokenizedPair]) -> list[MicroBatch]:
         """This rank's pairs as micro-batches, on this rank's device."""
-        cfg, run = self.cfg, self.run
-        batches = make_microbatches(cfg.data, cfg.schedule, run.layout, pairs, indices, run.tokenizer.pad_token_id,
-                                    run.ranks.cp, run.share_prompt)  # fmt: skip
-        return [mb.to(run.device) for mb in batches] if run.device is not None else batches
+        return self.run.on_device(self.run.microbatches(self.cfg, pairs, indices))
 
     def _attach_reference(self, microbatches: list[MicroBatch], split: str) -> None:
         """Reference log-probs for each micro-batch: a forward pass (online), the cache (precomputed), or none."""
@@ -248,20 +251,40 @@ class Trainer:
 
     def _sync_params(self) -> None:
         """With parallel.overlap_param_gather each DP rank holds only its shard of the updated weights until the
-        next forward's hooks gather them; a checkpoint or export reads the weights directly, so gather them now."""
+        next forward's hooks gather them; a checkpoint, an export or TR-DPO's mixing reads the weights directly, so
+        gather them now."""
         if self.cfg.parallel.overlap_param_gather:
             self.policy.start_param_sync(force_sync=True)
 
+    @property
+    def _trained_reference(self) -> torch.nn.Module | None:
+        """The reference when its weights are training state (TR-DPO moves them), so checkpoints hold it."""
+        return self.reference if self.cfg.dpo.sync_ref_model else None
+
     def _resume(self) -> int:
-        step, folder = self.checkpointer.resume(self.policy.module, self.optimizer, self.scheduler)
+        step, folder = self.checkpointer.resume(self.policy.module, self.optimizer, self.scheduler,
+                                                self._trained_reference)  # fmt: skip
         if folder is not None:
+            self._resume_objective(folder)
             log(f"resumed from {folder} (step {step})")
         return step
+
+    def _resume_objective(self, folder: Path) -> None:
+        """The objective's own state (bco_pair's running reward mean) from the checkpoint's meta; a checkpoint from
+        before it was saved resumes only where the running mean is not used."""
+        state = read_meta(folder).get("reward_mean")
+        if state is not None:
+            self.objective.reward_mean.load_state_dict(state)
+        elif "bco_pair" in self.cfg.dpo.loss_types and self.cfg.dpo.bco_delta is None:
+            raise MdpoError(f"{folder}: saved before bco_pair's running reward mean was kept; resume it with a fixed "
+                            "dpo.bco_delta (0.0 was the old default)")  # fmt: skip
 
     def save(self, step: int) -> None:
         self._sync_params()
         folder = self.checkpointer.save(step, self.policy.module, self.optimizer, self.scheduler,
-                                        {"config": config_to_dict(self.cfg)})  # fmt: skip
+                                        {"config": config_to_dict(self.cfg),
+                                         "reward_mean": self.objective.reward_mean.state_dict()},
+                                        self._trained_reference)  # fmt: skip
         log(f"checkpoint: {folder}")
 
     def export_hf(self, folder: Path) -> None:

@@ -1,0 +1,52 @@
+"""Held-out evaluation: forward-only DPO metrics of a set of pairs, TRL's names with the `eval_` prefix.
+
+One function for both callers, so that `mdpo eval` reports the very numbers training logs for the same file:
+`Trainer.evaluate` (the run's eval set, the run's reference) and the `mdpo eval` command (any model folder)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from tqdm import tqdm
+
+from mdpo.config import TrainConfig
+from mdpo.data.batching import MicroBatch
+from mdpo.data.pairs import TokenizedPair
+from mdpo.errors import DataError
+from mdpo.training.metrics import SUM_FIELDS, finalize
+from mdpo.training.setup import Run
+from mdpo.training.step import DPOObjective, dpo_forward_step, reduce_sums, run_schedule
+
+AttachReference = Callable[[list[MicroBatch]], None]  # fills each micro-batch's ref_logps (or leaves None: zeros)
+
+
+def evaluate_pairs(
+    cfg: TrainConfig,
+    run: Run,
+    objective: DPOObjective,
+    policy: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    attach_reference: AttachReference,
+    *,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Forward-only DPO metrics over `pairs` (each DP rank takes every dp-th pair), reduced over the ranks and
+    returned on every rank as `eval_`-prefixed TRL names; a progress bar over this rank's pairs on global rank 0
+    when `progress`."""
+    dp = run.layout.dp
+    if len(pairs) < dp:
+        raise DataError(f"{cfg.data.eval_file}: fewer eval pairs than data-parallel ranks ({dp})")
+    mine = list(range(run.ranks.dp, len(pairs), dp))
+    step = partial(dpo_forward_step, objective, run.scorer)
+    outputs: list[dict] = []
+    # The metric sums are added in micro-batch order however the micro-batches are chunked: the same numbers.
+    with tqdm(total=len(mine), desc="eval", unit="pair", disable=not (progress and run.is_logger)) as bar:
+        for chunk in run.device_chunks(run.microbatches(cfg, pairs, mine)):
+            attach_reference(chunk)
+            with torch.no_grad():
+                outputs += run_schedule(step, chunk, policy, forward_only=True)
+            bar.update(sum(len(mb.pair_ids) for mb in chunk))
+    sums = reduce_sums(outputs, len(SUM_FIELDS) + len(objective.components))
+    return finalize(sums, objective.components, prefix="eval_")
