@@ -1,7 +1,8 @@
 # Shared by examples/dpo_*.sh (sourced, not run): convert once, precompute the reference once, then train (a rerun
 # resumes from the last checkpoint) and export the policy to $WORK/hf. The recipe sets HF_MODEL, DATA, WORK, TP,
 # PP (default 1), MAX_LENGTH, TEMPLATE and RECIPE_ARGS (its own key=value settings) first; NNODES, NODE_RANK, MASTER_ADDR,
-# MASTER_PORT and GPUS_PER_NODE come from the environment. lr = 1e-6 x sqrt(nodes), global batch = 128 x nodes.
+# MASTER_PORT and GPUS_PER_NODE come from the environment. lr = BASE_LR (default 1e-6) x sqrt(nodes), global
+# batch = 128 x nodes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 NNODES=${NNODES:-1}
@@ -11,7 +12,8 @@ MASTER_PORT=${MASTER_PORT:-29500}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 PP=${PP:-1}
 : "${HF_MODEL:?set HF_MODEL to a local HF model folder}" "${DATA:?set DATA to the preference data files}"
-LR=$(python -c "import math; print(1e-6 * math.sqrt($NNODES))")
+BASE_LR=${BASE_LR:-1e-6}
+LR=$(python -c "import math; print($BASE_LR * math.sqrt($NNODES))")
 
 # 1. HF -> Megatron once (node 0; WORK is on a shared filesystem), in one process that holds about one shard.
 if [ "$NODE_RANK" = 0 ] && [ ! -f "$WORK/mcore/mdpo_model.json" ]; then

@@ -85,7 +85,7 @@ def cmd_convert(args: argparse.Namespace, extra: Sequence[str]) -> int:
             args.hf, args.out, tp=args.tp, pp=args.pp, position_embedding=args.position_embedding, check=check
         )
     else:
-        out = convert.megatron_to_hf(args.ckpt, args.out, check=check)
+        out = convert.megatron_to_hf(args.ckpt, args.out, check=check, adapter=args.adapter)
     print(f"[mdpo] wrote {out}")
     return 0
 
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     to_hf.add_argument("--ckpt", required=True, help="mdpo convert output or training checkpoint folder")
     to_hf.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    to_hf.add_argument("--adapter", action="store_true", help="a LoRA run's checkpoint: write its adapters as a PEFT "
+                       "folder (default: merged into the base, a full HF folder)")  # fmt: skip
     _check_arguments(to_hf)
     to_hf.set_defaults(func=cmd_convert)
     plan = sub.add_parser("plan", help="predict per-GPU memory and step time of layouts; rank the feasible ones")

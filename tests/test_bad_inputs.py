@@ -121,6 +121,11 @@ def corpus(tmp_path_factory):
         "log-prob chunk of zero tokens": (["train", c, "model.logprob_chunk_tokens=0"], "model.logprob_chunk_tokens must be > 0"),
         "unknown loss": (["train", c, "dpo.loss_type=dpo2"], "dpo2"),
         "batch not divisible": (["train", c, "schedule.micro_batch_size=3"], "global_batch_size=4 is not divisible by"),
+        "LoRA rank below zero": (["train", c, "lora.rank=-1"], "lora.rank must be >= 0 (0: off), got -1"),
+        "LoRA unknown target": (["train", c, "lora.rank=4", "lora.targets=[qkv,lm_head]"], "unknown lora.targets entry 'lm_head'; valid: qkv, proj, fc1, fc2"),
+        "LoRA alpha not positive": (["train", c, "lora.rank=4", "lora.alpha=0"], "lora.alpha must be > 0, got 0"),
+        "LoRA with TE attention": (["train", c, "lora.rank=4", "model.attention=te"], "lora.rank > 0 needs model.attention auto, sdpa or local"),
+        "LoRA with TR-DPO": (["train", c, "lora.rank=4", "dpo.sync_ref_model=true"], "lora.rank > 0 takes dpo.sync_ref_model=false"),
         # data rows
         "malformed JSON": (["train", c, f"data.train_file={write_rows(bad / 'a.jsonl', [good, '{oops'])}"], "a.jsonl:2: malformed JSON"),
         "row without chosen": (["train", c, f"data.train_file={write_rows(bad / 'b.jsonl', [good, {'prompt': 'p', 'rejected': 'r'}])}"], "b.jsonl:2: missing column 'chosen'"),
@@ -180,7 +185,8 @@ CASE_NAMES = [
     "empty data file", "data file of blank lines", "empty JSON array", "empty parquet file", "empty eval file",
     "folder of no data files", "every row skipped", "every pair dropped by length", "eval model folder missing",
     "eval data file missing", "eval empty data file", "eval model without tokenizer", "eval without a reference",
-    "eval tokenizer larger than model vocab", "eval reference of another architecture",
+    "eval tokenizer larger than model vocab", "eval reference of another architecture", "LoRA rank below zero",
+    "LoRA unknown target", "LoRA alpha not positive", "LoRA with TE attention", "LoRA with TR-DPO",
 ]  # fmt: skip
 
 

@@ -5,29 +5,54 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
+import yaml
 from conftest import REPO, subprocess_env, tiny_run_files
 
 from mdpo.parallel import free_port
 
 
-def test_recipe_steps_run_end_to_end(tmp_path):
+def test_tuning_sh_runs_both_modes_over_the_seeds_folders(tmp_path):
+    """`examples/tuning.sh MODE LOSS ROOT` (the seed's launcher) over ROOT/model/<HF folder> and ROOT/data/<file>,
+    MODE 0 (full tuning) and 1 (LoRA) side by side: the shared recipe's steps (convert, precompute the reference,
+    train, export) run, each mode writes what it should, and a bad MODE is one line."""
     files = tiny_run_files(tmp_path, n_train=160, n_eval=0, data_seed=3, model_seed=7)
+    root = tmp_path / "root"
+    (root / "model").mkdir(parents=True)
+    (root / "data").mkdir()
+    shutil.copytree(files["hf"], root / "model" / "tiny-llama")
     for file in files["tokenizer"].iterdir():  # a HF model folder carries its tokenizer; the conversion keeps it
-        shutil.copy(file, files["hf"] / file.name)
-    script = (
-        "TP=1; MAX_LENGTH=32; TEMPLATE=raw; RECIPE_ARGS=(logging.progress=false logging.plot=false); "
-        "source examples/_dpo_recipe.sh schedule.train_steps=2"
-    )
-    env = subprocess_env(HF_MODEL=str(files["hf"]), DATA=str(files["train"]), WORK=str(tmp_path / "work"),
-                         GPUS_PER_NODE="1", MASTER_PORT=str(free_port()))  # fmt: skip
-    result = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    work = tmp_path / "work"
-    assert (work / "mcore" / "mdpo_model.json").is_file() and (work / "reference" / "train.safetensors").is_file()
-    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2] and records[0]["learning_rate"] == 0.0  # warmup starts at 0
-    assert (work / "hf" / "config.json").is_file()
+        shutil.copy(file, root / "model" / "tiny-llama" / file.name)
+    shutil.copy(files["train"], root / "data" / "train.jsonl")
+
+    def tuning(mode: str, loss: str) -> subprocess.CompletedProcess:
+        env = subprocess_env(GPUS_PER_NODE="1", TP="1", MAX_LENGTH="32", TEMPLATE="raw", MASTER_PORT=str(free_port()))
+        cmd = ["bash", "examples/tuning.sh", mode, loss, str(root), "schedule.train_steps=2", "logging.progress=false",
+               "logging.plot=false"]  # fmt: skip
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    with ThreadPoolExecutor(2) as pool:
+        full, lora = pool.submit(tuning, "0", "sigmoid"), pool.submit(tuning, "1", "ipo")
+        full, lora = full.result(), lora.result()
+    for result in (full, lora):
+        assert result.returncode == 0, result.stderr[-3000:]
+    for mode, loss, lr in (("0", "sigmoid", 1e-6), ("1", "ipo", 5e-6)):
+        work = root / "runs" / f"tiny-llama_{loss}_mode{mode}"
+        assert (work / "mcore" / "mdpo_model.json").is_file() and (work / "reference" / "train.safetensors").is_file()
+        records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2] and records[0]["learning_rate"] == 0.0  # warmup starts at 0
+        config = yaml.safe_load((work / "config.yaml").read_text())
+        assert config["optimizer"]["lr"] == lr and config["dpo"]["loss_type"] == loss, mode
+        assert config["lora"]["rank"] == (64 if mode == "1" else 0) and config["dpo"]["beta"] == 0.1
+        assert config["schedule"]["global_batch_size"] == 128 and config["schedule"]["epochs"] == 3
+        assert (work / "hf" / "config.json").is_file()
+        assert (work / "adapter" / "adapter_config.json").is_file() == (mode == "1"), mode
+    adapter = json.loads((root / "runs" / "tiny-llama_ipo_mode1" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 64 and adapter["lora_alpha"] == 128 and adapter["lora_dropout"] == 0.05
+    bad = subprocess.run(["bash", "examples/tuning.sh", "2", "sigmoid", str(root)], cwd=REPO, capture_output=True,
+                         text=True, env=subprocess_env())  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip() == "tuning.sh: MODE must be 0 (full tuning) or 1 (LoRA), got '2'"
 
 
 def test_slurm_script_starts_one_recipe_per_node_with_the_rendezvous_of_node_0(tmp_path):

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from mdpo import parallel
 from mdpo.checkpoint.hf import HFWeights
-from mdpo.checkpoint.load import load_megatron_weights
+from mdpo.checkpoint.load import load_lora_checkpoint, load_megatron_weights, lora_meta
 from mdpo.config import DataConfig, Layout, ModelConfig
 from mdpo.data.encoding import load_tokenizer
 from mdpo.data.pairs import TokenizeReport, load_pairs
@@ -146,7 +146,10 @@ def megatron_logits(ckpt: Path, model: ModelConfig, rows: list[list[int]]) -> li
         module = build_gpt_model(model, transformer_config(model, params_dtype=torch.float32, init_weights=False))
         if torch.cuda.is_available():
             module.cuda()
-        load_megatron_weights(module, ckpt)
+        if lora_meta(ckpt) is not None:  # mdpo's own LoRA forward: the base and the adapters, unmerged
+            load_lora_checkpoint(module, ckpt, model)
+        else:
+            load_megatron_weights(module, ckpt)
         module.eval()
         device = next(module.parameters()).device
         out = []

@@ -25,12 +25,13 @@ from mdpo.checkpoint.dcp_merge import write_in_parts
 from mdpo.checkpoint.description import arch_fields, describe_model, export_origin, stored_model_fields
 from mdpo.checkpoint.files import MODEL_FILE, MODEL_FORMAT, TRAINING_META
 from mdpo.checkpoint.hf import HFWeights, copy_auxiliary
-from mdpo.checkpoint.hf_export import write_hf_export
-from mdpo.checkpoint.load import load_hf_weights, load_megatron_weights, open_hf
+from mdpo.checkpoint.hf_export import write_hf_export, write_peft_adapter
+from mdpo.checkpoint.load import load_hf_weights, load_lora_checkpoint, load_megatron_weights, lora_meta, open_hf
 from mdpo.config import FLAG_WORDING, Layout, ModelConfig
 from mdpo.errors import MdpoError
 from mdpo.models import sharding
 from mdpo.models.gpt import build_gpt_model, transformer_config
+from mdpo.models.lora import merge_adapters, split_adapters
 
 
 def _fresh_output(out: Path) -> Path:
@@ -126,31 +127,44 @@ def hf_to_megatron(
     return out
 
 
-def megatron_to_hf(ckpt: str | Path, out: str | Path, check: Check | None = None) -> Path:
+def megatron_to_hf(ckpt: str | Path, out: str | Path, check: Check | None = None, adapter: bool = False) -> Path:
     """`mdpo convert megatron-to-hf`: a converted or training checkpoint -> a HF folder of the model's family, in
-    the checkpoint's dtype, vocab padding stripped."""
+    the checkpoint's dtype, vocab padding stripped. A LoRA run's checkpoint is exported merged into its base, or
+    with `adapter` as a PEFT adapter folder (asked of any other checkpoint: refused)."""
     startup.prepare()
     ckpt, out = Path(ckpt), Path(out)
     if stored_model_fields(ckpt) is None:
         raise MdpoError(f"{ckpt}: not a mdpo Megatron checkpoint (no {MODEL_FILE} or {TRAINING_META})")
+    meta = lora_meta(ckpt)
+    if adapter and meta is None:
+        raise MdpoError(f"{ckpt}: --adapter needs a LoRA run's checkpoint (lora.rank > 0); this one holds full weights")
     model = describe_model({"init_from": str(ckpt)})
     tmp = _fresh_output(out)
     parallel.start(Layout())
     try:
         try:
             dtype = dist_checkpointing.load_tensors_metadata(str(ckpt))["embedding.word_embeddings.weight"].dtype
+        except KeyError:  # a LoRA checkpoint holds adapters only: the dtype of its first adapter
+            dtype = next(iter(dist_checkpointing.load_tensors_metadata(str(ckpt)).values())).dtype
         except Exception as err:
             raise MdpoError(f"{ckpt}: cannot read the checkpoint's metadata ({err})") from None
         module = build_gpt_model(model, transformer_config(model, params_dtype=dtype, init_weights=False))
-        load_megatron_weights(module, ckpt)
+        lora = None
+        if meta is None:
+            load_megatron_weights(module, ckpt)
+        else:
+            lora = load_lora_checkpoint(module, ckpt, model)
         # norm weights are fp32 in Megatron: everything goes back in the checkpoint's dtype (exact for bf16 -> fp32)
         full = {
             sharding.te_name_inverse(k): v.to(dtype) for k, v in module.state_dict().items() if "_extra_state" not in k
         }
-        write_hf_export(tmp, full, model, export_origin(ckpt))
+        if adapter:
+            write_peft_adapter(tmp, split_adapters(full)[1], model, lora, meta["config"]["model"].get("init_from"))
+        else:
+            write_hf_export(tmp, merge_adapters(full, lora.scaling) if lora else full, model, export_origin(ckpt))
     finally:
         parallel.stop()
     _finish(tmp, out)
-    if check is not None:
+    if check is not None and not adapter:
         check_conversion(out, ckpt, model, check.data, check.rows)
     return out

@@ -7,6 +7,7 @@ the converters and the planner describe folders the same way.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -82,3 +83,21 @@ def export_origin(folder: Path) -> Path | None:
         init_from = json.loads((folder / TRAINING_META).read_text())["config"]["model"].get("init_from")
         return export_origin(Path(init_from)) if init_from else None
     return folder if (folder / "config.json").is_file() else None
+
+
+_SAMPLE_BYTES = 1 << 20
+
+
+def base_fingerprint(folder: str | os.PathLike[str]) -> str:
+    """What a LoRA checkpoint names its base model by: a hash of each file's name and size and of its first and last
+    MiB (two fine-tunes of one architecture differ there; reading all of a 13B model at every start would not pay)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(_SAMPLE_BYTES))
+            if size > _SAMPLE_BYTES:
+                handle.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]

@@ -1,8 +1,9 @@
 """Training checkpoints with Megatron-Core dist_checkpointing: atomic, complete-or-ignored, reshardable.
 
 A checkpoint is a folder `step_NNNNNNN` holding the model and optimizer as sharded tensors (loadable at another
-TP/PP/DP layout), the scheduler, the step and consumed pairs, each rank's RNG states and the run's config (and,
-when TR-DPO moves the reference's weights, the reference model under `reference.`). It is
+TP/PP/DP layout; of a LoRA run the adapters alone, its base named in the meta), the scheduler, the step and consumed
+pairs, each rank's RNG states and the run's config (and, when TR-DPO moves the reference's weights, the reference
+model under `reference.`). It is
 written to `step_NNNNNNN.tmp` and renamed after every rank has finished and rank 0 has written the `COMPLETE`
 marker inside it, so a crash mid-save leaves only a `.tmp` folder that is never loaded. The last `keep_last` are kept.
 """
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mdpo.checkpoint.files import COMPLETE, TRAINING_META
 from mdpo.errors import MdpoError
+from mdpo.models.lora import checkpointed_state, load_checkpointed_state
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 # The key prefix of a reference model saved with the policy (`dpo.sync_ref_model`), and the meta flag saying so
@@ -76,7 +78,7 @@ def _rng_state() -> ShardedObject:
 
 def _sharded_state(model, optimizer, is_loading: bool, rng: bool = True,
                    reference: torch.nn.Module | None = None) -> dict:  # fmt: skip
-    model_state = model.sharded_state_dict()
+    model_state = checkpointed_state(model)  # a LoRA model: its adapters
     state = {
         "model": model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=optimizer_metadata()),
@@ -234,7 +236,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, load_rng: bool = 
         loaded = dist_checkpointing.load(state, str(folder))
     except (Exception, CheckpointException) as err:  # many kinds; name the folder and the cause
         raise MdpoError(f"{folder}: cannot load checkpoint ({type(err).__name__}: {str(err)[:300]})") from None
-    model.load_state_dict(loaded["model"])
+    load_checkpointed_state(model, loaded["model"])
     if reference is not None:
         reference.load_state_dict({k.removeprefix(REFERENCE_PREFIX): v for k, v in loaded["reference"].items()})
     with torch.no_grad(), _load_without_adam_steps(optimizer):

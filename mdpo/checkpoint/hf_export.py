@@ -4,16 +4,18 @@ stripped, with the source's config.json (when it still describes the model) and 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
+from safetensors.torch import save_file
 
 from mdpo.checkpoint.description import arch_fields
 from mdpo.checkpoint.hf import copy_auxiliary, write_hf_folder
-from mdpo.config import ModelConfig
+from mdpo.config import LoRAConfig, ModelConfig
 from mdpo.models import families, sharding
-from mdpo.models.families.base import mcore_to_hf
+from mdpo.models.families.base import adapters_to_peft, mcore_to_hf
 
 
 def gather_full_state(module: torch.nn.Module, model: ModelConfig) -> dict[str, torch.Tensor] | None:
@@ -63,3 +65,26 @@ def write_hf_export(folder: Path, full_state: dict[str, torch.Tensor], model: Mo
     write_hf_folder(folder, state, hf_export_config(model, original))
     if origin is not None:
         copy_auxiliary(origin, folder)
+
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
+
+
+def write_peft_adapter(folder: Path, adapters: dict[str, torch.Tensor], model: ModelConfig, lora: LoRAConfig,
+                       base: str | None) -> None:  # fmt: skip
+    """Full LoRA tensors (Megatron names) as a PEFT adapter folder on the family's HF modules, which
+    `peft.PeftModel.from_pretrained(hf_base, folder)` loads; written to a temporary name and renamed."""
+    tensors, targets = adapters_to_peft(families.get(model.family), adapters, model)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+              "lora_dropout": lora.dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+              "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+              "inference_mode": True, "base_model_name_or_path": base}  # fmt: skip
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if folder.exists():
+        for old in folder.iterdir():
+            old.unlink()
+        folder.rmdir()
+    os.replace(tmp, folder)

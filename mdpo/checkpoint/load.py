@@ -3,18 +3,22 @@ Megatron checkpoint of any layout (resharded by dist_checkpointing)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mdpo.checkpoint.description import stored_model_fields
+from mdpo.checkpoint.description import base_fingerprint, stored_model_fields
+from mdpo.checkpoint.files import TRAINING_META
 from mdpo.checkpoint.hf import HFWeights
-from mdpo.config import ModelConfig, padded_vocab_size
+from mdpo.config import LoRAConfig, ModelConfig, padded_vocab_size
 from mdpo.errors import MdpoError
 from mdpo.models import families, sharding
 from mdpo.models.families.base import check_hf_state, iter_hf_to_mcore
+from mdpo.models.lora import add_adapters, checkpointed_state, has_adapters, load_checkpointed_state
 
 
 def _hf_error(folder: Path, weights: HFWeights, model: ModelConfig, err: Exception) -> MdpoError:
@@ -56,14 +60,55 @@ def load_hf_weights(module: torch.nn.Module, folder: Path, model: ModelConfig) -
         raise MdpoError(f"{folder}: filled {loaded} of the model's {expected} tensors")
 
 
+def lora_meta(folder: Path) -> dict | None:
+    """The meta of a LoRA run's training checkpoint (which holds adapters only); None for any other folder."""
+    file = Path(folder) / TRAINING_META
+    if not file.is_file():
+        return None
+    meta = json.loads(file.read_text())
+    return meta if meta["config"].get("lora", {}).get("rank", 0) > 0 else None
+
+
+def check_lora_base(folder: Path, meta: dict, base: str | None) -> None:
+    """A LoRA checkpoint's adapters belong to the base its run trained on: `base` (a folder) must hold that model."""
+    saved, started = meta.get("lora_base"), meta["config"]["model"].get("init_from")
+    if base is None or not Path(base).is_dir():
+        raise MdpoError(f"{folder}: a LoRA checkpoint needs its base model, {base or started}, which is not a folder")
+    now = base_fingerprint(base)
+    if now != saved:
+        raise MdpoError(
+            f"{folder}: its adapters belong to the base model {started} (fingerprint {saved}), but {base} holds "
+            f"another model (fingerprint {now}); use that base, or start a new run"
+        )
+
+
 def load_megatron_weights(module: torch.nn.Module, folder: Path) -> None:
-    """This rank's part of the model from a dist checkpoint written at any layout (resharded by Megatron)."""
+    """This rank's part of the model from a dist checkpoint written at any layout (resharded by Megatron); a
+    module with adapters takes the adapters of a LoRA checkpoint (its base loaded already)."""
+    if not has_adapters(module) and lora_meta(folder) is not None:
+        raise MdpoError(
+            f"{folder}: a LoRA checkpoint holds its adapters only; export it merged with its base first "
+            f"(mdpo convert megatron-to-hf --ckpt {folder} --out DIR) and use that folder"
+        )
     try:
-        loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(folder))
+        loaded = dist_checkpointing.load({"model": checkpointed_state(module)}, str(folder))
     except (Exception, CheckpointException) as err:  # many kinds; name the folder and the cause
         cause = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
         raise MdpoError(f"{folder}: cannot load the model from this Megatron checkpoint ({cause})") from None
-    module.load_state_dict(loaded["model"])
+    load_checkpointed_state(module, loaded["model"])
+
+
+def load_lora_checkpoint(module: torch.nn.Module, folder: Path, model: ModelConfig) -> LoRAConfig:
+    """A LoRA run's checkpoint into a built stage: the base its run started from (checked to be the same model),
+    then the adapters. Returns the run's lora section."""
+    meta = lora_meta(folder)
+    base = meta["config"]["model"].get("init_from")
+    check_lora_base(folder, meta, base)
+    load_initial_weights(module, dataclasses.replace(model, init_from=base))
+    lora = LoRAConfig(**meta["config"]["lora"])
+    add_adapters(module, lora, seed=0)  # their values come from the checkpoint next
+    load_megatron_weights(module, folder)
+    return lora
 
 
 def load_initial_weights(module: torch.nn.Module, model: ModelConfig) -> None:

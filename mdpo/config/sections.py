@@ -37,6 +37,9 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 # The loss types another divergence applies to (TRL 1.16's list): those built on the chosen-rejected score
 # difference, where f-DPO's beta * log Z(x) cancels, and sft, which uses no log-ratio.
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+# The linear layers LoRA adapts, in Megatron's terms: the fused q/k/v, the attention output, the fused gate/up and the
+# MLP output (`mdpo.models.lora` maps them to each family's HF modules)
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
 def need(ok: bool, message: str) -> None:
@@ -355,6 +358,35 @@ class DPOConfig(Section):
 
 
 @dataclass
+class LoRAConfig(Section):
+    """Low-rank adapters (PEFT's LoRA) on the transformer's linear layers; the base weights stay frozen and the
+    reference is the base itself (the adapters switched off), so no second model is held."""
+
+    name: ClassVar[str] = "lora"
+    rank: int = 0  # 0 = off (full tuning)
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0  # on the adapters' input (PEFT's lora_dropout)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # any of qkv, proj, fc1, fc2
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def _rules(self) -> None:
+        need(isinstance(self.rank, int) and self.rank >= 0, f"lora.rank must be >= 0 (0: off), got {self.rank!r}")
+        need(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha!r}")
+        need(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        need(bool(self.targets), f"lora.targets is empty; use one or more of: {', '.join(LORA_TARGETS)}")
+        for target in self.targets:
+            need(target in LORA_TARGETS, f"unknown lora.targets entry {target!r}; valid: {', '.join(LORA_TARGETS)}")
+        need(len(set(self.targets)) == len(self.targets), f"lora.targets lists an entry twice: {self.targets}")
+
+
+@dataclass
 class LoggingConfig(Section):
     name: ClassVar[str] = "logging"
     run_dir: str = "runs/mdpo"
@@ -393,6 +425,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -419,6 +452,24 @@ class TrainConfig:
         need(
             self.dpo.reference != "precomputed" or m.init_from is not None,
             "dpo.reference=precomputed needs model.init_from (the reference checkpoint the cache is stamped with)",
+        )
+        if self.lora.enabled:
+            self._check_lora()
+
+    def _check_lora(self) -> None:
+        need(
+            self.model.attention != "te",
+            "lora.rank > 0 needs model.attention auto, sdpa or local: mdpo's adapters wrap Megatron-Core's local "
+            "linear layers, not Transformer Engine's fused norm + linear; set model.attention=sdpa",
+        )
+        need(
+            not self.dpo.sync_ref_model,
+            "lora.rank > 0 takes dpo.sync_ref_model=false: with LoRA the reference is the frozen base model (the "
+            "adapters switched off), which TR-DPO's mixing would have to move",
+        )
+        need(
+            self.model.init_from is not None,
+            "lora.rank > 0 needs model.init_from (the base model the adapters are trained on and belong to)",
         )
 
 

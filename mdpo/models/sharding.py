@@ -25,13 +25,15 @@ _TE_NAMES = {
 def tp_rule(name: str) -> tuple[int, int] | None:
     """(split dim, stride) of a tensor over TP, or None when every TP rank holds all of it.
 
-    `linear_fc1` holds [gate; up]: each rank takes its slice of gate and of up (stride 2).
+    `linear_fc1` holds [gate; up]: each rank takes its slice of gate and of up (stride 2). LoRA's B of a
+    column-parallel layer splits as the layer's rows, A of a row-parallel one as its input columns (`models.lora`).
     """
-    if name.endswith(("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")):
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias", "linear_qkv.lora_B", "word_embeddings.weight",
+                      "output_layer.weight")):  # fmt: skip
         return 0, 1
-    if name.endswith("linear_fc1.weight"):
+    if name.endswith(("linear_fc1.weight", "linear_fc1.lora_B")):
         return 0, 2
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight", "linear_proj.lora_A", "linear_fc2.lora_A")):
         return 1, 1
     return None
 

@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--reference", choices=REFERENCE_MODES, default=w.reference)
     parser.add_argument("--global-batch", type=int, default=w.global_batch, help="pairs per step")
     parser.add_argument("--padded-fill", type=float, default=w.padded_fill, help="real / padded tokens")
+    parser.add_argument("--lora-rank", type=int, default=w.lora_rank, help="LoRA's rank (0: full tuning)")
     layout = parser.add_argument_group("layout (give --tp to predict one layout; without it all are searched)")
     layout.add_argument("--tp", type=int)
     layout.add_argument("--pp", type=int, default=1)
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> str:
     )
     cluster = Cluster(gpu, args.nodes, args.gpus_per_node, args.inter_node_gbs, args.efficiency)
     workload = Workload(args.pairs, args.mean_tokens, args.max_tokens, args.epochs, args.reference,
-                        args.global_batch, args.padded_fill, prompt_tokens=args.prompt_tokens)  # fmt: skip
+                        args.global_batch, args.padded_fill, prompt_tokens=args.prompt_tokens,
+                        lora_rank=args.lora_rank)  # fmt: skip
     if args.tp is not None:
         candidate = Candidate.on(
             cluster.world, tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp, sequence_parallel=args.sequence_parallel,
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> str:
         return json.dumps([p.as_dict() for p in plans], indent=2)
     head = (f"{args.model} ({params(model) / 1e9:.2f}B) on {args.nodes} x {args.gpus_per_node} {args.gpu}; "
             f"{workload.pairs} pairs x {workload.epochs:g} epochs, {workload.mean_tokens:g} tokens/pair, "
-            f"reference {workload.reference}, efficiency {cluster.efficiency:g}")  # fmt: skip
+            f"reference {workload.reference}, efficiency {cluster.efficiency:g}"
+            + (f", LoRA rank {workload.lora_rank} (base frozen)" if workload.lora_rank else ""))  # fmt: skip
     rows = ["| TP | PP | CP | DP | SP | recompute | micro-batch | GiB/GPU (weights+grads+optim+ref / act / logits) "
             "| fits | step s | tokens/s/GPU | workload h |", "|" + "---|" * 12]  # fmt: skip
     rows += [_row(p, workload) for p in plans]

@@ -12,7 +12,7 @@ from typing import Any
 
 from mdpo.config import PLANNER_WORDING, RECOMPUTE, Layout, ModelConfig
 from mdpo.errors import ConfigError
-from mdpo.planner.models import flops_per_token, kv_dim, layer_params, params
+from mdpo.planner.models import flops_per_token, kv_dim, layer_params, lora_params, params
 
 GIB = 2**30
 
@@ -82,6 +82,9 @@ class Workload:
     pack_fill: float = 0.95
     # per pair, counted once: what a shared prompt saves (UltraFeedback in Tulu 2, Llama 2 tokenizer: 199 of 997)
     prompt_tokens: float = 200
+    # LoRA's rank (lora.rank; 0: full tuning): gradients and Adam states for the adapters only, the base frozen (no
+    # weight gradients in backward), and an online reference that is the base itself (no second copy)
+    lora_rank: int = 0
 
 
 _ONE_GPU = Layout(wording=PLANNER_WORDING)
@@ -231,11 +234,14 @@ def memory_per_gpu(model: ModelConfig, candidate: Candidate, workload: Workload,
         if candidate.recompute == "full":  # backward rebuilds one layer at a time, once the logits are gone
             kept = activation_bytes_per_token_layer(model, replace(candidate, recompute="none"), cluster.norm_saves)
             activations += max(0.0, kept * tokens - logits)
+        # what the optimizer holds: every weight, or (LoRA) the adapters alone
+        trained = stage_layers * lora_params(model, workload.lora_rank, t) if workload.lora_rank else weights
+        online_copy = workload.reference == "online" and not workload.lora_rank
         parts = {
             "weights": width * weights,
-            "grads": 4 * weights,  # Megatron's fp32 main-grad buffer (grad_reduce_in_fp32)
-            "optimizer": optimizer_per_param * weights / shard,
-            "reference": width * weights if workload.reference == "online" else 0.0,
+            "grads": 4 * trained,  # Megatron's fp32 main-grad buffer (grad_reduce_in_fp32)
+            "optimizer": optimizer_per_param * trained / shard,
+            "reference": width * weights if online_copy else 0.0,
             "activations": activations,
             "logits": logits,
         }
@@ -252,7 +258,8 @@ def step_time(model: ModelConfig, candidate: Candidate, workload: Workload, clus
     h, layers = model.hidden_size, model.num_hidden_layers
     seq = workload.mean_tokens / 2  # each response attends to its prompt and itself, shared or not
     tokens = workload.global_batch * computed_tokens(workload, candidate)
-    flops = tokens * flops_per_token(model, seq, trained=True)
+    lora = workload.lora_rank > 0
+    flops = tokens * flops_per_token(model, seq, trained=True, frozen=lora)
     if workload.reference == "online":
         flops += tokens * flops_per_token(model, seq, trained=False)
     if candidate.recompute == "full":  # every layer's forward again (not the head's)
@@ -276,7 +283,7 @@ def step_time(model: ModelConfig, candidate: Candidate, workload: Workload, clus
     # CP: K and V gathered per layer in forward, their gradients reduce-scattered in backward
     cp_bytes = (c - 1) / c * local_tokens * 2 * kv_dim(model) / t * width * layers / p * passes
     # DP: gradients reduce-scattered (fp32) and weights all-gathered (bf16) over DP x CP, mostly overlapped
-    shard_params = params(model) / (t * p)
+    shard_params = lora_params(model, workload.lora_rank, t) * layers / p if lora else params(model) / (t * p)
     group = dp * c
     dp_bytes = (group - 1) / group * shard_params * (4 + width) if group > 1 else 0
     dp_link = inter if world > cluster.gpus_per_node and t * p * c <= cluster.gpus_per_node else intra

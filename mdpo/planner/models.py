@@ -62,12 +62,23 @@ def matmul_params(model: ModelConfig) -> int:
     return params(model) - model.vocab_size * model.hidden_size
 
 
-def flops_per_token(model: ModelConfig, seq_len: float, trained: bool) -> float:
+def flops_per_token(model: ModelConfig, seq_len: float, trained: bool, frozen: bool = False) -> float:
     """Forward + backward (trained) or forward only (a reference pass), causal attention over seq_len: the FLOPs
-    the planner's step time and bench_dpo.py's MFU both count."""
+    the planner's step time and bench_dpo.py's MFU both count. `frozen` (LoRA): the backward computes the
+    activations' gradients but no weight gradients of the base, 4N instead of 6N (the adapters' are negligible)."""
     attention = 6 * model.num_hidden_layers * model.hidden_size * seq_len  # half of 12 L h s: causal
     n = matmul_params(model)
-    return 6 * n + attention if trained else 2 * n + attention / 3
+    if not trained:
+        return 2 * n + attention / 3
+    return (4 if frozen else 6) * n + attention
+
+
+def lora_params(model: ModelConfig, rank: int, tp: int = 1) -> float:
+    """Adapter parameters of one decoder layer on one TP rank (all four targets): column-parallel q/k/v and gate/up
+    hold A whole and 1/TP of B, row-parallel output and down projections 1/TP of A and B whole (`models.lora`)."""
+    h, f = model.hidden_size, model.intermediate_size
+    qkv, fc1 = h + 2 * kv_dim(model), 2 * f
+    return rank * ((h + qkv / tp) + (h / tp + h) + (h + fc1 / tp) + (f / tp + h))
 
 
 def model_shape(name_or_path: str) -> ModelConfig:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from mdpo.checkpoint.description import base_fingerprint
 from mdpo.checkpoint.dist import complete_checkpoints, has_reference, load_checkpoint, read_meta, save_checkpoint
+from mdpo.checkpoint.load import check_lora_base
 from mdpo.config import CheckpointConfig, Layout
 from mdpo.errors import ConfigError
 from mdpo.training.metrics import check_writable
@@ -52,6 +54,24 @@ def _check_reference(folder: Path, meta: dict, wanted: bool) -> None:
     )
 
 
+def _check_lora(folder: Path, meta: dict, base: str | None) -> None:
+    """A LoRA checkpoint holds adapters for one base model (`lora_base` in its meta), a full-tuning one whole weights:
+    each resumes only as what it is, the adapters only onto the base they were trained on."""
+    saved = meta.get("lora_base") is not None
+    if base is None and saved:
+        raise ConfigError(
+            f"{folder}: saved by a LoRA run (it holds adapters only), now lora.rank=0: resume it with its lora "
+            "section, or export it merged (mdpo convert megatron-to-hf) and start a new run from that"
+        )
+    if base is not None and not saved:
+        raise ConfigError(
+            f"{folder}: saved by a full-tuning run (no adapters), now lora.rank > 0: resume it with lora.rank=0, or "
+            "start the LoRA run from it in a new run directory"
+        )
+    if base is not None:
+        check_lora_base(folder, meta, base)
+
+
 class After(enum.Enum):
     """What a finished step asks of the loop."""
 
@@ -64,8 +84,11 @@ class Checkpointer:
     """Owns the checkpoint folder, the save cadence, the stop signals and resuming."""
 
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, exit_interval: int | None, layout: Layout,
-                 global_batch_size: int, is_logger: bool) -> None:  # fmt: skip
+                 global_batch_size: int, is_logger: bool, lora_base: str | None = None) -> None:  # fmt: skip
+        """`lora_base`: a LoRA run's base model folder (checkpoints hold its adapters and name it)."""
         self.cfg, self.exit_interval, self.layout = cfg, exit_interval, layout
+        self.lora_base = lora_base
+        self.lora_fingerprint = base_fingerprint(lora_base) if lora_base is not None else None
         self.global_batch_size = global_batch_size
         self.root = Path(cfg.dir) if cfg.dir else run_dir / "checkpoints"
         self._stop: StopRequest | None = None
@@ -93,6 +116,7 @@ class Checkpointer:
                 f"{self.global_batch_size}: the resumed data order would differ"
             )
         _check_reference(folder, meta, reference is not None)
+        _check_lora(folder, meta, self.lora_base)
         saved = list(meta["layout"]) + [1] * (4 - len(meta["layout"]))  # [TP, PP, DP] before CP existed
         load_checkpoint(folder, model, optimizer, scheduler, load_rng=saved == self.layout.sizes, reference=reference)
         return int(meta["step"]), folder
@@ -122,6 +146,8 @@ class Checkpointer:
             "layout": self.layout.sizes,
             **meta,
         }
+        if self.lora_fingerprint is not None:
+            meta["lora_base"] = self.lora_fingerprint
         return save_checkpoint(self.root, step, model, optimizer, scheduler, meta, self.cfg.keep_last, reference)
 
     def close(self) -> None:

@@ -14,11 +14,12 @@ from tqdm import tqdm
 from mdpo import parallel
 from mdpo.checkpoint.description import export_origin
 from mdpo.checkpoint.dist import read_meta
-from mdpo.checkpoint.hf_export import gather_full_state, write_hf_export
+from mdpo.checkpoint.hf_export import gather_full_state, write_hf_export, write_peft_adapter
 from mdpo.config import TrainConfig, config_to_dict
 from mdpo.data.batching import MicroBatch, PairSampler, rank_share
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import MdpoError
+from mdpo.models.lora import adapters_off, add_adapters, merge_adapters, split_adapters
 from mdpo.plot import plot_metrics
 from mdpo.training.checkpointing import After, Checkpointer
 from mdpo.training.data import load_pairs_on_ranks, log
@@ -52,7 +53,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, config_to_dict(cfg), cfg.logging.tensorboard,
                                      cfg.logging.wandb_project, self.run.is_logger)  # fmt: skip
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, cfg.schedule.exit_interval, self.run.layout,
-                                         cfg.schedule.global_batch_size, self.run.is_logger)  # fmt: skip
+                                         cfg.schedule.global_batch_size, self.run.is_logger,
+                                         cfg.model.init_from if cfg.lora.enabled else None)  # fmt: skip
         busy = {"logging.run_dir": self.run_dir} | ({"checkpoint.dir": self.checkpointer.root} if cfg.checkpoint.dir
                                                     else {})  # fmt: skip
         self.lock = lock_run(busy)  # held until train() ends
@@ -75,8 +77,10 @@ class Trainer:
         self.train_steps = cfg.schedule.train_steps or max(1, int(cfg.schedule.epochs * self.sampler.steps_per_epoch))
 
         policy = build_stage(cfg, self.run.layout, self.run.dtype, load=True)
+        if cfg.lora.enabled:  # the base frozen; with an online reference, the reference is the base itself
+            add_adapters(policy, cfg.lora, cfg.schedule.seed)
         self.reference, self.reference_cache = None, {}
-        if cfg.dpo.reference == "online":
+        if cfg.dpo.reference == "online" and not cfg.lora.enabled:
             # The reference starts as an exact copy of the policy and never trains.
             self.reference = build_stage(cfg, self.run.layout, self.run.dtype, load=False)
             self.reference.load_state_dict(policy.state_dict())
@@ -237,9 +241,13 @@ class Trainer:
         return self.run.on_device(self.run.microbatches(self.cfg, pairs, indices))
 
     def _attach_reference(self, microbatches: list[MicroBatch], split: str) -> None:
-        """Reference log-probs for each micro-batch: a forward pass (online), the cache (precomputed), or none."""
+        """Reference log-probs for each micro-batch: a forward pass (online: of the reference model, or with LoRA of
+        the policy with its adapters off), the cache (precomputed), or none."""
         if self.reference is not None:
             attach_reference_logps(microbatches, self.reference, self.run.scorer)
+        elif self.cfg.lora.enabled and self.cfg.dpo.reference == "online":
+            with adapters_off(self.policy.module):
+                attach_reference_logps(microbatches, self.policy, self.run.scorer)
         elif split in self.reference_cache:
             for mb in microbatches:
                 mb.ref_logps = self.reference_cache[split].lookup(mb.pair_ids, torch.float32, mb.tokens.device)
@@ -288,12 +296,18 @@ class Trainer:
         log(f"checkpoint: {folder}")
 
     def export_hf(self, folder: Path) -> None:
-        """The trained policy as a HF folder of the model's family (tokenizer included), gathered on rank 0."""
+        """The trained policy as a HF folder of the model's family (tokenizer included), gathered on rank 0; of a
+        LoRA run, the adapters merged into it, and the adapters alone as a PEFT folder (RUN_DIR/adapter)."""
         self._sync_params()
-        full = gather_full_state(self.policy.module, self.cfg.model)
+        cfg = self.cfg
+        full = gather_full_state(self.policy.module, cfg.model)
         if full is not None:
-            init_from = self.cfg.model.init_from
-            write_hf_export(folder, full, self.cfg.model, export_origin(Path(init_from)) if init_from else None)
+            init_from = cfg.model.init_from
+            if cfg.lora.enabled:
+                write_peft_adapter(self.run_dir / "adapter", split_adapters(full)[1], cfg.model, cfg.lora, init_from)
+                log(f"exported the PEFT adapter to {self.run_dir / 'adapter'}")
+                full = merge_adapters(full, cfg.lora.scaling)
+            write_hf_export(folder, full, cfg.model, export_origin(Path(init_from)) if init_from else None)
             self.run.tokenizer.save_pretrained(folder)
             log(f"exported HF model to {folder}")
         torch.distributed.barrier()

@@ -211,3 +211,33 @@ def mcore_to_hf(family: Family, mcore: Mapping[str, torch.Tensor], model: ModelC
         parts = to_hf(kind, mcore[name], heads, model.vocab_size)
         out.update({hf_name: part.contiguous() for hf_name, part in zip(hf_names, parts)})
     return out
+
+
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM's modules in adapter_model.safetensors
+
+
+def adapters_to_peft(
+    family: Family, adapters: Mapping[str, torch.Tensor], model: ModelConfig
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Full LoRA tensors (Megatron names: `<layer>.lora_A` [r, in], `<layer>.lora_B` [out, r]) -> PEFT's adapter
+    tensors on this family's HF modules, and its `target_modules`. The table's own transform runs on B's rows (a
+    fused q/k/v or gate/up B splits as the fused weight does) and every HF module of a fused layer gets the same A,
+    so each module's B A is exactly its rows of the fused layer's B A."""
+    heads = Heads.of(model)
+    out: dict[str, torch.Tensor] = {}
+    for mcore, hf_names, kind in family.entries(model.num_hidden_layers):
+        layer = mcore.removesuffix(".weight")
+        if not mcore.endswith(".weight") or f"{layer}.lora_B" not in adapters:
+            continue
+        a = adapters[f"{layer}.lora_A"]
+        for hf_name, b in zip(hf_names, to_hf(kind, adapters[f"{layer}.lora_B"], heads, model.vocab_size)):
+            module = PEFT_PREFIX + hf_name.removesuffix(".weight")
+            out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = a.clone(), b.contiguous()
+    first = LAYER_PREFIX_MCORE.format(i=0)
+    targets = sorted(
+        hf.removesuffix(".weight")
+        for mcore, hf_names, _ in family.layer_tensors
+        if mcore.endswith(".weight") and f"{first}{mcore.removesuffix('.weight')}.lora_B" in adapters
+        for hf in hf_names
+    )
+    return out, targets

@@ -1,10 +1,12 @@
-"""Online vs precomputed reference on the same run: step time and peak memory, side by side in one invocation.
+"""Full tuning vs LoRA, online vs precomputed reference, on the same model and data: step time and peak memory, side
+by side in one invocation.
 
-    python benchmarks/reference_modes.py [--steps 10] [--hidden 512] [--layers 8]
+    python benchmarks/training_modes.py [--steps 10] [--hidden 512] [--layers 8] [--lora-rank 16]
 
 Builds a small random Llama (HF folder), the demo tokenizer and data, then runs `mdpo precompute-ref` once and
-`mdpo train` with dpo.reference=online and =precomputed, each in its own process so peak RSS is per run. Prints a
-table: median step time, tokens/s, peak RSS, and the precompute pass's own time (paid once per data set).
+`mdpo train` four times (full tuning and LoRA, each with dpo.reference=online and =precomputed), each in its own
+process so peak RSS is per run. Prints a table: median step time, tokens/s, peak RSS, and the precompute pass's
+own time (paid once per data set), then the ratios.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--lora-rank", type=int, default=16)
     opts = parser.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -67,22 +70,29 @@ def main() -> None:
     }
     (root / "c.yaml").write_text(yaml.safe_dump(config))
 
-    rows = []
+    rows = {}
     seconds, _ = run(["precompute-ref", str(root / "c.yaml")])
-    for mode in ("online", "precomputed"):
-        run_dir = root / mode
-        _, peak = run(["train", str(root / "c.yaml"), f"dpo.reference={mode}", f"logging.run_dir={run_dir}"])
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        speeds = sorted(r["tokens_per_second"] for r in records[1:])  # step 1 includes warm-up
-        step_tokens = records[-1]["num_tokens"]
-        median = speeds[len(speeds) // 2]
-        rows.append((mode, step_tokens / median * 1000, median, peak))
+    for tuning, extra in (("full", []), (f"LoRA r{opts.lora_rank}", [f"lora.rank={opts.lora_rank}"])):
+        for mode in ("online", "precomputed"):
+            run_dir = root / f"{tuning}_{mode}".replace(" ", "_")
+            _, peak = run(["train", str(root / "c.yaml"), f"dpo.reference={mode}", f"logging.run_dir={run_dir}",
+                           *extra])  # fmt: skip
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            speeds = sorted(r["tokens_per_second"] for r in records[1:])  # step 1 includes warm-up
+            step_tokens = records[-1]["num_tokens"]
+            median = speeds[len(speeds) // 2]
+            rows[tuning, mode] = (step_tokens / median * 1000, median, peak)
     print(f"model: hidden {opts.hidden}, {opts.layers} layers; {opts.steps} steps of 64 pairs; CPU")
     print(f"precompute-ref pass over {64 * opts.steps} pairs: {seconds:.1f} s wall (once per data set)")
-    print(f"{'reference':<12} {'step ms':>9} {'tokens/s':>10} {'peak RSS MiB':>13}")
-    for mode, ms, tps, peak in rows:
-        print(f"{mode:<12} {ms:>9.0f} {tps:>10.0f} {peak:>13.0f}")
-    print(f"precomputed / online: step time x{rows[1][1] / rows[0][1]:.2f}, peak RSS x{rows[1][3] / rows[0][3]:.2f}")
+    print(f"{'tuning':<10} {'reference':<12} {'step ms':>9} {'tokens/s':>10} {'peak RSS MiB':>13}")
+    for (tuning, mode), (ms, tps, peak) in rows.items():
+        print(f"{tuning:<10} {mode:<12} {ms:>9.0f} {tps:>10.0f} {peak:>13.0f}")
+    lora = f"LoRA r{opts.lora_rank}"
+    for mode in ("online", "precomputed"):
+        (full_ms, _, full_peak), (lora_ms, _, lora_peak) = rows["full", mode], rows[lora, mode]
+        print(f"{mode}: LoRA / full: step time x{lora_ms / full_ms:.2f}, peak RSS x{lora_peak / full_peak:.2f}")
+    (full_ms, _, full_peak), (pre_ms, _, pre_peak) = rows["full", "online"], rows["full", "precomputed"]
+    print(f"full tuning: precomputed / online: step time x{pre_ms / full_ms:.2f}, peak RSS x{pre_peak / full_peak:.2f}")
 
 
 if __name__ == "__main__":

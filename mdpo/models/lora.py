@@ -1,0 +1,223 @@
+"""LoRA on Megatron-Core's tensor-parallel linear layers (PEFT's math: y = W x + (alpha / r) B A dropout(x)).
+
+A target layer keeps its class's behaviour and parameters and gains `lora_A` [r, in] and `lora_B` [out, r], split
+over TP the way the layer is: a column-parallel layer (fused q/k/v, fused gate/up) holds A whole and its rows of B;
+a row-parallel one (attention output, MLP output) holds its input columns of A, whose partial product is summed over
+TP (reduce-scattered under sequence parallelism), and B whole. A replicated adapter tensor that sees only this rank's
+part of the sequence (sequence parallelism) is marked `sequence_parallel`, so `finalize_model_grads` sums its
+gradient over TP, as for the norms. Base weights are frozen: Megatron's DDP and optimizer hold the adapters only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    set_tensor_model_parallel_attributes,
+)
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from mdpo.config import LORA_TARGETS, LoRAConfig
+from mdpo.errors import ConfigError
+
+# lora.targets -> the layer's module path inside a transformer layer (the one table; HF names come from the family's
+# mapping table through these paths)
+TARGET_MODULES = {
+    "qkv": "self_attention.linear_qkv",
+    "proj": "self_attention.linear_proj",
+    "fc1": "mlp.linear_fc1",
+    "fc2": "mlp.linear_fc2",
+}
+ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+
+
+def is_adapter(name: str) -> bool:
+    return name.endswith(ADAPTER_SUFFIXES)
+
+
+class _Adapted:
+    """What the column- and row-parallel LoRA layers share: the adapters' scaling, dropout and on/off switch."""
+
+    lora_A: torch.nn.Parameter
+    lora_B: torch.nn.Parameter
+    lora_scaling: float
+    lora_dropout: float
+    lora_on: bool
+
+    def _lora_input(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
+
+
+class LoRAColumnParallelLinear(_Adapted, ColumnParallelLinear):
+    """Column-parallel: A whole, B's rows of this rank. The low-rank activation is gathered over the sequence under
+    sequence parallelism (its gradient reduce-scattered), else copied into the TP region (its gradient all-reduced:
+    each rank's B rows contribute a part)."""
+
+    lora_gated = False  # linear_fc1: B's rows are [gate; up], checkpointed as two TP-sharded halves
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):  # noqa: ANN001, ANN201 - Megatron's signature
+        output, bias = super().forward(input_, weight, runtime_gather_output)
+        if not self.lora_on:
+            return output, bias
+        low = F.linear(self._lora_input(input_), self.lora_A)
+        if self.sequence_parallel:
+            low = gather_from_sequence_parallel_region(low, tensor_parallel_output_grad=True)
+        else:
+            low = copy_to_tensor_model_parallel_region(low)
+        return output + F.linear(low, self.lora_B) * self.lora_scaling, bias
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):  # noqa: ANN001, ANN201
+        state = make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0, "bias": 0, "lora_B": 0},
+            sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )  # fmt: skip
+        if self.lora_gated:
+            state[f"{prefix}lora_B"] = apply_swiglu_sharded_factory(state[f"{prefix}lora_B"], sharded_offsets)
+        return state
+
+
+class LoRARowParallelLinear(_Adapted, RowParallelLinear):
+    """Row-parallel: A's input columns of this rank, whose partial product is summed over TP (reduce-scattered over
+    the sequence under sequence parallelism), then B whole."""
+
+    def forward(self, input_):  # noqa: ANN001, ANN201 - Megatron's signature
+        output, bias = super().forward(input_)
+        if not self.lora_on:
+            return output, bias
+        partial = F.linear(self._lora_input(input_), self.lora_A)
+        if self.sequence_parallel:
+            low = reduce_scatter_to_sequence_parallel_region(partial)
+        else:
+            low = reduce_from_tensor_model_parallel_region(partial)
+        return output + F.linear(low, self.lora_B) * self.lora_scaling, bias
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):  # noqa: ANN001, ANN201
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 1, "lora_A": 1}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )  # fmt: skip
+
+
+def initial_A(rank: int, in_features: int, seed: int, layer: int, target: str) -> torch.Tensor:
+    """PEFT's init of A (Kaiming-uniform with a = sqrt(5), as nn.Linear), drawn whole from a generator of its own
+    (seed, global layer, target): the same adapters at every TP/PP layout."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer * len(LORA_TARGETS) + LORA_TARGETS.index(target))
+    weight = torch.empty(rank, in_features)
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    return weight
+
+
+def _parameter(data: torch.Tensor, *, split_dim: int | None = None, stride: int = 1,
+               sequence_parallel: bool = False) -> torch.nn.Parameter:  # fmt: skip
+    param = torch.nn.Parameter(data.contiguous())
+    if split_dim is not None:
+        set_tensor_model_parallel_attributes(param, True, split_dim, stride)
+    elif sequence_parallel:  # replicated over TP but fed this rank's part of the sequence: gradients summed over TP
+        param.sequence_parallel = True
+    return param
+
+
+def _adapt(layer: torch.nn.Module, target: str, cfg: LoRAConfig, seed: int, index: int, tp: int, tp_rank: int):
+    """Turn one linear layer into its LoRA class (same parameters and forward, plus the adapters)."""
+    if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+        raise ConfigError(
+            f"lora.rank > 0 needs Megatron-Core's local linear layers, but {type(layer).__name__} was built "
+            "(model.attention=auto chose Transformer Engine's layers here): set model.attention=sdpa"
+        )
+    weight = layer.weight
+    out_local, in_local = weight.shape
+    column = isinstance(layer, ColumnParallelLinear)
+    in_full = in_local if column else in_local * tp
+    a = initial_A(cfg.rank, in_full, seed, index, target).to(weight.dtype)
+    sp = bool(layer.sequence_parallel)
+    if column:
+        layer.__class__ = LoRAColumnParallelLinear
+        layer.lora_gated = target == "fc1"
+        layer.lora_A = _parameter(a.to(weight.device), sequence_parallel=sp)
+        stride = 2 if target == "fc1" else 1  # fc1's rows are [gate; up], each split over TP
+        layer.lora_B = _parameter(weight.new_zeros(out_local, cfg.rank), split_dim=0, stride=stride)
+    else:
+        layer.__class__ = LoRARowParallelLinear
+        layer.lora_A = _parameter(a.chunk(tp, dim=1)[tp_rank].to(weight.device), split_dim=1)
+        layer.lora_B = _parameter(weight.new_zeros(out_local, cfg.rank), sequence_parallel=sp)
+    layer.lora_scaling, layer.lora_dropout, layer.lora_on = cfg.scaling, cfg.dropout, True
+
+
+def add_adapters(model: torch.nn.Module, cfg: LoRAConfig, seed: int) -> torch.nn.Module:
+    """Freeze the stage's weights and add adapters to its target layers (B zero: the model's output is unchanged)."""
+    from megatron.core import parallel_state
+
+    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    model.requires_grad_(False)
+    for layer in model.decoder.layers:
+        index = layer.layer_number - 1  # Megatron's layer numbers are global and 1-based
+        for target in cfg.targets:
+            _adapt(layer.get_submodule(TARGET_MODULES[target]), target, cfg, seed, index, tp, tp_rank)
+    return model
+
+
+def adapted_layers(model: torch.nn.Module) -> list[_Adapted]:
+    return [m for m in model.modules() if isinstance(m, _Adapted)]
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    return bool(adapted_layers(model))
+
+
+@contextlib.contextmanager
+def adapters_off(model: torch.nn.Module) -> Iterator[None]:
+    """The base model's forward (the LoRA run's reference): the adapters switched off, nothing copied."""
+    layers = adapted_layers(model)
+    for layer in layers:
+        layer.lora_on = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.lora_on = True
+
+
+def split_adapters(full: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A full state dict (local-spec names) -> (base tensors, adapter tensors)."""
+    base = {k: v for k, v in full.items() if not is_adapter(k)}
+    return base, {k: v for k, v in full.items() if is_adapter(k)}
+
+
+def merge_adapters(full: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """The base tensors with each adapted weight replaced by W + scaling * B A (computed in float64, stored in the
+    weight's dtype): the model the adapters make, with the base's names and shapes."""
+    base, adapters = split_adapters(full)
+    for name in {k.rsplit(".", 1)[0] for k in adapters}:
+        weight = base[f"{name}.weight"]
+        delta = adapters[f"{name}.lora_B"].double() @ adapters[f"{name}.lora_A"].double()
+        base[f"{name}.weight"] = (weight.double() + scaling * delta).to(weight.dtype)
+    return base
+
+
+def checkpointed_state(model: torch.nn.Module) -> dict:
+    """The model's part of a training checkpoint (sharded): everything, or for a LoRA model its adapters alone (the
+    frozen base is named in the checkpoint's meta and read from where the run started)."""
+    state = model.sharded_state_dict()
+    return {k: v for k, v in state.items() if is_adapter(k)} if has_adapters(model) else state
+
+
+def load_checkpointed_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what `checkpointed_state` saved: the whole model, or every adapter of a LoRA model."""
+    if not has_adapters(model):
+        model.load_state_dict(state)
+        return
+    result = model.load_state_dict(state, strict=False)
+    wrong = [k for k in result.missing_keys if is_adapter(k)] + list(result.unexpected_keys)
+    if wrong:
+        raise KeyError(f"the checkpoint's adapters do not match the model's: '{wrong[0]}'")
