@@ -2,7 +2,7 @@
 of RUN_DIR/hf (Llama through PEFT's own forward; Qwen 1.0 and Baichuan 2 13B, whose HF code is remote, merged by
 PEFT onto a module tree of their HF names and run through the float64 oracles of `mdpo convert --check`), and
 mdpo's own forward of the checkpoint (base + adapters, unmerged) gives the same; TP=2, PP=2, DP=2 with the
-distributed optimizer and TP=2 with sequence parallelism equal one process; the base never moves and checkpoints
+distributed optimizer and TP=2 with sequence parallelism equal one process (PP=2 with full recompute); the base never moves and checkpoints
 and optimizer hold the adapters only; a stopped and resumed run is bitwise the uninterrupted one; refusals."""
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from mdpo.checkpoint.dist import step_dir
 STEPS, RANK, ALPHA = 4, 4, 8.0
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
-    "pp2": (2, ["parallel.pp=2"]),
+    # full recompute: each layer's reentrant checkpoint, whose backward needs an input needing gradients
+    "pp2_recompute_full": (2, ["parallel.pp=2", "parallel.recompute=full"]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
     "tp2_sp_packed": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true"]),
 }

@@ -37,11 +37,15 @@ def test_other_presets_count_the_family_tables_tensors(name, family):
     assert planner.params(model) == sum(math.prod(shape) for shape in hf_shapes(families.get(family), model).values())
 
 
-def test_static_memory_is_what_megatron_allocates(megatron_world):
-    """Weights, the DDP gradient buffer and Adam's states of a real (fp32, CPU) policy, counted in bytes."""
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank):
+    """Weights, the DDP gradient buffer and Adam's states of a real (fp32, CPU) policy, counted in bytes; with
+    LoRA the buffer and the states are the adapters' alone."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from mdpo.config import LoRAConfig
+    from mdpo.models.lora import add_adapters
     from mdpo.training.setup import build_stage
 
     # vocabulary 256: no padding
@@ -49,6 +53,8 @@ def test_static_memory_is_what_megatron_allocates(megatron_world):
                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     cfg = TrainConfig(model=shape)
     model = build_stage(cfg, Layout(), torch.float32, load=False)
+    if lora_rank:
+        add_adapters(model, LoRAConfig(rank=lora_rank), seed=0)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, params_dtype=torch.float32), [ddp])
     optimizer.step()  # Adam's moments exist from the first step
@@ -61,7 +67,8 @@ def test_static_memory_is_what_megatron_allocates(megatron_world):
     }
     candidate = planner.Candidate(precision="fp32", distributed_optimizer=False)
     cluster = planner.Cluster(planner.GPUS["h100-80g"], gpus_per_node=1)
-    predicted = planner.memory_per_gpu(shape, candidate, planner.Workload(reference="none", max_tokens=64), cluster)
+    workload = planner.Workload(reference="none", max_tokens=64, lora_rank=lora_rank)
+    predicted = planner.memory_per_gpu(shape, candidate, workload, cluster)
     for part, size in measured.items():
         assert predicted[part] * planner.GIB == pytest.approx(size, rel=0.02), part  # the buffer pads to 128s
 

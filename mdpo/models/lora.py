@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -154,12 +155,20 @@ def _adapt(layer: torch.nn.Module, target: str, cfg: LoRAConfig, seed: int, inde
     layer.lora_scaling, layer.lora_dropout, layer.lora_on = cfg.scaling, cfg.dropout, True
 
 
+def _output_needs_grad(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+    """The frozen embedding's output marked as needing its gradient. Megatron's full recompute runs each layer in a
+    reentrant checkpoint, whose backward only runs when an input needs a gradient: without this the first stage's
+    adapters get none (measured: grad norm 0.0 at every step), as PEFT's `enable_input_require_grads` fixes for
+    HF's gradient checkpointing. Later stages' inputs come from the pipeline needing gradients already."""
+    return output.requires_grad_(True)
+
+
 def add_adapters(model: torch.nn.Module, cfg: LoRAConfig, seed: int) -> torch.nn.Module:
     """Freeze the stage's weights and add adapters to its target layers (B zero: the model's output is unchanged)."""
-    from megatron.core import parallel_state
-
     tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     model.requires_grad_(False)
+    if getattr(model, "embedding", None) is not None:
+        model.embedding.register_forward_hook(_output_needs_grad)
     for layer in model.decoder.layers:
         index = layer.layer_number - 1  # Megatron's layer numbers are global and 1-based
         for target in cfg.targets:

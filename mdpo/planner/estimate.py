@@ -234,11 +234,12 @@ def memory_per_gpu(model: ModelConfig, candidate: Candidate, workload: Workload,
         if candidate.recompute == "full":  # backward rebuilds one layer at a time, once the logits are gone
             kept = activation_bytes_per_token_layer(model, replace(candidate, recompute="none"), cluster.norm_saves)
             activations += max(0.0, kept * tokens - logits)
-        # what the optimizer holds: every weight, or (LoRA) the adapters alone
-        trained = stage_layers * lora_params(model, workload.lora_rank, t) if workload.lora_rank else weights
+        # what the optimizer holds: every weight, or (LoRA) the adapters alone, besides the frozen base
+        adapters = stage_layers * lora_params(model, workload.lora_rank, t)
+        trained = adapters if workload.lora_rank else weights
         online_copy = workload.reference == "online" and not workload.lora_rank
         parts = {
-            "weights": width * weights,
+            "weights": width * (weights + adapters),
             "grads": 4 * trained,  # Megatron's fp32 main-grad buffer (grad_reduce_in_fp32)
             "optimizer": optimizer_per_param * trained / shard,
             "reference": width * weights if online_copy else 0.0,
