@@ -1,9 +1,10 @@
 """LoRA (`lora.rank > 0`) against independent oracles: PEFT loading RUN_DIR/adapter onto the HF base gives the logits
 of RUN_DIR/hf (Llama through PEFT's own forward; Qwen 1.0 and Baichuan 2 13B, whose HF code is remote, merged by
 PEFT onto a module tree of their HF names and run through the float64 oracles of `mdpo convert --check`), and
-mdpo's own forward of the checkpoint (base + adapters, unmerged) gives the same; TP=2, PP=2, DP=2 with the
-distributed optimizer and TP=2 with sequence parallelism equal one process (PP=2 with full recompute); the base never moves and checkpoints
-and optimizer hold the adapters only; a stopped and resumed run is bitwise the uninterrupted one; refusals."""
+mdpo's own forward of the checkpoint (base + adapters, unmerged) gives the same; TP=2, PP=2 (full recompute),
+DP=2 with the distributed optimizer and TP=2 with sequence parallelism equal one process; the base never moves
+and checkpoints and optimizer hold the adapters only; a stopped and resumed run is bitwise the uninterrupted one;
+refusals."""
 
 from __future__ import annotations
 
