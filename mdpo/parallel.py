@@ -43,6 +43,7 @@ def start(layout: Layout) -> Ranks:
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
     )
     return ranks()
 

@@ -121,6 +121,8 @@ def corpus(tmp_path_factory):
         "log-prob chunk of zero tokens": (["train", c, "model.logprob_chunk_tokens=0"], "model.logprob_chunk_tokens must be > 0"),
         "unknown loss": (["train", c, "dpo.loss_type=dpo2"], "dpo2"),
         "batch not divisible": (["train", c, "schedule.micro_batch_size=3"], "global_batch_size=4 is not divisible by"),
+        "interleaved pipeline without PP": (["train", c, "parallel.vpp=2"], "parallel.vpp > 1 needs parallel.pp > 1"),
+        "interleaved chunks not dividing layers": (["train", c, "parallel.pp=2", "parallel.vpp=4"], "parallel.pp x parallel.vpp = 8 does not divide model.num_hidden_layers=4"),
         "LoRA rank below zero": (["train", c, "lora.rank=-1"], "lora.rank must be >= 0 (0: off), got -1"),
         "LoRA unknown target": (["train", c, "lora.rank=4", "lora.targets=[qkv,lm_head]"], "unknown lora.targets entry 'lm_head'; valid: qkv, proj, fc1, fc2"),
         "LoRA alpha not positive": (["train", c, "lora.rank=4", "lora.alpha=0"], "lora.alpha must be > 0, got 0"),
@@ -187,6 +189,7 @@ CASE_NAMES = [
     "eval data file missing", "eval empty data file", "eval model without tokenizer", "eval without a reference",
     "eval tokenizer larger than model vocab", "eval reference of another architecture", "LoRA rank below zero",
     "LoRA unknown target", "LoRA alpha not positive", "LoRA with TE attention", "LoRA with TR-DPO",
+    "interleaved pipeline without PP", "interleaved chunks not dividing layers",
 ]  # fmt: skip
 
 

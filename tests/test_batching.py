@@ -114,3 +114,51 @@ def test_context_parallel_shares_are_megatrons_chunks_and_cover_each_row_once():
     assert shares[1].num_input_tokens == whole.num_input_tokens  # metrics count the whole micro-batch
     with pytest.raises(ValueError, match="multiple of 4"):
         context_parallel_share(collate(pairs, pad_id=0), 2, 0)  # length 5
+
+
+# ------------------------------------------------------------------ the interleaved pipeline's micro-batches
+
+
+def test_interleave_group_is_the_smallest_group_megatrons_schedule_takes():
+    """Megatron's interleaved schedule takes groups g in [PP, M] whose last partial group is empty or >= PP
+    (schedules.py's two checks); fewer micro-batches than stages is one line."""
+    from mdpo.errors import MdpoError
+    from mdpo.training.step import interleave_group
+
+    for pp in (2, 3, 4):
+        for m in range(pp, 20):
+            g = interleave_group(m, pp)
+            valid = [k for k in range(pp, m + 1) if m % k == 0 or m % k >= pp]
+            assert g == min(valid), (m, pp)
+        assert interleave_group(4 * pp, pp) == pp  # Megatron's default when PP divides M
+        with pytest.raises(MdpoError, match=f"{pp - 1} micro-batches on this rank, fewer than the {pp} pipeline"):
+            interleave_group(pp - 1, pp)
+
+
+def test_split_groups_halves_the_largest_until_there_are_enough():
+    from mdpo.data.batching import split_groups
+
+    assert split_groups([[1, 2, 3, 4], [5]], 4) == [[1], [2], [3, 4], [5]]
+    assert split_groups([[1, 2], [3]], 2) == [[1, 2], [3]]  # enough already
+    assert split_groups([[1], [2]], 4) == [[1], [2]]  # single pairs cannot be split: as many as there are pairs
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared", "shared_packed"])
+def test_a_micro_batch_in_a_larger_frame_scores_the_same(megatron_world, layout):
+    """`in_frame` (one shape per interleaved schedule call): extra rows and columns change no log-prob."""
+    from conftest import tiny_hf_llama
+    from test_oracle_hf import VOCAB, collate_as, mdpo_model, model_config, random_pairs
+
+    from mdpo.data.batching import in_frame
+    from mdpo.training.step import Scorer
+
+    hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
+    model = mdpo_model(hf, "sdpa")
+    scorer = Scorer(model_config(hf.config), chunk_tokens=7, thd=False)
+    batch = collate_as(layout, random_pairs())
+    rows, length = batch.tokens.shape
+    framed = in_frame(batch, rows + 1, length + 5)
+    assert framed.tokens.shape == (rows + 1, length + 5) and framed.num_slots >= (rows + 1) * (length + 5)
+    with torch.no_grad():
+        want, got = (scorer.stats(b, model, scorer.forward(b, model)).logps for b in (batch, framed))
+    assert torch.allclose(got, want, rtol=0, atol=1e-5), (got - want).abs().max()

@@ -59,7 +59,8 @@ def assert_bitwise(got, want):
 
 # bco_pair's running reward mean is training state too: these resumes are bitwise only if it is restored.
 BCO = "dpo.loss_type=[sigmoid, bco_pair]"
-LAYOUTS = {"tp1": (1, [BCO]), "tp2_bf16": (2, [BCO, "parallel.tp=2", "parallel.precision=bf16"])}
+LAYOUTS = {"tp1": (1, [BCO]), "tp2_bf16": (2, [BCO, "parallel.tp=2", "parallel.precision=bf16"]),
+           "pp2_vpp2": (2, [BCO, "parallel.pp=2", "parallel.vpp=2"])}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -77,13 +78,17 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, name):
     assert (setup / f"{name}_resumed" / "profile_trace.json").stat().st_size > 0
 
 
-def test_resume_at_another_layout(setup):
-    """A TP=1 checkpoint resumed under TP=2 (resharded) continues the same run, to fp32 reordering noise."""
+@pytest.mark.parametrize(("first", "then"), [([], ["parallel.tp=2"]), (["parallel.pp=2", "parallel.vpp=2"], [])],
+                         ids=["tp1_to_tp2", "pp2_vpp2_to_tp1"])  # fmt: skip
+def test_resume_at_another_layout(setup, first, then):
+    """A checkpoint resumed at another layout (resharded: TP=1 under TP=2; two model chunks per stage of PP=2, saved
+    as model0/model1, under one process) continues the same run, to fp32 reordering noise."""
     if not (setup / "tp1_full").exists():
         train(setup, "tp1_full", BCO)
-    train(setup, "relayout", BCO, "schedule.exit_interval=3")
-    train(setup, "relayout", BCO, "parallel.tp=2", nproc=2)
-    (got, got_w), (want, want_w) = outcome(setup / "relayout"), outcome(setup / "tp1_full")
+    run = "relayout_" + "_".join(first + then).replace("parallel.", "").replace("=", "")
+    train(setup, run, BCO, *first, "schedule.exit_interval=3", nproc=2 if first else 1)
+    train(setup, run, BCO, *then, nproc=2 if then else 1)
+    (got, got_w), (want, want_w) = outcome(setup / run), outcome(setup / "tp1_full")
     for a, b in zip(got, want):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     for key, tensor in want_w.items():

@@ -33,6 +33,7 @@ LAYOUTS = {
     # full recompute: each layer's reentrant checkpoint, whose backward needs an input needing gradients
     "pp2_recompute_full": (2, ["parallel.pp=2", "parallel.recompute=full"]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
+    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),  # the interleaved pipeline: a layer per model chunk
     "tp2_sp_packed": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true"]),
 }
 

@@ -52,6 +52,10 @@ LAYOUTS = {
         2,
         ["parallel.pp=2", "data.packing=true", "data.pack_tokens=160", "data.share_prompt=false"],
     ),  # fmt: skip
+    # The interleaved pipeline: two model chunks per stage (one layer each), padded and packed micro-batches (each
+    # schedule call in one frame), several packs of different lengths a step.
+    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", "schedule.micro_batch_size=2"]),
+    "packed_pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", "data.packing=true", "data.pack_tokens=160"]),
     # Overlapped gradient reduction / parameter gather (the final export must see the gathered weights).
     "dp2_overlap_selective": (
         2,

@@ -3,6 +3,7 @@ memory (weights, gradient buffer, optimizer states) against the bytes Megatron a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -46,13 +47,13 @@ def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank):
 
     from mdpo.config import LoRAConfig
     from mdpo.models.lora import add_adapters
-    from mdpo.training.setup import build_stage
+    from mdpo.training.setup import build_model
 
     # vocabulary 256: no padding
     shape = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     cfg = TrainConfig(model=shape)
-    model = build_stage(cfg, Layout(), torch.float32, load=False)
+    (model,) = build_model(cfg, Layout(), torch.float32, load=False)
     if lora_rank:
         add_adapters(model, LoRAConfig(rank=lora_rank), seed=0)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
@@ -126,6 +127,18 @@ def test_search_ranks_fitting_layouts_and_respects_the_rules():
     for p in plans:
         assert not planner.check_layout(model, p.candidate, workload, cluster)
         assert p.dp * p.layout.tp * p.layout.pp * p.layout.cp == cluster.world
+    # the interleaved pipeline is searched: its bubble is VPP times smaller, its warmup keeps more activations
+    interleaved = [p for p in plans if p.layout.vpp > 1]
+    assert interleaved, "no interleaved layout among the fastest"
+    best = interleaved[0]
+    plain = planner.plan(model, dataclasses.replace(best.candidate, layout=dataclasses.replace(best.layout, vpp=1)),
+                         workload, cluster)  # fmt: skip
+    assert best.time_s["bubble"] == pytest.approx(plain.time_s["bubble"] / best.layout.vpp)
+    p, v = best.layout.pp, best.layout.vpp
+    m = math.ceil(planner.microbatches_per_step(workload, best.candidate))
+    in_flight = min(2 * (p - 1) + (v - 1) * p + 1, v * m) / v  # Megatron's warmup, in whole stages
+    ratio = best.memory_gib["activations"] / plain.memory_gib["activations"]
+    assert ratio == pytest.approx(in_flight / p, rel=0.02), (ratio, in_flight, p)
     # 70B does not fit one 80 GB node with the full optimizer on every GPU and no model parallelism
     one_node = planner.Cluster(cluster.gpu)
     alone = planner.plan(model, planner.Candidate.on(one_node.world, distributed_optimizer=False), workload, one_node)

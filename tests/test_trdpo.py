@@ -96,7 +96,7 @@ def test_resume_refuses_a_checkpoint_of_the_other_kind(tmp_path, saved_with_refe
     (folder / TRAINING_META).write_text(json.dumps(meta))
     (folder / COMPLETE).write_text("")
     checkpointer = Checkpointer(CheckpointConfig(resume=str(folder)), tmp_path, None, Layout(), 4, False)
-    reference = None if saved_with_reference else torch.nn.Linear(2, 2)
+    reference = None if saved_with_reference else [torch.nn.Linear(2, 2)]
     said = "saved with dpo.sync_ref_model=true" if saved_with_reference else "saved without dpo.sync_ref_model"
     with pytest.raises(ConfigError, match=said):  # refused before anything is loaded
         checkpointer.resume(None, None, None, reference)

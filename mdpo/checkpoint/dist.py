@@ -76,24 +76,33 @@ def _rng_state() -> ShardedObject:
     )
 
 
-def _sharded_state(model, optimizer, is_loading: bool, rng: bool = True,
-                   reference: torch.nn.Module | None = None) -> dict:  # fmt: skip
-    model_state = checkpointed_state(model)  # a LoRA model: its adapters
+def _chunk_key(name: str, index: int, chunks: int) -> str:
+    """Where a model chunk's state sits in the checkpoint's dict: `model` alone, `model0`, `model1`, ... with an
+    interleaved pipeline (as Megatron-LM). On disk a sharded tensor is named by its own key, global layer index
+    included, so either loads at any layout."""
+    return name if chunks == 1 else f"{name}{index}"
+
+
+def _sharded_state(chunks: list, optimizer, is_loading: bool, rng: bool = True,
+                   reference: list | None = None) -> dict:  # fmt: skip
+    # a LoRA model's chunks: their adapters
+    models = {_chunk_key("model", i, len(chunks)): checkpointed_state(chunk) for i, chunk in enumerate(chunks)}
     state = {
-        "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=optimizer_metadata()),
+        **models,
+        "optimizer": optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=optimizer_metadata()),
     }
     if rng:
         state["rng_state"] = _rng_state()
-    if reference is not None:  # its own keys: a sharded tensor's key, not its place in this dict, names it on disk
-        state["reference"] = reference.sharded_state_dict(prefix=REFERENCE_PREFIX)
+    for i, ref in enumerate(reference or []):  # its own keys: a sharded tensor's key names it on disk
+        state[_chunk_key("reference", i, len(reference))] = ref.sharded_state_dict(prefix=REFERENCE_PREFIX)
     return state
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: dict, keep_last: int,
-                    reference: torch.nn.Module | None = None) -> Path:  # fmt: skip
-    """Collective: every rank calls it. Returns the final folder. `reference`: a reference model whose weights are
-    training state too (TR-DPO), saved under its own keys and flagged in the meta."""
+def save_checkpoint(root: Path, step: int, model: list, optimizer, scheduler, meta: dict, keep_last: int,
+                    reference: list | None = None) -> Path:  # fmt: skip
+    """Collective: every rank calls it, with its model chunks. Returns the final folder. `reference`: a reference
+    model (its chunks) whose weights are training state too (TR-DPO), saved under its own keys and flagged in the
+    meta."""
     final, tmp = step_dir(root, step), root / f"step_{step:07d}.tmp"
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
@@ -224,10 +233,10 @@ def _restore_adam_steps(optimizer) -> None:  # noqa: ANN001 - Megatron's types
                     opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, load_rng: bool = True,
-                    reference: torch.nn.Module | None = None) -> dict:  # fmt: skip
-    """Restore model, optimizer, scheduler, (same layout only: they are per TP/PP rank) RNG states and the
-    `reference` model when given (saved with it: see `has_reference`) in place; returns the checkpoint's meta."""
+def load_checkpoint(folder: Path, model: list, optimizer, scheduler, load_rng: bool = True,
+                    reference: list | None = None) -> dict:  # fmt: skip
+    """Restore the model chunks, optimizer, scheduler, (same layout only: they are per TP/PP rank) RNG states and
+    the `reference` chunks when given (saved with it: see `has_reference`) in place; returns the meta."""
     meta = read_meta(folder)
     _ensure_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, is_loading=True, rng=load_rng, reference=reference)
@@ -236,9 +245,11 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, load_rng: bool = 
         loaded = dist_checkpointing.load(state, str(folder))
     except (Exception, CheckpointException) as err:  # many kinds; name the folder and the cause
         raise MdpoError(f"{folder}: cannot load checkpoint ({type(err).__name__}: {str(err)[:300]})") from None
-    load_checkpointed_state(model, loaded["model"])
-    if reference is not None:
-        reference.load_state_dict({k.removeprefix(REFERENCE_PREFIX): v for k, v in loaded["reference"].items()})
+    for i, chunk in enumerate(model):
+        load_checkpointed_state(chunk, loaded[_chunk_key("model", i, len(model))])
+    for i, ref in enumerate(reference or []):
+        saved = loaded[_chunk_key("reference", i, len(reference))]
+        ref.load_state_dict({k.removeprefix(REFERENCE_PREFIX): v for k, v in saved.items()})
     with torch.no_grad(), _load_without_adam_steps(optimizer):
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)

@@ -18,11 +18,11 @@ from mdpo.models import families, sharding
 from mdpo.models.families.base import adapters_to_peft, mcore_to_hf
 
 
-def gather_full_state(module: torch.nn.Module, model: ModelConfig) -> dict[str, torch.Tensor] | None:
+def gather_full_state(chunks: list[torch.nn.Module], model: ModelConfig) -> dict[str, torch.Tensor] | None:
     """The whole model's tensors (local-spec names, fp32) on global rank 0, None elsewhere: each TP/PP rank of the
-    DP- and CP-rank-0 replica sends its part. Collective: every rank calls it."""
-    local = {k: v.detach().float().cpu() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
-    local = {sharding.te_name_inverse(k): v for k, v in local.items()}
+    DP- and CP-rank-0 replica sends its model chunks. Collective: every rank calls it."""
+    local = [{sharding.te_name_inverse(k): v.detach().float().cpu() for k, v in chunk.state_dict().items()
+              if not k.endswith("_extra_state")} for chunk in chunks]  # fmt: skip
     replica_zero = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     position = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
     payload = (*position, local) if replica_zero else None
@@ -30,12 +30,13 @@ def gather_full_state(module: torch.nn.Module, model: ModelConfig) -> dict[str, 
     torch.distributed.gather_object(payload, gathered, dst=0)
     if gathered is None:
         return None
-    pieces = {(tp, pp): sd for tp, pp, sd in (g for g in gathered if g is not None)}
+    pieces = {(tp, pp, vp): sd for tp, pp, sds in (g for g in gathered if g is not None) for vp, sd in enumerate(sds)}
     return sharding.merge_state_dicts(
         pieces,
         num_layers=model.num_hidden_layers,
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        vpp=len(chunks),
     )
 
 

@@ -41,13 +41,16 @@ def open_hf(folder: Path, model: ModelConfig) -> HFWeights:
 
 
 def load_hf_weights(module: torch.nn.Module, folder: Path, model: ModelConfig) -> None:
-    """Stream this rank's shard of every tensor its pipeline stage holds from a HF folder into `module`."""
+    """Stream this rank's shard of every tensor its pipeline stage (its model chunk `module.vp_stage` with an
+    interleaved pipeline) holds from a HF folder into `module`."""
     weights = open_hf(folder, model)
     tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    vp_stage = getattr(module, "vp_stage", None) or 0
     local_name = lambda name: sharding.stage_local_name(
-        name, num_layers=model.num_hidden_layers, pp_rank=pp_rank, pp_size=pp
+        name, num_layers=model.num_hidden_layers, pp_rank=pp_rank, pp_size=pp, vp_stage=vp_stage, vpp=vpp
     )
     family = families.get(model.family)
     loaded = 0

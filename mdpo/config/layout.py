@@ -73,18 +73,21 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = VOCAB_PAD_MULTIP
     return -(-vocab_size // step) * step
 
 
-def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
-    """Global layer indices on one pipeline stage (an even split, which `Layout.check_model` guarantees)."""
-    per_stage = num_layers // pp_size
-    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int, vp_stage: int = 0, vpp: int = 1) -> range:
+    """Global layer indices of one model chunk (the stage's only one when vpp = 1): chunk `vp_stage` of stage
+    `pp_rank` is virtual stage vp_stage x PP + pp_rank of PP x VPP equal parts (`Layout.check_model` guarantees
+    the split), as Megatron's `get_transformer_layer_offset` places them."""
+    per_chunk = num_layers // (pp_size * vpp)
+    first = (vp_stage * pp_size + pp_rank) * per_chunk
+    return range(first, first + per_chunk)
 
 
 @dataclass(frozen=True)
 class Layout:
     """Process-group sizes in Megatron's order (TP innermost, then CP, DP, PP): world = TP x PP x CP x DP.
 
-    `vpp` is the number of model chunks per pipeline stage (the planner's interleaved schedule); the trainer runs
-    vpp = 1."""
+    `vpp` is the number of model chunks per pipeline stage (Megatron's interleaved 1F1B schedule): chunk v of
+    stage p holds the layers of virtual stage v x PP + p (`chunk_layers`)."""
 
     tp: int = 1
     pp: int = 1
@@ -102,6 +105,8 @@ class Layout:
                 raise ConfigError(f"{w.name(name)} must be >= 1, got {value!r}")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError(f"{w.name('sequence_parallel')}=true needs {w.name('tp')} > 1")
+        if self.vpp > 1 and self.pp == 1:
+            raise ConfigError(f"{w.name('vpp')} > 1 needs {w.name('pp')} > 1 (model chunks interleave over stages)")
 
     @classmethod
     def for_world(cls, world: int, **sizes) -> Layout:
@@ -145,8 +150,13 @@ class Layout:
     def padded_vocab(self, vocab_size: int) -> int:
         return padded_vocab_size(vocab_size, self.tp)
 
-    def stage_layers(self, num_layers: int, pp_rank: int) -> range:
-        return stage_layers(num_layers, pp_rank, self.pp)
+    def stage_layers(self, num_layers: int, pp_rank: int, vp_stage: int = 0) -> range:
+        return stage_layers(num_layers, pp_rank, self.pp, vp_stage, self.vpp)
+
+    @property
+    def min_microbatches(self) -> int:
+        """Micro-batches one schedule call needs at least: PP with the interleaved schedule (Megatron's rule)."""
+        return self.pp if self.vpp > 1 else 1
 
     # ------------------------------------------------------------------ rules against the rest of a run
 
@@ -164,7 +174,14 @@ class Layout:
             raise ConfigError(f"{size} does not divide {w.counts['layers'].format(**counts)}")
 
     def check_batch(self, global_batch: int, micro_batch: int, packing: bool) -> None:
-        """A global batch splits evenly over the DP ranks, and (padded rows) each share into whole micro-batches."""
+        """A global batch splits evenly over the DP ranks, and (padded rows) each share into whole micro-batches;
+        the interleaved schedule needs at least PP pairs per DP rank (each a micro-batch of its own if need be)."""
+        if self.vpp > 1 and global_batch // self.dp < self.pp:
+            raise ConfigError(
+                f"schedule.global_batch_size={global_batch} gives {global_batch // self.dp} pairs per data-parallel "
+                f"rank, fewer than parallel.pp={self.pp}: the interleaved schedule (parallel.vpp > 1) needs at "
+                "least one micro-batch per stage"
+            )
         if packing and global_batch % self.dp:
             raise ConfigError(
                 f"schedule.global_batch_size={global_batch} is not divisible by the data-parallel size {self.dp}"

@@ -202,6 +202,7 @@ class ParallelConfig(Section):
     name: ClassVar[str] = "parallel"
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size
+    vpp: int = 1  # model chunks per pipeline stage (Megatron's interleaved 1F1B; needs pp > 1): a smaller bubble
     cp: int = 1  # context-parallel size: each sequence split over cp ranks (long pairs; TE or SDPA attention)
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
     sequence_parallel: bool = False  # split norm/residual activations over the TP ranks too (needs tp > 1)
@@ -212,7 +213,7 @@ class ParallelConfig(Section):
 
     def layout(self, world: int | None = None) -> Layout:
         """The layout these sizes make: with DP = 1 (the config's own checks), or of `world` processes."""
-        sizes = dict(tp=self.tp, pp=self.pp, cp=self.cp, sequence_parallel=self.sequence_parallel)
+        sizes = dict(tp=self.tp, pp=self.pp, cp=self.cp, vpp=self.vpp, sequence_parallel=self.sequence_parallel)
         return Layout(**sizes) if world is None else Layout.for_world(world, **sizes)
 
     def _rules(self) -> None:

@@ -283,3 +283,43 @@ def pack_microbatches(
     """This rank's pairs (dataset indices) grouped into packs of at most `budget` tokens (first-fit decreasing)."""
     bins = pack_pairs(pair_lengths([pairs[i] for i in indices], shared=shared), budget)
     return [[indices[k] for k in sorted(b)] for b in bins]
+
+
+def split_groups(groups: list[list[int]], count: int) -> list[list[int]]:
+    """At least `count` micro-batches when there are that many pairs (the interleaved pipeline needs one per
+    stage): the group with the most pairs is halved until there are enough. Order within groups is kept."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        largest = max(range(len(groups)), key=lambda k: len(groups[k]))
+        group = groups[largest]
+        if len(group) < 2:
+            break
+        groups[largest : largest + 1] = [group[: len(group) // 2], group[len(group) // 2 :]]
+    return groups
+
+
+def in_frame(batch: MicroBatch, rows: int, length: int) -> MicroBatch:
+    """The micro-batch in a [rows, length] frame, padding rows and columns added at the end: the interleaved
+    pipeline sends one activation shape per schedule call. Flat indices of the scores and blocks are remapped; the
+    added tokens are scored nowhere and attend nothing (plain rows: only earlier padding); in a packed row they
+    continue the last sequence, as `collate_packed`'s own padding does."""
+    old_rows, old_length = batch.tokens.shape
+    if (old_rows, old_length) == (rows, length):
+        return batch
+    remap = lambda flat: flat // old_length * length + flat % old_length
+    tokens = batch.tokens.new_zeros(rows, length)
+    tokens[:old_rows, :old_length] = batch.tokens
+    positions = torch.arange(length, device=batch.tokens.device).repeat(rows, 1)
+    positions[:old_rows, :old_length] = batch.position_ids
+    fields: dict[str, object] = {"num_slots": max(batch.num_slots, rows * length)}
+    if batch.cu_seqlens is not None:  # one packed row: the padding joins its last sequence
+        last = int(batch.position_ids[0, -1])
+        positions[0, old_length:] = torch.arange(last + 1, last + 1 + length - old_length)
+        cu = batch.cu_seqlens.clone()
+        cu[-1] = length
+        fields.update(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+    if batch.blocks is not None:
+        blocks = batch.blocks
+        fields["blocks"] = dataclasses.replace(blocks, q_index=remap(blocks.q_index), k_index=remap(blocks.k_index))
+    return dataclasses.replace(batch, tokens=tokens, position_ids=positions, score_index=remap(batch.score_index),
+                               **fields)  # fmt: skip

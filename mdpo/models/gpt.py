@@ -97,14 +97,17 @@ def layer_spec(model: ModelConfig) -> ModuleSpec:
     return with_core_attention(local, LocalAttention)
 
 
-def decoder_spec(model: ModelConfig, config: TransformerConfig) -> ModuleSpec | TransformerBlockSubmodules:
+def decoder_spec(
+    model: ModelConfig, config: TransformerConfig, vp_stage: int | None = None
+) -> ModuleSpec | TransformerBlockSubmodules:
     """What GPTModel builds this stage's layers and final norm from. Given a layer spec alone, Megatron picks the
     final norm itself (TE's, apex's or WrappedTorchNorm, whichever imports), so the local layers come as a block
     whose final norm is `TorchNorm` too. TE's layers keep TE's final norm, which takes sequence parallelism."""
     spec = layer_spec(model)
     if core_attention(model) == "te":
         return spec
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=TorchNorm)
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=TorchNorm)
 
 
 def transformer_config(
@@ -112,6 +115,7 @@ def transformer_config(
     *,
     tp: int = 1,
     pp: int = 1,
+    vpp: int = 1,
     cp: int = 1,
     params_dtype: torch.dtype = torch.float32,
     init_weights: bool = True,
@@ -145,6 +149,7 @@ def transformer_config(
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         context_parallel_size=cp,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -154,7 +159,10 @@ def transformer_config(
         # by the micro-batch count, and finalize_model_grads divides by the global pair count instead.
         calculate_per_token_loss=True,
         # Dynamic padding: each micro-batch has its own length, so pipeline stages exchange shapes.
-        variable_seq_lengths=True,
+        # (interleaved pipeline: fixed shapes per schedule call, and unbatched p2p, which keeps the two directions
+        # apart when the previous and next stage are one rank)
+        variable_seq_lengths=vpp == 1,
+        batch_p2p_comm=vpp == 1,
         # Dense model: no experts, but megatron rejects variable lengths with the default MoE dispatcher.
         moe_token_dispatcher_type="alltoall",
         # No biases and no dropout: the bias-dropout-add "fusion" would be a torch.compile of a plain residual add.
@@ -219,9 +227,15 @@ class NormHeadLinear(ColumnParallelLinear):
 
 
 def build_gpt_model(
-    model: ModelConfig, config: TransformerConfig, *, pre_process: bool = True, post_process: bool = True
+    model: ModelConfig,
+    config: TransformerConfig,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
 ) -> GPTModel:
-    """One pipeline stage of the policy (or reference) model; untied embeddings as in every supported family."""
+    """One pipeline stage (or, with an interleaved pipeline, model chunk `vp_stage` of it) of the policy or the
+    reference; untied embeddings as in every supported family."""
     alibi = model.position_embedding == "alibi"
     layout = Layout(
         tp=config.tensor_model_parallel_size,
@@ -231,7 +245,7 @@ def build_gpt_model(
     layout.check_attention(model.attention, model.position_embedding, resolved=core_attention(model))
     gpt = PositionedGPTModel(
         config=config,
-        transformer_layer_spec=decoder_spec(model, config),
+        transformer_layer_spec=decoder_spec(model, config, vp_stage),
         vocab_size=padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
@@ -239,6 +253,7 @@ def build_gpt_model(
         share_embeddings_and_output_weights=False,
         position_embedding_type="none" if alibi else "rope",
         rotary_base=model.rope_theta,
+        vp_stage=vp_stage,
     )
     if model.norm_head and post_process:
         gpt.output_layer.__class__ = NormHeadLinear  # same parameters, normalising forward

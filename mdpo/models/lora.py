@@ -185,9 +185,10 @@ def has_adapters(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def adapters_off(model: torch.nn.Module) -> Iterator[None]:
-    """The base model's forward (the LoRA run's reference): the adapters switched off, nothing copied."""
-    layers = adapted_layers(model)
+def adapters_off(chunks: list[torch.nn.Module]) -> Iterator[None]:
+    """The base model's forward (the LoRA run's reference): the adapters of every chunk switched off, nothing
+    copied."""
+    layers = [layer for chunk in chunks for layer in adapted_layers(chunk)]
     for layer in layers:
         layer.lora_on = False
     try:

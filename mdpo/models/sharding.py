@@ -72,33 +72,42 @@ def te_name_inverse(name: str) -> str:
     return name
 
 
-def stage_local_name(name: str, *, num_layers: int, pp_rank: int, pp_size: int) -> str | None:
-    """A full-model tensor name as one pipeline stage calls it (stage-local layer number), or None when the tensor
-    lives on another stage."""
+def stage_local_name(name: str, *, num_layers: int, pp_rank: int, pp_size: int, vp_stage: int = 0,
+                     vpp: int = 1) -> str | None:  # fmt: skip
+    """A full-model tensor name as one model chunk of a pipeline stage calls it (chunk-local layer number), or
+    None when the tensor lives elsewhere: the embedding on the first chunk of the first stage, the final norm and
+    the head on the last chunk of the last stage."""
     match = _LAYER.match(name)
     if match:
-        layers = stage_layers(num_layers, pp_rank, pp_size)
+        layers = stage_layers(num_layers, pp_rank, pp_size, vp_stage, vpp)
         index = int(match.group(1))
         return f"decoder.layers.{index - layers.start}.{match.group(2)}" if index in layers else None
     if name.startswith("embedding."):
-        return name if pp_rank == 0 else None
+        return name if pp_rank == 0 and vp_stage == 0 else None
     if name.startswith(("decoder.final_layernorm", "output_layer")):
-        return name if pp_rank == pp_size - 1 else None
+        return name if pp_rank == pp_size - 1 and vp_stage == vpp - 1 else None
     return name
 
 
 def merge_state_dicts(
-    pieces: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], *, num_layers: int, tp_size: int, pp_size: int
+    pieces: Mapping[tuple[int, int, int], Mapping[str, torch.Tensor]],
+    *,
+    num_layers: int,
+    tp_size: int,
+    pp_size: int,
+    vpp: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """Glue {(tp_rank, pp_rank): the rank's state dict, stage-local layer numbers} back into a full state dict."""
+    """Glue {(tp_rank, pp_rank, vp_stage): a model chunk's state dict, chunk-local layer numbers} back into a full
+    state dict."""
     full: dict[str, torch.Tensor] = {}
     for pp_rank in range(pp_size):
-        offset = stage_layers(num_layers, pp_rank, pp_size).start
-        for name in pieces[(0, pp_rank)]:
-            match = _LAYER.match(name)
-            global_name = f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}" if match else name
-            parts = [pieces[(tp_rank, pp_rank)][name] for tp_rank in range(tp_size)]
-            full[global_name] = unshard_tensor(parts, tp_rule(name))
+        for vp_stage in range(vpp):
+            offset = stage_layers(num_layers, pp_rank, pp_size, vp_stage, vpp).start
+            for name in pieces[(0, pp_rank, vp_stage)]:
+                match = _LAYER.match(name)
+                global_name = f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}" if match else name
+                parts = [pieces[(tp_rank, pp_rank, vp_stage)][name] for tp_rank in range(tp_size)]
+                full[global_name] = unshard_tensor(parts, tp_rule(name))
     return full
 
 

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> str:
             f"{workload.pairs} pairs x {workload.epochs:g} epochs, {workload.mean_tokens:g} tokens/pair, "
             f"reference {workload.reference}, efficiency {cluster.efficiency:g}"
             + (f", LoRA rank {workload.lora_rank} (base frozen)" if workload.lora_rank else ""))  # fmt: skip
-    rows = ["| TP | PP | CP | DP | SP | recompute | micro-batch | GiB/GPU (weights+grads+optim+ref / act / logits) "
+    rows = ["| TP | PP (x VPP) | CP | DP | SP | recompute | micro-batch "
+            "| GiB/GPU (weights+grads+optim+ref / act / logits) "
             "| fits | step s | tokens/s/GPU | workload h |", "|" + "---|" * 12]  # fmt: skip
     rows += [_row(p, workload) for p in plans]
     return "\n".join([head, *rows])
@@ -97,7 +98,8 @@ def _row(p: Plan, workload: Workload) -> str:
     c, lay, mem = p.candidate, p.layout, p.memory_gib
     static = mem["weights"] + mem["grads"] + mem["optimizer"] + mem["reference"]
     batch = f"pack {c.pack_tokens or workload.max_tokens}" if c.packing else f"{c.micro_batch} pairs"
-    return (f"| {lay.tp} | {lay.pp} | {lay.cp} | {lay.dp} | {'on' if lay.sequence_parallel else 'off'} "
+    pp = f"{lay.pp} x {lay.vpp}" if lay.vpp > 1 else f"{lay.pp}"
+    return (f"| {lay.tp} | {pp} | {lay.cp} | {lay.dp} | {'on' if lay.sequence_parallel else 'off'} "
             f"| {c.recompute} | {batch} | {mem['total']:.1f} ({static:.1f} / {mem['activations']:.1f} / "
             f"{mem['logits']:.1f}) | {'yes' if p.fits else 'NO'} | {p.step_s:.2f} | "
             f"{p.tokens_per_s_per_gpu:,.0f} | {p.workload_h:.2f} |")  # fmt: skip

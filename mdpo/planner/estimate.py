@@ -204,6 +204,19 @@ def activation_bytes_per_token_layer(model: ModelConfig, candidate: Candidate, n
     return width * (norms + attention + 5 * f / t)
 
 
+def _in_flight(candidate: Candidate, workload: Workload, first: bool) -> float:
+    """Micro-batches' activations the first stage holds at the end of warmup, in whole stages: PP under 1F1B; with
+    the interleaved schedule (VPP chunks, groups of PP micro-batches) Megatron's warmup of 2 (PP - 1) + (VPP - 1) PP
+    + 1 chunk-forwards, each 1/VPP of the stage's layers."""
+    p, v = candidate.layout.pp, candidate.layout.vpp
+    if not first or p == 1:
+        return 1.0
+    microbatches = math.ceil(microbatches_per_step(workload, candidate))
+    if v == 1:
+        return float(min(p, microbatches))
+    return min(2 * (p - 1) + (v - 1) * p + 1, v * microbatches) / v
+
+
 def memory_per_gpu(model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster) -> dict[str, float]:
     """Peak GiB on one GPU of the fullest pipeline stage, by part. The first stage holds the input embedding and,
     under 1F1B, up to PP micro-batches of activations; the last holds the head, one micro-batch in flight and one
@@ -221,8 +234,7 @@ def memory_per_gpu(model: ModelConfig, candidate: Candidate, workload: Workload,
     stages = []
     for first, last in ((True, False), (False, True)) if p > 1 else ((True, True),):
         weights = stage_layers * layer_params(model) / t + vocab_part * (first + last)
-        in_flight = min(p, math.ceil(microbatches_per_step(workload, candidate))) if first and p > 1 else 1
-        activations = layer_bytes * stage_layers * tokens * in_flight
+        activations = layer_bytes * stage_layers * tokens * _in_flight(candidate, workload, first)
         if last:  # the final norm's saved tensors
             activations += width * cluster.norm_saves * model.hidden_size * tokens
         # one chunk of logits (training.vocab_head), at its fullest in backward: the recomputed matmul and its
@@ -358,26 +370,36 @@ def check_layout(model: ModelConfig, candidate: Candidate, workload: Workload, c
 
 
 def search(model: ModelConfig, workload: Workload, cluster: Cluster, top: int = 10) -> list[Plan]:
-    """Every valid candidate over TP (within a node), PP, CP, micro-batch or pack size and recompute, with sequence
-    parallelism when TP > 1 and the distributed optimizer: those that fit, fastest first."""
+    """Every valid candidate over TP (within a node), PP with 1, 2 or 4 model chunks a stage (VPP), CP, micro-batch
+    or pack size and recompute, with sequence parallelism when TP > 1 and the distributed optimizer: those that
+    fit, fastest first."""
     world = cluster.world
     tps = [t for t in (1, 2, 4, 8) if t <= cluster.gpus_per_node]
     pps = [p for p in (1, 2, 4, 8, 16) if p <= max(1, model.num_hidden_layers // 2)]
     cps = [1, 2, 4, 8] if workload.max_tokens >= 16384 else [1]
     plans = []
     for t, p, c, recompute in itertools.product(tps, pps, cps, RECOMPUTE):
-        shapes = [dict(packing=False, micro_batch=m) for m in (1, 2, 4, 8)] if c > 1 else [
-            dict(packing=True, pack_tokens=k * workload.max_tokens) for k in (1, 2, 4)
-        ]  # fmt: skip
-        for shape in shapes:
-            try:
-                candidate = Candidate.on(world, tp=t, pp=p, cp=c, sequence_parallel=t > 1, recompute=recompute,
-                                         share_prompt=c == 1, **shape)  # fmt: skip
-            except ConfigError:  # TP x PP x CP does not divide the world
-                continue
-            if check_layout(model, candidate, workload, cluster):
-                continue
-            prediction = plan(model, candidate, workload, cluster)
-            if prediction.fits:
-                plans.append(prediction)
+        for v in (1, 2, 4) if p > 1 else (1,):
+            plans += _fitting(model, workload, cluster, world, t, p, c, v, recompute)
     return sorted(plans, key=lambda x: (x.step_s, x.memory_gib["total"]))[:top]
+
+
+def _fitting(model: ModelConfig, workload: Workload, cluster: Cluster, world: int, t: int, p: int, c: int, v: int,
+             recompute: str) -> list[Plan]:  # fmt: skip
+    """The candidates of one layout (each micro-batch or pack size) that are valid and fit."""
+    shapes = [dict(packing=False, micro_batch=m) for m in (1, 2, 4, 8)] if c > 1 else [
+        dict(packing=True, pack_tokens=k * workload.max_tokens) for k in (1, 2, 4)
+    ]  # fmt: skip
+    plans = []
+    for shape in shapes:
+        try:
+            candidate = Candidate.on(world, tp=t, pp=p, cp=c, vpp=v, sequence_parallel=t > 1, recompute=recompute,
+                                     share_prompt=c == 1, **shape)  # fmt: skip
+        except ConfigError:  # TP x PP x CP does not divide the world
+            continue
+        if check_layout(model, candidate, workload, cluster):
+            continue
+        prediction = plan(model, candidate, workload, cluster)
+        if prediction.fits:
+            plans.append(prediction)
+    return plans

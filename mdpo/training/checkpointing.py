@@ -96,7 +96,7 @@ class Checkpointer:
             check_writable(self.root, "checkpoint.dir")
 
     def resume(self, model, optimizer, scheduler,  # noqa: ANN001 - Megatron's types
-               reference: torch.nn.Module | None = None) -> tuple[int, Path | None]:  # fmt: skip
+               reference: list[torch.nn.Module] | None = None) -> tuple[int, Path | None]:  # fmt: skip
         """Load the checkpoint `checkpoint.resume` names (auto: the latest complete one): (the step to start at,
         the folder loaded; None when starting afresh). `reference`: the reference model when its weights are
         training state (`dpo.sync_ref_model`); the checkpoint must hold one exactly then."""
@@ -138,7 +138,7 @@ class Checkpointer:
         return After.SAVE if every and step % every == 0 else After.GO_ON
 
     def save(self, step: int, model, optimizer, scheduler, meta: dict,  # noqa: ANN001 - Megatron's types
-             reference: torch.nn.Module | None = None) -> Path:  # fmt: skip
+             reference: list[torch.nn.Module] | None = None) -> Path:  # fmt: skip
         """Collective: a checkpoint of `step` (keeping the last `keep_last`), with `reference` when given."""
         meta = {
             "consumed_samples": step * self.global_batch_size,

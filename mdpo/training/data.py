@@ -15,6 +15,7 @@ from mdpo.data.batching import (
     collate_shared,
     context_parallel_share,
     pack_microbatches,
+    split_groups,
 )
 from mdpo.data.pairs import TokenizedPair, TokenizeReport, load_pairs
 from mdpo.errors import DataError, MdpoError
@@ -64,11 +65,11 @@ def make_microbatches(
     context parallelism (never with a shared prompt) this CP rank keeps its two chunks of every row."""
     if data.packing:
         budget = data.pack_budget
-        groups = pack_microbatches(pairs, indices, budget, shared=share_prompt)
+        groups = split_groups(pack_microbatches(pairs, indices, budget, shared=share_prompt), layout.min_microbatches)
         return [collate_packed([pairs[i] for i in g], pad_id, budget, layout.pack_multiple, share_prompt)
                 for g in groups]  # fmt: skip
     mbs = schedule.micro_batch_size
     build = collate_shared if share_prompt else collate
-    batches = (build([pairs[i] for i in indices[k : k + mbs]], pad_id, layout.sequence_multiple)
-               for k in range(0, len(indices), mbs))  # fmt: skip
+    groups = split_groups([indices[k : k + mbs] for k in range(0, len(indices), mbs)], layout.min_microbatches)
+    batches = (build([pairs[i] for i in g], pad_id, layout.sequence_multiple) for g in groups)
     return [context_parallel_share(batch, layout.cp, cp_rank) for batch in batches]

@@ -31,7 +31,7 @@ from mdpo.data.batching import MicroBatch
 from mdpo.errors import ConfigError, MdpoError
 from mdpo.training.data import load_pairs_on_ranks
 from mdpo.training.evaluation import evaluate_pairs
-from mdpo.training.setup import build_stage, start_run
+from mdpo.training.setup import build_model, frozen, start_run
 from mdpo.training.step import DPOObjective, attach_reference_logps
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -195,11 +195,11 @@ def evaluate_model(setup: EvalSetup, progress: bool = True) -> dict[str, float]:
         objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size)
         if setup.reward_mean is not None:
             objective.reward_mean.load_state_dict(setup.reward_mean)
-        policy = build_stage(cfg, run.layout, run.dtype, load=True).requires_grad_(False).eval()
+        policy = frozen(build_model(cfg, run.layout, run.dtype, load=True))
         attach = _no_reference
         if setup.reference is not None:
             ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=setup.reference))
-            reference = build_stage(ref_cfg, run.layout, run.dtype, load=True).requires_grad_(False).eval()
+            reference = frozen(build_model(ref_cfg, run.layout, run.dtype, load=True))
             attach = partial(attach_reference_logps, reference=reference, scorer=run.scorer)
         return evaluate_pairs(cfg, run, objective, policy, pairs, attach, progress=progress)
     finally:

@@ -26,15 +26,15 @@ def evaluate_pairs(
     cfg: TrainConfig,
     run: Run,
     objective: DPOObjective,
-    policy: torch.nn.Module,
+    policy: list[torch.nn.Module],
     pairs: list[TokenizedPair],
     attach_reference: AttachReference,
     *,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Forward-only DPO metrics over `pairs` (each DP rank takes every dp-th pair), reduced over the ranks and
-    returned on every rank as `eval_`-prefixed TRL names; a progress bar over this rank's pairs on global rank 0
-    when `progress`."""
+    """Forward-only DPO metrics of the `policy` (its model chunks) over `pairs` (each DP rank takes every dp-th
+    pair), reduced over the ranks and returned on every rank as `eval_`-prefixed TRL names; a progress bar over
+    this rank's pairs on global rank 0 when `progress`."""
     dp = run.layout.dp
     if len(pairs) < dp:
         raise DataError(f"{cfg.data.eval_file}: fewer eval pairs than data-parallel ranks ({dp})")

@@ -14,18 +14,21 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from mdpo.config import TrainConfig
 
 
-def wrap_ddp(cfg: TrainConfig, module: torch.nn.Module) -> DistributedDataParallel:
+def wrap_ddp(cfg: TrainConfig, module: torch.nn.Module, index: int = 0) -> DistributedDataParallel:
+    """Megatron's DDP around one model chunk; chunks after the first are not bucketed (as Megatron-LM does: their
+    gradients are reduced after the first chunk's)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
-    return DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
+    return DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module,
+                                   disable_bucketing=index > 0)  # fmt: skip
 
 
-def build_optimizer(cfg: TrainConfig, policy: DistributedDataParallel, dtype: torch.dtype) -> MegatronOptimizer:
-    """Megatron's optimizer over the policy, registered with the model config for the schedule's gradient
+def build_optimizer(cfg: TrainConfig, policy: list[DistributedDataParallel], dtype: torch.dtype) -> MegatronOptimizer:
+    """Megatron's optimizer over the policy's chunks, registered with the model config for the schedule's gradient
     finalisation (DP/PP reduction, division by the global pair count) and loss scaling."""
     opt = cfg.optimizer
     optimizer = get_megatron_optimizer(
@@ -42,11 +45,11 @@ def build_optimizer(cfg: TrainConfig, policy: DistributedDataParallel, dtype: to
             params_dtype=dtype,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         ),
-        [policy],
+        policy,
     )
-    config = policy.module.config
+    config = policy[0].module.config
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = policy.no_sync
+    config.no_sync_func = policy[0].no_sync if len(policy) == 1 else [chunk.no_sync for chunk in policy]
     config.grad_scale_func = optimizer.scale_loss
     return optimizer
 

@@ -15,7 +15,7 @@ from mdpo.errors import ConfigError
 from mdpo.training.data import load_pairs_on_ranks, log
 from mdpo.training.reference import cache_path, reference_stamp, save_reference_logps
 from mdpo.training.run_lock import lock_run
-from mdpo.training.setup import FORWARD_CHUNK, build_stage, start_run
+from mdpo.training.setup import FORWARD_CHUNK, build_model, frozen, start_run
 from mdpo.training.step import attach_reference_logps
 
 
@@ -27,7 +27,7 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
     try:
         run = start_run(cfg)
         lock = lock_run({"logging.run_dir": Path(cfg.logging.run_dir)})
-        reference = build_stage(cfg, run.layout, run.dtype, load=True).eval()
+        reference = frozen(build_model(cfg, run.layout, run.dtype, load=True))
         stamp = reference_stamp(cfg)
         written = []
         for split, path in (("train", cfg.data.train_file), ("eval", cfg.data.eval_file)):

@@ -20,7 +20,7 @@ def mix_weights(reference: torch.Tensor, policy: torch.Tensor, alpha: float) -> 
 @torch.no_grad()
 def sync_reference(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
     """Mix this rank's shard of every policy parameter into the same shard of the reference, in place. Both are
-    stages built by `build_stage` for one layout, so their parameters pair by name. Parameters only, as TRL's
+    chunks built by `build_model` for one layout, so their parameters pair by name. Parameters only, as TRL's
     `SyncRefModelCallback` does: the buffers (RoPE frequencies) never train."""
     policy_params = dict(policy.named_parameters())
     reference_params = dict(reference.named_parameters())

@@ -45,7 +45,8 @@ class Run:
         return torch.distributed.get_rank() == 0
 
     def microbatches(self, cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int]) -> list[MicroBatch]:
-        """This rank's pairs (`indices` into `pairs`) as micro-batches of its layout, on the host."""
+        """This rank's pairs (`indices` into `pairs`) as micro-batches of its layout, on the host (at least
+        `Layout.min_microbatches` of them when there are that many pairs)."""
         return make_microbatches(cfg.data, cfg.schedule, self.layout, pairs, indices, self.tokenizer.pad_token_id,
                                  self.ranks.cp, self.share_prompt)  # fmt: skip
 
@@ -54,9 +55,13 @@ class Run:
 
     def device_chunks(self, batches: list[MicroBatch]) -> Iterator[list[MicroBatch]]:
         """A forward-only pass over many micro-batches (evaluation, `precompute-ref`): FORWARD_CHUNK of them on the
-        device at a time, the rest on the host."""
-        for start in range(0, len(batches), FORWARD_CHUNK):
-            yield self.on_device(batches[start : start + FORWARD_CHUNK])
+        device at a time, the rest on the host; a remainder too short for the interleaved schedule
+        (`Layout.min_microbatches`) joins the chunk before it."""
+        starts = list(range(0, len(batches), FORWARD_CHUNK))
+        if len(starts) > 1 and len(batches) - starts[-1] < self.layout.min_microbatches:
+            starts.pop()
+        for start, end in zip(starts, [*starts[1:], len(batches)]):
+            yield self.on_device(batches[start:end])
 
 
 def train_dtype(parallel_cfg: ParallelConfig) -> torch.dtype:
@@ -104,35 +109,44 @@ def share_prompt(cfg: TrainConfig) -> bool:
     return cfg.data.share_prompt is not False
 
 
-def build_stage(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool) -> GPTModel:
-    """This rank's pipeline stage of the model: `model.init_from` loaded into it when `load` (HF folder or Megatron
-    checkpoint, streamed per tensor and resharded for this layout), else a seeded random init. Its output layer
-    hands on hidden states (`ScoringHead`): the loss applies it to the scored positions only."""
+def build_model(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool) -> list[GPTModel]:
+    """This rank's model chunks: its pipeline stage, as `layout.vpp` chunks with an interleaved pipeline (one
+    otherwise), each with `model.init_from` loaded into it when `load` (HF folder or Megatron checkpoint, streamed
+    per tensor and resharded for this layout), else a seeded random init. The output layer hands on hidden states
+    (`ScoringHead`): the loss applies it to the scored positions only."""
     # Initialised even when weights are loaded next: Megatron marks tensor-parallel weights (which the grad norm and
     # weight decay need) only in its init functions.
     config = transformer_config(
         cfg.model,
         tp=layout.tp,
         pp=layout.pp,
+        vpp=layout.vpp,
         cp=layout.cp,
         params_dtype=dtype,
         sequence_parallel=layout.sequence_parallel,
         recompute=cfg.parallel.recompute,
     )
-    model = use_scoring_head(
-        build_gpt_model(
-            cfg.model,
-            config,
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
+    chunks = []
+    for vp_stage in range(layout.vpp) if layout.vpp > 1 else [None]:
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        model = use_scoring_head(
+            build_gpt_model(cfg.model, config, pre_process=first, post_process=last, vp_stage=vp_stage)
         )
-    )
-    # Megatron-Core's local RMSNorm (torch.nn.RMSNorm) is built in float32 whatever params_dtype says; its bf16
-    # optimizer maps only bf16 weights to checkpoint entries (Megatron-LM's Float16Module casts them all too).
-    for param in model.parameters():
-        param.data = param.data.to(dtype)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    if load and cfg.model.init_from is not None:
-        load_initial_weights(model, cfg.model)
-    return model
+        # Megatron-Core's local RMSNorm (torch.nn.RMSNorm) is built in float32 whatever params_dtype says; its bf16
+        # optimizer maps only bf16 weights to checkpoint entries (Megatron-LM's Float16Module casts them all too).
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        if load and cfg.model.init_from is not None:
+            load_initial_weights(model, cfg.model)
+        chunks.append(model)
+    return chunks
+
+
+def frozen(chunks: list[GPTModel]) -> list[GPTModel]:
+    """Model chunks for forward-only passes (a reference, an evaluated model): no gradients, eval mode."""
+    for chunk in chunks:
+        chunk.requires_grad_(False).eval()
+    return chunks

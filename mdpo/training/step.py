@@ -17,9 +17,11 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from mdpo.config import DPOConfig, ModelConfig
-from mdpo.data.batching import MicroBatch
+from mdpo.data.batching import MicroBatch, in_frame
+from mdpo.errors import MdpoError
 from mdpo.loss import pair_losses, wpo_weights
 from mdpo.models.attention import BlockAttention
 from mdpo.models.gpt import head_weight
@@ -172,22 +174,45 @@ def dpo_forward_step(objective: DPOObjective, scorer: Scorer, data_iterator: Ite
     return scorer.forward(batch, model), partial(_dpo_loss, batch, objective, scorer, model)
 
 
-def run_schedule(forward_step, microbatches: list[MicroBatch], model, *, forward_only: bool) -> list[dict]:
-    """One pass of Megatron's (pipeline) schedule over this rank's micro-batches."""
+def interleave_group(microbatches: int, pp: int) -> int:
+    """Megatron's interleaved schedule runs each chunk over groups of g micro-batches, g in [PP, M], with a last
+    partial group of none or at least PP: the smallest such g (PP itself, its default, when PP divides M). Packed
+    steps have as many micro-batches as packs, so g is chosen per call."""
+    for group in range(pp, microbatches + 1):
+        rest = microbatches % group
+        if rest == 0 or rest >= pp:
+            return group
+    raise MdpoError(
+        f"{microbatches} micro-batches on this rank, fewer than the {pp} pipeline stages the interleaved schedule "
+        "(parallel.vpp > 1) needs: give each data-parallel rank at least PP pairs"
+    )
+
+
+def run_schedule(forward_step, microbatches: list[MicroBatch], chunks: list, *, forward_only: bool) -> list[dict]:
+    """One pass of Megatron's (pipeline) schedule over this rank's micro-batches: 1F1B for one model chunk, the
+    interleaved 1F1B for several (each chunk reading the same micro-batches in order)."""
     longest = max(mb.tokens.shape[1] for mb in microbatches)
+    data = iter(microbatches)
+    if len(chunks) > 1:
+        rows = max(mb.tokens.shape[0] for mb in microbatches)  # one activation shape for the whole call
+        microbatches = [in_frame(mb, rows, longest) for mb in microbatches]
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        get_model_config(chunks[0]).microbatch_group_size_per_vp_stage = interleave_group(len(microbatches), pp)
+        data = [iter(microbatches) for _ in chunks]
     return get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
-        model=[model],
+        data_iterator=data,
+        model=chunks,
         num_microbatches=len(microbatches),
-        seq_length=longest,
+        seq_length=longest * parallel_state.get_context_parallel_world_size(),  # the interleaved schedule's shape
         micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches),
         forward_only=forward_only,
     )
 
 
-def attach_reference_logps(microbatches: list[MicroBatch], reference: torch.nn.Module, scorer: Scorer) -> None:
-    """Forward-only pass of the frozen reference; its log-probs land on the micro-batches (last stage only)."""
+def attach_reference_logps(microbatches: list[MicroBatch], reference: list, scorer: Scorer) -> None:
+    """Forward-only pass of the frozen reference (its model chunks); its log-probs land on the micro-batches (last
+    stage only)."""
     step = partial(reference_forward_step, scorer)
     with torch.no_grad():
         outputs = run_schedule(step, microbatches, reference, forward_only=True)

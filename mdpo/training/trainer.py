@@ -31,7 +31,7 @@ from mdpo.training.profiling import profiled
 from mdpo.training.reference import ReferenceLogps, cache_path, reference_stamp
 from mdpo.training.reference_sync import sync_reference
 from mdpo.training.run_lock import lock_run
-from mdpo.training.setup import build_stage, start_run
+from mdpo.training.setup import build_model, frozen, start_run
 from mdpo.training.step import DPOObjective, attach_reference_logps, dpo_forward_step, reduce_sums, run_schedule
 
 
@@ -76,22 +76,23 @@ class Trainer:
         self.sampler = PairSampler(len(self.train_pairs), cfg.schedule.global_batch_size, cfg.schedule.seed)
         self.train_steps = cfg.schedule.train_steps or max(1, int(cfg.schedule.epochs * self.sampler.steps_per_epoch))
 
-        policy = build_stage(cfg, self.run.layout, self.run.dtype, load=True)
+        policy = build_model(cfg, self.run.layout, self.run.dtype, load=True)  # this rank's model chunks
         if cfg.lora.enabled:  # the base frozen; with an online reference, the reference is the base itself
-            add_adapters(policy, cfg.lora, cfg.schedule.seed)
+            for chunk in policy:
+                add_adapters(chunk, cfg.lora, cfg.schedule.seed)
         self.reference, self.reference_cache = None, {}
         if cfg.dpo.reference == "online" and not cfg.lora.enabled:
             # The reference starts as an exact copy of the policy and never trains.
-            self.reference = build_stage(cfg, self.run.layout, self.run.dtype, load=False)
-            self.reference.load_state_dict(policy.state_dict())
-            self.reference.requires_grad_(False).eval()
+            self.reference = build_model(cfg, self.run.layout, self.run.dtype, load=False)
+            for ref, chunk in zip(frozen(self.reference), policy, strict=True):
+                ref.load_state_dict(chunk.state_dict())
         elif cfg.dpo.reference == "precomputed":
             stamp = reference_stamp(cfg)
             for split, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
                 if pairs:
                     needed = [p.index for p in pairs]
                     self.reference_cache[split] = ReferenceLogps(cache_path(cfg, split), stamp, needed)
-        self.policy = wrap_ddp(cfg, policy)
+        self.policy = [wrap_ddp(cfg, chunk, index) for index, chunk in enumerate(policy)]
         self.optimizer = build_optimizer(cfg, self.policy, self.run.dtype)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.train_steps)
 
@@ -164,7 +165,8 @@ class Trainer:
         dpo = self.cfg.dpo
         if dpo.sync_ref_model and step % dpo.ref_model_sync_steps == 0:
             self._sync_params()
-            sync_reference(self.reference, self.policy.module, dpo.ref_model_mixup_alpha)
+            for ref, chunk in zip(self.reference, self.policy, strict=True):
+                sync_reference(ref, chunk.module, dpo.ref_model_mixup_alpha)
 
     def _eval_due(self, step: int) -> bool:
         """Held-out evaluation every eval_interval steps (the one after the last step is the final evaluation)."""
@@ -199,7 +201,8 @@ class Trainer:
             rank_share(self.sampler.global_batch(step), ranks.dp, layout.dp), self.train_pairs
         )
         self._attach_reference(microbatches, "train")
-        self.policy.zero_grad_buffer()
+        for chunk in self.policy:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = run_schedule(
             partial(dpo_forward_step, self.objective, self.run.scorer), microbatches, self.policy, forward_only=False
@@ -246,7 +249,7 @@ class Trainer:
         if self.reference is not None:
             attach_reference_logps(microbatches, self.reference, self.run.scorer)
         elif self.cfg.lora.enabled and self.cfg.dpo.reference == "online":
-            with adapters_off(self.policy.module):
+            with adapters_off(self._modules):
                 attach_reference_logps(microbatches, self.policy, self.run.scorer)
         elif split in self.reference_cache:
             for mb in microbatches:
@@ -262,15 +265,21 @@ class Trainer:
         next forward's hooks gather them; a checkpoint, an export or TR-DPO's mixing reads the weights directly, so
         gather them now."""
         if self.cfg.parallel.overlap_param_gather:
-            self.policy.start_param_sync(force_sync=True)
+            for chunk in self.policy:
+                chunk.start_param_sync(force_sync=True)
 
     @property
-    def _trained_reference(self) -> torch.nn.Module | None:
+    def _modules(self) -> list[torch.nn.Module]:
+        """The policy's model chunks without their DDP wrappers."""
+        return [chunk.module for chunk in self.policy]
+
+    @property
+    def _trained_reference(self) -> list[torch.nn.Module] | None:
         """The reference when its weights are training state (TR-DPO moves them), so checkpoints hold it."""
         return self.reference if self.cfg.dpo.sync_ref_model else None
 
     def _resume(self) -> int:
-        step, folder = self.checkpointer.resume(self.policy.module, self.optimizer, self.scheduler,
+        step, folder = self.checkpointer.resume(self._modules, self.optimizer, self.scheduler,
                                                 self._trained_reference)  # fmt: skip
         if folder is not None:
             self._resume_objective(folder)
@@ -289,7 +298,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         self._sync_params()
-        folder = self.checkpointer.save(step, self.policy.module, self.optimizer, self.scheduler,
+        folder = self.checkpointer.save(step, self._modules, self.optimizer, self.scheduler,
                                         {"config": config_to_dict(self.cfg),
                                          "reward_mean": self.objective.reward_mean.state_dict()},
                                         self._trained_reference)  # fmt: skip
@@ -300,7 +309,7 @@ class Trainer:
         LoRA run, the adapters merged into it, and the adapters alone as a PEFT folder (RUN_DIR/adapter)."""
         self._sync_params()
         cfg = self.cfg
-        full = gather_full_state(self.policy.module, cfg.model)
+        full = gather_full_state(self._modules, cfg.model)
         if full is not None:
             init_from = cfg.model.init_from
             if cfg.lora.enabled:
