@@ -277,7 +277,7 @@ def test_fresh_adapters_leave_the_forward_unchanged_and_switch_off(megatron_worl
         assert len(layers) == 8 and all(not p.requires_grad for n, p in gpt.named_parameters() if "lora" not in n)
         for layer in layers:
             layer.lora_B.normal_(0, 0.1)
-        with adapters_off(gpt):
+        with adapters_off([gpt]):
             assert torch.equal(gpt(**inputs), base)
         assert (gpt(**inputs) - base).abs().max() > 1e-3
     proj = gpt.decoder.layers[1].self_attention.linear_proj

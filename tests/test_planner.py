@@ -154,8 +154,10 @@ def test_shared_prompt_with_sequence_parallelism_but_not_context_parallelism():
     assert shared.share_prompt and not planner.check_layout(model, shared, workload, cluster)
     with_cp = planner.Candidate.on(cluster.world, tp=4, cp=2, sequence_parallel=True, packing=False)
     assert "a shared prompt needs CP=1" in "; ".join(planner.check_layout(model, with_cp, workload, cluster))
-    best = planner.search(model, workload, cluster, top=1)[0]
-    assert best.layout.tp == 4 and best.layout.sequence_parallel and best.candidate.share_prompt
+    plans = planner.search(model, workload, cluster, top=5)
+    assert all(p.layout.sequence_parallel and p.candidate.share_prompt for p in plans if p.layout.tp > 1)
+    recipe = [p for p in plans if p.layout.tp == 4 and p.layout.pp == 1 and p.candidate.pack_tokens == 16384]
+    assert recipe and recipe[0].step_s <= 1.01 * plans[0].step_s  # the 13B recipe's layout, within 1% of the best
 
 
 def test_plan_cli_json_and_errors(tmp_path):
