@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -78,11 +79,16 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--no-share-prompt", action="store_true", help="each pair's prompt in both sequences")
     parser.add_argument("--attention", default="auto")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers of the preset's shape kept (a 13B "
+                        "shape on one GPU: as many of its 40 as fit); default all")  # fmt: skip
+    parser.add_argument("--fused-swiglu", action="store_true", help="model.fused_swiglu (Megatron's fused SwiGLU)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per device; default from the GPU's name")
     parser.add_argument("--csv", default="benchmarks/results.csv")
     parser.add_argument("extra", nargs="*", help="more mdpo key=value overrides")
     args = parser.parse_args()
     world, model = args.nproc, PRESETS[args.model]
+    model = dataclasses.replace(model, num_hidden_layers=args.layers or model.num_hidden_layers,
+                                fused_swiglu=args.fused_swiglu)  # fmt: skip
     run = run_config(model, seq_len=args.seq_len, micro_batch=args.micro_batch, steps=args.steps, warmup=args.warmup,
                      nproc=world, tp=args.tp, pp=args.pp, cp=args.cp, reference=args.reference, packing=args.packing,
                      attention=args.attention, global_batch=args.global_batch, prompt_len=args.prompt_len,
@@ -94,7 +100,8 @@ def main() -> None:
     achieved = flops_per_step(model, computed, mean_sequence, reference) / step_s / 1e12
     peak = args.peak_tflops or default_peak()
     mfu = achieved / (peak * world) if peak else None
-    row = {"model": args.model, "params_b": round(matmul_params(model) / 1e9, 3), "data": args.data,
+    row = {"model": args.model, "layers": model.num_hidden_layers, "fused_swiglu": model.fused_swiglu,
+           "params_b": round(matmul_params(model) / 1e9, 3), "data": args.data,
            "seq_len": args.seq_len, "mean_sequence": round(mean_sequence, 1),
            "micro_batch": args.micro_batch, "global_batch": run["global_batch"], "tp": args.tp, "pp": args.pp,
            "cp": args.cp, "world": world, "attention": args.attention, "reference": args.reference,

@@ -1,4 +1,4 @@
-"""Make megatron-core 0.16 run on a CPU-only torch (gloo), for tests and the CPU demo.
+"""Make megatron-core (0.16.1 and 0.19) run on a CPU-only torch (gloo), for tests and the CPU demo.
 
 Megatron-Core assumes CUDA in a handful of places (measured list: ../shared/notes/megatron-core-on-cpu.md).
 Each patch below names the spot it covers. `apply()` does nothing when CUDA is available, so none of this
@@ -66,6 +66,22 @@ class _CpuFactoryTorch(types.ModuleType):
         return factory
 
 
+class _NoStream:
+    """The current "CUDA stream" on CPU: waits and records are no-ops (everything runs in order on one thread).
+
+    megatron-core 0.19's param_and_grad_buffer.py:632 asks for the current stream before every gradient reduction
+    (to wait on CUDA-graph replays, which never happen here)."""
+
+    def wait_event(self, *_args: Any) -> None:
+        pass
+
+    def wait_stream(self, *_args: Any) -> None:
+        pass
+
+    def record_event(self, *_args: Any) -> None:
+        pass
+
+
 class _CudaTypeNames(TorchFunctionMode):
     """While active, CPU tensors report `.type()` as `torch.cuda.*` and `.cuda()` leaves them on the CPU.
 
@@ -104,6 +120,7 @@ def apply() -> None:
     # p2p_communication.py:242/398 synchronize after sends; set_device in a few init paths.
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.set_device = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
 
     # The "CUDA" RNG tracker (tensor_parallel/random.py 235-277, 422; forked by dot_product_attention.py:217
     # even at dropout 0) keeps its named states as CPU generator states instead.

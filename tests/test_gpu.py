@@ -144,3 +144,34 @@ def test_lora_bf16_run_holds_less_than_full_tuning(tmp_path):
     assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
     saved = 12 * weights / 2**30
     assert peaks["full"] - peaks["lora"] >= saved, peaks
+
+
+def test_fused_swiglu_bf16_keeps_two_fewer_mlp_activations(megatron_world):
+    """model.fused_swiglu on the GPU (Megatron's SwiGLUFunction through torch.compile's Triton kernel), bf16: the
+    log-probs of the unfused MLP (within bf16 rounding), and a forward + backward whose peak memory is lower by at
+    least 80% of the two intermediate-sized bf16 tensors per token and layer that the fusion does not keep."""
+    from mdpo.training.step import Scorer
+
+    hf = tiny_hf_llama(seed=0, vocab_size=VOCAB, intermediate_size=4096, num_hidden_layers=4)
+    pairs = random_pairs() * 32  # 128 pairs: 256 padded rows
+    cfg = model_config(hf.config)
+    cfg.attention = "sdpa"
+    result = {}
+    for fused in (False, True):
+        model = mdpo_model(hf, "sdpa", fused_swiglu=fused).to(device="cuda", dtype=torch.bfloat16).train()
+        batch = collate_as("padded", pairs).to("cuda")
+        scorer = Scorer(cfg, chunk_tokens=512, thd=False)
+        for _ in range(2):  # the first call compiles
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            logps = scorer.stats(batch, model, scorer.forward(batch, model)).logps
+            logps.sum().backward()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            model.zero_grad(set_to_none=True)
+        result[fused] = (logps.detach().double().cpu(), peak, int(batch.tokens.numel()))
+    (unfused, peak_unfused, tokens), (fused, peak_fused, _) = result[False], result[True]
+    assert torch.allclose(fused, unfused, rtol=1e-2, atol=0.05), (fused, unfused)
+    saved = 2 * cfg.intermediate_size * 2 * tokens * cfg.num_hidden_layers
+    assert peak_unfused - peak_fused >= 0.8 * saved, (peak_unfused, peak_fused, saved)

@@ -27,7 +27,7 @@ def model_config(hf_config) -> ModelConfig:
     )
 
 
-def mdpo_model(hf_model, attention: str = "auto"):
+def mdpo_model(hf_model, attention: str = "auto", fused_swiglu: bool = False):
     """mdpo's model of the HF model's weights, its output layer as training uses it (hidden states out)."""
     from mdpo.config import padded_vocab_size
     from mdpo.models import sharding
@@ -36,7 +36,7 @@ def mdpo_model(hf_model, attention: str = "auto"):
     from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
 
     cfg = model_config(hf_model.config)
-    cfg.attention = attention
+    cfg.attention, cfg.fused_swiglu = attention, fused_swiglu
     model = build_gpt_model(cfg, transformer_config(cfg))
     hf_state = hf_model.state_dict()
     check_hf_state(llama.FAMILY, hf_state, cfg)
@@ -112,6 +112,41 @@ def test_sequence_logps_equal_hf_float64(megatron_world, layout, attention):
     want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
     want += [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs]
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5), (got, want)
+
+
+def test_fused_swiglu_gives_hf_logps_and_autograds_gradients(megatron_world):
+    """model.fused_swiglu (Megatron's SwiGLUFunction, torch.compile'd, its own backward): HF's float64 log-probs
+    forward, and every weight's gradient of a DPO-like objective equal to the unfused MLP's (plain autograd)."""
+    hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
+    pairs = random_pairs()
+    want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
+    want += [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs]
+    cfg = model_config(hf.config)
+    cfg.fused_swiglu = True
+    fused = mdpo_model(hf, fused_swiglu=True)
+    got = mdpo_logps(fused, pairs, "packed", cfg)
+    assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5), (got, want)
+
+    from mdpo.training.step import Scorer
+
+    grads, activations = [], []
+    for model in (fused, mdpo_model(hf)):
+        model.train()
+        model.decoder.layers[0].mlp.linear_fc2.register_forward_hook(
+            lambda _module, inputs, _output: activations.append(  # the activation's backward (under a view)
+                [type(fn).__name__ for fn in (inputs[0].grad_fn, inputs[0].grad_fn.next_functions[0][0])]
+            )
+        )
+        scorer = Scorer(cfg, chunk_tokens=7, thd=False)
+        batch = collate_as("padded", pairs)
+        logps = scorer.stats(batch, model, scorer.forward(batch, model)).logps
+        (logps[:4] - logps[4:]).sigmoid().log().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert "SwiGLUFunctionBackward" in activations[0] and activations[1][0] == "MulBackward0", activations
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[1].items():
+        assert grad.norm() > 0, name
+        assert (grads[0][name] - grad).norm() <= 1e-5 * grad.norm(), name
 
 
 def hf_token_stats_float64(hf_model, prompt: list[int], response: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

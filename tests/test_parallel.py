@@ -41,6 +41,18 @@ LAYOUTS = {
         2,
         ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true", "data.pack_tokens=160"],
     ),  # fmt: skip
+    # ... and with Megatron's fused SwiGLU (model.fused_swiglu: torch.compile'd, its own backward) against the
+    # unfused single-process run.
+    "tp2_sp_packed_fused_swiglu": (
+        2,
+        [
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            "data.packing=true",
+            "data.pack_tokens=160",
+            "model.fused_swiglu=true",
+        ],
+    ),  # fmt: skip
     # The reference run shares each pair's prompt (data.share_prompt: auto); these do not, so they prove sharing
     # exact: same metrics step for step and same weights, at TP=2 (with full activation recompute, which changes
     # when work happens, never the result) and packed through the pipeline.

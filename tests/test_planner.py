@@ -74,12 +74,13 @@ def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank):
         assert predicted[part] * planner.GIB == pytest.approx(size, rel=0.02), part  # the buffer pads to 128s
 
 
-def _saved_bytes_per_token(layers: int, recompute: str) -> float:
+def _saved_bytes_per_token(layers: int, recompute: str, fused_swiglu: bool = False) -> float:
     """Bytes of the distinct tensors autograd keeps for backward in one forward of a real model, per token."""
     from mdpo.models.gpt import build_gpt_model, transformer_config
 
     cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, attention="sdpa")  # fmt: skip
+                      num_attention_heads=4, num_key_value_heads=2, attention="sdpa",
+                      fused_swiglu=fused_swiglu)  # fmt: skip
     model = build_gpt_model(cfg, transformer_config(cfg, recompute=recompute)).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
@@ -96,14 +97,20 @@ def _saved_bytes_per_token(layers: int, recompute: str) -> float:
     return sum(kept.values()) / tokens.numel()
 
 
-@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_activation_bytes_per_layer_are_what_autograd_keeps(megatron_world, recompute):
+@pytest.mark.parametrize(
+    ("recompute", "fused_swiglu"),
+    [("none", False), ("selective", False), ("full", False), ("none", True), ("selective", True)],
+)
+def test_activation_bytes_per_layer_are_what_autograd_keeps(megatron_world, recompute, fused_swiglu):
     """The planner's per-token, per-layer activation bytes against the tensors a real Megatron layer (local spec,
-    SDPA, GQA, fp32 on CPU: torch's composite RMSNorm keeps 2 hidden-sized tensors) saves for backward."""
-    per_layer = (_saved_bytes_per_token(4, recompute) - _saved_bytes_per_token(2, recompute)) / 2
+    SDPA, GQA, fp32 on CPU: torch's composite RMSNorm keeps 2 hidden-sized tensors) saves for backward, with the
+    unfused and the fused SwiGLU (model.fused_swiglu: 3 instead of 5 intermediate-sized tensors)."""
+    per_layer = (
+        _saved_bytes_per_token(4, recompute, fused_swiglu) - _saved_bytes_per_token(2, recompute, fused_swiglu)
+    ) / 2
     shape = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    fp32 = planner.Candidate(precision="fp32", recompute=recompute)
+    fp32 = planner.Candidate(precision="fp32", recompute=recompute, fused_swiglu=fused_swiglu)
     assert planner.activation_bytes_per_token_layer(shape, fp32, norm_saves=2) == pytest.approx(per_layer, rel=0.03)
 
 

@@ -87,6 +87,10 @@ class Check:
     data: Path | None = None
     rows: int = 4
 
+    def __post_init__(self) -> None:  # before any conversion work, not after it
+        if self.rows < 1:
+            raise MdpoError(f"--check-rows must be >= 1, got {self.rows}")
+
 
 def hf_to_megatron(
     hf_dir: str | Path,

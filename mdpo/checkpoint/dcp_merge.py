@@ -96,8 +96,9 @@ def merge_part(merged: Metadata | None, part_dir: Path, tmp: Path, k: int, first
         for i, info in metadata.storage_data.items()
     }
     if merged is None:
-        for extra in ("metadata.json", "common.pt"):
-            (part_dir / extra).rename(tmp / extra)
+        for extra in ("metadata.json", "common.pt"):  # common.pt: megatron-core 0.16 writes it even empty, 0.19 not
+            if (part_dir / extra).exists():
+                (part_dir / extra).rename(tmp / extra)
         return dataclasses.replace(metadata, storage_data=storage)
     merged.storage_data.update(storage)
     for fqn, meta in metadata.state_dict_metadata.items():

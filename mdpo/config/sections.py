@@ -103,6 +103,9 @@ class ModelConfig(Section):
     norm_head: bool = False  # output weight rows L2-normalised in every forward (Baichuan 2's NormHead)
     init_std: float = 0.02  # std of the normal init when init_from is None
     attention: str = "auto"  # auto (TE if present, else SDPA) | te | sdpa | local (Megatron's unfused attention)
+    # Megatron's fused SwiGLU (bias_activation_fusion: one torch.compile kernel that keeps only the gate/up output
+    # for backward, 3 instead of 5 intermediate-sized activations per token); off until measured on a GPU
+    fused_swiglu: bool = False
     # tokens whose logits exist at once when the output layer scores them (forward and backward): the full
     # [tokens, vocab] logits never do
     logprob_chunk_tokens: int = 1024

@@ -165,8 +165,9 @@ def transformer_config(
         batch_p2p_comm=vpp == 1,
         # Dense model: no experts, but megatron rejects variable lengths with the default MoE dispatcher.
         moe_token_dispatcher_type="alltoall",
-        # No biases and no dropout: the bias-dropout-add "fusion" would be a torch.compile of a plain residual add.
-        bias_activation_fusion=False,
+        # The fused SwiGLU when asked (model.fused_swiglu; no biases: Megatron's SwiGLUFunction). No biases and no
+        # dropout: the bias-dropout-add "fusion" would be a torch.compile of a plain residual add.
+        bias_activation_fusion=model.fused_swiglu,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,

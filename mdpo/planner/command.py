@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     layout.add_argument("--pack-tokens", type=int)
     layout.add_argument("--no-share-prompt", action="store_true", help="each pair's prompt in both sequences")
     layout.add_argument("--logprob-chunk-tokens", type=int, default=Candidate.logprob_chunk_tokens)
+    layout.add_argument("--fused-swiglu", action="store_true", help="model.fused_swiglu (3f MLP activations)")
     parser.add_argument("--top", type=int, default=10, help="layouts listed by the search")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> str:
             distributed_optimizer=not args.no_distributed_optimizer, recompute=args.recompute,
             micro_batch=args.micro_batch, packing=not args.no_packing, pack_tokens=args.pack_tokens,
             share_prompt=not args.no_share_prompt and args.cp == 1,
-            logprob_chunk_tokens=args.logprob_chunk_tokens,
+            logprob_chunk_tokens=args.logprob_chunk_tokens, fused_swiglu=args.fused_swiglu,
         )  # fmt: skip
         problems = check_layout(model, candidate, workload, cluster)
         if problems:

@@ -107,6 +107,7 @@ class Candidate:
     # with or without sequence parallelism (Transformer Engine's attention takes no blocks)
     share_prompt: bool = True
     logprob_chunk_tokens: int = 1024  # rows of logits that exist at once (model.logprob_chunk_tokens)
+    fused_swiglu: bool = False  # model.fused_swiglu: the MLP keeps 3 instead of 5 intermediate-sized activations
 
     @classmethod
     def on(cls, world: int, *, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int = 1, sequence_parallel: bool = False,
@@ -188,7 +189,8 @@ def activation_bytes_per_token_layer(model: ModelConfig, candidate: Candidate, n
     query heads, the attention output and the projection's input (5h/TP; selective recompute keeps instead q and
     k after the rotary embedding, the fused QKV output the value is a view of, and the projection input), and in
     the MLP the fused gate/up output, the silu, the up half plus Megatron's glu_linear_offset (a copy), their
-    product as the down projection's input (5f/TP). Full recompute keeps only each layer's input (one layer
+    product as the down projection's input (5f/TP; 3f/TP with the fused SwiGLU, which keeps only the gate/up output
+    and the product). Full recompute keeps only each layer's input (one layer
     recomputed at a time is the caller's). With a shared prompt the blocks' keys and values are gathered per response,
     `key_ratio` (keys per query token: both sequences' tokens over the tokens computed) times the queries'. Left out:
     the rotary cos/sin per layer (4 x head_dim per row position, under 1%)."""
@@ -201,7 +203,7 @@ def activation_bytes_per_token_layer(model: ModelConfig, candidate: Candidate, n
     attention = 3 * (h + kv_dim(model)) / t if candidate.recompute == "selective" else 5 * h / t
     if key_ratio > 1 and candidate.recompute != "selective":  # a shared prompt's keys are gathered per response
         attention += 2 * (key_ratio - 1) * h / t
-    return width * (norms + attention + 5 * f / t)
+    return width * (norms + attention + (3 if candidate.fused_swiglu else 5) * f / t)
 
 
 def _in_flight(candidate: Candidate, workload: Workload, first: bool) -> float:

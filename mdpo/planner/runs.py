@@ -41,7 +41,7 @@ def run_config(model: ModelConfig, *, seq_len: int, micro_batch: int = 1, steps:
         f"model.hidden_size={model.hidden_size}", f"model.intermediate_size={model.intermediate_size}",
         f"model.num_hidden_layers={model.num_hidden_layers}", f"model.num_attention_heads={model.num_attention_heads}",
         f"model.num_key_value_heads={model.kv_heads}", f"model.vocab_size={model.vocab_size}",
-        f"model.max_position_embeddings={max(4096, seq_len)}",
+        f"model.max_position_embeddings={max(4096, seq_len)}", f"model.fused_swiglu={model.fused_swiglu}",
         f"model.attention={attention}", *data_overrides, f"data.max_length={seq_len}", f"data.packing={packing}",
         f"schedule.global_batch_size={gbs}", f"schedule.micro_batch_size={micro_batch}",
         f"schedule.train_steps={steps}", "schedule.warmup_ratio=0", f"parallel.tp={tp}", f"parallel.pp={pp}",
