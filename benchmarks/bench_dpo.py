@@ -82,13 +82,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers of the preset's shape kept (a 13B "
                         "shape on one GPU: as many of its 40 as fit); default all")  # fmt: skip
     parser.add_argument("--fused-swiglu", action="store_true", help="model.fused_swiglu (Megatron's fused SwiGLU)")
+    parser.add_argument("--fused-rope", action="store_true", help="model.fused_rope (RoPE in one kernel each way)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per device; default from the GPU's name")
     parser.add_argument("--csv", default="benchmarks/results.csv")
     parser.add_argument("extra", nargs="*", help="more mdpo key=value overrides")
     args = parser.parse_args()
     world, model = args.nproc, PRESETS[args.model]
     model = dataclasses.replace(model, num_hidden_layers=args.layers or model.num_hidden_layers,
-                                fused_swiglu=args.fused_swiglu)  # fmt: skip
+                                fused_swiglu=args.fused_swiglu, fused_rope=args.fused_rope)  # fmt: skip
     run = run_config(model, seq_len=args.seq_len, micro_batch=args.micro_batch, steps=args.steps, warmup=args.warmup,
                      nproc=world, tp=args.tp, pp=args.pp, cp=args.cp, reference=args.reference, packing=args.packing,
                      attention=args.attention, global_batch=args.global_batch, prompt_len=args.prompt_len,
@@ -101,6 +102,7 @@ def main() -> None:
     peak = args.peak_tflops or default_peak()
     mfu = achieved / (peak * world) if peak else None
     row = {"model": args.model, "layers": model.num_hidden_layers, "fused_swiglu": model.fused_swiglu,
+           "fused_rope": model.fused_rope,
            "params_b": round(matmul_params(model) / 1e9, 3), "data": args.data,
            "seq_len": args.seq_len, "mean_sequence": round(mean_sequence, 1),
            "micro_batch": args.micro_batch, "global_batch": run["global_batch"], "tp": args.tp, "pp": args.pp,

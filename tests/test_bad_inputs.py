@@ -118,6 +118,7 @@ def corpus(tmp_path_factory):
         "context parallel with local attention": (["train", c, "parallel.cp=2", "model.attention=local"], "parallel.cp > 1 needs RoPE and model.attention auto, te or sdpa"),
         "shared prompt with context parallel": (["train", c, "parallel.cp=2", "model.attention=sdpa", "data.share_prompt=true"], "data.share_prompt=true needs parallel.cp=1"),
         "shared prompt with TE attention": (["train", c, "model.attention=te", "data.share_prompt=true"], "data.share_prompt=true needs model.attention auto, sdpa or local"),
+        "fused RoPE with ALiBi": (["train", c, "model.position_embedding=alibi", "model.fused_rope=true"], "model.fused_rope=true needs RoPE; model.position_embedding is alibi"),
         "log-prob chunk of zero tokens": (["train", c, "model.logprob_chunk_tokens=0"], "model.logprob_chunk_tokens must be > 0"),
         "unknown loss": (["train", c, "dpo.loss_type=dpo2"], "dpo2"),
         "batch not divisible": (["train", c, "schedule.micro_batch_size=3"], "global_batch_size=4 is not divisible by"),

@@ -338,6 +338,7 @@ def test_check_uses_the_users_rows_both_ways_and_fails_on_another_model(tmp_path
 
     from conftest import tiny_run_files
 
+    from mdpo import startup
     from mdpo.checkpoint.check import check_conversion
     from mdpo.errors import MdpoError
 
@@ -356,6 +357,7 @@ def test_check_uses_the_users_rows_both_ways_and_fails_on_another_model(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert any(line.endswith(": ok") and "check: 3 rows" in line for line in result.stdout.splitlines())
 
+    startup.prepare()  # what the command line does first (the CPU patches): check_conversion runs in this process
     model = describe_model({"init_from": str(tmp_path / "mc")})
     other = tmp_path / "other"
     tiny_hf_llama(seed=8, vocab_size=model.vocab_size).save_pretrained(other)  # same shapes, other weights

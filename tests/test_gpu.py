@@ -15,12 +15,12 @@ from test_oracle_hf import VOCAB, collate_as, hf_logps_float64, mdpo_model, mode
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def bf16_logps(hf, attention: str, layout: str) -> torch.Tensor:
+def bf16_logps(hf, attention: str, layout: str, fused_rope: bool = False) -> torch.Tensor:
     """bf16 log-probs through the trainer's forward and scoring: THD for packed rows on SDPA (the varlen kernel),
     blocks for shared prompts (one varlen call over all blocks on SDPA, per-block masks on local)."""
     from mdpo.training.step import Scorer
 
-    model = mdpo_model(hf, attention).to(device="cuda", dtype=torch.bfloat16)
+    model = mdpo_model(hf, attention, fused_rope=fused_rope).to(device="cuda", dtype=torch.bfloat16)
     cfg = model_config(hf.config)
     cfg.attention = attention
     batch = collate_as(layout, random_pairs()).to("cuda")
@@ -42,6 +42,21 @@ def test_fast_attention_matches_local_and_hf_float64(megatron_world, layout):
     assert torch.allclose(fast, want, rtol=2e-2, atol=0.1), (fast, want)
     assert torch.allclose(local, want, rtol=2e-2, atol=0.1), (local, want)
     assert torch.allclose(fast, local, rtol=1e-2, atol=0.05), (fast, local)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_packed"])
+def test_fused_rope_bf16_gives_the_unfused_rotations_logps(megatron_world, layout):
+    """model.fused_rope on the GPU (Megatron's rotation through torch.compile's Triton kernels), bf16, SDPA: padded
+    rows (a table per row position), packed rows as THD sequences (a per-token table in place of Megatron's
+    per-sequence rotation) and packed shared-prompt blocks give the unfused rotation's log-probs within bf16
+    rounding, both close to HF's float64 ones."""
+    hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
+    pairs = random_pairs()
+    want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
+    want = torch.tensor(want + [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs], dtype=torch.float64)
+    fused, unfused = (bf16_logps(hf, "sdpa", layout, fused_rope=f).cpu() for f in (True, False))
+    assert torch.allclose(fused, want, rtol=2e-2, atol=0.1), (fused, want)
+    assert torch.allclose(fused, unfused, rtol=1e-2, atol=0.05), (fused, unfused)
 
 
 def test_varlen_attention_equals_per_sequence_sdpa_forward_and_backward():

@@ -27,7 +27,7 @@ def model_config(hf_config) -> ModelConfig:
     )
 
 
-def mdpo_model(hf_model, attention: str = "auto", fused_swiglu: bool = False):
+def mdpo_model(hf_model, attention: str = "auto", fused_swiglu: bool = False, fused_rope: bool = False):
     """mdpo's model of the HF model's weights, its output layer as training uses it (hidden states out)."""
     from mdpo.config import padded_vocab_size
     from mdpo.models import sharding
@@ -36,7 +36,7 @@ def mdpo_model(hf_model, attention: str = "auto", fused_swiglu: bool = False):
     from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
 
     cfg = model_config(hf_model.config)
-    cfg.attention, cfg.fused_swiglu = attention, fused_swiglu
+    cfg.attention, cfg.fused_swiglu, cfg.fused_rope = attention, fused_swiglu, fused_rope
     model = build_gpt_model(cfg, transformer_config(cfg))
     hf_state = hf_model.state_dict()
     check_hf_state(llama.FAMILY, hf_state, cfg)
@@ -143,6 +143,44 @@ def test_fused_swiglu_gives_hf_logps_and_autograds_gradients(megatron_world):
         (logps[:4] - logps[4:]).sigmoid().log().sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert "SwiGLUFunctionBackward" in activations[0] and activations[1][0] == "MulBackward0", activations
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[1].items():
+        assert grad.norm() > 0, name
+        assert (grads[0][name] - grad).norm() <= 1e-5 * grad.norm(), name
+
+
+@pytest.mark.parametrize("attention", ["local", "sdpa"])
+def test_fused_rope_gives_hf_logps_in_every_layout_and_the_unfused_gradients(megatron_world, attention):
+    """model.fused_rope (Megatron's rotation of q and k under torch.compile, applied as the QKV projection hands them
+    out): HF's float64 log-probs of every sequence alone in the four layouts (per row position and per token tables),
+    and every weight's gradient of a DPO-like objective equal to Megatron's unfused rotation's, with shared prompts."""
+    from mdpo.models.rotary import FusedRopeSelfAttention
+    from mdpo.training.step import Scorer
+
+    hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
+    pairs = random_pairs()
+    want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
+    want = torch.tensor(want + [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs], dtype=torch.float64)
+    cfg = model_config(hf.config)
+    cfg.attention, cfg.fused_rope = attention, True
+    fused = mdpo_model(hf, attention, fused_rope=True)
+    assert all(isinstance(layer.self_attention, FusedRopeSelfAttention) for layer in fused.decoder.layers)
+    for layout in LAYOUTS:
+        got = mdpo_logps(fused, pairs, layout, cfg)
+        assert torch.allclose(got.double(), want, rtol=0, atol=1e-5), (layout, got, want)
+
+    grads, rotations = [], []
+    for model in (fused, mdpo_model(hf, attention)):
+        model.train()
+        model.decoder.layers[0].self_attention.core_attention.register_forward_pre_hook(
+            lambda _module, inputs: rotations.append(type(inputs[0].grad_fn).__name__)  # how q was rotated
+        )
+        scorer = Scorer(cfg, chunk_tokens=7, thd=False)
+        batch = collate_as("shared_packed", pairs)
+        logps = scorer.stats(batch, model, scorer.forward(batch, model)).logps
+        (logps[:4] - logps[4:]).sigmoid().log().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert rotations == ["CompiledFunctionBackward", "CatBackward0"], rotations  # one compiled graph; Megatron's
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[1].items():
         assert grad.norm() > 0, name

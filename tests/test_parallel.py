@@ -41,9 +41,9 @@ LAYOUTS = {
         2,
         ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true", "data.pack_tokens=160"],
     ),  # fmt: skip
-    # ... and with Megatron's fused SwiGLU (model.fused_swiglu: torch.compile'd, its own backward) against the
-    # unfused single-process run.
-    "tp2_sp_packed_fused_swiglu": (
+    # ... and with the fused kernels (model.fused_swiglu: Megatron's SwiGLU, torch.compile'd, its own backward;
+    # model.fused_rope: Megatron's rotation compiled, per-token tables of the blocks) against the unfused one process.
+    "tp2_sp_packed_fused": (
         2,
         [
             "parallel.tp=2",
@@ -51,6 +51,7 @@ LAYOUTS = {
             "data.packing=true",
             "data.pack_tokens=160",
             "model.fused_swiglu=true",
+            "model.fused_rope=true",
         ],
     ),  # fmt: skip
     # The reference run shares each pair's prompt (data.share_prompt: auto); these do not, so they prove sharing

@@ -74,13 +74,13 @@ def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank):
         assert predicted[part] * planner.GIB == pytest.approx(size, rel=0.02), part  # the buffer pads to 128s
 
 
-def _saved_bytes_per_token(layers: int, recompute: str, fused_swiglu: bool = False) -> float:
+def _saved_bytes_per_token(layers: int, recompute: str, fused_swiglu: bool = False, fused_rope: bool = False) -> float:
     """Bytes of the distinct tensors autograd keeps for backward in one forward of a real model, per token."""
     from mdpo.models.gpt import build_gpt_model, transformer_config
 
     cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, attention="sdpa",
-                      fused_swiglu=fused_swiglu)  # fmt: skip
+                      fused_swiglu=fused_swiglu, fused_rope=fused_rope)  # fmt: skip
     model = build_gpt_model(cfg, transformer_config(cfg, recompute=recompute)).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
@@ -112,6 +112,23 @@ def test_activation_bytes_per_layer_are_what_autograd_keeps(megatron_world, reco
                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     fp32 = planner.Candidate(precision="fp32", recompute=recompute, fused_swiglu=fused_swiglu)
     assert planner.activation_bytes_per_token_layer(shape, fp32, norm_saves=2) == pytest.approx(per_layer, rel=0.03)
+
+
+def test_fused_rope_keeps_less_than_the_unfused_rotation(megatron_world):
+    """model.fused_rope keeps nothing q-sized for backward: per layer it saves exactly the unfused rotation's bytes
+    less the cos and sin tables Megatron's rotation keeps for q and for k (4 x head_dim fp32 values per row
+    position; the compiled graph keeps the one table all layers share). The planner counts neither (under 1% at
+    real shapes), so it needs nothing for the flag."""
+    per_layer = {
+        fused: (
+            _saved_bytes_per_token(4, "none", fused_rope=fused) - _saved_bytes_per_token(2, "none", fused_rope=fused)
+        )
+        / 2
+        for fused in (False, True)
+    }
+    rows, head_dim = 2, 64  # `_saved_bytes_per_token`'s batch and model
+    cos_sin = 4 * head_dim * 4 / rows  # bytes per token: four fp32 tables of head_dim values per row position
+    assert per_layer[False] - per_layer[True] == pytest.approx(cos_sin, abs=0.01)  # and a 0-d tensor per layer
 
 
 @pytest.mark.parametrize("name", ["base", "pp2"])

@@ -106,6 +106,9 @@ class ModelConfig(Section):
     # Megatron's fused SwiGLU (bias_activation_fusion: one torch.compile kernel that keeps only the gate/up output
     # for backward, 3 instead of 5 intermediate-sized activations per token); off until measured on a GPU
     fused_swiglu: bool = False
+    # RoPE in one kernel forward and one backward: Megatron's rotation under torch.compile on the local layers
+    # (`models.rotary`), Transformer Engine's fused RoPE on TE's (Megatron's apply_rope_fusion); off until measured
+    fused_rope: bool = False
     # tokens whose logits exist at once when the output layer scores them (forward and backward): the full
     # [tokens, vocab] logits never do
     logprob_chunk_tokens: int = 1024
@@ -127,6 +130,10 @@ class ModelConfig(Section):
             "model.position_embedding=alibi needs model.attention=auto or sdpa (ALiBi biases are added to the scores "
             "of torch SDPA; Megatron's local and Transformer Engine attention here take no ALiBi), got "
             f"{self.attention!r}",
+        )
+        need(
+            not (self.fused_rope and self.position_embedding == "alibi"),
+            "model.fused_rope=true needs RoPE; model.position_embedding is alibi (Baichuan 2 13B), which has none",
         )
         heads, kv_heads = self.num_attention_heads, self.kv_heads
         need(

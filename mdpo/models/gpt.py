@@ -27,6 +27,7 @@ from mdpo.models.attention import (
     row_major,
     with_core_attention,
 )
+from mdpo.models.rotary import FusedRopeSelfAttention
 
 
 def transformer_engine_available() -> bool:
@@ -81,6 +82,12 @@ class TorchNorm:
         return norm
 
 
+def fuses_rope_locally(model: ModelConfig) -> bool:
+    """Whether mdpo's compiled rotation (`models.rotary`) applies RoPE: `model.fused_rope` on the local layers (on
+    TE's layers the flag is Megatron's `apply_rope_fusion`, TE's kernel)."""
+    return model.fused_rope and core_attention(model) != "te"
+
+
 def layer_spec(model: ModelConfig) -> ModuleSpec:
     """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers (norms: `TorchNorm`),
     with torch SDPA as the core attention (`auto`, `sdpa`) or Megatron's unfused attention when asked (`local`).
@@ -90,6 +97,8 @@ def layer_spec(model: ModelConfig) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec()
     local = get_gpt_layer_local_spec(normalization="RMSNorm")
     local.submodules.input_layernorm = local.submodules.pre_mlp_layernorm = TorchNorm
+    if fuses_rope_locally(model):
+        local.submodules.self_attention.module = FusedRopeSelfAttention
     if model.position_embedding == "alibi":
         return with_core_attention(local, ALiBiAttention)
     if attention == "sdpa":
@@ -170,7 +179,7 @@ def transformer_config(
         bias_activation_fusion=model.fused_swiglu,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=model.fused_rope and core_attention(model) == "te",  # local layers: `models.rotary`
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
@@ -180,14 +189,19 @@ class PositionedGPTModel(GPTModel):
     """Megatron's GPTModel, with one difference: for micro-batches in blocks (shared prompts, packed rows) the rotary
     embedding follows the position ids. Megatron's RoPE uses each token's index in the row, which is right for a row
     of sequences each attending to itself (RoPE sees only relative distances) but not for a shared prompt's rejected
-    response, whose positions continue from the prompt's end while it sits after the chosen one."""
+    response, whose positions continue from the prompt's end while it sits after the chosen one. THD packs get a
+    per-token table too when mdpo's compiled rotation applies RoPE (`tokenwise_thd_rope`): it takes no sequence
+    boundaries, and a pack's position ids restart at each sequence as Megatron's THD rotation does."""
+
+    tokenwise_thd_rope = False
 
     def _preprocess(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - GPTModel's own signature
         out = super()._preprocess(*args, **kwargs)
         if out[0] is not None:  # the embedding's transpose: as the core attention's outputs (`row_major`)
             out = (row_major(out[0]), *out[1:])
-        position_ids = kwargs.get("position_ids")
-        if not isinstance(kwargs.get("packed_seq_params"), BlockAttention) or out[1] is None or position_ids is None:
+        position_ids, params = kwargs.get("position_ids"), kwargs.get("packed_seq_params")
+        thd = params is not None and params.qkv_format == "thd" and self.tokenwise_thd_rope
+        if not (isinstance(params, BlockAttention) or thd) or out[1] is None or position_ids is None:
             return out
         table = out[1][:, 0]  # [rotary positions, 1, dim]: Megatron's table for 0 .. max_seqlen - 1
         return (out[0], table[position_ids.t()], *out[2:])  # [s, b, 1, dim]: each token's own position
@@ -256,6 +270,7 @@ def build_gpt_model(
         rotary_base=model.rope_theta,
         vp_stage=vp_stage,
     )
+    gpt.tokenwise_thd_rope = fuses_rope_locally(model)
     if model.norm_head and post_process:
         gpt.output_layer.__class__ = NormHeadLinear  # same parameters, normalising forward
     return gpt
