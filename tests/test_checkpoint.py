@@ -59,7 +59,8 @@ def assert_bitwise(got, want):
 
 # bco_pair's running reward mean is training state too: these resumes are bitwise only if it is restored.
 BCO = "dpo.loss_type=[sigmoid, bco_pair]"
-LAYOUTS = {"tp1": (1, [BCO]), "tp2_bf16": (2, [BCO, "parallel.tp=2", "parallel.precision=bf16"]),
+LAYOUTS = {"tp1": (1, [BCO]),
+           "tp2_sp_bf16": (2, [BCO, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.precision=bf16"]),
            "pp2_vpp2": (2, [BCO, "parallel.pp=2", "parallel.vpp=2"])}  # fmt: skip
 
 
