@@ -15,6 +15,7 @@ from typing import Any
 
 import megatron.core.models.common.embeddings.rope_utils as rope_utils
 import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary_pos_embedding
+import megatron.core.models.common.language_module.language_module as language_module
 import megatron.core.optimizer.clip_grads as clip_grads
 import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
 import megatron.core.optimizer.optimizer as optimizer
@@ -87,8 +88,9 @@ class _CudaTypeNames(TorchFunctionMode):
 
     optimizer/distrib_optimizer.py (361, 420, 582), optimizer/optimizer.py (671, 690) and clip_grads.py:167 accept
     only 'torch.cuda.FloatTensor'-style names; distrib_optimizer.py:1089 moves the optimizer state it gathers for a
-    checkpoint with `.cuda()`, and rope_utils.py:64 moves context parallelism's chunk index there. Active only inside
-    the wrapped functions below.
+    checkpoint with `.cuda()`, rope_utils.py:64 moves context parallelism's chunk index there, and
+    language_module.py:244 the last pipeline stage's copy of tied embeddings before their all-reduce. Active only
+    inside the wrapped functions below.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -136,6 +138,9 @@ def apply() -> None:
     cp_slice = _with_cuda_type_names(rope_utils.get_pos_emb_on_this_cp_rank)
     rope_utils.get_pos_emb_on_this_cp_rank = rotary_pos_embedding.get_pos_emb_on_this_cp_rank = cp_slice
 
+    # Tied embeddings under PP: the last stage's copy goes `.cuda()` before the first/last-stage all-reduce.
+    module_cls = language_module.LanguageModule
+    module_cls.setup_embeddings_and_output_layer = _with_cuda_type_names(module_cls.setup_embeddings_and_output_layer)
     # `.type() == 'torch.cuda.FloatTensor'` checks (see _CudaTypeNames).
     clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
     optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forkserver import ForkServer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -60,14 +62,25 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_FORK_SERVER: list[ForkServer] = []
+
+
 def run_mdpo(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`mdpo ...` in a fresh process (under torchrun when nproc > 1), as a user would launch it."""
+    """`mdpo ...` (or, when args[0] is a .py file, that script) in a new process (N processes with torchrun's
+    environment when nproc > 1), as a user would launch it, forked from this worker's `forkserver` (the imports done
+    once); on a CUDA machine a fresh interpreter, under torchrun when nproc > 1."""
     env = subprocess_env()
+    if not torch.cuda.is_available():
+        if not _FORK_SERVER:
+            _FORK_SERVER.append(ForkServer(env))
+            atexit.register(_FORK_SERVER[0].close)
+        code, out, err = _FORK_SERVER[0].run(args, env, str(REPO), nproc, timeout)
+        return subprocess.CompletedProcess(["mdpo", *args], code, out, err)
+    target = args if args[0].endswith(".py") else ["-m", "mdpo", *args]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--standalone", "-m", "mdpo", *args]  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *target]
     else:
-        cmd = [sys.executable, "-m", "mdpo", *args]
+        cmd = [sys.executable, *target]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -87,14 +100,66 @@ def tiny_hf_llama(seed: int = 0, **overrides):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**overrides)).float().eval()
+    return randomize(LlamaForCausalLM(tiny_llama_config(**overrides)))
+
+
+def randomize(model):
+    """Every weight random, norms too (around 1, so a swapped or missing norm shows), biases and q/k norms
+    included; returns the model, float32, in eval mode."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
             else:
                 param.normal_(0.0, 0.05)
-    return model
+    return model.float().eval()
+
+
+# Tiny checkpoints of today's families, made with transformers' own classes: (config class, its arguments). The
+# shapes exercise every mapping: GQA groups, a head size other than hidden / heads (Qwen 3, Mistral), tied heads,
+# q/k/v biases, per-head q/k norms, and Llama 3's RoPE scaling with parameters other than Megatron's defaults
+# (original context 64 with low/high frequency factors 0.5/2: at the tests' 10-40 positions the scaled and the
+# unscaled rotations differ on most frequencies).
+_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, rms_norm_eps=1e-6)  # fmt: skip
+_LLAMA31_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.5, "high_freq_factor": 2.0,
+                    "original_max_position_embeddings": 64}  # fmt: skip
+FAMILY_CASES = {
+    "llama3.1": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling=_LLAMA31_SCALING)),
+    "llama3.2_tied": (
+        "LlamaConfig",
+        dict(rope_theta=500000.0, tie_word_embeddings=True, rope_scaling={**_LLAMA31_SCALING, "factor": 32.0}),
+    ),
+    "qwen2.5": ("Qwen2Config", dict(rope_theta=1000000.0)),
+    "qwen2.5_tied": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+    "qwen3_tied": ("Qwen3Config", dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(rope_theta=1000000.0, head_dim=32, sliding_window=None)),
+}
+
+
+def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides):
+    """A random model of one of FAMILY_CASES, built by transformers' class for its architecture."""
+    import transformers
+
+    config_class, values = FAMILY_CASES[case]
+    config = getattr(transformers, config_class)(vocab_size=vocab_size, **{**_COMMON, **values, **overrides})
+    torch.manual_seed(seed)
+    return randomize(transformers.AutoModelForCausalLM.from_config(config))
+
+
+ROW_LAYOUTS = ("padded", "packed", "shared", "shared_packed")
+
+
+def collate_as(layout: str, pairs):
+    """A micro-batch of the pairs in one of the four row layouts (data/batching.py)."""
+    from mdpo.data.batching import collate, collate_packed, collate_shared
+
+    return {
+        "padded": lambda: collate(pairs, pad_id=0),
+        "packed": lambda: collate_packed(pairs, pad_id=0, budget=512),
+        "shared": lambda: collate_shared(pairs, pad_id=0),
+        "shared_packed": lambda: collate_packed(pairs, pad_id=0, budget=512, shared=True),
+    }[layout]()
 
 
 def tiny_run_files(root: Path, *, n_train: int, n_eval: int, data_seed: int, model_seed: int) -> dict[str, Path]:

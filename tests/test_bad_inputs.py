@@ -101,6 +101,21 @@ def corpus(tmp_path_factory):
     (no_data / "README.txt").write_text("not a data file")
     (no_data / "sub").mkdir()
     long_row = {"prompt": "1" * 40, "chosen": "2" * 10, "rejected": "3" * 10}  # over max_length=32
+    hf_config = json.loads((hf / "config.json").read_text())
+
+    def config_variant(name: str, **changes: object) -> str:
+        """A model folder of config.json alone (the refusals below come before any weight is read)."""
+        folder = root / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**hf_config, **changes}))
+        return str(folder)
+
+    mistral = dict(architectures=["MistralForCausalLM"], model_type="mistral")
+    short_window = config_variant("short_window", **mistral, sliding_window=16, head_dim=16)
+    yarn = config_variant("yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6})
+    qwen_window = config_variant("qwen_window", architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                                 use_sliding_window=True, sliding_window=16)  # fmt: skip
+    gemma = config_variant("gemma", architectures=["GemmaForCausalLM"], model_type="gemma")
     c = str(config)
     cases = {
         # configs
@@ -124,6 +139,13 @@ def corpus(tmp_path_factory):
         "batch not divisible": (["train", c, "schedule.micro_batch_size=3"], "global_batch_size=4 is not divisible by"),
         "interleaved pipeline without PP": (["train", c, "parallel.vpp=2"], "parallel.vpp > 1 needs parallel.pp > 1"),
         "interleaved chunks not dividing layers": (["train", c, "parallel.pp=2", "parallel.vpp=4"], "parallel.pp x parallel.vpp = 8 does not divide model.num_hidden_layers=4"),
+        # today's families: what their config.json may hold that mdpo does not run
+        "Mistral window shorter than max_length": (["train", c, f"model.init_from={short_window}"], "model.sliding_window=16 is shorter than data.max_length=32"),
+        "unsupported rope type": (["train", c, f"model.init_from={yarn}"], "rope_type='yarn' is not supported by mdpo's llama model (rope types: default, llama3)"),
+        "Qwen sliding-window attention": (["train", c, f"model.init_from={qwen_window}"], "use_sliding_window=true (sliding-window attention) is not supported by mdpo's qwen2 model"),
+        "unsupported architecture": (["train", c, f"model.init_from={gemma}"], "unsupported architecture GemmaForCausalLM; supported: LlamaForCausalLM (llama), QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), MistralForCausalLM (mistral), BaichuanForCausalLM (baichuan)"),
+        "unknown rope scaling": (["train", c, "model.init_from=null", "model.rope_scaling=yarn"], "model.rope_scaling must be null or llama3, got 'yarn'"),
+        "tied head with NormHead": (["train", c, "model.init_from=null", "model.tie_word_embeddings=true", "model.norm_head=true"], "model.tie_word_embeddings=true with model.norm_head=true"),
         "LoRA rank below zero": (["train", c, "lora.rank=-1"], "lora.rank must be >= 0 (0: off), got -1"),
         "LoRA unknown target": (["train", c, "lora.rank=4", "lora.targets=[qkv,lm_head]"], "unknown lora.targets entry 'lm_head'; valid: qkv, proj, fc1, fc2"),
         "LoRA alpha not positive": (["train", c, "lora.rank=4", "lora.alpha=0"], "lora.alpha must be > 0, got 0"),
@@ -191,6 +213,8 @@ CASE_NAMES = [
     "eval tokenizer larger than model vocab", "eval reference of another architecture", "LoRA rank below zero",
     "LoRA unknown target", "LoRA alpha not positive", "LoRA with TE attention", "LoRA with TR-DPO",
     "interleaved pipeline without PP", "interleaved chunks not dividing layers",
+    "Mistral window shorter than max_length", "unsupported rope type", "Qwen sliding-window attention",
+    "unsupported architecture", "unknown rope scaling", "tied head with NormHead",
 ]  # fmt: skip
 
 

@@ -493,13 +493,28 @@ def test_hf_config_invalid_json(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3' is not supported"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "rope scaling 'yarn'"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            "rope_type='llama3' without 'low_freq_factor' is not supported by mdpo's llama model",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}},
+            "rope_type='yarn' is not supported by mdpo's llama model (rope types: default, llama3)",
+        ),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type='dynamic' is not supported"),
         ({"attention_bias": True}, "attention_bias=true is not supported"),
-        ({"tie_word_embeddings": True}, "tie_word_embeddings=true"),
+        ({"mlp_bias": True}, "mlp_bias=true is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"model_type": "qwen2"}, "model_type='qwen2'"),
-        ({"head_dim": 32}, "head_dim=32"),
+        (
+            {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True},
+            "use_sliding_window=true (sliding-window attention) is not supported by mdpo's qwen2 model",
+        ),
+        (
+            {"architectures": ["GemmaForCausalLM"], "model_type": "gemma"},
+            "unsupported architecture GemmaForCausalLM; "
+            "supported: LlamaForCausalLM (llama), QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2)",
+        ),
         ({"hidden_size": "64"}, "'hidden_size' must be int, got str '64'"),
     ],
 )

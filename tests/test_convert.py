@@ -1,18 +1,17 @@
 """HF <-> Megatron converters for Llama 2, Qwen 1.0 and Baichuan 2 (7B RoPE, 13B ALiBi), against independent oracles:
 HF LlamaForCausalLM / Qwen2ForCausalLM with hand-mapped weights and a float64 plain-PyTorch ALiBi Baichuan (the
-oracles of `mdpo convert --check`, in mdpo/checkpoint/check.py: they share nothing with the mapping tables)."""
+oracles of `mdpo convert --check`, in mdpo/checkpoint/check.py: they share nothing with the mapping tables); and for
+today's families (Llama 3.x, Qwen 2.5, Qwen 3, Mistral; tied heads among them) transformers' own classes."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_mdpo, subprocess_env, tiny_hf_llama
+from conftest import FAMILY_CASES, REPO, run_mdpo, tiny_hf_family, tiny_hf_llama
 from safetensors.torch import load_file, save_file
 
 from mdpo.checkpoint.check import hf_logits
@@ -111,6 +110,64 @@ def converted(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def families_converted(tmp_path_factory):
+    """Each of today's families (conftest.FAMILY_CASES, saved by transformers' own classes) to Megatron at TP=2 x PP=2
+    with `--check` (transformers' class as the oracle), and back to HF."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for case in FAMILY_CASES:
+        src, mc, back = root / case, root / f"{case}_mc", root / f"{case}_back"
+        tiny_hf_family(case, seed=5, vocab_size=VOCAB).save_pretrained(src)
+        result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(src), "--out", str(mc), "--tp", "2", "--pp", "2",
+                           "--check", "--check-rows", "2"])  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        checked = [line for line in result.stdout.splitlines() if "check: 2 rows" in line]
+        assert len(checked) == 1 and checked[0].endswith(": ok"), result.stdout
+        result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(mc), "--out", str(back)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[case] = (src, mc, back)
+    return out
+
+
+def test_families_round_trip_bitwise_config_included(families_converted):
+    """HF -> Megatron (TP=2 x PP=2) -> HF: every tensor bitwise (a tied model's files hold no head either way) and
+    config.json unchanged (RoPE scaling, tie, head_dim, architecture); the description says what config.json says."""
+    for case, (src, _, back) in families_converted.items():
+        original, returned = read_folder(src), read_folder(back)
+        assert sorted(original) == sorted(returned), case
+        assert all(torch.equal(original[name], returned[name]) for name in original), case
+        assert ("lm_head.weight" in returned) == ("tied" not in case), case
+        assert json.loads((back / "config.json").read_text()) == json.loads((src / "config.json").read_text()), case
+    model = {case: json.loads((mc / "mdpo_model.json").read_text())["model"] for case, (_, mc, _) in
+             families_converted.items()}  # fmt: skip
+    assert model["llama3.1"]["rope_scaling"] == "llama3" and model["llama3.1"]["rope_low_freq_factor"] == 0.5
+    assert model["llama3.1"]["rope_original_max_position_embeddings"] == 64 and not model["llama3.1"]["qk_norm"]
+    assert model["qwen3_tied"]["qk_norm"] and model["qwen3_tied"]["head_dim"] == 32
+    assert model["qwen3_tied"]["tie_word_embeddings"] and model["qwen2.5_tied"]["qkv_bias"]
+    assert model["mistral"]["family"] == "mistral" and model["mistral"]["head_dim"] == 32
+    assert model["qwen2.5"]["head_dim"] is None  # hidden / heads: the default, however config.json spells it
+
+
+@pytest.mark.parametrize(("case", "tensor"), [("llama3.2_tied", "model.embed_tokens.weight"),
+                                               ("qwen3_tied", "model.layers.3.self_attn.k_norm.weight"),
+                                               ("llama3.1", "model.layers.2.mlp.down_proj.weight")])  # fmt: skip
+def test_check_fails_on_one_wrong_tensor(families_converted, tmp_path, case, tensor):
+    """`--check` against a copy of the source folder with one tensor changed by 1%: the conversion check fails."""
+    import shutil
+
+    from mdpo import startup
+    from mdpo.checkpoint.check import check_conversion
+    from mdpo.errors import MdpoError
+
+    src, mc, _ = families_converted[case]
+    wrong = shutil.copytree(src, tmp_path / "wrong")
+    _edit(wrong, add={tensor: read_folder(src)[tensor] * 1.01})
+    startup.prepare()  # the command line's CPU patches: check_conversion runs in this process
+    with pytest.raises(MdpoError, match="conversion check failed"):
+        check_conversion(wrong, mc, describe_model({"init_from": str(mc)}), None, 2)
+
+
 def test_descriptions_follow_config_json(converted):
     model = {name: json.loads((mc / "mdpo_model.json").read_text())["model"] for name, (_, mc) in converted.items()}
     assert model["qwen"]["intermediate_size"] == 96 and model["qwen"]["qkv_bias"] is True
@@ -148,10 +205,8 @@ def test_logits_equal_independent_oracles(converted, tmp_path, tp):
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.save(tokens, tmp_path / "tokens.pt")
     ckpts = [str(mc) for _, mc in converted.values()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp}", "--standalone",
-           str(REPO / "tests" / "workers" / "convert_logits.py"), str(tmp_path / "logits.pt"),
-           str(tmp_path / "tokens.pt"), *ckpts]  # fmt: skip
-    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    worker = REPO / "tests" / "workers" / "convert_logits.py"
+    result = run_mdpo([str(worker), str(tmp_path / "logits.pt"), str(tmp_path / "tokens.pt"), *ckpts], nproc=tp)
     assert result.returncode == 0, result.stderr[-3000:]
     logits = torch.load(tmp_path / "logits.pt")
     with torch.no_grad():
@@ -207,7 +262,8 @@ def _edit(folder: Path, drop: str | None = None, add: dict | None = None, reshap
         (
             "architecture",
             "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM (llama), "
-            "QWenLMHeadModel (qwen), BaichuanForCausalLM (baichuan)",
+            "QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), MistralForCausalLM "
+            "(mistral), BaichuanForCausalLM (baichuan)",
         ),  # fmt: skip
         ("megatron", "is already a Megatron checkpoint"),
     ],

@@ -353,7 +353,7 @@ def test_several_processes_give_the_same_pairs(tok):
     "override, message",
     [
         ("data.format=yaml", "data.format must be one of"),
-        ("data.template=chatml", "data.template must be auto, tulu2, tokenizer, raw or a Jinja"),
+        ("data.template=chatml", "data.template must be auto, tulu2, tulu3, tokenizer, raw or a Jinja"),
         ("data.prompt_truncation=middle", "data.prompt_truncation must be"),
         ("data.over_length=wrap", "data.over_length must be"),
         ("data.num_proc=0", "data.num_proc must be >= 1"),
@@ -363,3 +363,77 @@ def test_several_processes_give_the_same_pairs(tok):
 def test_data_config_fields_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.train_file=x", "data.tokenizer=y", override])
+
+
+# --------------------------------------------------------------------------- today's tokenizers (Llama 3, Qwen 2.5)
+
+# Tulu 3's chat template as its tokenizer_config.json publishes it (the oracle of data.template=tulu3)
+TULU3_JINJA = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{% if not loop.last %}"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_chat_template_boundary_is_exact_on_ultrafeedback(name):
+    """The whole UltraFeedback sample with the real Llama 3 / Qwen tokenizer and its own chat template (auto for
+    message rows): prompt + response is exactly what transformers' `apply_chat_template` tokenizes for the whole
+    conversation (Qwen's trailing newline after <|im_end|> aside), the prompt its generation-prompt rendering, and no
+    boundary needed re-tokenizing."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", name)))
+    path = shared_path("data", "ultrafeedback_binarized_sample_200.jsonl")
+    pairs, report = load(path, tok, max_length=1 << 16)
+    assert report.info["template"] == "tokenizer" and report.counts == {} and len(pairs) == 200
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    ids = lambda messages, **kw: tok.apply_chat_template(messages, tokenize=True, return_dict=False, **kw)
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    for pair, row in zip(pairs, rows):
+        prompt = row["chosen"][:-1]
+        assert pair.prompt == ids(prompt, add_generation_prompt=True)
+        for response, messages in ((pair.chosen, row["chosen"]), (pair.rejected, row["rejected"])):
+            whole = ids([*prompt, {"role": "assistant", "content": messages[-1]["content"].strip()}])
+            if name == "qwen2":
+                assert whole[-len(newline) :] == newline
+                whole = whole[: -len(newline)]
+            assert pair.prompt + response == whole and response[-1] == tok.eos_token_id
+
+
+def test_tulu3_template_is_tulu3s_own_with_bos(tmp_path):
+    """data.template=tulu3 with the Llama 3 tokenizer: Tulu 3's published Jinja template rendered by transformers,
+    the tokenizer's BOS first (Tulu 3 trains with --add_bos), its EOS ending each response; prompt contents kept as
+    they are (a system turn with surrounding spaces shows it), unlike tulu2."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "llama3")))
+    system = {"role": "system", "content": "  Be brief. "}
+    row = {**UF_ROW, "chosen": [system, *UF_ROW["chosen"]], "rejected": [system, *UF_ROW["rejected"]]}
+    (pair,), report = load(write_jsonl(tmp_path / "d.jsonl", [row]), tok, template="tulu3")
+    assert report.counts == {} and report.info["template"] == "tulu3"
+    render = lambda messages, **kw: tok.apply_chat_template(messages, chat_template=TULU3_JINJA, tokenize=False, **kw)
+    enc = lambda text: [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    assert pair.prompt == enc(render(row["chosen"][:-1], add_generation_prompt=True))
+    assert pair.prompt + pair.chosen == enc(render(row["chosen"]))  # ends "Four.<|eot_id|>": the tokenizer's EOS
+    assert tok.decode(pair.prompt).startswith("<|begin_of_text|><|system|>\n  Be brief. \n<|user|>")
+    (tulu2,), _ = load(write_jsonl(tmp_path / "e.jsonl", [row]), tok, template="tulu2")
+    assert tulu2.prompt != pair.prompt  # tulu2 strips the system turn
+
+
+@pytest.mark.parametrize(("name", "rows"), [("llama3", 128256), ("qwen2", 151936)])
+def test_real_tokenizers_fit_their_models_vocabulary(name, rows):
+    """Llama 3's 128,256 ids fit a Llama 3 model's 128,256 rows; Qwen's 151,665 ids its config's 151,936 (the rest
+    is padding); Qwen's tokenizer with a Llama 3 model is refused in one line."""
+    from mdpo.data.encoding import load_tokenizer
+    from mdpo.training.setup import check_vocabulary
+
+    tok = load_tokenizer(str(shared_path("tokenizers", name)))
+    assert len(tok) == {"llama3": 128256, "qwen2": 151665}[name]
+    check_vocabulary(tok, "tok", rows)
+    if name == "qwen2":
+        with pytest.raises(ConfigError, match="tokenizer tok has 151665 tokens but model.vocab_size is 128256"):
+            check_vocabulary(tok, "tok", 128256)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_hf_llama
+from conftest import ROW_LAYOUTS as LAYOUTS
+from conftest import collate_as, tiny_hf_llama
 
 from mdpo.config import ModelConfig
 from mdpo.data.pairs import TokenizedPair
@@ -60,21 +61,6 @@ def hf_logps_float64(hf_model, prompt: list[int], response: list[int]) -> float:
         logits = hf_model(torch.tensor([ids])).logits[0].double()
     logprobs = torch.log_softmax(logits, dim=-1)
     return sum(logprobs[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1))
-
-
-LAYOUTS = ("padded", "packed", "shared", "shared_packed")
-
-
-def collate_as(layout: str, pairs):
-    """A micro-batch of the pairs in one of the four layouts (data/batching.py)."""
-    from mdpo.data.batching import collate, collate_packed, collate_shared
-
-    return {
-        "padded": lambda: collate(pairs, pad_id=0),
-        "packed": lambda: collate_packed(pairs, pad_id=0, budget=512),
-        "shared": lambda: collate_shared(pairs, pad_id=0),
-        "shared_packed": lambda: collate_packed(pairs, pad_id=0, budget=512, shared=True),
-    }[layout]()
 
 
 def mdpo_logps(model, pairs, layout: str = "padded", cfg=None, thd: bool = False) -> torch.Tensor:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, subprocess_env
+from conftest import REPO, run_mdpo, subprocess_env
 
 PADDED, VOCAB = 256, 250  # 6 padding columns, all in the last TP shard
 
@@ -147,11 +147,8 @@ def test_tp2_matches_float64_oracle(tmp_path):
     """Two ranks, each with half of the padded vocabulary, under torchrun (gloo): the oracle on the full weight."""
     cases = tp2_cases()
     torch.save(cases, tmp_path / "cases.pt")
-    env = subprocess_env(PYTHONPATH=str(REPO))
     worker = REPO / "tests" / "workers" / "vocab_head_tp2.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(worker), str(tmp_path / "cases.pt"), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_mdpo([str(worker), str(tmp_path / "cases.pt"), str(tmp_path)], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for i, case in enumerate(cases):

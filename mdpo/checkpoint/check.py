@@ -2,7 +2,8 @@
 user's own data (or generated ids), as ms-swift's `--test_convert_precision` does.
 
 The independent forwards never run a model folder's remote code and share nothing with mdpo's mapping tables:
-transformers' `LlamaForCausalLM` for Llama; `Qwen2ForCausalLM` with Qwen 1.0's tensors mapped by hand (equal KV
+transformers' own class for the families it has (Llama 2 / 3.x, Qwen 2 / 2.5, Qwen 3, Mistral), loading the folder
+with its config.json; for Qwen 1.0 `Qwen2ForCausalLM` with Qwen 1.0's tensors mapped by hand (equal KV
 heads, c_attn split into q/k/v, gate = w2, up = w1); `LlamaForCausalLM` after splitting `W_pack` and normalising
 the head's rows for Baichuan 2 7B (RoPE); a float64 plain-PyTorch model for Baichuan 2 13B (ALiBi, NormHead). Both
 sides run in float32 whatever the checkpoint's dtype (bf16 weights are upcast exactly on both), so the check tests
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mdpo import parallel
 from mdpo.checkpoint.hf import HFWeights
@@ -115,25 +116,24 @@ def baichuan_alibi_logits(model: ModelConfig, sd: dict[str, torch.Tensor], token
     return rms(x, sd["model.norm.weight"]) @ (head / head.norm(dim=-1, keepdim=True)).T
 
 
+HF_NATIVE = ("llama", "qwen2", "qwen3", "mistral")  # families transformers has its own class for
+
+
 def hf_logits(hf_dir: Path, model: ModelConfig, rows: list[list[int]]) -> list[torch.Tensor]:
-    """The independent forward (float64) of a HF folder of `model`'s family: logits [s, vocab] per row."""
+    """The independent forward (float64) of a HF folder of `model`'s family: logits [s, vocab] per row. Families
+    transformers knows are its own class reading the folder as it is (config.json included: RoPE scaling, tied
+    head, head size, q/k norms); Qwen 1.0 and Baichuan 2, whose model code is remote, the stand-ins above."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sd = {k: v.to(device) for k, v in _weights(hf_dir).items()}
-    if model.family == "baichuan" and model.position_embedding == "alibi":
-        forward = lambda tokens: baichuan_alibi_logits(model, sd, tokens)
+    if model.family in HF_NATIVE:
+        module = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").double().eval()
+        forward = lambda tokens: module.to(device)(tokens).logits
     else:
-        if model.family == "llama":
-            config = LlamaConfig(vocab_size=model.vocab_size, hidden_size=model.hidden_size,
-                                 intermediate_size=model.intermediate_size, num_hidden_layers=model.num_hidden_layers,
-                                 num_attention_heads=model.num_attention_heads,
-                                 num_key_value_heads=model.kv_heads, rms_norm_eps=model.rms_norm_eps,
-                                 rope_theta=model.rope_theta, max_position_embeddings=model.max_position_embeddings,
-                                 tie_word_embeddings=False)  # fmt: skip
-            module = _llama_like(LlamaForCausalLM, config, sd)
+        sd = {k: v.to(device) for k, v in _weights(hf_dir).items()}
+        if model.family == "baichuan" and model.position_embedding == "alibi":
+            forward = lambda tokens: baichuan_alibi_logits(model, sd, tokens)
         else:
-            module = (_qwen if model.family == "qwen" else _baichuan_rope)(model, sd)
-        module = module.to(device)
-        forward = lambda tokens: module(tokens).logits
+            module = (_qwen if model.family == "qwen" else _baichuan_rope)(model, sd).to(device)
+            forward = lambda tokens: module(tokens).logits
     with torch.no_grad():
         return [forward(torch.tensor([row], device=device))[0] for row in rows]
 
@@ -172,7 +172,7 @@ def check_rows(tokenizer_dir: Path, data: Path | None, count: int, model: ModelC
         length = min(GENERATED_LENGTH, model.max_position_embeddings)
         return torch.randint(0, model.vocab_size, (count, length), generator=generator).tolist()
     tokenizer = load_tokenizer(str(tokenizer_dir))
-    length = min(1024, model.max_position_embeddings // 2)
+    length = min(1024, model.max_position_embeddings // 2, model.sliding_window or 1024)
     config = DataConfig(train_file=str(data), tokenizer=str(tokenizer_dir), max_length=length, on_bad_row="skip",
                         cache=False)  # fmt: skip
     pairs = load_pairs(config, str(data), tokenizer, TokenizeReport())

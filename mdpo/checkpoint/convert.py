@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.multiprocessing as mp
 from megatron.core import dist_checkpointing, parallel_state
 
@@ -116,8 +117,11 @@ def hf_to_megatron(
         write_in_parts(weights, tmp, model, part_bytes or max(p.stat().st_size for p in weights.shard_files))
     else:
         args = (layout.world, parallel.free_port(), str(hf_dir), str(tmp), model, layout)
+        # fork where there is no CUDA (the writers start with torch and megatron imported: seconds each, not tens);
+        # a CUDA process cannot be forked, so GPU machines spawn
+        start_method = "spawn" if torch.cuda.is_available() else "fork"
         try:
-            mp.start_processes(_write_stage, args=args, nprocs=layout.world, start_method="spawn")
+            mp.start_processes(_write_stage, args=args, nprocs=layout.world, start_method=start_method)
         except mp.ProcessRaisedException as err:
             raise MdpoError(f"conversion failed: {str(err).strip().splitlines()[-1]}") from None
     description = {"format": MODEL_FORMAT, "version": 1, "model": arch_fields(model),

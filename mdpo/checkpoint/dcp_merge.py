@@ -39,13 +39,13 @@ CHECKED_TORCH = ("2.11", "2.13")
 
 def _units(model: ModelConfig, padded_vocab: int) -> list[tuple[list[str], int]]:
     """The model in write order as (Megatron names, elements) units: the embedding, each layer, then the final norm
-    with the output layer."""
+    with the output layer (if untied)."""
     shapes = base.mcore_shapes(model, padded_vocab)
     size = lambda names: sum(math.prod(shapes[n]) for n in names)
     layer = lambda i: [n for n in shapes if n.startswith(f"decoder.layers.{i}.")]
     units = [["embedding.word_embeddings.weight"]]
     units += [layer(i) for i in range(model.num_hidden_layers)]
-    units.append(["decoder.final_layernorm.weight", "output_layer.weight"])
+    units.append([n for n in ("decoder.final_layernorm.weight", "output_layer.weight") if n in shapes])  # tied: no head
     return [(names, size(names)) for names in units]
 
 

@@ -23,10 +23,10 @@ from mdpo.models.lora import add_adapters, checkpointed_state, has_adapters, loa
 
 def _hf_error(folder: Path, weights: HFWeights, model: ModelConfig, err: Exception) -> MdpoError:
     """A mismatch message that says when the tensors belong to another family than config.json's."""
-    owner = families.owner(set(weights))
+    owners = families.owners(set(weights))
     hint = ""
-    if owner is not None and owner.name != model.family:
-        hint = f"; the tensors are those of a {owner.architecture} checkpoint, config.json says {model.family}"
+    if owners and model.family not in [family.name for family in owners]:
+        hint = f"; the tensors are those of a {owners[0].architecture} checkpoint, config.json says {model.family}"
     return MdpoError(f"{folder}: {err.args[0]}{hint}")
 
 
@@ -52,15 +52,17 @@ def load_hf_weights(module: torch.nn.Module, folder: Path, model: ModelConfig) -
     local_name = lambda name: sharding.stage_local_name(
         name, num_layers=model.num_hidden_layers, pp_rank=pp_rank, pp_size=pp, vp_stage=vp_stage, vpp=vpp
     )
+    # the chunk's own tensors (local-spec names): a tied head exists only as a last stage's copy under PP
+    own = {sharding.te_name_inverse(k) for k in module.state_dict() if not k.endswith("_extra_state")}
+    wanted = lambda name: local_name(name) in own
     family = families.get(model.family)
     loaded = 0
-    for name, full in iter_hf_to_mcore(family, weights, model, padded_vocab_size(model.vocab_size, tp), local_name):
+    for name, full in iter_hf_to_mcore(family, weights, model, padded_vocab_size(model.vocab_size, tp), wanted):
         piece = sharding.shard_tensor(full, sharding.tp_rule(name), tp_rank, tp)
         sharding.load_into(module, {local_name(name): piece}, partial=True)
         loaded += 1
-    expected = sum(1 for k in module.state_dict() if not k.endswith("_extra_state"))
-    if loaded != expected:
-        raise MdpoError(f"{folder}: filled {loaded} of the model's {expected} tensors")
+    if loaded != len(own):
+        raise MdpoError(f"{folder}: filled {loaded} of the model's {len(own)} tensors")
 
 
 def lora_meta(folder: Path) -> dict | None:

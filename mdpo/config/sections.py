@@ -17,11 +17,13 @@ from typing import ClassVar
 from mdpo.config.layout import Layout
 from mdpo.errors import ConfigError
 
-MODEL_FAMILIES = ("llama", "qwen", "baichuan")  # the HF formats of mdpo.models.families
+# the HF formats of mdpo.models.families: Llama 2 / 3.x, Qwen 1.0, Qwen 2 / 2.5, Qwen 3, Mistral, Baichuan 2
+MODEL_FAMILIES = ("llama", "qwen", "qwen2", "qwen3", "mistral", "baichuan")
+ROPE_SCALINGS = ("llama3",)  # rope_scaling types with an exact implementation (transformers' rope_type names)
 POSITION_EMBEDDINGS = ("auto", "rope", "alibi")
 ATTENTIONS = ("auto", "te", "sdpa", "local")
 DATA_FORMATS = ("auto", "ultrafeedback", "hh", "plain", "conversational")
-TEMPLATES = ("auto", "tulu2", "tokenizer", "raw")  # or a Jinja chat template
+TEMPLATES = ("auto", "tulu2", "tulu3", "tokenizer", "raw")  # or a Jinja chat template (`mdpo.data.templates`)
 ON_BAD_ROW = ("error", "skip")
 PROMPT_TRUNCATIONS = ("keep_end", "keep_start")
 OVER_LENGTH = ("truncate", "drop")
@@ -81,24 +83,39 @@ class Section:
 
 @dataclass
 class ModelConfig(Section):
-    """A HF-config-shaped model description (Llama 2, Qwen 1.0 and Baichuan 2 are all this shape)."""
+    """A HF-config-shaped model description: a Llama-like decoder (RMSNorm, SwiGLU, RoPE or ALiBi, GQA), with the
+    variations today's families add (q/k/v bias, per-head q/k norms, an explicit head size, tied embeddings, Llama
+    3's RoPE scaling)."""
 
     name: ClassVar[str] = "model"
     hf_config: str | None = None  # HF config.json or model folder; its values fill the fields below
     # Weights to start from: a HF model folder, a `mdpo convert` output or a training checkpoint (step_N folder);
     # None = random init
     init_from: str | None = None
-    family: str = "llama"  # llama | qwen | baichuan: the HF format weights are read and exported in
+    family: str = "llama"  # one of MODEL_FAMILIES: the HF format weights are read and exported in
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008  # the MLP width
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int | None = None  # None = num_attention_heads (MHA)
+    head_dim: int | None = None  # size of one attention head (Megatron's kv_channels); None = hidden / heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
-    qkv_bias: bool = False  # bias on the q/k/v projection (Qwen 1.0)
+    qkv_bias: bool = False  # bias on the q/k/v projection (Qwen 1.0, Qwen 2 / 2.5)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen 3; Megatron's qk_layernorm)
+    tie_word_embeddings: bool = False  # the output layer uses the input embedding's weight (small Llama 3.2 / Qwen)
+    # RoPE frequency scaling, with transformers' rope_type names: None or llama3 (Llama 3.1 / 3.2 / 3.3), whose four
+    # parameters follow, exactly as config.json gives them
+    rope_scaling: str | None = None
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    # attention window of a Mistral config.json; mdpo attends whole sequences, so it must be None or cover
+    # data.max_length (every sequence then fits in the window and full attention is exact)
+    sliding_window: int | None = None
     position_embedding: str = "auto"  # auto (from config.json, else rope) | rope | alibi (Baichuan 2 13B)
     norm_head: bool = False  # output weight rows L2-normalised in every forward (Baichuan 2's NormHead)
     init_std: float = 0.02  # std of the normal init when init_from is None
@@ -117,12 +134,26 @@ class ModelConfig(Section):
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.num_attention_heads
 
+    @property
+    def kv_channels(self) -> int:
+        """The size of one attention head."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
     def _rules(self) -> None:
         _positive("model", self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                  "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
-                                  "max_position_embeddings", "init_std", "logprob_chunk_tokens"))  # fmt: skip
+                                  "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                                  "rope_theta", "max_position_embeddings", "init_std", "logprob_chunk_tokens",
+                                  "rope_scaling_factor", "rope_original_max_position_embeddings",
+                                  "sliding_window"))  # fmt: skip
         need(self.family in MODEL_FAMILIES, f"model.family must be one of {', '.join(MODEL_FAMILIES)}, "
                                             f"got {self.family!r}")  # fmt: skip
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
+        need(
+            not (self.tie_word_embeddings and self.norm_head),
+            "model.tie_word_embeddings=true with model.norm_head=true: a NormHead normalises the output weight's rows, "
+            "which tied embeddings share with the input",
+        )
         _one_of("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
         _one_of("model.attention", self.attention, ATTENTIONS)
         need(
@@ -141,8 +172,24 @@ class ModelConfig(Section):
             f"model.num_key_value_heads={kv_heads} does not divide model.num_attention_heads={heads}",
         )
         need(
-            self.hidden_size % heads == 0,
-            f"model.num_attention_heads={heads} does not divide model.hidden_size={self.hidden_size}",
+            self.head_dim is not None or self.hidden_size % heads == 0,
+            f"model.num_attention_heads={heads} does not divide model.hidden_size={self.hidden_size} "
+            "(set model.head_dim)",
+        )
+
+    def _check_rope_scaling(self) -> None:
+        need(
+            self.rope_scaling in ROPE_SCALINGS,
+            f"model.rope_scaling must be null or {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}",
+        )
+        need(
+            0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+            "model.rope_low_freq_factor and model.rope_high_freq_factor must satisfy 0 < low < high, got "
+            f"{self.rope_low_freq_factor!r} and {self.rope_high_freq_factor!r}",
+        )
+        need(
+            self.position_embedding != "alibi",
+            "model.rope_scaling needs RoPE; model.position_embedding is alibi, which has none",
         )
 
 
@@ -159,7 +206,7 @@ class DataConfig(Section):
     on_bad_row: str = "error"  # error | skip (skips are counted and reported)
     # .jsonl/.json(.gz), .parquet, .arrow, a datasets.save_to_disk folder or a folder of such shards
     format: str = "auto"  # auto | ultrafeedback | hh | plain | conversational (auto: from the first row's types)
-    template: str = "auto"  # auto | tulu2 | tokenizer | raw | a Jinja chat template (auto: raw for text rows,
+    template: str = "auto"  # auto | tulu2 | tulu3 | tokenizer | raw | a Jinja template (auto: raw for text rows,
     #                         the tokenizer's chat template for message rows, tulu2 if it has none)
     max_prompt_length: int | None = None  # None = only max_length limits the prompt
     prompt_truncation: str = "keep_end"  # keep_end | keep_start: which part of a prompt over max_prompt_length stays
@@ -450,6 +497,12 @@ class TrainConfig:
         layout.check_rows(self.data.packing)
         layout.check_attention(m.attention, m.position_embedding)
         layout.check_model(m.num_attention_heads, m.num_key_value_heads, m.num_hidden_layers)
+        need(
+            m.sliding_window is None or m.sliding_window >= self.data.max_length,
+            f"model.sliding_window={m.sliding_window} is shorter than data.max_length={self.data.max_length}: mdpo "
+            "attends whole sequences, which is exact only when each fits in the window; set data.max_length <= "
+            f"{m.sliding_window}",
+        )
         need(
             self.data.share_prompt is not True or self.parallel.cp == 1,
             "data.share_prompt=true needs parallel.cp=1 (context parallelism cuts rows into chunks; a shared "

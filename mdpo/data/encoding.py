@@ -56,15 +56,20 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer, bos: bool = False) -> list[int]:
     """The ids the tokenizer itself puts before any text (e.g. [BOS]); trailing ones (an added EOS) are not kept,
-    since mdpo appends EOS to responses itself."""
+    since mdpo appends EOS to responses itself. `bos`: BOS first even when the tokenizer adds none itself (Llama 3
+    tokenizers without a BOS post-processor; Tulu 3 trains with open-instruct's --add_bos)."""
     with_special = tokenizer("a")["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    prefix = []
     for start in range(len(with_special) - len(plain) + 1):
         if with_special[start : start + len(plain)] == plain:
-            return list(with_special[:start])
-    return []
+            prefix = list(with_special[:start])
+            break
+    if bos and tokenizer.bos_token_id is not None and tokenizer.bos_token_id not in prefix:
+        prefix.insert(0, tokenizer.bos_token_id)
+    return prefix
 
 
 def encode_batch(tokenizer, prefix: Sequence[int], rendered: Sequence[Rendered]) -> list[Encoded]:

@@ -32,7 +32,7 @@ import transformers
 from mdpo.data.encoding import Encoded, LengthLimits, encode_batch, fit_lengths, special_prefix
 from mdpo.data.formats import ColumnKeys, RowError, detect_format, normalize
 from mdpo.data.sources import JSON_COLUMN, ROW_COLUMN, Source, read_source, signature
-from mdpo.data.templates import owns_special_tokens, render, resolve_template
+from mdpo.data.templates import TEMPLATES, owns_special_tokens, render, resolve_template
 from mdpo.errors import DataError
 
 CACHE_VERSION = 1
@@ -103,7 +103,7 @@ def build_table(sources: list[Source], settings: Settings, tokenizer, num_proc: 
         raise DataError(f"{Path(sources[0].path).parent}: no rows in its {len(sources)} data files")
     fmt = settings.fmt if settings.fmt != "auto" else _detect(raws, settings.keys)
     template = resolve_template(settings.template, fmt, tokenizer)
-    prefix = [] if owns_special_tokens(template) else special_prefix(tokenizer)
+    prefix = [] if owns_special_tokens(template) else special_prefix(tokenizer, bos=template == "tulu3")
     tables = []
     for i, (source, raw) in enumerate(zip(sources, raws)):
         kwargs = dict(source=i, fmt=fmt, template=template, keys=settings.keys, limits=settings.limits)
@@ -122,7 +122,7 @@ def build_table(sources: list[Source], settings: Settings, tokenizer, num_proc: 
             )
         )
     table = datasets.concatenate_datasets(tables) if len(tables) > 1 else tables[0]
-    template_name = template if template in ("raw", "tulu2", "tokenizer") else "jinja"
+    template_name = template if template in TEMPLATES else "jinja"
     return table, {"format": fmt, "template": template_name, "rows": len(table), "bos_prefix": prefix}
 
 

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", help="data file or folder (overrides data.train_file)")
     parser.add_argument("--tokenizer", help="HF tokenizer folder (overrides data.tokenizer)")
     parser.add_argument("--format", help="auto | ultrafeedback | hh | plain | conversational")
-    parser.add_argument("--template", help="auto | tulu2 | tokenizer | raw | a Jinja chat template")
+    parser.add_argument("--template", help="auto | tulu2 | tulu3 | tokenizer | raw | a Jinja chat template")
     parser.add_argument("--max-length", type=int, help="tokens of prompt + one response")
     parser.add_argument("--max-prompt-length", type=int, help="tokens of a prompt")
     parser.add_argument("--prompt-truncation", choices=("keep_end", "keep_start"))

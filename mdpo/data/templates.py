@@ -4,6 +4,9 @@
 - ``tulu2``: the Tulu 2 format of open-instruct: ``<|system|>\\n{c}\\n``, ``<|user|>\\n{c}\\n`` and, for earlier
   assistant turns, ``<|assistant|>\\n{c}{eos}\\n``; the prompt ends with the generation prompt ``<|assistant|>\\n``
   and the response is ``{c}`` followed by EOS. Contents are stripped, as open-instruct does.
+- ``tulu3``: the same turns as Tulu 3's tokenizer config writes them (Llama 3.1 based): the tokenizer's own EOS
+  (``<|end_of_text|>`` for Tulu 3), prompt contents as they are (Tulu 3's template does not strip them), the
+  tokenizer's BOS first (open-instruct's ``--add_bos``: the template writes none).
 - ``tokenizer``: the tokenizer's own ``chat_template``; a string holding ``{{`` or ``{%`` is used as a Jinja chat
   template the same way. The response is what the conversation adds after the generation prompt, with a trailing
   EOS text removed (it is appended as an id, exactly once).
@@ -17,10 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mdpo.config.sections import TEMPLATES
 from mdpo.data.formats import Example, Message, RowError, prompt_messages
 from mdpo.errors import DataError
 
-TEMPLATE_NAMES = ("auto", "tulu2", "tokenizer", "raw")
 MESSAGE_FORMATS = ("ultrafeedback", "conversational")
 
 
@@ -36,7 +39,7 @@ def is_jinja(template: str) -> bool:
 
 
 def resolve_template(template: str, fmt: str, tokenizer) -> str:
-    """A concrete template for this format and tokenizer: 'raw', 'tulu2', 'tokenizer' or a Jinja string."""
+    """A concrete template for this format and tokenizer: 'raw', 'tulu2', 'tulu3', 'tokenizer' or a Jinja string."""
     if template == "auto":
         if fmt not in MESSAGE_FORMATS:
             return "raw"
@@ -44,18 +47,20 @@ def resolve_template(template: str, fmt: str, tokenizer) -> str:
     if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"data.template=tokenizer but the tokenizer '{tokenizer.name_or_path}' has no chat_template; "
-            "use data.template=tulu2, raw or a Jinja template string"
+            "use data.template=tulu2, tulu3, raw or a Jinja template string"
         )
     if template == "raw" and fmt in MESSAGE_FORMATS:
-        raise DataError(f"data.template=raw needs text prompts but {fmt} rows hold messages; use tulu2 or tokenizer")
-    if template not in TEMPLATE_NAMES and not is_jinja(template):
-        raise DataError(f"data.template={template!r} is not one of {', '.join(TEMPLATE_NAMES)} or a Jinja template")
+        raise DataError(
+            f"data.template=raw needs text prompts but {fmt} rows hold messages; use tulu2, tulu3 or tokenizer"
+        )
+    if template not in TEMPLATES and not is_jinja(template):
+        raise DataError(f"data.template={template!r} is not one of {', '.join(TEMPLATES)} or a Jinja template")
     return template
 
 
 def owns_special_tokens(template: str) -> bool:
-    """Chat templates write BOS themselves; raw and tulu2 text gets the tokenizer's own special tokens."""
-    return template not in ("raw", "tulu2")
+    """Chat templates write BOS themselves; raw and Tulu text gets the tokenizer's own special tokens."""
+    return template not in ("raw", "tulu2", "tulu3")
 
 
 def render(example: Example, template: str, tokenizer) -> Rendered:
@@ -66,8 +71,8 @@ def render(example: Example, template: str, tokenizer) -> Rendered:
         return Rendered(example.prompt, example.chosen, example.rejected)
     messages = prompt_messages(example)
     chosen, rejected = example.chosen.strip(), example.rejected.strip()
-    if template == "tulu2":
-        return Rendered(tulu2_prompt(messages, tokenizer.eos_token), chosen, rejected)
+    if template in ("tulu2", "tulu3"):
+        return Rendered(tulu_prompt(messages, tokenizer.eos_token, strip=template == "tulu2"), chosen, rejected)
     chat_template = None if template == "tokenizer" else template
     prompt = _apply(tokenizer, messages, chat_template, generation_prompt=True)
     responses = []
@@ -79,11 +84,12 @@ def render(example: Example, template: str, tokenizer) -> Rendered:
     return Rendered(prompt, *responses)
 
 
-def tulu2_prompt(messages: list[Message], eos_token: str) -> str:
-    """The Tulu 2 prompt text, ending with the generation prompt "<|assistant|>\\n"."""
+def tulu_prompt(messages: list[Message], eos_token: str, strip: bool = True) -> str:
+    """The Tulu 2 (contents stripped) or Tulu 3 (`strip=False`) prompt text, ending with the generation prompt
+    "<|assistant|>\\n"."""
     parts = []
     for message in messages:
-        role, content = message["role"], message["content"].strip()
+        role, content = message["role"], message["content"].strip() if strip else message["content"]
         if role == "assistant":
             parts.append(f"<|assistant|>\n{content}{eos_token}\n")
         else:

@@ -1,4 +1,5 @@
-"""Build a Megatron-Core GPTModel from a HF-config-shaped description (Llama, Qwen 1.0 and Baichuan 2 math)."""
+"""Build a Megatron-Core GPTModel from a HF-config-shaped description (the math of every family in
+`models.families`: Llama 2 / 3.x, Qwen 1.0 / 2 / 2.5 / 3, Mistral, Baichuan 2)."""
 
 from __future__ import annotations
 
@@ -94,9 +95,12 @@ def layer_spec(model: ModelConfig) -> ModuleSpec:
     ALiBi always runs through SDPA with the biases added to the scores (the config refuses te/local with it)."""
     attention = core_attention(model)
     if attention == "te":
-        return get_gpt_layer_with_transformer_engine_spec()
-    local = get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
+    local = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model.qk_norm)
     local.submodules.input_layernorm = local.submodules.pre_mlp_layernorm = TorchNorm
+    if model.qk_norm:  # per head, on whole sequences: Megatron sums their gradients over TP (other heads per rank)
+        attention_parts = local.submodules.self_attention.submodules
+        attention_parts.q_layernorm = attention_parts.k_layernorm = TorchNorm
     if fuses_rope_locally(model):
         local.submodules.self_attention.module = FusedRopeSelfAttention
     if model.position_embedding == "alibi":
@@ -131,7 +135,8 @@ def transformer_config(
     sequence_parallel: bool = False,
     recompute: str = "none",
 ) -> TransformerConfig:
-    """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA."""
+    """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA, the head
+    size (`kv_channels`, explicit for Qwen 3 and Mistral) and Qwen 3's per-head q/k norms."""
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=model.num_hidden_layers,
@@ -139,7 +144,8 @@ def transformer_config(
         ffn_hidden_size=model.intermediate_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_key_value_heads or model.num_attention_heads,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=model.kv_channels,
+        qk_layernorm=model.qk_norm,
         normalization="RMSNorm",
         layernorm_epsilon=model.rms_norm_eps,
         gated_linear_unit=True,
@@ -226,9 +232,10 @@ def use_scoring_head(gpt: GPTModel) -> GPTModel:
 
 
 def head_weight(gpt: GPTModel, model: ModelConfig) -> torch.Tensor:
-    """The output layer's weight as the logits use it: this TP rank's vocabulary rows, L2-normalised per row for
-    Baichuan 2's NormHead (in every forward, so gradients flow through the normalisation)."""
-    weight = gpt.output_layer.weight
+    """The output layer's weight as the logits use it: this TP rank's vocabulary rows (the embedding's with tied
+    weights, or its copy on a last pipeline stage), L2-normalised per row for Baichuan 2's NormHead (in every
+    forward, so gradients flow through the normalisation)."""
+    weight = gpt.shared_embedding_or_output_weight() if model.tie_word_embeddings else gpt.output_layer.weight
     return F.normalize(weight, dim=-1) if model.norm_head else weight
 
 
@@ -241,6 +248,19 @@ class NormHeadLinear(ColumnParallelLinear):
         return super().forward(input_, F.normalize(self.weight, dim=-1), runtime_gather_output)
 
 
+def scale_rope_llama3(gpt: GPTModel, model: ModelConfig) -> None:
+    """Llama 3's frequency scaling with the config's own four parameters: Megatron's rule (`_apply_scaling`, the
+    same as transformers'), which GPTModel's `rope_scaling` flag applies with only the factor configurable."""
+    rotary = gpt.rotary_pos_emb
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq,
+        factor=model.rope_scaling_factor,
+        low_freq_factor=model.rope_low_freq_factor,
+        high_freq_factor=model.rope_high_freq_factor,
+        original_max_position_embeddings=model.rope_original_max_position_embeddings,
+    )
+
+
 def build_gpt_model(
     model: ModelConfig,
     config: TransformerConfig,
@@ -250,7 +270,8 @@ def build_gpt_model(
     vp_stage: int | None = None,
 ) -> GPTModel:
     """One pipeline stage (or, with an interleaved pipeline, model chunk `vp_stage` of it) of the policy or the
-    reference; untied embeddings as in every supported family."""
+    reference. Tied embeddings are Megatron's shared embedding and output weight (a copy on the last stage under
+    PP, its gradient all-reduced with the embedding's)."""
     alibi = model.position_embedding == "alibi"
     layout = Layout(
         tp=config.tensor_model_parallel_size,
@@ -265,11 +286,13 @@ def build_gpt_model(
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="none" if alibi else "rope",
         rotary_base=model.rope_theta,
         vp_stage=vp_stage,
     )
+    if model.rope_scaling == "llama3":
+        scale_rope_llama3(gpt, model)
     gpt.tokenwise_thd_rope = fuses_rope_locally(model)
     if model.norm_head and post_process:
         gpt.output_layer.__class__ = NormHeadLinear  # same parameters, normalising forward

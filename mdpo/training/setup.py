@@ -81,14 +81,18 @@ def start_run(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.schedule.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.schedule.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if len(tokenizer) > cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size is {cfg.model.vocab_size}"
-        )
+    check_vocabulary(tokenizer, cfg.data.tokenizer, cfg.model.vocab_size)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     dtype = train_dtype(cfg.parallel)
     scorer = Scorer(cfg.model, cfg.model.logprob_chunk_tokens, packs_as_thd(cfg.model, dtype), cfg.dpo.ld_alpha)
     return Run(layout, ranks, dtype, device, tokenizer, share_prompt(cfg), scorer)
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, name: str, vocab_size: int) -> None:
+    """Every token id must have a row in the model (a config's vocabulary may be larger: Qwen pads 151,665 ids to
+    151,936 rows)."""
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"tokenizer {name} has {len(tokenizer)} tokens but model.vocab_size is {vocab_size}")
 
 
 def share_prompt(cfg: TrainConfig) -> bool:

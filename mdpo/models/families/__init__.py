@@ -7,10 +7,12 @@ import os
 from typing import Any
 
 from mdpo.errors import ConfigError
-from mdpo.models.families import baichuan, llama, qwen
+from mdpo.models.families import baichuan, llama, mistral, qwen, qwen2, qwen3
 from mdpo.models.families.base import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, qwen.FAMILY, baichuan.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (llama.FAMILY, qwen.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, baichuan.FAMILY)
+}
 
 
 def supported() -> str:
@@ -39,13 +41,10 @@ def detect(hf_config: dict) -> Family:
     raise ValueError(f"unsupported architecture {found}; supported: {supported()}")
 
 
-def owner(tensor_names: set[str]) -> Family | None:
-    """The family whose tensor names these are, judged by its global and first-layer tensors (to tell a user that
-    config.json and the weights disagree)."""
-    for family in FAMILIES.values():
-        if family.hf_names(1) <= tensor_names:
-            return family
-    return None
+def owners(tensor_names: set[str]) -> list[Family]:
+    """The families whose tensor names these could be, judged by their global and first-layer tensors, heads tied
+    or not (to tell a user that config.json and the weights disagree; Llama and Mistral share every name)."""
+    return [family for family in FAMILIES.values() if family.hf_names(1, tied=True) <= tensor_names]
 
 
 def read_hf_config(key: str, source: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
@@ -67,6 +66,8 @@ def read_hf_config(key: str, source: str | os.PathLike[str]) -> tuple[str, dict[
         raise ConfigError(f"{key}='{source}': {file}: {e}") from None
     try:
         values = family.read_config(hf)
-    except ValueError as e:
-        raise ConfigError(f"{key}='{source}': {file}: {e} is not supported by mdpo's {family.name} model") from None
+    except ValueError as e:  # (what, and optionally what is supported instead)
+        supported = f" ({e.args[1]})" if len(e.args) > 1 else ""
+        message = f"{e.args[0]} is not supported by mdpo's {family.name} model{supported}"
+        raise ConfigError(f"{key}='{source}': {file}: {message}") from None
     return file, {"family": family.name, **values}

@@ -26,6 +26,7 @@ from mdpo.config import ModelConfig
 
 Entry = tuple[str, tuple[str, ...], str]
 LAYER_PREFIX_MCORE = "decoder.layers.{i}."
+EMBEDDING, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,13 @@ class Family:
     write_config: Callable[[ModelConfig], dict]  # ModelConfig -> the config.json keys this family defines
     ignored_suffixes: tuple[str, ...] = ()  # HF buffers that are not weights (e.g. rotary inv_freq)
 
-    def entries(self, num_layers: int) -> Iterator[Entry]:
-        yield from self.global_tensors
+    def entries(self, num_layers: int, tied: bool = False) -> Iterator[Entry]:
+        """Every row of the table for a model of `num_layers` layers. With tied embeddings the output layer reads
+        the embedding's HF tensor (the files hold no head; Megatron keeps a copy of the embedding on the last
+        pipeline stage) and nothing is written back from it."""
+        embedding = next(hf for mcore, hf, _ in self.global_tensors if mcore == EMBEDDING)
+        for mcore, hf, kind in self.global_tensors:
+            yield (mcore, embedding, kind) if tied and mcore == OUTPUT else (mcore, hf, kind)
         for i in range(num_layers):
             for mcore, hf, kind in self.layer_tensors:
                 yield (
@@ -52,8 +58,8 @@ class Family:
                     kind,
                 )
 
-    def hf_names(self, num_layers: int) -> set[str]:
-        return {name for _, names, _ in self.entries(num_layers) for name in names}
+    def hf_names(self, num_layers: int, tied: bool = False) -> set[str]:
+        return {name for _, names, _ in self.entries(num_layers, tied) for name in names}
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,7 @@ class Heads:
 
     @classmethod
     def of(cls, model: ModelConfig) -> Heads:
-        kv = model.num_key_value_heads or model.num_attention_heads
-        return cls(model.num_attention_heads, kv, model.hidden_size // model.num_attention_heads)
+        return cls(model.num_attention_heads, model.kv_heads, model.kv_channels)
 
     @property
     def sizes(self) -> list[int]:
@@ -137,7 +142,8 @@ def to_hf(kind: str, tensor: torch.Tensor, heads: Heads, vocab_size: int) -> tup
 
 
 def mcore_shapes(model: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
-    """Every full Megatron tensor of this architecture (local layer spec names) and its shape."""
+    """Every full Megatron tensor of this architecture (local layer spec names) and its shape; a tied model's output
+    layer is its embedding (no tensor of its own)."""
     heads = Heads.of(model)
     h, f = model.hidden_size, model.intermediate_size
     qkv_rows, attn = sum(heads.sizes), heads.num_heads * heads.head_dim
@@ -151,11 +157,11 @@ def mcore_shapes(model: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, 
     }
     if model.qkv_bias:
         layer["self_attention.linear_qkv.bias"] = (qkv_rows,)
-    shapes = {
-        "embedding.word_embeddings.weight": (padded_vocab, h),
-        "decoder.final_layernorm.weight": (h,),
-        "output_layer.weight": (padded_vocab, h),
-    }
+    if model.qk_norm:
+        layer["self_attention.q_layernorm.weight"] = layer["self_attention.k_layernorm.weight"] = (heads.head_dim,)
+    shapes = {EMBEDDING: (padded_vocab, h), "decoder.final_layernorm.weight": (h,)}
+    if not model.tie_word_embeddings:
+        shapes[OUTPUT] = (padded_vocab, h)
     for i in range(model.num_hidden_layers):
         shapes.update({LAYER_PREFIX_MCORE.format(i=i) + name: shape for name, shape in layer.items()})
     return shapes
@@ -198,16 +204,19 @@ def iter_hf_to_mcore(
     """Full Megatron tensors one at a time (only those `wanted`), reading each HF tensor when it is needed, so a
     caller that consumes them as they come holds one tensor, not the model. Call `check_hf_state` first."""
     heads = Heads.of(model)
-    for mcore, hf_names, kind in family.entries(model.num_hidden_layers):
+    for mcore, hf_names, kind in family.entries(model.num_hidden_layers, model.tie_word_embeddings):
         if wanted(mcore):
             yield mcore, to_mcore(kind, [hf[n] for n in hf_names], heads, padded_vocab)
 
 
 def mcore_to_hf(family: Family, mcore: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """Full Megatron state dict -> HF state dict of this family, vocab padding stripped."""
+    """Full Megatron state dict -> HF state dict of this family, vocab padding stripped (a tied model's head, which
+    Megatron copies to the last pipeline stage, is its embedding: not written twice)."""
     heads = Heads.of(model)
     out: dict[str, torch.Tensor] = {}
     for name, hf_names, kind in family.entries(model.num_hidden_layers):
+        if name == OUTPUT and model.tie_word_embeddings:
+            continue
         parts = to_hf(kind, mcore[name], heads, model.vocab_size)
         out.update({hf_name: part.contiguous() for hf_name, part in zip(hf_names, parts)})
     return out

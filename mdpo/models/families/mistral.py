@@ -1,0 +1,32 @@
+"""Mistral (`MistralForCausalLM`: 7B v0.1-v0.3, Nemo 12B): Llama's tensors and math with an explicit `head_dim`
+(Nemo: 128 with hidden 5120 and 32 heads) and v0.1's `sliding_window` of 4096, kept in the description: a run is
+refused unless every sequence fits in the window (`model.sliding_window`), where full attention is exact."""
+
+from __future__ import annotations
+
+from transformers import MistralConfig
+
+from mdpo.models.families.base import Family
+from mdpo.models.families.llama import GLOBAL_TENSORS, LAYER_TENSORS, read_llama_like, write_llama_like
+
+
+def read_config(hf: dict) -> dict:
+    fields = read_llama_like(hf)
+    if hf.get("sliding_window") is not None:
+        fields["sliding_window"] = hf["sliding_window"]
+    return fields
+
+
+FAMILY = Family(
+    name="mistral",
+    architecture="MistralForCausalLM",
+    model_type="mistral",
+    global_tensors=GLOBAL_TENSORS,
+    layer_tensors=LAYER_TENSORS,
+    hf_layer_prefix="model.layers.{i}.",
+    read_config=read_config,
+    write_config=lambda model: write_llama_like(
+        MistralConfig, model, architectures=["MistralForCausalLM"], sliding_window=model.sliding_window
+    ),
+    ignored_suffixes=("rotary_emb.inv_freq",),
+)

@@ -1,0 +1,47 @@
+"""Qwen 2 / 2.5 (`Qwen2ForCausalLM`): Llama's layout with a bias on q, k and v (always: the class has no switch),
+GQA, RoPE base 1e6, tied embeddings for 0.5B-3B. Sliding-window attention (`use_sliding_window`, off in every
+published config) is refused."""
+
+from __future__ import annotations
+
+from transformers import Qwen2Config
+
+from mdpo.models.families.base import Family
+from mdpo.models.families.llama import GLOBAL_TENSORS, read_llama_like, write_llama_like
+from mdpo.models.families.llama import LAYER_TENSORS as LLAMA_LAYER_TENSORS
+
+QKV_BIAS = (
+    (
+        "self_attention.linear_qkv.bias",
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+        "qkv",
+    ),
+)
+LAYER_TENSORS = LLAMA_LAYER_TENSORS + QKV_BIAS
+
+
+def refuse_sliding_window(hf: dict) -> None:
+    """Qwen's `use_sliding_window` (and transformers 5's per-layer `layer_types`) would limit some layers'
+    attention; mdpo attends whole sequences."""
+    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ()):
+        raise ValueError("use_sliding_window=true (sliding-window attention)")
+
+
+def read_config(hf: dict) -> dict:
+    refuse_sliding_window(hf)
+    return {**read_llama_like(hf), "qkv_bias": True}
+
+
+FAMILY = Family(
+    name="qwen2",
+    architecture="Qwen2ForCausalLM",
+    model_type="qwen2",
+    global_tensors=GLOBAL_TENSORS,
+    layer_tensors=LAYER_TENSORS,
+    hf_layer_prefix="model.layers.{i}.",
+    read_config=read_config,
+    write_config=lambda model: write_llama_like(
+        Qwen2Config, model, architectures=["Qwen2ForCausalLM"], use_sliding_window=False
+    ),
+    ignored_suffixes=("rotary_emb.inv_freq",),
+)

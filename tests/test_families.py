@@ -1,0 +1,110 @@
+"""Today's families (Llama 3.1 with RoPE scaling, Llama 3.2 tied, Qwen 2.5 untied and tied, Qwen 3 tied with a head
+size other than hidden / heads, Mistral with an explicit head size) against transformers' own classes in float64:
+tiny checkpoints made by those classes with every weight random (norms, biases and q/k norms too), read by mdpo from
+the saved folders as `model.init_from` reads them, scored by training's forward in every row layout and at TP=2
+(with SP), PP=2 x VPP=2 (tied heads across stages), PP=2 with the fused RoPE, CP=2 and DP=2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILY_CASES, REPO, ROW_LAYOUTS, collate_as, run_mdpo, tiny_hf_family
+
+VOCAB = 250
+RTOL = 1e-5
+
+
+def family_pairs(count: int = 6) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) ids of different lengths, positions up to 45 (where Llama 3's scaling shows)."""
+    g = torch.Generator().manual_seed(11)
+    ids = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()
+    shapes = [(20, 15, 9), (3, 4, 12), (12, 2, 7), (1, 14, 3), (8, 8, 8), (25, 5, 11)][:count]
+    return [(ids(p), ids(c), ids(r)) for p, c, r in shapes]
+
+
+def hf_logps_float64(folder: Path, pairs, **config_changes) -> torch.Tensor:
+    """Summed log p(response | prompt) of every chosen then every rejected sequence, each run alone, by
+    transformers' class of the folder in float64."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config, attn_implementation="eager").double().eval()
+    sums = []
+    for side in (1, 2):
+        for pair in pairs:
+            prompt, response = pair[0], pair[side]
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + response])).logits[0]
+            logprobs = torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1]
+            sums.append(logprobs.gather(1, torch.tensor(response)[:, None]).sum())
+    return torch.stack(sums)
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Each case saved by transformers (a tied model's files hold no lm_head) with its float64 log-probs."""
+    root, pairs = tmp_path_factory.mktemp("families"), family_pairs()
+    out = {}
+    for case in FAMILY_CASES:
+        tiny_hf_family(case, seed=3, vocab_size=VOCAB).save_pretrained(root / case)
+        out[case] = (root / case, hf_logps_float64(root / case, pairs))
+    return out
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    err = ((got.double() - want).abs() / want.abs()).max().item()
+    assert err <= RTOL, f"{what}: max relative log-prob error {err:.3g}"
+
+
+def test_tied_checkpoints_hold_no_head(families):
+    from safetensors import safe_open
+
+    for case, (folder, _) in families.items():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            assert ("lm_head.weight" in f.keys()) == ("tied" not in case), case  # noqa: SIM118 - not a dict
+
+
+def test_every_row_layout_equals_transformers_float64(megatron_world, families):
+    """One process: padded rows, packed rows, shared prompts and packed shared prompts all give the float64
+    log-probs of transformers' class; Llama 3's scaling is in them (without it they differ)."""
+    from mdpo.checkpoint.description import describe_model
+    from mdpo.checkpoint.load import load_initial_weights
+    from mdpo.data.pairs import TokenizedPair
+    from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
+    from mdpo.training.step import Scorer
+
+    pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(family_pairs())]
+    for case, (folder, want) in families.items():
+        model = describe_model({"init_from": str(folder)})
+        gpt = build_gpt_model(model, transformer_config(model))
+        load_initial_weights(gpt, model)
+        gpt = use_scoring_head(gpt).eval()
+        scorer = Scorer(model, chunk_tokens=7, thd=False)
+        for layout in ROW_LAYOUTS:
+            batch = collate_as(layout, pairs)
+            with torch.no_grad():
+                got = scorer.stats(batch, gpt, scorer.forward(batch, gpt)).logps
+            assert_close(got, want, f"{case}, {layout}")
+    folder, want = families["llama3.1"]
+    unscaled = hf_logps_float64(folder, family_pairs(), rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    assert ((unscaled - want).abs() / want.abs()).max() > 10 * RTOL  # the scaling changes these log-probs
+
+
+def test_parallel_layouts_equal_transformers_float64(families, tmp_path):
+    """TP=2 (and with SP, packed shared prompts), PP=2 x VPP=2 (a tied head's copy on the last stage), PP=2 packed
+    with the fused RoPE (Llama 3's scaled table), CP=2: every sequence's log-prob as transformers' class gives it."""
+    torch.save(family_pairs(), tmp_path / "pairs.pt")
+    folders = {str(folder): case for case, (folder, _) in families.items()}
+    worker = REPO / "tests" / "workers" / "family_logps.py"
+    result = run_mdpo([str(worker), str(tmp_path / "out.pt"), str(tmp_path / "pairs.pt"), *folders], nproc=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = torch.load(tmp_path / "out.pt")
+    assert len(results) == 5
+    for layout, per_folder in results.items():
+        assert set(per_folder) == set(folders), layout
+        for folder, got in per_folder.items():
+            assert_close(got, families[folders[folder]][1], f"{folders[folder]} at {layout}")

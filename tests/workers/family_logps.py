@@ -1,0 +1,78 @@
+"""Under torchrun: every model folder's per-sequence log-probs at several layouts, each through what training runs
+(`build_model` streaming the HF folder per rank, the micro-batches of the layout, Megatron's forward-only schedule),
+one process group for all of them (Megatron's groups rebuilt per layout).
+
+usage: torchrun --nproc_per_node=N family_logps.py OUT.pt PAIRS.pt FOLDER [FOLDER ...]
+PAIRS.pt: [(prompt ids, chosen ids, rejected ids), ...]; OUT.pt: {layout: {folder: tensor [chosen..., rejected...]}}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+# name: (parallel section, data section, model overrides); every layout has DP = world / (TP x PP x CP)
+LAYOUTS = {
+    "tp2": (dict(tp=2), dict(), dict()),
+    "tp2_sp_packed_shared": (dict(tp=2, sequence_parallel=True), dict(packing=True, share_prompt=True), dict()),
+    "pp2_vpp2_shared": (dict(pp=2, vpp=2), dict(share_prompt=True), dict()),
+    "pp2_packed_fused_rope": (dict(pp=2), dict(packing=True), dict(fused_rope=True)),
+    "cp2": (dict(cp=2), dict(share_prompt=False), dict(attention="sdpa")),
+}
+
+
+def main(out: str, pairs_file: str, folders: list[str]) -> None:
+    from mdpo import parallel, startup
+
+    startup.prepare()
+    from megatron.core import parallel_state, tensor_parallel
+
+    from mdpo.checkpoint.description import describe_model
+    from mdpo.config import DataConfig, ParallelConfig, ScheduleConfig, TrainConfig
+    from mdpo.data.pairs import TokenizedPair
+    from mdpo.training.data import make_microbatches
+    from mdpo.training.setup import build_model, frozen
+    from mdpo.training.step import Scorer, attach_reference_logps
+
+    pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(torch.load(pairs_file))]
+    world, results = int(os.environ["WORLD_SIZE"]), {}
+    for name, (sizes, data, overrides) in LAYOUTS.items():
+        results[name] = {}
+        for folder in folders:
+            cfg = TrainConfig(
+                model=describe_model({"init_from": folder, **overrides}),
+                data=DataConfig(train_file="-", tokenizer="-", max_length=48, pack_tokens=96, **data),
+                parallel=ParallelConfig(**sizes),
+                schedule=ScheduleConfig(global_batch_size=len(pairs), micro_batch_size=2),
+            )
+            layout = cfg.parallel.layout(world)
+            ranks = parallel.start(layout)
+            tensor_parallel.model_parallel_cuda_manual_seed(0)
+            chunks = frozen(build_model(cfg, layout, torch.float32, load=True))
+            mine = list(range(ranks.dp, len(pairs), layout.dp))
+            batches = make_microbatches(cfg.data, cfg.schedule, layout, pairs, mine, 0, ranks.cp,
+                                        bool(cfg.data.share_prompt))  # fmt: skip
+            attach_reference_logps(batches, chunks, Scorer(cfg.model, chunk_tokens=7, thd=False))
+            found = {}
+            if parallel_state.is_pipeline_last_stage() and ranks.tp == ranks.cp == 0:
+                for batch in batches:
+                    chosen, rejected = batch.ref_logps.chunk(2)
+                    found.update({p: (chosen[k], rejected[k]) for k, p in enumerate(batch.pair_ids)})
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, found)
+            table = {pid: logps for part in gathered for pid, logps in part.items()}
+            logps = [table[i][side].item() for side in (0, 1) for i in range(len(pairs))]
+            results[name][folder] = torch.tensor(logps, dtype=torch.float64)
+            parallel_state.destroy_model_parallel()
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, out)
+    parallel.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
