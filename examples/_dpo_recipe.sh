@@ -2,7 +2,7 @@
 # resumes from the last checkpoint) and export the policy to $WORK/hf. The recipe sets HF_MODEL, DATA, WORK, TP,
 # PP (default 1), MAX_LENGTH, TEMPLATE and RECIPE_ARGS (its own key=value settings) first; NNODES, NODE_RANK, MASTER_ADDR,
 # MASTER_PORT and GPUS_PER_NODE come from the environment. lr = BASE_LR (default 1e-6) x sqrt(nodes), global
-# batch = 128 x nodes.
+# batch = GLOBAL_BATCH (default 128 x nodes).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 NNODES=${NNODES:-1}
@@ -13,6 +13,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 PP=${PP:-1}
 : "${HF_MODEL:?set HF_MODEL to a local HF model folder}" "${DATA:?set DATA to the preference data files}"
 BASE_LR=${BASE_LR:-1e-6}
+GLOBAL_BATCH=${GLOBAL_BATCH:-$((128 * NNODES))}
 LR=$(python -c "import math; print($BASE_LR * math.sqrt($NNODES))")
 
 # 1. HF -> Megatron once (node 0; WORK is on a shared filesystem), in one process that holds about one shard.
@@ -27,7 +28,7 @@ ARGS=(
   model.init_from="$WORK/mcore" data.tokenizer="$WORK/mcore" data.train_file="$DATA" data.template="$TEMPLATE"
   data.max_length="$MAX_LENGTH" data.packing=true data.pack_tokens=$((2 * MAX_LENGTH))
   parallel.tp="$TP" parallel.pp="$PP" parallel.distributed_optimizer=true parallel.overlap_grad_reduce=true
-  schedule.global_batch_size=$((128 * NNODES)) schedule.epochs=3 schedule.warmup_ratio=0.1
+  schedule.global_batch_size="$GLOBAL_BATCH" schedule.epochs=3 schedule.warmup_ratio=0.1
   optimizer.lr="$LR" optimizer.weight_decay=0.0 optimizer.clip_grad=1.0 dpo.beta=0.1 dpo.loss_type=sigmoid
   dpo.reference=precomputed dpo.reference_cache="$WORK/reference"
   logging.run_dir="$WORK" checkpoint.save_interval=100 checkpoint.export_hf=true

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 _FORK_SERVER: list[ForkServer] = []
+_FORK_SERVER_LOCK = threading.Lock()
 
 
 def run_mdpo(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -71,9 +73,10 @@ def run_mdpo(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.
     once); on a CUDA machine a fresh interpreter, under torchrun when nproc > 1."""
     env = subprocess_env()
     if not torch.cuda.is_available():
-        if not _FORK_SERVER:
-            _FORK_SERVER.append(ForkServer(env))
-            atexit.register(_FORK_SERVER[0].close)
+        with _FORK_SERVER_LOCK:  # tests may launch from two threads
+            if not _FORK_SERVER:
+                _FORK_SERVER.append(ForkServer(env))
+                atexit.register(_FORK_SERVER[0].close)
         code, out, err = _FORK_SERVER[0].run(args, env, str(REPO), nproc, timeout)
         return subprocess.CompletedProcess(["mdpo", *args], code, out, err)
     target = args if args[0].endswith(".py") else ["-m", "mdpo", *args]

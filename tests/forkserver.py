@@ -12,6 +12,8 @@ with a CUDA context cannot be forked safely) every command runs in a fresh inter
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
 import os
 import signal
@@ -80,6 +82,9 @@ def _workers(argv: list[str], nproc: int) -> int:
 
 
 def _exit(code: int) -> None:
+    """End a forked process as an interpreter would end: atexit's functions first (multiprocessing shuts down the
+    Manager process Megatron's checkpoint writer spawned; otherwise it outlives the run), then the streams."""
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -100,6 +105,7 @@ def _launch(conn: socket.socket, request: dict) -> None:
         os.close(file)
     nproc = request["nproc"]
     code = _run_mdpo(request["argv"]) if nproc == 1 else _workers(request["argv"], nproc)
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     conn.sendall(json.dumps({"code": code}).encode() + b"\n")
@@ -136,15 +142,15 @@ class ForkServer:
                                         text=True)  # fmt: skip
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError("the test fork server did not start")
-        self.count = 0
+        self.numbers = itertools.count()  # output file names, unique across threads
 
     def run(self, argv: list[str], env: dict[str, str], cwd: str, nproc: int, timeout: float):
         """(exit code, stdout, stderr) of `mdpo ARGV` forked with `env`; the launcher's process group is killed
         on timeout (subprocess.TimeoutExpired)."""
         import subprocess
 
-        self.count += 1
-        out, err = (os.path.join(self.folder, f"{self.count}.{name}") for name in ("out", "err"))
+        number = next(self.numbers)
+        out, err = (os.path.join(self.folder, f"{number}.{name}") for name in ("out", "err"))
         request = dict(argv=argv, env=env, cwd=str(cwd), nproc=nproc, stdout=out, stderr=err)
         with socket.socket(socket.AF_UNIX) as conn:
             conn.connect(self.socket)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_mdpo, subprocess_env, tiny_run_files
+from conftest import REPO, run_mdpo, subprocess_env, tiny_hf_family, tiny_run_files
 from safetensors.torch import load_file
 
 STEPS = 6
@@ -34,6 +34,8 @@ def setup(tmp_path_factory) -> Path:
         "logging": {"progress": False, "plot": False},
     }
     (root / "c.yaml").write_text(yaml.safe_dump(config))
+    vocab = json.loads((files["hf"] / "config.json").read_text())["vocab_size"]
+    tiny_hf_family("qwen3_tied", seed=2, vocab_size=vocab).save_pretrained(root / "qwen3_tied")
     return root
 
 
@@ -61,12 +63,16 @@ def assert_bitwise(got, want):
 BCO = "dpo.loss_type=[sigmoid, bco_pair]"
 LAYOUTS = {"tp1": (1, [BCO]),
            "tp2_sp_bf16": (2, [BCO, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.precision=bf16"]),
-           "pp2_vpp2": (2, [BCO, "parallel.pp=2", "parallel.vpp=2"])}  # fmt: skip
+           "pp2_vpp2": (2, [BCO, "parallel.pp=2", "parallel.vpp=2"]),
+           # a tied head across stages (Megatron's copy of the embedding on the last stage, its own optimizer state)
+           "pp2_qwen3_tied": (2, [BCO, "parallel.pp=2"])}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, name):
     nproc, layout = LAYOUTS[name]
+    if name.endswith("qwen3_tied"):
+        layout = [*layout, f"model.init_from={setup / 'qwen3_tied'}"]
     train(setup, f"{name}_full", *layout, nproc=nproc)
     first = train(setup, f"{name}_resumed", *layout, "schedule.exit_interval=2", nproc=nproc)
     assert "stopped after step 2" in first.stdout

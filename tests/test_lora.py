@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_mdpo, subprocess_env, tiny_hf_llama, tiny_run_files
+from conftest import REPO, run_mdpo, subprocess_env, tiny_hf_family, tiny_hf_llama, tiny_run_files
 from safetensors.torch import load_file, save_file
 from test_bad_inputs import _RUNNER
 from test_convert import baichuan_checkpoint, qwen_checkpoint, read_folder
@@ -37,6 +37,11 @@ LAYOUTS = {
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),  # the interleaved pipeline: a layer per model chunk
     "tp2_sp_packed": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true"]),
 }
+
+
+# Today's families with what their adapters' mapping adds: GQA q/k/v split with a head size apart from hidden / heads
+# (Qwen 3, Mistral), q/k/v biases and a tied head (Qwen 2.5); Llama 3.x has Llama 2's modules (the llama run).
+TODAYS = ("qwen2.5_tied", "qwen3_tied", "mistral")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +66,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     (root / "c.yaml").write_text(yaml.safe_dump(config))
     bases = {"llama": files["hf"], "qwen": qwen_checkpoint(root / "qwen_hf"),
              "baichuan13b": baichuan_checkpoint(root / "baichuan13b_hf")}  # fmt: skip
+    vocab = json.loads((files["hf"] / "config.json").read_text())["vocab_size"]
+    for case in TODAYS:
+        bases[case] = root / f"{case}_hf"
+        tiny_hf_family(case, seed=5, vocab_size=vocab).save_pretrained(bases[case])
 
     def train(run: str, *overrides: str, nproc: int = 1) -> str:
         result = run_mdpo(["train", str(root / "c.yaml"), f"logging.run_dir={root / run}", *overrides], nproc)
@@ -69,7 +78,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
     jobs = [("tp1", 1, []), ("stopped", 1, ["schedule.exit_interval=2"])]
     jobs += [(name, nproc, args) for name, (nproc, args) in LAYOUTS.items()]
-    jobs += [(family, 2, ["parallel.tp=2", f"model.init_from={bases[family]}"]) for family in ("qwen", "baichuan13b")]
+    jobs += [(family, 2, ["parallel.tp=2", f"model.init_from={bases[family]}"])
+             for family in ("qwen", "baichuan13b", *TODAYS)]  # fmt: skip
     with ThreadPoolExecutor(2) as pool:  # two cores: the launches of each pair share them
         done = [pool.submit(train, name, *args, nproc=nproc) for name, nproc, args in jobs]
         assert "stopped after step 2" in done[1].result()
@@ -167,6 +177,29 @@ def test_peft_adapter_gives_the_merged_export_and_mdpos_forward(runs, tmp_path, 
     assert any(line.endswith(": ok") and "check: 2 rows" in line for line in result.stdout.splitlines())
     assert torch.equal(torch.cat([t.flatten() for t in read_folder(tmp_path / "converted").values()]),
                        torch.cat([t.flatten() for t in read_folder(run / "hf").values()]))  # fmt: skip
+
+
+@pytest.mark.parametrize("case", TODAYS)
+def test_peft_on_transformers_class_gives_the_merged_export(runs, case):
+    """Today's families (trained at TP=2): PEFT's own forward with the adapter on transformers' class of the base
+    gives the merged export's logits, which transformers' class reads with the base's config.json unchanged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, base = runs[case], runs["bases"][case]
+    assert json.loads((run / "hf" / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    tokens = torch.randint(0, 80, (2, 20), generator=torch.Generator().manual_seed(1))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base).double().eval(), run / "adapter")
+    exported = AutoModelForCausalLM.from_pretrained(run / "hf").double().eval()
+    with torch.no_grad():
+        ours, merged = peft(tokens).logits, exported(tokens).logits
+        with peft.disable_adapter():
+            untouched = peft(tokens).logits
+    assert (ours - merged).abs().max().item() <= 1e-4, case
+    assert (ours - untouched).abs().max().item() > 1e-3, case  # the adapters moved the logits
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                                        "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]  # fmt: skip
 
 
 def test_adapter_config_names_the_familys_modules(runs):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_mdpo, tiny_run_files
+from conftest import run_mdpo, tiny_hf_family, tiny_run_files
 from safetensors.torch import load_file
 
 STEPS = 3
@@ -107,11 +107,34 @@ def setup(tmp_path_factory) -> Path:
         "logging": {"progress": False, "plot": False},
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
+    vocab = json.loads((files["hf"] / "config.json").read_text())["vocab_size"]
+    for case in FAMILY_LAYOUTS:
+        tiny_hf_family(case, seed=3, vocab_size=vocab).save_pretrained(root / case)
     return root
 
 
-def run_layout(root: Path, name: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    nproc, overrides = LAYOUTS[name]
+# Today's families, each trained in one process and in a layout that splits what it adds: q/k/v biases and head
+# sizes apart from hidden / heads over TP, Qwen 3's q/k norms (gradients summed over TP, with SP), tied heads across
+# pipeline stages (the embedding's gradient all-reduced with its copy on the last stage) and over TP.
+FAMILY_LAYOUTS = {
+    "llama3.1": (2, ["parallel.tp=2", "schedule.micro_batch_size=2"]),
+    "llama3.2_tied": (2, ["parallel.pp=2", "schedule.micro_batch_size=2"]),
+    "qwen2.5": (2, ["parallel.tp=2", "schedule.micro_batch_size=2"]),
+    "qwen2.5_tied": (4, ["parallel.tp=2", "parallel.pp=2", "schedule.micro_batch_size=2"]),
+    "qwen3_tied": (
+        2,
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true", "data.pack_tokens=160"],
+    ),
+    "mistral": (2, ["parallel.tp=2", "schedule.micro_batch_size=2"]),
+}
+
+
+def run_layout(root: Path, name: str, family: str | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """A layout's run; of `family`'s model when given (`name` tp1_mb8: one process; any other: its FAMILY_LAYOUTS)."""
+    nproc, overrides = LAYOUTS[name] if family is None or name == "tp1_mb8" else FAMILY_LAYOUTS[family]
+    if family is not None:
+        overrides = [*overrides, f"model.init_from={root / family}"]
+        name = f"{family}_{name}"
     run_dir = root / name
     if not (run_dir / "hf" / "model.safetensors").exists():
         result = run_mdpo(["train", str(root / "config.yaml"), f"logging.run_dir={run_dir}", *overrides], nproc)
@@ -127,15 +150,24 @@ METRICS = ("loss", "loss/sigmoid", "loss/ipo", "loss/bco_pair", "nll_loss", "rew
 
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "tp1_mb8"])
 def test_layout_matches_single_process(setup, name):
-    want_records, want_weights = run_layout(setup, "tp1_mb8")
-    got_records, got_weights = run_layout(setup, name)
+    assert_same_run(run_layout(setup, "tp1_mb8"), run_layout(setup, name), setup / "hf", name)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_LAYOUTS))
+def test_family_layout_matches_single_process(setup, family):
+    assert_same_run(run_layout(setup, "tp1_mb8", family), run_layout(setup, "split", family), setup / family, family)
+
+
+def assert_same_run(want_run, got_run, start: Path, name: str) -> None:
+    """Metrics step for step and exported weights within fp32 reordering noise; training moved every tensor."""
+    (want_records, want_weights), (got_records, got_weights) = want_run, got_run
     assert len(got_records) == len(want_records) == STEPS
     for got, want in zip(got_records, want_records):
         for key in METRICS:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (name, got["step"], key)
     assert want_records[-1]["loss"] != pytest.approx(want_records[0]["loss"], abs=1e-3)  # training moved
     assert set(got_weights) == set(want_weights)
-    initial = load_file(str(setup / "hf" / "model.safetensors"))
+    initial = load_file(str(start / "model.safetensors"))
     for key, want in want_weights.items():
         scale = want.abs().max().item()
         err = (got_weights[key] - want).abs().max().item()

@@ -31,6 +31,30 @@ def test_llama_presets_count_hf_parameters(name):
     assert planner.params(shape) == sum(p.numel() for p in model.parameters())
 
 
+TODAYS_PRESETS = ["llama3.2-1b", "llama3.2-3b", "llama3.1-8b", "llama3.1-70b", "qwen2.5-7b", "qwen2.5-72b",
+                  "qwen3-0.6b", "qwen3-8b", "qwen3-32b", "mistral-nemo-12b"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TODAYS_PRESETS)
+def test_todays_presets_count_transformers_parameters(name):
+    """Each preset's count equals the parameters of transformers' own class for its family built from the preset
+    (tied heads counted once, Qwen 3's q/k norms, head sizes apart from hidden / heads)."""
+    import transformers
+
+    from mdpo.models.families import get
+
+    shape = planner.MODELS[name]
+    config = getattr(transformers, get(shape.family).architecture.replace("ForCausalLM", "Config"))(
+        hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab_size, head_dim=shape.kv_channels,
+        tie_word_embeddings=shape.tie_word_embeddings,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert planner.params(shape) == sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize("name,family", [("qwen-14b", "qwen"), ("baichuan2-13b", "baichuan")])
 def test_other_presets_count_the_family_tables_tensors(name, family):
     """Qwen 1.0 and Baichuan 2 ship remote code only: their HF tensor shapes come from mdpo's mapping tables."""
@@ -38,10 +62,15 @@ def test_other_presets_count_the_family_tables_tensors(name, family):
     assert planner.params(model) == sum(math.prod(shape) for shape in hf_shapes(families.get(family), model).values())
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
-def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank):
+QWEN3_TIED = dict(head_dim=32, qk_norm=True, tie_word_embeddings=True)  # Qwen 3 0.6B's features
+
+
+@pytest.mark.parametrize(("lora_rank", "features"), [(0, {}), (4, {}), (0, QWEN3_TIED), (4, QWEN3_TIED)],
+                         ids=["full", "lora", "full_qwen3_tied", "lora_qwen3_tied"])  # fmt: skip
+def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank, features):
     """Weights, the DDP gradient buffer and Adam's states of a real (fp32, CPU) policy, counted in bytes; with
-    LoRA the buffer and the states are the adapters' alone."""
+    LoRA the buffer and the states are the adapters' alone; a tied head's matrix is held once, q/k norms and a head
+    size apart from hidden / heads counted."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -51,7 +80,7 @@ def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank):
 
     # vocabulary 256: no padding
     shape = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+                        num_attention_heads=4, num_key_value_heads=2, **features)  # fmt: skip
     cfg = TrainConfig(model=shape)
     (model,) = build_model(cfg, Layout(), torch.float32, load=False)
     if lora_rank:

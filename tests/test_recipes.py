@@ -1,4 +1,5 @@
-"""The recipes' shared steps (examples/_dpo_recipe.sh): convert, precompute the reference, train, export, on CPU."""
+"""The recipes' shared steps (examples/_dpo_recipe.sh): convert, precompute the reference, train, export, on CPU,
+through the seed's launcher (tuning.sh), the Tulu 3 recipe and the SLURM script."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import yaml
-from conftest import REPO, subprocess_env, tiny_run_files
+from conftest import REPO, shared_path, subprocess_env, tiny_hf_family, tiny_run_files
 
 from mdpo.parallel import free_port
 
@@ -79,3 +80,32 @@ def test_slurm_script_starts_one_recipe_per_node_with_the_rendezvous_of_node_0(t
         "node=0 of 2 at gpu07:29500 gpus=8 args=logging.wandb_project=x",
         "node=1 of 2 at gpu07:29500 gpus=8 args=logging.wandb_project=x",
     ]
+
+
+def test_tulu3_recipe_runs_tulu3s_settings_over_llama3s_tokenizer(tmp_path):
+    """examples/dpo_tulu3_8b.sh on CPU: a tiny Llama 3.1 (RoPE scaling, the 128,256-entry vocabulary) with the real
+    Llama 3 tokenizer, the UltraFeedback sample in the Tulu 3 format; the recipe's settings reach the run (Tulu 3's
+    published hyperparameters) and the export keeps the source's config.json."""
+    from transformers import AutoTokenizer
+
+    tokenizer = shared_path("tokenizers", "llama3")
+    data = shared_path("data", "ultrafeedback_binarized_sample_200.jsonl")
+    hf = tmp_path / "Llama-3.1-Tulu-3-8B-SFT"
+    tiny_hf_family("llama3.1", vocab_size=len(AutoTokenizer.from_pretrained(tokenizer))).save_pretrained(hf)
+    for file in tokenizer.iterdir():
+        shutil.copy(file, hf / file.name)
+    work = tmp_path / "work"
+    env = subprocess_env(GPUS_PER_NODE="1", TP="1", MAX_LENGTH="64", HF_MODEL=str(hf), DATA=str(data), WORK=str(work),
+                         MASTER_PORT=str(free_port()))  # fmt: skip
+    cmd = ["bash", "examples/dpo_tulu3_8b.sh", "schedule.train_steps=2", "logging.progress=false", "logging.plot=false"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    assert config["optimizer"]["lr"] == 5e-7 and config["optimizer"]["weight_decay"] == 0.0
+    assert config["dpo"]["loss_type"] == "sigmoid_norm" and config["dpo"]["beta"] == 5.0
+    assert config["schedule"]["global_batch_size"] == 128 and config["schedule"]["epochs"] == 1
+    assert config["schedule"]["warmup_ratio"] == 0.1 and config["data"]["template"] == "tulu3"
+    assert config["model"]["rope_scaling"] == "llama3" and config["model"]["vocab_size"] == 128256
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)
+    assert json.loads((work / "hf" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())

@@ -12,7 +12,7 @@ from typing import Any
 
 from mdpo.config import PLANNER_WORDING, RECOMPUTE, Layout, ModelConfig
 from mdpo.errors import ConfigError
-from mdpo.planner.models import flops_per_token, kv_dim, layer_params, lora_params, params
+from mdpo.planner.models import flops_per_token, kv_dim, layer_params, lora_params, params, q_dim
 
 GIB = 2**30
 
@@ -186,7 +186,8 @@ def activation_bytes_per_token_layer(model: ModelConfig, candidate: Candidate, n
     """Bytes autograd keeps per token and layer (for one micro-batch in flight), from what each op saves in
     Megatron's layers with flash-style attention: the two norms' saved tensors and their matmuls' inputs
     ((2 x norm_saves + 2)h; split over TP with sequence parallelism), q and the key/value heads repeated to the
-    query heads, the attention output and the projection's input (5h/TP; selective recompute keeps instead q and
+    query heads, the attention output and the projection's input (5q/TP, q = heads x head size, the hidden size
+    for most models; selective recompute keeps instead q and
     k after the rotary embedding, the fused QKV output the value is a view of, and the projection input), and in
     the MLP the fused gate/up output, the silu, the up half plus Megatron's glu_linear_offset (a copy), their
     product as the down projection's input (5f/TP; 3f/TP with the fused SwiGLU, which keeps only the gate/up output
@@ -194,15 +195,15 @@ def activation_bytes_per_token_layer(model: ModelConfig, candidate: Candidate, n
     recomputed at a time is the caller's). With a shared prompt the blocks' keys and values are gathered per response,
     `key_ratio` (keys per query token: both sequences' tokens over the tokens computed) times the queries'. Left out:
     the rotary cos/sin per layer (4 x head_dim per row position, under 1%)."""
-    h, f, t = model.hidden_size, model.intermediate_size, candidate.layout.tp
+    h, f, t, q = model.hidden_size, model.intermediate_size, candidate.layout.tp, q_dim(model)
     sequence_parallel = candidate.layout.sequence_parallel
     width = candidate.width
     if candidate.recompute == "full":
         return width * h / (t if sequence_parallel else 1)
     norms = (2 * norm_saves + 2) * h / (t if sequence_parallel else 1)
-    attention = 3 * (h + kv_dim(model)) / t if candidate.recompute == "selective" else 5 * h / t
+    attention = 3 * (q + kv_dim(model)) / t if candidate.recompute == "selective" else 5 * q / t
     if key_ratio > 1 and candidate.recompute != "selective":  # a shared prompt's keys are gathered per response
-        attention += 2 * (key_ratio - 1) * h / t
+        attention += 2 * (key_ratio - 1) * q / t
     return width * (norms + attention + (3 if candidate.fused_swiglu else 5) * f / t)
 
 
@@ -235,7 +236,9 @@ def memory_per_gpu(model: ModelConfig, candidate: Candidate, workload: Workload,
     vocab_part = model.vocab_size * model.hidden_size / t  # embedding or head rows of one TP rank
     stages = []
     for first, last in ((True, False), (False, True)) if p > 1 else ((True, True),):
-        weights = stage_layers * layer_params(model) / t + vocab_part * (first + last)
+        # a tied head is the embedding on one stage, a copy of it (own grads and optimizer state) on the last
+        vocab_copies = 1 if first and last and model.tie_word_embeddings else first + last
+        weights = stage_layers * layer_params(model) / t + vocab_part * vocab_copies
         activations = layer_bytes * stage_layers * tokens * _in_flight(candidate, workload, first)
         if last:  # the final norm's saved tensors
             activations += width * cluster.norm_saves * model.hidden_size * tokens
@@ -280,7 +283,7 @@ def step_time(model: ModelConfig, candidate: Candidate, workload: Workload, clus
     if candidate.recompute == "full":  # every layer's forward again (not the head's)
         flops += tokens * (flops_per_token(model, seq, trained=False) - 2 * model.vocab_size * h)
     elif candidate.recompute == "selective":  # the core attention's forward again
-        flops += tokens * 2 * layers * h * seq
+        flops += tokens * 2 * layers * q_dim(model) * seq
     fill = workload.pack_fill if candidate.packing else workload.padded_fill
     compute = flops / fill / cluster.flops_per_s
     microbatches = microbatches_per_step(workload, candidate)

@@ -1,6 +1,7 @@
-"""What the planner counts of a model: parameters and FLOPs of a `ModelConfig` (a Llama-like decoder: untied
-embeddings, SwiGLU, RMSNorm, GQA; Llama 2, Qwen 1.0 and Baichuan 2 are all this shape), and the presets it knows by
-name. A model is the run's own `ModelConfig`, so a config file, a HF folder and a preset describe it the same way.
+"""What the planner counts of a model: parameters and FLOPs of a `ModelConfig` (a Llama-like decoder: SwiGLU,
+RMSNorm, GQA, a head size of its own, q/k biases or norms, tied or untied embeddings: every supported family), and
+the presets it knows by name. A model is the run's own `ModelConfig`, so a config file, a HF folder and a preset
+describe it the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _preset(family: str, hidden: int, ffn: int, layers: int, heads: int, kv_head
 
 
 # Published configs (config.json of each model on the HF hub): the fields that change the counts or the layout
-# rules; the rest (norm epsilon, RoPE base, context length) stay ModelConfig's defaults.
+# rules; the rest (norm epsilon, RoPE base and scaling, context length) stay ModelConfig's defaults.
 MODELS: dict[str, ModelConfig] = {
     "llama2-7b": _preset("llama", 4096, 11008, 32, 32, 32, 32000),
     "llama2-13b": _preset("llama", 5120, 13824, 40, 40, 40, 32000),
@@ -30,9 +31,24 @@ MODELS: dict[str, ModelConfig] = {
     "codellama-34b": _preset("llama", 8192, 22016, 48, 64, 8, 32000),
     "tulu2-13b": _preset("llama", 5120, 13824, 40, 40, 40, 32000),
     "tulu2-70b": _preset("llama", 8192, 28672, 80, 64, 8, 32000),
+    "llama3.2-1b": _preset("llama", 2048, 8192, 16, 32, 8, 128256, tie_word_embeddings=True),
+    "llama3.2-3b": _preset("llama", 3072, 8192, 28, 24, 8, 128256, tie_word_embeddings=True),
+    "llama3.1-8b": _preset("llama", 4096, 14336, 32, 32, 8, 128256),
+    "llama3.1-70b": _preset("llama", 8192, 28672, 80, 64, 8, 128256),
+    "tulu3-8b": _preset("llama", 4096, 14336, 32, 32, 8, 128256),
+    "tulu3-70b": _preset("llama", 8192, 28672, 80, 64, 8, 128256),
     "qwen-7b": _preset("qwen", 4096, 11008, 32, 32, 32, 151936, qkv_bias=True),
     "qwen-14b": _preset("qwen", 5120, 13696, 40, 40, 40, 152064, qkv_bias=True),
     "qwen-72b": _preset("qwen", 8192, 24576, 80, 64, 64, 152064, qkv_bias=True),
+    "qwen2.5-7b": _preset("qwen2", 3584, 18944, 28, 28, 4, 152064, qkv_bias=True),
+    "qwen2.5-14b": _preset("qwen2", 5120, 13824, 48, 40, 8, 152064, qkv_bias=True),
+    "qwen2.5-32b": _preset("qwen2", 5120, 27648, 64, 40, 8, 152064, qkv_bias=True),
+    "qwen2.5-72b": _preset("qwen2", 8192, 29568, 80, 64, 8, 152064, qkv_bias=True),
+    "qwen3-0.6b": _preset("qwen3", 1024, 3072, 28, 16, 8, 151936, head_dim=128, qk_norm=True, tie_word_embeddings=True),
+    "qwen3-8b": _preset("qwen3", 4096, 12288, 36, 32, 8, 151936, qk_norm=True),
+    "qwen3-14b": _preset("qwen3", 5120, 17408, 40, 40, 8, 151936, qk_norm=True),
+    "qwen3-32b": _preset("qwen3", 5120, 25600, 64, 64, 8, 151936, head_dim=128, qk_norm=True),
+    "mistral-nemo-12b": _preset("mistral", 5120, 14336, 40, 32, 8, 131072, head_dim=128),
     "baichuan2-7b": _preset("baichuan", 4096, 11008, 32, 32, 32, 125696, norm_head=True, position_embedding="rope"),
     "baichuan2-13b": _preset("baichuan", 5120, 13696, 40, 40, 40, 125696, norm_head=True, position_embedding="alibi"),
     "tinyllama-1.1b": _preset("llama", 2048, 5632, 22, 32, 4, 32000),
@@ -41,32 +57,46 @@ MODELS: dict[str, ModelConfig] = {
 
 def kv_dim(model: ModelConfig) -> int:
     """Width of the key (or value) projection: the key/value heads times the head size."""
-    return model.hidden_size // model.num_attention_heads * model.kv_heads
+    return model.kv_channels * model.kv_heads
+
+
+def q_dim(model: ModelConfig) -> int:
+    """Width of the query projection and of the attention output: the heads times the head size (the hidden size
+    unless the head size is set apart from it, as Qwen 3 32B's and Mistral Nemo's)."""
+    return model.kv_channels * model.num_attention_heads
 
 
 def layer_params(model: ModelConfig) -> int:
-    """One decoder layer: fused QKV (with Qwen's bias), the output projection, SwiGLU and two RMSNorm weights."""
-    h, kv = model.hidden_size, kv_dim(model)
-    attention = h * (h + 2 * kv) + h * h + ((h + 2 * kv) if model.qkv_bias else 0)
-    return attention + 3 * h * model.intermediate_size + 2 * h
+    """One decoder layer: fused QKV (with Qwen's bias), the output projection, SwiGLU, two RMSNorm weights and
+    Qwen 3's per-head q/k norm weights."""
+    h, q, kv = model.hidden_size, q_dim(model), kv_dim(model)
+    attention = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if model.qkv_bias else 0)
+    qk_norms = 2 * model.kv_channels if model.qk_norm else 0
+    return attention + 3 * h * model.intermediate_size + 2 * h + qk_norms
+
+
+def vocab_matrices(model: ModelConfig) -> int:
+    """The [vocab, hidden] weights a whole model holds: input embedding and output head, or one when tied."""
+    return 1 if model.tie_word_embeddings else 2
 
 
 def params(model: ModelConfig) -> int:
-    """Every weight: layers, input embedding, output head and final norm."""
+    """Every weight: layers, input embedding, output head (unless tied to the embedding) and final norm."""
     h = model.hidden_size
-    return model.num_hidden_layers * layer_params(model) + 2 * model.vocab_size * h + h
+    return model.num_hidden_layers * layer_params(model) + vocab_matrices(model) * model.vocab_size * h + h
 
 
 def matmul_params(model: ModelConfig) -> int:
-    """N of the 6N rule: the weights that do matrix work per token (the head counts, the input embedding not)."""
-    return params(model) - model.vocab_size * model.hidden_size
+    """N of the 6N rule: the weights that do matrix work per token (the head counts, the input embedding not; a
+    tied matrix does the head's work)."""
+    return params(model) - (vocab_matrices(model) - 1) * model.vocab_size * model.hidden_size
 
 
 def flops_per_token(model: ModelConfig, seq_len: float, trained: bool, frozen: bool = False) -> float:
     """Forward + backward (trained) or forward only (a reference pass), causal attention over seq_len: the FLOPs
     the planner's step time and bench_dpo.py's MFU both count. `frozen` (LoRA): the backward computes the
     activations' gradients but no weight gradients of the base, 4N instead of 6N (the adapters' are negligible)."""
-    attention = 6 * model.num_hidden_layers * model.hidden_size * seq_len  # half of 12 L h s: causal
+    attention = 6 * model.num_hidden_layers * q_dim(model) * seq_len  # half of 12 L (heads x head size) s: causal
     n = matmul_params(model)
     if not trained:
         return 2 * n + attention / 3
@@ -76,9 +106,9 @@ def flops_per_token(model: ModelConfig, seq_len: float, trained: bool, frozen: b
 def lora_params(model: ModelConfig, rank: int, tp: int = 1) -> float:
     """Adapter parameters of one decoder layer on one TP rank (all four targets): column-parallel q/k/v and gate/up
     hold A whole and 1/TP of B, row-parallel output and down projections 1/TP of A and B whole (`models.lora`)."""
-    h, f = model.hidden_size, model.intermediate_size
-    qkv, fc1 = h + 2 * kv_dim(model), 2 * f
-    return rank * ((h + qkv / tp) + (h / tp + h) + (h + fc1 / tp) + (f / tp + h))
+    h, f, q = model.hidden_size, model.intermediate_size, q_dim(model)
+    qkv, fc1 = q + 2 * kv_dim(model), 2 * f
+    return rank * ((h + qkv / tp) + (q / tp + h) + (h + fc1 / tp) + (f / tp + h))
 
 
 def model_shape(name_or_path: str) -> ModelConfig:
