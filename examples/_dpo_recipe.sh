@@ -34,7 +34,8 @@ ARGS=(
   logging.run_dir="$WORK" checkpoint.save_interval=100 checkpoint.export_hf=true
   "${RECIPE_ARGS[@]}"
 )
-# 2. The reference log-probs, once (a stale or partial cache is refused by training with a message).
-[ -f "$WORK/reference/train.safetensors" ] || "${LAUNCH[@]}" precompute-ref "${ARGS[@]}"
+# 2. The reference log-probs, once (a stale or partial cache is refused by training with a message); the extra
+#    key=value arguments go to it too, so that data settings among them reach both passes.
+[ -f "$WORK/reference/train.safetensors" ] || "${LAUNCH[@]}" precompute-ref "${ARGS[@]}" "$@"
 # 3. DPO.
 "${LAUNCH[@]}" train "${ARGS[@]}" "$@"

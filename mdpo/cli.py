@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     to_mcore = conv.add_parser(
         "hf-to-megatron",
-        help="HF folder (Llama 2 / Tulu 2, Qwen 1.0, Baichuan 2) -> reshardable Megatron checkpoint",
+        help="HF folder of a supported family (docs/model-families.md) -> reshardable Megatron checkpoint",
         description="Writes with --tp x --pp processes (each holds its part of the model); the checkpoint loads "
         "at any TP/PP/DP layout. Point model.init_from at the output to train from it.",
     )

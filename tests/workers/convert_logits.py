@@ -24,7 +24,7 @@ def main(out: str, tokens_file: str, ckpts: list[str]) -> None:
     from mdpo.config import Layout
     from mdpo.models.gpt import build_gpt_model, transformer_config
 
-    tp = int(__import__("os").environ["WORLD_SIZE"])
+    tp = int(__import__("os").environ.get("WORLD_SIZE", 1))
     parallel.start(Layout(tp=tp))
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     tokens = torch.load(tokens_file)
