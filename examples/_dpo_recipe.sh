@@ -1,7 +1,7 @@
 # Shared by examples/dpo_*.sh (sourced, not run): convert once, precompute the reference once, then train (a rerun
 # resumes from the last checkpoint) and export the policy to $WORK/hf. The recipe sets HF_MODEL, DATA, WORK, TP,
 # PP (default 1), MAX_LENGTH, TEMPLATE and RECIPE_ARGS (its own key=value settings) first; NNODES, NODE_RANK, MASTER_ADDR,
-# MASTER_PORT and GPUS_PER_NODE come from the environment. lr = BASE_LR (default 1e-6) x sqrt(nodes), global
+# MASTER_PORT, GPUS_PER_NODE and EXIT_DURATION_MINUTES (a time budget) come from the environment. lr = BASE_LR (default 1e-6) x sqrt(nodes), global
 # batch = GLOBAL_BATCH (default 128 x nodes).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,5 +37,11 @@ ARGS=(
 # 2. The reference log-probs, once (a stale or partial cache is refused by training with a message); the extra
 #    key=value arguments go to it too, so that data settings among them reach both passes.
 [ -f "$WORK/reference/train.safetensors" ] || "${LAUNCH[@]}" precompute-ref "${ARGS[@]}" "$@"
-# 3. DPO.
-"${LAUNCH[@]}" train "${ARGS[@]}" "$@"
+# 3. DPO. A time budget from the environment (EXIT_DURATION_MINUTES: the job's limit less the time a save takes;
+#    Megatron's --exit-duration-in-mins), less what the steps above took: training saves and exits 0 before its next
+#    step would pass it, and the same command resumes.
+BUDGET=()
+if [ -n "${EXIT_DURATION_MINUTES:-}" ]; then
+  BUDGET=(schedule.exit_duration_minutes="$(python -c "print(max(0.1, $EXIT_DURATION_MINUTES - $SECONDS / 60))")")
+fi
+"${LAUNCH[@]}" train "${ARGS[@]}" "${BUDGET[@]}" "$@"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -194,12 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every user-facing error is one line, `mdpo: error: ...` (its first line), exit 2; with MDPO_DEBUG=1 its full
+    text and traceback follow."""
     args, extra = build_parser().parse_known_args(argv)
     try:
         return args.func(args, extra)
     except MdpoError as err:
         if os.environ.get("RANK", "0") == "0":
-            print(f"mdpo: error: {err}", file=sys.stderr)
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            print(f"mdpo: error: {lines[0]}", file=sys.stderr)
+            if os.environ.get("MDPO_DEBUG") == "1":
+                traceback.print_exc()
         return 2
     except KeyboardInterrupt:
         return 130

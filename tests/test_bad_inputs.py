@@ -6,6 +6,7 @@ All cases run through the real `mdpo` command line, one after another in one sub
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, subprocess_env, tiny_hf_llama
+from conftest import REPO, run_mdpo, subprocess_env, tiny_hf_llama
 
 _RUNNER = r"""
 import contextlib, io, json, os, sys, traceback
@@ -117,6 +118,22 @@ def corpus(tmp_path_factory):
                                  use_sliding_window=True, sliding_window=16)  # fmt: skip
     gemma = config_variant("gemma", architectures=["GemmaForCausalLM"], model_type="gemma")
     c = str(config)
+    # a run to resume (checkpoints of steps 1 and 2), a damaged copy of its last checkpoint (and one as if written
+    # before manifests), a folder of only damaged ones, and fewer rows of its data
+    resumable = root / "resumable"
+    saved = run_mdpo(["train", c, f"logging.run_dir={resumable}", "schedule.train_steps=2",
+                      "checkpoint.save_interval=1", "checkpoint.save_at_end=true"])  # fmt: skip
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    damaged = shutil.copytree(resumable / "checkpoints" / "step_0000002", root / "damaged" / "step_0000002")
+    shard = sorted(damaged.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    unchecked = shutil.copytree(damaged, root / "unchecked" / "step_0000002")
+    (unchecked / "mdpo_manifest.json").unlink()
+    every_damaged = shutil.copytree(resumable / "checkpoints", root / "every_damaged" / "checkpoints")
+    for step in every_damaged.iterdir():
+        (step / ".metadata").write_bytes(b"")
+    fewer = write_rows(root / "fewer.jsonl", train.read_text().splitlines()[:12])
+    resume = ["train", c, f"logging.run_dir={resumable}", "schedule.train_steps=2"]
     cases = {
         # configs
         "unknown key": (["train", c, "optimizer.lrr=1"], "unknown config key 'optimizer.lrr'"),
@@ -139,6 +156,14 @@ def corpus(tmp_path_factory):
         "batch not divisible": (["train", c, "schedule.micro_batch_size=3"], "global_batch_size=4 is not divisible by"),
         "interleaved pipeline without PP": (["train", c, "parallel.vpp=2"], "parallel.vpp > 1 needs parallel.pp > 1"),
         "interleaved chunks not dividing layers": (["train", c, "parallel.pp=2", "parallel.vpp=4"], "parallel.pp x parallel.vpp = 8 does not divide model.num_hidden_layers=4"),
+        # resuming: a run that would train on something else than its checkpoint's, a damaged checkpoint
+        "resume with other train data": ([*resume, f"data.train_file={fewer}"], "this run differs from the checkpoint's in what it trains: train files train.jsonl"),
+        "resume with another seed": ([*resume, "schedule.seed=7"], "what it trains: schedule.seed 1234 -> 7; resume with the checkpoint's settings"),
+        "resume with another learning rate": ([*resume, "optimizer.lr=0.002"], "optimizer.lr 1e-06 -> 0.002; "),
+        "resume with another global batch": ([*resume, "schedule.global_batch_size=8"], "schedule.global_batch_size 4 -> 8"),
+        "resume a damaged checkpoint by name": (["train", c, f"checkpoint.resume={damaged}"], f"checkpoint.resume={damaged}: damaged checkpoint ({shard.name} has 100 bytes"),
+        "no intact checkpoint to resume": (["train", c, f"logging.run_dir={every_damaged.parent}"], "no intact checkpoint to resume from: step_0000002 (.metadata has 0 bytes"),
+        "damaged checkpoint without a manifest": ([*resume, f"checkpoint.resume={unchecked}"], f"{unchecked}: cannot load checkpoint (CheckpointException: "),
         # today's families: what their config.json may hold that mdpo does not run
         "Mistral window shorter than max_length": (["train", c, f"model.init_from={short_window}"], "model.sliding_window=16 is shorter than data.max_length=32"),
         "unsupported rope type": (["train", c, f"model.init_from={yarn}"], "rope_type='yarn' is not supported by mdpo's llama model (rope types: default, llama3)"),
@@ -214,7 +239,9 @@ CASE_NAMES = [
     "LoRA unknown target", "LoRA alpha not positive", "LoRA with TE attention", "LoRA with TR-DPO",
     "interleaved pipeline without PP", "interleaved chunks not dividing layers",
     "Mistral window shorter than max_length", "unsupported rope type", "Qwen sliding-window attention",
-    "unsupported architecture", "unknown rope scaling", "tied head with NormHead",
+    "unsupported architecture", "unknown rope scaling", "tied head with NormHead", "resume with other train data",
+    "resume with another seed", "resume with another learning rate", "resume with another global batch",
+    "resume a damaged checkpoint by name", "no intact checkpoint to resume", "damaged checkpoint without a manifest",
 ]  # fmt: skip
 
 

@@ -309,3 +309,82 @@ def test_distributed_optimizer_resumes_exactly_and_at_other_layouts(setup):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         for key, tensor in want[1].items():
             assert (got[1][key] - tensor).abs().max() <= 1e-5 * tensor.abs().max(), key
+
+
+# ------------------------------------------------------------------ damaged checkpoints, changed runs, a time budget
+
+
+def _damage(folder: Path, kind: str) -> str:
+    """Damage a saved checkpoint as a partial copy or a lost file would; returns the file hit."""
+    shards = sorted(folder.glob("*.distcp"))
+    if kind == "shard_truncated":
+        target = shards[-1]
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif kind == "shard_deleted":
+        target = shards[0]
+        target.unlink()
+    elif kind == "metadata_truncated":
+        target = folder / ".metadata"
+        target.write_bytes(target.read_bytes()[:100])
+    else:  # written before manifests: nothing to check, loaded as it is
+        target = folder / "mdpo_manifest.json"
+        target.unlink()
+    return target.name
+
+
+DAMAGES = {"shard_truncated": "tp1", "shard_deleted": "tp1", "metadata_truncated": "tp1", "no_manifest": "tp1",
+           "shard_truncated_tp2": "tp2_sp_bf16"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(DAMAGES))
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumes_exactly(setup, name):
+    """Saved at steps 2 and 4 and stopped; step 4 then damaged (a shard cut short or lost, the DCP metadata cut
+    short): the rerun names the file, moves step 4 aside and resumes from step 2, ending bitwise the uninterrupted
+    run (metrics.jsonl cut back to step 2). A checkpoint without a manifest (written before them) loads unchecked."""
+    layout_name = DAMAGES[name]
+    nproc, layout = LAYOUTS[layout_name]
+    if not (setup / f"{layout_name}_full" / "hf").exists():
+        train(setup, f"{layout_name}_full", *layout, nproc=nproc)
+    run = f"damaged_{name}"
+    train(setup, run, *layout, "checkpoint.save_interval=2", "schedule.exit_interval=4", nproc=nproc)
+    step4 = setup / run / "checkpoints" / "step_0000004"
+    hit = _damage(step4, name.removesuffix("_tp2"))
+    result = train(setup, run, *layout, "checkpoint.save_interval=2", nproc=nproc)
+    if name == "no_manifest":
+        assert "(step 4)" in result.stdout and "is damaged" not in result.stdout
+    else:
+        said = [line for line in result.stdout.splitlines() if "is damaged" in line]
+        assert len(said) == 1 and hit in said[0] and "moved aside to step_0000004.damaged" in said[0], result.stdout
+        assert "resumed from" in result.stdout and "(step 2)" in result.stdout
+        assert (step4.parent / "step_0000004.damaged" / "COMPLETE").is_file()  # kept, never loaded again
+    assert_bitwise(outcome(setup / run), outcome(setup / f"{layout_name}_full"))
+
+
+def test_a_resume_lists_what_changed_and_goes_on_only_when_the_run_is_kept(setup):
+    """Stopped at step 2, resumed with logging and save settings changed: listed, and the run goes on exactly; with
+    the learning rate changed it is refused in one line (tests/test_bad_inputs.py), and with
+    checkpoint.allow_changes=true listed as a change that makes it another run, and taken."""
+    train(setup, "changed", BCO, "schedule.exit_interval=2")
+    kept = train(setup, "changed", BCO, "logging.log_interval=2", "checkpoint.keep_last=3", "schedule.exit_interval=4")
+    lines = [line for line in kept.stdout.splitlines() if "changes that keep the run" in line]
+    listed = "checkpoint.keep_last 2 -> 3, logging.log_interval 1 -> 2, schedule.exit_interval 2 -> 4"
+    assert lines == [f"[mdpo] resuming with changes that keep the run: {listed}"], kept.stdout
+    changed = ["train", str(setup / "c.yaml"), f"logging.run_dir={setup / 'changed'}", BCO, "optimizer.lr=2e-3"]
+    refused = run_mdpo(changed)
+    assert refused.returncode == 2 and "optimizer.lr 0.001 -> 0.002" in refused.stderr
+    allowed = train(setup, "changed", BCO, "optimizer.lr=2e-3", "checkpoint.allow_changes=true")
+    said = "[mdpo] checkpoint.allow_changes: resuming with changes that make it another run: optimizer.lr 0.001 -> "
+    assert f"{said}0.002" in allowed.stdout and "(step 4)" in allowed.stdout
+
+
+def test_a_time_budget_saves_and_exits_0_and_the_same_command_resumes_exactly(setup):
+    """schedule.exit_duration_minutes=0.01 (0.6 s, already spent by start-up): every launch trains one step, saves
+    and exits 0; the same command relaunched until the run ends gives bitwise the uninterrupted run."""
+    if not (setup / "tp1_full" / "hf").exists():
+        train(setup, "tp1_full", BCO)
+    for launch in range(1, STEPS + 1):
+        result = train(setup, "budget", BCO, "--exit-duration-in-mins", "0.01")
+        stopped = [line for line in result.stdout.splitlines() if "stopped after step" in line]
+        said = f"[mdpo] stopped after step {launch} with a checkpoint; run the same command again to resume"
+        assert stopped == ([said] if launch < STEPS else []), (launch, result.stdout)
+    assert_bitwise(outcome(setup / "budget"), outcome(setup / "tp1_full"))

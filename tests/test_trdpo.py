@@ -17,7 +17,7 @@ from torch.distributed.checkpoint import load as dcp_load
 
 from mdpo.checkpoint.dist import REFERENCE_PREFIX, step_dir
 from mdpo.checkpoint.files import COMPLETE, TRAINING_META
-from mdpo.config import CheckpointConfig, DPOConfig, Layout
+from mdpo.config import CheckpointConfig, DPOConfig, Layout, ScheduleConfig, TrainConfig
 from mdpo.errors import ConfigError, MdpoError
 from mdpo.training.checkpointing import Checkpointer
 from mdpo.training.reference_sync import mix_weights, sync_reference
@@ -87,7 +87,7 @@ def test_config_refusals(values, message):
 
 
 @pytest.mark.parametrize("saved_with_reference", [False, True])
-def test_resume_refuses_a_checkpoint_of_the_other_kind(tmp_path, saved_with_reference):
+def test_resume_refuses_a_checkpoint_of_the_other_kind(megatron_world, tmp_path, saved_with_reference):
     folder = step_dir(tmp_path, 1)
     folder.mkdir()
     meta = {"step": 1, "global_batch_size": 4, "layout": [1, 1, 1, 1]}
@@ -95,7 +95,8 @@ def test_resume_refuses_a_checkpoint_of_the_other_kind(tmp_path, saved_with_refe
         meta["reference_weights"] = True
     (folder / TRAINING_META).write_text(json.dumps(meta))
     (folder / COMPLETE).write_text("")
-    checkpointer = Checkpointer(CheckpointConfig(resume=str(folder)), tmp_path, None, Layout(), 4, False)
+    cfg = TrainConfig(checkpoint=CheckpointConfig(resume=str(folder)), schedule=ScheduleConfig(global_batch_size=4))
+    checkpointer = Checkpointer(cfg, tmp_path, Layout(), False)
     reference = None if saved_with_reference else [torch.nn.Linear(2, 2)]
     said = "saved with dpo.sync_ref_model=true" if saved_with_reference else "saved without dpo.sync_ref_model"
     with pytest.raises(ConfigError, match=said):  # refused before anything is loaded

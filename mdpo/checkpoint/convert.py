@@ -29,7 +29,7 @@ from mdpo.checkpoint.hf import HFWeights, copy_auxiliary
 from mdpo.checkpoint.hf_export import write_hf_export, write_peft_adapter
 from mdpo.checkpoint.load import load_hf_weights, load_lora_checkpoint, load_megatron_weights, lora_meta, open_hf
 from mdpo.config import FLAG_WORDING, Layout, ModelConfig
-from mdpo.errors import MdpoError
+from mdpo.errors import MdpoError, cause
 from mdpo.models import sharding
 from mdpo.models.gpt import build_gpt_model, transformer_config
 from mdpo.models.lora import merge_adapters, split_adapters
@@ -123,7 +123,7 @@ def hf_to_megatron(
         try:
             mp.start_processes(_write_stage, args=args, nprocs=layout.world, start_method=start_method)
         except mp.ProcessRaisedException as err:
-            raise MdpoError(f"conversion failed: {str(err).strip().splitlines()[-1]}") from None
+            raise MdpoError(f"conversion failed: {cause(err)}") from None
     description = {"format": MODEL_FORMAT, "version": 1, "model": arch_fields(model),
                    "written_layout": {"tp": tp, "pp": pp}, "source": str(hf_dir.resolve())}  # fmt: skip
     (tmp / MODEL_FILE).write_text(json.dumps(description, indent=2) + "\n")

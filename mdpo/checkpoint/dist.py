@@ -26,7 +26,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mdpo.checkpoint.files import COMPLETE, TRAINING_META
-from mdpo.errors import MdpoError
+from mdpo.checkpoint.manifest import write_manifest
+from mdpo.errors import MdpoError, cause
 from mdpo.models.lora import checkpointed_state, load_checkpointed_state
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -118,6 +119,7 @@ def save_checkpoint(root: Path, step: int, model: list, optimizer, scheduler, me
         torch.distributed.barrier()
         if rank0:
             (tmp / TRAINING_META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+            write_manifest(tmp)
             (tmp / COMPLETE).write_text("")
             _fsync_dir(tmp)
             if final.exists():
@@ -144,12 +146,12 @@ def _write_error_cause(err: BaseException, root: Path) -> str:
     rank's traceback: only its last line is kept."""
     if isinstance(err, OSError):
         return err.strerror or str(err)
-    cause = str(err).strip().splitlines()[-1][-200:] if str(err).strip() else type(err).__name__
+    why = cause(err, 200)
     try:
         free = shutil.disk_usage(root).free
     except OSError:
-        return cause
-    return f"No space left on device: {free} bytes free; {cause}" if free < _NEARLY_FULL_BYTES else cause
+        return why
+    return f"No space left on device: {free} bytes free; {why}" if free < _NEARLY_FULL_BYTES else why
 
 
 def _fsync_dir(path: Path) -> None:
@@ -244,7 +246,7 @@ def load_checkpoint(folder: Path, model: list, optimizer, scheduler, load_rng: b
     try:
         loaded = dist_checkpointing.load(state, str(folder))
     except (Exception, CheckpointException) as err:  # many kinds; name the folder and the cause
-        raise MdpoError(f"{folder}: cannot load checkpoint ({type(err).__name__}: {str(err)[:300]})") from None
+        raise MdpoError(f"{folder}: cannot load checkpoint ({type(err).__name__}: {cause(err)})") from None
     for i, chunk in enumerate(model):
         load_checkpointed_state(chunk, loaded[_chunk_key("model", i, len(model))])
     for i, ref in enumerate(reference or []):

@@ -15,7 +15,7 @@ from mdpo.checkpoint.description import base_fingerprint, stored_model_fields
 from mdpo.checkpoint.files import TRAINING_META
 from mdpo.checkpoint.hf import HFWeights
 from mdpo.config import LoRAConfig, ModelConfig, padded_vocab_size
-from mdpo.errors import MdpoError
+from mdpo.errors import MdpoError, cause
 from mdpo.models import families, sharding
 from mdpo.models.families.base import check_hf_state, iter_hf_to_mcore
 from mdpo.models.lora import add_adapters, checkpointed_state, has_adapters, load_checkpointed_state
@@ -98,8 +98,7 @@ def load_megatron_weights(module: torch.nn.Module, folder: Path) -> None:
     try:
         loaded = dist_checkpointing.load({"model": checkpointed_state(module)}, str(folder))
     except (Exception, CheckpointException) as err:  # many kinds; name the folder and the cause
-        cause = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
-        raise MdpoError(f"{folder}: cannot load the model from this Megatron checkpoint ({cause})") from None
+        raise MdpoError(f"{folder}: cannot load the model from this Megatron checkpoint ({cause(err)})") from None
     load_checkpointed_state(module, loaded["model"])
 
 

@@ -37,6 +37,8 @@ ARG_ALIASES: dict[str, str] = {
     "--global-batch-size": "schedule.global_batch_size",
     "--lr": "optimizer.lr",
     "--train-iters": "schedule.train_steps",
+    "--exit-interval": "schedule.exit_interval",
+    "--exit-duration-in-mins": "schedule.exit_duration_minutes",
     "--seed": "schedule.seed",
     "--seq-length": "data.max_length",
     "--weight-decay": "optimizer.weight_decay",

@@ -315,10 +315,14 @@ class ScheduleConfig(Section):
     epochs: float = 1.0
     warmup_ratio: float = 0.1  # fraction of train_steps spent in linear warmup
     exit_interval: int | None = None  # save and exit after a step divisible by this (Megatron's --exit-interval)
+    # a time budget from the process start: save and exit 0 when the next step would end past it (the measured step
+    # time); Megatron's --exit-duration-in-mins, NeMo-RL's checkpoint_must_save_by
+    exit_duration_minutes: float | None = None
     seed: int = 1234
 
     def _rules(self) -> None:
-        _positive("schedule", self, ("global_batch_size", "micro_batch_size", "train_steps", "epochs"))
+        _positive("schedule", self, ("global_batch_size", "micro_batch_size", "train_steps", "epochs",
+                                     "exit_duration_minutes"))  # fmt: skip
         need(0 <= self.warmup_ratio < 1, f"schedule.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         need(0 <= self.seed < 2**32, f"schedule.seed must be in [0, 2**32), got {self.seed!r}")
         need(
@@ -468,7 +472,11 @@ class CheckpointConfig(Section):
     save_interval: int | None = None  # steps between checkpoints (None: only at the end and on SIGTERM/SIGINT)
     save_at_end: bool = True
     keep_last: int = 2  # complete checkpoints kept
-    resume: str = "auto"  # auto (the latest complete checkpoint in dir, if any) | none | a checkpoint folder
+    # auto (the newest intact checkpoint in dir, if any; a damaged newer one is moved aside) | none | a folder
+    resume: str = "auto"
+    # resume although settings that change the run (data, seed, batch size, model, objective, optimizer, schedule)
+    # differ from the checkpoint's: listed, never silent; without it such a resume is refused
+    allow_changes: bool = False
 
     def _rules(self) -> None:
         need(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last!r}")

@@ -8,14 +8,17 @@ truncation and boundary fix is counted by reason in a `TokenizeReport`, shown to
 
 from __future__ import annotations
 
+import array
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mdpo.config import DataConfig
 from mdpo.data.encoding import LengthLimits
 from mdpo.data.formats import ColumnKeys
 from mdpo.data.pipeline import Settings, default_cache_dir, tokenized_table
-from mdpo.data.sources import resolve_sources
+from mdpo.data.sources import resolve_sources, signature
 from mdpo.errors import DataError
 
 __all__ = [
@@ -90,3 +93,17 @@ def collect(table, source_paths: list[str], on_bad_row: str, report: TokenizeRep
                 pairs.append(TokenizedPair(index, batch["prompt"][i], batch["chosen"][i], batch["rejected"][i]))
             index += 1
     return pairs
+
+
+def data_fingerprint(path: str, pairs: list[TokenizedPair]) -> dict:
+    """What a checkpoint keeps of its training data, to tell a resumed run whether it trains on the same pairs: the
+    files (names and sizes, for the message), the number of pairs and a SHA-256 of the pairs as training sees them
+    (row index, prompt, chosen and rejected ids): any change of rows, tokenizer, template or lengths shows there; a
+    moved or re-touched file does not."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for ids in ([pair.index], pair.prompt, pair.chosen, pair.rejected):
+            digest.update(len(ids).to_bytes(4, "little"))
+            digest.update(array.array("i", ids).tobytes())
+    files = [(Path(p).name, size) for p, size, _ in signature(resolve_sources(path))]
+    return {"files": files, "pairs": len(pairs), "sha256": digest.hexdigest()}

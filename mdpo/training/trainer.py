@@ -17,7 +17,7 @@ from mdpo.checkpoint.dist import read_meta
 from mdpo.checkpoint.hf_export import gather_full_state, write_hf_export, write_peft_adapter
 from mdpo.config import TrainConfig, config_to_dict
 from mdpo.data.batching import MicroBatch, PairSampler, rank_share
-from mdpo.data.pairs import TokenizedPair
+from mdpo.data.pairs import TokenizedPair, data_fingerprint
 from mdpo.errors import MdpoError
 from mdpo.models.lora import adapters_off, add_adapters, merge_adapters, split_adapters
 from mdpo.plot import plot_metrics
@@ -52,9 +52,7 @@ class Trainer:
         self.run_dir = Path(cfg.logging.run_dir)
         self.metrics = MetricsLogger(self.run_dir, config_to_dict(cfg), cfg.logging.tensorboard,
                                      cfg.logging.wandb_project, self.run.is_logger)  # fmt: skip
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, cfg.schedule.exit_interval, self.run.layout,
-                                         cfg.schedule.global_batch_size, self.run.is_logger,
-                                         cfg.model.init_from if cfg.lora.enabled else None)  # fmt: skip
+        self.checkpointer = Checkpointer(cfg, self.run_dir, self.run.layout, self.run.is_logger)
         busy = {"logging.run_dir": self.run_dir} | ({"checkpoint.dir": self.checkpointer.root} if cfg.checkpoint.dir
                                                     else {})  # fmt: skip
         self.lock = lock_run(busy)  # held until train() ends
@@ -73,6 +71,8 @@ class Trainer:
         self.eval_pairs = (
             load_pairs_on_ranks(cfg.data, cfg.data.eval_file, tokenizer, "eval") if cfg.data.eval_file else []
         )
+        # what a checkpoint keeps of the training pairs, to compare a resumed run with (global rank 0 judges)
+        self.data_fingerprint = data_fingerprint(cfg.data.train_file, self.train_pairs) if self.run.is_logger else None
         self.sampler = PairSampler(len(self.train_pairs), cfg.schedule.global_batch_size, cfg.schedule.seed)
         self.train_steps = cfg.schedule.train_steps or max(1, int(cfg.schedule.epochs * self.sampler.steps_per_epoch))
 
@@ -280,7 +280,7 @@ class Trainer:
 
     def _resume(self) -> int:
         step, folder = self.checkpointer.resume(self._modules, self.optimizer, self.scheduler,
-                                                self._trained_reference)  # fmt: skip
+                                                self._trained_reference, self.data_fingerprint)  # fmt: skip
         if folder is not None:
             self._resume_objective(folder)
             log(f"resumed from {folder} (step {step})")
@@ -299,7 +299,7 @@ class Trainer:
     def save(self, step: int) -> None:
         self._sync_params()
         folder = self.checkpointer.save(step, self._modules, self.optimizer, self.scheduler,
-                                        {"config": config_to_dict(self.cfg),
+                                        {"config": config_to_dict(self.cfg), "data": self.data_fingerprint,
                                          "reward_mean": self.objective.reward_mean.state_dict()},
                                         self._trained_reference)  # fmt: skip
         log(f"checkpoint: {folder}")
