@@ -23,10 +23,21 @@ import torch
 from safetensors.torch import save_file
 
 # TinyLlama-1.1B's shape: 22 layers, hidden 2048, 32 heads / 4 KV heads, MLP 5632, vocab 32000.
-CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
-          "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
-          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
-          "torch_dtype": "bfloat16"}  # fmt: skip
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
 LAYERS_PER_SHARD = 4
 
 
@@ -39,12 +50,19 @@ def write_model(folder: Path) -> None:
         if i % LAYERS_PER_SHARD == 0:
             shards.append({})
         p = f"model.layers.{i}."
-        shards[-1].update({p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                           p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
-                           p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
-                           p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                           p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
-                           p + "mlp.down_proj.weight": rand(h, f)})  # fmt: skip
+        shards[-1].update(
+            {
+                p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                p + "self_attn.q_proj.weight": rand(h, h),
+                p + "self_attn.k_proj.weight": rand(kv, h),
+                p + "self_attn.v_proj.weight": rand(kv, h),
+                p + "self_attn.o_proj.weight": rand(h, h),
+                p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                p + "mlp.gate_proj.weight": rand(f, h),
+                p + "mlp.up_proj.weight": rand(f, h),
+                p + "mlp.down_proj.weight": rand(h, f),
+            }
+        )
     shards.append({"model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(v, h)})
     folder.mkdir(parents=True)
     weight_map = {}

@@ -56,9 +56,16 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="mdpo-bench-"))
     tokenizer = build_demo_tokenizer(root / "tok")
     train, _ = make_demo_data(root / "data", n_train=64 * opts.steps, n_eval=8)
-    hf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=opts.hidden, intermediate_size=4 * opts.hidden,
-                     num_hidden_layers=opts.layers, num_attention_heads=8, num_key_value_heads=8,
-                     max_position_embeddings=128, tie_word_embeddings=False)  # fmt: skip
+    hf = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=opts.hidden,
+        intermediate_size=4 * opts.hidden,
+        num_hidden_layers=opts.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(hf).save_pretrained(root / "hf")
     config = {
         "model": {"init_from": str(root / "hf")},
@@ -75,8 +82,9 @@ def main() -> None:
     for tuning, extra in (("full", []), (f"LoRA r{opts.lora_rank}", [f"lora.rank={opts.lora_rank}"])):
         for mode in ("online", "precomputed"):
             run_dir = root / f"{tuning}_{mode}".replace(" ", "_")
-            _, peak = run(["train", str(root / "c.yaml"), f"dpo.reference={mode}", f"logging.run_dir={run_dir}",
-                           *extra])  # fmt: skip
+            _, peak = run(
+                ["train", str(root / "c.yaml"), f"dpo.reference={mode}", f"logging.run_dir={run_dir}", *extra]
+            )
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             speeds = sorted(r["tokens_per_second"] for r in records[1:])  # step 1 includes warm-up
             step_tokens = records[-1]["num_tokens"]

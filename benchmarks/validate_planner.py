@@ -138,8 +138,10 @@ def validate_gpu(args: argparse.Namespace) -> None:
         print(row, flush=True)
     print(f"{name}: efficiency {cluster.efficiency:.3f}")
     if not args.measured:
-        print(f"torch AdamW moves {adamw_bytes_per_param(gpu):.0f} bytes per weight at {gpu.memory_gbs:g} GB/s "
-              "(planner: 72)")  # fmt: skip
+        print(
+            f"torch AdamW moves {adamw_bytes_per_param(gpu):.0f} bytes per weight at {gpu.memory_gbs:g} GB/s "
+            "(planner: 72)"
+        )
     write_csv(rows, Path(args.csv))
 
 
@@ -179,8 +181,10 @@ def main() -> None:
     rows = [compare(name, predict(*CONFIGS[name], cluster), got, memory[name]) for name, got in timed.items()]
     for row in rows:
         print(row, flush=True)
-    print(f"gloo {bandwidth:.2f} GB/s and {latency:.0f} us, copy {memory_gbs:.1f} GB/s, "
-          f"efficiency {cluster.efficiency:.4f} of 1 TFLOP/s")  # fmt: skip
+    print(
+        f"gloo {bandwidth:.2f} GB/s and {latency:.0f} us, copy {memory_gbs:.1f} GB/s, "
+        f"efficiency {cluster.efficiency:.4f} of 1 TFLOP/s"
+    )
     write_csv(rows, Path(args.csv))
 
 

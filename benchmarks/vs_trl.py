@@ -39,11 +39,25 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-MODEL = dict(vocab_size=32000, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
-             tie_word_embeddings=False)  # fmt: skip
-REAL_MODEL = {**MODEL, "hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 8,
-              "num_key_value_heads": 8, "max_position_embeddings": 2048}  # fmt: skip
+MODEL = dict(
+    vocab_size=32000,
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+REAL_MODEL = {
+    **MODEL,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 2048,
+}
 TOKENIZER = SHARED / "tokenizers" / "llama2"
 ULTRAFEEDBACK = SHARED / "data" / "ultrafeedback_binarized_sample_200.jsonl"
 
@@ -56,8 +70,13 @@ def tulu2_rows(path: Path, eos_token: str) -> list[dict]:
     rows = []
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        rows.append({"prompt": tulu2_prompt(r["chosen"][:-1], eos_token), "chosen": r["chosen"][-1]["content"].strip(),
-                     "rejected": r["rejected"][-1]["content"].strip()})  # fmt: skip
+        rows.append(
+            {
+                "prompt": tulu2_prompt(r["chosen"][:-1], eos_token),
+                "chosen": r["chosen"][-1]["content"].strip(),
+                "rejected": r["rejected"][-1]["content"].strip(),
+            }
+        )
     return rows
 
 
@@ -85,8 +104,15 @@ def mdpo_ids(path: Path, tokenizer, max_length: int) -> list[tuple]:
     from mdpo.config import DataConfig
     from mdpo.data.pairs import TokenizeReport, load_pairs
 
-    data = DataConfig(train_file=str(path), tokenizer="", max_length=max_length, format="plain", template="raw",
-                      over_length="drop", cache=False)  # fmt: skip
+    data = DataConfig(
+        train_file=str(path),
+        tokenizer="",
+        max_length=max_length,
+        format="plain",
+        template="raw",
+        over_length="drop",
+        cache=False,
+    )
     return [(p.index, p.prompt, p.chosen, p.rejected) for p in load_pairs(data, str(path), tokenizer, TokenizeReport())]
 
 
@@ -110,37 +136,73 @@ def trl_trainer(hf: Path, tokenizer, rows: list[dict], args, out: Path):
         def _get_train_sampler(self, *_, **__):
             return SequentialSampler(self.train_dataset)
 
-    config = DPOConfig(output_dir=str(out), beta=args.beta, learning_rate=args.lr, lr_scheduler_type="linear",
-                       warmup_steps=args.warmup_steps, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-                       adam_epsilon=1e-8, max_grad_norm=1.0, per_device_train_batch_size=args.micro_batch,
-                       gradient_accumulation_steps=args.global_batch // args.micro_batch, max_steps=args.steps,
-                       max_length=args.max_length, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                       seed=0, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch",
-                       gradient_checkpointing=False)  # fmt: skip
+    config = DPOConfig(
+        output_dir=str(out),
+        beta=args.beta,
+        learning_rate=args.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=args.warmup_steps,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.global_batch // args.micro_batch,
+        max_steps=args.steps,
+        max_length=args.max_length,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        optim="adamw_torch",
+        gradient_checkpointing=False,
+    )
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     timer = Timer()
-    trainer = InOrder(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                      callbacks=[timer])  # fmt: skip
+    trainer = InOrder(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer]
+    )
     return trainer, timer
 
 
 def run_mdpo(name: str, root: Path, hf: Path, data: list[str], args, *extra: str) -> dict:
     """One mdpo run in a subprocess (precompute-ref first for a precomputed reference): its losses, step times and
     CPU time (user, system) from the child's resource usage."""
-    overrides = [f"model.init_from={hf}", *data, f"data.max_length={args.max_length}", "data.cache=false",
-                 f"schedule.global_batch_size={args.global_batch}", f"schedule.micro_batch_size={args.micro_batch}",
-                 f"schedule.train_steps={args.steps}", f"schedule.warmup_ratio={args.warmup_steps / args.steps}",
-                 "schedule.seed=0", f"optimizer.lr={args.lr}", "optimizer.weight_decay=0.0", "optimizer.clip_grad=1.0",
-                 "optimizer.adam_eps=1e-8", f"dpo.beta={args.beta}", f"logging.run_dir={root / name}",
-                 "logging.progress=false", "logging.plot=false", "checkpoint.export_hf=false",
-                 "checkpoint.save_at_end=false", f"dpo.reference_cache={root / 'refcache' / name}", *extra]  # fmt: skip
+    overrides = [
+        f"model.init_from={hf}",
+        *data,
+        f"data.max_length={args.max_length}",
+        "data.cache=false",
+        f"schedule.global_batch_size={args.global_batch}",
+        f"schedule.micro_batch_size={args.micro_batch}",
+        f"schedule.train_steps={args.steps}",
+        f"schedule.warmup_ratio={args.warmup_steps / args.steps}",
+        "schedule.seed=0",
+        f"optimizer.lr={args.lr}",
+        "optimizer.weight_decay=0.0",
+        "optimizer.clip_grad=1.0",
+        "optimizer.adam_eps=1e-8",
+        f"dpo.beta={args.beta}",
+        f"logging.run_dir={root / name}",
+        "logging.progress=false",
+        "logging.plot=false",
+        "checkpoint.export_hf=false",
+        "checkpoint.save_at_end=false",
+        f"dpo.reference_cache={root / 'refcache' / name}",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     precompute = 0.0
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     for command in (["precompute-ref"] if "dpo.reference=precomputed" in extra else []) + ["train"]:
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "mdpo", command, *overrides], env=env, capture_output=True,
-                                text=True)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "mdpo", command, *overrides], env=env, capture_output=True, text=True
+        )
         if result.returncode != 0:
             sys.exit(f"mdpo {command} failed:\n{result.stderr[-3000:]}")
         if command == "precompute-ref":
@@ -148,9 +210,13 @@ def run_mdpo(name: str, root: Path, hf: Path, data: list[str], args, *extra: str
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     records = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r and "eval_loss" not in r]
-    return {"losses": [r["loss"] for r in train], "step_s": [r["num_tokens"] / r["tokens_per_second"] for r in train],
-            "precompute_s": precompute, "cpu": (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime),
-            "peak_gib": max(r["peak_memory_gib"] for r in train)}  # fmt: skip
+    return {
+        "losses": [r["loss"] for r in train],
+        "step_s": [r["num_tokens"] / r["tokens_per_second"] for r in train],
+        "precompute_s": precompute,
+        "cpu": (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime),
+        "peak_gib": max(r["peak_memory_gib"] for r in train),
+    }
 
 
 def short_pairs(root: Path, tokenizer, args) -> tuple[list[dict], list[str], int]:
@@ -163,8 +229,11 @@ def short_pairs(root: Path, tokenizer, args) -> tuple[list[dict], list[str], int
     fitting = [rows[i] for i, *_ in ours]
     trainer, _ = trl_trainer(root / "hf", tokenizer, fitting, args, root / "trl_probe")
     theirs = trainer.train_dataset
-    same = [k for k, (_, p, c, r) in enumerate(ours)
-            if (theirs[k]["prompt_ids"], theirs[k]["chosen_ids"], theirs[k]["rejected_ids"]) == (p, c, r)]  # fmt: skip
+    same = [
+        k
+        for k, (_, p, c, r) in enumerate(ours)
+        if (theirs[k]["prompt_ids"], theirs[k]["chosen_ids"], theirs[k]["rejected_ids"]) == (p, c, r)
+    ]
     needed = args.steps * args.global_batch
     if len(same) < needed:
         sys.exit(f"only {len(same)} pairs tokenize identically in both; {needed} needed")
@@ -174,8 +243,10 @@ def short_pairs(root: Path, tokenizer, args) -> tuple[list[dict], list[str], int
     sampler = PairSampler(len(pairs), args.global_batch, seed=0)
     order = [i for step in range(args.steps) for i in sampler.global_batch(step)]
     tokens = sum(2 * len(lengths[i][1]) + len(lengths[i][2]) + len(lengths[i][3]) for i in order)
-    print(f"{len(same)} of {len(rows)} pairs fit {args.max_length} tokens and tokenize identically; using {needed}; "
-          f"{tokens} trained tokens over {args.steps} steps")  # fmt: skip
+    print(
+        f"{len(same)} of {len(rows)} pairs fit {args.max_length} tokens and tokenize identically; using {needed}; "
+        f"{tokens} trained tokens over {args.steps} steps"
+    )
     overrides = [f"data.train_file={data}", f"data.tokenizer={TOKENIZER}", "data.format=plain", "data.template=raw"]
     return [pairs[i] for i in order], overrides, tokens
 
@@ -193,15 +264,30 @@ def real_pairs(root: Path, tokenizer, args) -> tuple[list[dict], list[str], int]
     trainer, _ = trl_trainer(root / "hf", tokenizer, ordered, args, root / "trl_probe")
     theirs = trainer.train_dataset  # TRL drops rows whose prompt fills max_length, and cuts each sequence there
     seen = [theirs[k % len(theirs)] for k in range(args.steps * args.global_batch)]
-    tokens = sum(min(len(r["prompt_ids"]) + len(r[side]), args.max_length)
-                 for r in seen for side in ("chosen_ids", "rejected_ids"))  # fmt: skip
-    print(f"all {len(rows)} UltraFeedback rows ({len(rows) - len(theirs)} dropped by TRL: prompt over max_length), "
-          f"{args.steps} steps of {args.global_batch}, max_length {args.max_length}: {tokens} trained tokens as TRL "
-          "counts them")  # fmt: skip
-    data = ULTRAFEEDBACK if args.rows is None else write_jsonl(root / "rows.jsonl", [
-        json.loads(line) for line in ULTRAFEEDBACK.read_text().splitlines()[: args.rows]])  # fmt: skip
-    overrides = [f"data.train_file={data}", f"data.tokenizer={TOKENIZER}", "data.format=ultrafeedback",
-                 "data.template=tulu2", "data.over_length=truncate"]  # fmt: skip
+    tokens = sum(
+        min(len(r["prompt_ids"]) + len(r[side]), args.max_length)
+        for r in seen
+        for side in ("chosen_ids", "rejected_ids")
+    )
+    print(
+        f"all {len(rows)} UltraFeedback rows ({len(rows) - len(theirs)} dropped by TRL: prompt over max_length), "
+        f"{args.steps} steps of {args.global_batch}, max_length {args.max_length}: {tokens} trained tokens as TRL "
+        "counts them"
+    )
+    data = (
+        ULTRAFEEDBACK
+        if args.rows is None
+        else write_jsonl(
+            root / "rows.jsonl", [json.loads(line) for line in ULTRAFEEDBACK.read_text().splitlines()[: args.rows]]
+        )
+    )
+    overrides = [
+        f"data.train_file={data}",
+        f"data.tokenizer={TOKENIZER}",
+        "data.format=ultrafeedback",
+        "data.template=tulu2",
+        "data.over_length=truncate",
+    ]
     return ordered, overrides, tokens
 
 
@@ -253,24 +339,32 @@ def main() -> None:
     packed = ("data.packing=true", f"data.pack_tokens={args.pack_tokens}")
     hf = root / "hf"
     runs["mdpo padded, online reference"] = run_mdpo("padded", root, hf, data, args)
-    runs["mdpo packed, online, prompt unshared"] = run_mdpo("unshared", root, hf, data, args, *packed,
-                                                            "data.share_prompt=false")  # fmt: skip
+    runs["mdpo packed, online, prompt unshared"] = run_mdpo(
+        "unshared", root, hf, data, args, *packed, "data.share_prompt=false"
+    )
     runs["mdpo packed, online reference"] = run_mdpo("packed", root, hf, data, args, *packed)
-    runs["mdpo packed, precomputed reference"] = run_mdpo("precomputed", root, hf, data, args, *packed,
-                                                          "dpo.reference=precomputed")  # fmt: skip
+    runs["mdpo packed, precomputed reference"] = run_mdpo(
+        "precomputed", root, hf, data, args, *packed, "dpo.reference=precomputed"
+    )
 
     base = pairs / sum(runs["TRL DPOTrainer (online reference)"]["step_s"])
-    print(f"\n{'run':<38} {'pairs/s':>8} {'tokens/s':>9} {'x TRL':>6} {'CPU user/sys s':>15} "
-          f"{'max |loss - TRL|':>17} {'precompute s':>13}")  # fmt: skip
+    print(
+        f"\n{'run':<38} {'pairs/s':>8} {'tokens/s':>9} {'x TRL':>6} {'CPU user/sys s':>15} "
+        f"{'max |loss - TRL|':>17} {'precompute s':>13}"
+    )
     for name, run in runs.items():
         seconds = sum(run["step_s"])
         user, system = run["cpu"]
         diff = max(abs(a - b) for a, b in zip(run["losses"], trl_losses, strict=True))
-        print(f"{name:<38} {pairs / seconds:>8.3f} {tokens / seconds:>9.0f} {pairs / seconds / base:>6.2f} "
-              f"{f'{user:.0f}/{system:.0f}':>15} {diff:>17.2e} {run['precompute_s']:>13.1f}")  # fmt: skip
-    print(f"(CPU, {args.threads} threads, data {args.data}: {pairs} pairs, {tokens} tokens as TRL counts them; TRL "
-          f"loss at step 1 / {args.steps}: {trl_losses[0]:.6f} / {trl_losses[-1]:.6f}; CPU time includes start-up and, "
-          "for mdpo, the precompute)")  # fmt: skip
+        print(
+            f"{name:<38} {pairs / seconds:>8.3f} {tokens / seconds:>9.0f} {pairs / seconds / base:>6.2f} "
+            f"{f'{user:.0f}/{system:.0f}':>15} {diff:>17.2e} {run['precompute_s']:>13.1f}"
+        )
+    print(
+        f"(CPU, {args.threads} threads, data {args.data}: {pairs} pairs, {tokens} tokens as TRL counts them; TRL "
+        f"loss at step 1 / {args.steps}: {trl_losses[0]:.6f} / {trl_losses[-1]:.6f}; CPU time includes start-up and, "
+        "for mdpo, the precompute)"
+    )
 
 
 if __name__ == "__main__":

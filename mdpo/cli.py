@@ -54,8 +54,9 @@ def cmd_precompute_ref(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    setup = eval_command.eval_setup(args.model, args.data, args.reference, args.reference_free,
-                                    [*args.overrides, *extra])  # fmt: skip
+    setup = eval_command.eval_setup(
+        args.model, args.data, args.reference, args.reference_free, [*args.overrides, *extra]
+    )
     startup.prepare()
     return eval_command.run_eval(setup, args.json)
 
@@ -116,8 +117,9 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
         help="after converting, compare mdpo's forward of the Megatron checkpoint with an independent forward of the "
         "HF folder (float32; exit 2 over max |logit error| 1e-4)",
     )
-    parser.add_argument("--check-data", help="compare on prompt + chosen of this data file's first pairs (default: "
-                        "generated ids)")  # fmt: skip
+    parser.add_argument(
+        "--check-data", help="compare on prompt + chosen of this data file's first pairs (default: generated ids)"
+    )
     parser.add_argument("--check-rows", type=int, help="rows to compare (default 4)")
 
 
@@ -176,8 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     to_hf.add_argument("--ckpt", required=True, help="mdpo convert output or training checkpoint folder")
     to_hf.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    to_hf.add_argument("--adapter", action="store_true", help="a LoRA run's checkpoint: write its adapters as a PEFT "
-                       "folder (default: merged into the base, a full HF folder)")  # fmt: skip
+    to_hf.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run's checkpoint: write its adapters as a PEFT "
+        "folder (default: merged into the base, a full HF folder)",
+    )
     _check_arguments(to_hf)
     to_hf.set_defaults(func=cmd_convert)
     plan = sub.add_parser("plan", help="predict per-GPU memory and step time of layouts; rank the feasible ones")

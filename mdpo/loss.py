@@ -27,8 +27,17 @@ from mdpo.errors import ConfigError
 __all__ = ["LOSS_TYPES", "PairLosses", "nll_loss", "pair_losses", "preference_loss", "wpo_weights"]
 
 # The DPOConfig fields preference_loss takes as keyword settings (the rest say where the reference comes from).
-OBJECTIVE_SETTINGS = ("loss_type", "loss_weights", "beta", "label_smoothing", "rpo_alpha", "bco_delta", "discopop_tau",
-                      "f_divergence", "f_alpha_coef")  # fmt: skip
+OBJECTIVE_SETTINGS = (
+    "loss_type",
+    "loss_weights",
+    "beta",
+    "label_smoothing",
+    "rpo_alpha",
+    "bco_delta",
+    "discopop_tau",
+    "f_divergence",
+    "f_alpha_coef",
+)
 # TRL replaces label_smoothing == 0 by this for exo_pair, whose target distribution needs eps > 0.
 _EXO_DEFAULT_EPS = 1e-3
 # TRL's alpha_divergence: within this of alpha = 1 the score is its limit, the log-ratio (reverse KL)...
@@ -380,8 +389,9 @@ def preference_loss(
     return out.losses, out.chosen_rewards, out.rejected_rewards
 
 
-def wpo_weights(chosen_aligned: Tensor, rejected_aligned: Tensor, chosen_lengths: Tensor,
-                rejected_lengths: Tensor) -> Tensor:  # fmt: skip
+def wpo_weights(
+    chosen_aligned: Tensor, rejected_aligned: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
+) -> Tensor:
     """WPO's per-pair weights (Zhou et al. 2024, Eq. 2, as TRL 1.16 computes them): each response's summed
     log p(token) - log sum_v p_v^2 (its probability against the policy's own distribution at that position) over
     its length, exponentiated, and the two responses' values multiplied. [B] each; no gradient flows through them."""

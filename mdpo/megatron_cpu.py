@@ -93,7 +93,7 @@ class _CudaTypeNames(TorchFunctionMode):
     inside the wrapped functions below.
     """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.Tensor.cuda:
             return args[0]
         result = func(*args, **(kwargs or {}))

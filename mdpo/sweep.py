@@ -71,9 +71,15 @@ def run_entry(spec: dict[str, Any], entry: dict[str, Any], run_dir: Path) -> dic
     command = [*(launcher if nproc > 1 else [sys.executable]), "-m", "mdpo", "train"]
     command += [spec["config"]] if spec.get("config") else []
     command += [*spec["overrides"], *(f"{key}={value}" for key, value in entry.items())]
-    command += [f"schedule.train_steps={spec['steps']}", f"logging.run_dir={run_dir}", "logging.progress=false",
-                "logging.plot=false", "checkpoint.save_at_end=false", "checkpoint.export_hf=false",
-                "checkpoint.resume=none"]  # fmt: skip
+    command += [
+        f"schedule.train_steps={spec['steps']}",
+        f"logging.run_dir={run_dir}",
+        "logging.progress=false",
+        "logging.plot=false",
+        "checkpoint.save_at_end=false",
+        "checkpoint.export_hf=false",
+        "checkpoint.resume=none",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -83,9 +89,14 @@ def run_entry(spec: dict[str, Any], entry: dict[str, Any], run_dir: Path) -> dic
     timed = [r for r in records if "tokens_per_second" in r][spec["warmup"] :]
     step_s = sum(r["num_tokens"] / r["tokens_per_second"] for r in timed) / len(timed)
     tokens_per_s = sum(r["num_tokens"] for r in timed) / len(timed) / step_s
-    return {"status": "ok", "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
-            "tokens_per_s_per_gpu": round(tokens_per_s / nproc, 1),
-            "peak_memory_gib": round(max(r["peak_memory_gib"] for r in timed), 3), "error": ""}  # fmt: skip
+    return {
+        "status": "ok",
+        "step_s": round(step_s, 4),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "tokens_per_s_per_gpu": round(tokens_per_s / nproc, 1),
+        "peak_memory_gib": round(max(r["peak_memory_gib"] for r in timed), 3),
+        "error": "",
+    }
 
 
 def plot_sweep(rows: list[dict[str, Any]], out: Path) -> Path:
@@ -93,8 +104,10 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path) -> Path:
     done = [row for row in rows if row["status"] == "ok"]
     fig = Figure(figsize=(14, 1.5 + 0.45 * max(1, len(done))))
     axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "tokens_per_s_per_gpu", "tokens/s per GPU"),
-                           (axes[1], "peak_memory_gib", "peak memory (GiB)")):  # fmt: skip
+    for ax, key, label in (
+        (axes[0], "tokens_per_s_per_gpu", "tokens/s per GPU"),
+        (axes[1], "peak_memory_gib", "peak memory (GiB)"),
+    ):
         ax.barh([row["entry"] for row in done], [float(row[key]) for row in done])
         ax.set_xlabel(label)
         ax.grid(axis="x", alpha=0.3)

@@ -91,9 +91,18 @@ def tiny_llama_config(vocab_size: int = 250, **overrides):
     """A few-layer GQA Llama whose shapes exercise every mapping (fused QKV groups, SwiGLU, vocab padding)."""
     from transformers import LlamaConfig
 
-    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)  # fmt: skip
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
     values.update(overrides)
     return LlamaConfig(**values)
 
@@ -123,10 +132,22 @@ def randomize(model):
 # q/k/v biases, per-head q/k norms, and Llama 3's RoPE scaling with parameters other than Megatron's defaults
 # (original context 64 with low/high frequency factors 0.5/2: at the tests' 10-40 positions the scaled and the
 # unscaled rotations differ on most frequencies).
-_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=256, rms_norm_eps=1e-6)  # fmt: skip
-_LLAMA31_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.5, "high_freq_factor": 2.0,
-                    "original_max_position_embeddings": 64}  # fmt: skip
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+_LLAMA31_SCALING = {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 0.5,
+    "high_freq_factor": 2.0,
+    "original_max_position_embeddings": 64,
+}
 FAMILY_CASES = {
     "llama3.1": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling=_LLAMA31_SCALING)),
     "llama3.2_tied": (

@@ -60,8 +60,15 @@ def _workers(argv: list[str], nproc: int) -> int:
     """N forked workers with torchrun's variables; the first failure ends the others (as torchrun does)."""
     port, pids = str(_free_port()), []
     for rank in range(nproc):
-        env = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                   GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+        env = dict(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            GROUP_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
         pid = os.fork()
         if pid == 0:
             os.environ.update(env)
@@ -138,8 +145,9 @@ class ForkServer:
 
         self.folder = tempfile.mkdtemp(prefix="mdpo_forkserver_")
         self.socket = os.path.join(self.folder, "socket")
-        self.process = subprocess.Popen([sys.executable, __file__, self.socket], env=env, stdout=subprocess.PIPE,
-                                        text=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, self.socket], env=env, stdout=subprocess.PIPE, text=True
+        )
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError("the test fork server did not start")
         self.numbers = itertools.count()  # output file names, unique across threads

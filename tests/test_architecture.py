@@ -83,6 +83,25 @@ def test_imports_are_at_module_top_except_optional_dependencies():
     assert not deferred, deferred
 
 
+def test_models_and_data_do_not_import_each_other_nor_the_loop():
+    """The intended direction (../shared/notes/style.md): data knows tokens, not models or the loop; models know
+    neither files nor the loop. Shared descriptions (mdpo.blocks) sit apart from both."""
+    graph, _ = _graph()
+    inside = lambda package: {m for m in graph if m == package or m.startswith(package + ".")}
+    rules = {
+        "mdpo.data": ("mdpo.models", "mdpo.training", "mdpo.checkpoint"),
+        "mdpo.models": ("mdpo.data", "mdpo.training", "mdpo.checkpoint"),
+    }
+    wrong = sorted(
+        (module, dep)
+        for package, banned in rules.items()
+        for module in inside(package)
+        for dep in graph[module]
+        if dep.startswith(banned)
+    )
+    assert not wrong, wrong
+
+
 def test_config_is_a_leaf():
     graph, _ = _graph()
     config = {m for m in graph if m == "mdpo.config" or m.startswith("mdpo.config.")}

@@ -114,15 +114,28 @@ def corpus(tmp_path_factory):
     mistral = dict(architectures=["MistralForCausalLM"], model_type="mistral")
     short_window = config_variant("short_window", **mistral, sliding_window=16, head_dim=16)
     yarn = config_variant("yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6})
-    qwen_window = config_variant("qwen_window", architectures=["Qwen2ForCausalLM"], model_type="qwen2",
-                                 use_sliding_window=True, sliding_window=16)  # fmt: skip
+    qwen_window = config_variant(
+        "qwen_window",
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        use_sliding_window=True,
+        sliding_window=16,
+    )
     gemma = config_variant("gemma", architectures=["GemmaForCausalLM"], model_type="gemma")
     c = str(config)
     # a run to resume (checkpoints of steps 1 and 2), a damaged copy of its last checkpoint (and one as if written
     # before manifests), a folder of only damaged ones, and fewer rows of its data
     resumable = root / "resumable"
-    saved = run_mdpo(["train", c, f"logging.run_dir={resumable}", "schedule.train_steps=2",
-                      "checkpoint.save_interval=1", "checkpoint.save_at_end=true"])  # fmt: skip
+    saved = run_mdpo(
+        [
+            "train",
+            c,
+            f"logging.run_dir={resumable}",
+            "schedule.train_steps=2",
+            "checkpoint.save_interval=1",
+            "checkpoint.save_at_end=true",
+        ]
+    )
     assert saved.returncode == 0, saved.stderr[-3000:]
     damaged = shutil.copytree(resumable / "checkpoints" / "step_0000002", root / "damaged" / "step_0000002")
     shard = sorted(damaged.glob("*.distcp"))[0]
@@ -141,108 +154,370 @@ def corpus(tmp_path_factory):
         "malformed override": (["train", c, "optimizer.lr"], "unexpected argument 'optimizer.lr': expected key=value"),
         "YAML syntax": (["train", str(root / "broken.yaml")], "broken.yaml: line"),
         "missing required key": (["train", str(no_train_file)], "data.train_file is required"),
-        "TP not dividing heads": (["train", c, "parallel.tp=3"], "parallel.tp=3 does not divide model.num_attention_heads=4"),
-        "Megatron-style flag": (["train", c, "--tensor-model-parallel-size", "8"], "parallel.tp=8 does not divide model.num_attention_heads=4"),
+        "TP not dividing heads": (
+            ["train", c, "parallel.tp=3"],
+            "parallel.tp=3 does not divide model.num_attention_heads=4",
+        ),
+        "Megatron-style flag": (
+            ["train", c, "--tensor-model-parallel-size", "8"],
+            "parallel.tp=8 does not divide model.num_attention_heads=4",
+        ),
         # no YAML file: the first key=value is an override, not a file name (the recipes rely on it)
-        "overrides alone": (["train", "data.train_file=pairs.jsonl", "schedule.train_steps=2"], "data.tokenizer is required (set it in the config file or pass data.tokenizer=...)"),
-        "layout vs world size": (["train", c, "parallel.tp=2"], "world size 1 is not divisible by parallel.tp x parallel.pp x parallel.cp = 2 x 1 x 1"),
-        "context parallel with packing": (["train", c, "parallel.cp=2", "data.packing=true"], "parallel.cp > 1 takes padded micro-batches"),
-        "context parallel with local attention": (["train", c, "parallel.cp=2", "model.attention=local"], "parallel.cp > 1 needs RoPE and model.attention auto, te or sdpa"),
-        "shared prompt with context parallel": (["train", c, "parallel.cp=2", "model.attention=sdpa", "data.share_prompt=true"], "data.share_prompt=true needs parallel.cp=1"),
-        "shared prompt with TE attention": (["train", c, "model.attention=te", "data.share_prompt=true"], "data.share_prompt=true needs model.attention auto, sdpa or local"),
-        "fused RoPE with ALiBi": (["train", c, "model.position_embedding=alibi", "model.fused_rope=true"], "model.fused_rope=true needs RoPE; model.position_embedding is alibi"),
-        "log-prob chunk of zero tokens": (["train", c, "model.logprob_chunk_tokens=0"], "model.logprob_chunk_tokens must be > 0"),
+        "overrides alone": (
+            ["train", "data.train_file=pairs.jsonl", "schedule.train_steps=2"],
+            "data.tokenizer is required (set it in the config file or pass data.tokenizer=...)",
+        ),
+        "layout vs world size": (
+            ["train", c, "parallel.tp=2"],
+            "world size 1 is not divisible by parallel.tp x parallel.pp x parallel.cp = 2 x 1 x 1",
+        ),
+        "context parallel with packing": (
+            ["train", c, "parallel.cp=2", "data.packing=true"],
+            "parallel.cp > 1 takes padded micro-batches",
+        ),
+        "context parallel with local attention": (
+            ["train", c, "parallel.cp=2", "model.attention=local"],
+            "parallel.cp > 1 needs RoPE and model.attention auto, te or sdpa",
+        ),
+        "shared prompt with context parallel": (
+            ["train", c, "parallel.cp=2", "model.attention=sdpa", "data.share_prompt=true"],
+            "data.share_prompt=true needs parallel.cp=1",
+        ),
+        "shared prompt with TE attention": (
+            ["train", c, "model.attention=te", "data.share_prompt=true"],
+            "data.share_prompt=true needs model.attention auto, sdpa or local",
+        ),
+        "fused RoPE with ALiBi": (
+            ["train", c, "model.position_embedding=alibi", "model.fused_rope=true"],
+            "model.fused_rope=true needs RoPE; model.position_embedding is alibi",
+        ),
+        "log-prob chunk of zero tokens": (
+            ["train", c, "model.logprob_chunk_tokens=0"],
+            "model.logprob_chunk_tokens must be > 0",
+        ),
         "unknown loss": (["train", c, "dpo.loss_type=dpo2"], "dpo2"),
         "batch not divisible": (["train", c, "schedule.micro_batch_size=3"], "global_batch_size=4 is not divisible by"),
         "interleaved pipeline without PP": (["train", c, "parallel.vpp=2"], "parallel.vpp > 1 needs parallel.pp > 1"),
-        "interleaved chunks not dividing layers": (["train", c, "parallel.pp=2", "parallel.vpp=4"], "parallel.pp x parallel.vpp = 8 does not divide model.num_hidden_layers=4"),
+        "interleaved chunks not dividing layers": (
+            ["train", c, "parallel.pp=2", "parallel.vpp=4"],
+            "parallel.pp x parallel.vpp = 8 does not divide model.num_hidden_layers=4",
+        ),
         # resuming: a run that would train on something else than its checkpoint's, a damaged checkpoint
-        "resume with other train data": ([*resume, f"data.train_file={fewer}"], "this run differs from the checkpoint's in what it trains: train files train.jsonl"),
-        "resume with another seed": ([*resume, "schedule.seed=7"], "what it trains: schedule.seed 1234 -> 7; resume with the checkpoint's settings"),
+        "resume with other train data": (
+            [*resume, f"data.train_file={fewer}"],
+            "this run differs from the checkpoint's in what it trains: train files train.jsonl",
+        ),
+        "resume with another seed": (
+            [*resume, "schedule.seed=7"],
+            "what it trains: schedule.seed 1234 -> 7; resume with the checkpoint's settings",
+        ),
         "resume with another learning rate": ([*resume, "optimizer.lr=0.002"], "optimizer.lr 1e-06 -> 0.002; "),
-        "resume with another global batch": ([*resume, "schedule.global_batch_size=8"], "schedule.global_batch_size 4 -> 8"),
-        "resume a damaged checkpoint by name": (["train", c, f"checkpoint.resume={damaged}"], f"checkpoint.resume={damaged}: damaged checkpoint ({shard.name} has 100 bytes"),
-        "no intact checkpoint to resume": (["train", c, f"logging.run_dir={every_damaged.parent}"], "no intact checkpoint to resume from: step_0000002 (.metadata has 0 bytes"),
-        "damaged checkpoint without a manifest": ([*resume, f"checkpoint.resume={unchecked}"], f"{unchecked}: cannot load checkpoint (CheckpointException: "),
+        "resume with another global batch": (
+            [*resume, "schedule.global_batch_size=8"],
+            "schedule.global_batch_size 4 -> 8",
+        ),
+        "resume a damaged checkpoint by name": (
+            ["train", c, f"checkpoint.resume={damaged}"],
+            f"checkpoint.resume={damaged}: damaged checkpoint ({shard.name} has 100 bytes",
+        ),
+        "no intact checkpoint to resume": (
+            ["train", c, f"logging.run_dir={every_damaged.parent}"],
+            "no intact checkpoint to resume from: step_0000002 (.metadata has 0 bytes",
+        ),
+        "damaged checkpoint without a manifest": (
+            [*resume, f"checkpoint.resume={unchecked}"],
+            f"{unchecked}: cannot load checkpoint (CheckpointException: ",
+        ),
         # today's families: what their config.json may hold that mdpo does not run
-        "Mistral window shorter than max_length": (["train", c, f"model.init_from={short_window}"], "model.sliding_window=16 is shorter than data.max_length=32"),
-        "unsupported rope type": (["train", c, f"model.init_from={yarn}"], "rope_type='yarn' is not supported by mdpo's llama model (rope types: default, llama3)"),
-        "Qwen sliding-window attention": (["train", c, f"model.init_from={qwen_window}"], "use_sliding_window=true (sliding-window attention) is not supported by mdpo's qwen2 model"),
-        "unsupported architecture": (["train", c, f"model.init_from={gemma}"], "unsupported architecture GemmaForCausalLM; supported: LlamaForCausalLM (llama), QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), MistralForCausalLM (mistral), BaichuanForCausalLM (baichuan)"),
-        "unknown rope scaling": (["train", c, "model.init_from=null", "model.rope_scaling=yarn"], "model.rope_scaling must be null or llama3, got 'yarn'"),
-        "tied head with NormHead": (["train", c, "model.init_from=null", "model.tie_word_embeddings=true", "model.norm_head=true"], "model.tie_word_embeddings=true with model.norm_head=true"),
+        "Mistral window shorter than max_length": (
+            ["train", c, f"model.init_from={short_window}"],
+            "model.sliding_window=16 is shorter than data.max_length=32",
+        ),
+        "unsupported rope type": (
+            ["train", c, f"model.init_from={yarn}"],
+            "rope_type='yarn' is not supported by mdpo's llama model (rope types: default, llama3)",
+        ),
+        "Qwen sliding-window attention": (
+            ["train", c, f"model.init_from={qwen_window}"],
+            "use_sliding_window=true (sliding-window attention) is not supported by mdpo's qwen2 model",
+        ),
+        "unsupported architecture": (
+            ["train", c, f"model.init_from={gemma}"],
+            "unsupported architecture GemmaForCausalLM; supported: LlamaForCausalLM (llama), QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), MistralForCausalLM (mistral), BaichuanForCausalLM (baichuan)",
+        ),
+        "unknown rope scaling": (
+            ["train", c, "model.init_from=null", "model.rope_scaling=yarn"],
+            "model.rope_scaling must be null or llama3, got 'yarn'",
+        ),
+        "tied head with NormHead": (
+            ["train", c, "model.init_from=null", "model.tie_word_embeddings=true", "model.norm_head=true"],
+            "model.tie_word_embeddings=true with model.norm_head=true",
+        ),
         "LoRA rank below zero": (["train", c, "lora.rank=-1"], "lora.rank must be >= 0 (0: off), got -1"),
-        "LoRA unknown target": (["train", c, "lora.rank=4", "lora.targets=[qkv,lm_head]"], "unknown lora.targets entry 'lm_head'; valid: qkv, proj, fc1, fc2"),
+        "LoRA unknown target": (
+            ["train", c, "lora.rank=4", "lora.targets=[qkv,lm_head]"],
+            "unknown lora.targets entry 'lm_head'; valid: qkv, proj, fc1, fc2",
+        ),
         "LoRA alpha not positive": (["train", c, "lora.rank=4", "lora.alpha=0"], "lora.alpha must be > 0, got 0"),
-        "LoRA with TE attention": (["train", c, "lora.rank=4", "model.attention=te"], "lora.rank > 0 needs model.attention auto, sdpa or local"),
-        "LoRA with TR-DPO": (["train", c, "lora.rank=4", "dpo.sync_ref_model=true"], "lora.rank > 0 takes dpo.sync_ref_model=false"),
+        "LoRA with TE attention": (
+            ["train", c, "lora.rank=4", "model.attention=te"],
+            "lora.rank > 0 needs model.attention auto, sdpa or local",
+        ),
+        "LoRA with TR-DPO": (
+            ["train", c, "lora.rank=4", "dpo.sync_ref_model=true"],
+            "lora.rank > 0 takes dpo.sync_ref_model=false",
+        ),
         # data rows
-        "malformed JSON": (["train", c, f"data.train_file={write_rows(bad / 'a.jsonl', [good, '{oops'])}"], "a.jsonl:2: malformed JSON"),
-        "row without chosen": (["train", c, f"data.train_file={write_rows(bad / 'b.jsonl', [good, {'prompt': 'p', 'rejected': 'r'}])}"], "b.jsonl:2: missing column 'chosen'"),
-        "empty response": (["train", c, f"data.train_file={write_rows(bad / 'c.jsonl', [good, {**good, 'rejected': ' '}])}"], "c.jsonl:2: 'rejected' is empty"),
-        "identical responses": (["train", c, f"data.train_file={write_rows(bad / 'd.jsonl', [good, {**good, 'rejected': '12'}])}"], "d.jsonl:2: chosen and rejected are identical"),
-        "data file missing": (["train", c, f"data.train_file={root / 'nope.jsonl'}"], "nope.jsonl: data file not found"),
-        "fewer pairs than a batch": (["train", c, f"data.train_file={write_rows(bad / 'e.jsonl', [good])}"], "1 usable pairs are fewer than one global batch"),
+        "malformed JSON": (
+            ["train", c, f"data.train_file={write_rows(bad / 'a.jsonl', [good, '{oops'])}"],
+            "a.jsonl:2: malformed JSON",
+        ),
+        "row without chosen": (
+            ["train", c, f"data.train_file={write_rows(bad / 'b.jsonl', [good, {'prompt': 'p', 'rejected': 'r'}])}"],
+            "b.jsonl:2: missing column 'chosen'",
+        ),
+        "empty response": (
+            ["train", c, f"data.train_file={write_rows(bad / 'c.jsonl', [good, {**good, 'rejected': ' '}])}"],
+            "c.jsonl:2: 'rejected' is empty",
+        ),
+        "identical responses": (
+            ["train", c, f"data.train_file={write_rows(bad / 'd.jsonl', [good, {**good, 'rejected': '12'}])}"],
+            "d.jsonl:2: chosen and rejected are identical",
+        ),
+        "data file missing": (
+            ["train", c, f"data.train_file={root / 'nope.jsonl'}"],
+            "nope.jsonl: data file not found",
+        ),
+        "fewer pairs than a batch": (
+            ["train", c, f"data.train_file={write_rows(bad / 'e.jsonl', [good])}"],
+            "1 usable pairs are fewer than one global batch",
+        ),
         # empty or emptied inputs
-        "empty data file": (["train", c, f"data.train_file={empty / 'empty.jsonl'}"], "empty.jsonl: no rows (an empty data file)"),
-        "data file of blank lines": (["train", c, f"data.train_file={empty / 'blank.jsonl'}"], "blank.jsonl: no rows (an empty data file)"),
-        "empty JSON array": (["train", c, f"data.train_file={empty / 'empty.json'}"], "empty.json: no rows (an empty data file)"),
-        "empty parquet file": (["train", c, f"data.train_file={empty / 'empty.parquet'}"], "empty.parquet: no rows (an empty data file)"),
-        "empty eval file": (["train", c, f"data.eval_file={empty / 'empty.jsonl'}"], "empty.jsonl: no rows (an empty data file)"),
+        "empty data file": (
+            ["train", c, f"data.train_file={empty / 'empty.jsonl'}"],
+            "empty.jsonl: no rows (an empty data file)",
+        ),
+        "data file of blank lines": (
+            ["train", c, f"data.train_file={empty / 'blank.jsonl'}"],
+            "blank.jsonl: no rows (an empty data file)",
+        ),
+        "empty JSON array": (
+            ["train", c, f"data.train_file={empty / 'empty.json'}"],
+            "empty.json: no rows (an empty data file)",
+        ),
+        "empty parquet file": (
+            ["train", c, f"data.train_file={empty / 'empty.parquet'}"],
+            "empty.parquet: no rows (an empty data file)",
+        ),
+        "empty eval file": (
+            ["train", c, f"data.eval_file={empty / 'empty.jsonl'}"],
+            "empty.jsonl: no rows (an empty data file)",
+        ),
         "folder of no data files": (["train", c, f"data.train_file={no_data}"], "notes: no data files in folder"),
-        "every row skipped": (["train", c, f"data.train_file={write_rows(bad / 'f.jsonl', [{**good, 'chosen': ''}] * 3)}", "data.on_bad_row=skip"], "f.jsonl: no usable pairs (skipped: 'chosen' is empty: 3)"),
-        "every pair dropped by length": (["train", c, f"data.train_file={write_rows(bad / 'g.jsonl', [long_row] * 2)}", "data.over_length=drop"], "g.jsonl: no usable pairs (dropped"),
+        "every row skipped": (
+            [
+                "train",
+                c,
+                f"data.train_file={write_rows(bad / 'f.jsonl', [{**good, 'chosen': ''}] * 3)}",
+                "data.on_bad_row=skip",
+            ],
+            "f.jsonl: no usable pairs (skipped: 'chosen' is empty: 3)",
+        ),
+        "every pair dropped by length": (
+            ["train", c, f"data.train_file={write_rows(bad / 'g.jsonl', [long_row] * 2)}", "data.over_length=drop"],
+            "g.jsonl: no usable pairs (dropped",
+        ),
         # tokenizer vs model
         "tokenizer folder missing": (["train", c, f"data.tokenizer={root / 'no_tok'}"], "no_tok' does not exist"),
-        "tokenizer larger than model vocab": (["train", c, "model.init_from=null", "model.vocab_size=16", "model.hidden_size=32",
-                                               "model.intermediate_size=64", "model.num_hidden_layers=2"], "tokens but model.vocab_size is 16"),
+        "tokenizer larger than model vocab": (
+            [
+                "train",
+                c,
+                "model.init_from=null",
+                "model.vocab_size=16",
+                "model.hidden_size=32",
+                "model.intermediate_size=64",
+                "model.num_hidden_layers=2",
+            ],
+            "tokens but model.vocab_size is 16",
+        ),
         # checkpoints
         "truncated safetensors": (["train", c, f"model.init_from={truncated}"], "cannot read safetensors file"),
-        "wrong tensor shape": (["train", c, f"model.init_from={wrong_shape}"], "tensor 'model.norm.weight' has shape (63,), the model config expects (64,)"),
-        "missing tensor": (["train", c, f"model.init_from={missing}"], "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
-        "no weights": (["train", c, f"model.init_from={no_weights}"], "no *.safetensors or pytorch_model*.bin weights found"),
-        "incomplete checkpoint": (["train", c, f"checkpoint.resume={incomplete}"], "not a complete mdpo checkpoint (no COMPLETE marker)"),
-        "reference cache missing": (["train", c, "dpo.reference=precomputed", f"dpo.reference_cache={root / 'none'}"], "run `mdpo precompute-ref CONFIG.yaml` first"),
+        "wrong tensor shape": (
+            ["train", c, f"model.init_from={wrong_shape}"],
+            "tensor 'model.norm.weight' has shape (63,), the model config expects (64,)",
+        ),
+        "missing tensor": (
+            ["train", c, f"model.init_from={missing}"],
+            "missing tensor 'model.layers.1.mlp.up_proj.weight'",
+        ),
+        "no weights": (
+            ["train", c, f"model.init_from={no_weights}"],
+            "no *.safetensors or pytorch_model*.bin weights found",
+        ),
+        "incomplete checkpoint": (
+            ["train", c, f"checkpoint.resume={incomplete}"],
+            "not a complete mdpo checkpoint (no COMPLETE marker)",
+        ),
+        "reference cache missing": (
+            ["train", c, "dpo.reference=precomputed", f"dpo.reference_cache={root / 'none'}"],
+            "run `mdpo precompute-ref CONFIG.yaml` first",
+        ),
         # output folders
-        "run dir is a file": (["train", c, f"logging.run_dir={root / 'a_file' / 'run'}"], "logging.run_dir: cannot write to"),
-        "read-only file system": (["train", c, "logging.run_dir=/sys/mdpo_run"], "logging.run_dir: cannot write to /sys/mdpo_run"),
+        "run dir is a file": (
+            ["train", c, f"logging.run_dir={root / 'a_file' / 'run'}"],
+            "logging.run_dir: cannot write to",
+        ),
+        "read-only file system": (
+            ["train", c, "logging.run_dir=/sys/mdpo_run"],
+            "logging.run_dir: cannot write to /sys/mdpo_run",
+        ),
         # mdpo eval
-        "eval model folder missing": (["eval", "--model", str(root / "no_model"), "--data", str(train)], "--model " + str(root / "no_model") + ": no such model folder"),
-        "eval data file missing": (["eval", "--model", str(hf), "--data", str(root / "nope.jsonl"), "--reference-free", f"data.tokenizer={root / 'tok'}"], "nope.jsonl: no such data file or folder"),
-        "eval empty data file": (["eval", "--model", str(hf), "--data", str(empty / "empty.json"), "--reference-free", f"data.tokenizer={root / 'tok'}"], "data.eval_file: " + str(empty / "empty.json") + ": no rows (an empty data file)"),
-        "eval model without tokenizer": (["eval", "--model", str(hf), "--data", str(train), "--reference-free"], "holds no tokenizer files: pass data.tokenizer=FOLDER"),
-        "eval without a reference": (["eval", "--model", str(hf), "--data", str(train), f"data.tokenizer={root / 'tok'}"], "no reference model recorded"),
-        "eval tokenizer larger than model vocab": (["eval", "--model", str(small_vocab), "--data", str(train), "--reference-free", f"data.tokenizer={root / 'tok'}"], "tokens but model.vocab_size is 24"),
-        "eval reference of another architecture": (["eval", "--model", str(hf), "--data", str(train), "--reference", str(small_vocab), f"data.tokenizer={root / 'tok'}"], "is another architecture than --model"),
-    }  # fmt: skip
+        "eval model folder missing": (
+            ["eval", "--model", str(root / "no_model"), "--data", str(train)],
+            "--model " + str(root / "no_model") + ": no such model folder",
+        ),
+        "eval data file missing": (
+            [
+                "eval",
+                "--model",
+                str(hf),
+                "--data",
+                str(root / "nope.jsonl"),
+                "--reference-free",
+                f"data.tokenizer={root / 'tok'}",
+            ],
+            "nope.jsonl: no such data file or folder",
+        ),
+        "eval empty data file": (
+            [
+                "eval",
+                "--model",
+                str(hf),
+                "--data",
+                str(empty / "empty.json"),
+                "--reference-free",
+                f"data.tokenizer={root / 'tok'}",
+            ],
+            "data.eval_file: " + str(empty / "empty.json") + ": no rows (an empty data file)",
+        ),
+        "eval model without tokenizer": (
+            ["eval", "--model", str(hf), "--data", str(train), "--reference-free"],
+            "holds no tokenizer files: pass data.tokenizer=FOLDER",
+        ),
+        "eval without a reference": (
+            ["eval", "--model", str(hf), "--data", str(train), f"data.tokenizer={root / 'tok'}"],
+            "no reference model recorded",
+        ),
+        "eval tokenizer larger than model vocab": (
+            [
+                "eval",
+                "--model",
+                str(small_vocab),
+                "--data",
+                str(train),
+                "--reference-free",
+                f"data.tokenizer={root / 'tok'}",
+            ],
+            "tokens but model.vocab_size is 24",
+        ),
+        "eval reference of another architecture": (
+            [
+                "eval",
+                "--model",
+                str(hf),
+                "--data",
+                str(train),
+                "--reference",
+                str(small_vocab),
+                f"data.tokenizer={root / 'tok'}",
+            ],
+            "is another architecture than --model",
+        ),
+    }
     argvs = [argv for argv, _ in cases.values()]
-    result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(argvs)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env=subprocess_env())  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", _RUNNER, json.dumps(argvs)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=subprocess_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
     return {name: (expected, *out) for (name, (_, expected)), out in zip(cases.items(), outputs)}
 
 
 CASE_NAMES = [
-    "unknown key", "wrong type", "malformed override", "YAML syntax", "missing required key", "TP not dividing heads",
-    "Megatron-style flag", "overrides alone",
-    "layout vs world size", "unknown loss", "batch not divisible", "malformed JSON", "row without chosen",
-    "empty response", "identical responses", "data file missing", "fewer pairs than a batch",
-    "tokenizer folder missing", "tokenizer larger than model vocab", "truncated safetensors", "wrong tensor shape",
-    "missing tensor", "no weights", "incomplete checkpoint", "reference cache missing", "run dir is a file",
-    "read-only file system", "context parallel with packing", "context parallel with local attention",
-    "shared prompt with context parallel", "shared prompt with TE attention", "log-prob chunk of zero tokens",
-    "empty data file", "data file of blank lines", "empty JSON array", "empty parquet file", "empty eval file",
-    "folder of no data files", "every row skipped", "every pair dropped by length", "eval model folder missing",
-    "eval data file missing", "eval empty data file", "eval model without tokenizer", "eval without a reference",
-    "eval tokenizer larger than model vocab", "eval reference of another architecture", "LoRA rank below zero",
-    "LoRA unknown target", "LoRA alpha not positive", "LoRA with TE attention", "LoRA with TR-DPO",
-    "interleaved pipeline without PP", "interleaved chunks not dividing layers",
-    "Mistral window shorter than max_length", "unsupported rope type", "Qwen sliding-window attention",
-    "unsupported architecture", "unknown rope scaling", "tied head with NormHead", "resume with other train data",
-    "resume with another seed", "resume with another learning rate", "resume with another global batch",
-    "resume a damaged checkpoint by name", "no intact checkpoint to resume", "damaged checkpoint without a manifest",
-]  # fmt: skip
+    "unknown key",
+    "wrong type",
+    "malformed override",
+    "YAML syntax",
+    "missing required key",
+    "TP not dividing heads",
+    "Megatron-style flag",
+    "overrides alone",
+    "layout vs world size",
+    "unknown loss",
+    "batch not divisible",
+    "malformed JSON",
+    "row without chosen",
+    "empty response",
+    "identical responses",
+    "data file missing",
+    "fewer pairs than a batch",
+    "tokenizer folder missing",
+    "tokenizer larger than model vocab",
+    "truncated safetensors",
+    "wrong tensor shape",
+    "missing tensor",
+    "no weights",
+    "incomplete checkpoint",
+    "reference cache missing",
+    "run dir is a file",
+    "read-only file system",
+    "context parallel with packing",
+    "context parallel with local attention",
+    "shared prompt with context parallel",
+    "shared prompt with TE attention",
+    "log-prob chunk of zero tokens",
+    "empty data file",
+    "data file of blank lines",
+    "empty JSON array",
+    "empty parquet file",
+    "empty eval file",
+    "folder of no data files",
+    "every row skipped",
+    "every pair dropped by length",
+    "eval model folder missing",
+    "eval data file missing",
+    "eval empty data file",
+    "eval model without tokenizer",
+    "eval without a reference",
+    "eval tokenizer larger than model vocab",
+    "eval reference of another architecture",
+    "LoRA rank below zero",
+    "LoRA unknown target",
+    "LoRA alpha not positive",
+    "LoRA with TE attention",
+    "LoRA with TR-DPO",
+    "interleaved pipeline without PP",
+    "interleaved chunks not dividing layers",
+    "Mistral window shorter than max_length",
+    "unsupported rope type",
+    "Qwen sliding-window attention",
+    "unsupported architecture",
+    "unknown rope scaling",
+    "tied head with NormHead",
+    "resume with other train data",
+    "resume with another seed",
+    "resume with another learning rate",
+    "resume with another global batch",
+    "resume a damaged checkpoint by name",
+    "no intact checkpoint to resume",
+    "damaged checkpoint without a manifest",
+]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

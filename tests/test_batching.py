@@ -20,8 +20,9 @@ from mdpo.errors import DataError
 def scored(batch: MicroBatch) -> list[list[tuple[int, int]]]:
     """Per sequence: the (flat position, label) pairs it scores, in position order."""
     out = [[] for _ in range(2 * batch.num_pairs)]
-    for index, label, sequence in zip(batch.score_index.tolist(), batch.score_labels.tolist(),
-                                      batch.score_sequence.tolist()):  # fmt: skip
+    for index, label, sequence in zip(
+        batch.score_index.tolist(), batch.score_labels.tolist(), batch.score_sequence.tolist()
+    ):
         out[sequence].append((index, label))
     return [sorted(x) for x in out]
 
@@ -75,9 +76,12 @@ def test_sequence_parallel_padding_keeps_every_real_token_and_label():
     from mdpo.data.batching import collate_packed, collate_shared
 
     pairs = [TokenizedPair(0, [5, 6, 7], [8, 9], [10]), TokenizedPair(1, [11], [12, 13, 14], [15])]  # 15 tokens
-    for build in (lambda m: collate(pairs, pad_id=0, multiple=m), lambda m: collate_packed(pairs, 0, 64, multiple=m),
-                  lambda m: collate_shared(pairs, pad_id=0, multiple=m),
-                  lambda m: collate_packed(pairs, 0, 64, multiple=m, shared=True)):  # fmt: skip
+    for build in (
+        lambda m: collate(pairs, pad_id=0, multiple=m),
+        lambda m: collate_packed(pairs, 0, 64, multiple=m),
+        lambda m: collate_shared(pairs, pad_id=0, multiple=m),
+        lambda m: collate_packed(pairs, 0, 64, multiple=m, shared=True),
+    ):
         plain, padded = build(1), build(4)
         length = plain.tokens.shape[1]
         assert padded.tokens.shape[1] % 4 == 0 and padded.tokens.shape[1] > length

@@ -61,11 +61,13 @@ def assert_bitwise(got, want):
 
 # bco_pair's running reward mean is training state too: these resumes are bitwise only if it is restored.
 BCO = "dpo.loss_type=[sigmoid, bco_pair]"
-LAYOUTS = {"tp1": (1, [BCO]),
-           "tp2_sp_bf16": (2, [BCO, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.precision=bf16"]),
-           "pp2_vpp2": (2, [BCO, "parallel.pp=2", "parallel.vpp=2"]),
-           # a tied head across stages (Megatron's copy of the embedding on the last stage, its own optimizer state)
-           "pp2_qwen3_tied": (2, [BCO, "parallel.pp=2"])}  # fmt: skip
+LAYOUTS = {
+    "tp1": (1, [BCO]),
+    "tp2_sp_bf16": (2, [BCO, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.precision=bf16"]),
+    "pp2_vpp2": (2, [BCO, "parallel.pp=2", "parallel.vpp=2"]),
+    # a tied head across stages (Megatron's copy of the embedding on the last stage, its own optimizer state)
+    "pp2_qwen3_tied": (2, [BCO, "parallel.pp=2"]),
+}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -85,8 +87,11 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, name):
     assert (setup / f"{name}_resumed" / "profile_trace.json").stat().st_size > 0
 
 
-@pytest.mark.parametrize(("first", "then"), [([], ["parallel.tp=2"]), (["parallel.pp=2", "parallel.vpp=2"], [])],
-                         ids=["tp1_to_tp2", "pp2_vpp2_to_tp1"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [([], ["parallel.tp=2"]), (["parallel.pp=2", "parallel.vpp=2"], [])],
+    ids=["tp1_to_tp2", "pp2_vpp2_to_tp1"],
+)
 def test_resume_at_another_layout(setup, first, then):
     """A checkpoint resumed at another layout (resharded: TP=1 under TP=2; two model chunks per stage of PP=2, saved
     as model0/model1, under one process) continues the same run, to fp32 reordering noise."""
@@ -104,11 +109,26 @@ def test_resume_at_another_layout(setup, first, then):
 
 def _launch(setup: Path, run: str, *overrides: str, nproc: int = 1) -> subprocess.Popen:
     launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "mdpo", "train", str(setup / "c.yaml"), f"logging.run_dir={setup / run}",
-           *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "mdpo",
+        "train",
+        str(setup / "c.yaml"),
+        f"logging.run_dir={setup / run}",
+        *overrides,
+    ]
     # its own process group: a kill takes its helpers (the checkpoint writer's Manager process) down with it
-    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -167,15 +187,23 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_a_dead_runs_lock_taken_ove
     proc = _launch(setup, "busy", *busy, "checkpoint.dir=" + str(setup / "busy_ckpt"))
     _wait_for_step(run_dir, 5, proc)
     second = run_mdpo(["train", str(setup / "c.yaml"), f"logging.run_dir={run_dir}", *busy])
-    other = run_mdpo(["train", str(setup / "c.yaml"), f"logging.run_dir={setup / 'busy_other'}", *busy,
-                      f"checkpoint.dir={setup / 'busy_ckpt'}"])  # fmt: skip
+    other = run_mdpo(
+        [
+            "train",
+            str(setup / "c.yaml"),
+            f"logging.run_dir={setup / 'busy_other'}",
+            *busy,
+            f"checkpoint.dir={setup / 'busy_ckpt'}",
+        ]
+    )
     holder = f"pid {proc.pid})"
     for result, key in ((second, "logging.run_dir"), (other, "checkpoint.dir")):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
         assert lines[0].startswith(f"mdpo: error: {key}: ") and "in use by another mdpo run" in lines[0], lines
-        assert lines[0].endswith(f"{holder}; wait for it to end or stop it (a lock left by a process that died is "
-                                 "taken over)"), lines  # fmt: skip
+        assert lines[0].endswith(
+            f"{holder}; wait for it to end or stop it (a lock left by a process that died is taken over)"
+        ), lines
     assert proc.poll() is None  # the first run was not disturbed
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -242,8 +270,16 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _inject(setup: Path, run: str, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", _INJECT, "train", str(setup / "c.yaml"), f"logging.run_dir={setup / run}",
-           "checkpoint.save_at_end=false", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        _INJECT,
+        "train",
+        str(setup / "c.yaml"),
+        f"logging.run_dir={setup / run}",
+        "checkpoint.save_at_end=false",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -274,8 +310,15 @@ def test_full_disk_during_a_save_is_a_clear_error_and_leaves_no_loadable_folder(
     if mounted.returncode:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        result = run_mdpo(["train", str(setup / "c.yaml"), f"logging.run_dir={tmp_path / 'run'}",
-                           f"checkpoint.dir={small / 'ck'}", "checkpoint.save_interval=1"])  # fmt: skip
+        result = run_mdpo(
+            [
+                "train",
+                str(setup / "c.yaml"),
+                f"logging.run_dir={tmp_path / 'run'}",
+                f"checkpoint.dir={small / 'ck'}",
+                "checkpoint.save_interval=1",
+            ]
+        )
         assert result.returncode == 2, result.stderr[-2000:]
         assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
         from mdpo.checkpoint.dist import complete_checkpoints
@@ -332,8 +375,13 @@ def _damage(folder: Path, kind: str) -> str:
     return target.name
 
 
-DAMAGES = {"shard_truncated": "tp1", "shard_deleted": "tp1", "metadata_truncated": "tp1", "no_manifest": "tp1",
-           "shard_truncated_tp2": "tp2_sp_bf16"}  # fmt: skip
+DAMAGES = {
+    "shard_truncated": "tp1",
+    "shard_deleted": "tp1",
+    "metadata_truncated": "tp1",
+    "no_manifest": "tp1",
+    "shard_truncated_tp2": "tp2_sp_bf16",
+}
 
 
 @pytest.mark.parametrize("name", list(DAMAGES))

@@ -315,15 +315,37 @@ def test_valid_layouts_pass():
     load_config(None, [*REQUIRED, *SMALL, "model.num_key_value_heads=null", "parallel.tp=4"])
     # sequence parallelism on every attention (mdpo's local layers split the sequence too), with CP and shared prompts
     for attention in ("sdpa", "local"):
-        load_config(None, [*REQUIRED, *SMALL, "parallel.tp=2", "parallel.sequence_parallel=true",
-                           f"model.attention={attention}", "data.share_prompt=true"])  # fmt: skip
-    load_config(None, [*REQUIRED, *SMALL, "parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true",
-                       "model.attention=sdpa"])  # fmt: skip
+        load_config(
+            None,
+            [
+                *REQUIRED,
+                *SMALL,
+                "parallel.tp=2",
+                "parallel.sequence_parallel=true",
+                f"model.attention={attention}",
+                "data.share_prompt=true",
+            ],
+        )
+    load_config(
+        None,
+        [
+            *REQUIRED,
+            *SMALL,
+            "parallel.tp=2",
+            "parallel.cp=2",
+            "parallel.sequence_parallel=true",
+            "model.attention=sdpa",
+        ],
+    )
 
 
 def test_dpo_objective_keys_load():
-    overrides = ["dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1, 0.5]", "dpo.f_divergence=alpha_divergence",
-                 "dpo.f_alpha_coef=0.3"]  # fmt: skip
+    overrides = [
+        "dpo.loss_type=[sigmoid, sft]",
+        "dpo.loss_weights=[1, 0.5]",
+        "dpo.f_divergence=alpha_divergence",
+        "dpo.f_alpha_coef=0.3",
+    ]
     dpo = load_config(None, [*REQUIRED, *overrides]).dpo
     assert dpo.loss_types == ("sigmoid", "sft") and dpo.weights == (1.0, 0.5)
     assert (dpo.f_divergence, dpo.f_alpha_coef, dpo.rpo_alpha) == ("alpha_divergence", 0.3, 0.0)

@@ -23,10 +23,11 @@ VOCAB = 250
 def _random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
-        name: (0.5 + torch.rand(shape, generator=g)) if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight",
-               "layernorm.weight", "norm.weight")) else 0.05 * torch.randn(shape, generator=g)
+        name: (0.5 + torch.rand(shape, generator=g))
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "layernorm.weight", "norm.weight"))
+        else 0.05 * torch.randn(shape, generator=g)
         for name, shape in shapes.items()
-    }  # fmt: skip
+    }
 
 
 def _save_hf(folder: Path, state: dict, config: dict, shard_size: str = "5GB") -> Path:
@@ -43,36 +44,78 @@ def _save_hf(folder: Path, state: dict, config: dict, shard_size: str = "5GB") -
 
 def qwen_checkpoint(folder: Path, seed: int = 3) -> Path:
     h, f, n, layers = 64, 96, 4, 2
-    config = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "auto_map": {"AutoModelForCausalLM":
-              "modeling_qwen.QWenLMHeadModel"}, "vocab_size": VOCAB, "hidden_size": h, "intermediate_size": 2 * f,
-              "num_hidden_layers": layers, "num_attention_heads": n, "kv_channels": h // n,
-              "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0, "seq_length": 256,
-              "max_position_embeddings": 256, "no_bias": True, "tie_word_embeddings": False,
-              "use_dynamic_ntk": True, "use_logn_attn": True, "torch_dtype": "float32"}  # fmt: skip
+    config = {
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        "vocab_size": VOCAB,
+        "hidden_size": h,
+        "intermediate_size": 2 * f,
+        "num_hidden_layers": layers,
+        "num_attention_heads": n,
+        "kv_channels": h // n,
+        "layer_norm_epsilon": 1e-6,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "seq_length": 256,
+        "max_position_embeddings": 256,
+        "no_bias": True,
+        "tie_word_embeddings": False,
+        "use_dynamic_ntk": True,
+        "use_logn_attn": True,
+        "torch_dtype": "float32",
+    }
     shapes = {"transformer.wte.weight": (VOCAB, h), "transformer.ln_f.weight": (h,), "lm_head.weight": (VOCAB, h)}
     for i in range(layers):
         p = f"transformer.h.{i}."
-        shapes.update({p + "ln_1.weight": (h,), p + "attn.c_attn.weight": (3 * h, h), p + "attn.c_attn.bias": (3 * h,),
-                       p + "attn.c_proj.weight": (h, h), p + "ln_2.weight": (h,), p + "mlp.w1.weight": (f, h),
-                       p + "mlp.w2.weight": (f, h), p + "mlp.c_proj.weight": (h, f)})  # fmt: skip
+        shapes.update(
+            {
+                p + "ln_1.weight": (h,),
+                p + "attn.c_attn.weight": (3 * h, h),
+                p + "attn.c_attn.bias": (3 * h,),
+                p + "attn.c_proj.weight": (h, h),
+                p + "ln_2.weight": (h,),
+                p + "mlp.w1.weight": (f, h),
+                p + "mlp.w2.weight": (f, h),
+                p + "mlp.c_proj.weight": (h, f),
+            }
+        )
     return _save_hf(folder, _random_state(shapes, seed), config, shard_size="100KB")
 
 
 def baichuan_checkpoint(folder: Path, heads: int = 6, seed: int = 4) -> Path:
     """6 heads: ALiBi slopes for a head count that is not a power of two (as Baichuan 2 13B's 40)."""
     h, f, layers = 16 * heads, 80, 2
-    config = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "auto_map": {"AutoModelForCausalLM":
-              "modeling_baichuan.BaichuanForCausalLM"}, "vocab_size": VOCAB, "hidden_size": h,
-              "intermediate_size": f, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "hidden_act": "silu", "rms_norm_eps": 1e-6, "model_max_length": 256, "tie_word_embeddings": False,
-              "z_loss_weight": 0, "torch_dtype": "float32"}  # fmt: skip
+    config = {
+        "architectures": ["BaichuanForCausalLM"],
+        "model_type": "baichuan",
+        "auto_map": {"AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+        "vocab_size": VOCAB,
+        "hidden_size": h,
+        "intermediate_size": f,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "model_max_length": 256,
+        "tie_word_embeddings": False,
+        "z_loss_weight": 0,
+        "torch_dtype": "float32",
+    }
     shapes = {"model.embed_tokens.weight": (VOCAB, h), "model.norm.weight": (h,), "lm_head.weight": (VOCAB, h)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "self_attn.W_pack.weight": (3 * h, h),
-                       p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f)})  # fmt: skip
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attn.W_pack.weight": (3 * h, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
     return _save_hf(folder, _random_state(shapes, seed), config)
 
 
@@ -92,16 +135,31 @@ def converted(tmp_path_factory):
     TP=PP=1 (one process writing in parts of one HF shard: the Qwen source has several 100 KB shards)."""
     root = tmp_path_factory.mktemp("convert")
     tiny_hf_llama(seed=0, vocab_size=VOCAB, num_hidden_layers=2).save_pretrained(root / "llama_hf")
-    sources = {"llama": root / "llama_hf", "qwen": qwen_checkpoint(root / "qwen_hf"),
-               "baichuan13b": baichuan_checkpoint(root / "baichuan13b_hf"),
-               "baichuan7b": baichuan_checkpoint(root / "baichuan7b_hf", heads=4, seed=5)}  # fmt: skip
+    sources = {
+        "llama": root / "llama_hf",
+        "qwen": qwen_checkpoint(root / "qwen_hf"),
+        "baichuan13b": baichuan_checkpoint(root / "baichuan13b_hf"),
+        "baichuan7b": baichuan_checkpoint(root / "baichuan7b_hf", heads=4, seed=5),
+    }
     sources["qwen_parts"] = sources["qwen"]
     layouts = {"baichuan7b": ["--position-embedding", "rope"], "qwen_parts": []}
     out = {}
     for name, src in sources.items():
         layout = layouts.get(name, ["--tp", "2", "--pp", "2"])
-        result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(src), "--out", str(root / f"{name}_mc"), *layout,
-                           "--check", "--check-rows", "2"])  # fmt: skip
+        result = run_mdpo(
+            [
+                "convert",
+                "hf-to-megatron",
+                "--hf",
+                str(src),
+                "--out",
+                str(root / f"{name}_mc"),
+                *layout,
+                "--check",
+                "--check-rows",
+                "2",
+            ]
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         checked = [line for line in result.stdout.splitlines() if "check: 2 rows" in line]
         assert len(checked) == 1 and checked[0].endswith(": ok"), result.stdout  # the self-check ran and passed
@@ -119,8 +177,23 @@ def families_converted(tmp_path_factory):
     for case in FAMILY_CASES:
         src, mc, back = root / case, root / f"{case}_mc", root / f"{case}_back"
         tiny_hf_family(case, seed=5, vocab_size=VOCAB).save_pretrained(src)
-        result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(src), "--out", str(mc), "--tp", "2", "--pp", "2",
-                           "--check", "--check-rows", "2"])  # fmt: skip
+        result = run_mdpo(
+            [
+                "convert",
+                "hf-to-megatron",
+                "--hf",
+                str(src),
+                "--out",
+                str(mc),
+                "--tp",
+                "2",
+                "--pp",
+                "2",
+                "--check",
+                "--check-rows",
+                "2",
+            ]
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         checked = [line for line in result.stdout.splitlines() if "check: 2 rows" in line]
         assert len(checked) == 1 and checked[0].endswith(": ok"), result.stdout
@@ -139,8 +212,10 @@ def test_families_round_trip_bitwise_config_included(families_converted):
         assert all(torch.equal(original[name], returned[name]) for name in original), case
         assert ("lm_head.weight" in returned) == ("tied" not in case), case
         assert json.loads((back / "config.json").read_text()) == json.loads((src / "config.json").read_text()), case
-    model = {case: json.loads((mc / "mdpo_model.json").read_text())["model"] for case, (_, mc, _) in
-             families_converted.items()}  # fmt: skip
+    model = {
+        case: json.loads((mc / "mdpo_model.json").read_text())["model"]
+        for case, (_, mc, _) in families_converted.items()
+    }
     assert model["llama3.1"]["rope_scaling"] == "llama3" and model["llama3.1"]["rope_low_freq_factor"] == 0.5
     assert model["llama3.1"]["rope_original_max_position_embeddings"] == 64 and not model["llama3.1"]["qk_norm"]
     assert model["qwen3_tied"]["qk_norm"] and model["qwen3_tied"]["head_dim"] == 32
@@ -149,9 +224,14 @@ def test_families_round_trip_bitwise_config_included(families_converted):
     assert model["qwen2.5"]["head_dim"] is None  # hidden / heads: the default, however config.json spells it
 
 
-@pytest.mark.parametrize(("case", "tensor"), [("llama3.2_tied", "model.embed_tokens.weight"),
-                                               ("qwen3_tied", "model.layers.3.self_attn.k_norm.weight"),
-                                               ("llama3.1", "model.layers.2.mlp.down_proj.weight")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("case", "tensor"),
+    [
+        ("llama3.2_tied", "model.embed_tokens.weight"),
+        ("qwen3_tied", "model.layers.3.self_attn.k_norm.weight"),
+        ("llama3.1", "model.layers.2.mlp.down_proj.weight"),
+    ],
+)
 def test_check_fails_on_one_wrong_tensor(families_converted, tmp_path, case, tensor):
     """`--check` against a copy of the source folder with one tensor changed by 1%: the conversion check fails."""
     import shutil
@@ -264,7 +344,7 @@ def _edit(folder: Path, drop: str | None = None, add: dict | None = None, reshap
             "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM (llama), "
             "QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), MistralForCausalLM "
             "(mistral), BaichuanForCausalLM (baichuan)",
-        ),  # fmt: skip
+        ),
         ("megatron", "is already a Megatron checkpoint"),
     ],
 )
@@ -330,8 +410,16 @@ def test_training_from_a_converted_checkpoint(tmp_path):
     runs = {}
     for name, source in (("from_hf", files["hf"]), ("from_mc", tmp_path / "mc")):
         run = tmp_path / name
-        result = run_mdpo(["train", str(tmp_path / "config.yaml"), f"model.init_from={source}",
-                           f"logging.run_dir={run}", f"checkpoint.dir={run / 'ckpt'}"], nproc=2)  # fmt: skip
+        result = run_mdpo(
+            [
+                "train",
+                str(tmp_path / "config.yaml"),
+                f"model.init_from={source}",
+                f"logging.run_dir={run}",
+                f"checkpoint.dir={run / 'ckpt'}",
+            ],
+            nproc=2,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(runs["from_hf"], runs["from_mc"], strict=True):
@@ -349,8 +437,10 @@ def test_training_from_a_converted_checkpoint(tmp_path):
 def test_bf16_round_trip_keeps_dtype_and_bits(tmp_path):
     """A bf16 checkpoint (Megatron keeps its norms in fp32) comes back bf16 and bitwise equal."""
     tiny_hf_llama(seed=2, vocab_size=VOCAB, num_hidden_layers=2).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
-    for args in (["hf-to-megatron", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mc")],
-                 ["megatron-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "back")]):  # fmt: skip
+    for args in (
+        ["hf-to-megatron", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mc")],
+        ["megatron-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "back")],
+    ):
         result = run_mdpo(["convert", *args])
         assert result.returncode == 0, result.stderr[-3000:]
     original, returned = read_folder(tmp_path / "hf"), read_folder(tmp_path / "back")
@@ -408,8 +498,9 @@ def test_check_uses_the_users_rows_both_ways_and_fails_on_another_model(tmp_path
     assert len(lines) == 1 and lines[0].endswith(": ok"), result.stdout
     tokens = int(lines[0].split("rows, ")[1].split(" tokens")[0])
     assert tokens > 3 * 10  # real prompt + chosen rows, not three ids
-    result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "back"),
-                       *check])  # fmt: skip
+    result = run_mdpo(
+        ["convert", "megatron-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "back"), *check]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert any(line.endswith(": ok") and "check: 3 rows" in line for line in result.stdout.splitlines())
 
@@ -419,6 +510,17 @@ def test_check_uses_the_users_rows_both_ways_and_fails_on_another_model(tmp_path
     tiny_hf_llama(seed=8, vocab_size=model.vocab_size).save_pretrained(other)  # same shapes, other weights
     with pytest.raises(MdpoError, match="conversion check failed"):
         check_conversion(other, tmp_path / "mc", model, None, 2)
-    bad = run_mdpo(["convert", "hf-to-megatron", "--hf", str(files["hf"]), "--out", str(tmp_path / "mc2"), "--check",
-                    "--check-rows", "0"])  # fmt: skip
+    bad = run_mdpo(
+        [
+            "convert",
+            "hf-to-megatron",
+            "--hf",
+            str(files["hf"]),
+            "--out",
+            str(tmp_path / "mc2"),
+            "--check",
+            "--check-rows",
+            "0",
+        ]
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["mdpo: error: --check-rows must be >= 1, got 0"]

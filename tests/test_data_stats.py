@@ -21,8 +21,18 @@ def uf_args(tmp_path_factory):
     data = shared_path("data", "ultrafeedback_binarized_sample_200.jsonl")
     tokenizer = shared_path("tokenizers", "llama2")
     cache = tmp_path_factory.mktemp("cache")
-    return ["--data", str(data), "--tokenizer", str(tokenizer), "--template", "tulu2", "--max-length", "4096",
-            "--cache-dir", str(cache)]  # fmt: skip
+    return [
+        "--data",
+        str(data),
+        "--tokenizer",
+        str(tokenizer),
+        "--template",
+        "tulu2",
+        "--max-length",
+        "4096",
+        "--cache-dir",
+        str(cache),
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -62,8 +62,9 @@ def test_eval_of_the_hf_export_at_tp2_is_the_runs_final_eval(run):
     resharding both. A HF folder records no origin and no run settings: the reference and the run's data and
     micro-batch settings are given."""
     settings = (f"data.max_length={MAX_LENGTH}", "schedule.micro_batch_size=2", "parallel.tp=2")
-    got = mdpo_eval("--model", str(run["export"]), "--data", str(run["eval"]), "--reference", str(run["hf"]),
-                    *settings, nproc=2)  # fmt: skip
+    got = mdpo_eval(
+        "--model", str(run["export"]), "--data", str(run["eval"]), "--reference", str(run["hf"]), *settings, nproc=2
+    )
     assert got.keys() == run["final"].keys()
     for key, want in run["final"].items():
         assert got[key] == pytest.approx(want, rel=1e-5, abs=1e-9), key
@@ -96,15 +97,27 @@ def test_the_runs_eval_metrics_equal_an_independent_hf_forward(run):
             totals[f"logit_sum/{side}"] = totals.get(f"logit_sum/{side}", 0.0) + logit_sum
             totals[f"tokens/{side}"] = totals.get(f"tokens/{side}", 0) + len(response)
         margin = beta * (pair["chosen"][1] - pair["rejected"][1])
-        values = {"loss": math.log1p(math.exp(-margin)), "rewards/chosen": beta * pair["chosen"][1],
-                  "rewards/rejected": beta * pair["rejected"][1], "rewards/margins": margin,
-                  "rewards/accuracies": float(margin > 0), "logps/chosen": pair["chosen"][0],
-                  "logps/rejected": pair["rejected"][0]}  # fmt: skip
+        values = {
+            "loss": math.log1p(math.exp(-margin)),
+            "rewards/chosen": beta * pair["chosen"][1],
+            "rewards/rejected": beta * pair["rejected"][1],
+            "rewards/margins": margin,
+            "rewards/accuracies": float(margin > 0),
+            "logps/chosen": pair["chosen"][0],
+            "logps/rejected": pair["rejected"][0],
+        }
         for key, value in values.items():
             totals[key] = totals.get(key, 0.0) + value / len(rows)
     final = run["final"]
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "logps/chosen", "logps/rejected"):  # fmt: skip
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert final[f"eval_{key}"] == pytest.approx(totals[key], rel=1e-5, abs=1e-6), key
     for side in ("chosen", "rejected"):
         want = totals[f"logit_sum/{side}"] / totals[f"tokens/{side}"]
@@ -136,10 +149,18 @@ def test_lm_eval_harness_on_an_mdpo_export(run, tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    task = {"task": "mdpo_pairs", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(run["eval"])}},
-            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{prompt}}",
-            "doc_to_choice": "{{[chosen, rejected]}}", "doc_to_target": 0, "target_delimiter": "",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}  # fmt: skip
+    task = {
+        "task": "mdpo_pairs",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(run["eval"])}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_choice": "{{[chosen, rejected]}}",
+        "doc_to_target": 0,
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
     (tmp_path / "mdpo_pairs.yaml").write_text(yaml.safe_dump(task))
     results = lm_eval.simple_evaluate(
         model="hf",

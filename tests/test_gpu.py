@@ -71,8 +71,7 @@ def test_varlen_attention_equals_per_sequence_sdpa_forward_and_backward():
     g = torch.Generator(device="cuda").manual_seed(0)
     q_lengths, k_lengths = [5, 130, 1, 64, 300], [5, 170, 9, 64, 420]
     heads, d = 4, 64
-    cu = lambda lengths: torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
-                                      device="cuda")  # fmt: skip
+    cu = lambda lengths: torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     q = torch.randn(sum(q_lengths), heads, d, device="cuda", generator=g, dtype=torch.bfloat16)
     k, v = (torch.randn(sum(k_lengths), heads, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
     grad = torch.randn_like(q)
@@ -84,12 +83,14 @@ def test_varlen_attention_equals_per_sequence_sdpa_forward_and_backward():
     for qi, ki, vi in zip(exact_in[0].split(q_lengths), exact_in[1].split(k_lengths), exact_in[2].split(k_lengths)):
         qi, ki, vi = (x.transpose(0, 1)[None] for x in (qi, ki, vi))
         mask = causal_lower_right(qi.shape[2], ki.shape[2])
-        pieces.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=0.1)[0]
-                      .transpose(0, 1))  # fmt: skip
+        pieces.append(
+            torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=0.1)[0].transpose(0, 1)
+        )
     exact = torch.cat(pieces)
     exact.backward(grad.float())
-    for name, a, b in zip(("out", "dq", "dk", "dv"), [fast, *(x.grad for x in fast_in)],
-                          [exact, *(x.grad for x in exact_in)]):  # fmt: skip
+    for name, a, b in zip(
+        ("out", "dq", "dk", "dv"), [fast, *(x.grad for x in fast_in)], [exact, *(x.grad for x in exact_in)]
+    ):
         err = (a.float() - b).abs().max().item() / b.abs().max().item()
         assert err < 2e-2, f"{name}: relative error {err:.3g}"
 
@@ -134,8 +135,15 @@ def test_lora_bf16_run_holds_less_than_full_tuning(tmp_path):
 
     tokenizer = build_demo_tokenizer(tmp_path / "tok")
     train, _ = make_demo_data(tmp_path / "data", n_train=64, n_eval=8)
-    hf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                     num_attention_heads=16, max_position_embeddings=128, tie_word_embeddings=False)  # fmt: skip
+    hf = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(hf)
     weights = sum(p.numel() for p in model.parameters())
     model.save_pretrained(tmp_path / "hf")

@@ -56,16 +56,23 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     files = tiny_run_files(root, n_train=32, n_eval=4, data_seed=5, model_seed=5)
     config = {
         "model": {"init_from": str(files["hf"])},
-        "data": {"train_file": str(files["train"]), "eval_file": str(files["eval"]),
-                 "tokenizer": str(files["tokenizer"]), "max_length": 64},
+        "data": {
+            "train_file": str(files["train"]),
+            "eval_file": str(files["eval"]),
+            "tokenizer": str(files["tokenizer"]),
+            "max_length": 64,
+        },
         "schedule": {"global_batch_size": 4, "micro_batch_size": 2, "train_steps": STEPS, "warmup_ratio": 0.0},
         "optimizer": {"lr": 1e-2, "adam_eps": 1e-2},
         "lora": {"rank": RANK, "alpha": ALPHA},
         "logging": {"progress": False, "plot": False},
-    }  # fmt: skip
+    }
     (root / "c.yaml").write_text(yaml.safe_dump(config))
-    bases = {"llama": files["hf"], "qwen": qwen_checkpoint(root / "qwen_hf"),
-             "baichuan13b": baichuan_checkpoint(root / "baichuan13b_hf")}  # fmt: skip
+    bases = {
+        "llama": files["hf"],
+        "qwen": qwen_checkpoint(root / "qwen_hf"),
+        "baichuan13b": baichuan_checkpoint(root / "baichuan13b_hf"),
+    }
     vocab = json.loads((files["hf"] / "config.json").read_text())["vocab_size"]
     for case in TODAYS:
         bases[case] = root / f"{case}_hf"
@@ -78,8 +85,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
     jobs = [("tp1", 1, []), ("stopped", 1, ["schedule.exit_interval=2"])]
     jobs += [(name, nproc, args) for name, (nproc, args) in LAYOUTS.items()]
-    jobs += [(family, 2, ["parallel.tp=2", f"model.init_from={bases[family]}"])
-             for family in ("qwen", "baichuan13b", *TODAYS)]  # fmt: skip
+    jobs += [
+        (family, 2, ["parallel.tp=2", f"model.init_from={bases[family]}"])
+        for family in ("qwen", "baichuan13b", *TODAYS)
+    ]
     with ThreadPoolExecutor(2) as pool:  # two cores: the launches of each pair share them
         done = [pool.submit(train, name, *args, nproc=nproc) for name, nproc, args in jobs]
         assert "stopped after step 2" in done[1].result()
@@ -171,12 +180,25 @@ def test_peft_adapter_gives_the_merged_export_and_mdpos_forward(runs, tmp_path, 
     assert (ours - exported).abs().max().item() <= 1e-4, family
     assert (ours - untouched).abs().max().item() > 1e-3, family  # the adapters moved the logits
     # mdpo's own forward of the last checkpoint (the base, then the adapters, unmerged) against the merged export
-    result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(step_dir(run / "checkpoints", STEPS)),
-                       "--out", str(tmp_path / "converted"), "--check", "--check-rows", "2"])  # fmt: skip
+    result = run_mdpo(
+        [
+            "convert",
+            "megatron-to-hf",
+            "--ckpt",
+            str(step_dir(run / "checkpoints", STEPS)),
+            "--out",
+            str(tmp_path / "converted"),
+            "--check",
+            "--check-rows",
+            "2",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert any(line.endswith(": ok") and "check: 2 rows" in line for line in result.stdout.splitlines())
-    assert torch.equal(torch.cat([t.flatten() for t in read_folder(tmp_path / "converted").values()]),
-                       torch.cat([t.flatten() for t in read_folder(run / "hf").values()]))  # fmt: skip
+    assert torch.equal(
+        torch.cat([t.flatten() for t in read_folder(tmp_path / "converted").values()]),
+        torch.cat([t.flatten() for t in read_folder(run / "hf").values()]),
+    )
 
 
 @pytest.mark.parametrize("case", TODAYS)
@@ -198,14 +220,28 @@ def test_peft_on_transformers_class_gives_the_merged_export(runs, case):
     assert (ours - merged).abs().max().item() <= 1e-4, case
     assert (ours - untouched).abs().max().item() > 1e-3, case  # the adapters moved the logits
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
-                                        "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]  # fmt: skip
+    assert config["target_modules"] == [
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
 
 
 def test_adapter_config_names_the_familys_modules(runs):
     configs = {f: json.loads((runs[f] / "adapter" / "adapter_config.json").read_text()) for f in ("tp1", "qwen")}
-    assert configs["tp1"]["target_modules"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
-                                                "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]  # fmt: skip
+    assert configs["tp1"]["target_modules"] == [
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
     assert configs["qwen"]["target_modules"] == ["attn.c_attn", "attn.c_proj", "mlp.c_proj", "mlp.w1", "mlp.w2"]
     assert configs["tp1"]["r"] == RANK and configs["tp1"]["lora_alpha"] == ALPHA
     assert configs["tp1"]["base_model_name_or_path"] == str(runs["bases"]["llama"])
@@ -219,8 +255,15 @@ def test_layout_equals_one_process(runs, layout):
     one, other = metrics(runs["tp1"]), metrics(runs[layout])
     assert len(one) == len(other) == STEPS + 2  # the initial and final evaluations too
     for a, b in zip(one, other):
-        for key in ("loss", "eval_loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected",
-                    "grad_norm"):  # fmt: skip
+        for key in (
+            "loss",
+            "eval_loss",
+            "rewards/chosen",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "grad_norm",
+        ):
             if key in a:
                 tolerance = max(1e-5 * abs(a[key]), 1e-7)
                 if key.startswith("rewards/"):  # beta x (logp - ref logp): differences of fp32 sums of ~27
@@ -267,24 +310,40 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(runs):
 def test_lora_checkpoints_are_refused_where_they_do_not_fit(runs, tmp_path):
     root = runs["root"]
     other = tmp_path / "other_base"
-    tiny_hf_llama(seed=9, vocab_size=json.loads((runs["bases"]["llama"] / "config.json").read_text())["vocab_size"]
-                  ).save_pretrained(other)  # fmt: skip
+    tiny_hf_llama(
+        seed=9, vocab_size=json.loads((runs["bases"]["llama"] / "config.json").read_text())["vocab_size"]
+    ).save_pretrained(other)
     ckpt = step_dir(runs["tp1"] / "checkpoints", STEPS)
     c = str(root / "c.yaml")
     more = f"schedule.train_steps={STEPS + 2}"
     cases = [
-        (["train", c, f"logging.run_dir={runs['tp1']}", f"model.init_from={other}", more],
-         f"{ckpt}: its adapters belong to the base model {runs['bases']['llama']}"),
-        (["train", c, f"logging.run_dir={runs['tp1']}", "lora.rank=0", more],
-         f"{ckpt}: saved by a LoRA run (it holds adapters only), now lora.rank=0"),
-        (["train", c, f"logging.run_dir={tmp_path / 'new'}", f"model.init_from={ckpt}", "lora.rank=0"],
-         f"{ckpt}: a LoRA checkpoint holds its adapters only; export it merged"),
+        (
+            ["train", c, f"logging.run_dir={runs['tp1']}", f"model.init_from={other}", more],
+            f"{ckpt}: its adapters belong to the base model {runs['bases']['llama']}",
+        ),
+        (
+            ["train", c, f"logging.run_dir={runs['tp1']}", "lora.rank=0", more],
+            f"{ckpt}: saved by a LoRA run (it holds adapters only), now lora.rank=0",
+        ),
+        (
+            ["train", c, f"logging.run_dir={tmp_path / 'new'}", f"model.init_from={ckpt}", "lora.rank=0"],
+            f"{ckpt}: a LoRA checkpoint holds its adapters only; export it merged",
+        ),
         (["convert", "hf-to-megatron", "--hf", str(other), "--out", str(tmp_path / "full")], None),
-        (["convert", "megatron-to-hf", "--ckpt", str(tmp_path / "full"), "--out", str(tmp_path / "x"), "--adapter"],
-         f"{tmp_path / 'full'}: --adapter needs a LoRA run's checkpoint (lora.rank > 0); this one holds full weights"),
-    ]  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps([argv for argv, _ in cases])], cwd=REPO,
-                            capture_output=True, text=True, timeout=600, env=subprocess_env())  # fmt: skip
+        (
+            ["convert", "megatron-to-hf", "--ckpt", str(tmp_path / "full"), "--out", str(tmp_path / "x"), "--adapter"],
+            f"{tmp_path / 'full'}: --adapter needs a LoRA run's checkpoint (lora.rank > 0); this one holds full "
+            "weights",
+        ),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", _RUNNER, json.dumps([argv for argv, _ in cases])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=subprocess_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for (argv, expected), (code, stderr) in zip(cases, json.loads(result.stdout.strip().splitlines()[-1])):
         if expected is None:
@@ -307,8 +366,15 @@ def test_fresh_adapters_leave_the_forward_unchanged_and_switch_off(megatron_worl
     from mdpo.models.gpt import build_gpt_model, transformer_config
     from mdpo.models.lora import adapted_layers, adapters_off, add_adapters, initial_A
 
-    model = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     gpt = build_gpt_model(model, transformer_config(model)).eval()
     tokens = torch.randint(0, 64, (2, 10))

@@ -557,8 +557,18 @@ def test_nll_loss_errors():
 # ---------------------------------------------------------------- TRL 1.16's own loss code, where TRL is installed
 
 
-def trl_loss(per_token, completion_mask, ref_chosen, ref_rejected, loss_types, loss_weights=None, *, ld_alpha=None,
-             log_sum_sq=None, **settings):  # fmt: skip
+def trl_loss(
+    per_token,
+    completion_mask,
+    ref_chosen,
+    ref_rejected,
+    loss_types,
+    loss_weights=None,
+    *,
+    ld_alpha=None,
+    log_sum_sq=None,
+    **settings,
+):
     """TRL 1.16's DPOTrainer._compute_loss run on given per-token log-probs: a stand-in trainer holds what the
     method reads, and a stand-in model returns the log-probs (zero off the completion, as TRL's fused head) and,
     for WPO (`log_sum_sq` given: use_weighting), the per-token log sum_v p_v^2."""
@@ -570,7 +580,7 @@ def trl_loss(per_token, completion_mask, ref_chosen, ref_rejected, loss_types, l
         is_top1=torch.zeros_like(per_token, dtype=torch.bool),
         log_sum_sq_probs=log_sum_sq,
     )
-    identity = lambda t: t  # noqa: E731 - one process: gathers are identities
+    identity = lambda t: t  # one process: gathers are identities
     trainer = types.SimpleNamespace(
         model=types.SimpleNamespace(training=False),
         accelerator=types.SimpleNamespace(device=per_token.device, gather_for_metrics=identity, gather=identity),
@@ -667,29 +677,53 @@ def test_ld_alpha_and_wpo_weights_against_trl_own_loss_code():
     aligned = ((per_token - log_sum_sq) * shift).sum(dim=1)
     weights = wpo_weights(aligned[:n], aligned[n:], lc, lr)
     assert weights.std() > 0.01  # pairs weighted differently: a weight dropped or swapped would show
-    cases = [(["sigmoid"], None, {}), (["sigmoid", "sft"], [1.0, 0.5], {}), (["ipo"], None, {}),
-             (["hinge"], None, {"f_divergence": "js_divergence"})]  # fmt: skip
+    cases = [
+        (["sigmoid"], None, {}),
+        (["sigmoid", "sft"], [1.0, 0.5], {}),
+        (["ipo"], None, {}),
+        (["hinge"], None, {"f_divergence": "js_divergence"}),
+    ]
     for loss_types, loss_weights, extra in cases:
         for use_ld, use_wpo in ((True, False), (False, True), (True, True)):
             if use_wpo and "sft" in loss_types:
                 continue  # TRL 1.16 raises there: it scales sft's expanded scalar in place (*=)
-            want = trl_loss(per_token, mask, rc, rr, loss_types, loss_weights, ld_alpha=alpha if use_ld else None,
-                            log_sum_sq=log_sum_sq if use_wpo else None, beta=0.2, **extra)  # fmt: skip
-            dpo = DPOConfig(loss_type=loss_types, loss_weights=loss_weights, beta=0.2,
-                            ld_alpha=alpha if use_ld else None, use_weighting=use_wpo, **extra)  # fmt: skip
+            want = trl_loss(
+                per_token,
+                mask,
+                rc,
+                rr,
+                loss_types,
+                loss_weights,
+                ld_alpha=alpha if use_ld else None,
+                log_sum_sq=log_sum_sq if use_wpo else None,
+                beta=0.2,
+                **extra,
+            )
+            dpo = DPOConfig(
+                loss_type=loss_types,
+                loss_weights=loss_weights,
+                beta=0.2,
+                ld_alpha=alpha if use_ld else None,
+                use_weighting=use_wpo,
+                **extra,
+            )
             chosen, rejected = (ld[:n], ld[n:]) if use_ld else (pc, pr)
-            out = pair_losses(dpo, chosen, rejected, rc, rr, lc, lr, sft_chosen=pc,
-                              pair_weights=weights if use_wpo else None)  # fmt: skip
-            torch.testing.assert_close(out.losses.mean(), want, rtol=2e-6, atol=1e-6,
-                                       msg=f"{loss_types} ld={use_ld} wpo={use_wpo}")  # fmt: skip
+            out = pair_losses(
+                dpo, chosen, rejected, rc, rr, lc, lr, sft_chosen=pc, pair_weights=weights if use_wpo else None
+            )
+            torch.testing.assert_close(
+                out.losses.mean(), want, rtol=2e-6, atol=1e-6, msg=f"{loss_types} ld={use_ld} wpo={use_wpo}"
+            )
 
 
 def test_wpo_weights_float64():
     """exp(mean aligned log-prob) of each response, multiplied; lengths below 1 clamp as TRL's clamp_min(1)."""
     chosen, rejected = torch.tensor([-2.0, -0.5, -9.0]), torch.tensor([-1.0, -3.0, 0.0])
     lc, lr = torch.tensor([4.0, 1.0, 3.0]), torch.tensor([2.0, 6.0, 0.0])
-    want = [math.exp(c / max(a, 1.0)) * math.exp(r / max(b, 1.0))
-            for c, r, a, b in zip(chosen.tolist(), rejected.tolist(), lc.tolist(), lr.tolist())]  # fmt: skip
+    want = [
+        math.exp(c / max(a, 1.0)) * math.exp(r / max(b, 1.0))
+        for c, r, a, b in zip(chosen.tolist(), rejected.tolist(), lc.tolist(), lr.tolist())
+    ]
     got = wpo_weights(chosen.requires_grad_(), rejected, lc, lr)
     assert not got.requires_grad
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)

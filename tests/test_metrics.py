@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from mdpo.config import DPOConfig
-from mdpo.training.metrics import MetricsWriter, finalize, pair_sums
+from mdpo.training.logprobs import SequenceStats
+from mdpo.training.metrics import MetricSums, MetricsWriter, pair_sums
 from mdpo.training.step import DPOObjective
 
 BETA = 0.1
@@ -27,17 +28,20 @@ def objective(**dpo) -> DPOObjective:
     return DPOObjective.from_config(DPOConfig(beta=BETA, **dpo), vocab_size=100)
 
 
-def sums_for(obj: DPOObjective, rows: slice) -> torch.Tensor:
-    losses, cr, rr, comps = obj(PC[rows], PR[rows], RC[rows], RR[rows], LC[rows], LR[rows])
+def sums_for(obj: DPOObjective, rows: slice) -> MetricSums:
+    """A micro-batch of the pairs `rows`: per-sequence stats (chosen, then rejected) and the batch's token counts."""
     logit_sums = torch.ones(3)[rows]
-    return pair_sums(
-        losses, cr, rr, PC[rows], PR[rows], logit_sums, 2 * logit_sums, LC[rows], LR[rows], 7, 6, 10, comps
-    )
+    logps = torch.cat([PC[rows], PR[rows]])
+    stats = SequenceStats(logps, logps, torch.cat([logit_sums, 2 * logit_sums]), torch.cat([LC[rows], LR[rows]]))
+    batch = types.SimpleNamespace(num_pairs=len(PC[rows]), num_input_tokens=7, num_computed_tokens=6, num_slots=10)
+    return pair_sums(obj(PC[rows], PR[rows], RC[rows], RR[rows], LC[rows], LR[rows]), stats, batch)
 
 
 def test_uneven_microbatches_reduce_to_the_hand_computed_means():
     obj = objective(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5], rpo_alpha=0.2)
-    out = finalize(sums_for(obj, slice(0, 1)) + sums_for(obj, slice(1, 3)), obj.components)
+    sums = sums_for(obj, slice(0, 1)) + sums_for(obj, slice(1, 3))
+    assert sums.names == obj.metric_names
+    out = sums.record()
 
     chosen_rewards, rejected_rewards = BETA * (PC - RC), BETA * (PR - RR)  # by hand, per pair
     sigmoid = -F.logsigmoid(chosen_rewards - rejected_rewards)

@@ -79,9 +79,14 @@ def mdpo_logps(model, pairs, layout: str = "padded", cfg=None, thd: bool = False
 
 def model_config_of(model) -> ModelConfig:
     config = model.config
-    return ModelConfig(vocab_size=VOCAB, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
-                       num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
-                       num_key_value_heads=config.num_query_groups)  # fmt: skip
+    return ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_query_groups,
+    )
 
 
 @pytest.mark.parametrize("attention", ["local", "sdpa"])
@@ -220,10 +225,15 @@ def test_vocab_padding_is_masked_out(megatron_world):
 
     hidden, weight = torch.ones(1, 2, 4), torch.zeros(256, 4)  # every logit 0
     index = torch.tensor([0, 1])
-    batch = MicroBatch(tokens=torch.zeros(1, 2, dtype=torch.long), position_ids=torch.zeros(1, 2, dtype=torch.long),
-                       score_index=index, score_labels=torch.zeros(2, dtype=torch.long),
-                       score_sequence=torch.zeros(2, dtype=torch.long), score_tail=torch.zeros(2, dtype=torch.bool),
-                       pair_ids=[0])  # fmt: skip
+    batch = MicroBatch(
+        tokens=torch.zeros(1, 2, dtype=torch.long),
+        position_ids=torch.zeros(1, 2, dtype=torch.long),
+        score_index=index,
+        score_labels=torch.zeros(2, dtype=torch.long),
+        score_sequence=torch.zeros(2, dtype=torch.long),
+        score_tail=torch.zeros(2, dtype=torch.bool),
+        pair_ids=[0],
+    )
     stats = sequence_stats(hidden, batch, weight, VOCAB, chunk_tokens=1)
     assert torch.allclose(stats.logps, torch.tensor([-2 * torch.log(torch.tensor(250.0)).item(), 0.0]))
 

@@ -40,7 +40,7 @@ LAYOUTS = {
     "tp2_sp_packed": (
         2,
         ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true", "data.pack_tokens=160"],
-    ),  # fmt: skip
+    ),
     # ... and with the fused kernels (model.fused_swiglu: Megatron's SwiGLU, torch.compile'd, its own backward;
     # model.fused_rope: Megatron's rotation compiled, per-token tables of the blocks) against the unfused one process.
     "tp2_sp_packed_fused": (
@@ -53,18 +53,18 @@ LAYOUTS = {
             "model.fused_swiglu=true",
             "model.fused_rope=true",
         ],
-    ),  # fmt: skip
+    ),
     # The reference run shares each pair's prompt (data.share_prompt: auto); these do not, so they prove sharing
     # exact: same metrics step for step and same weights, at TP=2 (with full activation recompute, which changes
     # when work happens, never the result) and packed through the pipeline.
     "tp2_unshared_recompute_full": (
         2,
         ["parallel.tp=2", "schedule.micro_batch_size=2", "data.share_prompt=false", "parallel.recompute=full"],
-    ),  # fmt: skip
+    ),
     "packed_pp2_unshared": (
         2,
         ["parallel.pp=2", "data.packing=true", "data.pack_tokens=160", "data.share_prompt=false"],
-    ),  # fmt: skip
+    ),
     # The interleaved pipeline: two model chunks per stage (one layer each), padded and packed micro-batches (each
     # schedule call in one frame), several packs of different lengths a step.
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", "schedule.micro_batch_size=2"]),
@@ -79,7 +79,7 @@ LAYOUTS = {
             "parallel.recompute=selective",
             "schedule.micro_batch_size=2",
         ],
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -143,9 +143,24 @@ def run_layout(root: Path, name: str, family: str | None = None) -> tuple[list[d
     return records, load_file(str(run_dir / "hf" / "model.safetensors"))
 
 
-METRICS = ("loss", "loss/sigmoid", "loss/ipo", "loss/bco_pair", "nll_loss", "rewards/chosen", "rewards/rejected",
-           "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen",
-           "logits/rejected", "grad_norm", "learning_rate", "num_tokens")  # fmt: skip
+METRICS = (
+    "loss",
+    "loss/sigmoid",
+    "loss/ipo",
+    "loss/bco_pair",
+    "nll_loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "grad_norm",
+    "learning_rate",
+    "num_tokens",
+)
 
 
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "tp1_mb8"])

@@ -23,16 +23,31 @@ def test_llama_presets_count_hf_parameters(name):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = planner.MODELS[name]
-    config = LlamaConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-                         num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab_size)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.kv_heads,
+        vocab_size=shape.vocab_size,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     assert planner.params(shape) == sum(p.numel() for p in model.parameters())
 
 
-TODAYS_PRESETS = ["llama3.2-1b", "llama3.2-3b", "llama3.1-8b", "llama3.1-70b", "qwen2.5-7b", "qwen2.5-72b",
-                  "qwen3-0.6b", "qwen3-8b", "qwen3-32b", "mistral-nemo-12b"]  # fmt: skip
+TODAYS_PRESETS = [
+    "llama3.2-1b",
+    "llama3.2-3b",
+    "llama3.1-8b",
+    "llama3.1-70b",
+    "qwen2.5-7b",
+    "qwen2.5-72b",
+    "qwen3-0.6b",
+    "qwen3-8b",
+    "qwen3-32b",
+    "mistral-nemo-12b",
+]
 
 
 @pytest.mark.parametrize("name", TODAYS_PRESETS)
@@ -45,11 +60,15 @@ def test_todays_presets_count_transformers_parameters(name):
 
     shape = planner.MODELS[name]
     config = getattr(transformers, get(shape.family).architecture.replace("ForCausalLM", "Config"))(
-        hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab_size, head_dim=shape.kv_channels,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.kv_heads,
+        vocab_size=shape.vocab_size,
+        head_dim=shape.kv_channels,
         tie_word_embeddings=shape.tie_word_embeddings,
-    )  # fmt: skip
+    )
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     assert planner.params(shape) == sum(p.numel() for p in model.parameters())
@@ -65,8 +84,11 @@ def test_other_presets_count_the_family_tables_tensors(name, family):
 QWEN3_TIED = dict(head_dim=32, qk_norm=True, tie_word_embeddings=True)  # Qwen 3 0.6B's features
 
 
-@pytest.mark.parametrize(("lora_rank", "features"), [(0, {}), (4, {}), (0, QWEN3_TIED), (4, QWEN3_TIED)],
-                         ids=["full", "lora", "full_qwen3_tied", "lora_qwen3_tied"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("lora_rank", "features"),
+    [(0, {}), (4, {}), (0, QWEN3_TIED), (4, QWEN3_TIED)],
+    ids=["full", "lora", "full_qwen3_tied", "lora_qwen3_tied"],
+)
 def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank, features):
     """Weights, the DDP gradient buffer and Adam's states of a real (fp32, CPU) policy, counted in bytes; with
     LoRA the buffer and the states are the adapters' alone; a tied head's matrix is held once, q/k norms and a head
@@ -79,8 +101,15 @@ def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank, fea
     from mdpo.training.setup import build_model
 
     # vocabulary 256: no padding
-    shape = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, **features)  # fmt: skip
+    shape = ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **features,
+    )
     cfg = TrainConfig(model=shape)
     (model,) = build_model(cfg, Layout(), torch.float32, load=False)
     if lora_rank:
@@ -88,8 +117,13 @@ def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank, fea
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, params_dtype=torch.float32), [ddp])
     optimizer.step()  # Adam's moments exist from the first step
-    states = [t for opt in optimizer.chained_optimizers for st in opt.optimizer.state.values()
-              for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")]  # fmt: skip
+    states = [
+        t
+        for opt in optimizer.chained_optimizers
+        for st in opt.optimizer.state.values()
+        for k, t in st.items()
+        if k in ("exp_avg", "exp_avg_sq")
+    ]
     measured = {
         "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
         "grads": sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers),
@@ -107,9 +141,17 @@ def _saved_bytes_per_token(layers: int, recompute: str, fused_swiglu: bool = Fal
     """Bytes of the distinct tensors autograd keeps for backward in one forward of a real model, per token."""
     from mdpo.models.gpt import build_gpt_model, transformer_config
 
-    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, attention="sdpa",
-                      fused_swiglu=fused_swiglu, fused_rope=fused_rope)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention="sdpa",
+        fused_swiglu=fused_swiglu,
+        fused_rope=fused_rope,
+    )
     model = build_gpt_model(cfg, transformer_config(cfg, recompute=recompute)).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
@@ -137,8 +179,14 @@ def test_activation_bytes_per_layer_are_what_autograd_keeps(megatron_world, reco
     per_layer = (
         _saved_bytes_per_token(4, recompute, fused_swiglu) - _saved_bytes_per_token(2, recompute, fused_swiglu)
     ) / 2
-    shape = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    shape = ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     fp32 = planner.Candidate(precision="fp32", recompute=recompute, fused_swiglu=fused_swiglu)
     assert planner.activation_bytes_per_token_layer(shape, fp32, norm_saves=2) == pytest.approx(per_layer, rel=0.03)
 
@@ -184,8 +232,9 @@ def test_search_ranks_fitting_layouts_and_respects_the_rules():
     interleaved = [p for p in plans if p.layout.vpp > 1]
     assert interleaved, "no interleaved layout among the fastest"
     best = interleaved[0]
-    plain = planner.plan(model, dataclasses.replace(best.candidate, layout=dataclasses.replace(best.layout, vpp=1)),
-                         workload, cluster)  # fmt: skip
+    plain = planner.plan(
+        model, dataclasses.replace(best.candidate, layout=dataclasses.replace(best.layout, vpp=1)), workload, cluster
+    )
     assert best.time_s["bubble"] == pytest.approx(plain.time_s["bubble"] / best.layout.vpp)
     p, v = best.layout.pp, best.layout.vpp
     m = math.ceil(planner.microbatches_per_step(workload, best.candidate))

@@ -29,8 +29,16 @@ def test_tuning_sh_runs_both_modes_over_the_seeds_folders(tmp_path):
 
     def tuning(mode: str, loss: str) -> subprocess.CompletedProcess:
         env = subprocess_env(GPUS_PER_NODE="1", TP="1", MAX_LENGTH="32", TEMPLATE="raw", MASTER_PORT=str(free_port()))
-        cmd = ["bash", "examples/tuning.sh", mode, loss, str(root), "schedule.train_steps=2", "logging.progress=false",
-               "logging.plot=false"]  # fmt: skip
+        cmd = [
+            "bash",
+            "examples/tuning.sh",
+            mode,
+            loss,
+            str(root),
+            "schedule.train_steps=2",
+            "logging.progress=false",
+            "logging.plot=false",
+        ]
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
     with ThreadPoolExecutor(2) as pool:
@@ -51,8 +59,13 @@ def test_tuning_sh_runs_both_modes_over_the_seeds_folders(tmp_path):
         assert (work / "adapter" / "adapter_config.json").is_file() == (mode == "1"), mode
     adapter = json.loads((root / "runs" / "tiny-llama_ipo_mode1" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 64 and adapter["lora_alpha"] == 128 and adapter["lora_dropout"] == 0.05
-    bad = subprocess.run(["bash", "examples/tuning.sh", "2", "sigmoid", str(root)], cwd=REPO, capture_output=True,
-                         text=True, env=subprocess_env())  # fmt: skip
+    bad = subprocess.run(
+        ["bash", "examples/tuning.sh", "2", "sigmoid", str(root)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
     assert bad.returncode == 2 and bad.stderr.strip() == "tuning.sh: MODE must be 0 (full tuning) or 1 (LoRA), got '2'"
 
 
@@ -70,11 +83,17 @@ def test_slurm_script_starts_one_recipe_per_node_with_the_rendezvous_of_node_0(t
     recipe.write_text('echo "node=$NODE_RANK of $NNODES at $MASTER_ADDR:$MASTER_PORT gpus=$GPUS_PER_NODE args=$*"\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    env = subprocess_env(PATH=f"{bin_dir}:{subprocess_env()['PATH']}", SLURM_JOB_NODELIST="gpu[07-08]",
-                         SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(REPO), RECIPE=str(recipe))  # fmt: skip
+    env = subprocess_env(
+        PATH=f"{bin_dir}:{subprocess_env()['PATH']}",
+        SLURM_JOB_NODELIST="gpu[07-08]",
+        SLURM_NNODES="2",
+        SLURM_SUBMIT_DIR=str(REPO),
+        RECIPE=str(recipe),
+    )
     script = REPO / "examples" / "slurm" / "dpo_tulu2_13b.sbatch"
-    result = subprocess.run(["bash", str(script), "logging.wandb_project=x"], env=env, capture_output=True, text=True,
-                            timeout=60)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(script), "logging.wandb_project=x"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "node=0 of 2 at gpu07:29500 gpus=8 args=logging.wandb_project=x",
@@ -96,11 +115,24 @@ def test_tulu3_recipe_runs_tulu3s_settings_over_llama3s_tokenizer(tmp_path):
     for file in tokenizer.iterdir():
         shutil.copy(file, hf / file.name)
     work = tmp_path / "work"
-    env = subprocess_env(GPUS_PER_NODE="1", TP="1", MAX_LENGTH="48", HF_MODEL=str(hf), DATA=str(data), WORK=str(work),
-                         MASTER_PORT=str(free_port()))  # fmt: skip
+    env = subprocess_env(
+        GPUS_PER_NODE="1",
+        TP="1",
+        MAX_LENGTH="48",
+        HF_MODEL=str(hf),
+        DATA=str(data),
+        WORK=str(work),
+        MASTER_PORT=str(free_port()),
+    )
     # prompts cut to 24 tokens (else most UltraFeedback prompts fill 48 and are dropped): all 200 pairs, a full batch
-    cmd = ["bash", "examples/dpo_tulu3_8b.sh", "data.max_prompt_length=24", "schedule.train_steps=2",
-           "logging.progress=false", "logging.plot=false"]  # fmt: skip
+    cmd = [
+        "bash",
+        "examples/dpo_tulu3_8b.sh",
+        "data.max_prompt_length=24",
+        "schedule.train_steps=2",
+        "logging.progress=false",
+        "logging.plot=false",
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     config = yaml.safe_load((work / "config.yaml").read_text())

@@ -21,7 +21,7 @@ def setup(tmp_path_factory) -> Path:
             "eval_file": str(files["eval"]),
             "tokenizer": str(files["tokenizer"]),
             "max_length": 64,
-        },  # fmt: skip
+        },
         "schedule": {"global_batch_size": 8, "micro_batch_size": 4, "train_steps": 4, "warmup_ratio": 0.0},
         "optimizer": {"lr": 1e-3},
         "dpo": {"reference_cache": str(root / "cache")},

@@ -16,8 +16,15 @@ from mdpo.models.gpt import TorchNorm, decoder_spec, transformer_config
 @pytest.mark.parametrize("attention", ["sdpa", "local"])
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["off", "on"])
 def test_every_local_norm_marks_its_weight_for_sequence_parallelism(megatron_world, attention, sequence_parallel):
-    model = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, attention=attention)  # fmt: skip
+    model = ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention=attention,
+    )
     config = transformer_config(model, tp=2, sequence_parallel=sequence_parallel)
     block = decoder_spec(model, config)
     layers = [layer.submodules for layer in block.layer_specs]

@@ -19,16 +19,24 @@ def test_sweep_runs_the_grid_records_failures_and_resumes(tmp_path):
         "schedule": {"global_batch_size": 4, "micro_batch_size": 2, "warmup_ratio": 0.0},
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(config))
-    sweep = {"config": "base.yaml", "grid": {"model.hidden_size": [32, 64], "parallel.tp": [1, 3]},
-             "steps": 3, "warmup": 1, "out": str(tmp_path / "out")}  # fmt: skip
+    sweep = {
+        "config": "base.yaml",
+        "grid": {"model.hidden_size": [32, 64], "parallel.tp": [1, 3]},
+        "steps": 3,
+        "warmup": 1,
+        "out": str(tmp_path / "out"),
+    }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
 
     first = run_mdpo(["sweep", str(tmp_path / "sweep.yaml")])
     assert first.returncode == 0, first.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "out" / "sweep.csv").open()))
     assert [(r["model.hidden_size"], r["parallel.tp"], r["status"]) for r in rows] == [
-        ("32", "1", "ok"), ("32", "3", "failed"), ("64", "1", "ok"), ("64", "3", "failed")
-    ]  # fmt: skip
+        ("32", "1", "ok"),
+        ("32", "3", "failed"),
+        ("64", "1", "ok"),
+        ("64", "3", "failed"),
+    ]
     for row in rows:
         if row["status"] == "ok":
             assert float(row["tokens_per_s_per_gpu"]) > 0 and float(row["peak_memory_gib"]) > 0

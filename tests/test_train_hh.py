@@ -21,13 +21,13 @@ def test_hh_tp2_lowers_loss(tmp_path, llama2_tokenizer_dir):
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 128,
-        },  # fmt: skip
+        },
         "data": {
             "train_file": str(subset),
             "tokenizer": str(llama2_tokenizer_dir),
             "max_length": 96,
             "on_bad_row": "skip",
-        },  # fmt: skip
+        },
         "parallel": {"tp": 2},
         "schedule": {"global_batch_size": 8, "micro_batch_size": 2, "train_steps": 20, "warmup_ratio": 0.1},
         "optimizer": {"lr": 5e-4},

@@ -73,14 +73,16 @@ def test_sync_reference_mixes_every_parameter_in_place():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"sync_ref_model": True, "reference": "precomputed"},
-         "dpo.sync_ref_model=true needs dpo.reference=online, got dpo.reference=precomputed"),
+        (
+            {"sync_ref_model": True, "reference": "precomputed"},
+            "dpo.sync_ref_model=true needs dpo.reference=online, got dpo.reference=precomputed",
+        ),
         ({"sync_ref_model": True, "reference": "none"}, "needs dpo.reference=online, got dpo.reference=none"),
         ({"ref_model_mixup_alpha": 0.0}, r"dpo.ref_model_mixup_alpha must be in \(0, 1\], got 0.0"),
         ({"ref_model_mixup_alpha": 1.5}, r"dpo.ref_model_mixup_alpha must be in \(0, 1\], got 1.5"),
         ({"ref_model_sync_steps": 0}, "dpo.ref_model_sync_steps must be >= 1, got 0"),
     ],
-)  # fmt: skip
+)
 def test_config_refusals(values, message):
     with pytest.raises(ConfigError, match=message):
         DPOConfig(**values)
@@ -147,8 +149,9 @@ def checkpoint_tensors(folder: Path, prefix: str = "") -> dict[str, torch.Tensor
     entries = reader.read_metadata().state_dict_metadata
     reference_keys = {k for k in entries if k.startswith(REFERENCE_PREFIX)}
     names = {k[len(REFERENCE_PREFIX) :] for k in reference_keys if isinstance(entries[k], TensorStorageMetadata)}
-    state = {prefix + n: torch.empty(entries[prefix + n].size, dtype=entries[prefix + n].properties.dtype)
-             for n in names}  # fmt: skip
+    state = {
+        prefix + n: torch.empty(entries[prefix + n].size, dtype=entries[prefix + n].properties.dtype) for n in names
+    }
     dcp_load(state, storage_reader=reader, no_dist=True)
     return {k[len(prefix) :]: v for k, v in state.items()}
 

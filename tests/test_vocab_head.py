@@ -40,8 +40,13 @@ def oracle(case: dict) -> dict[str, torch.Tensor]:
     (logps * case["upstream"].double()).sum().backward()
     means = logits.detach()[:, real].mean(dim=-1)
     square = (2 * logits.detach()[:, real].log_softmax(dim=-1)).logsumexp(dim=-1)
-    return {"logps": logps.detach(), "means": means, "square": square, "grad_hidden": hidden.grad,
-            "grad_weight": weight.grad}  # fmt: skip
+    return {
+        "logps": logps.detach(),
+        "means": means,
+        "square": square,
+        "grad_hidden": hidden.grad,
+        "grad_weight": weight.grad,
+    }
 
 
 def rel_err(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -59,14 +64,20 @@ def ours(case: dict, chunk_tokens: int, dtype: torch.dtype = torch.float32) -> d
 
     hidden = case["hidden"].to(dtype).requires_grad_()
     weight = case["weight"].to(dtype).requires_grad_()
-    logps, means, square = token_logps(hidden, weight, case["labels"], case["vocab_size"], chunk_tokens,
-                                       square_mass=True)  # fmt: skip
+    logps, means, square = token_logps(
+        hidden, weight, case["labels"], case["vocab_size"], chunk_tokens, square_mass=True
+    )
     assert logps.dtype == means.dtype == square.dtype == torch.float32
     assert not (means.requires_grad or square.requires_grad)
     (logps * case["upstream"]).sum().backward()
     assert hidden.grad.dtype == weight.grad.dtype == dtype
-    return {"logps": logps.detach(), "means": means, "square": square, "grad_hidden": hidden.grad,
-            "grad_weight": weight.grad}  # fmt: skip
+    return {
+        "logps": logps.detach(),
+        "means": means,
+        "square": square,
+        "grad_hidden": hidden.grad,
+        "grad_weight": weight.grad,
+    }
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 37, 100])
@@ -117,8 +128,10 @@ def test_bf16_math_after_the_matmul_is_fp32(megatron_world):
     matmul each (one chunk, so weight's grad is rounded once); a bf16 softmax in backward is 5e-3 off."""
     case = make_case(64, h=16, seed=6)
     g = torch.Generator().manual_seed(6)
-    case.update(hidden=torch.randint(-1, 2, (64, 16), generator=g).float(),
-                weight=torch.randint(-8, 9, (PADDED, 16), generator=g) / 8)  # fmt: skip
+    case.update(
+        hidden=torch.randint(-1, 2, (64, 16), generator=g).float(),
+        weight=torch.randint(-8, 9, (PADDED, 16), generator=g) / 8,
+    )
     expected = oracle(case)
     hidden, weight = case["hidden"].double(), case["weight"].double()
     logits = (hidden @ weight.t()).requires_grad_()
@@ -214,8 +227,9 @@ def test_chunked_never_creates_full_logits(tmp_path):
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
     env = subprocess_env(PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     largest = json.loads(result.stdout.strip().splitlines()[-1])
     n, v_local, vocab_size = 2048, 32768, 32000

@@ -40,7 +40,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return {name: weights[name].double() for name in weights}
 
 
-def _llama_like(cls, config, state: dict[str, torch.Tensor]) -> torch.nn.Module:  # noqa: ANN001 - HF classes
+def _llama_like(cls, config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     model = cls(config).double()
     model.load_state_dict({k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}, strict=True)
     return model.eval()
@@ -49,25 +49,45 @@ def _llama_like(cls, config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
 def _qwen(model: ModelConfig, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
     """Qwen 1.0 == Qwen2ForCausalLM with equal KV heads, c_attn split into q/k/v, gate = w2, up = w1."""
     h = model.hidden_size
-    mapped = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
-              "model.norm.weight": sd["transformer.ln_f.weight"], "lm_head.weight": sd["lm_head.weight"]}  # fmt: skip
+    mapped = {
+        "model.embed_tokens.weight": sd["transformer.wte.weight"],
+        "model.norm.weight": sd["transformer.ln_f.weight"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
     for i in range(model.num_hidden_layers):
         src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
         for kind in ("weight", "bias"):
             q, k, v = sd[src + f"attn.c_attn.{kind}"].split(h)
-            mapped.update({dst + f"self_attn.q_proj.{kind}": q, dst + f"self_attn.k_proj.{kind}": k,
-                           dst + f"self_attn.v_proj.{kind}": v})  # fmt: skip
-        mapped.update({dst + "self_attn.o_proj.weight": sd[src + "attn.c_proj.weight"],
-                       dst + "input_layernorm.weight": sd[src + "ln_1.weight"],
-                       dst + "post_attention_layernorm.weight": sd[src + "ln_2.weight"],
-                       dst + "mlp.gate_proj.weight": sd[src + "mlp.w2.weight"],
-                       dst + "mlp.up_proj.weight": sd[src + "mlp.w1.weight"],
-                       dst + "mlp.down_proj.weight": sd[src + "mlp.c_proj.weight"]})  # fmt: skip
-    config = Qwen2Config(vocab_size=model.vocab_size, hidden_size=h, intermediate_size=model.intermediate_size,
-                         num_hidden_layers=model.num_hidden_layers, num_attention_heads=model.num_attention_heads,
-                         num_key_value_heads=model.num_attention_heads, rms_norm_eps=model.rms_norm_eps,
-                         rope_theta=model.rope_theta, max_position_embeddings=model.max_position_embeddings,
-                         tie_word_embeddings=False, use_sliding_window=False)  # fmt: skip
+            mapped.update(
+                {
+                    dst + f"self_attn.q_proj.{kind}": q,
+                    dst + f"self_attn.k_proj.{kind}": k,
+                    dst + f"self_attn.v_proj.{kind}": v,
+                }
+            )
+        mapped.update(
+            {
+                dst + "self_attn.o_proj.weight": sd[src + "attn.c_proj.weight"],
+                dst + "input_layernorm.weight": sd[src + "ln_1.weight"],
+                dst + "post_attention_layernorm.weight": sd[src + "ln_2.weight"],
+                dst + "mlp.gate_proj.weight": sd[src + "mlp.w2.weight"],
+                dst + "mlp.up_proj.weight": sd[src + "mlp.w1.weight"],
+                dst + "mlp.down_proj.weight": sd[src + "mlp.c_proj.weight"],
+            }
+        )
+    config = Qwen2Config(
+        vocab_size=model.vocab_size,
+        hidden_size=h,
+        intermediate_size=model.intermediate_size,
+        num_hidden_layers=model.num_hidden_layers,
+        num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_attention_heads,
+        rms_norm_eps=model.rms_norm_eps,
+        rope_theta=model.rope_theta,
+        max_position_embeddings=model.max_position_embeddings,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+    )
     return _llama_like(Qwen2ForCausalLM, config, mapped)
 
 
@@ -82,10 +102,16 @@ def _baichuan_rope(model: ModelConfig, sd: dict[str, torch.Tensor]) -> torch.nn.
             mapped[name] = tensor / tensor.norm(dim=-1, keepdim=True)
         else:
             mapped[name] = tensor
-    config = LlamaConfig(vocab_size=model.vocab_size, hidden_size=model.hidden_size,
-                         intermediate_size=model.intermediate_size, num_hidden_layers=model.num_hidden_layers,
-                         num_attention_heads=model.num_attention_heads, rms_norm_eps=model.rms_norm_eps,
-                         max_position_embeddings=model.max_position_embeddings, tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.intermediate_size,
+        num_hidden_layers=model.num_hidden_layers,
+        num_attention_heads=model.num_attention_heads,
+        rms_norm_eps=model.rms_norm_eps,
+        max_position_embeddings=model.max_position_embeddings,
+        tie_word_embeddings=False,
+    )
     return _llama_like(LlamaForCausalLM, config, mapped)
 
 
@@ -173,8 +199,9 @@ def check_rows(tokenizer_dir: Path, data: Path | None, count: int, model: ModelC
         return torch.randint(0, model.vocab_size, (count, length), generator=generator).tolist()
     tokenizer = load_tokenizer(str(tokenizer_dir))
     length = min(1024, model.max_position_embeddings // 2, model.sliding_window or 1024)
-    config = DataConfig(train_file=str(data), tokenizer=str(tokenizer_dir), max_length=length, on_bad_row="skip",
-                        cache=False)  # fmt: skip
+    config = DataConfig(
+        train_file=str(data), tokenizer=str(tokenizer_dir), max_length=length, on_bad_row="skip", cache=False
+    )
     pairs = load_pairs(config, str(data), tokenizer, TokenizeReport())
     return [pair.prompt + pair.chosen for pair in pairs[:count]]
 
@@ -193,9 +220,11 @@ class CheckResult:
 
     def summary(self) -> str:
         verdict = "ok" if self.passed else f"FAILED (tolerance {TOLERANCE:g})"
-        return (f"check: {self.rows} rows, {self.tokens} tokens: max |logit error| {self.max_logit_error:.3g}, "
-                f"max per-sequence log-prob difference {self.max_logp_error:.3g} "
-                f"({self.max_logp_error_per_token:.3g} per token): {verdict}")  # fmt: skip
+        return (
+            f"check: {self.rows} rows, {self.tokens} tokens: max |logit error| {self.max_logit_error:.3g}, "
+            f"max per-sequence log-prob difference {self.max_logp_error:.3g} "
+            f"({self.max_logp_error_per_token:.3g} per token): {verdict}"
+        )
 
 
 def _sequence_logp(logits: torch.Tensor, row: list[int]) -> float:

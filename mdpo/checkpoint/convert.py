@@ -61,8 +61,9 @@ def describe_hf(hf_dir: Path, position_embedding: str = "auto") -> ModelConfig:
 
 def _write_stage(rank: int, world: int, port: int, hf_dir: str, tmp: str, model: ModelConfig, layout: Layout):
     """One (TP, PP) rank of HF -> Megatron: build the stage, stream its tensors in, save collectively."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     startup.prepare()
     parallel.start(layout)
     try:
@@ -124,8 +125,13 @@ def hf_to_megatron(
             mp.start_processes(_write_stage, args=args, nprocs=layout.world, start_method=start_method)
         except mp.ProcessRaisedException as err:
             raise MdpoError(f"conversion failed: {cause(err)}") from None
-    description = {"format": MODEL_FORMAT, "version": 1, "model": arch_fields(model),
-                   "written_layout": {"tp": tp, "pp": pp}, "source": str(hf_dir.resolve())}  # fmt: skip
+    description = {
+        "format": MODEL_FORMAT,
+        "version": 1,
+        "model": arch_fields(model),
+        "written_layout": {"tp": tp, "pp": pp},
+        "source": str(hf_dir.resolve()),
+    }
     (tmp / MODEL_FILE).write_text(json.dumps(description, indent=2) + "\n")
     shutil.copy2(hf_dir / "config.json", tmp / "config.json")
     copy_auxiliary(hf_dir, tmp)

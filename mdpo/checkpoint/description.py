@@ -19,12 +19,30 @@ from mdpo.errors import ConfigError, MdpoError
 from mdpo.models import families
 
 # The ModelConfig fields that describe the architecture (the rest say where weights come from or how to run).
-ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
-               "max_position_embeddings", "qkv_bias", "qk_norm", "tie_word_embeddings", "rope_scaling",
-               "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-               "rope_original_max_position_embeddings", "sliding_window", "position_embedding",
-               "norm_head")  # fmt: skip
+ARCH_FIELDS = (
+    "family",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "max_position_embeddings",
+    "qkv_bias",
+    "qk_norm",
+    "tie_word_embeddings",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_position_embeddings",
+    "sliding_window",
+    "position_embedding",
+    "norm_head",
+)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 

@@ -84,8 +84,7 @@ def _chunk_key(name: str, index: int, chunks: int) -> str:
     return name if chunks == 1 else f"{name}{index}"
 
 
-def _sharded_state(chunks: list, optimizer, is_loading: bool, rng: bool = True,
-                   reference: list | None = None) -> dict:  # fmt: skip
+def _sharded_state(chunks: list, optimizer, is_loading: bool, rng: bool = True, reference: list | None = None) -> dict:
     # a LoRA model's chunks: their adapters
     models = {_chunk_key("model", i, len(chunks)): checkpointed_state(chunk) for i, chunk in enumerate(chunks)}
     state = {
@@ -99,8 +98,9 @@ def _sharded_state(chunks: list, optimizer, is_loading: bool, rng: bool = True,
     return state
 
 
-def save_checkpoint(root: Path, step: int, model: list, optimizer, scheduler, meta: dict, keep_last: int,
-                    reference: list | None = None) -> Path:  # fmt: skip
+def save_checkpoint(
+    root: Path, step: int, model: list, optimizer, scheduler, meta: dict, keep_last: int, reference: list | None = None
+) -> Path:
     """Collective: every rank calls it, with its model chunks. Returns the final folder. `reference`: a reference
     model (its chunks) whose weights are training state too (TR-DPO), saved under its own keys and flagged in the
     meta."""
@@ -173,12 +173,12 @@ def has_reference(meta: dict) -> bool:
     return bool(meta.get(HAS_REFERENCE, False))
 
 
-def _distributed_optimizers(optimizer) -> list[DistributedOptimizer]:  # noqa: ANN001 - Megatron's types
+def _distributed_optimizers(optimizer) -> list[DistributedOptimizer]:
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     return [opt for opt in chained if isinstance(opt, DistributedOptimizer)]
 
 
-def _ensure_optimizer_state(optimizer) -> None:  # noqa: ANN001 - Megatron's types
+def _ensure_optimizer_state(optimizer) -> None:
     """A distributed optimizer that has not stepped has no state tensors for a checkpoint to be loaded into;
     Megatron-LM fills them with dummy values first (replaced in place by the load), and so do we."""
     for opt in _distributed_optimizers(optimizer):
@@ -187,7 +187,7 @@ def _ensure_optimizer_state(optimizer) -> None:  # noqa: ANN001 - Megatron's typ
 
 
 @contextlib.contextmanager
-def _load_without_adam_steps(optimizer) -> Iterator[None]:  # noqa: ANN001 - Megatron's types
+def _load_without_adam_steps(optimizer) -> Iterator[None]:
     """megatron-core 0.16 loads a fully_reshardable state into every tensor of a parameter's optimizer state, but
     torch's Adam keeps a `step` there that the checkpoint (rightly: it lives in the param groups) does not hold:
     the load fails on it. While loading, each parameter's state is set without its step."""
@@ -198,7 +198,7 @@ def _load_without_adam_steps(optimizer) -> Iterator[None]:  # noqa: ANN001 - Meg
     for opt in _distributed_optimizers(optimizer):
         original = opt._set_main_param_and_optimizer_states
 
-        def set_states(model_param, tensors, opt=opt, original=original):  # noqa: ANN001 - Megatron's signature
+        def set_states(model_param, tensors, opt=opt, original=original):
             group_index, group_order = opt.model_param_group_index_map[model_param]
             state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
             step = state.pop("step", None)
@@ -217,7 +217,7 @@ def _load_without_adam_steps(optimizer) -> Iterator[None]:  # noqa: ANN001 - Meg
             del opt._set_main_param_and_optimizer_states
 
 
-def _restore_adam_steps(optimizer) -> None:  # noqa: ANN001 - Megatron's types
+def _restore_adam_steps(optimizer) -> None:
     """megatron-core 0.16's DistributedOptimizer with torch's Adam loses the step count on load: `load_state_dict`
     gives every parameter one shared `step` tensor (which torch's foreach Adam would then advance once per
     parameter each step), and a dp_reshardable load would copy the current, dummy step into it. The saved count
@@ -235,8 +235,9 @@ def _restore_adam_steps(optimizer) -> None:  # noqa: ANN001 - Megatron's types
                     opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
-def load_checkpoint(folder: Path, model: list, optimizer, scheduler, load_rng: bool = True,
-                    reference: list | None = None) -> dict:  # fmt: skip
+def load_checkpoint(
+    folder: Path, model: list, optimizer, scheduler, load_rng: bool = True, reference: list | None = None
+) -> dict:
     """Restore the model chunks, optimizer, scheduler, (same layout only: they are per TP/PP rank) RNG states and
     the `reference` chunks when given (saved with it: see `has_reference`) in place; returns the meta."""
     meta = read_meta(folder)

@@ -21,8 +21,14 @@ from mdpo.models.families.base import adapters_to_peft, mcore_to_hf
 def gather_full_state(chunks: list[torch.nn.Module], model: ModelConfig) -> dict[str, torch.Tensor] | None:
     """The whole model's tensors (local-spec names, fp32) on global rank 0, None elsewhere: each TP/PP rank of the
     DP- and CP-rank-0 replica sends its model chunks. Collective: every rank calls it."""
-    local = [{sharding.te_name_inverse(k): v.detach().float().cpu() for k, v in chunk.state_dict().items()
-              if not k.endswith("_extra_state")} for chunk in chunks]  # fmt: skip
+    local = [
+        {
+            sharding.te_name_inverse(k): v.detach().float().cpu()
+            for k, v in chunk.state_dict().items()
+            if not k.endswith("_extra_state")
+        }
+        for chunk in chunks
+    ]
     replica_zero = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     position = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
     payload = (*position, local) if replica_zero else None
@@ -71,15 +77,28 @@ def write_hf_export(folder: Path, full_state: dict[str, torch.Tensor], model: Mo
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 
 
-def write_peft_adapter(folder: Path, adapters: dict[str, torch.Tensor], model: ModelConfig, lora: LoRAConfig,
-                       base: str | None) -> None:  # fmt: skip
+def write_peft_adapter(
+    folder: Path, adapters: dict[str, torch.Tensor], model: ModelConfig, lora: LoRAConfig, base: str | None
+) -> None:
     """Full LoRA tensors (Megatron names) as a PEFT adapter folder on the family's HF modules, which
     `peft.PeftModel.from_pretrained(hf_base, folder)` loads; written to a temporary name and renamed."""
     tensors, targets = adapters_to_peft(families.get(model.family), adapters, model)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-              "lora_dropout": lora.dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
-              "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-              "inference_mode": True, "base_model_name_or_path": base}  # fmt: skip
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "base_model_name_or_path": base,
+    }
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -264,7 +264,7 @@ def _apply_override(raw: dict[str, Any], item: str, origin: dict[str, str]) -> N
         elif not last:
             raise _err(where, f"config key '{dotted}' is {_type_name(tp)}, not a section ('{key}')")
     try:
-        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        value = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.YAMLError as e:
         if not _accepts_str(tp):
             raise _yaml_error(where, e) from None

@@ -32,8 +32,23 @@ PRECISIONS = ("auto", "bf16", "fp32")
 NONFINITE = ("stop", "skip")
 REFERENCE_MODES = ("online", "precomputed", "none")
 # The DPO family, with TRL's names (TRL 0.28's, and 1.16's sft); mdpo.loss implements each.
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "apo_zero",
-              "apo_down", "discopop", "aot_unpaired", "sigmoid_norm", "sft")  # fmt: skip
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "aot_unpaired",
+    "sigmoid_norm",
+    "sft",
+)
 # f-DPO's divergences between policy and reference (TRL 1.16's f_divergence_type); reverse_kl is plain DPO.
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # The loss types another divergence applies to (TRL 1.16's list): those built on the chosen-rejected score
@@ -140,13 +155,31 @@ class ModelConfig(Section):
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def _rules(self) -> None:
-        _positive("model", self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                  "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-                                  "rope_theta", "max_position_embeddings", "init_std", "logprob_chunk_tokens",
-                                  "rope_scaling_factor", "rope_original_max_position_embeddings",
-                                  "sliding_window"))  # fmt: skip
-        need(self.family in MODEL_FAMILIES, f"model.family must be one of {', '.join(MODEL_FAMILIES)}, "
-                                            f"got {self.family!r}")  # fmt: skip
+        _positive(
+            "model",
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "rms_norm_eps",
+                "rope_theta",
+                "max_position_embeddings",
+                "init_std",
+                "logprob_chunk_tokens",
+                "rope_scaling_factor",
+                "rope_original_max_position_embeddings",
+                "sliding_window",
+            ),
+        )
+        need(
+            self.family in MODEL_FAMILIES,
+            f"model.family must be one of {', '.join(MODEL_FAMILIES)}, got {self.family!r}",
+        )
         if self.rope_scaling is not None:
             self._check_rope_scaling()
         need(
@@ -321,8 +354,11 @@ class ScheduleConfig(Section):
     seed: int = 1234
 
     def _rules(self) -> None:
-        _positive("schedule", self, ("global_batch_size", "micro_batch_size", "train_steps", "epochs",
-                                     "exit_duration_minutes"))  # fmt: skip
+        _positive(
+            "schedule",
+            self,
+            ("global_batch_size", "micro_batch_size", "train_steps", "epochs", "exit_duration_minutes"),
+        )
         need(0 <= self.warmup_ratio < 1, f"schedule.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         need(0 <= self.seed < 2**32, f"schedule.seed must be in [0, 2**32), got {self.seed!r}")
         need(
@@ -383,15 +419,20 @@ class DPOConfig(Section):
             need(loss_type in LOSS_TYPES, f"unknown dpo.loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
         if self.loss_weights is not None:
             weights = list(self.loss_weights)
-            need(len(weights) == len(types), f"dpo.loss_weights has {len(weights)} entries {weights} but "
-                                             f"dpo.loss_type has {len(types)} {list(types)}")  # fmt: skip
+            need(
+                len(weights) == len(types),
+                f"dpo.loss_weights has {len(weights)} entries {weights} but "
+                f"dpo.loss_type has {len(types)} {list(types)}",
+            )
             for weight in weights:
                 need(math.isfinite(weight), f"dpo.loss_weights entries must be finite, got {weight!r}")
                 need(weight >= 0, f"dpo.loss_weights entries must be >= 0, got {weight!r}")
         need(self.beta > 0, f"dpo.beta must be > 0, got {self.beta!r}")
         why = " (robust divides by 1 - 2*label_smoothing)" if "robust" in types else ""
-        need(0 <= self.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5){why}, "
-                                              f"got {self.label_smoothing!r}")  # fmt: skip
+        need(
+            0 <= self.label_smoothing < 0.5,
+            f"dpo.label_smoothing must be in [0, 0.5){why}, got {self.label_smoothing!r}",
+        )
         need(self.rpo_alpha >= 0, f"dpo.rpo_alpha must be >= 0, got {self.rpo_alpha!r}")
         need(self.discopop_tau > 0, f"dpo.discopop_tau must be > 0, got {self.discopop_tau!r}")
         _one_of("dpo.f_divergence", self.f_divergence, F_DIVERGENCES)
@@ -407,8 +448,10 @@ class DPOConfig(Section):
             need(0.0 <= self.ld_alpha <= 1.0, f"dpo.ld_alpha must be in [0, 1] (or null: off), got {self.ld_alpha!r}")
         sorting = [t for t in types if t in ("aot", "aot_unpaired")]
         if self.use_weighting and sorting:
-            raise ConfigError(f"dpo.use_weighting (WPO) does not apply to loss type {sorting[0]!r}: it sorts over "
-                              "the batch, so its terms are not tied to pairs (TRL refuses it too)")  # fmt: skip
+            raise ConfigError(
+                f"dpo.use_weighting (WPO) does not apply to loss type {sorting[0]!r}: it sorts over "
+                "the batch, so its terms are not tied to pairs (TRL refuses it too)"
+            )
         alpha, every = self.ref_model_mixup_alpha, self.ref_model_sync_steps
         need(0 < alpha <= 1, f"dpo.ref_model_mixup_alpha must be in (0, 1], got {alpha!r}")
         need(every >= 1, f"dpo.ref_model_sync_steps must be >= 1, got {every!r}")

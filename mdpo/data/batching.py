@@ -25,38 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mdpo.blocks import Blocks
 from mdpo.data.packing import pack_pairs, pair_lengths
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError
-
-
-@dataclass
-class Blocks:
-    """Attention within sequences, over the micro-batch's flattened tokens (row-major, rows x length): block i's
-    queries q_index[cu_q[i]:cu_q[i+1]] attend causally, aligned at the end (the last query sees every key), to the
-    keys k_index[cu_k[i]:cu_k[i+1]]. A token in no block (padding) attends nothing. The lengths are also kept on the
-    host, so a core attention can loop over blocks or call a varlen kernel without a device sync."""
-
-    q_index: torch.Tensor  # int64 [Q]
-    k_index: torch.Tensor  # int64 [K]
-    cu_q: torch.Tensor  # int32 [blocks + 1]
-    cu_k: torch.Tensor  # int32 [blocks + 1]
-    q_positions: torch.Tensor  # int64 [Q] position ids of the queries (ALiBi's distances)
-    k_positions: torch.Tensor  # int64 [K]
-    q_lengths: tuple[int, ...]
-    k_lengths: tuple[int, ...]
-
-    @property
-    def max_q(self) -> int:
-        return max(self.q_lengths)
-
-    @property
-    def max_k(self) -> int:
-        return max(self.k_lengths)
-
-    def to(self, device: torch.device | str) -> Blocks:
-        names = ("q_index", "k_index", "cu_q", "cu_k", "q_positions", "k_positions")
-        return dataclasses.replace(self, **{name: getattr(self, name).to(device, non_blocking=True) for name in names})
 
 
 @dataclass
@@ -81,8 +53,15 @@ class MicroBatch:
         return len(self.pair_ids)
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        for name in ("tokens", "position_ids", "score_index", "score_labels", "score_sequence", "score_tail",
-                     "cu_seqlens"):  # fmt: skip
+        for name in (
+            "tokens",
+            "position_ids",
+            "score_index",
+            "score_labels",
+            "score_sequence",
+            "score_tail",
+            "cu_seqlens",
+        ):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         if self.blocks is not None:
@@ -106,8 +85,9 @@ class _Rows:
         base = row * self.length + start
         return list(range(base, base + len(ids)))
 
-    def sequence(self, row: int, start: int, prompt: list[int], response: list[int], sequence: int,
-                 shorter: int) -> int:  # fmt: skip
+    def sequence(
+        self, row: int, start: int, prompt: list[int], response: list[int], sequence: int, shorter: int
+    ) -> int:
         """[prompt | response] at `start`: response tokens scored (those past `shorter`, the pair's shorter response
         length, marked as tail), one square causal block; returns its end."""
         ids, p = prompt + response, len(prompt)
@@ -123,8 +103,10 @@ class _Rows:
         tail = self._place(row, start + p + c, pair.rejected, p)
         self.scores += [(head[p - 1 + t], token, chosen_seq, t >= shorter) for t, token in enumerate(pair.chosen)]
         before_rejected = [head[p - 1], *tail[:-1]]  # the prompt's last position predicts rejected's first token
-        self.scores += [(flat, token, rejected_seq, t >= shorter)
-                        for t, (flat, token) in enumerate(zip(before_rejected, pair.rejected))]  # fmt: skip
+        self.scores += [
+            (flat, token, rejected_seq, t >= shorter)
+            for t, (flat, token) in enumerate(zip(before_rejected, pair.rejected))
+        ]
         self.blocks += [(head, head), (tail, head[:p] + tail)]
         return start + p + c + len(pair.rejected)
 
@@ -139,8 +121,16 @@ class _Rows:
             k_index = torch.tensor([i for k in keys for i in k], dtype=torch.long)
             offsets = lambda lengths: torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
             q_lengths, k_lengths = tuple(map(len, queries)), tuple(map(len, keys))
-            blocks = Blocks(q_index, k_index, offsets(q_lengths), offsets(k_lengths), flat_positions[q_index],
-                            flat_positions[k_index], q_lengths, k_lengths)  # fmt: skip
+            blocks = Blocks(
+                q_index,
+                k_index,
+                offsets(q_lengths),
+                offsets(k_lengths),
+                flat_positions[q_index],
+                flat_positions[k_index],
+                q_lengths,
+                k_lengths,
+            )
         return MicroBatch(
             tokens=self.tokens,
             position_ids=self.positions,
@@ -321,5 +311,6 @@ def in_frame(batch: MicroBatch, rows: int, length: int) -> MicroBatch:
     if batch.blocks is not None:
         blocks = batch.blocks
         fields["blocks"] = dataclasses.replace(blocks, q_index=remap(blocks.q_index), k_index=remap(blocks.k_index))
-    return dataclasses.replace(batch, tokens=tokens, position_ids=positions, score_index=remap(batch.score_index),
-                               **fields)  # fmt: skip
+    return dataclasses.replace(
+        batch, tokens=tokens, position_ids=positions, score_index=remap(batch.score_index), **fields
+    )

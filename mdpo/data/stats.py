@@ -48,8 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--micro-batch-sizes", default="1,4", help="micro-batch sizes (pairs) for padding waste")
     parser.add_argument("--pack-budget", type=int, help="tokens per pack (default: 2 x max_length)")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed for the micro-batches")
-    parser.add_argument("--show", type=int, action="append", default=[], metavar="N",
-                        help="render pair N (0-based row) with trained tokens in [[ ]]; repeatable")  # fmt: skip
+    parser.add_argument(
+        "--show",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="render pair N (0-based row) with trained tokens in [[ ]]; repeatable",
+    )
     parser.add_argument("--color", action="store_true", help="mark trained tokens in color instead of [[ ]]")
     parser.add_argument("--json", action="store_true", help="print the stats as JSON")
     return parser

@@ -29,7 +29,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch.nn.attention.bias import causal_lower_right
 
-from mdpo.data.batching import Blocks
+from mdpo.blocks import Blocks
 
 
 @dataclass
@@ -71,7 +71,7 @@ def varlen_kernel(q: torch.Tensor) -> Callable | None:
     return varlen if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else None
 
 
-def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:  # noqa: ANN001
+def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
     """Flash varlen: sequence i's queries attend causally, aligned at the end, to its keys. q [Tq, heads, d],
     k/v [Tk, heads, d] (already repeated to the query heads). torch's signature changed after 2.9 (is_causal ->
     window_size, scale added): both are handled."""
@@ -102,7 +102,7 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
     return x if list(x.stride()) == strides else x.clone(memory_format=torch.contiguous_format)
 
 
-def attend_blocks(query, key, value, blocks: Blocks, attend: Callable) -> torch.Tensor:  # noqa: ANN001
+def attend_blocks(query, key, value, blocks: Blocks, attend: Callable) -> torch.Tensor:
     """query [s, b, heads, d], key/value [s, b, heads or groups, d] (Megatron's layout) -> context [s, b, heads, d]:
     the blocks' queries and keys are gathered (q [Q, heads, d], k/v [K, ..., d]) and `attend(q, k, v) ->
     [Q, heads, d]` attends each block's queries to its keys, causally aligned at the end (all blocks in one kernel
@@ -124,10 +124,16 @@ def per_block(blocks: Blocks, attend_one: Callable) -> Callable:
     """An `attend` for `attend_blocks` that loops over the blocks (the lengths are on the host), calling
     `attend_one(q, k, v, q_positions, k_positions)` for each."""
 
-    def attend(q, k, v):  # noqa: ANN001, ANN202
+    def attend(q, k, v):
         q_lengths, k_lengths = blocks.q_lengths, blocks.k_lengths
-        pieces = zip(q.split(q_lengths), k.split(k_lengths), v.split(k_lengths),
-                     blocks.q_positions.split(q_lengths), blocks.k_positions.split(k_lengths), strict=True)  # fmt: skip
+        pieces = zip(
+            q.split(q_lengths),
+            k.split(k_lengths),
+            v.split(k_lengths),
+            blocks.q_positions.split(q_lengths),
+            blocks.k_positions.split(k_lengths),
+            strict=True,
+        )
         return torch.cat([attend_one(*piece) for piece in pieces])
 
     return attend
@@ -138,7 +144,7 @@ class SDPAttention(DotProductAttention):
 
     has_score_bias = False  # `score_bias` adds to the scores (the varlen kernel takes none)
 
-    def __init__(self, config, *args, **kwargs) -> None:  # noqa: ANN001 - Megatron's signature
+    def __init__(self, config, *args, **kwargs) -> None:
         local = copy.copy(config)
         local.context_parallel_size = 1  # the parent asserts CP == 1; context parallelism is done here
         super().__init__(local, *args, **kwargs)
@@ -148,13 +154,14 @@ class SDPAttention(DotProductAttention):
         """An additive [heads, sq, sk] bias on the scores of queries and keys at these position ids; none here."""
         return None
 
-    def _sdpa(self, q, k, v, mask=None, causal=False):  # noqa: ANN001, ANN202
+    def _sdpa(self, q, k, v, mask=None, causal=False):
         """q [b, heads, sq, d], k/v [b, heads, sk, d]; Megatron's dropout and scale."""
         dropout = self.attention_dropout.p if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
-                                              scale=self.softmax_scale)  # fmt: skip
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale
+        )
 
-    def _block(self, q, k, v, q_positions, k_positions) -> torch.Tensor:  # noqa: ANN001
+    def _block(self, q, k, v, q_positions, k_positions) -> torch.Tensor:
         """One block's attention: q [Lq, heads, d], k/v [Lk, heads, d] -> [Lq, heads, d]. Fewer queries than keys
         (a rejected response after its prompt's keys) run as a square causal call with zero queries in front,
         whose outputs are dropped: no [Lq, Lk] mask is built or kept for backward (a mask would be, on CPU)."""
@@ -170,30 +177,41 @@ class SDPAttention(DotProductAttention):
         out = self._sdpa(q, k, v, causal=True)
         return out.squeeze(0).transpose(0, 1)[sk - sq :]
 
-    def _blocks(self, query, key, value, blocks: Blocks) -> torch.Tensor:  # noqa: ANN001
+    def _blocks(self, query, key, value, blocks: Blocks) -> torch.Tensor:
         if not self.has_score_bias and varlen_kernel(query) is not None:
-            attend = lambda q, k, v: causal_varlen(q, k, v, blocks.cu_q, blocks.cu_k, blocks.max_q, blocks.max_k,
-                                                   self.softmax_scale)  # fmt: skip
+            attend = lambda q, k, v: causal_varlen(
+                q, k, v, blocks.cu_q, blocks.cu_k, blocks.max_q, blocks.max_k, self.softmax_scale
+            )
         else:
             attend = per_block(blocks, self._block)
         context = attend_blocks(query, key, value, blocks, attend)
         return context.reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):  # noqa: ANN001 - Megatron's signature  # fmt: skip
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         """query [sq, b, heads, d], key/value [sk, b, groups, d] -> context [sq, b, heads * d]; packed (THD):
         query [t, heads, d], key/value [t, groups, d] -> [t, heads, d]."""
         if attention_bias is not None or attention_mask is not None:
-            raise NotImplementedError(f"{type(self).__name__} takes no attention mask or bias (causal rows, THD or "
-                                      "blocks)")  # fmt: skip
+            raise NotImplementedError(
+                f"{type(self).__name__} takes no attention mask or bias (causal rows, THD or blocks)"
+            )
         repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         heads = lambda x, dim: x.repeat_interleave(repeat, dim=dim) if repeat > 1 else x  # GQA: groups -> heads
         if isinstance(packed_seq_params, BlockAttention):
             return self._blocks(query, heads(key, 2), heads(value, 2), packed_seq_params.blocks)
         if packed_seq_params is not None:  # THD: a GPU's varlen kernel (mdpo sends THD only where it runs)
             p = packed_seq_params
-            return causal_varlen(query, heads(key, 1), heads(value, 1), p.cu_seqlens_q, p.cu_seqlens_kv,
-                                 p.max_seqlen_q, p.max_seqlen_kv, self.softmax_scale)  # fmt: skip
+            return causal_varlen(
+                query,
+                heads(key, 1),
+                heads(value, 1),
+                p.cu_seqlens_q,
+                p.cu_seqlens_kv,
+                p.max_seqlen_q,
+                p.max_seqlen_kv,
+                self.softmax_scale,
+            )
         sq, b = query.shape[0], query.shape[1]
         if self.config.context_parallel_size > 1:  # gather the groups, then repeat: less to communicate
             key, value = (self._gather_sequence(t) for t in (key, value))
@@ -218,7 +236,7 @@ class SDPAttention(DotProductAttention):
         # chunk c < cp is rank c's first half; chunk cp + i is rank cp - 1 - i's second half
         return torch.cat([parts[c, 0] for c in range(cp)] + [parts[cp - 1 - i, 1] for i in range(cp)])
 
-    def _context_parallel_attention(self, q, k, v) -> torch.Tensor:  # noqa: ANN001
+    def _context_parallel_attention(self, q, k, v) -> torch.Tensor:
         """q [b, n, s/cp, d] (this rank's two chunks), k/v [b, n, s, d] -> [b, n, s/cp, d]: each query chunk attends
         causally to the keys up to its own end (SDPA's lower-right causal mask)."""
         group = parallel_state.get_context_parallel_group()
@@ -237,7 +255,7 @@ class ALiBiAttention(SDPAttention):
 
     has_score_bias = True
 
-    def __init__(self, config, *args, **kwargs) -> None:  # noqa: ANN001 - Megatron's signature
+    def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         per_rank = self.num_attention_heads_per_partition
         first = parallel_state.get_tensor_model_parallel_rank() * per_rank
@@ -253,14 +271,16 @@ class LocalAttention(DotProductAttention):
     """Megatron's unfused attention (materialises [b, heads, sq, sk] scores), with blocks attended block by block:
     each block gets its own small causal mask, so packed rows and shared prompts cost what their sequences do."""
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):  # noqa: ANN001 - Megatron's signature  # fmt: skip
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if not isinstance(packed_seq_params, BlockAttention):
-            return row_major(super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
-                                             packed_seq_params))  # fmt: skip
+            return row_major(
+                super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+            )
         blocks = packed_seq_params.blocks
 
-        def attend_one(q, k, v, q_positions, k_positions):  # noqa: ANN001, ANN202 - q [L, heads, d], k/v [L, groups, d]
+        def attend_one(q, k, v, q_positions, k_positions):
             mask = causal_end_mask(q.shape[0], k.shape[0], q.device)[None, None]
             out = super(LocalAttention, self).forward(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), mask)
             return out.squeeze(1).view(q.shape)
@@ -269,7 +289,7 @@ class LocalAttention(DotProductAttention):
         return context.reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
 
 
-def with_core_attention(spec, core_attention: type[DotProductAttention]):  # noqa: ANN001, ANN201
+def with_core_attention(spec, core_attention: type[DotProductAttention]):
     """A copy of a local GPT layer spec whose self-attention uses another core attention class."""
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.submodules.core_attention = core_attention

@@ -201,7 +201,7 @@ class PositionedGPTModel(GPTModel):
 
     tokenwise_thd_rope = False
 
-    def _preprocess(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - GPTModel's own signature
+    def _preprocess(self, *args, **kwargs):
         out = super()._preprocess(*args, **kwargs)
         if out[0] is not None:  # the embedding's transpose: as the core attention's outputs (`row_major`)
             out = (row_major(out[0]), *out[1:])
@@ -218,7 +218,7 @@ class ScoringHead(ColumnParallelLinear):
     sequence-parallel ranks), and mdpo's loss applies the layer's weight to the positions it scores only, in chunks
     (`training.logprobs`), so the full [tokens, vocab] logits never exist."""
 
-    def forward(self, input_, weight=None, runtime_gather_output=None):  # noqa: ANN001, ANN201 - Megatron's signature
+    def forward(self, input_, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:  # the scoring all-reduces the hidden's gradient over TP itself: no reduce here
             input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
         return input_, None

@@ -67,7 +67,7 @@ class LoRAColumnParallelLinear(_Adapted, ColumnParallelLinear):
 
     lora_gated = False  # linear_fc1: B's rows are [gate; up], checkpointed as two TP-sharded halves
 
-    def forward(self, input_, weight=None, runtime_gather_output=None):  # noqa: ANN001, ANN201 - Megatron's signature
+    def forward(self, input_, weight=None, runtime_gather_output=None):
         output, bias = super().forward(input_, weight, runtime_gather_output)
         if not self.lora_on:
             return output, bias
@@ -78,11 +78,15 @@ class LoRAColumnParallelLinear(_Adapted, ColumnParallelLinear):
             low = copy_to_tensor_model_parallel_region(low)
         return output + F.linear(low, self.lora_B) * self.lora_scaling, bias
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):  # noqa: ANN001, ANN201
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0, "bias": 0, "lora_B": 0},
-            sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
-        )  # fmt: skip
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            {"weight": 0, "bias": 0, "lora_B": 0},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
         if self.lora_gated:
             state[f"{prefix}lora_B"] = apply_swiglu_sharded_factory(state[f"{prefix}lora_B"], sharded_offsets)
         return state
@@ -92,7 +96,7 @@ class LoRARowParallelLinear(_Adapted, RowParallelLinear):
     """Row-parallel: A's input columns of this rank, whose partial product is summed over TP (reduce-scattered over
     the sequence under sequence parallelism), then B whole."""
 
-    def forward(self, input_):  # noqa: ANN001, ANN201 - Megatron's signature
+    def forward(self, input_):
         output, bias = super().forward(input_)
         if not self.lora_on:
             return output, bias
@@ -103,11 +107,15 @@ class LoRARowParallelLinear(_Adapted, RowParallelLinear):
             low = reduce_from_tensor_model_parallel_region(partial)
         return output + F.linear(low, self.lora_B) * self.lora_scaling, bias
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):  # noqa: ANN001, ANN201
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 1, "lora_A": 1}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
-        )  # fmt: skip
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            {"weight": 1, "lora_A": 1},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
 
 
 def initial_A(rank: int, in_features: int, seed: int, layer: int, target: str) -> torch.Tensor:
@@ -119,8 +127,9 @@ def initial_A(rank: int, in_features: int, seed: int, layer: int, target: str) -
     return weight
 
 
-def _parameter(data: torch.Tensor, *, split_dim: int | None = None, stride: int = 1,
-               sequence_parallel: bool = False) -> torch.nn.Parameter:  # fmt: skip
+def _parameter(
+    data: torch.Tensor, *, split_dim: int | None = None, stride: int = 1, sequence_parallel: bool = False
+) -> torch.nn.Parameter:
     param = torch.nn.Parameter(data.contiguous())
     if split_dim is not None:
         set_tensor_model_parallel_attributes(param, True, split_dim, stride)

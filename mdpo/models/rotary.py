@@ -31,14 +31,14 @@ class FusedRopeSelfAttention(SelfAttention):
 
     _freqs: torch.Tensor | None = None  # GPTModel hands self-attention one table, for queries and keys alike
 
-    def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+    def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
         self._freqs = rotary_pos_emb
         try:
             return super().forward(hidden_states, *args, rotary_pos_emb=None, **kwargs)
         finally:
             self._freqs = None
 
-    def get_query_key_value_tensors(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - Megatron's signature
+    def get_query_key_value_tensors(self, *args, **kwargs):
         query, key, value = super().get_query_key_value_tensors(*args, **kwargs)
         if self._freqs is not None:
             query, key = rotate_qk(query, key, self._freqs)

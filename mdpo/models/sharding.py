@@ -28,8 +28,9 @@ def tp_rule(name: str) -> tuple[int, int] | None:
     `linear_fc1` holds [gate; up]: each rank takes its slice of gate and of up (stride 2). LoRA's B of a
     column-parallel layer splits as the layer's rows, A of a row-parallel one as its input columns (`models.lora`).
     """
-    if name.endswith(("linear_qkv.weight", "linear_qkv.bias", "linear_qkv.lora_B", "word_embeddings.weight",
-                      "output_layer.weight")):  # fmt: skip
+    if name.endswith(
+        ("linear_qkv.weight", "linear_qkv.bias", "linear_qkv.lora_B", "word_embeddings.weight", "output_layer.weight")
+    ):
         return 0, 1
     if name.endswith(("linear_fc1.weight", "linear_fc1.lora_B")):
         return 0, 2
@@ -72,8 +73,9 @@ def te_name_inverse(name: str) -> str:
     return name
 
 
-def stage_local_name(name: str, *, num_layers: int, pp_rank: int, pp_size: int, vp_stage: int = 0,
-                     vpp: int = 1) -> str | None:  # fmt: skip
+def stage_local_name(
+    name: str, *, num_layers: int, pp_rank: int, pp_size: int, vp_stage: int = 0, vpp: int = 1
+) -> str | None:
     """A full-model tensor name as one model chunk of a pipeline stage calls it (chunk-local layer number), or
     None when the tensor lives elsewhere: the embedding on the first chunk of the first stage, the final norm and
     the head on the last chunk of the last stage."""

@@ -63,17 +63,34 @@ def run(args: argparse.Namespace) -> str:
         args.memory_gbs or preset.memory_gbs,
     )
     cluster = Cluster(gpu, args.nodes, args.gpus_per_node, args.inter_node_gbs, args.efficiency)
-    workload = Workload(args.pairs, args.mean_tokens, args.max_tokens, args.epochs, args.reference,
-                        args.global_batch, args.padded_fill, prompt_tokens=args.prompt_tokens,
-                        lora_rank=args.lora_rank)  # fmt: skip
+    workload = Workload(
+        args.pairs,
+        args.mean_tokens,
+        args.max_tokens,
+        args.epochs,
+        args.reference,
+        args.global_batch,
+        args.padded_fill,
+        prompt_tokens=args.prompt_tokens,
+        lora_rank=args.lora_rank,
+    )
     if args.tp is not None:
         candidate = Candidate.on(
-            cluster.world, tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp, sequence_parallel=args.sequence_parallel,
-            distributed_optimizer=not args.no_distributed_optimizer, recompute=args.recompute,
-            micro_batch=args.micro_batch, packing=not args.no_packing, pack_tokens=args.pack_tokens,
+            cluster.world,
+            tp=args.tp,
+            pp=args.pp,
+            cp=args.cp,
+            vpp=args.vpp,
+            sequence_parallel=args.sequence_parallel,
+            distributed_optimizer=not args.no_distributed_optimizer,
+            recompute=args.recompute,
+            micro_batch=args.micro_batch,
+            packing=not args.no_packing,
+            pack_tokens=args.pack_tokens,
             share_prompt=not args.no_share_prompt and args.cp == 1,
-            logprob_chunk_tokens=args.logprob_chunk_tokens, fused_swiglu=args.fused_swiglu,
-        )  # fmt: skip
+            logprob_chunk_tokens=args.logprob_chunk_tokens,
+            fused_swiglu=args.fused_swiglu,
+        )
         problems = check_layout(model, candidate, workload, cluster)
         if problems:
             raise ConfigError("; ".join(problems))
@@ -84,13 +101,18 @@ def run(args: argparse.Namespace) -> str:
             raise ConfigError(f"no layout fits {args.model} on {cluster.world} x {args.gpu}")
     if args.json:
         return json.dumps([p.as_dict() for p in plans], indent=2)
-    head = (f"{args.model} ({params(model) / 1e9:.2f}B) on {args.nodes} x {args.gpus_per_node} {args.gpu}; "
-            f"{workload.pairs} pairs x {workload.epochs:g} epochs, {workload.mean_tokens:g} tokens/pair, "
-            f"reference {workload.reference}, efficiency {cluster.efficiency:g}"
-            + (f", LoRA rank {workload.lora_rank} (base frozen)" if workload.lora_rank else ""))  # fmt: skip
-    rows = ["| TP | PP (x VPP) | CP | DP | SP | recompute | micro-batch "
-            "| GiB/GPU (weights+grads+optim+ref / act / logits) "
-            "| fits | step s | tokens/s/GPU | workload h |", "|" + "---|" * 12]  # fmt: skip
+    head = (
+        f"{args.model} ({params(model) / 1e9:.2f}B) on {args.nodes} x {args.gpus_per_node} {args.gpu}; "
+        f"{workload.pairs} pairs x {workload.epochs:g} epochs, {workload.mean_tokens:g} tokens/pair, "
+        f"reference {workload.reference}, efficiency {cluster.efficiency:g}"
+        + (f", LoRA rank {workload.lora_rank} (base frozen)" if workload.lora_rank else "")
+    )
+    rows = [
+        "| TP | PP (x VPP) | CP | DP | SP | recompute | micro-batch "
+        "| GiB/GPU (weights+grads+optim+ref / act / logits) "
+        "| fits | step s | tokens/s/GPU | workload h |",
+        "|" + "---|" * 12,
+    ]
     rows += [_row(p, workload) for p in plans]
     return "\n".join([head, *rows])
 
@@ -100,7 +122,9 @@ def _row(p: Plan, workload: Workload) -> str:
     static = mem["weights"] + mem["grads"] + mem["optimizer"] + mem["reference"]
     batch = f"pack {c.pack_tokens or workload.max_tokens}" if c.packing else f"{c.micro_batch} pairs"
     pp = f"{lay.pp} x {lay.vpp}" if lay.vpp > 1 else f"{lay.pp}"
-    return (f"| {lay.tp} | {pp} | {lay.cp} | {lay.dp} | {'on' if lay.sequence_parallel else 'off'} "
-            f"| {c.recompute} | {batch} | {mem['total']:.1f} ({static:.1f} / {mem['activations']:.1f} / "
-            f"{mem['logits']:.1f}) | {'yes' if p.fits else 'NO'} | {p.step_s:.2f} | "
-            f"{p.tokens_per_s_per_gpu:,.0f} | {p.workload_h:.2f} |")  # fmt: skip
+    return (
+        f"| {lay.tp} | {pp} | {lay.cp} | {lay.dp} | {'on' if lay.sequence_parallel else 'off'} "
+        f"| {c.recompute} | {batch} | {mem['total']:.1f} ({static:.1f} / {mem['activations']:.1f} / "
+        f"{mem['logits']:.1f}) | {'yes' if p.fits else 'NO'} | {p.step_s:.2f} | "
+        f"{p.tokens_per_s_per_gpu:,.0f} | {p.workload_h:.2f} |"
+    )

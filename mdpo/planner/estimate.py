@@ -110,12 +110,22 @@ class Candidate:
     fused_swiglu: bool = False  # model.fused_swiglu: the MLP keeps 3 instead of 5 intermediate-sized activations
 
     @classmethod
-    def on(cls, world: int, *, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int = 1, sequence_parallel: bool = False,
-           **settings: Any) -> Candidate:  # fmt: skip
+    def on(
+        cls,
+        world: int,
+        *,
+        tp: int = 1,
+        pp: int = 1,
+        cp: int = 1,
+        vpp: int = 1,
+        sequence_parallel: bool = False,
+        **settings: Any,
+    ) -> Candidate:
         """The candidate on `world` GPUs: DP is what TP x PP x CP leave (a ConfigError when they do not divide it,
         or when the sizes break their own rules)."""
-        layout = Layout.for_world(world, tp=tp, pp=pp, cp=cp, vpp=vpp, sequence_parallel=sequence_parallel,
-                                  wording=PLANNER_WORDING)  # fmt: skip
+        layout = Layout.for_world(
+            world, tp=tp, pp=pp, cp=cp, vpp=vpp, sequence_parallel=sequence_parallel, wording=PLANNER_WORDING
+        )
         return cls(layout, **settings)
 
     @property
@@ -181,8 +191,9 @@ def microbatches_per_step(workload: Workload, candidate: Candidate) -> float:
     return max(1.0, workload.global_batch / (dp * candidate.micro_batch))
 
 
-def activation_bytes_per_token_layer(model: ModelConfig, candidate: Candidate, norm_saves: int = 1,
-                                     key_ratio: float = 1.0) -> float:  # fmt: skip
+def activation_bytes_per_token_layer(
+    model: ModelConfig, candidate: Candidate, norm_saves: int = 1, key_ratio: float = 1.0
+) -> float:
     """Bytes autograd keeps per token and layer (for one micro-batch in flight), from what each op saves in
     Megatron's layers with flash-style attention: the two norms' saved tensors and their matmuls' inputs
     ((2 x norm_saves + 2)h; split over TP with sequence parallelism), q and the key/value heads repeated to the
@@ -389,17 +400,29 @@ def search(model: ModelConfig, workload: Workload, cluster: Cluster, top: int = 
     return sorted(plans, key=lambda x: (x.step_s, x.memory_gib["total"]))[:top]
 
 
-def _fitting(model: ModelConfig, workload: Workload, cluster: Cluster, world: int, t: int, p: int, c: int, v: int,
-             recompute: str) -> list[Plan]:  # fmt: skip
+def _fitting(
+    model: ModelConfig, workload: Workload, cluster: Cluster, world: int, t: int, p: int, c: int, v: int, recompute: str
+) -> list[Plan]:
     """The candidates of one layout (each micro-batch or pack size) that are valid and fit."""
-    shapes = [dict(packing=False, micro_batch=m) for m in (1, 2, 4, 8)] if c > 1 else [
-        dict(packing=True, pack_tokens=k * workload.max_tokens) for k in (1, 2, 4)
-    ]  # fmt: skip
+    shapes = (
+        [dict(packing=False, micro_batch=m) for m in (1, 2, 4, 8)]
+        if c > 1
+        else [dict(packing=True, pack_tokens=k * workload.max_tokens) for k in (1, 2, 4)]
+    )
     plans = []
     for shape in shapes:
         try:
-            candidate = Candidate.on(world, tp=t, pp=p, cp=c, vpp=v, sequence_parallel=t > 1, recompute=recompute,
-                                     share_prompt=c == 1, **shape)  # fmt: skip
+            candidate = Candidate.on(
+                world,
+                tp=t,
+                pp=p,
+                cp=c,
+                vpp=v,
+                sequence_parallel=t > 1,
+                recompute=recompute,
+                share_prompt=c == 1,
+                **shape,
+            )
         except ConfigError:  # TP x PP x CP does not divide the world
             continue
         if check_layout(model, candidate, workload, cluster):

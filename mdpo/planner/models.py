@@ -13,13 +13,21 @@ from mdpo.config import ModelConfig
 from mdpo.errors import ConfigError
 
 
-def _preset(family: str, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int,
-            **fields: object) -> ModelConfig:  # fmt: skip
+def _preset(
+    family: str, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int, **fields: object
+) -> ModelConfig:
     """A preset row: the counts the planner uses, in config.json's order; `ffn` is one SwiGLU branch (Qwen's
     config.json lists twice this)."""
-    return ModelConfig(family=family, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                       **fields)  # fmt: skip
+    return ModelConfig(
+        family=family,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        **fields,
+    )
 
 
 # Published configs (config.json of each model on the HF hub): the fields that change the counts or the layout

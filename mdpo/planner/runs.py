@@ -20,11 +20,26 @@ def _digits(n: int, k: int) -> str:
     return "".join(str((k * 7 + i * 3) % 10) for i in range(n))
 
 
-def run_config(model: ModelConfig, *, seq_len: int, micro_batch: int = 1, steps: int = 6, warmup: int = 2,
-               nproc: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, reference: str = "online",
-               packing: bool = False, attention: str = "auto", global_batch: int | None = None,
-               prompt_len: int | None = None, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
-               real_data: tuple[Path, Path] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_config(
+    model: ModelConfig,
+    *,
+    seq_len: int,
+    micro_batch: int = 1,
+    steps: int = 6,
+    warmup: int = 2,
+    nproc: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    reference: str = "online",
+    packing: bool = False,
+    attention: str = "auto",
+    global_batch: int | None = None,
+    prompt_len: int | None = None,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    real_data: tuple[Path, Path] | None = None,
+) -> dict[str, Any]:
     """Train `steps` steps in a fresh process (torchrun when nproc > 1), a Llama of `model`'s shape, on synthetic
     pairs (every sequence seq_len tokens) or on `real_data` (an UltraFeedback file and its tokenizer, the Tulu 2
     template, data.max_length seq_len); the mean step time, tokens (as TRL counts them, and as computed) and the
@@ -35,21 +50,41 @@ def run_config(model: ModelConfig, *, seq_len: int, micro_batch: int = 1, steps:
     if real_data is None:
         data_overrides = _synthetic_pairs(root, seq_len, prompt_len or seq_len // 4, gbs * steps)
     else:
-        data_overrides = [f"data.train_file={real_data[0]}", f"data.tokenizer={real_data[1]}",
-                          "data.format=ultrafeedback", "data.template=tulu2"]  # fmt: skip
+        data_overrides = [
+            f"data.train_file={real_data[0]}",
+            f"data.tokenizer={real_data[1]}",
+            "data.format=ultrafeedback",
+            "data.template=tulu2",
+        ]
     overrides = [
-        f"model.hidden_size={model.hidden_size}", f"model.intermediate_size={model.intermediate_size}",
-        f"model.num_hidden_layers={model.num_hidden_layers}", f"model.num_attention_heads={model.num_attention_heads}",
-        f"model.num_key_value_heads={model.kv_heads}", f"model.vocab_size={model.vocab_size}",
-        f"model.max_position_embeddings={max(4096, seq_len)}", f"model.fused_swiglu={model.fused_swiglu}",
-        f"model.fused_rope={model.fused_rope}", f"model.attention={attention}", *data_overrides,
-        f"data.max_length={seq_len}", f"data.packing={packing}",
-        f"schedule.global_batch_size={gbs}", f"schedule.micro_batch_size={micro_batch}",
-        f"schedule.train_steps={steps}", "schedule.warmup_ratio=0", f"parallel.tp={tp}", f"parallel.pp={pp}",
-        f"parallel.cp={cp}", f"dpo.reference={'none' if reference == 'none' else 'online'}",
-        f"logging.run_dir={root / 'run'}", "logging.progress=false", "logging.plot=false",
-        "checkpoint.export_hf=false", "checkpoint.save_at_end=false", *extra,
-    ]  # fmt: skip
+        f"model.hidden_size={model.hidden_size}",
+        f"model.intermediate_size={model.intermediate_size}",
+        f"model.num_hidden_layers={model.num_hidden_layers}",
+        f"model.num_attention_heads={model.num_attention_heads}",
+        f"model.num_key_value_heads={model.kv_heads}",
+        f"model.vocab_size={model.vocab_size}",
+        f"model.max_position_embeddings={max(4096, seq_len)}",
+        f"model.fused_swiglu={model.fused_swiglu}",
+        f"model.fused_rope={model.fused_rope}",
+        f"model.attention={attention}",
+        *data_overrides,
+        f"data.max_length={seq_len}",
+        f"data.packing={packing}",
+        f"schedule.global_batch_size={gbs}",
+        f"schedule.micro_batch_size={micro_batch}",
+        f"schedule.train_steps={steps}",
+        "schedule.warmup_ratio=0",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.cp={cp}",
+        f"dpo.reference={'none' if reference == 'none' else 'online'}",
+        f"logging.run_dir={root / 'run'}",
+        "logging.progress=false",
+        "logging.plot=false",
+        "checkpoint.export_hf=false",
+        "checkpoint.save_at_end=false",
+        *extra,
+    ]
     if packing:  # a pack holds a micro-batch's worth of pairs
         overrides.append(f"data.pack_tokens={2 * seq_len * micro_batch}")
     if reference == "none":

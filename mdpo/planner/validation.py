@@ -20,10 +20,22 @@ from mdpo.planner.runs import run_config
 TIME_ENV = {"OMP_NUM_THREADS": "1"}
 MEMORY_ENV = TIME_ENV | {"MALLOC_MMAP_THRESHOLD_": "65536"}
 CPU_NORM_SAVES = 2  # torch's composite RMSNorm on CPU keeps its input and the normalised product
-SMALL = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-FLOOR = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=2)  # fmt: skip
+SMALL = ModelConfig(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+FLOOR = ModelConfig(
+    vocab_size=256,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+)
 
 # name: model, sequence length, micro-batch (pairs), processes, TP, PP, recompute, reference
 Config = tuple[ModelConfig, int, int, int, int, int, str, str]
@@ -48,32 +60,71 @@ GPU_CONFIGS: dict[str, Config] = {
 }
 
 
-def measure(model: ModelConfig, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str, reference: str,
-            steps: int, env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+def measure(
+    model: ModelConfig,
+    seq: int,
+    mbs: int,
+    nproc: int,
+    tp: int,
+    pp: int,
+    recompute: str,
+    reference: str,
+    steps: int,
+    env: dict[str, str],
+) -> dict[str, Any]:
     """One configuration trained for real: SDPA, two micro-batches per DP rank and step, no data cache (every run
     tokenizes, so every run has the same floor), each prompt in both sequences: on CPU a shared prompt's blocks are
     attended one SDPA call at a time, which keeps more per token (the rejected block's prompt keys gathered again,
     queries padded to a square call) than the GPU's one varlen call the planner models."""
     dp = nproc // (tp * pp)
     return run_config(
-        model, seq_len=seq, micro_batch=mbs, steps=steps, warmup=2, nproc=nproc, tp=tp, pp=pp, reference=reference,
-        attention="sdpa", global_batch=2 * mbs * dp, env=env,
+        model,
+        seq_len=seq,
+        micro_batch=mbs,
+        steps=steps,
+        warmup=2,
+        nproc=nproc,
+        tp=tp,
+        pp=pp,
+        reference=reference,
+        attention="sdpa",
+        global_batch=2 * mbs * dp,
+        env=env,
         extra=(f"parallel.recompute={recompute}", "data.cache=false", "data.share_prompt=false"),
-    )  # fmt: skip
+    )
 
 
-def predict(model: ModelConfig, seq: int, mbs: int, nproc: int, tp: int, pp: int, recompute: str, reference: str,
-            cluster: Cluster) -> Plan:  # fmt: skip
+def predict(
+    model: ModelConfig,
+    seq: int,
+    mbs: int,
+    nproc: int,
+    tp: int,
+    pp: int,
+    recompute: str,
+    reference: str,
+    cluster: Cluster,
+) -> Plan:
     """The planner's prediction for one configuration: padded pairs as `measure` runs them, on `nproc` GPUs of one
     node, in fp32 on the CPU (norm_saves says which) and bf16 on a GPU."""
     cluster = replace(cluster, gpus_per_node=nproc)
     dp = nproc // (tp * pp)
     precision = "fp32" if cluster.norm_saves == CPU_NORM_SAVES else "bf16"  # the CPU runs fp32, the GPU bf16
-    candidate = Candidate.on(cluster.world, tp=tp, pp=pp, recompute=recompute, micro_batch=mbs, packing=False,
-                             precision=precision, distributed_optimizer=False, overlap_grad_reduce=False,
-                             share_prompt=False)  # fmt: skip
-    workload = Workload(mean_tokens=2 * seq, max_tokens=2 * seq, reference=reference, global_batch=2 * mbs * dp,
-                        padded_fill=1.0)  # fmt: skip
+    candidate = Candidate.on(
+        cluster.world,
+        tp=tp,
+        pp=pp,
+        recompute=recompute,
+        micro_batch=mbs,
+        packing=False,
+        precision=precision,
+        distributed_optimizer=False,
+        overlap_grad_reduce=False,
+        share_prompt=False,
+    )
+    workload = Workload(
+        mean_tokens=2 * seq, max_tokens=2 * seq, reference=reference, global_batch=2 * mbs * dp, padded_fill=1.0
+    )
     return plan(model, candidate, workload, cluster)
 
 
@@ -95,7 +146,11 @@ def calibrate(configs: dict[str, Config], measured: dict[str, dict], cluster: Cl
 def compare(name: str, want: Plan, got: dict, memory: float) -> dict[str, Any]:
     """One CSV row: predicted against measured memory (GiB over the floor) and step time, with relative errors."""
     return {
-        "config": name, "predicted_gib": round(want.memory_gib["total"], 3), "measured_gib": round(memory, 3),
-        "memory_error": round(want.memory_gib["total"] / memory - 1, 3), "predicted_s": round(want.step_s, 3),
-        "measured_s": round(got["step_s"], 3), "time_error": round(want.step_s / got["step_s"] - 1, 3),
-    }  # fmt: skip
+        "config": name,
+        "predicted_gib": round(want.memory_gib["total"], 3),
+        "measured_gib": round(memory, 3),
+        "memory_error": round(want.memory_gib["total"] / memory - 1, 3),
+        "predicted_s": round(want.step_s, 3),
+        "measured_s": round(got["step_s"], 3),
+        "time_error": round(want.step_s / got["step_s"] - 1, 3),
+    }

@@ -32,7 +32,7 @@ class StopRequest:
         self.requested = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+    def _handle(self, signum, frame) -> None:
         self.requested = True
 
     def agreed(self, out_of_time: bool = False) -> bool:
@@ -105,9 +105,9 @@ class Checkpointer:
         if is_logger and cfg.checkpoint.dir:
             check_writable(self.root, "checkpoint.dir")
 
-    def resume(self, model, optimizer, scheduler,  # noqa: ANN001 - Megatron's types
-               reference: list[torch.nn.Module] | None = None,
-               data: dict | None = None) -> tuple[int, Path | None]:  # fmt: skip
+    def resume(
+        self, model, optimizer, scheduler, reference: list[torch.nn.Module] | None = None, data: dict | None = None
+    ) -> tuple[int, Path | None]:
         """Load the checkpoint `checkpoint.resume` names (auto: the newest intact one): (the step to start at, the
         folder loaded; None when starting afresh). `reference`: the reference model when its weights are training
         state (`dpo.sync_ref_model`); the checkpoint must hold one exactly then. `data`: this run's
@@ -219,8 +219,9 @@ class Checkpointer:
         every = self.cfg.save_interval
         return After.SAVE if every and step % every == 0 else After.GO_ON
 
-    def save(self, step: int, model, optimizer, scheduler, meta: dict,  # noqa: ANN001 - Megatron's types
-             reference: list[torch.nn.Module] | None = None) -> Path:  # fmt: skip
+    def save(
+        self, step: int, model, optimizer, scheduler, meta: dict, reference: list[torch.nn.Module] | None = None
+    ) -> Path:
         """Collective: a checkpoint of `step` (keeping the last `keep_last`), with `reference` when given."""
         meta = {
             "consumed_samples": step * self.global_batch_size,

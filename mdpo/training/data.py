@@ -66,8 +66,9 @@ def make_microbatches(
     if data.packing:
         budget = data.pack_budget
         groups = split_groups(pack_microbatches(pairs, indices, budget, shared=share_prompt), layout.min_microbatches)
-        return [collate_packed([pairs[i] for i in g], pad_id, budget, layout.pack_multiple, share_prompt)
-                for g in groups]  # fmt: skip
+        return [
+            collate_packed([pairs[i] for i in g], pad_id, budget, layout.pack_multiple, share_prompt) for g in groups
+        ]
     mbs = schedule.micro_batch_size
     build = collate_shared if share_prompt else collate
     groups = split_groups([indices[k : k + mbs] for k in range(0, len(indices), mbs)], layout.min_microbatches)

@@ -37,8 +37,11 @@ from mdpo.training.step import DPOObjective, attach_reference_logps
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # What a training checkpoint's stored config lends the evaluation besides its data and dpo sections: the settings
 # that change the numbers (how log-probs are computed, the precision, how pairs are grouped into micro-batches).
-_RUN_SETTINGS = {"model": ("attention", "logprob_chunk_tokens"), "parallel": ("precision",),
-                 "schedule": ("micro_batch_size",)}  # fmt: skip
+_RUN_SETTINGS = {
+    "model": ("attention", "logprob_chunk_tokens"),
+    "parallel": ("precision",),
+    "schedule": ("micro_batch_size",),
+}
 # Not lent: the files (the command's own), how the run got its reference (eval runs it or none), TR-DPO's moving
 # of the reference (eval trains nothing).
 _NOT_FROM_RUN = {"data": ("train_file", "eval_file"), "dpo": ("reference", "reference_cache", "sync_ref_model")}
@@ -89,8 +92,10 @@ def _stored_run(folder: Path) -> dict[str, Any] | None:
 
 def _lent_settings(stored: dict[str, Any], meta: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """The sections a training checkpoint's stored config lends the evaluation, and where each key came from."""
-    tree = {"data": _known(DataConfig, stored["data"], _NOT_FROM_RUN["data"]),
-            "dpo": _known(DPOConfig, stored["dpo"], _NOT_FROM_RUN["dpo"])}  # fmt: skip
+    tree = {
+        "data": _known(DataConfig, stored["data"], _NOT_FROM_RUN["data"]),
+        "dpo": _known(DPOConfig, stored["dpo"], _NOT_FROM_RUN["dpo"]),
+    }
     for section, names in _RUN_SETTINGS.items():
         tree[section] = {name: stored[section][name] for name in names if name in stored[section]}
     return tree, {f"{section}.{key}": meta for section, values in tree.items() for key in values}
@@ -130,9 +135,11 @@ def eval_setup(
         run_reference_free = stored["dpo"].get("reference") == "none"
         recorded = None if run_reference_free else stored["model"].get("init_from")
         if stored["dpo"].get("sync_ref_model") and reference is None and not reference_free:
-            raise MdpoError(f"{meta}: the run's reference moved toward the policy (dpo.sync_ref_model, TR-DPO), so "
-                            "its starting model is not the reference it ended with: pass --reference FOLDER or "
-                            "--reference-free")  # fmt: skip
+            raise MdpoError(
+                f"{meta}: the run's reference moved toward the policy (dpo.sync_ref_model, TR-DPO), so "
+                "its starting model is not the reference it ended with: pass --reference FOLDER or "
+                "--reference-free"
+            )
     # The config requires a train file: the data again (`mdpo eval` reads only data.eval_file).
     tree.setdefault("data", {}).update(train_file=data, eval_file=data)
     tree["model"] = {**tree.get("model", {}), "init_from": model}
@@ -149,14 +156,17 @@ def eval_setup(
     tree.setdefault("schedule", {})["global_batch_size"] = _micro_batch_size(tree, overrides) * world
     cfg = load_config_tree(tree, origin, overrides, describe_model=describe_model)
     if cfg.dpo.reference == "precomputed":
-        raise ConfigError("mdpo eval runs the reference model (--reference) or none (--reference-free), "
-                          "not dpo.reference=precomputed")  # fmt: skip
+        raise ConfigError(
+            "mdpo eval runs the reference model (--reference) or none (--reference-free), not dpo.reference=precomputed"
+        )
     reward_mean = saved.get("reward_mean") if saved is not None else None
     if cfg.dpo.reference == "none":
         return EvalSetup(cfg, None, reward_mean)
     if reference is None and recorded is not None and not Path(recorded).is_dir():
-        raise MdpoError(f"the reference recorded in {meta} (model.init_from={recorded}) is not a folder here: pass "
-                        "--reference FOLDER or --reference-free")  # fmt: skip
+        raise MdpoError(
+            f"the reference recorded in {meta} (model.init_from={recorded}) is not a folder here: pass "
+            "--reference FOLDER or --reference-free"
+        )
     reference = reference or recorded
     if reference is None:
         raise MdpoError(
@@ -177,8 +187,10 @@ def _check_same_model(cfg: TrainConfig, model: str, reference: str) -> None:
     differ = [name for name in ours if ours[name] != theirs[name]]
     if differ:
         name = differ[0]
-        raise MdpoError(f"--reference {reference} is another architecture than --model {model} ({name}: "
-                        f"{theirs[name]!r} vs {ours[name]!r}); mdpo eval scores both with one layout")  # fmt: skip
+        raise MdpoError(
+            f"--reference {reference} is another architecture than --model {model} ({name}: "
+            f"{theirs[name]!r} vs {ours[name]!r}); mdpo eval scores both with one layout"
+        )
 
 
 def _no_reference(microbatches: list[MicroBatch]) -> None:

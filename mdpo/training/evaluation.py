@@ -15,9 +15,9 @@ from mdpo.config import TrainConfig
 from mdpo.data.batching import MicroBatch
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError
-from mdpo.training.metrics import SUM_FIELDS, finalize
+from mdpo.training.metrics import step_record
 from mdpo.training.setup import Run
-from mdpo.training.step import DPOObjective, dpo_forward_step, reduce_sums, run_schedule
+from mdpo.training.step import DPOObjective, dpo_forward_step, run_schedule
 
 AttachReference = Callable[[list[MicroBatch]], None]  # fills each micro-batch's ref_logps (or leaves None: zeros)
 
@@ -48,5 +48,4 @@ def evaluate_pairs(
             with torch.no_grad():
                 outputs += run_schedule(step, chunk, policy, forward_only=True)
             bar.update(sum(len(mb.pair_ids) for mb in chunk))
-    sums = reduce_sums(outputs, len(SUM_FIELDS) + len(objective.components))
-    return finalize(sums, objective.components, prefix="eval_")
+    return step_record([out["sums"] for out in outputs], objective.metric_names, prefix="eval_")

@@ -42,8 +42,9 @@ def sequence_stats(
     parallelism each rank scores the positions it holds: the sums are reduced over the CP group (the log-probs'
     gradient passes back unchanged to every rank)."""
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
-    logps, logit_means, square = token_logps(picked, weight, batch.score_labels, vocab_size, chunk_tokens,
-                                             square_mass=square_mass)  # fmt: skip
+    logps, logit_means, square = token_logps(
+        picked, weight, batch.score_labels, vocab_size, chunk_tokens, square_mass=square_mass
+    )
     num_sequences = 2 * batch.num_pairs
     per_sequence = lambda values: values.new_zeros(num_sequences).index_add(0, batch.score_sequence, values)
     plain = per_sequence(logps)
@@ -60,5 +61,4 @@ def sequence_stats(
         weighted = plain if ld_alpha is None else reduce_from_tensor_model_parallel_region(weighted, group)
         for total in (logit_sums, num_tokens, *((wpo,) if wpo is not None else ())):
             torch.distributed.all_reduce(total, group=group)
-    return SequenceStats(logps=weighted, plain_logps=plain, logit_sums=logit_sums, num_tokens=num_tokens,
-                         wpo_logps=wpo)  # fmt: skip
+    return SequenceStats(logps=weighted, plain_logps=plain, logit_sums=logit_sums, num_tokens=num_tokens, wpo_logps=wpo)

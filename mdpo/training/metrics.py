@@ -4,13 +4,18 @@ the run's record of them (`MetricsLogger`: RUN_DIR/metrics.jsonl, TensorBoard, W
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from megatron.core import parallel_state
 
+from mdpo.data.batching import MicroBatch
 from mdpo.errors import MdpoError
+from mdpo.loss import PairLosses
+from mdpo.training.logprobs import SequenceStats
 
 # Everything is summed over pairs (or tokens) so that any micro-batch / DP split reduces to the same numbers.
 SUM_FIELDS = (
@@ -30,71 +35,108 @@ SUM_FIELDS = (
     "num_tokens/slots",
     "num_pairs",
 )
-PER_PAIR = SUM_FIELDS[:7]
+# The sums logged as means per pair, under their own (TRL's) names.
+PER_PAIR = SUM_FIELDS[: SUM_FIELDS.index("logps/rejected") + 1]
 
 
-def pair_sums(
-    losses: torch.Tensor,
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    chosen_logit_sums: torch.Tensor,
-    rejected_logit_sums: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    rejected_tokens: torch.Tensor,
-    input_tokens: int,
-    computed_tokens: int,
-    slots: int,
-    components: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """One micro-batch's metric sums: SUM_FIELDS, then the per-pair loss `components` in their given order
-    (float64 so sums over many pairs stay exact enough). They stay on the loss's device: the step moves them to
-    the host once, after reducing them."""
-    count = lambda n: losses.new_tensor(float(n), dtype=torch.float64)
+def loss_components(losses: PairLosses) -> dict[str, torch.Tensor]:
+    """The per-pair terms logged besides the loss (TRL's names): each loss type's own when there are several, and
+    the NLL term with rpo_alpha."""
+    values = {f"loss/{t}": term for t, term in losses.terms.items()} if len(losses.terms) > 1 else {}
+    if losses.nll is not None:
+        values["nll_loss"] = losses.nll
+    return values
+
+
+@dataclass(frozen=True)
+class MetricSums:
+    """Metrics as named sums over pairs and tokens (SUM_FIELDS, then the loss components): added over micro-batches
+    and ranks they give the same numbers whatever the split. One float64 tensor (exact enough over many pairs), so
+    a step reduces them in one collective; it stays on the loss's device until then."""
+
+    names: tuple[str, ...]
+    values: torch.Tensor
+
+    @classmethod
+    def zeros(cls, names: tuple[str, ...], device: torch.device | str) -> MetricSums:
+        return cls(names, torch.zeros(len(names), dtype=torch.float64, device=device))
+
+    def __add__(self, other: MetricSums) -> MetricSums:
+        if other.names != self.names:
+            raise ValueError(f"metric sums of other fields: {other.names} vs {self.names}")
+        return MetricSums(self.names, self.values + other.values)
+
+    def record(self, prefix: str = "") -> dict[str, float]:
+        """TRL-named means: per pair, logits per response token (mean over the vocabulary), token counts."""
+        s = dict(zip(self.names, self.values.tolist()))
+        pairs = max(s["num_pairs"], 1.0)
+        out = {prefix + name: s[name] / pairs for name in PER_PAIR + self.names[len(SUM_FIELDS) :]}
+        out[prefix + "logits/chosen"] = s["logit_sum/chosen"] / max(s["num_tokens/chosen"], 1.0)
+        out[prefix + "logits/rejected"] = s["logit_sum/rejected"] / max(s["num_tokens/rejected"], 1.0)
+        # As TRL counts it: every non-padding input token (prompts included, once per sequence).
+        out[prefix + "num_tokens"] = s["num_tokens/input"]
+        # What the model ran: a shared prompt once (what MFU counts).
+        out[prefix + "num_tokens_computed"] = s["num_tokens/computed"]
+        # Real tokens over the slots they took (padded rows x length, or packs x pack budget); a shared prompt once.
+        out[prefix + "packing_efficiency"] = s["num_tokens/computed"] / max(s["num_tokens/slots"], 1.0)
+        return out
+
+
+def pair_sums(losses: PairLosses, stats: SequenceStats, batch: MicroBatch) -> MetricSums:
+    """One micro-batch's metric sums: its pairs' losses and rewards, both sides' log-probs, logit sums and token
+    counts (`stats` holds the chosen sequences, then the rejected), the batch's token counts, then the loss
+    components."""
+    m = batch.num_pairs
+    count = lambda n: losses.losses.new_tensor(float(n), dtype=torch.float64)
+    chosen_rewards, rejected_rewards = losses.chosen_rewards, losses.rejected_rewards
     values = [
-        losses.sum(),
+        losses.losses.sum(),
         chosen_rewards.sum(),
         rejected_rewards.sum(),
         (chosen_rewards > rejected_rewards).float().sum(),
         (chosen_rewards - rejected_rewards).sum(),
-        chosen_logps.sum(),
-        rejected_logps.sum(),
-        chosen_logit_sums.sum(),
-        rejected_logit_sums.sum(),
-        chosen_tokens.sum(),
-        rejected_tokens.sum(),
-        count(input_tokens),
-        count(computed_tokens),
-        count(slots),
-        count(losses.numel()),
+        stats.logps[:m].sum(),
+        stats.logps[m:].sum(),
+        stats.logit_sums[:m].sum(),
+        stats.logit_sums[m:].sum(),
+        stats.num_tokens[:m].sum(),
+        stats.num_tokens[m:].sum(),
+        count(batch.num_input_tokens),
+        count(batch.num_computed_tokens),
+        count(batch.num_slots),
+        count(losses.losses.numel()),
     ]
-    values += [per_pair.sum() for per_pair in (components or {}).values()]
-    return torch.stack([v.detach().double() for v in values])
+    components = loss_components(losses)
+    values += [per_pair.sum() for per_pair in components.values()]
+    return MetricSums(SUM_FIELDS + tuple(components), torch.stack([v.detach().double() for v in values]))
 
 
-def finalize(sums: torch.Tensor, components: tuple[str, ...] = (), prefix: str = "") -> dict[str, float]:
-    """Reduced sums -> TRL-named means: per pair, and logits per response token (mean over the vocabulary)."""
-    s = dict(zip(SUM_FIELDS + components, sums.tolist()))
-    pairs = max(s["num_pairs"], 1.0)
-    out = {prefix + name: s[name] / pairs for name in PER_PAIR + components}
-    out[prefix + "logits/chosen"] = s["logit_sum/chosen"] / max(s["num_tokens/chosen"], 1.0)
-    out[prefix + "logits/rejected"] = s["logit_sum/rejected"] / max(s["num_tokens/rejected"], 1.0)
-    # As TRL counts it: every non-padding input token (prompts included, once per sequence).
-    out[prefix + "num_tokens"] = s["num_tokens/input"]
-    # What the model ran: a shared prompt once (what MFU counts).
-    out[prefix + "num_tokens_computed"] = s["num_tokens/computed"]
-    # Real tokens over the slots they took (padded rows x length, or packs x pack budget); a shared prompt once.
-    out[prefix + "packing_efficiency"] = s["num_tokens/computed"] / max(s["num_tokens/slots"], 1.0)
-    return out
+def step_record(sums: list[MetricSums], names: tuple[str, ...], prefix: str = "") -> dict[str, float]:
+    """This rank's micro-batches' sums (none on pipeline stages other than the last) -> the step's TRL-named record
+    on every rank: added, summed over the DP ranks, handed from the last PP stage to the others (one all-reduce,
+    one broadcast) and moved to the host once."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    total = sum(sums, MetricSums.zeros(names, device))
+    torch.distributed.all_reduce(total.values, group=parallel_state.get_data_parallel_group())
+    torch.distributed.broadcast(
+        total.values,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return MetricSums(names, total.values.cpu()).record(prefix)
 
 
 class MetricsWriter:
     """RUN_DIR/metrics.jsonl, one JSON object per line, flushed each write so a crash keeps what was logged;
     optionally mirrored to TensorBoard and Weights & Biases (imported only when asked for)."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False, wandb_project: str | None = None,
-                 config: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = False,
+        wandb_project: str | None = None,
+        config: dict | None = None,
+    ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tensorboard = self._wandb = None
@@ -160,8 +202,9 @@ class MetricsLogger:
     cut back to the resumed step, mirrored to TensorBoard / W&B when asked). Only global rank 0 writes; on the
     other ranks every call does nothing."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], tensorboard: bool, wandb_project: str | None,
-                 is_logger: bool) -> None:  # fmt: skip
+    def __init__(
+        self, run_dir: Path, config: dict[str, Any], tensorboard: bool, wandb_project: str | None, is_logger: bool
+    ) -> None:
         self.run_dir, self.config, self.is_logger = run_dir, config, is_logger
         self._sinks = (tensorboard, wandb_project)
         self._writer: MetricsWriter | None = None

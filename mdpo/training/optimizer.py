@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import megatron.core.optimizer.clip_grads as clip_grads
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
@@ -23,8 +24,9 @@ def wrap_ddp(cfg: TrainConfig, module: torch.nn.Module, index: int = 0) -> Distr
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
-    return DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module,
-                                   disable_bucketing=index > 0)  # fmt: skip
+    return DistributedDataParallel(
+        config=module.config, ddp_config=ddp_config, module=module, disable_bucketing=index > 0
+    )
 
 
 def build_optimizer(cfg: TrainConfig, policy: list[DistributedDataParallel], dtype: torch.dtype) -> MegatronOptimizer:
@@ -72,3 +74,21 @@ def build_scheduler(cfg: TrainConfig, optimizer: MegatronOptimizer, train_steps:
         wd_incr_steps=train_steps,
         wd_incr_style="constant",
     )
+
+
+@torch.no_grad()
+def optimizer_step(optimizer: MegatronOptimizer, loss_is_finite: bool) -> tuple[bool, float]:
+    """One pass over the gradients a step: prepared once (copied to the optimizer's main gradients, the loss
+    scaler's inf check), their norm computed once (one model-parallel all-reduce), then, when the loss and the norm
+    are finite, clipped by that norm and applied: Megatron's `step()` in its parts, which would prepare the
+    gradients and compute the norm a second time. Returns (updated, grad norm); nothing moves when not updated."""
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not (loss_is_finite and math.isfinite(grad_norm)):
+        return False, grad_norm
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = part.get_parameters()
+        if part.config.clip_grad > 0.0 and params:
+            # the module attribute: on CPU mdpo.megatron_cpu has wrapped it
+            clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=part.config.clip_grad, total_norm=grad_norm)
+    return optimizer.step_with_ready_grads(), grad_norm

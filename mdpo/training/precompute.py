@@ -37,8 +37,12 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
             mine = list(range(run.ranks.dp, len(pairs), run.layout.dp))
             everything = run.microbatches(cfg, pairs, mine)
             results: list[tuple[list[int], list[float]]] = []
-            chunks = tqdm(run.device_chunks(everything), desc=f"reference {split}", disable=not run.is_logger,
-                          total=-(-len(everything) // FORWARD_CHUNK))  # fmt: skip
+            chunks = tqdm(
+                run.device_chunks(everything),
+                desc=f"reference {split}",
+                disable=not run.is_logger,
+                total=-(-len(everything) // FORWARD_CHUNK),
+            )
             for microbatches in chunks:
                 attach_reference_logps(microbatches, reference, run.scorer)
                 if parallel_state.is_pipeline_last_stage() and run.ranks.tp == run.ranks.cp == 0:

@@ -47,8 +47,16 @@ class Run:
     def microbatches(self, cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int]) -> list[MicroBatch]:
         """This rank's pairs (`indices` into `pairs`) as micro-batches of its layout, on the host (at least
         `Layout.min_microbatches` of them when there are that many pairs)."""
-        return make_microbatches(cfg.data, cfg.schedule, self.layout, pairs, indices, self.tokenizer.pad_token_id,
-                                 self.ranks.cp, self.share_prompt)  # fmt: skip
+        return make_microbatches(
+            cfg.data,
+            cfg.schedule,
+            self.layout,
+            pairs,
+            indices,
+            self.tokenizer.pad_token_id,
+            self.ranks.cp,
+            self.share_prompt,
+        )
 
     def on_device(self, batches: list[MicroBatch]) -> list[MicroBatch]:
         return [mb.to(self.device) for mb in batches] if self.device is not None else batches

@@ -22,11 +22,11 @@ from megatron.core.utils import get_model_config
 from mdpo.config import DPOConfig, ModelConfig
 from mdpo.data.batching import MicroBatch, in_frame
 from mdpo.errors import MdpoError
-from mdpo.loss import pair_losses, wpo_weights
+from mdpo.loss import PairLosses, pair_losses, wpo_weights
 from mdpo.models.attention import BlockAttention
 from mdpo.models.gpt import head_weight
 from mdpo.training.logprobs import SequenceStats, sequence_stats
-from mdpo.training.metrics import pair_sums
+from mdpo.training.metrics import SUM_FIELDS, pair_sums
 
 
 @dataclass
@@ -70,15 +70,36 @@ class DPOObjective:
         names = tuple(f"loss/{t}" for t in types) if len(types) > 1 else ()
         return names + (("nll_loss",) if self.dpo.rpo_alpha > 0 else ())
 
-    def __call__(self, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, *,
-                 sft_chosen=None, pair_weights=None):  # fmt: skip
-        """Per-pair (losses, chosen_rewards, rejected_rewards, {component: per-pair value})."""
-        out = pair_losses(self.dpo, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-                          sft_chosen=sft_chosen, pair_weights=pair_weights, bco_mean=self.reward_mean.mean)  # fmt: skip
-        components = {f"loss/{t}": term.detach() for t, term in out.terms.items()} if len(out.terms) > 1 else {}
-        if out.nll is not None:
-            components["nll_loss"] = out.nll.detach()
-        return out.losses, out.chosen_rewards, out.rejected_rewards, components
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The names of a step's metric sums (`MetricSums`)."""
+        return SUM_FIELDS + self.components
+
+    def __call__(
+        self,
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        chosen_lengths,
+        rejected_lengths,
+        *,
+        sft_chosen=None,
+        pair_weights=None,
+    ) -> PairLosses:
+        """The per-pair losses, rewards and loss terms (`loss.pair_losses`) with bco_pair's running shift."""
+        return pair_losses(
+            self.dpo,
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            chosen_lengths,
+            rejected_lengths,
+            sft_chosen=sft_chosen,
+            pair_weights=pair_weights,
+            bco_mean=self.reward_mean.mean,
+        )
 
 
 @dataclass(frozen=True)
@@ -112,12 +133,14 @@ class Scorer:
             )
         elif batch.blocks is not None:
             length = batch.tokens.shape[1]  # covers every position id: Megatron sizes its rotary table by it
-            inputs["packed_seq_params"] = BlockAttention(qkv_format="sbhd", max_seqlen_q=length, max_seqlen_kv=length,
-                                                         blocks=batch.blocks)  # fmt: skip
+            inputs["packed_seq_params"] = BlockAttention(
+                qkv_format="sbhd", max_seqlen_q=length, max_seqlen_kv=length, blocks=batch.blocks
+            )
         return model(**inputs)
 
-    def stats(self, batch: MicroBatch, model: torch.nn.Module, hidden: torch.Tensor,
-              square_mass: bool = False) -> SequenceStats:  # fmt: skip
+    def stats(
+        self, batch: MicroBatch, model: torch.nn.Module, hidden: torch.Tensor, square_mass: bool = False
+    ) -> SequenceStats:
         """`square_mass`: also WPO's per-sequence sums (the policy's pass with `dpo.use_weighting`)."""
         weight = head_weight(getattr(model, "module", model), self.model)
         return sequence_stats(hidden, batch, weight, self.vocab_size, self.chunk_tokens, self.ld_alpha, square_mass)
@@ -129,38 +152,28 @@ def _reference_loss(batch: MicroBatch, scorer: Scorer, model: torch.nn.Module, o
     return zero, torch.zeros((), dtype=torch.int, device=output.device), {"ref_logps": stats.logps.detach()}
 
 
-def _dpo_loss(batch: MicroBatch, objective: DPOObjective, scorer: Scorer, model: torch.nn.Module,
-              output: torch.Tensor):  # fmt: skip
+def _dpo_loss(batch: MicroBatch, objective: DPOObjective, scorer: Scorer, model: torch.nn.Module, output: torch.Tensor):
     stats = scorer.stats(batch, model, output, square_mass=objective.dpo.use_weighting)
     m = batch.num_pairs
     ref = batch.ref_logps if batch.ref_logps is not None else torch.zeros_like(stats.logps)
     lengths = stats.num_tokens.to(stats.logps.dtype)
     wpo = stats.wpo_logps
     weights = wpo_weights(wpo[:m], wpo[m:], lengths[:m], lengths[m:]) if wpo is not None else None
-    losses, chosen_rewards, rejected_rewards, components = objective(
-        stats.logps[:m], stats.logps[m:], ref[:m], ref[m:], lengths[:m], lengths[m:],
-        sft_chosen=stats.plain_logps[:m], pair_weights=weights,
-    )  # fmt: skip
-    sums = pair_sums(
-        losses,
-        chosen_rewards,
-        rejected_rewards,
+    losses = objective(
         stats.logps[:m],
         stats.logps[m:],
-        stats.logit_sums[:m],
-        stats.logit_sums[m:],
-        stats.num_tokens[:m],
-        stats.num_tokens[m:],
-        batch.num_input_tokens,
-        batch.num_computed_tokens,
-        batch.num_slots,
-        components,
+        ref[:m],
+        ref[m:],
+        lengths[:m],
+        lengths[m:],
+        sft_chosen=stats.plain_logps[:m],
+        pair_weights=weights,
     )
     # finalize_model_grads sums the pair count over DP x CP: the CP ranks' copies of the loss count their pairs once.
     count = m if parallel_state.get_context_parallel_rank() == 0 else 0
     # pair_ids let a non-finite loss be traced to its examples.
     count = torch.tensor(count, dtype=torch.int, device=output.device)
-    return losses.sum(), count, {"sums": sums, "pair_ids": batch.pair_ids}
+    return losses.losses.sum(), count, {"sums": pair_sums(losses, stats, batch), "pair_ids": batch.pair_ids}
 
 
 def reference_forward_step(scorer: Scorer, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
@@ -168,8 +181,9 @@ def reference_forward_step(scorer: Scorer, data_iterator: Iterator[MicroBatch], 
     return scorer.forward(batch, model), partial(_reference_loss, batch, scorer, model)
 
 
-def dpo_forward_step(objective: DPOObjective, scorer: Scorer, data_iterator: Iterator[MicroBatch],
-                     model: torch.nn.Module):  # fmt: skip
+def dpo_forward_step(
+    objective: DPOObjective, scorer: Scorer, data_iterator: Iterator[MicroBatch], model: torch.nn.Module
+):
     batch = next(data_iterator)
     return scorer.forward(batch, model), partial(_dpo_loss, batch, objective, scorer, model)
 
@@ -218,19 +232,3 @@ def attach_reference_logps(microbatches: list[MicroBatch], reference: list, scor
         outputs = run_schedule(step, microbatches, reference, forward_only=True)
     for batch, out in zip(microbatches, outputs):
         batch.ref_logps = out["ref_logps"]
-
-
-def reduce_sums(outputs: list[dict], num_fields: int) -> torch.Tensor:
-    """Sum the metric sums over micro-batches and DP ranks, hand them from the last PP stage to all stages, and move
-    them to the host: the step's one device-to-host transfer of metrics."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sums = torch.zeros(num_fields, dtype=torch.float64, device=device)
-    for out in outputs:
-        sums += out["sums"]
-    torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    torch.distributed.broadcast(
-        sums,
-        src=parallel_state.get_pipeline_model_parallel_last_rank(),
-        group=parallel_state.get_pipeline_model_parallel_group(),
-    )
-    return sums.cpu()

@@ -25,19 +25,19 @@ from mdpo.training.checkpointing import After, Checkpointer
 from mdpo.training.data import load_pairs_on_ranks, log
 from mdpo.training.evaluation import evaluate_pairs
 from mdpo.training.memory import peak_memory_gib, reset_peak_memory
-from mdpo.training.metrics import SUM_FIELDS, MetricsLogger, finalize
-from mdpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from mdpo.training.metrics import MetricsLogger, step_record
+from mdpo.training.optimizer import build_optimizer, build_scheduler, optimizer_step, wrap_ddp
 from mdpo.training.profiling import profiled
 from mdpo.training.reference import ReferenceLogps, cache_path, reference_stamp
 from mdpo.training.reference_sync import sync_reference
 from mdpo.training.run_lock import lock_run
 from mdpo.training.setup import build_model, frozen, start_run
-from mdpo.training.step import DPOObjective, attach_reference_logps, dpo_forward_step, reduce_sums, run_schedule
+from mdpo.training.step import DPOObjective, attach_reference_logps, dpo_forward_step, run_schedule
 
 
 def _nonfinite_pairs(outputs: list[dict]) -> list[int]:
     """Dataset indices of the pairs in micro-batches whose loss is not finite, from every rank."""
-    local = [i for out in outputs if not math.isfinite(float(out["sums"][0])) for i in out["pair_ids"]]
+    local = [i for out in outputs if not math.isfinite(out["sums"].values[0].item()) for i in out["pair_ids"]]
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, local)
     return sorted({i for part in gathered for i in part})
@@ -50,11 +50,13 @@ class Trainer:
         self.cfg = cfg
         self.run = start_run(cfg)
         self.run_dir = Path(cfg.logging.run_dir)
-        self.metrics = MetricsLogger(self.run_dir, config_to_dict(cfg), cfg.logging.tensorboard,
-                                     cfg.logging.wandb_project, self.run.is_logger)  # fmt: skip
+        self.metrics = MetricsLogger(
+            self.run_dir, config_to_dict(cfg), cfg.logging.tensorboard, cfg.logging.wandb_project, self.run.is_logger
+        )
         self.checkpointer = Checkpointer(cfg, self.run_dir, self.run.layout, self.run.is_logger)
-        busy = {"logging.run_dir": self.run_dir} | ({"checkpoint.dir": self.checkpointer.root} if cfg.checkpoint.dir
-                                                    else {})  # fmt: skip
+        busy = {"logging.run_dir": self.run_dir} | (
+            {"checkpoint.dir": self.checkpointer.root} if cfg.checkpoint.dir else {}
+        )
         self.lock = lock_run(busy)  # held until train() ends
         try:
             self._build()
@@ -107,8 +109,9 @@ class Trainer:
         start = self._resume()
         reset_peak_memory()
         self.metrics.start(start)
-        progress = tqdm(total=self.train_steps, initial=start, desc="dpo",
-                        disable=not (self.run.is_logger and cfg.logging.progress))  # fmt: skip
+        progress = tqdm(
+            total=self.train_steps, initial=start, desc="dpo", disable=not (self.run.is_logger and cfg.logging.progress)
+        )
         summary: dict[str, float] = {}
         try:
             if self.eval_pairs and start == 0:
@@ -207,14 +210,11 @@ class Trainer:
         outputs = run_schedule(
             partial(dpo_forward_step, self.objective, self.run.scorer), microbatches, self.policy, forward_only=False
         )
-        record = finalize(self._reduce(outputs), self.objective.components)
+        record = step_record([out["sums"] for out in outputs], self.objective.metric_names)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         # The norm is checked before the update: Megatron's clipping turns an inf norm into NaN weights.
-        self.optimizer.prepare_grads()
-        grad_norm = float(self.optimizer.get_grad_norm())
-        finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
+        finite, grad_norm = optimizer_step(self.optimizer, math.isfinite(record["loss"]))
         if finite:
-            self.optimizer.step()
             self.scheduler.step(increment=1)
             self.objective.reward_mean.update(record["rewards/chosen"], record["rewards/rejected"])
         else:
@@ -236,8 +236,14 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Forward-only DPO metrics over the held-out pairs: `evaluate_pairs`, which `mdpo eval` runs too."""
-        return evaluate_pairs(self.cfg, self.run, self.objective, self.policy, self.eval_pairs,
-                              partial(self._attach_reference, split="eval"))  # fmt: skip
+        return evaluate_pairs(
+            self.cfg,
+            self.run,
+            self.objective,
+            self.policy,
+            self.eval_pairs,
+            partial(self._attach_reference, split="eval"),
+        )
 
     def _microbatches(self, indices: list[int], pairs: list[TokenizedPair]) -> list[MicroBatch]:
         """This rank's pairs as micro-batches, on this rank's device."""
@@ -254,9 +260,6 @@ class Trainer:
         elif split in self.reference_cache:
             for mb in microbatches:
                 mb.ref_logps = self.reference_cache[split].lookup(mb.pair_ids, torch.float32, mb.tokens.device)
-
-    def _reduce(self, outputs: list[dict]) -> torch.Tensor:
-        return reduce_sums(outputs, len(SUM_FIELDS) + len(self.objective.components))
 
     # ------------------------------------------------------------------ state out
 
@@ -279,8 +282,9 @@ class Trainer:
         return self.reference if self.cfg.dpo.sync_ref_model else None
 
     def _resume(self) -> int:
-        step, folder = self.checkpointer.resume(self._modules, self.optimizer, self.scheduler,
-                                                self._trained_reference, self.data_fingerprint)  # fmt: skip
+        step, folder = self.checkpointer.resume(
+            self._modules, self.optimizer, self.scheduler, self._trained_reference, self.data_fingerprint
+        )
         if folder is not None:
             self._resume_objective(folder)
             log(f"resumed from {folder} (step {step})")
@@ -293,15 +297,25 @@ class Trainer:
         if state is not None:
             self.objective.reward_mean.load_state_dict(state)
         elif "bco_pair" in self.cfg.dpo.loss_types and self.cfg.dpo.bco_delta is None:
-            raise MdpoError(f"{folder}: saved before bco_pair's running reward mean was kept; resume it with a fixed "
-                            "dpo.bco_delta (0.0 was the old default)")  # fmt: skip
+            raise MdpoError(
+                f"{folder}: saved before bco_pair's running reward mean was kept; resume it with a fixed "
+                "dpo.bco_delta (0.0 was the old default)"
+            )
 
     def save(self, step: int) -> None:
         self._sync_params()
-        folder = self.checkpointer.save(step, self._modules, self.optimizer, self.scheduler,
-                                        {"config": config_to_dict(self.cfg), "data": self.data_fingerprint,
-                                         "reward_mean": self.objective.reward_mean.state_dict()},
-                                        self._trained_reference)  # fmt: skip
+        folder = self.checkpointer.save(
+            step,
+            self._modules,
+            self.optimizer,
+            self.scheduler,
+            {
+                "config": config_to_dict(self.cfg),
+                "data": self.data_fingerprint,
+                "reward_mean": self.objective.reward_mean.state_dict(),
+            },
+            self._trained_reference,
+        )
         log(f"checkpoint: {folder}")
 
     def export_hf(self, folder: Path) -> None:

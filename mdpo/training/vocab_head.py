@@ -35,8 +35,16 @@ class _ChunkedVocabParallelLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int, chunk_tokens: int,
-                group: ProcessGroup, square_mass: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        vocab_size: int,
+        chunk_tokens: int,
+        group: ProcessGroup,
+        square_mass: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         real, start = _real_columns(weight, vocab_size, group)
         n, v = hidden.shape[0], real.shape[0]
         target = labels.long() - start

@@ -55,8 +55,9 @@ def main(out: str, pairs_file: str, folders: list[str]) -> None:
             tensor_parallel.model_parallel_cuda_manual_seed(0)
             chunks = frozen(build_model(cfg, layout, torch.float32, load=True))
             mine = list(range(ranks.dp, len(pairs), layout.dp))
-            batches = make_microbatches(cfg.data, cfg.schedule, layout, pairs, mine, 0, ranks.cp,
-                                        bool(cfg.data.share_prompt))  # fmt: skip
+            batches = make_microbatches(
+                cfg.data, cfg.schedule, layout, pairs, mine, 0, ranks.cp, bool(cfg.data.share_prompt)
+            )
             attach_reference_logps(batches, chunks, Scorer(cfg.model, chunk_tokens=7, thd=False))
             found = {}
             if parallel_state.is_pipeline_last_stage() and ranks.tp == ranks.cp == 0:

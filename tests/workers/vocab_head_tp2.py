@@ -42,11 +42,19 @@ def main(cases_file: str, out_dir: str) -> None:
             hidden = gather_from_sequence_parallel_region(local, tensor_parallel_output_grad=False)
         else:
             local = hidden = case["hidden"].clone().requires_grad_()
-        logps, means, square = token_logps(hidden, weight, case["labels"], case["vocab_size"], case["chunk_tokens"],
-                                           square_mass=True)  # fmt: skip
+        logps, means, square = token_logps(
+            hidden, weight, case["labels"], case["vocab_size"], case["chunk_tokens"], square_mass=True
+        )
         (logps * case["upstream"]).sum().backward()
-        results.append({"logps": logps.detach(), "means": means, "square": square, "grad_hidden": local.grad,
-                        "grad_weight": weight.grad})  # fmt: skip
+        results.append(
+            {
+                "logps": logps.detach(),
+                "means": means,
+                "square": square,
+                "grad_hidden": local.grad,
+                "grad_weight": weight.grad,
+            }
+        )
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     parallel.stop()
 
