@@ -257,8 +257,8 @@ def pair_losses(
     dpo: DPOConfig,
     policy_chosen: Tensor,
     policy_rejected: Tensor,
-    ref_chosen: Tensor,
-    ref_rejected: Tensor,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     *,
@@ -266,12 +266,12 @@ def pair_losses(
     pair_weights: Tensor | None = None,
     bco_mean: float = 0.0,
 ) -> PairLosses:
-    """The objective `dpo` describes, on [B] tensors of one shape (reference values are ignored when
-    `dpo.reference_free`). `sft_chosen` is the chosen responses' plain summed log-probs for the sft term where
-    `policy_chosen` is LD-DPO's weighted sum (default: `policy_chosen`); `pair_weights` multiply every pair's loss
-    (WPO, `wpo_weights`); `bco_mean` is bco_pair's shift when `dpo.bco_delta` is None (the running reward mean the
-    caller keeps). Nothing is checked here: `dpo` checked itself when it was built, and callers pass well-formed
-    tensors (`preference_loss` checks them for direct callers)."""
+    """The objective `dpo` describes, on [B] tensors of one shape (with `dpo.reference_free` the reference is zero:
+    its values, None then, are not read). `sft_chosen` is the chosen responses' plain summed log-probs for the sft
+    term where `policy_chosen` is LD-DPO's weighted sum (default: `policy_chosen`); `pair_weights` multiply every
+    pair's loss (WPO, `wpo_weights`); `bco_mean` is bco_pair's shift when `dpo.bco_delta` is None (the running reward
+    mean the caller keeps). Nothing is checked here: `dpo` checked itself when it was built, and callers pass
+    well-formed tensors (`preference_loss` checks them for direct callers)."""
     dtype = _compute_dtype(policy_chosen)
     policy_chosen, policy_rejected = policy_chosen.to(dtype), policy_rejected.to(dtype)
     if dpo.reference_free:

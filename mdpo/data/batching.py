@@ -46,7 +46,6 @@ class MicroBatch:
     blocks: Blocks | None = None  # None: plain causal rows
     cu_seqlens: torch.Tensor | None = None  # packed, unshared: int32 sequence boundaries, for THD attention kernels
     max_seqlen: int = 0  # packed: the longest sequence (THD kernels take it from the host)
-    ref_logps: torch.Tensor | None = None  # [2m] reference log-probs, filled by the reference pass
 
     @property
     def num_pairs(self) -> int:

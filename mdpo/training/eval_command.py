@@ -19,7 +19,6 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,12 @@ from mdpo import parallel
 from mdpo.checkpoint.description import arch_fields, describe_model
 from mdpo.checkpoint.files import TRAINING_META
 from mdpo.config import DataConfig, DPOConfig, TrainConfig, load_config_tree, translate_args
-from mdpo.data.batching import MicroBatch
 from mdpo.errors import ConfigError, MdpoError
 from mdpo.training.data import load_pairs_on_ranks
 from mdpo.training.evaluation import evaluate_pairs
+from mdpo.training.reference import build_reference
 from mdpo.training.setup import build_model, frozen, start_run
-from mdpo.training.step import DPOObjective, attach_reference_logps
+from mdpo.training.step import DPOObjective
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # What a training checkpoint's stored config lends the evaluation besides its data and dpo sections: the settings
@@ -193,10 +192,6 @@ def _check_same_model(cfg: TrainConfig, model: str, reference: str) -> None:
         )
 
 
-def _no_reference(microbatches: list[MicroBatch]) -> None:
-    """Reference-free: ref_logps stay None, which the loss reads as zeros."""
-
-
 def evaluate_model(setup: EvalSetup, progress: bool = True) -> dict[str, float]:
     """Start the layout's processes, load the pairs, the policy and the reference, and evaluate (every rank
     returns the metrics)."""
@@ -208,12 +203,8 @@ def evaluate_model(setup: EvalSetup, progress: bool = True) -> dict[str, float]:
         if setup.reward_mean is not None:
             objective.reward_mean.load_state_dict(setup.reward_mean)
         policy = frozen(build_model(cfg, run.layout, run.dtype, load=True))
-        attach = _no_reference
-        if setup.reference is not None:
-            ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=setup.reference))
-            reference = frozen(build_model(ref_cfg, run.layout, run.dtype, load=True))
-            attach = partial(attach_reference_logps, reference=reference, scorer=run.scorer)
-        return evaluate_pairs(cfg, run, objective, policy, pairs, attach, progress=progress)
+        reference = build_reference(cfg, run, weights_from=setup.reference)  # reference-free: dpo.reference=none
+        return evaluate_pairs(cfg, run, objective, policy, pairs, reference, progress=progress)
     finally:
         parallel.stop()
 

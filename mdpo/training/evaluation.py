@@ -5,21 +5,18 @@ One function for both callers, so that `mdpo eval` reports the very numbers trai
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import torch
 from tqdm import tqdm
 
 from mdpo.config import TrainConfig
-from mdpo.data.batching import MicroBatch
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError
 from mdpo.training.metrics import step_record
+from mdpo.training.reference import Reference
 from mdpo.training.setup import Run
 from mdpo.training.step import DPOObjective, dpo_forward_step, run_schedule
-
-AttachReference = Callable[[list[MicroBatch]], None]  # fills each micro-batch's ref_logps (or leaves None: zeros)
 
 
 def evaluate_pairs(
@@ -28,7 +25,7 @@ def evaluate_pairs(
     objective: DPOObjective,
     policy: list[torch.nn.Module],
     pairs: list[TokenizedPair],
-    attach_reference: AttachReference,
+    reference: Reference,
     *,
     progress: bool = False,
 ) -> dict[str, float]:
@@ -44,8 +41,8 @@ def evaluate_pairs(
     # The metric sums are added in micro-batch order however the micro-batches are chunked: the same numbers.
     with tqdm(total=len(mine), desc="eval", unit="pair", disable=not (progress and run.is_logger)) as bar:
         for chunk in run.device_chunks(run.microbatches(cfg, pairs, mine)):
-            attach_reference(chunk)
+            references = reference.logps(chunk, "eval")
             with torch.no_grad():
-                outputs += run_schedule(step, chunk, policy, forward_only=True)
+                outputs += run_schedule(step, chunk, policy, forward_only=True, references=references)
             bar.update(sum(len(mb.pair_ids) for mb in chunk))
     return step_record([out["sums"] for out in outputs], objective.metric_names, prefix="eval_")

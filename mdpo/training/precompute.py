@@ -13,10 +13,9 @@ from mdpo import parallel
 from mdpo.config import TrainConfig
 from mdpo.errors import ConfigError
 from mdpo.training.data import load_pairs_on_ranks, log
-from mdpo.training.reference import cache_path, reference_stamp, save_reference_logps
+from mdpo.training.reference import OnlineReference, cache_path, reference_stamp, save_reference_logps
 from mdpo.training.run_lock import lock_run
-from mdpo.training.setup import FORWARD_CHUNK, build_model, frozen, start_run
-from mdpo.training.step import attach_reference_logps
+from mdpo.training.setup import FORWARD_CHUNK, build_model, start_run
 
 
 def precompute_reference(cfg: TrainConfig) -> list[Path]:
@@ -27,7 +26,7 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
     try:
         run = start_run(cfg)
         lock = lock_run({"logging.run_dir": Path(cfg.logging.run_dir)})
-        reference = frozen(build_model(cfg, run.layout, run.dtype, load=True))
+        reference = OnlineReference(build_model(cfg, run.layout, run.dtype, load=True), run.scorer)
         stamp = reference_stamp(cfg)
         written = []
         for split, path in (("train", cfg.data.train_file), ("eval", cfg.data.eval_file)):
@@ -44,9 +43,9 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
                 total=-(-len(everything) // FORWARD_CHUNK),
             )
             for microbatches in chunks:
-                attach_reference_logps(microbatches, reference, run.scorer)
+                logps = reference.logps(microbatches, split)
                 if parallel_state.is_pipeline_last_stage() and run.ranks.tp == run.ranks.cp == 0:
-                    results += [(mb.pair_ids, mb.ref_logps.double().cpu().tolist()) for mb in microbatches]
+                    results += [(mb.pair_ids, lp.double().cpu().tolist()) for mb, lp in zip(microbatches, logps)]
             gathered = [None] * torch.distributed.get_world_size() if run.is_logger else None
             torch.distributed.gather_object(results, gathered, dst=0)
             if gathered is not None:

@@ -1,8 +1,13 @@
-"""Precomputed reference log-probs: one forward pass of the reference over the data set, cached on disk.
+"""The reference: where a step's reference log-probs come from, one class per mode, built once from the config
+(`build_reference`) and used by training, `mdpo eval` and `mdpo precompute-ref` alike:
 
-With `dpo.reference=precomputed` training never builds the reference model. The cache is stamped with hashes of
-the reference checkpoint, the tokenizer, the data settings and LD-DPO's weight; a cache whose stamp differs, or
-that lacks a pair the run needs, is refused with the reason.
+- `OnlineReference`: frozen model chunks run forward-only (a copy of the starting policy, or a model folder); with
+  TR-DPO (`dpo.sync_ref_model`) its weights move toward the policy after every N-th step and are training state.
+- `AdaptersOffReference`: with LoRA, the policy itself with its adapters switched off (no second copy).
+- `PrecomputedReference`: the on-disk cache of one earlier forward pass (`mdpo precompute-ref`). It is stamped with
+  hashes of the reference checkpoint, the tokenizer, the data settings and LD-DPO's weight; a cache whose stamp
+  differs, or that lacks a pair the run needs, is refused with the reason.
+- `NoReference`: reference-free objectives (the loss reads zeros).
 """
 
 from __future__ import annotations
@@ -14,11 +19,18 @@ import os
 from pathlib import Path
 
 import torch
+from megatron.core.distributed import DistributedDataParallel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mdpo.config import TrainConfig
+from mdpo.config import DPOConfig, TrainConfig
+from mdpo.data.batching import MicroBatch
+from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import MdpoError
+from mdpo.models.lora import adapters_off
+from mdpo.training.reference_sync import sync_reference
+from mdpo.training.setup import Run, build_model, frozen
+from mdpo.training.step import Scorer, forward_logps
 
 STAMP_PARTS = ("reference checkpoint", "tokenizer", "data", "LD-DPO weighting (dpo.ld_alpha)")
 # Data settings that do not change the tokens (the files themselves are hashed by content).
@@ -98,3 +110,104 @@ class ReferenceLogps:
         """[2m] in the micro-batch's row order: m chosen, then m rejected."""
         values = [self.table[i][0] for i in pair_ids] + [self.table[i][1] for i in pair_ids]
         return torch.tensor(values, dtype=dtype, device=device)
+
+
+class Reference:
+    """A step's reference log-probs, per micro-batch ([2m]: chosen, then rejected; read on the last pipeline stage),
+    plus what the reference does after an optimizer step and the weights it keeps as training state."""
+
+    def logps(self, microbatches: list[MicroBatch], split: str = "train") -> list[torch.Tensor | None]:
+        raise NotImplementedError
+
+    def after_step(self, step: int, policy: list[DistributedDataParallel]) -> None:
+        """After optimizer step `step` (1-based): nothing, unless the reference moves (TR-DPO)."""
+
+    def state(self) -> list[torch.nn.Module] | None:
+        """Model chunks whose weights are training state (saved in checkpoints and restored), or None."""
+        return None
+
+
+class OnlineReference(Reference):
+    """Frozen model chunks of this rank's stage, run forward-only over the step's micro-batches. With `sync`
+    (TR-DPO, `dpo.sync_ref_model`), after every `ref_model_sync_steps`-th step the reference becomes
+    alpha policy + (1 - alpha) reference (a skipped step counts too, as TRL's callback runs at every step end; the
+    policy mixed in is then the last finite one), and its weights are training state."""
+
+    def __init__(self, chunks: list[torch.nn.Module], scorer: Scorer, sync: DPOConfig | None = None) -> None:
+        self.chunks, self.scorer, self.sync = frozen(chunks), scorer, sync
+
+    def logps(self, microbatches: list[MicroBatch], split: str = "train") -> list[torch.Tensor | None]:
+        return forward_logps(microbatches, self.chunks, self.scorer)
+
+    def after_step(self, step: int, policy: list[DistributedDataParallel]) -> None:
+        if self.sync is None or step % self.sync.ref_model_sync_steps:
+            return
+        for ref, chunk in zip(self.chunks, policy, strict=True):
+            if chunk.ddp_config.overlap_param_gather:  # the updated weights are still shards: gather them first
+                chunk.start_param_sync(force_sync=True)
+            sync_reference(ref, chunk.module, self.sync.ref_model_mixup_alpha)
+
+    def state(self) -> list[torch.nn.Module] | None:
+        return self.chunks if self.sync is not None else None
+
+
+class AdaptersOffReference(Reference):
+    """LoRA's reference: the policy's own chunks with every adapter switched off (the frozen base)."""
+
+    def __init__(self, policy: list[DistributedDataParallel], scorer: Scorer) -> None:
+        self.policy, self.scorer = policy, scorer
+
+    def logps(self, microbatches: list[MicroBatch], split: str = "train") -> list[torch.Tensor | None]:
+        with adapters_off([chunk.module for chunk in self.policy]):
+            return forward_logps(microbatches, self.policy, self.scorer)
+
+
+class PrecomputedReference(Reference):
+    """The cache of `mdpo precompute-ref`, per split, checked against the run (stamp, every pair needed)."""
+
+    def __init__(self, cfg: TrainConfig, splits: dict[str, list[TokenizedPair]]) -> None:
+        stamp = reference_stamp(cfg)
+        self.caches = {
+            split: ReferenceLogps(cache_path(cfg, split), stamp, [p.index for p in pairs])
+            for split, pairs in splits.items()
+            if pairs
+        }
+
+    def logps(self, microbatches: list[MicroBatch], split: str = "train") -> list[torch.Tensor | None]:
+        cache = self.caches[split]
+        return [cache.lookup(mb.pair_ids, torch.float32, mb.tokens.device) for mb in microbatches]
+
+
+class NoReference(Reference):
+    """Reference-free objectives: no log-probs (the loss reads zeros)."""
+
+    def logps(self, microbatches: list[MicroBatch], split: str = "train") -> list[torch.Tensor | None]:
+        return [None] * len(microbatches)
+
+
+def build_reference(
+    cfg: TrainConfig,
+    run: Run,
+    *,
+    policy: list[DistributedDataParallel] | None = None,
+    splits: dict[str, list[TokenizedPair]] | None = None,
+    weights_from: str | None = None,
+) -> Reference:
+    """The reference `cfg.dpo.reference` asks for: with `weights_from` (a model folder: `mdpo eval --reference`,
+    `precompute-ref`) an online reference of those weights; otherwise the training run's, from its `policy` (a
+    frozen copy of its starting weights, or with LoRA the policy with adapters off) or the cache of its `splits`."""
+    mode = cfg.dpo.reference
+    if mode == "none":
+        return NoReference()
+    if mode == "precomputed":
+        return PrecomputedReference(cfg, splits or {})
+    if weights_from is not None:
+        own = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=weights_from))
+        return OnlineReference(build_model(own, run.layout, run.dtype, load=True), run.scorer)
+    if cfg.lora.enabled:
+        return AdaptersOffReference(policy, run.scorer)
+    # an exact copy of the starting policy (its chunks, before training)
+    chunks = build_model(cfg, run.layout, run.dtype, load=False)
+    for ref, chunk in zip(chunks, policy, strict=True):
+        ref.load_state_dict(chunk.module.state_dict())
+    return OnlineReference(chunks, run.scorer, cfg.dpo if cfg.dpo.sync_ref_model else None)

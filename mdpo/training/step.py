@@ -146,24 +146,33 @@ class Scorer:
         return sequence_stats(hidden, batch, weight, self.vocab_size, self.chunk_tokens, self.ld_alpha, square_mass)
 
 
-def _reference_loss(batch: MicroBatch, scorer: Scorer, model: torch.nn.Module, output: torch.Tensor):
+def _logps_only(batch: MicroBatch, scorer: Scorer, model: torch.nn.Module, output: torch.Tensor):
     stats = scorer.stats(batch, model, output)
     zero = output.new_zeros(())
-    return zero, torch.zeros((), dtype=torch.int, device=output.device), {"ref_logps": stats.logps.detach()}
+    return zero, torch.zeros((), dtype=torch.int, device=output.device), {"logps": stats.logps.detach()}
 
 
-def _dpo_loss(batch: MicroBatch, objective: DPOObjective, scorer: Scorer, model: torch.nn.Module, output: torch.Tensor):
+def _dpo_loss(
+    batch: MicroBatch,
+    ref: torch.Tensor | None,
+    objective: DPOObjective,
+    scorer: Scorer,
+    model: torch.nn.Module,
+    output: torch.Tensor,
+):
+    """The objective on one micro-batch's sequence stats and its reference log-probs `ref` ([2m]; None: reference-
+    free, where the loss reads zeros)."""
     stats = scorer.stats(batch, model, output, square_mass=objective.dpo.use_weighting)
     m = batch.num_pairs
-    ref = batch.ref_logps if batch.ref_logps is not None else torch.zeros_like(stats.logps)
+    ref_chosen, ref_rejected = (ref[:m], ref[m:]) if ref is not None else (None, None)
     lengths = stats.num_tokens.to(stats.logps.dtype)
     wpo = stats.wpo_logps
     weights = wpo_weights(wpo[:m], wpo[m:], lengths[:m], lengths[m:]) if wpo is not None else None
     losses = objective(
         stats.logps[:m],
         stats.logps[m:],
-        ref[:m],
-        ref[m:],
+        ref_chosen,
+        ref_rejected,
         lengths[:m],
         lengths[m:],
         sft_chosen=stats.plain_logps[:m],
@@ -176,16 +185,21 @@ def _dpo_loss(batch: MicroBatch, objective: DPOObjective, scorer: Scorer, model:
     return losses.losses.sum(), count, {"sums": pair_sums(losses, stats, batch), "pair_ids": batch.pair_ids}
 
 
-def reference_forward_step(scorer: Scorer, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+def logps_forward_step(scorer: Scorer, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+    """A forward-only pass's step: each micro-batch's per-sequence log-probs (a reference's)."""
     batch = next(data_iterator)
-    return scorer.forward(batch, model), partial(_reference_loss, batch, scorer, model)
+    return scorer.forward(batch, model), partial(_logps_only, batch, scorer, model)
 
 
 def dpo_forward_step(
-    objective: DPOObjective, scorer: Scorer, data_iterator: Iterator[MicroBatch], model: torch.nn.Module
+    objective: DPOObjective,
+    scorer: Scorer,
+    data_iterator: Iterator[tuple[MicroBatch, torch.Tensor | None]],
+    model: torch.nn.Module,
 ):
-    batch = next(data_iterator)
-    return scorer.forward(batch, model), partial(_dpo_loss, batch, objective, scorer, model)
+    """The policy's step: each micro-batch with its reference log-probs, through the objective."""
+    batch, ref = next(data_iterator)
+    return scorer.forward(batch, model), partial(_dpo_loss, batch, ref, objective, scorer, model)
 
 
 def interleave_group(microbatches: int, pp: int) -> int:
@@ -202,17 +216,25 @@ def interleave_group(microbatches: int, pp: int) -> int:
     )
 
 
-def run_schedule(forward_step, microbatches: list[MicroBatch], chunks: list, *, forward_only: bool) -> list[dict]:
+def run_schedule(
+    forward_step,
+    microbatches: list[MicroBatch],
+    chunks: list,
+    *,
+    forward_only: bool,
+    references: list[torch.Tensor | None] | None = None,
+) -> list[dict]:
     """One pass of Megatron's (pipeline) schedule over this rank's micro-batches: 1F1B for one model chunk, the
-    interleaved 1F1B for several (each chunk reading the same micro-batches in order)."""
+    interleaved 1F1B for several (each chunk reading the same micro-batches in order). With `references` (one per
+    micro-batch) the forward step reads (micro-batch, reference log-probs) pairs."""
     longest = max(mb.tokens.shape[1] for mb in microbatches)
-    data = iter(microbatches)
     if len(chunks) > 1:
         rows = max(mb.tokens.shape[0] for mb in microbatches)  # one activation shape for the whole call
         microbatches = [in_frame(mb, rows, longest) for mb in microbatches]
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         get_model_config(chunks[0]).microbatch_group_size_per_vp_stage = interleave_group(len(microbatches), pp)
-        data = [iter(microbatches) for _ in chunks]
+    items = microbatches if references is None else list(zip(microbatches, references, strict=True))
+    data = [iter(items) for _ in chunks] if len(chunks) > 1 else iter(items)
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data,
@@ -224,11 +246,10 @@ def run_schedule(forward_step, microbatches: list[MicroBatch], chunks: list, *, 
     )
 
 
-def attach_reference_logps(microbatches: list[MicroBatch], reference: list, scorer: Scorer) -> None:
-    """Forward-only pass of the frozen reference (its model chunks); its log-probs land on the micro-batches (last
-    stage only)."""
-    step = partial(reference_forward_step, scorer)
+def forward_logps(microbatches: list[MicroBatch], chunks: list, scorer: Scorer) -> list[torch.Tensor | None]:
+    """Forward-only pass of frozen model chunks (a reference): each micro-batch's per-sequence log-probs on the last
+    pipeline stage, None on the others."""
     with torch.no_grad():
-        outputs = run_schedule(step, microbatches, reference, forward_only=True)
-    for batch, out in zip(microbatches, outputs):
-        batch.ref_logps = out["ref_logps"]
+        outputs = run_schedule(partial(logps_forward_step, scorer), microbatches, chunks, forward_only=True)
+    found = [out["logps"] for out in outputs]
+    return found if found else [None] * len(microbatches)

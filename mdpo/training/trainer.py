@@ -19,7 +19,7 @@ from mdpo.config import TrainConfig, config_to_dict
 from mdpo.data.batching import MicroBatch, PairSampler, rank_share
 from mdpo.data.pairs import TokenizedPair, data_fingerprint
 from mdpo.errors import MdpoError
-from mdpo.models.lora import adapters_off, add_adapters, merge_adapters, split_adapters
+from mdpo.models.lora import add_adapters, merge_adapters, split_adapters
 from mdpo.plot import plot_metrics
 from mdpo.training.checkpointing import After, Checkpointer
 from mdpo.training.data import load_pairs_on_ranks, log
@@ -28,11 +28,10 @@ from mdpo.training.memory import peak_memory_gib, reset_peak_memory
 from mdpo.training.metrics import MetricsLogger, step_record
 from mdpo.training.optimizer import build_optimizer, build_scheduler, optimizer_step, wrap_ddp
 from mdpo.training.profiling import profiled
-from mdpo.training.reference import ReferenceLogps, cache_path, reference_stamp
-from mdpo.training.reference_sync import sync_reference
+from mdpo.training.reference import build_reference
 from mdpo.training.run_lock import lock_run
-from mdpo.training.setup import build_model, frozen, start_run
-from mdpo.training.step import DPOObjective, attach_reference_logps, dpo_forward_step, run_schedule
+from mdpo.training.setup import build_model, start_run
+from mdpo.training.step import DPOObjective, dpo_forward_step, run_schedule
 
 
 def _nonfinite_pairs(outputs: list[dict]) -> list[int]:
@@ -82,19 +81,9 @@ class Trainer:
         if cfg.lora.enabled:  # the base frozen; with an online reference, the reference is the base itself
             for chunk in policy:
                 add_adapters(chunk, cfg.lora, cfg.schedule.seed)
-        self.reference, self.reference_cache = None, {}
-        if cfg.dpo.reference == "online" and not cfg.lora.enabled:
-            # The reference starts as an exact copy of the policy and never trains.
-            self.reference = build_model(cfg, self.run.layout, self.run.dtype, load=False)
-            for ref, chunk in zip(frozen(self.reference), policy, strict=True):
-                ref.load_state_dict(chunk.state_dict())
-        elif cfg.dpo.reference == "precomputed":
-            stamp = reference_stamp(cfg)
-            for split, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
-                if pairs:
-                    needed = [p.index for p in pairs]
-                    self.reference_cache[split] = ReferenceLogps(cache_path(cfg, split), stamp, needed)
         self.policy = [wrap_ddp(cfg, chunk, index) for index, chunk in enumerate(policy)]
+        splits = {"train": self.train_pairs, "eval": self.eval_pairs}
+        self.reference = build_reference(cfg, self.run, policy=self.policy, splits=splits)
         self.optimizer = build_optimizer(cfg, self.policy, self.run.dtype)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.train_steps)
 
@@ -123,7 +112,7 @@ class Trainer:
             for step in range(start + 1, self.train_steps + 1):
                 record = self.train_step(step - 1)
                 skipped += self._apply_nonfinite_policy(step, record, skipped)
-                self._sync_reference(step)
+                self.reference.after_step(step, self.policy)
                 record["skipped_steps"] = skipped
                 if step % cfg.logging.log_interval == 0 or step == self.train_steps:
                     self.metrics.log(record)
@@ -160,17 +149,6 @@ class Trainer:
         log(f"{where}: step skipped ({skipped + 1} so far)")
         return 1
 
-    def _sync_reference(self, step: int) -> None:
-        """TR-DPO (`dpo.sync_ref_model`): after every `ref_model_sync_steps`-th step the reference is mixed toward
-        the policy's weights (gathered first: with `overlap_param_gather` they are still shards). A skipped step
-        counts too, as in TRL, whose callback runs at every step end whether or not the optimizer stepped: the
-        schedule stays on the step numbers (TRL's `global_step`), and the policy mixed in is the last finite one."""
-        dpo = self.cfg.dpo
-        if dpo.sync_ref_model and step % dpo.ref_model_sync_steps == 0:
-            self._sync_params()
-            for ref, chunk in zip(self.reference, self.policy, strict=True):
-                sync_reference(ref, chunk.module, dpo.ref_model_mixup_alpha)
-
     def _eval_due(self, step: int) -> bool:
         """Held-out evaluation every eval_interval steps (the one after the last step is the final evaluation)."""
         interval = self.cfg.logging.eval_interval
@@ -203,12 +181,16 @@ class Trainer:
         microbatches = self._microbatches(
             rank_share(self.sampler.global_batch(step), ranks.dp, layout.dp), self.train_pairs
         )
-        self._attach_reference(microbatches, "train")
+        references = self.reference.logps(microbatches, "train")
         for chunk in self.policy:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = run_schedule(
-            partial(dpo_forward_step, self.objective, self.run.scorer), microbatches, self.policy, forward_only=False
+            partial(dpo_forward_step, self.objective, self.run.scorer),
+            microbatches,
+            self.policy,
+            forward_only=False,
+            references=references,
         )
         record = step_record([out["sums"] for out in outputs], self.objective.metric_names)
         learning_rate = self.optimizer.param_groups[0]["lr"]
@@ -242,24 +224,12 @@ class Trainer:
             self.objective,
             self.policy,
             self.eval_pairs,
-            partial(self._attach_reference, split="eval"),
+            self.reference,
         )
 
     def _microbatches(self, indices: list[int], pairs: list[TokenizedPair]) -> list[MicroBatch]:
         """This rank's pairs as micro-batches, on this rank's device."""
         return self.run.on_device(self.run.microbatches(self.cfg, pairs, indices))
-
-    def _attach_reference(self, microbatches: list[MicroBatch], split: str) -> None:
-        """Reference log-probs for each micro-batch: a forward pass (online: of the reference model, or with LoRA of
-        the policy with its adapters off), the cache (precomputed), or none."""
-        if self.reference is not None:
-            attach_reference_logps(microbatches, self.reference, self.run.scorer)
-        elif self.cfg.lora.enabled and self.cfg.dpo.reference == "online":
-            with adapters_off(self._modules):
-                attach_reference_logps(microbatches, self.policy, self.run.scorer)
-        elif split in self.reference_cache:
-            for mb in microbatches:
-                mb.ref_logps = self.reference_cache[split].lookup(mb.pair_ids, torch.float32, mb.tokens.device)
 
     # ------------------------------------------------------------------ state out
 
@@ -276,14 +246,9 @@ class Trainer:
         """The policy's model chunks without their DDP wrappers."""
         return [chunk.module for chunk in self.policy]
 
-    @property
-    def _trained_reference(self) -> list[torch.nn.Module] | None:
-        """The reference when its weights are training state (TR-DPO moves them), so checkpoints hold it."""
-        return self.reference if self.cfg.dpo.sync_ref_model else None
-
     def _resume(self) -> int:
         step, folder = self.checkpointer.resume(
-            self._modules, self.optimizer, self.scheduler, self._trained_reference, self.data_fingerprint
+            self._modules, self.optimizer, self.scheduler, self.reference.state(), self.data_fingerprint
         )
         if folder is not None:
             self._resume_objective(folder)
@@ -314,7 +279,7 @@ class Trainer:
                 "data": self.data_fingerprint,
                 "reward_mean": self.objective.reward_mean.state_dict(),
             },
-            self._trained_reference,
+            self.reference.state(),
         )
         log(f"checkpoint: {folder}")
 

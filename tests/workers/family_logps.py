@@ -1,5 +1,6 @@
 """Under torchrun: every model folder's per-sequence log-probs at several layouts, each through what training runs
-(`build_model` streaming the HF folder per rank, the micro-batches of the layout, Megatron's forward-only schedule),
+(`build_model` streaming the HF folder per rank, the micro-batches of the layout, an online reference's
+forward-only schedule),
 one process group for all of them (Megatron's groups rebuilt per layout).
 
 usage: torchrun --nproc_per_node=N family_logps.py OUT.pt PAIRS.pt FOLDER [FOLDER ...]
@@ -36,8 +37,9 @@ def main(out: str, pairs_file: str, folders: list[str]) -> None:
     from mdpo.config import DataConfig, ParallelConfig, ScheduleConfig, TrainConfig
     from mdpo.data.pairs import TokenizedPair
     from mdpo.training.data import make_microbatches
-    from mdpo.training.setup import build_model, frozen
-    from mdpo.training.step import Scorer, attach_reference_logps
+    from mdpo.training.reference import OnlineReference
+    from mdpo.training.setup import build_model
+    from mdpo.training.step import Scorer
 
     pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(torch.load(pairs_file))]
     world, results = int(os.environ["WORLD_SIZE"]), {}
@@ -53,16 +55,16 @@ def main(out: str, pairs_file: str, folders: list[str]) -> None:
             layout = cfg.parallel.layout(world)
             ranks = parallel.start(layout)
             tensor_parallel.model_parallel_cuda_manual_seed(0)
-            chunks = frozen(build_model(cfg, layout, torch.float32, load=True))
+            reference = OnlineReference(build_model(cfg, layout, torch.float32, load=True), Scorer(cfg.model, 7, False))
             mine = list(range(ranks.dp, len(pairs), layout.dp))
             batches = make_microbatches(
                 cfg.data, cfg.schedule, layout, pairs, mine, 0, ranks.cp, bool(cfg.data.share_prompt)
             )
-            attach_reference_logps(batches, chunks, Scorer(cfg.model, chunk_tokens=7, thd=False))
+            logps = reference.logps(batches)
             found = {}
             if parallel_state.is_pipeline_last_stage() and ranks.tp == ranks.cp == 0:
-                for batch in batches:
-                    chosen, rejected = batch.ref_logps.chunk(2)
+                for batch, both in zip(batches, logps, strict=True):
+                    chosen, rejected = both.chunk(2)
                     found.update({p: (chosen[k], rejected[k]) for k, p in enumerate(batch.pair_ids)})
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, found)
