@@ -436,3 +436,22 @@ def test_a_time_budget_saves_and_exits_0_and_the_same_command_resumes_exactly(se
         said = f"[mdpo] stopped after step {launch} with a checkpoint; run the same command again to resume"
         assert stopped == ([said] if launch < STEPS else []), (launch, result.stdout)
     assert_bitwise(outcome(setup / "budget"), outcome(setup / "tp1_full"))
+
+
+def test_a_checkpoint_from_before_components_and_manifests_resumes_exactly(setup):
+    """A checkpoint as mdpo wrote them before (bco_pair's running mean in the meta, not a component of its own; no
+    list of components; no manifest) resumes, and the run ends bitwise the uninterrupted one."""
+    if not (setup / "tp1_full" / "hf").exists():
+        train(setup, "tp1_full", BCO)
+    train(setup, "old_format", BCO, "schedule.exit_interval=2")
+    step2 = setup / "old_format" / "checkpoints" / "step_0000002"
+    common = torch.load(step2 / "common.pt", weights_only=False)
+    meta = json.loads((step2 / "mdpo_meta.json").read_text())
+    meta["reward_mean"] = common.pop("objective")
+    del meta["components"]
+    torch.save(common, step2 / "common.pt")
+    (step2 / "mdpo_meta.json").write_text(json.dumps(meta))
+    (step2 / "mdpo_manifest.json").unlink()
+    result = train(setup, "old_format", BCO)
+    assert "(step 2)" in result.stdout
+    assert_bitwise(outcome(setup / "old_format"), outcome(setup / "tp1_full"))

@@ -15,7 +15,7 @@ from conftest import run_mdpo, tiny_run_files
 from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
 from torch.distributed.checkpoint import load as dcp_load
 
-from mdpo.checkpoint.dist import REFERENCE_PREFIX, step_dir
+from mdpo.checkpoint.dist import step_dir
 from mdpo.checkpoint.files import COMPLETE, TRAINING_META
 from mdpo.config import CheckpointConfig, DPOConfig, Layout, ScheduleConfig, TrainConfig
 from mdpo.errors import ConfigError, MdpoError
@@ -23,6 +23,7 @@ from mdpo.training.checkpointing import Checkpointer
 from mdpo.training.reference_sync import mix_weights, sync_reference
 
 STEPS, EVERY, ALPHA = 4, 2, 0.6
+REFERENCE_PREFIX = "reference."  # a checkpoint's component names prefix its tensors' keys (the policy's: none)
 
 
 def trl_mix(reference: torch.Tensor, policy: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -102,7 +103,7 @@ def test_resume_refuses_a_checkpoint_of_the_other_kind(megatron_world, tmp_path,
     reference = None if saved_with_reference else [torch.nn.Linear(2, 2)]
     said = "saved with dpo.sync_ref_model=true" if saved_with_reference else "saved without dpo.sync_ref_model"
     with pytest.raises(ConfigError, match=said):  # refused before anything is loaded
-        checkpointer.resume(None, None, None, reference)
+        checkpointer.resume({"model": [], "optimizer": None, **({"reference": reference} if reference else {})})
 
 
 # ------------------------------------------------------------------ tiny runs

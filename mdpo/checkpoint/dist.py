@@ -17,6 +17,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
@@ -31,9 +32,8 @@ from mdpo.errors import MdpoError, cause
 from mdpo.models.lora import checkpointed_state, load_checkpointed_state
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
-# The key prefix of a reference model saved with the policy (`dpo.sync_ref_model`), and the meta flag saying so
-REFERENCE_PREFIX = "reference."
-HAS_REFERENCE = "reference_weights"
+COMPONENTS = "components"  # the meta's list of what a checkpoint holds
+_OLD_REFERENCE_FLAG = "reference_weights"  # how checkpoints before that list said they hold a moving reference
 
 
 def optimizer_metadata() -> dict:
@@ -84,36 +84,40 @@ def _chunk_key(name: str, index: int, chunks: int) -> str:
     return name if chunks == 1 else f"{name}{index}"
 
 
-def _sharded_state(chunks: list, optimizer, is_loading: bool, rng: bool = True, reference: list | None = None) -> dict:
-    # a LoRA model's chunks: their adapters
+def _sharded_state(states: dict[str, Any], is_loading: bool, rng: bool = True) -> dict:
+    """The dist_checkpointing dict of a run's components (`states`): lists of model chunks as sharded tensors (the
+    policy's, `model`, under Megatron's own names; any other, such as a reference whose weights move, with its name
+    as prefix: a sharded tensor's key names it on disk), the optimizer's state over the policy's shards (a LoRA
+    model's chunks: their adapters), anything else with a `state_dict` as common state; and this rank's RNG."""
+    chunks = states["model"]
     models = {_chunk_key("model", i, len(chunks)): checkpointed_state(chunk) for i, chunk in enumerate(chunks)}
-    state = {
-        **models,
-        "optimizer": optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=optimizer_metadata()),
-    }
+    out: dict[str, Any] = dict(models)
+    for name, component in states.items():
+        if name == "model":
+            continue
+        if isinstance(component, list):
+            for i, chunk in enumerate(component):
+                out[_chunk_key(name, i, len(component))] = chunk.sharded_state_dict(prefix=f"{name}.")
+        elif hasattr(component, "sharded_state_dict"):  # the optimizer, over the policy's shards
+            out[name] = component.sharded_state_dict(models, is_loading=is_loading, metadata=optimizer_metadata())
+        else:
+            out[name] = None if is_loading else component.state_dict()  # common state: read as saved
     if rng:
-        state["rng_state"] = _rng_state()
-    for i, ref in enumerate(reference or []):  # its own keys: a sharded tensor's key names it on disk
-        state[_chunk_key("reference", i, len(reference))] = ref.sharded_state_dict(prefix=REFERENCE_PREFIX)
-    return state
+        out["rng_state"] = _rng_state()
+    return out
 
 
-def save_checkpoint(
-    root: Path, step: int, model: list, optimizer, scheduler, meta: dict, keep_last: int, reference: list | None = None
-) -> Path:
-    """Collective: every rank calls it, with its model chunks. Returns the final folder. `reference`: a reference
-    model (its chunks) whose weights are training state too (TR-DPO), saved under its own keys and flagged in the
-    meta."""
+def save_checkpoint(root: Path, step: int, states: dict[str, Any], meta: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it, with its components (`_sharded_state`). Returns the final folder; the meta
+    records which components it holds."""
     final, tmp = step_dir(root, step), root / f"step_{step:07d}.tmp"
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False, reference=reference)
-    state["scheduler"] = scheduler.state_dict()
-    if reference is not None:
-        meta = {**meta, HAS_REFERENCE: True}
+    state = _sharded_state(states, is_loading=False)
+    meta = {**meta, COMPONENTS: sorted(states)}
     try:
         dist_checkpointing.save(state, str(tmp))
         torch.distributed.barrier()
@@ -128,9 +132,9 @@ def save_checkpoint(
             for old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     except (Exception, CheckpointException) as err:  # e.g. a full disk
-        cause = _write_error_cause(err, root)
+        why = _write_error_cause(err, root)
         raise MdpoError(
-            f"cannot write checkpoint {final} ({cause}); it stays an unmarked .tmp folder, earlier ones are intact"
+            f"cannot write checkpoint {final} ({why}); it stays an unmarked .tmp folder, earlier ones are intact"
         ) from None
     torch.distributed.barrier()
     return final
@@ -168,9 +172,12 @@ def read_meta(folder: Path) -> dict:
     return json.loads((folder / TRAINING_META).read_text())
 
 
-def has_reference(meta: dict) -> bool:
-    """Whether a checkpoint holds a reference model (saved by a TR-DPO run); older checkpoints never do."""
-    return bool(meta.get(HAS_REFERENCE, False))
+def saved_components(meta: dict) -> set[str]:
+    """The components a checkpoint holds; before the meta listed them: the model, optimizer and scheduler, and a
+    moving reference when flagged."""
+    if COMPONENTS in meta:
+        return set(meta[COMPONENTS])
+    return {"model", "optimizer", "scheduler"} | ({"reference"} if meta.get(_OLD_REFERENCE_FLAG) else set())
 
 
 def _distributed_optimizers(optimizer) -> list[DistributedOptimizer]:
@@ -235,33 +242,36 @@ def _restore_adam_steps(optimizer) -> None:
                     opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
-def load_checkpoint(
-    folder: Path, model: list, optimizer, scheduler, load_rng: bool = True, reference: list | None = None
-) -> dict:
-    """Restore the model chunks, optimizer, scheduler, (same layout only: they are per TP/PP rank) RNG states and
-    the `reference` chunks when given (saved with it: see `has_reference`) in place; returns the meta."""
+def load_checkpoint(folder: Path, states: dict[str, Any], load_rng: bool = True) -> tuple[dict, set[str]]:
+    """Restore the components in `states` that the checkpoint holds, in place (and, same layout only: they are per
+    TP/PP rank, the RNG states); returns the meta and the names restored."""
     meta = read_meta(folder)
+    states = {name: component for name, component in states.items() if name in saved_components(meta)}
+    optimizer = states["optimizer"]
     _ensure_optimizer_state(optimizer)
-    state = _sharded_state(model, optimizer, is_loading=True, rng=load_rng, reference=reference)
-    state["scheduler"] = None  # common (unsharded) state: read as saved
+    state = _sharded_state(states, is_loading=True, rng=load_rng)
     try:
         loaded = dist_checkpointing.load(state, str(folder))
     except (Exception, CheckpointException) as err:  # many kinds; name the folder and the cause
         raise MdpoError(f"{folder}: cannot load checkpoint ({type(err).__name__}: {cause(err)})") from None
-    for i, chunk in enumerate(model):
-        load_checkpointed_state(chunk, loaded[_chunk_key("model", i, len(model))])
-    for i, ref in enumerate(reference or []):
-        saved = loaded[_chunk_key("reference", i, len(reference))]
-        ref.load_state_dict({k.removeprefix(REFERENCE_PREFIX): v for k, v in saved.items()})
-    with torch.no_grad(), _load_without_adam_steps(optimizer):
-        optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(optimizer)
-    scheduler.load_state_dict(loaded["scheduler"])
-    if not load_rng:
-        return meta
-    rng = loaded["rng_state"][0]
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
-    return meta
+    for name, component in states.items():
+        if name == "model":
+            for i, chunk in enumerate(component):
+                load_checkpointed_state(chunk, loaded[_chunk_key(name, i, len(component))])
+        elif isinstance(component, list):
+            for i, chunk in enumerate(component):
+                saved = loaded[_chunk_key(name, i, len(component))]
+                chunk.load_state_dict({k.removeprefix(f"{name}."): v for k, v in saved.items()})
+        elif component is optimizer:
+            with torch.no_grad(), _load_without_adam_steps(optimizer):
+                optimizer.load_state_dict(loaded[name])
+            _restore_adam_steps(optimizer)
+        else:
+            component.load_state_dict(loaded[name])
+    if load_rng:
+        rng = loaded["rng_state"][0]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    return meta, set(states)

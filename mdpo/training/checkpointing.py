@@ -9,12 +9,13 @@ import enum
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
 
 from mdpo.checkpoint.description import base_fingerprint
-from mdpo.checkpoint.dist import complete_checkpoints, has_reference, load_checkpoint, read_meta, save_checkpoint
+from mdpo.checkpoint.dist import complete_checkpoints, load_checkpoint, read_meta, save_checkpoint, saved_components
 from mdpo.checkpoint.load import check_lora_base
 from mdpo.checkpoint.manifest import damage
 from mdpo.config import Layout, TrainConfig, config_to_dict
@@ -49,7 +50,7 @@ class StopRequest:
 
 def _check_reference(folder: Path, meta: dict, wanted: bool) -> None:
     """A TR-DPO run's reference has moved: resuming one without it (or the other way round) would not continue it."""
-    if has_reference(meta) == wanted:
+    if ("reference" in saved_components(meta)) == wanted:
         return
     if wanted:
         raise ConfigError(
@@ -105,25 +106,24 @@ class Checkpointer:
         if is_logger and cfg.checkpoint.dir:
             check_writable(self.root, "checkpoint.dir")
 
-    def resume(
-        self, model, optimizer, scheduler, reference: list[torch.nn.Module] | None = None, data: dict | None = None
-    ) -> tuple[int, Path | None]:
-        """Load the checkpoint `checkpoint.resume` names (auto: the newest intact one): (the step to start at, the
-        folder loaded; None when starting afresh). `reference`: the reference model when its weights are training
-        state (`dpo.sync_ref_model`); the checkpoint must hold one exactly then. `data`: this run's
-        `data_fingerprint` (global rank 0), compared with the checkpoint's."""
+    def resume(self, states: dict[str, Any], data: dict | None = None) -> tuple[int, Path | None, set[str]]:
+        """Load the checkpoint `checkpoint.resume` names (auto: the newest intact one) into the run's components
+        (`states`: model chunks, optimizer, scheduler, objective, and a reference when its weights are training
+        state; the checkpoint must hold one exactly then): (the step to start at, the folder loaded, None when
+        starting afresh, and the components restored). `data`: this run's `data_fingerprint` (global rank 0),
+        compared with the checkpoint's."""
         if self.cfg.resume == "none":
-            return 0, None
+            return 0, None, set()
         folder = self._choose()
         if folder is None:
-            return 0, None
+            return 0, None, set()
         meta = read_meta(folder)
-        _check_reference(folder, meta, reference is not None)
+        _check_reference(folder, meta, "reference" in states)
         _check_lora(folder, meta, self.lora_base)
         self._compare(folder, meta, data)
         saved = list(meta["layout"]) + [1] * (4 - len(meta["layout"]))  # [TP, PP, DP] before CP existed
-        load_checkpoint(folder, model, optimizer, scheduler, load_rng=saved == self.layout.sizes, reference=reference)
-        return int(meta["step"]), folder
+        _, restored = load_checkpoint(folder, states, load_rng=saved == self.layout.sizes)
+        return int(meta["step"]), folder, restored
 
     def _choose(self) -> Path | None:
         """Collective: the checkpoint to resume from, verified against its manifest on global rank 0. Auto: the
@@ -219,10 +219,8 @@ class Checkpointer:
         every = self.cfg.save_interval
         return After.SAVE if every and step % every == 0 else After.GO_ON
 
-    def save(
-        self, step: int, model, optimizer, scheduler, meta: dict, reference: list[torch.nn.Module] | None = None
-    ) -> Path:
-        """Collective: a checkpoint of `step` (keeping the last `keep_last`), with `reference` when given."""
+    def save(self, step: int, states: dict[str, Any], meta: dict) -> Path:
+        """Collective: a checkpoint of `step` holding `states` (keeping the last `keep_last`)."""
         meta = {
             "consumed_samples": step * self.global_batch_size,
             "global_batch_size": self.global_batch_size,
@@ -231,7 +229,7 @@ class Checkpointer:
         }
         if self.lora_fingerprint is not None:
             meta["lora_base"] = self.lora_fingerprint
-        return save_checkpoint(self.root, step, model, optimizer, scheduler, meta, self.cfg.keep_last, reference)
+        return save_checkpoint(self.root, step, states, meta, self.cfg.keep_last)
 
     def close(self) -> None:
         if self._stop is not None:

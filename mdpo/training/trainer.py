@@ -246,18 +246,32 @@ class Trainer:
         """The policy's model chunks without their DDP wrappers."""
         return [chunk.module for chunk in self.policy]
 
+    @property
+    def states(self) -> dict:
+        """The run's components with training state, as the checkpointer saves and restores them: the policy's model
+        chunks, the optimizer, the scheduler, the objective (bco_pair's running reward mean) and, when its weights
+        move (TR-DPO), the reference's chunks. The sampler's position is the step's."""
+        states = {
+            "model": self._modules,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "objective": self.objective.reward_mean,
+        }
+        if self.reference.state() is not None:
+            states["reference"] = self.reference.state()
+        return states
+
     def _resume(self) -> int:
-        step, folder = self.checkpointer.resume(
-            self._modules, self.optimizer, self.scheduler, self.reference.state(), self.data_fingerprint
-        )
+        step, folder, restored = self.checkpointer.resume(self.states, self.data_fingerprint)
         if folder is not None:
-            self._resume_objective(folder)
+            if "objective" not in restored:
+                self._resume_objective_before_components(folder)
             log(f"resumed from {folder} (step {step})")
         return step
 
-    def _resume_objective(self, folder: Path) -> None:
-        """The objective's own state (bco_pair's running reward mean) from the checkpoint's meta; a checkpoint from
-        before it was saved resumes only where the running mean is not used."""
+    def _resume_objective_before_components(self, folder: Path) -> None:
+        """A checkpoint from before the objective was a component kept bco_pair's running reward mean in its meta,
+        or (older still) nowhere: then it resumes only where the running mean is not used."""
         state = read_meta(folder).get("reward_mean")
         if state is not None:
             self.objective.reward_mean.load_state_dict(state)
@@ -269,19 +283,8 @@ class Trainer:
 
     def save(self, step: int) -> None:
         self._sync_params()
-        folder = self.checkpointer.save(
-            step,
-            self._modules,
-            self.optimizer,
-            self.scheduler,
-            {
-                "config": config_to_dict(self.cfg),
-                "data": self.data_fingerprint,
-                "reward_mean": self.objective.reward_mean.state_dict(),
-            },
-            self.reference.state(),
-        )
-        log(f"checkpoint: {folder}")
+        meta = {"config": config_to_dict(self.cfg), "data": self.data_fingerprint}
+        log(f"checkpoint: {self.checkpointer.save(step, self.states, meta)}")
 
     def export_hf(self, folder: Path) -> None:
         """The trained policy as a HF folder of the model's family (tokenizer included), gathered on rank 0; of a
