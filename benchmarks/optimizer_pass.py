@@ -62,7 +62,7 @@ def main() -> None:
     def backward() -> float:
         start = time.perf_counter()
         policy[0].zero_grad_buffer()
-        hidden, _ = policy[0](input_ids=tokens, position_ids=positions, attention_mask=None)
+        hidden = policy[0](input_ids=tokens, position_ids=positions, attention_mask=None)
         hidden.float().pow(2).mean().backward()
         policy[0].finish_grad_sync()
         sync()

@@ -10,15 +10,12 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from mdpo import planner, startup
+from mdpo import demo, planner, plot, startup, sweep
 from mdpo.checkpoint import convert
 from mdpo.checkpoint.description import describe_model
 from mdpo.config import TrainConfig, load_config, translate_args
 from mdpo.data import stats
-from mdpo.demo import run_demo
 from mdpo.errors import MdpoError
-from mdpo.plot import plot_metrics
-from mdpo.sweep import run_sweep
 from mdpo.training import eval_command
 from mdpo.training.precompute import precompute_reference
 from mdpo.training.trainer import train
@@ -64,7 +61,7 @@ def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     _no_extra("demo", extra)
     startup.prepare()
-    run_demo(args.out)
+    demo.run_demo(args.out)
     return 0
 
 
@@ -94,7 +91,7 @@ def cmd_convert(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def cmd_plot(args: argparse.Namespace, extra: Sequence[str]) -> int:
     _no_extra("plot", extra)
-    print(plot_metrics(args.run_dir, args.out))
+    print(plot.plot_metrics(args.run_dir, args.out))
     return 0
 
 
@@ -106,97 +103,70 @@ def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def cmd_sweep(args: argparse.Namespace, extra: Sequence[str]) -> int:
     _no_extra("sweep", extra)
-    print(run_sweep(args.sweep))
+    print(sweep.run_sweep(args.sweep))
     return 0
 
 
-def _check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="after converting, compare mdpo's forward of the Megatron checkpoint with an independent forward of the "
-        "HF folder (float32; exit 2 over max |logit error| 1e-4)",
-    )
-    parser.add_argument(
-        "--check-data", help="compare on prompt + chosen of this data file's first pairs (default: generated ids)"
-    )
-    parser.add_argument("--check-rows", type=int, help="rows to compare (default 4)")
+def _run_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A run's config (train, precompute-ref): the YAML file and dotted overrides."""
+    parser.add_argument("config", nargs="?", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return parser
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    tools = parser.add_subparsers(dest="data_command", required=True)
+    summary = "counts, token-length percentiles, truncation, padding waste and packing efficiency"
+    stats.add_arguments(tools.add_parser("stats", help=summary)).set_defaults(func=cmd_data_stats)
+    return parser
+
+
+# (command, help, its arguments (each command's module owns them), what runs it, description)
+COMMANDS = (
+    (
+        "train",
+        "run DPO from a YAML config",
+        _run_config_arguments,
+        cmd_train,
+        "key=value overrides use dotted names (optimizer.lr=1e-6); Megatron-LM style flags such as "
+        "--tensor-model-parallel-size 2 are accepted too.",
+    ),
+    (
+        "precompute-ref",
+        "run the reference model once over the data and cache its log-probs (for dpo.reference=precomputed)",
+        _run_config_arguments,
+        cmd_precompute_ref,
+        None,
+    ),
+    ("eval", eval_command.HELP, eval_command.add_arguments, cmd_eval, eval_command.DESCRIPTION),
+    ("demo", "a complete DPO run on a built-in task, no download", demo.add_arguments, cmd_demo, None),
+    ("data", "data tools", _data_arguments, None, None),
+    ("convert", "HF model folder <-> Megatron-Core distributed checkpoint", convert.add_arguments, cmd_convert, None),
+    (
+        "plan",
+        "predict per-GPU memory and step time of layouts; rank the feasible ones",
+        planner.add_arguments,
+        cmd_plan,
+        None,
+    ),
+    (
+        "sweep",
+        "a grid of short runs (sizes x layouts) -> OUT/sweep.csv and sweep.png; reruns resume",
+        sweep.add_arguments,
+        cmd_sweep,
+        None,
+    ),
+    ("plot", "draw RUN_DIR/metrics.jsonl as a PNG", plot.add_arguments, cmd_plot, None),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdpo", description="DPO on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train",
-        help="run DPO from a YAML config",
-        description="key=value overrides use dotted names (optimizer.lr=1e-6); Megatron-LM style flags such "
-        "as --tensor-model-parallel-size 2 are accepted too.",
-    )
-    train.add_argument("config", nargs="?", help="YAML config file")
-    train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    train.set_defaults(func=cmd_train)
-    precompute = sub.add_parser(
-        "precompute-ref",
-        help="run the reference model once over the data and cache its log-probs (for dpo.reference=precomputed)",
-    )
-    precompute.add_argument("config", nargs="?", help="YAML config file (the same one training uses)")
-    precompute.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    precompute.set_defaults(func=cmd_precompute_ref)
-    evaluate = sub.add_parser("eval", help=eval_command.HELP, description=eval_command.DESCRIPTION)
-    eval_command.add_arguments(evaluate).set_defaults(func=cmd_eval)
-    demo = sub.add_parser("demo", help="a complete DPO run on a built-in task, no download")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.set_defaults(func=cmd_demo)
-    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    data_stats = data.add_parser(
-        "stats", help="counts, token-length percentiles, truncation, padding waste and packing efficiency"
-    )
-    stats.add_arguments(data_stats).set_defaults(func=cmd_data_stats)
-    conv = sub.add_parser("convert", help="HF model folder <-> Megatron-Core distributed checkpoint").add_subparsers(
-        dest="direction", required=True
-    )
-    to_mcore = conv.add_parser(
-        "hf-to-megatron",
-        help="HF folder of a supported family (docs/model-families.md) -> reshardable Megatron checkpoint",
-        description="Writes with --tp x --pp processes (each holds its part of the model); the checkpoint loads "
-        "at any TP/PP/DP layout. Point model.init_from at the output to train from it.",
-    )
-    to_mcore.add_argument("--hf", required=True, help="HF model folder (config.json, safetensors or .bin)")
-    to_mcore.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write with (default 1)")
-    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write with (default 1)")
-    to_mcore.add_argument(
-        "--position-embedding",
-        choices=("auto", "rope", "alibi"),
-        default="auto",
-        help="Baichuan 2: auto = RoPE when hidden_size is 4096 (7B), else ALiBi (13B)",
-    )
-    _check_arguments(to_mcore)
-    to_mcore.set_defaults(func=cmd_convert)
-    to_hf = conv.add_parser(
-        "megatron-to-hf", help="converted or training checkpoint (step_N folder) -> HF folder of the model's family"
-    )
-    to_hf.add_argument("--ckpt", required=True, help="mdpo convert output or training checkpoint folder")
-    to_hf.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    to_hf.add_argument(
-        "--adapter",
-        action="store_true",
-        help="a LoRA run's checkpoint: write its adapters as a PEFT "
-        "folder (default: merged into the base, a full HF folder)",
-    )
-    _check_arguments(to_hf)
-    to_hf.set_defaults(func=cmd_convert)
-    plan = sub.add_parser("plan", help="predict per-GPU memory and step time of layouts; rank the feasible ones")
-    planner.add_arguments(plan).set_defaults(func=cmd_plan)
-    sweep = sub.add_parser(
-        "sweep", help="a grid of short runs (sizes x layouts) -> OUT/sweep.csv and sweep.png; reruns resume"
-    )
-    sweep.add_argument("sweep", help="sweep YAML (config, overrides, grid, nproc, steps, warmup, out)")
-    sweep.set_defaults(func=cmd_sweep)
-    plot = sub.add_parser("plot", help="draw RUN_DIR/metrics.jsonl as a PNG")
-    plot.add_argument("run_dir")
-    plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
-    plot.set_defaults(func=cmd_plot)
+    for name, summary, add_arguments, run, description in COMMANDS:
+        command = add_arguments(sub.add_parser(name, help=summary, description=description))
+        if run is not None:
+            command.set_defaults(func=run)
     return parser
 
 

@@ -8,6 +8,7 @@ is reported before (0 by construction: the policy equals the reference) and afte
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from mdpo.config import TrainConfig, validate
@@ -65,3 +66,8 @@ def run_demo(out: str | Path = "runs/demo", **overrides: dict) -> dict[str, floa
         f"model:   {Path(cfg.logging.run_dir) / 'hf'}"
     )
     return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    return parser

@@ -253,6 +253,37 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _pairs(
+    dpo: DPOConfig,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    chosen_lengths: Tensor | None,
+    rejected_lengths: Tensor | None,
+    bco_mean: float,
+    sft_chosen: Tensor | None,
+) -> _Pairs:
+    """What the loss types read, in the compute dtype: the log-probs, f-DPO's scores of each response, lengths and
+    the objective's settings (bco_pair's shift: the fixed `bco_delta`, else the running mean)."""
+    score = _F_SCORES[dpo.f_divergence]
+    return _Pairs(
+        policy_chosen=policy_chosen,
+        policy_rejected=policy_rejected,
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+        chosen_scores=score(policy_chosen - ref_chosen, dpo.f_alpha_coef),
+        rejected_scores=score(policy_rejected - ref_rejected, dpo.f_alpha_coef),
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        beta=dpo.beta,
+        label_smoothing=dpo.label_smoothing,
+        bco_delta=bco_mean if dpo.bco_delta is None else dpo.bco_delta,
+        discopop_tau=dpo.discopop_tau,
+        sft_chosen=policy_chosen if sft_chosen is None else sft_chosen.to(policy_chosen.dtype),
+    )
+
+
 def pair_losses(
     dpo: DPOConfig,
     policy_chosen: Tensor,
@@ -280,22 +311,7 @@ def pair_losses(
         ref_chosen, ref_rejected = ref_chosen.detach().to(dtype), ref_rejected.detach().to(dtype)
     c_len = chosen_lengths.to(dtype) if chosen_lengths is not None else None
     r_len = rejected_lengths.to(dtype) if rejected_lengths is not None else None
-    score = _F_SCORES[dpo.f_divergence]
-    pairs = _Pairs(
-        policy_chosen=policy_chosen,
-        policy_rejected=policy_rejected,
-        ref_chosen=ref_chosen,
-        ref_rejected=ref_rejected,
-        chosen_scores=score(policy_chosen - ref_chosen, dpo.f_alpha_coef),
-        rejected_scores=score(policy_rejected - ref_rejected, dpo.f_alpha_coef),
-        chosen_lengths=c_len,
-        rejected_lengths=r_len,
-        beta=dpo.beta,
-        label_smoothing=dpo.label_smoothing,
-        bco_delta=bco_mean if dpo.bco_delta is None else dpo.bco_delta,
-        discopop_tau=dpo.discopop_tau,
-        sft_chosen=policy_chosen if sft_chosen is None else sft_chosen.to(dtype),
-    )
+    pairs = _pairs(dpo, policy_chosen, policy_rejected, ref_chosen, ref_rejected, c_len, r_len, bco_mean, sft_chosen)
     terms = {name: _LOSSES[name](pairs) for name in dpo.loss_types}
     losses = sum(weight * terms[name] for name, weight in zip(dpo.loss_types, dpo.weights))
     nll = _sft(pairs) if dpo.rpo_alpha > 0 else None  # rpo_alpha's term; a listed sft is terms["sft"]
@@ -326,6 +342,33 @@ def _as_lengths(name: str, value: Tensor | Sequence[float], like: Tensor) -> Ten
     if bool(bad.any()):
         raise ConfigError(f"{name} must be positive token counts, got {lengths[bad][0].item():g}")
     return lengths
+
+
+def _check_inputs(
+    dpo: DPOConfig,
+    like: Tensor,
+    policy_rejected: Tensor,
+    refs: dict[str, Tensor | None],
+    chosen_lengths: object,
+    rejected_lengths: object,
+) -> None:
+    """preference_loss's inputs: [B] shapes, references unless reference-free, the lengths the loss types read."""
+    if like.dim() != 1:
+        raise ConfigError(f"policy_chosen_logps must have shape [B], got {tuple(like.shape)}")
+    _check_shape("policy_rejected_logps", policy_rejected, like)
+    for name, ref in refs.items():
+        if ref is None:
+            if not dpo.reference_free:
+                raise ConfigError(f"{name} is None but reference_free is False")
+        else:
+            _check_shape(name, ref, like)
+    chosen_users = sorted(_NEEDS_CHOSEN_LENGTHS.intersection(dpo.loss_types))
+    if chosen_lengths is None and (chosen_users or dpo.rpo_alpha > 0):
+        user = f"loss_type {chosen_users[0]!r}" if chosen_users else f"rpo_alpha={dpo.rpo_alpha!r}"
+        raise ConfigError(f"chosen_lengths is required by {user}")
+    rejected_users = sorted(_NEEDS_LENGTHS.intersection(dpo.loss_types))
+    if rejected_lengths is None and rejected_users:
+        raise ConfigError(f"rejected_lengths is required by loss_type {rejected_users[0]!r}")
 
 
 def preference_loss(
@@ -366,23 +409,8 @@ def preference_loss(
     dpo = DPOConfig(**settings, reference="none" if reference_free else "online")  # checks every setting
 
     like = policy_chosen_logps
-    if like.dim() != 1:
-        raise ConfigError(f"policy_chosen_logps must have shape [B], got {tuple(like.shape)}")
-    _check_shape("policy_rejected_logps", policy_rejected_logps, like)
     refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
-    for name, ref in refs.items():
-        if ref is None:
-            if not reference_free:
-                raise ConfigError(f"{name} is None but reference_free is False")
-        else:
-            _check_shape(name, ref, like)
-    chosen_users = sorted(_NEEDS_CHOSEN_LENGTHS.intersection(dpo.loss_types))
-    if chosen_lengths is None and (chosen_users or dpo.rpo_alpha > 0):
-        user = f"loss_type {chosen_users[0]!r}" if chosen_users else f"rpo_alpha={dpo.rpo_alpha!r}"
-        raise ConfigError(f"chosen_lengths is required by {user}")
-    rejected_users = sorted(_NEEDS_LENGTHS.intersection(dpo.loss_types))
-    if rejected_lengths is None and rejected_users:
-        raise ConfigError(f"rejected_lengths is required by loss_type {rejected_users[0]!r}")
+    _check_inputs(dpo, like, policy_rejected_logps, refs, chosen_lengths, rejected_lengths)
     c_len = _as_lengths("chosen_lengths", chosen_lengths, like) if chosen_lengths is not None else None
     r_len = _as_lengths("rejected_lengths", rejected_lengths, like) if rejected_lengths is not None else None
     out = pair_losses(dpo, like, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, c_len, r_len)

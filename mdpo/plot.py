@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -43,3 +44,9 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    return parser

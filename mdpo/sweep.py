@@ -16,6 +16,7 @@ that fails (a layout that does not fit or divide) gets a row with its one-line e
 
 from __future__ import annotations
 
+import argparse
 import csv
 import itertools
 import json
@@ -140,3 +141,8 @@ def run_sweep(path: str | Path) -> Path:
                 writer.writeheader()
             writer.writerow(rows[-1])
     return plot_sweep(rows, out / "sweep.png")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("sweep", help="sweep YAML (config, overrides, grid, nproc, steps, warmup, out)")
+    return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import socket
 import subprocess
@@ -13,8 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from forkserver import ForkServer
+from safetensors.torch import load_file
+
+from mdpo.config import ModelConfig
+from mdpo.data.pairs import TokenizedPair
 
 REPO = Path(__file__).resolve().parents[1]
+VOCAB = 250  # the tiny models' vocabulary: padded to 256 at TP=1, six padding logits that must not enter the softmax
 SHARED = REPO.parent / "shared"
 
 
@@ -195,3 +201,205 @@ def tiny_run_files(root: Path, *, n_train: int, n_eval: int, data_seed: int, mod
     train, evaluation = make_demo_data(root / "data", n_train=n_train, n_eval=n_eval, seed=data_seed)
     tiny_hf_llama(seed=model_seed, vocab_size=len(tokenizer)).save_pretrained(root / "hf")
     return {"tokenizer": root / "tokenizer", "train": train, "eval": evaluation, "hf": root / "hf"}
+
+
+# ------------------------------------------------------------------ shared by several test modules
+
+
+def model_config(hf_config) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_hidden_layers=hf_config.num_hidden_layers,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_key_value_heads=hf_config.num_key_value_heads,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        rope_theta=10000.0,
+        max_position_embeddings=hf_config.max_position_embeddings,
+    )
+
+
+def mdpo_model(hf_model, attention: str = "auto", fused_swiglu: bool = False, fused_rope: bool = False):
+    """mdpo's model of the HF model's weights, its output layer as training uses it (hidden states out)."""
+    from mdpo.config import padded_vocab_size
+    from mdpo.models import sharding
+    from mdpo.models.families import llama
+    from mdpo.models.families.base import check_hf_state, iter_hf_to_mcore
+    from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
+
+    cfg = model_config(hf_model.config)
+    cfg.attention, cfg.fused_swiglu, cfg.fused_rope = attention, fused_swiglu, fused_rope
+    model = build_gpt_model(cfg, transformer_config(cfg))
+    hf_state = hf_model.state_dict()
+    check_hf_state(llama.FAMILY, hf_state, cfg)
+    full = dict(iter_hf_to_mcore(llama.FAMILY, hf_state, cfg, padded_vocab_size(cfg.vocab_size, 1)))
+    sharding.load_into(model, full)  # TP = PP = 1: the full state dict is the rank's
+    return use_scoring_head(model).eval()
+
+
+def random_pairs() -> list[TokenizedPair]:
+    """Different prompt and response lengths, so rows are padded by different amounts."""
+    g = torch.Generator().manual_seed(7)
+    ids = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()
+    shapes = [(3, 4, 5), (7, 2, 3), (5, 6, 1), (1, 9, 2)]
+    return [TokenizedPair(i, ids(p), ids(c), ids(r)) for i, (p, c, r) in enumerate(shapes)]
+
+
+def hf_logps_float64(hf_model, prompt: list[int], response: list[int]) -> float:
+    """Sum of log p(response token | prefix), each sequence run alone (no padding), in float64."""
+    ids = prompt + response
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids])).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return sum(logprobs[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1))
+
+
+def mdpo_logps(model, pairs, layout: str = "padded", cfg=None, thd: bool = False) -> torch.Tensor:
+    """Through the trainer's forward and scoring: padded rows with causal attention alone; packed rows and shared
+    prompts in attention blocks (or packed rows as THD sequences, `thd`); the output layer in chunks of 7 tokens."""
+    from mdpo.training.step import Scorer
+
+    scorer = Scorer(cfg if cfg is not None else model_config_of(model), chunk_tokens=7, thd=thd)
+    batch = collate_as(layout, pairs)
+    with torch.no_grad():
+        stats = scorer.stats(batch, model, scorer.forward(batch, model))
+    expected_tokens = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    assert stats.num_tokens.tolist() == expected_tokens
+    return stats.logps
+
+
+def model_config_of(model) -> ModelConfig:
+    config = model.config
+    return ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_query_groups,
+    )
+
+
+def _random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: (0.5 + torch.rand(shape, generator=g))
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "layernorm.weight", "norm.weight"))
+        else 0.05 * torch.randn(shape, generator=g)
+        for name, shape in shapes.items()
+    }
+
+
+def _save_hf(folder: Path, state: dict, config: dict, shard_size: str = "5GB") -> Path:
+    """Sharded safetensors with an index (as HF writes them), config.json, and stand-ins for remote code/tokenizer."""
+    from huggingface_hub import save_torch_state_dict
+
+    folder.mkdir(parents=True)
+    save_torch_state_dict(state, folder, max_shard_size=shard_size)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    (folder / "modeling_remote.py").write_text("# remote model code travels with the checkpoint\n")
+    return folder
+
+
+def qwen_checkpoint(folder: Path, seed: int = 3) -> Path:
+    h, f, n, layers = 64, 96, 4, 2
+    config = {
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        "vocab_size": VOCAB,
+        "hidden_size": h,
+        "intermediate_size": 2 * f,
+        "num_hidden_layers": layers,
+        "num_attention_heads": n,
+        "kv_channels": h // n,
+        "layer_norm_epsilon": 1e-6,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "seq_length": 256,
+        "max_position_embeddings": 256,
+        "no_bias": True,
+        "tie_word_embeddings": False,
+        "use_dynamic_ntk": True,
+        "use_logn_attn": True,
+        "torch_dtype": "float32",
+    }
+    shapes = {"transformer.wte.weight": (VOCAB, h), "transformer.ln_f.weight": (h,), "lm_head.weight": (VOCAB, h)}
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        shapes.update(
+            {
+                p + "ln_1.weight": (h,),
+                p + "attn.c_attn.weight": (3 * h, h),
+                p + "attn.c_attn.bias": (3 * h,),
+                p + "attn.c_proj.weight": (h, h),
+                p + "ln_2.weight": (h,),
+                p + "mlp.w1.weight": (f, h),
+                p + "mlp.w2.weight": (f, h),
+                p + "mlp.c_proj.weight": (h, f),
+            }
+        )
+    return _save_hf(folder, _random_state(shapes, seed), config, shard_size="100KB")
+
+
+def baichuan_checkpoint(folder: Path, heads: int = 6, seed: int = 4) -> Path:
+    """6 heads: ALiBi slopes for a head count that is not a power of two (as Baichuan 2 13B's 40)."""
+    h, f, layers = 16 * heads, 80, 2
+    config = {
+        "architectures": ["BaichuanForCausalLM"],
+        "model_type": "baichuan",
+        "auto_map": {"AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+        "vocab_size": VOCAB,
+        "hidden_size": h,
+        "intermediate_size": f,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "model_max_length": 256,
+        "tie_word_embeddings": False,
+        "z_loss_weight": 0,
+        "torch_dtype": "float32",
+    }
+    shapes = {"model.embed_tokens.weight": (VOCAB, h), "model.norm.weight": (h,), "lm_head.weight": (VOCAB, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attn.W_pack.weight": (3 * h, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
+    return _save_hf(folder, _random_state(shapes, seed), config)
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
+
+
+CLI_RUNNER = r"""
+import contextlib, io, json, os, sys, traceback
+from mdpo.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except BaseException as exc:  # anything escaping main() is a defect the test reports
+            code = f"escaped: {traceback.format_exc()[-1500:]}"
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""

@@ -129,3 +129,17 @@ def test_the_rules_catch_a_deferred_import(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
     with pytest.raises(AssertionError, match="json"):
         test_imports_are_at_module_top_except_optional_dependencies()
+
+
+def test_no_test_module_imports_another():
+    """Helpers shared by test modules live in conftest.py (and the fork server in forkserver.py), never in a test
+    module another one imports (which would run its module-level fixtures' imports and couple their lifetimes)."""
+    tests = Path(__file__).parent
+    modules = {p.stem for p in tests.glob("test_*.py")}
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found += [(path.name, name) for name in names if name.split(".")[0] in modules]
+    assert not found, found

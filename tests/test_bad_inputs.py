@@ -15,24 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, run_mdpo, subprocess_env, tiny_hf_llama
-
-_RUNNER = r"""
-import contextlib, io, json, os, sys, traceback
-from mdpo.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except BaseException as exc:  # anything escaping main() is a defect the test reports
-            code = f"escaped: {traceback.format_exc()[-1500:]}"
-    results.append([code, err.getvalue()])
-print(json.dumps(results))
-"""
+from conftest import CLI_RUNNER, REPO, run_mdpo, subprocess_env, tiny_hf_llama
 
 
 def write_rows(path: Path, rows: list) -> str:
@@ -437,7 +420,7 @@ def corpus(tmp_path_factory):
     }
     argvs = [argv for argv, _ in cases.values()]
     result = subprocess.run(
-        [sys.executable, "-c", _RUNNER, json.dumps(argvs)],
+        [sys.executable, "-c", CLI_RUNNER, json.dumps(argvs)],
         cwd=REPO,
         capture_output=True,
         text=True,

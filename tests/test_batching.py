@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VOCAB, collate_as, mdpo_model, model_config, random_pairs
 
 from mdpo.data.batching import (
     MicroBatch,
@@ -151,7 +152,6 @@ def test_split_groups_halves_the_largest_until_there_are_enough():
 def test_a_micro_batch_in_a_larger_frame_scores_the_same(megatron_world, layout):
     """`in_frame` (one shape per interleaved schedule call): extra rows and columns change no log-prob."""
     from conftest import tiny_hf_llama
-    from test_oracle_hf import VOCAB, collate_as, mdpo_model, model_config, random_pairs
 
     from mdpo.data.batching import in_frame
     from mdpo.training.step import Scorer

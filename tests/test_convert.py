@@ -11,120 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILY_CASES, REPO, run_mdpo, tiny_hf_family, tiny_hf_llama
+from conftest import (
+    FAMILY_CASES,
+    REPO,
+    VOCAB,
+    baichuan_checkpoint,
+    qwen_checkpoint,
+    read_folder,
+    run_mdpo,
+    tiny_hf_family,
+    tiny_hf_llama,
+)
 from safetensors.torch import load_file, save_file
 
 from mdpo.checkpoint.check import hf_logits
 from mdpo.checkpoint.description import describe_model
-
-VOCAB = 250
-
-
-def _random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        name: (0.5 + torch.rand(shape, generator=g))
-        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "layernorm.weight", "norm.weight"))
-        else 0.05 * torch.randn(shape, generator=g)
-        for name, shape in shapes.items()
-    }
-
-
-def _save_hf(folder: Path, state: dict, config: dict, shard_size: str = "5GB") -> Path:
-    """Sharded safetensors with an index (as HF writes them), config.json, and stand-ins for remote code/tokenizer."""
-    from huggingface_hub import save_torch_state_dict
-
-    folder.mkdir(parents=True)
-    save_torch_state_dict(state, folder, max_shard_size=shard_size)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "tokenizer_config.json").write_text('{"model_max_length": 256}')
-    (folder / "modeling_remote.py").write_text("# remote model code travels with the checkpoint\n")
-    return folder
-
-
-def qwen_checkpoint(folder: Path, seed: int = 3) -> Path:
-    h, f, n, layers = 64, 96, 4, 2
-    config = {
-        "architectures": ["QWenLMHeadModel"],
-        "model_type": "qwen",
-        "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
-        "vocab_size": VOCAB,
-        "hidden_size": h,
-        "intermediate_size": 2 * f,
-        "num_hidden_layers": layers,
-        "num_attention_heads": n,
-        "kv_channels": h // n,
-        "layer_norm_epsilon": 1e-6,
-        "rotary_emb_base": 10000,
-        "rotary_pct": 1.0,
-        "seq_length": 256,
-        "max_position_embeddings": 256,
-        "no_bias": True,
-        "tie_word_embeddings": False,
-        "use_dynamic_ntk": True,
-        "use_logn_attn": True,
-        "torch_dtype": "float32",
-    }
-    shapes = {"transformer.wte.weight": (VOCAB, h), "transformer.ln_f.weight": (h,), "lm_head.weight": (VOCAB, h)}
-    for i in range(layers):
-        p = f"transformer.h.{i}."
-        shapes.update(
-            {
-                p + "ln_1.weight": (h,),
-                p + "attn.c_attn.weight": (3 * h, h),
-                p + "attn.c_attn.bias": (3 * h,),
-                p + "attn.c_proj.weight": (h, h),
-                p + "ln_2.weight": (h,),
-                p + "mlp.w1.weight": (f, h),
-                p + "mlp.w2.weight": (f, h),
-                p + "mlp.c_proj.weight": (h, f),
-            }
-        )
-    return _save_hf(folder, _random_state(shapes, seed), config, shard_size="100KB")
-
-
-def baichuan_checkpoint(folder: Path, heads: int = 6, seed: int = 4) -> Path:
-    """6 heads: ALiBi slopes for a head count that is not a power of two (as Baichuan 2 13B's 40)."""
-    h, f, layers = 16 * heads, 80, 2
-    config = {
-        "architectures": ["BaichuanForCausalLM"],
-        "model_type": "baichuan",
-        "auto_map": {"AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
-        "vocab_size": VOCAB,
-        "hidden_size": h,
-        "intermediate_size": f,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-6,
-        "model_max_length": 256,
-        "tie_word_embeddings": False,
-        "z_loss_weight": 0,
-        "torch_dtype": "float32",
-    }
-    shapes = {"model.embed_tokens.weight": (VOCAB, h), "model.norm.weight": (h,), "lm_head.weight": (VOCAB, h)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "self_attn.W_pack.weight": (3 * h, h),
-                p + "self_attn.o_proj.weight": (h, h),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "mlp.gate_proj.weight": (f, h),
-                p + "mlp.up_proj.weight": (f, h),
-                p + "mlp.down_proj.weight": (h, f),
-            }
-        )
-    return _save_hf(folder, _random_state(shapes, seed), config)
-
-
-def read_folder(folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(file))
-    return state
-
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -9,8 +9,16 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import run_mdpo, tiny_hf_llama
-from test_oracle_hf import VOCAB, collate_as, hf_logps_float64, mdpo_model, model_config, random_pairs
+from conftest import (
+    VOCAB,
+    collate_as,
+    hf_logps_float64,
+    mdpo_model,
+    model_config,
+    random_pairs,
+    run_mdpo,
+    tiny_hf_llama,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -17,10 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_mdpo, subprocess_env, tiny_hf_family, tiny_hf_llama, tiny_run_files
+from conftest import (
+    CLI_RUNNER,
+    REPO,
+    baichuan_checkpoint,
+    qwen_checkpoint,
+    read_folder,
+    run_mdpo,
+    subprocess_env,
+    tiny_hf_family,
+    tiny_hf_llama,
+    tiny_run_files,
+)
 from safetensors.torch import load_file, save_file
-from test_bad_inputs import _RUNNER
-from test_convert import baichuan_checkpoint, qwen_checkpoint, read_folder
 from torch.distributed.checkpoint import FileSystemReader
 
 from mdpo.checkpoint.check import hf_logits
@@ -337,7 +346,7 @@ def test_lora_checkpoints_are_refused_where_they_do_not_fit(runs, tmp_path):
         ),
     ]
     result = subprocess.run(
-        [sys.executable, "-c", _RUNNER, json.dumps([argv for argv, _ in cases])],
+        [sys.executable, "-c", CLI_RUNNER, json.dumps([argv for argv, _ in cases])],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -38,7 +38,7 @@ def _policy_with_gradients(distributed: bool):
     policy = [wrap_ddp(cfg, chunk)]
     optimizer = build_optimizer(cfg, policy, torch.float32)
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    hidden, _ = policy[0](input_ids=tokens, position_ids=torch.arange(12).expand(2, -1), attention_mask=None)
+    hidden = policy[0](input_ids=tokens, position_ids=torch.arange(12).expand(2, -1), attention_mask=None)
     hidden.float().pow(2).mean().backward()
     policy[0].finish_grad_sync()
     return policy, optimizer

@@ -6,87 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROW_LAYOUTS as LAYOUTS
-from conftest import collate_as, tiny_hf_llama
-
-from mdpo.config import ModelConfig
-from mdpo.data.pairs import TokenizedPair
-
-VOCAB = 250  # padded to 256 for TP=1: six padding logits that must not enter the softmax
-
-
-def model_config(hf_config) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        num_hidden_layers=hf_config.num_hidden_layers,
-        num_attention_heads=hf_config.num_attention_heads,
-        num_key_value_heads=hf_config.num_key_value_heads,
-        rms_norm_eps=hf_config.rms_norm_eps,
-        rope_theta=10000.0,
-        max_position_embeddings=hf_config.max_position_embeddings,
-    )
-
-
-def mdpo_model(hf_model, attention: str = "auto", fused_swiglu: bool = False, fused_rope: bool = False):
-    """mdpo's model of the HF model's weights, its output layer as training uses it (hidden states out)."""
-    from mdpo.config import padded_vocab_size
-    from mdpo.models import sharding
-    from mdpo.models.families import llama
-    from mdpo.models.families.base import check_hf_state, iter_hf_to_mcore
-    from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
-
-    cfg = model_config(hf_model.config)
-    cfg.attention, cfg.fused_swiglu, cfg.fused_rope = attention, fused_swiglu, fused_rope
-    model = build_gpt_model(cfg, transformer_config(cfg))
-    hf_state = hf_model.state_dict()
-    check_hf_state(llama.FAMILY, hf_state, cfg)
-    full = dict(iter_hf_to_mcore(llama.FAMILY, hf_state, cfg, padded_vocab_size(cfg.vocab_size, 1)))
-    sharding.load_into(model, full)  # TP = PP = 1: the full state dict is the rank's
-    return use_scoring_head(model).eval()
-
-
-def random_pairs() -> list[TokenizedPair]:
-    """Different prompt and response lengths, so rows are padded by different amounts."""
-    g = torch.Generator().manual_seed(7)
-    ids = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()
-    shapes = [(3, 4, 5), (7, 2, 3), (5, 6, 1), (1, 9, 2)]
-    return [TokenizedPair(i, ids(p), ids(c), ids(r)) for i, (p, c, r) in enumerate(shapes)]
-
-
-def hf_logps_float64(hf_model, prompt: list[int], response: list[int]) -> float:
-    """Sum of log p(response token | prefix), each sequence run alone (no padding), in float64."""
-    ids = prompt + response
-    with torch.no_grad():
-        logits = hf_model(torch.tensor([ids])).logits[0].double()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    return sum(logprobs[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1))
-
-
-def mdpo_logps(model, pairs, layout: str = "padded", cfg=None, thd: bool = False) -> torch.Tensor:
-    """Through the trainer's forward and scoring: padded rows with causal attention alone; packed rows and shared
-    prompts in attention blocks (or packed rows as THD sequences, `thd`); the output layer in chunks of 7 tokens."""
-    from mdpo.training.step import Scorer
-
-    scorer = Scorer(cfg if cfg is not None else model_config_of(model), chunk_tokens=7, thd=thd)
-    batch = collate_as(layout, pairs)
-    with torch.no_grad():
-        stats = scorer.stats(batch, model, scorer.forward(batch, model))
-    expected_tokens = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
-    assert stats.num_tokens.tolist() == expected_tokens
-    return stats.logps
-
-
-def model_config_of(model) -> ModelConfig:
-    config = model.config
-    return ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.ffn_hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_query_groups,
-    )
+from conftest import (
+    VOCAB,
+    collate_as,
+    hf_logps_float64,
+    mdpo_logps,
+    mdpo_model,
+    model_config,
+    random_pairs,
+    tiny_hf_llama,
+)
 
 
 @pytest.mark.parametrize("attention", ["local", "sdpa"])

@@ -7,9 +7,8 @@ whole THD forward)."""
 from __future__ import annotations
 
 import torch
-from conftest import tiny_llama_config
+from conftest import model_config, tiny_llama_config
 from megatron.core.packed_seq_params import PackedSeqParams
-from test_oracle_hf import model_config
 
 from mdpo.models.gpt import build_gpt_model, transformer_config
 from mdpo.models.rotary import rotate_qk

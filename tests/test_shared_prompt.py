@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_hf_llama
-from test_convert import VOCAB, baichuan_checkpoint, qwen_checkpoint
-from test_oracle_hf import LAYOUTS, collate_as, random_pairs
+from conftest import ROW_LAYOUTS as LAYOUTS
+from conftest import VOCAB, baichuan_checkpoint, collate_as, qwen_checkpoint, random_pairs, tiny_hf_llama
 
 from mdpo.checkpoint.check import hf_logits
 from mdpo.checkpoint.description import describe_model

@@ -10,6 +10,7 @@ needs, one at a time, and keeping only its shard of each.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -182,3 +183,47 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, check: Check | None = None
     if check is not None and not adapter:
         check_conversion(out, ckpt, model, check.data, check.rows)
     return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`mdpo convert`'s two directions and their arguments (`--check` on both)."""
+    directions = parser.add_subparsers(dest="direction", required=True)
+    to_mcore = directions.add_parser(
+        "hf-to-megatron",
+        help="HF folder of a supported family (docs/model-families.md) -> reshardable Megatron checkpoint",
+        description="Writes with --tp x --pp processes (each holds its part of the model); the checkpoint loads "
+        "at any TP/PP/DP layout. Point model.init_from at the output to train from it.",
+    )
+    to_mcore.add_argument("--hf", required=True, help="HF model folder (config.json, safetensors or .bin)")
+    to_mcore.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write with (default 1)")
+    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write with (default 1)")
+    to_mcore.add_argument(
+        "--position-embedding",
+        choices=("auto", "rope", "alibi"),
+        default="auto",
+        help="Baichuan 2: auto = RoPE when hidden_size is 4096 (7B), else ALiBi (13B)",
+    )
+    to_hf = directions.add_parser(
+        "megatron-to-hf", help="converted or training checkpoint (step_N folder) -> HF folder of the model's family"
+    )
+    to_hf.add_argument("--ckpt", required=True, help="mdpo convert output or training checkpoint folder")
+    to_hf.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    to_hf.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run's checkpoint: write its adapters as a PEFT folder (default: merged into the base, a full "
+        "HF folder)",
+    )
+    for direction in (to_mcore, to_hf):
+        direction.add_argument(
+            "--check",
+            action="store_true",
+            help="after converting, compare mdpo's forward of the Megatron checkpoint with an independent forward "
+            "of the HF folder (float32; exit 2 over max |logit error| 1e-4)",
+        )
+        direction.add_argument(
+            "--check-data", help="compare on prompt + chosen of this data file's first pairs (default: generated ids)"
+        )
+        direction.add_argument("--check-rows", type=int, help="rows to compare (default 4)")
+    return parser

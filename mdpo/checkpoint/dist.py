@@ -172,6 +172,14 @@ def read_meta(folder: Path) -> dict:
     return json.loads((folder / TRAINING_META).read_text())
 
 
+def saved_common_state(folder: Path, name: str) -> Any:
+    """A component's common (unsharded) state in a checkpoint (e.g. the objective's), read without the model; None
+    when the checkpoint does not hold it (before that component existed: see `saved_components`)."""
+    if name not in saved_components(read_meta(folder)):
+        return None
+    return dist_checkpointing.load_common_state_dict(str(folder)).get(name)
+
+
 def saved_components(meta: dict) -> set[str]:
     """The components a checkpoint holds; before the meta listed them: the model, optimizer and scheduler, and a
     moving reference when flagged."""

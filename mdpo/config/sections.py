@@ -154,28 +154,27 @@ class ModelConfig(Section):
         """The size of one attention head."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    # the numeric fields that must be > 0 when set
+    POSITIVE: ClassVar[tuple[str, ...]] = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "init_std",
+        "logprob_chunk_tokens",
+        "rope_scaling_factor",
+        "rope_original_max_position_embeddings",
+        "sliding_window",
+    )
+
     def _rules(self) -> None:
-        _positive(
-            "model",
-            self,
-            (
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-                "rms_norm_eps",
-                "rope_theta",
-                "max_position_embeddings",
-                "init_std",
-                "logprob_chunk_tokens",
-                "rope_scaling_factor",
-                "rope_original_max_position_embeddings",
-                "sliding_window",
-            ),
-        )
+        _positive("model", self, self.POSITIVE)
         need(
             self.family in MODEL_FAMILIES,
             f"model.family must be one of {', '.join(MODEL_FAMILIES)}, got {self.family!r}",
@@ -187,6 +186,20 @@ class ModelConfig(Section):
             "model.tie_word_embeddings=true with model.norm_head=true: a NormHead normalises the output weight's rows, "
             "which tied embeddings share with the input",
         )
+        self._check_positions()
+        heads, kv_heads = self.num_attention_heads, self.kv_heads
+        need(
+            heads % kv_heads == 0,
+            f"model.num_key_value_heads={kv_heads} does not divide model.num_attention_heads={heads}",
+        )
+        need(
+            self.head_dim is not None or self.hidden_size % heads == 0,
+            f"model.num_attention_heads={heads} does not divide model.hidden_size={self.hidden_size} "
+            "(set model.head_dim)",
+        )
+
+    def _check_positions(self) -> None:
+        """ALiBi (Baichuan 2 13B) runs through mdpo's SDPA only, and has no RoPE to fuse."""
         _one_of("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
         _one_of("model.attention", self.attention, ATTENTIONS)
         need(
@@ -198,16 +211,6 @@ class ModelConfig(Section):
         need(
             not (self.fused_rope and self.position_embedding == "alibi"),
             "model.fused_rope=true needs RoPE; model.position_embedding is alibi (Baichuan 2 13B), which has none",
-        )
-        heads, kv_heads = self.num_attention_heads, self.kv_heads
-        need(
-            heads % kv_heads == 0,
-            f"model.num_key_value_heads={kv_heads} does not divide model.num_attention_heads={heads}",
-        )
-        need(
-            self.head_dim is not None or self.hidden_size % heads == 0,
-            f"model.num_attention_heads={heads} does not divide model.hidden_size={self.hidden_size} "
-            "(set model.head_dim)",
         )
 
     def _check_rope_scaling(self) -> None:

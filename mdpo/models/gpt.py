@@ -123,6 +123,43 @@ def decoder_spec(
     return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=TorchNorm)
 
 
+def _architecture(model: ModelConfig) -> dict:
+    """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA, the head
+    size (`kv_channels`, explicit for Qwen 3 and Mistral) and Qwen 3's per-head q/k norms; no dropout."""
+    return dict(
+        num_layers=model.num_hidden_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.intermediate_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.kv_heads,
+        kv_channels=model.kv_channels,
+        qk_layernorm=model.qk_norm,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+    )
+
+
+def _kernels(model: ModelConfig) -> dict:
+    """Megatron's fusions: the fused SwiGLU when asked (model.fused_swiglu; no biases: Megatron's SwiGLUFunction),
+    TE's fused RoPE on TE's layers (local layers: `models.rotary`). No biases and no dropout: the bias-dropout-add
+    "fusion" would be a torch.compile of a plain residual add."""
+    return dict(
+        bias_activation_fusion=model.fused_swiglu,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=model.fused_rope and core_attention(model) == "te",
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
 def transformer_config(
     model: ModelConfig,
     *,
@@ -135,26 +172,10 @@ def transformer_config(
     sequence_parallel: bool = False,
     recompute: str = "none",
 ) -> TransformerConfig:
-    """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA, the head
-    size (`kv_channels`, explicit for Qwen 3 and Mistral) and Qwen 3's per-head q/k norms."""
-    on_gpu = torch.cuda.is_available()
+    """The model (`_architecture`), its layout, dtype and recompute, the schedule's loss contract and the kernels
+    (`_kernels`) as Megatron's TransformerConfig."""
     return TransformerConfig(
-        num_layers=model.num_hidden_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.intermediate_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_key_value_heads or model.num_attention_heads,
-        kv_channels=model.kv_channels,
-        qk_layernorm=model.qk_norm,
-        normalization="RMSNorm",
-        layernorm_epsilon=model.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=model.qkv_bias,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=model.init_std,
+        **_architecture(model),
         # False only in the converters: Megatron then also skips marking tensor-parallel weights, which training needs
         perform_initialization=init_weights,
         tensor_model_parallel_size=tp,
@@ -169,7 +190,7 @@ def transformer_config(
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=not torch.cuda.is_available(),
         # Pairs are summed per sequence and the loss is a mean over pairs: the schedule must not divide
         # by the micro-batch count, and finalize_model_grads divides by the global pair count instead.
         calculate_per_token_loss=True,
@@ -180,14 +201,7 @@ def transformer_config(
         batch_p2p_comm=vpp == 1,
         # Dense model: no experts, but megatron rejects variable lengths with the default MoE dispatcher.
         moe_token_dispatcher_type="alltoall",
-        # The fused SwiGLU when asked (model.fused_swiglu; no biases: Megatron's SwiGLUFunction). No biases and no
-        # dropout: the bias-dropout-add "fusion" would be a torch.compile of a plain residual add.
-        bias_activation_fusion=model.fused_swiglu,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=model.fused_rope and core_attention(model) == "te",  # local layers: `models.rotary`
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **_kernels(model),
     )
 
 

@@ -52,9 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> str:
-    """The report `mdpo plan` prints: one layout's breakdown, or the search's ranking."""
-    model = model_shape(args.model)
+def _cluster(args: argparse.Namespace) -> Cluster:
+    """The GPU preset with the flags' overrides, on the flags' nodes."""
     preset = GPUS[args.gpu]
     gpu = GPU(
         args.gpu_memory_gib or preset.memory_gib,
@@ -62,7 +61,32 @@ def run(args: argparse.Namespace) -> str:
         args.intra_node_gbs or preset.intra_node_gbs,
         args.memory_gbs or preset.memory_gbs,
     )
-    cluster = Cluster(gpu, args.nodes, args.gpus_per_node, args.inter_node_gbs, args.efficiency)
+    return Cluster(gpu, args.nodes, args.gpus_per_node, args.inter_node_gbs, args.efficiency)
+
+
+def _candidate(args: argparse.Namespace, world: int) -> Candidate:
+    """The one layout the flags name (`--tp` given)."""
+    return Candidate.on(
+        world,
+        tp=args.tp,
+        pp=args.pp,
+        cp=args.cp,
+        vpp=args.vpp,
+        sequence_parallel=args.sequence_parallel,
+        distributed_optimizer=not args.no_distributed_optimizer,
+        recompute=args.recompute,
+        micro_batch=args.micro_batch,
+        packing=not args.no_packing,
+        pack_tokens=args.pack_tokens,
+        share_prompt=not args.no_share_prompt and args.cp == 1,
+        logprob_chunk_tokens=args.logprob_chunk_tokens,
+        fused_swiglu=args.fused_swiglu,
+    )
+
+
+def run(args: argparse.Namespace) -> str:
+    """The report `mdpo plan` prints: one layout's breakdown, or the search's ranking."""
+    model, cluster = model_shape(args.model), _cluster(args)
     workload = Workload(
         args.pairs,
         args.mean_tokens,
@@ -75,22 +99,7 @@ def run(args: argparse.Namespace) -> str:
         lora_rank=args.lora_rank,
     )
     if args.tp is not None:
-        candidate = Candidate.on(
-            cluster.world,
-            tp=args.tp,
-            pp=args.pp,
-            cp=args.cp,
-            vpp=args.vpp,
-            sequence_parallel=args.sequence_parallel,
-            distributed_optimizer=not args.no_distributed_optimizer,
-            recompute=args.recompute,
-            micro_batch=args.micro_batch,
-            packing=not args.no_packing,
-            pack_tokens=args.pack_tokens,
-            share_prompt=not args.no_share_prompt and args.cp == 1,
-            logprob_chunk_tokens=args.logprob_chunk_tokens,
-            fused_swiglu=args.fused_swiglu,
-        )
+        candidate = _candidate(args, cluster.world)
         problems = check_layout(model, candidate, workload, cluster)
         if problems:
             raise ConfigError("; ".join(problems))
@@ -113,8 +122,7 @@ def run(args: argparse.Namespace) -> str:
         "| fits | step s | tokens/s/GPU | workload h |",
         "|" + "---|" * 12,
     ]
-    rows += [_row(p, workload) for p in plans]
-    return "\n".join([head, *rows])
+    return "\n".join([head, *rows, *(_row(p, workload) for p in plans)])
 
 
 def _row(p: Plan, workload: Workload) -> str:

@@ -37,7 +37,8 @@ GPUS = {
 # What the optimizer step moves per parameter of its shard: torch's foreach AdamW (Megatron's fallback without
 # Transformer Engine or apex) reads and writes the fp32 master weight, both moments and a square-root temporary
 # in seven passes (72 bytes); Megatron adds the gradient norm (4), the bf16 weight copy (6) and zeroing the
-# gradient buffer (4).
+# gradient buffer (4). The norm is read once a step (`training.optimizer.optimizer_step`; until issue 29 mdpo's
+# finiteness check read it a second time, ~90 bytes in all).
 OPTIMIZER_BYTES_PER_PARAM = 86
 
 
@@ -278,58 +279,74 @@ def memory_per_gpu(model: ModelConfig, candidate: Candidate, workload: Workload,
     return max(stages, key=lambda stage: stage["total"])
 
 
-def step_time(model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster) -> dict[str, float]:
-    """Seconds per optimizer step, by part: compute (model FLOPs of the real tokens over the fill of the token
-    slots, at the calibrated efficiency), the pipeline bubble, the communication not hidden behind compute, and
-    the optimizer step over the rank's shard of the weights."""
-    layout = candidate.layout
-    world, t, p, c, dp = cluster.world, layout.tp, layout.pp, layout.cp, layout.dp
+def step_flops(model: ModelConfig, candidate: Candidate, workload: Workload) -> float:
+    """Model FLOPs of one step's real tokens: the policy's forward and backward (LoRA: no weight gradients of the
+    base), an online reference's forward, and what activation recompute runs again."""
     h, layers = model.hidden_size, model.num_hidden_layers
     seq = workload.mean_tokens / 2  # each response attends to its prompt and itself, shared or not
     tokens = workload.global_batch * computed_tokens(workload, candidate)
-    lora = workload.lora_rank > 0
-    flops = tokens * flops_per_token(model, seq, trained=True, frozen=lora)
+    flops = tokens * flops_per_token(model, seq, trained=True, frozen=workload.lora_rank > 0)
     if workload.reference == "online":
         flops += tokens * flops_per_token(model, seq, trained=False)
     if candidate.recompute == "full":  # every layer's forward again (not the head's)
         flops += tokens * (flops_per_token(model, seq, trained=False) - 2 * model.vocab_size * h)
     elif candidate.recompute == "selective":  # the core attention's forward again
         flops += tokens * 2 * layers * q_dim(model) * seq
+    return flops
+
+
+def step_time(model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster) -> dict[str, float]:
+    """Seconds per optimizer step, by part: compute (`step_flops` over the fill of the token slots, at the
+    calibrated efficiency), the pipeline bubble, the communication not hidden behind compute, and the optimizer
+    step over the rank's shard of the weights."""
+    layout = candidate.layout
+    world, t, p, c, dp = cluster.world, layout.tp, layout.pp, layout.cp, layout.dp
     fill = workload.pack_fill if candidate.packing else workload.padded_fill
-    compute = flops / fill / cluster.flops_per_s
+    compute = step_flops(model, candidate, workload) / fill / cluster.flops_per_s
     microbatches = microbatches_per_step(workload, candidate)
     bubble = compute * (p - 1) / (layout.vpp * microbatches) if p > 1 else 0.0
-    width = candidate.width
-    intra, inter = cluster.gpu.intra_node_gbs * 1e9, cluster.inter_node_gbs * 1e9
-    # forward, backward, and the reference's and the full recompute's extra forwards
-    passes = 2 + (1 if workload.reference == "online" else 0) + (1 if candidate.recompute == "full" else 0)
-    local_tokens = tokens / fill / (dp * c)  # token slots one TP group handles per step
-    collectives = 2 * layers / p * passes * microbatches  # per rank and step, for TP and for CP alike
-    latency = cluster.collective_latency_us * 1e-6
-    # TP: two all-reduces (or all-gather + reduce-scatter) of the activations per layer and pass, ring volume
-    tp_bytes = 2 * (t - 1) / t * local_tokens * h * width * 2 * layers / p * passes
-    tp_link = intra if t <= cluster.gpus_per_node else inter
-    # CP: K and V gathered per layer in forward, their gradients reduce-scattered in backward
-    cp_bytes = (c - 1) / c * local_tokens * 2 * kv_dim(model) / t * width * layers / p * passes
     # DP: gradients reduce-scattered (fp32) and weights all-gathered (bf16) over DP x CP, mostly overlapped
+    layers, lora = model.num_hidden_layers, workload.lora_rank > 0
     shard_params = lora_params(model, workload.lora_rank, t) * layers / p if lora else params(model) / (t * p)
     group = dp * c
-    dp_bytes = (group - 1) / group * shard_params * (4 + width) if group > 1 else 0
+    dp_bytes = (group - 1) / group * shard_params * (4 + candidate.width) if group > 1 else 0
+    intra, inter = cluster.gpu.intra_node_gbs * 1e9, cluster.inter_node_gbs * 1e9
     dp_link = inter if world > cluster.gpus_per_node and t * p * c <= cluster.gpus_per_node else intra
     exposed = 0.2 if candidate.overlap_grad_reduce else 1.0
     shard = group if candidate.distributed_optimizer else 1
-    optimizer = OPTIMIZER_BYTES_PER_PARAM * shard_params / shard / (cluster.gpu.memory_gbs * 1e9)
     parts = {
         "compute": compute,
         "bubble": bubble,
-        "tp_comm": tp_bytes / tp_link + collectives * latency if t > 1 else 0.0,
-        "cp_comm": cp_bytes / (intra if t * c <= cluster.gpus_per_node else inter) + collectives * latency
-        if c > 1
-        else 0.0,
+        **_activation_comm(model, candidate, workload, cluster, fill, microbatches),
         "dp_comm": exposed * dp_bytes / dp_link,
-        "optimizer": optimizer,
+        "optimizer": OPTIMIZER_BYTES_PER_PARAM * shard_params / shard / (cluster.gpu.memory_gbs * 1e9),
     }
     return parts | {"total": sum(parts.values())}
+
+
+def _activation_comm(
+    model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster, fill: float, microbatches: float
+) -> dict[str, float]:
+    """Seconds of TP's and CP's activation collectives per step (bandwidth and per-collective latency)."""
+    layout, width = candidate.layout, candidate.width
+    t, p, c, layers = layout.tp, layout.pp, layout.cp, model.num_hidden_layers
+    intra, inter = cluster.gpu.intra_node_gbs * 1e9, cluster.inter_node_gbs * 1e9
+    # forward, backward, and the reference's and the full recompute's extra forwards
+    passes = 2 + (1 if workload.reference == "online" else 0) + (1 if candidate.recompute == "full" else 0)
+    tokens = workload.global_batch * computed_tokens(workload, candidate)
+    local_tokens = tokens / fill / (layout.dp * c)  # token slots one TP group handles per step
+    collectives = 2 * layers / p * passes * microbatches  # per rank and step, for TP and for CP alike
+    latency = cluster.collective_latency_us * 1e-6
+    # TP: two all-reduces (or all-gather + reduce-scatter) of the activations per layer and pass, ring volume
+    tp_bytes = 2 * (t - 1) / t * local_tokens * model.hidden_size * width * 2 * layers / p * passes
+    tp_link = intra if t <= cluster.gpus_per_node else inter
+    # CP: K and V gathered per layer in forward, their gradients reduce-scattered in backward
+    cp_bytes = (c - 1) / c * local_tokens * 2 * kv_dim(model) / t * width * layers / p * passes
+    cp_link = intra if t * c <= cluster.gpus_per_node else inter
+    return {
+        "tp_comm": tp_bytes / tp_link + collectives * latency if t > 1 else 0.0,
+        "cp_comm": cp_bytes / cp_link + collectives * latency if c > 1 else 0.0,
+    }
 
 
 def plan(model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster) -> Plan:

@@ -15,6 +15,15 @@ from typing import Any
 from mdpo.config import ModelConfig
 from mdpo.data.synthetic import build_demo_tokenizer
 
+# a measured run: no warmup (every timed step at the full rate), no files it does not need
+_QUIET = (
+    "schedule.warmup_ratio=0",
+    "logging.progress=false",
+    "logging.plot=false",
+    "checkpoint.export_hf=false",
+    "checkpoint.save_at_end=false",
+)
+
 
 def _digits(n: int, k: int) -> str:
     return "".join(str((k * 7 + i * 3) % 10) for i in range(n))
@@ -50,56 +59,59 @@ def run_config(
     if real_data is None:
         data_overrides = _synthetic_pairs(root, seq_len, prompt_len or seq_len // 4, gbs * steps)
     else:
-        data_overrides = [
-            f"data.train_file={real_data[0]}",
-            f"data.tokenizer={real_data[1]}",
-            "data.format=ultrafeedback",
-            "data.template=tulu2",
-        ]
-    overrides = [
-        f"model.hidden_size={model.hidden_size}",
-        f"model.intermediate_size={model.intermediate_size}",
-        f"model.num_hidden_layers={model.num_hidden_layers}",
-        f"model.num_attention_heads={model.num_attention_heads}",
-        f"model.num_key_value_heads={model.kv_heads}",
-        f"model.vocab_size={model.vocab_size}",
-        f"model.max_position_embeddings={max(4096, seq_len)}",
-        f"model.fused_swiglu={model.fused_swiglu}",
-        f"model.fused_rope={model.fused_rope}",
-        f"model.attention={attention}",
-        *data_overrides,
-        f"data.max_length={seq_len}",
-        f"data.packing={packing}",
-        f"schedule.global_batch_size={gbs}",
-        f"schedule.micro_batch_size={micro_batch}",
-        f"schedule.train_steps={steps}",
-        "schedule.warmup_ratio=0",
-        f"parallel.tp={tp}",
-        f"parallel.pp={pp}",
-        f"parallel.cp={cp}",
-        f"dpo.reference={'none' if reference == 'none' else 'online'}",
-        f"logging.run_dir={root / 'run'}",
-        "logging.progress=false",
-        "logging.plot=false",
-        "checkpoint.export_hf=false",
-        "checkpoint.save_at_end=false",
-        *extra,
-    ]
+        data_overrides = [f"data.train_file={real_data[0]}", f"data.tokenizer={real_data[1]}"]
+        data_overrides += ["data.format=ultrafeedback", "data.template=tulu2"]
+    overrides = [*_model_overrides(model, max(4096, seq_len), attention), *data_overrides]
+    overrides += [f"data.max_length={seq_len}", f"data.packing={packing}", f"parallel.tp={tp}", f"parallel.pp={pp}"]
+    overrides += [f"parallel.cp={cp}", f"schedule.global_batch_size={gbs}", f"schedule.micro_batch_size={micro_batch}"]
+    overrides += [f"schedule.train_steps={steps}", f"dpo.reference={'none' if reference == 'none' else 'online'}"]
+    overrides += [f"logging.run_dir={root / 'run'}", *_QUIET, *extra]
     if packing:  # a pack holds a micro-batch's worth of pairs
         overrides.append(f"data.pack_tokens={2 * seq_len * micro_batch}")
     if reference == "none":
         overrides.append("dpo.loss_type=apo_zero")  # a loss defined without a reference: same compute as precomputed
+    _train(overrides, nproc, env)
+    records = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    return {"global_batch": gbs, **_measured([r for r in records if "loss" in r][warmup:])}
+
+
+def _train(overrides: list[str], nproc: int, env: dict[str, str] | None) -> None:
+    """`mdpo train` in a fresh process (torchrun when nproc > 1); a failure exits with the end of its stderr."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command = [*(launcher if nproc > 1 else [sys.executable]), "-m", "mdpo", "train", *overrides]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if result.returncode:
         sys.exit(result.stderr[-3000:])
-    records = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if "loss" in r][warmup:]
-    step_s = sum(r["num_tokens"] / r["tokens_per_second"] for r in timed) / len(timed)
+
+
+def _model_overrides(model: ModelConfig, positions: int, attention: str) -> list[str]:
+    """The model's shape (every field the planner counts) and kernels as `mdpo train` overrides."""
+    fields = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "head_dim",
+        "qkv_bias",
+        "qk_norm",
+        "tie_word_embeddings",
+        "fused_swiglu",
+        "fused_rope",
+    )
+    shape = [f"model.{name}={'null' if getattr(model, name) is None else getattr(model, name)}" for name in fields]
+    return [
+        *shape,
+        f"model.num_key_value_heads={model.kv_heads}",
+        f"model.max_position_embeddings={positions}",
+        f"model.attention={attention}",
+    ]
+
+
+def _measured(timed: list[dict]) -> dict[str, float]:
+    """Mean step time and tokens (as TRL counts them, and as computed) and the peak memory of the timed steps."""
     return {
-        "global_batch": gbs,
-        "step_s": step_s,
+        "step_s": sum(r["num_tokens"] / r["tokens_per_second"] for r in timed) / len(timed),
         "tokens": sum(r["num_tokens"] for r in timed) / len(timed),
         "computed_tokens": sum(r["num_tokens_computed"] for r in timed) / len(timed),
         "peak_memory_gib": max(r["peak_memory_gib"] for r in timed),

@@ -24,7 +24,8 @@ from typing import Any
 
 from mdpo import parallel
 from mdpo.checkpoint.description import arch_fields, describe_model
-from mdpo.checkpoint.files import TRAINING_META
+from mdpo.checkpoint.dist import saved_common_state
+from mdpo.checkpoint.files import COMPLETE, TRAINING_META
 from mdpo.config import DataConfig, DPOConfig, TrainConfig, load_config_tree, translate_args
 from mdpo.errors import ConfigError, MdpoError
 from mdpo.training.data import load_pairs_on_ranks
@@ -109,12 +110,8 @@ def _micro_batch_size(tree: dict[str, dict[str, Any]], overrides: Sequence[str])
     return size
 
 
-def eval_setup(
-    model: str, data: str, reference: str | None, reference_free: bool, overrides: Sequence[str]
-) -> EvalSetup:
-    """The config and reference `mdpo eval` runs with; every bad input here is one MdpoError line."""
-    folder = Path(model)
-    if not folder.is_dir():
+def _check_paths(model: str, data: str, reference: str | None, reference_free: bool) -> None:
+    if not Path(model).is_dir():
         raise MdpoError(f"--model {model}: no such model folder")
     if not Path(data).exists():
         raise MdpoError(f"--data {data}: no such data file or folder")
@@ -122,23 +119,37 @@ def eval_setup(
         raise MdpoError("--reference and --reference-free exclude each other")
     if reference is not None and not Path(reference).is_dir():
         raise MdpoError(f"--reference {reference}: no such model folder")
-    overrides = translate_args(overrides)
+
+
+def _run_tree(folder: Path, reference: str | None, reference_free: bool):
+    """What a training checkpoint lends the evaluation: its settings (and their origins), the reference its run
+    started from (None: random init or reference-free), whether it ran reference-free, and its objective's state
+    (bco_pair's running mean: a component of the checkpoint, or in the meta of older ones)."""
     saved = _stored_run(folder)
+    if saved is None:
+        return {}, {}, None, False, None
     meta = str(folder / TRAINING_META)
-    tree: dict[str, dict[str, Any]] = {}
-    origin: dict[str, str] = {}
-    recorded, run_reference_free = None, False
-    if saved is not None:
-        stored = saved["config"]
-        tree, origin = _lent_settings(stored, meta)
-        run_reference_free = stored["dpo"].get("reference") == "none"
-        recorded = None if run_reference_free else stored["model"].get("init_from")
-        if stored["dpo"].get("sync_ref_model") and reference is None and not reference_free:
-            raise MdpoError(
-                f"{meta}: the run's reference moved toward the policy (dpo.sync_ref_model, TR-DPO), so "
-                "its starting model is not the reference it ended with: pass --reference FOLDER or "
-                "--reference-free"
-            )
+    stored = saved["config"]
+    tree, origin = _lent_settings(stored, meta)
+    run_reference_free = stored["dpo"].get("reference") == "none"
+    recorded = None if run_reference_free else stored["model"].get("init_from")
+    if stored["dpo"].get("sync_ref_model") and reference is None and not reference_free:
+        raise MdpoError(
+            f"{meta}: the run's reference moved toward the policy (dpo.sync_ref_model, TR-DPO), so "
+            "its starting model is not the reference it ended with: pass --reference FOLDER or "
+            "--reference-free"
+        )
+    objective = saved_common_state(folder, "objective") if (folder / COMPLETE).is_file() else None
+    return tree, origin, recorded, run_reference_free, objective or saved.get("reward_mean")
+
+
+def eval_setup(
+    model: str, data: str, reference: str | None, reference_free: bool, overrides: Sequence[str]
+) -> EvalSetup:
+    """The config and reference `mdpo eval` runs with; every bad input here is one MdpoError line."""
+    _check_paths(model, data, reference, reference_free)
+    folder, overrides = Path(model), translate_args(overrides)
+    tree, origin, recorded, run_reference_free, reward_mean = _run_tree(folder, reference, reference_free)
     # The config requires a train file: the data again (`mdpo eval` reads only data.eval_file).
     tree.setdefault("data", {}).update(train_file=data, eval_file=data)
     tree["model"] = {**tree.get("model", {}), "init_from": model}
@@ -158,22 +169,26 @@ def eval_setup(
         raise ConfigError(
             "mdpo eval runs the reference model (--reference) or none (--reference-free), not dpo.reference=precomputed"
         )
-    reward_mean = saved.get("reward_mean") if saved is not None else None
     if cfg.dpo.reference == "none":
         return EvalSetup(cfg, None, reward_mean)
+    return EvalSetup(cfg, _reference_folder(cfg, folder, reference, recorded), reward_mean)
+
+
+def _reference_folder(cfg: TrainConfig, folder: Path, reference: str | None, recorded: str | None) -> str:
+    """--reference, else the model the checkpoint's run started from; of the same architecture as the model."""
     if reference is None and recorded is not None and not Path(recorded).is_dir():
         raise MdpoError(
-            f"the reference recorded in {meta} (model.init_from={recorded}) is not a folder here: pass "
-            "--reference FOLDER or --reference-free"
+            f"the reference recorded in {folder / TRAINING_META} (model.init_from={recorded}) is not a folder here: "
+            "pass --reference FOLDER or --reference-free"
         )
     reference = reference or recorded
     if reference is None:
         raise MdpoError(
-            f"--model {model}: no reference model recorded (a training checkpoint records the model its run started "
-            "from, unless it started from a random init): pass --reference FOLDER or --reference-free"
+            f"--model {folder}: no reference model recorded (a training checkpoint records the model its run "
+            "started from, unless it started from a random init): pass --reference FOLDER or --reference-free"
         )
-    _check_same_model(cfg, model, reference)
-    return EvalSetup(cfg, reference, reward_mean)
+    _check_same_model(cfg, str(folder), reference)
+    return reference
 
 
 def _check_same_model(cfg: TrainConfig, model: str, reference: str) -> None:
