@@ -8,12 +8,13 @@ built on its layout (Qwen 2 / 2.5, Qwen 3, Mistral), whatever transformers versi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from transformers import LlamaConfig, PretrainedConfig
 
 from mdpo.config import ModelConfig
-from mdpo.models.families.base import Family
+from mdpo.models.families.base import Entry, Family
 
 GLOBAL_TENSORS = (
     ("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
@@ -113,14 +114,29 @@ def write_llama_like(config_class: type[PretrainedConfig], model: ModelConfig, *
     return config.to_dict()
 
 
-FAMILY = Family(
-    name="llama",
-    architecture="LlamaForCausalLM",
-    model_type="llama",
-    global_tensors=GLOBAL_TENSORS,
-    layer_tensors=LAYER_TENSORS,
-    hf_layer_prefix="model.layers.{i}.",
-    read_config=read_llama_like,
-    write_config=lambda model: write_llama_like(LlamaConfig, model, architectures=["LlamaForCausalLM"]),
-    ignored_suffixes=("rotary_emb.inv_freq",),
-)
+def llama_layout_family(
+    config_class: type[PretrainedConfig],
+    name: str,
+    layer_tensors: tuple[Entry, ...],
+    read_config: Callable[[dict], dict],
+    write_extra: Callable[[ModelConfig], dict[str, Any]] = lambda model: {},
+) -> Family:
+    """A family on Llama's tensor names, whose config.json is transformers' `config_class` (architecture and
+    model_type from it): its layer table, its config reader, and what its config.json adds to Llama's keys."""
+    architecture = config_class.__name__.replace("Config", "ForCausalLM")
+    return Family(
+        name=name,
+        architecture=architecture,
+        model_type=config_class.model_type,
+        global_tensors=GLOBAL_TENSORS,
+        layer_tensors=layer_tensors,
+        hf_layer_prefix="model.layers.{i}.",
+        read_config=read_config,
+        write_config=lambda model: write_llama_like(
+            config_class, model, architectures=[architecture], **write_extra(model)
+        ),
+        ignored_suffixes=("rotary_emb.inv_freq",),
+    )
+
+
+FAMILY = llama_layout_family(LlamaConfig, "llama", LAYER_TENSORS, read_llama_like)

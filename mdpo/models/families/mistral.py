@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from transformers import MistralConfig
 
-from mdpo.models.families.base import Family
-from mdpo.models.families.llama import GLOBAL_TENSORS, LAYER_TENSORS, read_llama_like, write_llama_like
+from mdpo.models.families.llama import LAYER_TENSORS, llama_layout_family, read_llama_like
 
 
 def read_config(hf: dict) -> dict:
@@ -17,16 +16,6 @@ def read_config(hf: dict) -> dict:
     return fields
 
 
-FAMILY = Family(
-    name="mistral",
-    architecture="MistralForCausalLM",
-    model_type="mistral",
-    global_tensors=GLOBAL_TENSORS,
-    layer_tensors=LAYER_TENSORS,
-    hf_layer_prefix="model.layers.{i}.",
-    read_config=read_config,
-    write_config=lambda model: write_llama_like(
-        MistralConfig, model, architectures=["MistralForCausalLM"], sliding_window=model.sliding_window
-    ),
-    ignored_suffixes=("rotary_emb.inv_freq",),
+FAMILY = llama_layout_family(
+    MistralConfig, "mistral", LAYER_TENSORS, read_config, lambda model: {"sliding_window": model.sliding_window}
 )

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from transformers import Qwen2Config
 
-from mdpo.models.families.base import Family
-from mdpo.models.families.llama import GLOBAL_TENSORS, read_llama_like, write_llama_like
 from mdpo.models.families.llama import LAYER_TENSORS as LLAMA_LAYER_TENSORS
+from mdpo.models.families.llama import llama_layout_family, read_llama_like
 
 QKV_BIAS = (
     (
@@ -32,16 +31,6 @@ def read_config(hf: dict) -> dict:
     return {**read_llama_like(hf), "qkv_bias": True}
 
 
-FAMILY = Family(
-    name="qwen2",
-    architecture="Qwen2ForCausalLM",
-    model_type="qwen2",
-    global_tensors=GLOBAL_TENSORS,
-    layer_tensors=LAYER_TENSORS,
-    hf_layer_prefix="model.layers.{i}.",
-    read_config=read_config,
-    write_config=lambda model: write_llama_like(
-        Qwen2Config, model, architectures=["Qwen2ForCausalLM"], use_sliding_window=False
-    ),
-    ignored_suffixes=("rotary_emb.inv_freq",),
+FAMILY = llama_layout_family(
+    Qwen2Config, "qwen2", LAYER_TENSORS, read_config, lambda model: {"use_sliding_window": False}
 )

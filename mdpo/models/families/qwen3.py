@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from transformers import Qwen3Config
 
-from mdpo.models.families.base import Family
-from mdpo.models.families.llama import GLOBAL_TENSORS, read_llama_like, write_llama_like
 from mdpo.models.families.llama import LAYER_TENSORS as LLAMA_LAYER_TENSORS
+from mdpo.models.families.llama import llama_layout_family, read_llama_like
 from mdpo.models.families.qwen2 import refuse_sliding_window
 
 QK_NORMS = (
@@ -23,16 +22,6 @@ def read_config(hf: dict) -> dict:
     return {**read_llama_like(hf), "qk_norm": True}
 
 
-FAMILY = Family(
-    name="qwen3",
-    architecture="Qwen3ForCausalLM",
-    model_type="qwen3",
-    global_tensors=GLOBAL_TENSORS,
-    layer_tensors=LAYER_TENSORS,
-    hf_layer_prefix="model.layers.{i}.",
-    read_config=read_config,
-    write_config=lambda model: write_llama_like(
-        Qwen3Config, model, architectures=["Qwen3ForCausalLM"], use_sliding_window=False
-    ),
-    ignored_suffixes=("rotary_emb.inv_freq",),
+FAMILY = llama_layout_family(
+    Qwen3Config, "qwen3", LAYER_TENSORS, read_config, lambda model: {"use_sliding_window": False}
 )
