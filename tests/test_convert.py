@@ -280,12 +280,17 @@ def test_conversion_errors_name_the_problem(tmp_path, case, expected):
     assert expected in message, message
 
 
-def test_cli_error_is_one_line(tmp_path):
-    result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"mdpo: error: {tmp_path / 'nothing'}: no config.json (expected a HF model folder)"
-    ]
+def test_cli_error_is_one_line_and_mdpo_debug_adds_the_traceback(tmp_path, monkeypatch, capsys):
+    argv = ["convert", "hf-to-megatron", "--hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]
+    result = run_mdpo(argv)
+    line = f"mdpo: error: {tmp_path / 'nothing'}: no config.json (expected a HF model folder)"
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [line]
+    from mdpo.cli import main
+
+    monkeypatch.setenv("MDPO_DEBUG", "1")
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == line and lines[1] == "Traceback (most recent call last):" and "MdpoError" in lines[-1]
 
 
 # --------------------------------------------------------------------------- training from and to checkpoints

@@ -80,7 +80,10 @@ def test_slurm_script_starts_one_recipe_per_node_with_the_rendezvous_of_node_0(t
     srun += 'for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n "$@" || exit 1; done\n'
     (bin_dir / "srun").write_text(srun)
     recipe = tmp_path / "recipe.sh"
-    recipe.write_text('echo "node=$NODE_RANK of $NNODES at $MASTER_ADDR:$MASTER_PORT gpus=$GPUS_PER_NODE args=$*"\n')
+    recipe.write_text(
+        'echo "node=$NODE_RANK of $NNODES at $MASTER_ADDR:$MASTER_PORT gpus=$GPUS_PER_NODE '
+        'budget=$EXIT_DURATION_MINUTES args=$*"\n'
+    )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = subprocess_env(
@@ -96,8 +99,8 @@ def test_slurm_script_starts_one_recipe_per_node_with_the_rendezvous_of_node_0(t
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "node=0 of 2 at gpu07:29500 gpus=8 args=logging.wandb_project=x",
-        "node=1 of 2 at gpu07:29500 gpus=8 args=logging.wandb_project=x",
+        "node=0 of 2 at gpu07:29500 gpus=8 budget=1420 args=logging.wandb_project=x",
+        "node=1 of 2 at gpu07:29500 gpus=8 budget=1420 args=logging.wandb_project=x",
     ]
 
 
