@@ -21,6 +21,8 @@ import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
 import megatron.core.optimizer.optimizer as optimizer
 import megatron.core.pipeline_parallel.schedules as schedules
 import megatron.core.tensor_parallel.random as mcore_random
+import megatron.core.transformer.moe.moe_utils as moe_utils
+import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
 import megatron.core.transformer.utils as transformer_utils
 import megatron.core.utils as mcore_utils
 import torch
@@ -71,7 +73,9 @@ class _NoStream:
     """The current "CUDA stream" on CPU: waits and records are no-ops (everything runs in order on one thread).
 
     megatron-core 0.19's param_and_grad_buffer.py:632 asks for the current stream before every gradient reduction
-    (to wait on CUDA-graph replays, which never happen here)."""
+    (to wait on CUDA-graph replays, which never happen here). It is also the all-to-all MoE token dispatcher's
+    "device-to-host" side stream (transformer/moe/token_dispatcher.py:445, 871-898: CPU tensors stay where they are)
+    and the event it records there."""
 
     def wait_event(self, *_args: Any) -> None:
         pass
@@ -79,7 +83,10 @@ class _NoStream:
     def wait_stream(self, *_args: Any) -> None:
         pass
 
-    def record_event(self, *_args: Any) -> None:
+    def record_event(self, *_args: Any) -> _NoStream:
+        return self  # an event whose synchronize() has nothing to wait for
+
+    def synchronize(self) -> None:
         pass
 
 
@@ -111,6 +118,14 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
     return wrapper
 
 
+def _host_splits(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """moe_utils.maybe_move_tensor_to_cpu (used by the all-to-all dispatcher, token_dispatcher.py:876-893) converts
+    the split sizes to numpy only when they come from a GPU; all_to_all_single takes no tensor of sizes."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 def apply() -> None:
     """Install the CPU patches once; a no-op on machines with CUDA."""
     if torch.cuda.is_available() or isinstance(schedules.torch, _CpuFactoryTorch):  # no CUDA patch, or done
@@ -131,6 +146,13 @@ def apply() -> None:
     torch.cuda.manual_seed = torch.manual_seed
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+
+    # MoE: the all-to-all dispatcher's side stream (see _NoStream); 0.16.1's moe_utils.py:1192 reads
+    # `te_general_gemm`, which it defines only when Transformer Engine imports (None: torch's matmul for the router).
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NoStream()
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_splits
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
     for module in (schedules, clip_grads, optimizer, transformer_utils, mcore_utils, rope_utils):
         module.torch = _CpuFactoryTorch()

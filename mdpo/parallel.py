@@ -30,7 +30,8 @@ def free_port() -> int:
 
 def start(layout: Layout) -> Ranks:
     """NCCL on GPU, gloo on CPU; a process not launched by torchrun is a world of one. The layout's TP, PP and CP
-    sizes make Megatron's groups (DP is what the world size leaves)."""
+    sizes make Megatron's groups (DP is what the world size leaves; EP x ETP groups are carved out of TP x CP x
+    DP)."""
     watch_launcher()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -43,6 +44,8 @@ def start(layout: Layout) -> Ranks:
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
     )
     return ranks()

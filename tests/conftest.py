@@ -154,6 +154,7 @@ _LLAMA31_SCALING = {
     "high_freq_factor": 2.0,
     "original_max_position_embeddings": 64,
 }
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, rope_theta=1000000.0)
 FAMILY_CASES = {
     "llama3.1": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling=_LLAMA31_SCALING)),
     "llama3.2_tied": (
@@ -164,7 +165,13 @@ FAMILY_CASES = {
     "qwen2.5_tied": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
     "qwen3_tied": ("Qwen3Config", dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(rope_theta=1000000.0, head_dim=32, sliding_window=None)),
+    # mixtures of experts: 4 experts, top 2 (renormalised, or not), a dense layer among expert layers (Qwen3-MoE's
+    # mlp_only_layers / decoder_sparse_step), experts narrower than the dense MLP
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, mlp_only_layers=[1], norm_topk_prob=True, **_MOE)),
+    "qwen3_moe_unnormed": ("Qwen3MoeConfig", dict(decoder_sparse_step=2, norm_topk_prob=False, **_MOE)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
 }
+MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral")
 
 
 def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides):

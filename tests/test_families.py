@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_CASES, REPO, ROW_LAYOUTS, collate_as, run_mdpo, tiny_hf_family
+from conftest import FAMILY_CASES, MOE_CASES, REPO, ROW_LAYOUTS, collate_as, run_mdpo, tiny_hf_family
 
 VOCAB = 250
 RTOL = 1e-5
@@ -32,7 +32,9 @@ def hf_logps_float64(folder: Path, pairs, **config_changes) -> torch.Tensor:
     config = AutoConfig.from_pretrained(folder)
     for key, value in config_changes.items():
         setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(folder, config=config, attn_implementation="eager").double().eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, config=config, attn_implementation="eager", experts_implementation="eager"
+    ).double().eval()
     sums = []
     for side in (1, 2):
         for pair in pairs:
@@ -94,17 +96,34 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
     assert ((unscaled - want).abs() / want.abs()).max() > 10 * RTOL  # the scaling changes these log-probs
 
 
-def test_parallel_layouts_equal_transformers_float64(families, tmp_path):
-    """TP=2 (and with SP, packed shared prompts), PP=2 x VPP=2 (a tied head's copy on the last stage), PP=2 packed
-    with the fused RoPE (Llama 3's scaled table), CP=2: every sequence's log-prob as transformers' class gives it."""
+def run_layouts(families, tmp_path: Path, layouts: tuple[str, ...], nproc: int) -> dict:
+    """The worker's log-probs at these layouts (expert-parallel ones: the MoE cases only), checked against the
+    float64 forward of transformers' class; returns them."""
     torch.save(family_pairs(), tmp_path / "pairs.pt")
     folders = {str(folder): case for case, (folder, _) in families.items()}
     worker = REPO / "tests" / "workers" / "family_logps.py"
-    result = run_mdpo([str(worker), str(tmp_path / "out.pt"), str(tmp_path / "pairs.pt"), *folders], nproc=2)
+    args = [str(worker), ",".join(layouts), str(tmp_path / "out.pt"), str(tmp_path / "pairs.pt"), *folders]
+    result = run_mdpo(args, nproc=nproc)
     assert result.returncode == 0, result.stderr[-4000:]
     results = torch.load(tmp_path / "out.pt")
-    assert len(results) == 5
+    assert tuple(results) == layouts
     for layout, per_folder in results.items():
-        assert set(per_folder) == set(folders), layout
+        moe_only = layout.startswith("ep") or "_ep" in layout
+        expected = {f for f, case in folders.items() if case in MOE_CASES or not moe_only}
+        assert set(per_folder) == expected, layout
         for folder, got in per_folder.items():
             assert_close(got, families[folders[folder]][1], f"{folders[folder]} at {layout}")
+    return results
+
+
+def test_parallel_layouts_equal_transformers_float64(families, tmp_path):
+    """TP=2 (and with SP, packed shared prompts), PP=2 x VPP=2 (a tied head's copy on the last stage), PP=2 packed
+    with the fused RoPE (Llama 3's scaled table), CP=2; the MoE cases also at EP=2 (experts split over 2 ranks,
+    the all-to-all dispatcher) and TP=2 + SP x EP=2 packed: every sequence's log-prob as transformers' class gives it."""
+    layouts = ("tp2", "tp2_sp_packed_shared", "pp2_vpp2_shared", "pp2_packed_fused_rope", "cp2", "ep2")
+    run_layouts(families, tmp_path, (*layouts, "tp2_sp_ep2_packed"), nproc=2)
+
+
+def test_expert_and_pipeline_parallel_equal_transformers_float64(families, tmp_path):
+    """EP=2 x PP=2 (4 processes): each stage's layers, each rank its half of the experts, shared prompts."""
+    run_layouts(families, tmp_path, ("ep2_pp2",), nproc=4)

@@ -142,7 +142,7 @@ def baichuan_alibi_logits(model: ModelConfig, sd: dict[str, torch.Tensor], token
     return rms(x, sd["model.norm.weight"]) @ (head / head.norm(dim=-1, keepdim=True)).T
 
 
-HF_NATIVE = ("llama", "qwen2", "qwen3", "mistral")  # families transformers has its own class for
+HF_NATIVE = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")  # families transformers has its own class for
 
 
 def hf_logits(hf_dir: Path, model: ModelConfig, rows: list[list[int]]) -> list[torch.Tensor]:
@@ -151,7 +151,10 @@ def hf_logits(hf_dir: Path, model: ModelConfig, rows: list[list[int]]) -> list[t
     head, head size, q/k norms); Qwen 1.0 and Baichuan 2, whose model code is remote, the stand-ins above."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if model.family in HF_NATIVE:
-        module = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").double().eval()
+        module = AutoModelForCausalLM.from_pretrained(
+            hf_dir, attn_implementation="eager", experts_implementation="eager"  # float64 takes no grouped GEMM
+        )
+        module = module.double().eval()
         forward = lambda tokens: module.to(device)(tokens).logits
     else:
         sd = {k: v.to(device) for k, v in _weights(hf_dir).items()}

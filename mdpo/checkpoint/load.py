@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,25 +41,44 @@ def open_hf(folder: Path, model: ModelConfig) -> HFWeights:
     return weights
 
 
-def load_hf_weights(module: torch.nn.Module, folder: Path, model: ModelConfig) -> None:
-    """Stream this rank's shard of every tensor its pipeline stage (its model chunk `module.vp_stage` with an
-    interleaved pipeline) holds from a HF folder into `module`."""
-    weights = open_hf(folder, model)
-    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+def _chunk_names(module: torch.nn.Module, model: ModelConfig) -> Callable[[str], str | None]:
+    """Full-model name -> the name this rank's model chunk gives it (None: held elsewhere): its pipeline stage's
+    layers (its chunk `module.vp_stage` with an interleaved pipeline), its expert-parallel rank's experts."""
+    pp, pp_rank = (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+    )
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
     vp_stage = getattr(module, "vp_stage", None) or 0
-    local_name = lambda name: sharding.stage_local_name(
-        name, num_layers=model.num_hidden_layers, pp_rank=pp_rank, pp_size=pp, vp_stage=vp_stage, vpp=vpp
-    )
+    ep, ep_rank = parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_model_parallel_rank()
+
+    def local_name(name: str) -> str | None:
+        name = sharding.expert_local_name(name, num_experts=model.num_experts or 0, ep_rank=ep_rank, ep_size=ep)
+        if name is None:
+            return None
+        return sharding.stage_local_name(
+            name, num_layers=model.num_hidden_layers, pp_rank=pp_rank, pp_size=pp, vp_stage=vp_stage, vpp=vpp
+        )
+
+    return local_name
+
+
+def load_hf_weights(module: torch.nn.Module, folder: Path, model: ModelConfig) -> None:
+    """Stream this rank's shard of every tensor its model chunk holds from a HF folder into `module`: only its
+    stage's layers and its expert-parallel rank's experts are read, each cut for its TP rank (experts: ETP rank)."""
+    weights = open_hf(folder, model)
+    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    local_name = _chunk_names(module, model)
     # the chunk's own tensors (local-spec names): a tied head exists only as a last stage's copy under PP
     own = {sharding.te_name_inverse(k) for k in module.state_dict() if not k.endswith("_extra_state")}
     wanted = lambda name: local_name(name) in own
     family = families.get(model.family)
     loaded = 0
     for name, full in iter_hf_to_mcore(family, weights, model, padded_vocab_size(model.vocab_size, tp), wanted):
-        piece = sharding.shard_tensor(full, sharding.tp_rule(name), tp_rank, tp)
+        rank, size = (etp_rank, etp) if sharding.is_expert(name) else (tp_rank, tp)
+        piece = sharding.shard_tensor(full, sharding.tp_rule(name), rank, size)
         sharding.load_into(module, {local_name(name): piece}, partial=True)
         loaded += 1
     if loaded != len(own):

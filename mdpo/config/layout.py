@@ -95,12 +95,16 @@ class Layout:
     dp: int = 1
     vpp: int = 1
     sequence_parallel: bool = False
+    ep: int = 1  # expert-parallel size: each MoE layer's experts split over EP ranks (carved out of TP x CP x DP)
+    etp: int | None = None  # expert-tensor-parallel size (each expert split over ETP ranks); None = TP, Megatron's
     wording: Wording = field(default=CONFIG_WORDING, repr=False, compare=False)  # how errors name the sizes
 
     def __post_init__(self) -> None:
         w = self.wording
-        for name in ("tp", "pp", "cp", "dp", "vpp"):
+        for name in ("tp", "pp", "cp", "dp", "vpp", "ep", "etp"):
             value = getattr(self, name)
+            if name == "etp" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{w.name(name)} must be >= 1, got {value!r}")
         if self.sequence_parallel and self.tp == 1:
@@ -118,7 +122,20 @@ class Layout:
                 f"world size {world} is not divisible by {w.name('tp')} x {w.name('pp')} x {w.name('cp')} = "
                 f"{probe.tp} x {probe.pp} x {probe.cp}"
             )
-        return dataclasses.replace(probe, dp=world // probe.model_parallel)
+        layout = dataclasses.replace(probe, dp=world // probe.model_parallel)
+        layout.check_expert_groups()
+        return layout
+
+    def check_expert_groups(self) -> None:
+        """EP x ETP ranks hold one copy of the experts: they must divide the TP x CP x DP ranks of a stage (so EP
+        divides DP when ETP = TP and CP = 1), out of which Megatron carves the expert groups."""
+        w = self.wording
+        if (self.tp * self.cp * self.dp) % (self.expert_tp * self.ep):
+            raise ConfigError(
+                f"{w.name('ep')} x {w.name('etp')} = {self.ep} x {self.expert_tp} does not divide the "
+                f"{self.tp * self.cp * self.dp} ranks of one pipeline stage (TP x CP x DP = {self.tp} x {self.cp} x "
+                f"{self.dp}): Megatron carves the expert groups out of them"
+            )
 
     # ------------------------------------------------------------------ derived sizes
 
@@ -128,13 +145,25 @@ class Layout:
         return self.tp * self.pp * self.cp
 
     @property
+    def expert_tp(self) -> int:
+        """The expert-tensor-parallel size: `etp`, or TP when unset (Megatron's default)."""
+        return self.etp if self.etp is not None else self.tp
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel replicas of each expert (Megatron's expert data-parallel size): the ranks of one stage that
+        EP x ETP leave."""
+        return self.tp * self.cp * self.dp // (self.expert_tp * self.ep)
+
+    @property
     def world(self) -> int:
         return self.model_parallel * self.dp
 
     @property
     def sizes(self) -> list[int]:
-        """[TP, PP, DP, CP], as checkpoints record it."""
-        return [self.tp, self.pp, self.dp, self.cp]
+        """[TP, PP, DP, CP] (and EP, ETP for an expert-parallel layout), as checkpoints record it."""
+        experts = [self.ep, self.expert_tp] if self.ep > 1 or self.etp is not None else []
+        return [self.tp, self.pp, self.dp, self.cp, *experts]
 
     @property
     def sequence_multiple(self) -> int:
@@ -160,8 +189,11 @@ class Layout:
 
     # ------------------------------------------------------------------ rules against the rest of a run
 
-    def check_model(self, heads: int, kv_heads: int | None, layers: int) -> None:
-        """TP splits the query and key/value heads evenly; PP x VPP splits the layers evenly."""
+    def check_model(
+        self, heads: int, kv_heads: int | None, layers: int, experts: int | None = None, expert_width: int = 0
+    ) -> None:
+        """TP splits the query and key/value heads evenly; PP x VPP splits the layers evenly; EP splits the experts
+        and ETP each expert's width evenly (EP > 1 needs experts)."""
         kv_heads = kv_heads or heads
         w = self.wording
         counts = {"heads": heads, "kv_heads": kv_heads, "layers": layers}
@@ -172,6 +204,15 @@ class Layout:
         if layers % chunks:
             size = w.sized("pp", self.pp) if self.vpp == 1 else f"{w.name('pp')} x {w.name('vpp')} = {chunks}"
             raise ConfigError(f"{size} does not divide {w.counts['layers'].format(**counts)}")
+        if not experts and (self.ep > 1 or (self.etp or 1) > 1):
+            raise ConfigError(f"{w.name('ep')} and {w.name('etp')} > 1 need a mixture-of-experts model (this has none)")
+        if experts and experts % self.ep:
+            raise ConfigError(f"{w.sized('ep', self.ep)} does not divide the model's {experts} experts")
+        if experts and expert_width % self.expert_tp:
+            raise ConfigError(
+                f"the expert-tensor-parallel size {self.expert_tp} ({w.name('etp')}, else {w.name('tp')}) does not "
+                f"divide the experts' width {expert_width}"
+            )
 
     def check_batch(self, global_batch: int, micro_batch: int, packing: bool) -> None:
         """A global batch splits evenly over the DP ranks, and (padded rows) each share into whole micro-batches;

@@ -32,6 +32,8 @@ DescribeModel = Callable[[dict[str, Any]], ModelConfig]
 ARG_ALIASES: dict[str, str] = {
     "--tensor-model-parallel-size": "parallel.tp",
     "--pipeline-model-parallel-size": "parallel.pp",
+    "--expert-model-parallel-size": "parallel.ep",
+    "--expert-tensor-parallel-size": "parallel.etp",
     "--use-distributed-optimizer": "parallel.distributed_optimizer",
     "--micro-batch-size": "schedule.micro_batch_size",
     "--global-batch-size": "schedule.global_batch_size",

@@ -18,7 +18,7 @@ from mdpo.config.layout import Layout
 from mdpo.errors import ConfigError
 
 # the HF formats of mdpo.models.families: Llama 2 / 3.x, Qwen 1.0, Qwen 2 / 2.5, Qwen 3, Mistral, Baichuan 2
-MODEL_FAMILIES = ("llama", "qwen", "qwen2", "qwen3", "mistral", "baichuan")
+MODEL_FAMILIES = ("llama", "qwen", "qwen2", "qwen3", "mistral", "baichuan", "qwen3_moe", "mixtral")
 ROPE_SCALINGS = ("llama3",)  # rope_scaling types with an exact implementation (transformers' rope_type names)
 POSITION_EMBEDDINGS = ("auto", "rope", "alibi")
 ATTENTIONS = ("auto", "te", "sdpa", "local")
@@ -141,9 +141,33 @@ class ModelConfig(Section):
     # RoPE in one kernel forward and one backward: Megatron's rotation under torch.compile on the local layers
     # (`models.rotary`), Transformer Engine's fused RoPE on TE's (Megatron's apply_rope_fusion); off until measured
     fused_rope: bool = False
+    # Mixture of experts (Qwen3-MoE, Mixtral): Megatron-Core's router, token dispatcher and experts in the layers
+    # `moe_layers` lists (None: every layer; the others keep a dense MLP of intermediate_size)
+    num_experts: int | None = None  # None = a dense model
+    moe_topk: int = 2  # experts per token (num_experts_per_tok)
+    moe_intermediate_size: int | None = None  # one expert's MLP width; None = intermediate_size (Mixtral)
+    moe_layers: list[int] | None = None  # the layers with experts (Qwen3-MoE's mlp_only_layers are left out)
+    # true: the top-k softmax weights renormalised to sum 1 (a softmax over the k top logits: Mixtral, Qwen3-MoE's
+    # norm_topk_prob); false: the softmax over all experts, unrenormalised
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss weight config.json declares (dpo.* overrides it)
     # tokens whose logits exist at once when the output layer scores them (forward and backward): the full
     # [tokens, vocab] logits never do
     logprob_chunk_tokens: int = 1024
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+    @property
+    def expert_width(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def expert_layers(self) -> list[int]:
+        """The layers with experts (none for a dense model)."""
+        if not self.is_moe:
+            return []
+        return list(range(self.num_hidden_layers)) if self.moe_layers is None else sorted(self.moe_layers)
 
     @property
     def kv_heads(self) -> int:
@@ -171,6 +195,9 @@ class ModelConfig(Section):
         "rope_scaling_factor",
         "rope_original_max_position_embeddings",
         "sliding_window",
+        "num_experts",
+        "moe_topk",
+        "moe_intermediate_size",
     )
 
     def _rules(self) -> None:
@@ -187,6 +214,8 @@ class ModelConfig(Section):
             "which tied embeddings share with the input",
         )
         self._check_positions()
+        if self.is_moe:
+            self._check_experts()
         heads, kv_heads = self.num_attention_heads, self.kv_heads
         need(
             heads % kv_heads == 0,
@@ -211,6 +240,22 @@ class ModelConfig(Section):
         need(
             not (self.fused_rope and self.position_embedding == "alibi"),
             "model.fused_rope=true needs RoPE; model.position_embedding is alibi (Baichuan 2 13B), which has none",
+        )
+
+    def _check_experts(self) -> None:
+        need(
+            self.moe_topk <= self.num_experts,
+            f"model.moe_topk={self.moe_topk} exceeds model.num_experts={self.num_experts}",
+        )
+        layers = self.moe_layers if self.moe_layers is not None else []
+        wrong = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+        need(
+            not wrong,
+            f"model.moe_layers lists layer {wrong[0] if wrong else 0!r}, not in 0..{self.num_hidden_layers - 1}",
+        )
+        need(
+            self.router_aux_loss_coef >= 0,
+            f"model.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}",
         )
 
     def _check_rope_scaling(self) -> None:
@@ -297,6 +342,8 @@ class ParallelConfig(Section):
     pp: int = 1  # pipeline-parallel size
     vpp: int = 1  # model chunks per pipeline stage (Megatron's interleaved 1F1B; needs pp > 1): a smaller bubble
     cp: int = 1  # context-parallel size: each sequence split over cp ranks (long pairs; TE or SDPA attention)
+    ep: int = 1  # expert-parallel size (MoE models): each MoE layer's experts split over ep ranks
+    etp: int | None = None  # expert-tensor-parallel size: each expert split over etp ranks; None = tp (Megatron's)
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
     sequence_parallel: bool = False  # split norm/residual activations over the TP ranks too (needs tp > 1)
     recompute: str = "none"  # none | selective (core attention) | full (each layer's activations)
@@ -306,7 +353,15 @@ class ParallelConfig(Section):
 
     def layout(self, world: int | None = None) -> Layout:
         """The layout these sizes make: with DP = 1 (the config's own checks), or of `world` processes."""
-        sizes = dict(tp=self.tp, pp=self.pp, cp=self.cp, vpp=self.vpp, sequence_parallel=self.sequence_parallel)
+        sizes = dict(
+            tp=self.tp,
+            pp=self.pp,
+            cp=self.cp,
+            vpp=self.vpp,
+            sequence_parallel=self.sequence_parallel,
+            ep=self.ep,
+            etp=self.etp,
+        )
         return Layout(**sizes) if world is None else Layout.for_world(world, **sizes)
 
     def _rules(self) -> None:
@@ -401,6 +456,9 @@ class DPOConfig(Section):
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6  # in (0, 1]; 1 copies the policy
     ref_model_sync_steps: int = 512
+    # MoE policies: weight of the load-balancing loss added to the objective (TRL's DPOTrainer adds it the same way);
+    # None = the model's own (model.router_aux_loss_coef, from config.json); 0 = off. Logged as aux_loss.
+    router_aux_loss_coef: float | None = None
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -455,6 +513,8 @@ class DPOConfig(Section):
                 f"dpo.use_weighting (WPO) does not apply to loss type {sorting[0]!r}: it sorts over "
                 "the batch, so its terms are not tied to pairs (TRL refuses it too)"
             )
+        coef = self.router_aux_loss_coef
+        need(coef is None or coef >= 0, f"dpo.router_aux_loss_coef must be >= 0 (0: off), got {coef!r}")
         alpha, every = self.ref_model_mixup_alpha, self.ref_model_sync_steps
         need(0 < alpha <= 1, f"dpo.ref_model_mixup_alpha must be in (0, 1], got {alpha!r}")
         need(every >= 1, f"dpo.ref_model_sync_steps must be >= 1, got {every!r}")
@@ -550,7 +610,11 @@ class TrainConfig:
         layout = self.parallel.layout()
         layout.check_rows(self.data.packing)
         layout.check_attention(m.attention, m.position_embedding)
-        layout.check_model(m.num_attention_heads, m.num_key_value_heads, m.num_hidden_layers)
+        layout.check_model(
+            m.num_attention_heads, m.num_key_value_heads, m.num_hidden_layers, m.num_experts, m.expert_width
+        )
+        if m.is_moe:
+            self._check_moe()
         need(
             m.sliding_window is None or m.sliding_window >= self.data.max_length,
             f"model.sliding_window={m.sliding_window} is shorter than data.max_length={self.data.max_length}: mdpo "
@@ -574,6 +638,31 @@ class TrainConfig:
         if self.lora.enabled:
             self._check_lora()
 
+    @property
+    def router_aux_loss_coef(self) -> float:
+        """The load-balancing loss weight in force: dpo's override, else the model's own (0 for dense models)."""
+        if not self.model.is_moe:
+            return 0.0
+        coef = self.dpo.router_aux_loss_coef
+        return self.model.router_aux_loss_coef if coef is None else coef
+
+    def _check_moe(self) -> None:
+        """The load-balancing loss is transformers' (one sum over every layer's routing of a micro-batch), which the
+        last stage computes from all layers' router sums: one pipeline stage, and routers run once per forward."""
+        if self.router_aux_loss_coef == 0:
+            return
+        why = "set dpo.router_aux_loss_coef=0 to train without the load-balancing loss"
+        need(
+            self.parallel.pp == 1,
+            f"a load-balancing loss (router_aux_loss_coef={self.router_aux_loss_coef}) needs parallel.pp=1: it "
+            f"sums the routing of every layer, which a pipeline splits over stages; {why}",
+        )
+        need(
+            self.parallel.recompute != "full",
+            "a load-balancing loss needs parallel.recompute none or selective (full recompute runs the routers "
+            f"without gradients first); {why}",
+        )
+
     def _check_lora(self) -> None:
         need(
             self.model.attention != "te",
@@ -588,6 +677,12 @@ class TrainConfig:
         need(
             self.model.init_from is not None,
             "lora.rank > 0 needs model.init_from (the base model the adapters are trained on and belong to)",
+        )
+        dense = [t for t in self.lora.targets if t in ("fc1", "fc2")]
+        need(
+            not dense or len(self.model.expert_layers()) < self.model.num_hidden_layers,
+            f"lora.targets {dense[0] if dense else ''} adapts dense MLPs, and every layer of this model has experts, "
+            "which take no adapters: use lora.targets [qkv, proj]",
         )
 
 

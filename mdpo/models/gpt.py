@@ -18,6 +18,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from mdpo.config import Layout, ModelConfig, padded_vocab_size
 from mdpo.models.attention import (
@@ -28,6 +29,7 @@ from mdpo.models.attention import (
     row_major,
     with_core_attention,
 )
+from mdpo.models.moe import moe_fields, record_routing
 from mdpo.models.rotary import FusedRopeSelfAttention
 
 
@@ -89,14 +91,19 @@ def fuses_rope_locally(model: ModelConfig) -> bool:
     return model.fused_rope and core_attention(model) != "te"
 
 
-def layer_spec(model: ModelConfig) -> ModuleSpec:
+def layer_spec(model: ModelConfig, experts: bool = False) -> ModuleSpec:
     """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers (norms: `TorchNorm`),
     with torch SDPA as the core attention (`auto`, `sdpa`) or Megatron's unfused attention when asked (`local`).
-    ALiBi always runs through SDPA with the biases added to the scores (the config refuses te/local with it)."""
+    ALiBi always runs through SDPA with the biases added to the scores (the config refuses te/local with it).
+    `experts`: a MoE layer (Megatron's MoELayer: grouped GEMM experts on TE's layers, one MLP per expert on the
+    local ones)."""
     attention = core_attention(model)
+    num_experts = model.num_experts if experts else None
     if attention == "te":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
-    local = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model.qk_norm)
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=experts, qk_layernorm=model.qk_norm
+        )
+    local = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm", qk_layernorm=model.qk_norm)
     local.submodules.input_layernorm = local.submodules.pre_mlp_layernorm = TorchNorm
     if model.qk_norm:  # per head, on whole sequences: Megatron sums their gradients over TP (other heads per rank)
         attention_parts = local.submodules.self_attention.submodules
@@ -115,12 +122,20 @@ def decoder_spec(
 ) -> ModuleSpec | TransformerBlockSubmodules:
     """What GPTModel builds this stage's layers and final norm from. Given a layer spec alone, Megatron picks the
     final norm itself (TE's, apex's or WrappedTorchNorm, whichever imports), so the local layers come as a block
-    whose final norm is `TorchNorm` too. TE's layers keep TE's final norm, which takes sequence parallelism."""
-    spec = layer_spec(model)
-    if core_attention(model) == "te":
-        return spec
-    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=TorchNorm)
+    whose final norm is `TorchNorm` too. TE's layers keep TE's final norm, which takes sequence parallelism. A MoE
+    model's layers are listed one by one (those in `model.moe_layers` with experts)."""
+    te = core_attention(model) == "te"
+    if te and not model.is_moe:
+        return layer_spec(model)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    first = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    moe = set(model.expert_layers())
+    specs = [layer_spec(model, experts=i in moe) for i in range(first, first + count)]
+    if te:
+        from megatron.core.extensions.transformer_engine import TENorm  # te: Transformer Engine imports
+
+        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TENorm)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TorchNorm)
 
 
 def _architecture(model: ModelConfig) -> dict:
@@ -167,13 +182,16 @@ def transformer_config(
     pp: int = 1,
     vpp: int = 1,
     cp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
     params_dtype: torch.dtype = torch.float32,
     init_weights: bool = True,
     sequence_parallel: bool = False,
     recompute: str = "none",
 ) -> TransformerConfig:
-    """The model (`_architecture`), its layout, dtype and recompute, the schedule's loss contract and the kernels
-    (`_kernels`) as Megatron's TransformerConfig."""
+    """The model (`_architecture`, `moe.moe_fields`), its layout, dtype and recompute, the schedule's loss contract
+    and the kernels (`_kernels`) as Megatron's TransformerConfig. MoE layers use the all-to-all token dispatcher
+    (the one that takes variable sequence lengths) and TE's grouped GEMM where TE runs."""
     return TransformerConfig(
         **_architecture(model),
         # False only in the converters: Megatron then also skips marking tensor-parallel weights, which training needs
@@ -199,8 +217,7 @@ def transformer_config(
         # apart when the previous and next stage are one rank)
         variable_seq_lengths=vpp == 1,
         batch_p2p_comm=vpp == 1,
-        # Dense model: no experts, but megatron rejects variable lengths with the default MoE dispatcher.
-        moe_token_dispatcher_type="alltoall",
+        **moe_fields(model, ep, etp, grouped_gemm=core_attention(model) == "te", dispatcher="alltoall"),
         **_kernels(model),
     )
 
@@ -310,4 +327,5 @@ def build_gpt_model(
     gpt.tokenwise_thd_rope = fuses_rope_locally(model)
     if model.norm_head and post_process:
         gpt.output_layer.__class__ = NormHeadLinear  # same parameters, normalising forward
+    gpt.router_sums = record_routing(gpt)
     return gpt

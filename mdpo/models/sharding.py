@@ -14,6 +14,7 @@ import torch
 from mdpo.config import stage_layers
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 
 # Local-spec name -> Transformer Engine spec name (norm fused into the next linear layer).
 _TE_NAMES = {
@@ -89,6 +90,23 @@ def stage_local_name(
     if name.startswith(("decoder.final_layernorm", "output_layer")):
         return name if pp_rank == pp_size - 1 and vp_stage == vpp - 1 else None
     return name
+
+
+def is_expert(name: str) -> bool:
+    """An expert's tensor: split over the expert-tensor-parallel ranks (not TP), held by one expert-parallel rank."""
+    return _EXPERT.match(name) is not None
+
+
+def expert_local_name(name: str, *, num_experts: int, ep_rank: int, ep_size: int) -> str | None:
+    """A full-model name (global expert number) as an expert-parallel rank calls it (its local expert number), or
+    None for another rank's expert; names of anything else pass unchanged. Rank r holds experts r x E/EP onwards,
+    as Megatron places them."""
+    match = _EXPERT.match(name)
+    if match is None:
+        return name
+    per_rank = num_experts // ep_size
+    owner, local = divmod(int(match.group(2)), per_rank)
+    return f"{match.group(1)}{local}{match.group(3)}" if owner == ep_rank else None
 
 
 def merge_state_dicts(

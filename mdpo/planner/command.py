@@ -8,7 +8,7 @@ import json
 from mdpo.config import RECOMPUTE, REFERENCE_MODES
 from mdpo.errors import ConfigError
 from mdpo.planner.estimate import GPU, GPUS, Candidate, Cluster, Plan, Workload, check_layout, plan, search
-from mdpo.planner.models import MODELS, model_shape, params
+from mdpo.planner.models import MODELS, active_params, model_shape, params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -33,11 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--global-batch", type=int, default=w.global_batch, help="pairs per step")
     parser.add_argument("--padded-fill", type=float, default=w.padded_fill, help="real / padded tokens")
     parser.add_argument("--lora-rank", type=int, default=w.lora_rank, help="LoRA's rank (0: full tuning)")
+    parser.add_argument(
+        "--router-aux-loss-coef",
+        type=float,
+        help="MoE: the load-balancing loss weight (default the model's; 0: off, which allows PP > 1)",
+    )
     layout = parser.add_argument_group("layout (give --tp to predict one layout; without it all are searched)")
     layout.add_argument("--tp", type=int)
     layout.add_argument("--pp", type=int, default=1)
     layout.add_argument("--cp", type=int, default=1)
     layout.add_argument("--vpp", type=int, default=1)
+    layout.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    layout.add_argument("--etp", type=int, help="expert-tensor-parallel size (MoE models; default TP)")
     layout.add_argument("--sequence-parallel", action="store_true")
     layout.add_argument("--no-distributed-optimizer", action="store_true")
     layout.add_argument("--recompute", choices=RECOMPUTE, default="none")
@@ -73,6 +80,8 @@ def _candidate(args: argparse.Namespace, world: int) -> Candidate:
         cp=args.cp,
         vpp=args.vpp,
         sequence_parallel=args.sequence_parallel,
+        ep=args.ep,
+        etp=args.etp,
         distributed_optimizer=not args.no_distributed_optimizer,
         recompute=args.recompute,
         micro_batch=args.micro_batch,
@@ -97,6 +106,7 @@ def run(args: argparse.Namespace) -> str:
         args.padded_fill,
         prompt_tokens=args.prompt_tokens,
         lora_rank=args.lora_rank,
+        router_aux_loss_coef=args.router_aux_loss_coef,
     )
     if args.tp is not None:
         candidate = _candidate(args, cluster.world)
@@ -110,17 +120,18 @@ def run(args: argparse.Namespace) -> str:
             raise ConfigError(f"no layout fits {args.model} on {cluster.world} x {args.gpu}")
     if args.json:
         return json.dumps([p.as_dict() for p in plans], indent=2)
+    active = f", {active_params(model) / 1e9:.2f}B active" if model.is_moe else ""
     head = (
-        f"{args.model} ({params(model) / 1e9:.2f}B) on {args.nodes} x {args.gpus_per_node} {args.gpu}; "
+        f"{args.model} ({params(model) / 1e9:.2f}B{active}) on {args.nodes} x {args.gpus_per_node} {args.gpu}; "
         f"{workload.pairs} pairs x {workload.epochs:g} epochs, {workload.mean_tokens:g} tokens/pair, "
         f"reference {workload.reference}, efficiency {cluster.efficiency:g}"
         + (f", LoRA rank {workload.lora_rank} (base frozen)" if workload.lora_rank else "")
     )
     rows = [
-        "| TP | PP (x VPP) | CP | DP | SP | recompute | micro-batch "
+        "| TP | PP (x VPP) | CP | EP (x ETP) | DP | SP | recompute | micro-batch "
         "| GiB/GPU (weights+grads+optim+ref / act / logits) "
         "| fits | step s | tokens/s/GPU | workload h |",
-        "|" + "---|" * 12,
+        "|" + "---|" * 13,
     ]
     return "\n".join([head, *rows, *(_row(p, workload) for p in plans)])
 
@@ -130,8 +141,9 @@ def _row(p: Plan, workload: Workload) -> str:
     static = mem["weights"] + mem["grads"] + mem["optimizer"] + mem["reference"]
     batch = f"pack {c.pack_tokens or workload.max_tokens}" if c.packing else f"{c.micro_batch} pairs"
     pp = f"{lay.pp} x {lay.vpp}" if lay.vpp > 1 else f"{lay.pp}"
+    ep = f"{lay.ep} x {lay.etp}" if lay.etp is not None else f"{lay.ep}"  # ETP shown where it is not TP's
     return (
-        f"| {lay.tp} | {pp} | {lay.cp} | {lay.dp} | {'on' if lay.sequence_parallel else 'off'} "
+        f"| {lay.tp} | {pp} | {lay.cp} | {ep} | {lay.dp} | {'on' if lay.sequence_parallel else 'off'} "
         f"| {c.recompute} | {batch} | {mem['total']:.1f} ({static:.1f} / {mem['activations']:.1f} / "
         f"{mem['logits']:.1f}) | {'yes' if p.fits else 'NO'} | {p.step_s:.2f} | "
         f"{p.tokens_per_s_per_gpu:,.0f} | {p.workload_h:.2f} |"

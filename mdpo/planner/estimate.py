@@ -12,7 +12,16 @@ from typing import Any
 
 from mdpo.config import PLANNER_WORDING, RECOMPUTE, Layout, ModelConfig
 from mdpo.errors import ConfigError
-from mdpo.planner.models import flops_per_token, kv_dim, layer_params, lora_params, params, q_dim
+from mdpo.planner.models import (
+    attention_params,
+    expert_params,
+    flops_per_token,
+    kv_dim,
+    lora_params,
+    mlp_params,
+    params,
+    q_dim,
+)
 
 GIB = 2**30
 
@@ -86,6 +95,15 @@ class Workload:
     # LoRA's rank (lora.rank; 0: full tuning): gradients and Adam states for the adapters only, the base frozen (no
     # weight gradients in backward), and an online reference that is the base itself (no second copy)
     lora_rank: int = 0
+    # MoE: the load-balancing loss weight (dpo.router_aux_loss_coef); None = the model's own, 0 = off. On, it needs
+    # PP = 1 and no full recompute (the trainer's rule)
+    router_aux_loss_coef: float | None = None
+
+    def aux_loss(self, model: ModelConfig) -> float:
+        """The load-balancing loss weight in force for `model` (0 for a dense one), as TrainConfig resolves it."""
+        if not model.is_moe:
+            return 0.0
+        return model.router_aux_loss_coef if self.router_aux_loss_coef is None else self.router_aux_loss_coef
 
 
 _ONE_GPU = Layout(wording=PLANNER_WORDING)
@@ -120,14 +138,14 @@ class Candidate:
         cp: int = 1,
         vpp: int = 1,
         sequence_parallel: bool = False,
+        ep: int = 1,
+        etp: int | None = None,
         **settings: Any,
     ) -> Candidate:
         """The candidate on `world` GPUs: DP is what TP x PP x CP leave (a ConfigError when they do not divide it,
-        or when the sizes break their own rules)."""
-        layout = Layout.for_world(
-            world, tp=tp, pp=pp, cp=cp, vpp=vpp, sequence_parallel=sequence_parallel, wording=PLANNER_WORDING
-        )
-        return cls(layout, **settings)
+        when EP x ETP do not divide a stage's ranks, or when the sizes break their own rules)."""
+        sizes = dict(tp=tp, pp=pp, cp=cp, vpp=vpp, sequence_parallel=sequence_parallel, ep=ep, etp=etp)
+        return cls(Layout.for_world(world, **sizes, wording=PLANNER_WORDING), **settings)
 
     @property
     def width(self) -> int:
@@ -135,7 +153,8 @@ class Candidate:
         return 2 if self.precision == "bf16" else 4
 
     def as_dict(self) -> dict[str, Any]:
-        """The sizes (tp, pp, cp, dp, vpp, sequence_parallel) and the settings, flat: `mdpo plan --json`'s layout."""
+        """The sizes (tp, pp, cp, dp, vpp, sequence_parallel, ep, etp) and the settings, flat: `mdpo plan --json`'s
+        layout."""
         sizes = {f.name: getattr(self.layout, f.name) for f in dataclasses.fields(self.layout) if f.name != "wording"}
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layout"}
         return sizes | settings
@@ -193,7 +212,7 @@ def microbatches_per_step(workload: Workload, candidate: Candidate) -> float:
 
 
 def activation_bytes_per_token_layer(
-    model: ModelConfig, candidate: Candidate, norm_saves: int = 1, key_ratio: float = 1.0
+    model: ModelConfig, candidate: Candidate, norm_saves: int = 1, key_ratio: float = 1.0, moe: bool = False
 ) -> float:
     """Bytes autograd keeps per token and layer (for one micro-batch in flight), from what each op saves in
     Megatron's layers with flash-style attention: the two norms' saved tensors and their matmuls' inputs
@@ -203,7 +222,8 @@ def activation_bytes_per_token_layer(
     k after the rotary embedding, the fused QKV output the value is a view of, and the projection input), and in
     the MLP the fused gate/up output, the silu, the up half plus Megatron's glu_linear_offset (a copy), their
     product as the down projection's input (5f/TP; 3f/TP with the fused SwiGLU, which keeps only the gate/up output
-    and the product). Full recompute keeps only each layer's input (one layer
+    and the product); an MoE layer (`moe`) keeps instead what `moe_bytes_per_token` says. Full recompute keeps only
+    each layer's input (one layer
     recomputed at a time is the caller's). With a shared prompt the blocks' keys and values are gathered per response,
     `key_ratio` (keys per query token: both sequences' tokens over the tokens computed) times the queries'. Left out:
     the rotary cos/sin per layer (4 x head_dim per row position, under 1%)."""
@@ -216,7 +236,23 @@ def activation_bytes_per_token_layer(
     attention = 3 * (q + kv_dim(model)) / t if candidate.recompute == "selective" else 5 * q / t
     if key_ratio > 1 and candidate.recompute != "selective":  # a shared prompt's keys are gathered per response
         attention += 2 * (key_ratio - 1) * q / t
-    return width * (norms + attention + (3 if candidate.fused_swiglu else 5) * f / t)
+    mlp = (3 if candidate.fused_swiglu else 5) * f / t
+    return width * (norms + attention) + (moe_bytes_per_token(model, candidate) if moe else width * mlp)
+
+
+def moe_bytes_per_token(model: ModelConfig, candidate: Candidate) -> float:
+    """What an MoE layer's experts keep per token of the micro-batch, routing balanced: each token's top-k copies
+    of its hidden vector, dispatched (all-to-all over EP) to the ranks of its experts and all-gathered over ETP (the
+    first expert matmul's input: k ETP h / TP per token, TP's sequence-parallel share of the tokens each gathered
+    ETP ways), and per copy the expert's SwiGLU on 1/ETP of its width w: the gate/up output, the silu, the up half's
+    copy, their product, and that product times the routing weight as the down projection's input (6w/ETP; 3w/ETP
+    with the fused SwiGLU, which keeps the gate/up output and the weighted product). The router's [tokens, experts]
+    scores and the routing indices are left out (E + 6k values a token: about 1% of the layer at Qwen3-MoE's
+    sizes)."""
+    layout = candidate.layout
+    copies = model.moe_topk * layout.expert_tp / layout.tp
+    swiglu = (3 if candidate.fused_swiglu else 6) * model.expert_width / layout.expert_tp
+    return candidate.width * copies * (model.hidden_size + swiglu)
 
 
 def _in_flight(candidate: Candidate, workload: Workload, first: bool) -> float:
@@ -232,51 +268,107 @@ def _in_flight(candidate: Candidate, workload: Workload, first: bool) -> float:
     return min(2 * (p - 1) + (v - 1) * p + 1, v * microbatches) / v
 
 
+def stage_layers(model: ModelConfig, layout: Layout, pp_rank: int) -> tuple[int, int]:
+    """Dense and MoE layers of pipeline stage `pp_rank` (all its model chunks), where `Layout.stage_layers` puts
+    them."""
+    layers = {i for v in range(layout.vpp) for i in layout.stage_layers(model.num_hidden_layers, pp_rank, v)}
+    moe = len(layers & set(model.expert_layers()))
+    return len(layers) - moe, moe
+
+
+def stage_params(model: ModelConfig, layout: Layout, pp_rank: int) -> tuple[float, float]:
+    """Weights one GPU of pipeline stage `pp_rank` holds in its layers, dense and expert apart (their gradients
+    reduce and their optimizer states shard over different groups): attention, norms and dense MLPs split over TP,
+    the routers whole (Megatron replicates them over TP), E / EP experts each split over ETP."""
+    dense_layers, moe_layers = stage_layers(model, layout, pp_rank)
+    experts = model.num_experts or 0
+    dense = (dense_layers + moe_layers) * attention_params(model) + dense_layers * mlp_params(
+        model, model.intermediate_size
+    )
+    local_experts = moe_layers * experts // layout.ep * mlp_params(model, model.expert_width)
+    return dense / layout.tp + moe_layers * experts * model.hidden_size, local_experts / layout.expert_tp
+
+
 def memory_per_gpu(model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster) -> dict[str, float]:
     """Peak GiB on one GPU of the fullest pipeline stage, by part. The first stage holds the input embedding and,
     under 1F1B, up to PP micro-batches of activations; the last holds the head, one micro-batch in flight and one
-    chunk of logits; with PP = 1 one stage holds all of it."""
-    layout = candidate.layout
-    t, p, c = layout.tp, layout.pp, layout.cp
-    width = candidate.width
-    shard = layout.dp * c if candidate.distributed_optimizer else 1
-    optimizer_per_param = 12 if candidate.precision == "bf16" else 8  # bf16: fp32 master + two moments
-    tokens = microbatch_tokens(workload, candidate) / c
-    key_ratio = workload.mean_tokens / computed_tokens(workload, candidate)
-    layer_bytes = activation_bytes_per_token_layer(model, candidate, cluster.norm_saves, key_ratio)
-    stage_layers = math.ceil(model.num_hidden_layers / p)
-    vocab_part = model.vocab_size * model.hidden_size / t  # embedding or head rows of one TP rank
-    stages = []
-    for first, last in ((True, False), (False, True)) if p > 1 else ((True, True),):
-        # a tied head is the embedding on one stage, a copy of it (own grads and optimizer state) on the last
-        vocab_copies = 1 if first and last and model.tie_word_embeddings else first + last
-        weights = stage_layers * layer_params(model) / t + vocab_part * vocab_copies
-        activations = layer_bytes * stage_layers * tokens * _in_flight(candidate, workload, first)
-        if last:  # the final norm's saved tensors
-            activations += width * cluster.norm_saves * model.hidden_size * tokens
-        # one chunk of logits (training.vocab_head), at its fullest in backward: the recomputed matmul and its
-        # fp32 softmax gradient (in bf16 also the matmul's bf16 output and the gradient cast back, 8 bytes a value;
-        # fp32 works in place, 4); and, while it is alive, the output layer's weight gradient in the weights'
-        # dtype, before DDP adds it into the fp32 buffer
-        rows = min(tokens, candidate.logprob_chunk_tokens)
-        logits = rows * model.vocab_size / t * (8 if width == 2 else 4) + width * vocab_part if last else 0.0
-        if candidate.recompute == "full":  # backward rebuilds one layer at a time, once the logits are gone
-            kept = activation_bytes_per_token_layer(model, replace(candidate, recompute="none"), cluster.norm_saves)
-            activations += max(0.0, kept * tokens - logits)
-        # what the optimizer holds: every weight, or (LoRA) the adapters alone, besides the frozen base
-        adapters = stage_layers * lora_params(model, workload.lora_rank, t)
-        trained = adapters if workload.lora_rank else weights
-        online_copy = workload.reference == "online" and not workload.lora_rank
-        parts = {
-            "weights": width * (weights + adapters),
-            "grads": 4 * trained,  # Megatron's fp32 main-grad buffer (grad_reduce_in_fp32)
-            "optimizer": optimizer_per_param * trained / shard,
-            "reference": width * weights if online_copy else 0.0,
-            "activations": activations,
-            "logits": logits,
-        }
-        stages.append({k: v / GIB for k, v in parts.items()} | {"total": sum(parts.values()) / GIB})
+    chunk of logits; with PP = 1 one stage holds all of it. (A middle stage holds less than the first, unless
+    `moe_layers` gives it more MoE layers: not counted.)"""
+    ranks = sorted({0, candidate.layout.pp - 1})
+    stages = [_stage_memory(model, candidate, workload, cluster, rank) for rank in ranks]
     return max(stages, key=lambda stage: stage["total"])
+
+
+def _stage_memory(
+    model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster, pp_rank: int
+) -> dict[str, float]:
+    """GiB of one GPU of stage `pp_rank` by part. Dense weights' optimizer states shard over DP x CP, the experts'
+    over the expert data-parallel group (distributed optimizer); LoRA trains adapters alone, besides the frozen
+    base."""
+    layout, width = candidate.layout, candidate.width
+    first, last = pp_rank == 0, pp_rank == layout.pp - 1
+    dense, experts = stage_params(model, layout, pp_rank)
+    vocab_part = model.vocab_size * model.hidden_size / layout.tp  # embedding or head rows of one TP rank
+    # a tied head is the embedding on one stage, a copy of it (own grads and optimizer state) on the last
+    dense += vocab_part * (1 if first and last and model.tie_word_embeddings else first + last)
+    logits = _logits_bytes(model, candidate, workload, vocab_part) if last else 0.0
+    adapters = _stage_adapters(model, layout, pp_rank, workload.lora_rank)
+    trained = (adapters, 0.0) if workload.lora_rank else (dense, experts)
+    shards = (layout.dp * layout.cp, layout.expert_dp) if candidate.distributed_optimizer else (1, 1)
+    optimizer_per_param = 12 if candidate.precision == "bf16" else 8  # bf16: fp32 master + two moments
+    online_copy = workload.reference == "online" and not workload.lora_rank
+    parts = {
+        "weights": width * (dense + experts + adapters),
+        "grads": 4 * sum(trained),  # Megatron's fp32 main-grad buffer (grad_reduce_in_fp32)
+        "optimizer": optimizer_per_param * (trained[0] / shards[0] + trained[1] / shards[1]),
+        "reference": width * (dense + experts) if online_copy else 0.0,
+        "activations": _stage_activations(model, candidate, workload, cluster, pp_rank, logits),
+        "logits": logits,
+    }
+    return {k: v / GIB for k, v in parts.items()} | {"total": sum(parts.values()) / GIB}
+
+
+def _stage_adapters(model: ModelConfig, layout: Layout, pp_rank: int, rank: int) -> float:
+    """LoRA adapters of one GPU of stage `pp_rank` (none on experts: an MoE layer's attention only)."""
+    dense_layers, moe_layers = stage_layers(model, layout, pp_rank)
+    return dense_layers * lora_params(model, rank, layout.tp) + moe_layers * lora_params(
+        model, rank, layout.tp, mlp=False
+    )
+
+
+def _logits_bytes(model: ModelConfig, candidate: Candidate, workload: Workload, vocab_part: float) -> float:
+    """One chunk of logits (training.vocab_head), at its fullest in backward: the recomputed matmul and its fp32
+    softmax gradient (in bf16 also the matmul's bf16 output and the gradient cast back, 8 bytes a value; fp32 works
+    in place, 4); and, while it is alive, the output layer's weight gradient in the weights' dtype, before DDP adds
+    it into the fp32 buffer."""
+    tokens = microbatch_tokens(workload, candidate) / candidate.layout.cp
+    rows = min(tokens, candidate.logprob_chunk_tokens)
+    per_value = 8 if candidate.width == 2 else 4
+    return rows * model.vocab_size / candidate.layout.tp * per_value + candidate.width * vocab_part
+
+
+def _stage_activations(
+    model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster, pp_rank: int, logits: float
+) -> float:
+    """Activation bytes of stage `pp_rank`: its dense and MoE layers' per micro-batch in flight, the last stage's
+    final norm, and under full recompute the one layer backward rebuilds (the larger kind), once the logits are
+    gone."""
+    layout = candidate.layout
+    tokens = microbatch_tokens(workload, candidate) / layout.cp
+    key_ratio = workload.mean_tokens / computed_tokens(workload, candidate)
+    dense_layers, moe_layers = stage_layers(model, layout, pp_rank)
+    per_layer = partial(activation_bytes_per_token_layer, model, candidate, cluster.norm_saves, key_ratio)
+    layers = dense_layers * per_layer() + (moe_layers * per_layer(moe=True) if moe_layers else 0.0)
+    activations = layers * tokens * _in_flight(candidate, workload, pp_rank == 0)
+    if pp_rank == layout.pp - 1:  # the final norm's saved tensors
+        activations += candidate.width * cluster.norm_saves * model.hidden_size * tokens
+    if candidate.recompute == "full":
+        whole = partial(
+            activation_bytes_per_token_layer, model, replace(candidate, recompute="none"), cluster.norm_saves
+        )
+        kept = max(whole(moe=moe) for moe, count in ((False, dense_layers), (True, moe_layers)) if count)
+        activations += max(0.0, kept * tokens - logits)
+    return activations
 
 
 def step_flops(model: ModelConfig, candidate: Candidate, workload: Workload) -> float:
@@ -295,6 +387,19 @@ def step_flops(model: ModelConfig, candidate: Candidate, workload: Workload) -> 
     return flops
 
 
+def rank_params(model: ModelConfig, candidate: Candidate, workload: Workload) -> tuple[float, float]:
+    """Trained weights of one GPU (a stage's share of the model), dense and expert apart: what its gradient
+    reduction and its optimizer step move. LoRA: the adapters alone (none on experts)."""
+    layout = candidate.layout
+    t, p, moe_layers = layout.tp, layout.pp, len(model.expert_layers())
+    if workload.lora_rank:
+        dense_layers = model.num_hidden_layers - moe_layers
+        adapters = dense_layers * lora_params(model, workload.lora_rank, t)
+        return (adapters + moe_layers * lora_params(model, workload.lora_rank, t, mlp=False)) / p, 0.0
+    experts, routers = expert_params(model), moe_layers * (model.num_experts or 0) * model.hidden_size
+    return ((params(model) - experts - routers) / t + routers) / p, experts / (layout.ep * layout.expert_tp * p)
+
+
 def step_time(model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster) -> dict[str, float]:
     """Seconds per optimizer step, by part: compute (`step_flops` over the fill of the token slots, at the
     calibrated efficiency), the pipeline bubble, the communication not hidden behind compute, and the optimizer
@@ -305,21 +410,23 @@ def step_time(model: ModelConfig, candidate: Candidate, workload: Workload, clus
     compute = step_flops(model, candidate, workload) / fill / cluster.flops_per_s
     microbatches = microbatches_per_step(workload, candidate)
     bubble = compute * (p - 1) / (layout.vpp * microbatches) if p > 1 else 0.0
-    # DP: gradients reduce-scattered (fp32) and weights all-gathered (bf16) over DP x CP, mostly overlapped
-    layers, lora = model.num_hidden_layers, workload.lora_rank > 0
-    shard_params = lora_params(model, workload.lora_rank, t) * layers / p if lora else params(model) / (t * p)
-    group = dp * c
-    dp_bytes = (group - 1) / group * shard_params * (4 + candidate.width) if group > 1 else 0
+    # DP: gradients reduce-scattered (fp32) and weights all-gathered (bf16), mostly overlapped: the dense weights'
+    # over DP x CP, the experts' over the expert data-parallel group
+    dense, experts = rank_params(model, candidate, workload)
+    groups = (dp * c, layout.expert_dp)
+    dp_bytes = ((groups[0] - 1) / groups[0] * dense + (groups[1] - 1) / groups[1] * experts) * (4 + candidate.width)
     intra, inter = cluster.gpu.intra_node_gbs * 1e9, cluster.inter_node_gbs * 1e9
     dp_link = inter if world > cluster.gpus_per_node and t * p * c <= cluster.gpus_per_node else intra
     exposed = 0.2 if candidate.overlap_grad_reduce else 1.0
-    shard = group if candidate.distributed_optimizer else 1
+    shards = groups if candidate.distributed_optimizer else (1, 1)
     parts = {
         "compute": compute,
         "bubble": bubble,
         **_activation_comm(model, candidate, workload, cluster, fill, microbatches),
         "dp_comm": exposed * dp_bytes / dp_link,
-        "optimizer": OPTIMIZER_BYTES_PER_PARAM * shard_params / shard / (cluster.gpu.memory_gbs * 1e9),
+        "optimizer": OPTIMIZER_BYTES_PER_PARAM
+        * (dense / shards[0] + experts / shards[1])
+        / (cluster.gpu.memory_gbs * 1e9),
     }
     return parts | {"total": sum(parts.values())}
 
@@ -327,7 +434,8 @@ def step_time(model: ModelConfig, candidate: Candidate, workload: Workload, clus
 def _activation_comm(
     model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster, fill: float, microbatches: float
 ) -> dict[str, float]:
-    """Seconds of TP's and CP's activation collectives per step (bandwidth and per-collective latency)."""
+    """Seconds of TP's and CP's activation collectives and the MoE dispatcher's per step (bandwidth and
+    per-collective latency)."""
     layout, width = candidate.layout, candidate.width
     t, p, c, layers = layout.tp, layout.pp, layout.cp, model.num_hidden_layers
     intra, inter = cluster.gpu.intra_node_gbs * 1e9, cluster.inter_node_gbs * 1e9
@@ -346,7 +454,28 @@ def _activation_comm(
     return {
         "tp_comm": tp_bytes / tp_link + collectives * latency if t > 1 else 0.0,
         "cp_comm": cp_bytes / cp_link + collectives * latency if c > 1 else 0.0,
+        "ep_comm": _expert_comm(model, candidate, cluster, local_tokens * passes, microbatches * passes),
     }
+
+
+def _expert_comm(
+    model: ModelConfig, candidate: Candidate, cluster: Cluster, token_passes: float, pass_calls: float
+) -> float:
+    """Seconds of the MoE token dispatcher per step (`token_passes`: token slots of one TP group times passes;
+    `pass_calls`: micro-batches times passes): per MoE layer and pass, each token's top-k copies of its hidden
+    vector go to its experts' EP ranks and come back (two all-to-alls, (EP - 1) / EP of the copies leaving the
+    rank, routing balanced), and with ETP > 1 are all-gathered to and reduce-scattered from the ETP ranks; within a
+    node when EP x ETP GPUs fit in one, else at the inter-node bandwidth. Not overlapped with compute."""
+    layout = candidate.layout
+    ep, etp = layout.ep, layout.expert_tp
+    if not model.is_moe or ep * etp == 1:
+        return 0.0
+    moe_layers = len(model.expert_layers()) / layout.pp
+    there_and_back = 2 * token_passes / layout.tp * model.moe_topk * model.hidden_size * candidate.width * moe_layers
+    volume = there_and_back * ((ep - 1) / ep + (etp - 1))
+    link = cluster.gpu.intra_node_gbs if ep * etp <= cluster.gpus_per_node else cluster.inter_node_gbs
+    collectives = 2 * moe_layers * pass_calls * ((ep > 1) + (etp > 1))
+    return volume / (link * 1e9) + collectives * cluster.collective_latency_us * 1e-6
 
 
 def plan(model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster) -> Plan:
@@ -383,8 +512,9 @@ def check_layout(model: ModelConfig, candidate: Candidate, workload: Workload, c
     problems = []
     if placed != layout:
         problems.append(f"DP={layout.dp} makes {layout.world} GPUs, not the cluster's {cluster.world}")
+    counts = (model.num_attention_heads, model.num_key_value_heads, model.num_hidden_layers, model.num_experts)
     rules = (
-        partial(layout.check_model, model.num_attention_heads, model.num_key_value_heads, model.num_hidden_layers),
+        partial(layout.check_model, *counts, model.expert_width),
         partial(layout.check_batch, workload.global_batch, candidate.micro_batch, candidate.packing),
         partial(layout.check_rows, candidate.packing),
         partial(layout.check_attention, "auto", model.position_embedding),  # e.g. ALiBi has no CP
@@ -399,48 +529,67 @@ def check_layout(model: ModelConfig, candidate: Candidate, workload: Workload, c
         problems.append("a pack must hold the longest pair")
     if candidate.share_prompt and layout.cp > 1:
         problems.append("a shared prompt needs CP=1 (context parallelism cuts rows into chunks)")
+    return problems + _moe_problems(model, candidate, workload)
+
+
+def _moe_problems(model: ModelConfig, candidate: Candidate, workload: Workload) -> list[str]:
+    """What an MoE model adds: Megatron's MoE layer trains with TP > 1 only under sequence parallelism, and the
+    load-balancing loss (on unless --router-aux-loss-coef 0) sums every layer's routing in the last stage, so it
+    needs one pipeline stage and routers that run once per forward (the trainer's rule: no full recompute)."""
+    layout, aux = candidate.layout, workload.aux_loss(model)
+    problems = []
+    if model.is_moe and layout.tp > 1 and not layout.sequence_parallel:
+        problems.append("an MoE model with TP > 1 needs SP (Megatron's MoE layer refuses to train without it)")
+    if aux and layout.pp > 1:
+        problems.append(f"the load-balancing loss (router_aux_loss_coef {aux:g}) needs PP=1 (0 turns it off)")
+    if aux and candidate.recompute == "full":
+        problems.append(f"the load-balancing loss (router_aux_loss_coef {aux:g}) needs recompute none or selective")
     return problems
 
 
 def search(model: ModelConfig, workload: Workload, cluster: Cluster, top: int = 10) -> list[Plan]:
-    """Every valid candidate over TP (within a node), PP with 1, 2 or 4 model chunks a stage (VPP), CP, micro-batch
-    or pack size and recompute, with sequence parallelism when TP > 1 and the distributed optimizer: those that
-    fit, fastest first."""
-    world = cluster.world
+    """Every valid candidate over TP (within a node), PP with 1, 2 or 4 model chunks a stage (VPP), CP, EP and ETP
+    (MoE models), micro-batch or pack size and recompute, with sequence parallelism when TP > 1 and the
+    distributed optimizer: those that fit, fastest first."""
     tps = [t for t in (1, 2, 4, 8) if t <= cluster.gpus_per_node]
     pps = [p for p in (1, 2, 4, 8, 16) if p <= max(1, model.num_hidden_layers // 2)]
     cps = [1, 2, 4, 8] if workload.max_tokens >= 16384 else [1]
     plans = []
     for t, p, c, recompute in itertools.product(tps, pps, cps, RECOMPUTE):
         for v in (1, 2, 4) if p > 1 else (1,):
-            plans += _fitting(model, workload, cluster, world, t, p, c, v, recompute)
+            for experts in _expert_sizes(model, cluster.world, t):
+                sizes = dict(tp=t, pp=p, cp=c, vpp=v, sequence_parallel=t > 1, **experts)
+                plans += _fitting(model, workload, cluster, sizes, recompute)
     return sorted(plans, key=lambda x: (x.step_s, x.memory_gib["total"]))[:top]
 
 
+def _expert_sizes(model: ModelConfig, world: int, tp: int) -> list[dict[str, Any]]:
+    """The EP and ETP sizes searched with a TP: EP each divisor of the experts up to the world, ETP TP's own (unset)
+    or, with TP > 1, 1 (whole experts); which of them a layout takes is `Layout.check_expert_groups`' rule (in
+    `Candidate.on`). A dense model: none."""
+    if not model.is_moe:
+        return [{}]
+    eps = [e for e in range(1, min(model.num_experts, world) + 1) if model.num_experts % e == 0]
+    return [dict(ep=e, etp=etp) for e in eps for etp in ((None, 1) if tp > 1 else (None,))]
+
+
 def _fitting(
-    model: ModelConfig, workload: Workload, cluster: Cluster, world: int, t: int, p: int, c: int, v: int, recompute: str
+    model: ModelConfig, workload: Workload, cluster: Cluster, sizes: dict[str, Any], recompute: str
 ) -> list[Plan]:
-    """The candidates of one layout (each micro-batch or pack size) that are valid and fit."""
+    """The candidates of one layout (`Candidate.on`'s sizes; each micro-batch or pack size) that are valid and
+    fit."""
     shapes = (
         [dict(packing=False, micro_batch=m) for m in (1, 2, 4, 8)]
-        if c > 1
+        if sizes["cp"] > 1
         else [dict(packing=True, pack_tokens=k * workload.max_tokens) for k in (1, 2, 4)]
     )
     plans = []
     for shape in shapes:
         try:
             candidate = Candidate.on(
-                world,
-                tp=t,
-                pp=p,
-                cp=c,
-                vpp=v,
-                sequence_parallel=t > 1,
-                recompute=recompute,
-                share_prompt=c == 1,
-                **shape,
+                cluster.world, **sizes, recompute=recompute, share_prompt=sizes["cp"] == 1, **shape
             )
-        except ConfigError:  # TP x PP x CP does not divide the world
+        except ConfigError:  # TP x PP x CP does not divide the world, or EP x ETP a stage's ranks
             continue
         if check_layout(model, candidate, workload, cluster):
             continue

@@ -1,7 +1,7 @@
 """What the planner counts of a model: parameters and FLOPs of a `ModelConfig` (a Llama-like decoder: SwiGLU,
-RMSNorm, GQA, a head size of its own, q/k biases or norms, tied or untied embeddings: every supported family), and
-the presets it knows by name. A model is the run's own `ModelConfig`, so a config file, a HF folder and a preset
-describe it the same way.
+RMSNorm, GQA, a head size of its own, q/k biases or norms, tied or untied embeddings: every supported family; with
+mixture-of-experts layers, a router and SwiGLU experts in place of the dense MLP), and the presets it knows by name.
+A model is the run's own `ModelConfig`, so a config file, a HF folder and a preset describe it the same way.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ def _preset(
         **fields,
     )
 
+
+# Qwen3-MoE's config.json past the counts: 128 experts, 8 per token, renormalised, load-balancing loss 0.001
+QWEN3_MOE = dict(
+    head_dim=128, qk_norm=True, num_experts=128, moe_topk=8, norm_topk_prob=True, router_aux_loss_coef=0.001
+)
 
 # Published configs (config.json of each model on the HF hub): the fields that change the counts or the layout
 # rules; the rest (norm epsilon, RoPE base and scaling, context length) stay ModelConfig's defaults.
@@ -60,6 +65,13 @@ MODELS: dict[str, ModelConfig] = {
     "baichuan2-7b": _preset("baichuan", 4096, 11008, 32, 32, 32, 125696, norm_head=True, position_embedding="rope"),
     "baichuan2-13b": _preset("baichuan", 5120, 13696, 40, 40, 40, 125696, norm_head=True, position_embedding="alibi"),
     "tinyllama-1.1b": _preset("llama", 2048, 5632, 22, 32, 4, 32000),
+    # mixtures of experts: every layer's MLP is `num_experts` SwiGLU experts of moe_intermediate_size (Mixtral: of
+    # intermediate_size), `moe_topk` of them per token; router_aux_loss_coef as config.json declares it
+    "qwen3-30b-a3b": _preset("qwen3_moe", 2048, 6144, 48, 32, 4, 151936, **QWEN3_MOE, moe_intermediate_size=768),
+    "qwen3-235b-a22b": _preset("qwen3_moe", 4096, 12288, 94, 64, 4, 151936, **QWEN3_MOE, moe_intermediate_size=1536),
+    "mixtral-8x7b": _preset(
+        "mixtral", 4096, 14336, 32, 32, 8, 32000, num_experts=8, moe_topk=2, router_aux_loss_coef=0.02
+    ),
 }
 
 
@@ -74,13 +86,27 @@ def q_dim(model: ModelConfig) -> int:
     return model.kv_channels * model.num_attention_heads
 
 
-def layer_params(model: ModelConfig) -> int:
-    """One decoder layer: fused QKV (with Qwen's bias), the output projection, SwiGLU, two RMSNorm weights and
+def attention_params(model: ModelConfig) -> int:
+    """One decoder layer less its MLP: fused QKV (with Qwen's bias), the output projection, two RMSNorm weights and
     Qwen 3's per-head q/k norm weights."""
     h, q, kv = model.hidden_size, q_dim(model), kv_dim(model)
     attention = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if model.qkv_bias else 0)
     qk_norms = 2 * model.kv_channels if model.qk_norm else 0
-    return attention + 3 * h * model.intermediate_size + 2 * h + qk_norms
+    return attention + 2 * h + qk_norms
+
+
+def mlp_params(model: ModelConfig, width: int) -> int:
+    """One SwiGLU MLP of `width`: fused gate/up [2 width, hidden] and down [hidden, width] (a dense MLP or one
+    expert)."""
+    return 3 * model.hidden_size * width
+
+
+def layer_params(model: ModelConfig, moe: bool = False) -> int:
+    """One decoder layer: attention and norms, and the dense MLP or (`moe`) the router [experts, hidden] and every
+    expert."""
+    if moe:
+        return attention_params(model) + model.num_experts * (model.hidden_size + mlp_params(model, model.expert_width))
+    return attention_params(model) + mlp_params(model, model.intermediate_size)
 
 
 def vocab_matrices(model: ModelConfig) -> int:
@@ -89,21 +115,37 @@ def vocab_matrices(model: ModelConfig) -> int:
 
 
 def params(model: ModelConfig) -> int:
-    """Every weight: layers, input embedding, output head (unless tied to the embedding) and final norm."""
-    h = model.hidden_size
-    return model.num_hidden_layers * layer_params(model) + vocab_matrices(model) * model.vocab_size * h + h
+    """Every weight: layers (dense and MoE), input embedding, output head (unless tied to the embedding) and final
+    norm."""
+    h, moe = model.hidden_size, set(model.expert_layers())
+    layers = sum(layer_params(model, i in moe) for i in range(model.num_hidden_layers))
+    return layers + vocab_matrices(model) * model.vocab_size * h + h
+
+
+def expert_params(model: ModelConfig) -> int:
+    """The experts' weights, all layers' (0 for a dense model): what EP x ETP split and the expert data-parallel
+    group reduces, apart from the dense weights."""
+    return len(model.expert_layers()) * (model.num_experts or 0) * mlp_params(model, model.expert_width)
+
+
+def active_params(model: ModelConfig) -> int:
+    """The weights one token uses: all but the experts it is not routed to (each MoE layer runs `moe_topk` of its
+    experts; the router runs whole). A dense model's every weight."""
+    idle = (model.num_experts or 0) - (model.moe_topk if model.is_moe else 0)
+    return params(model) - len(model.expert_layers()) * idle * mlp_params(model, model.expert_width)
 
 
 def matmul_params(model: ModelConfig) -> int:
-    """N of the 6N rule: the weights that do matrix work per token (the head counts, the input embedding not; a
-    tied matrix does the head's work)."""
-    return params(model) - (vocab_matrices(model) - 1) * model.vocab_size * model.hidden_size
+    """N of the 6N rule: the active weights that do matrix work per token (the head counts, the input embedding
+    not; a tied matrix does the head's work)."""
+    return active_params(model) - (vocab_matrices(model) - 1) * model.vocab_size * model.hidden_size
 
 
 def flops_per_token(model: ModelConfig, seq_len: float, trained: bool, frozen: bool = False) -> float:
     """Forward + backward (trained) or forward only (a reference pass), causal attention over seq_len: the FLOPs
-    the planner's step time and bench_dpo.py's MFU both count. `frozen` (LoRA): the backward computes the
-    activations' gradients but no weight gradients of the base, 4N instead of 6N (the adapters' are negligible)."""
+    the planner's step time and bench_dpo.py's MFU both count, over the active weights (an MoE token's experts and
+    the router). `frozen` (LoRA): the backward computes the activations' gradients but no weight gradients of the
+    base, 4N instead of 6N (the adapters' are negligible)."""
     attention = 6 * model.num_hidden_layers * q_dim(model) * seq_len  # half of 12 L (heads x head size) s: causal
     n = matmul_params(model)
     if not trained:
@@ -111,12 +153,14 @@ def flops_per_token(model: ModelConfig, seq_len: float, trained: bool, frozen: b
     return (4 if frozen else 6) * n + attention
 
 
-def lora_params(model: ModelConfig, rank: int, tp: int = 1) -> float:
-    """Adapter parameters of one decoder layer on one TP rank (all four targets): column-parallel q/k/v and gate/up
-    hold A whole and 1/TP of B, row-parallel output and down projections 1/TP of A and B whole (`models.lora`)."""
+def lora_params(model: ModelConfig, rank: int, tp: int = 1, mlp: bool = True) -> float:
+    """Adapter parameters of one decoder layer on one TP rank (all four targets; without `mlp`, an MoE layer's,
+    attention's two: experts take no adapters): column-parallel q/k/v and gate/up hold A whole and 1/TP of B,
+    row-parallel output and down projections 1/TP of A and B whole (`models.lora`)."""
     h, f, q = model.hidden_size, model.intermediate_size, q_dim(model)
     qkv, fc1 = q + 2 * kv_dim(model), 2 * f
-    return rank * ((h + qkv / tp) + (q / tp + h) + (h + fc1 / tp) + (f / tp + h))
+    mlps = (h + fc1 / tp) + (f / tp + h) if mlp else 0.0
+    return rank * ((h + qkv / tp) + (q / tp + h) + mlps)
 
 
 def model_shape(name_or_path: str) -> ModelConfig:

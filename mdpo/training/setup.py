@@ -134,6 +134,8 @@ def build_model(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool
         pp=layout.pp,
         vpp=layout.vpp,
         cp=layout.cp,
+        ep=layout.ep,
+        etp=layout.etp,
         params_dtype=dtype,
         sequence_parallel=layout.sequence_parallel,
         recompute=cfg.parallel.recompute,

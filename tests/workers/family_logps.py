@@ -3,7 +3,8 @@
 forward-only schedule),
 one process group for all of them (Megatron's groups rebuilt per layout).
 
-usage: torchrun --nproc_per_node=N family_logps.py OUT.pt PAIRS.pt FOLDER [FOLDER ...]
+usage: torchrun --nproc_per_node=N family_logps.py LAYOUTS OUT.pt PAIRS.pt FOLDER [FOLDER ...]
+LAYOUTS: comma-separated names of LAYOUTS (expert-parallel ones run the mixture-of-experts folders only);
 PAIRS.pt: [(prompt ids, chosen ids, rejected ids), ...]; OUT.pt: {layout: {folder: tensor [chosen..., rejected...]}}.
 """
 
@@ -24,17 +25,22 @@ LAYOUTS = {
     "pp2_vpp2_shared": (dict(pp=2, vpp=2), dict(share_prompt=True), dict()),
     "pp2_packed_fused_rope": (dict(pp=2), dict(packing=True), dict(fused_rope=True)),
     "cp2": (dict(cp=2), dict(share_prompt=False), dict(attention="sdpa")),
+    # mixtures of experts: the experts split over 2 EP ranks (which are DP ranks of the dense part); with TP = 2 and
+    # sequence parallelism, experts whole on each rank (ETP = 1); with PP = 2 (4 processes)
+    "ep2": (dict(ep=2, distributed_optimizer=True), dict(), dict()),
+    "tp2_sp_ep2_packed": (dict(tp=2, sequence_parallel=True, ep=2, etp=1), dict(packing=True), dict()),
+    "ep2_pp2": (dict(ep=2, pp=2), dict(share_prompt=True), dict()),
 }
 
 
-def main(out: str, pairs_file: str, folders: list[str]) -> None:
+def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
     from mdpo import parallel, startup
 
     startup.prepare()
     from megatron.core import parallel_state, tensor_parallel
 
     from mdpo.checkpoint.description import describe_model
-    from mdpo.config import DataConfig, ParallelConfig, ScheduleConfig, TrainConfig
+    from mdpo.config import DataConfig, DPOConfig, ParallelConfig, ScheduleConfig, TrainConfig
     from mdpo.data.pairs import TokenizedPair
     from mdpo.training.data import make_microbatches
     from mdpo.training.reference import OnlineReference
@@ -43,14 +49,19 @@ def main(out: str, pairs_file: str, folders: list[str]) -> None:
 
     pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(torch.load(pairs_file))]
     world, results = int(os.environ["WORLD_SIZE"]), {}
-    for name, (sizes, data, overrides) in LAYOUTS.items():
+    for name in layouts.split(","):
+        sizes, data, overrides = LAYOUTS[name]
         results[name] = {}
         for folder in folders:
+            model = describe_model({"init_from": folder, **overrides})
+            if sizes.get("ep", 1) > 1 and not model.is_moe:
+                continue
             cfg = TrainConfig(
-                model=describe_model({"init_from": folder, **overrides}),
+                model=model,
                 data=DataConfig(train_file="-", tokenizer="-", max_length=48, pack_tokens=96, **data),
                 parallel=ParallelConfig(**sizes),
                 schedule=ScheduleConfig(global_batch_size=len(pairs), micro_batch_size=2),
+                dpo=DPOConfig(router_aux_loss_coef=0.0),  # forward only (and no pipeline takes it)
             )
             layout = cfg.parallel.layout(world)
             ranks = parallel.start(layout)
@@ -78,4 +89,4 @@ def main(out: str, pairs_file: str, folders: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])

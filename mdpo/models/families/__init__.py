@@ -7,11 +7,21 @@ import os
 from typing import Any
 
 from mdpo.errors import ConfigError
-from mdpo.models.families import baichuan, llama, mistral, qwen, qwen2, qwen3
+from mdpo.models.families import baichuan, llama, mistral, mixtral, qwen, qwen2, qwen3, qwen3_moe
 from mdpo.models.families.base import Family
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (llama.FAMILY, qwen.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, baichuan.FAMILY)
+    f.name: f
+    for f in (
+        llama.FAMILY,
+        qwen.FAMILY,
+        qwen2.FAMILY,
+        qwen3.FAMILY,
+        mistral.FAMILY,
+        baichuan.FAMILY,
+        qwen3_moe.FAMILY,
+        mixtral.FAMILY,
+    )
 }
 
 
@@ -44,7 +54,11 @@ def detect(hf_config: dict) -> Family:
 def owners(tensor_names: set[str]) -> list[Family]:
     """The families whose tensor names these could be, judged by their global and first-layer tensors, heads tied
     or not (to tell a user that config.json and the weights disagree; Llama and Mistral share every name)."""
-    return [family for family in FAMILIES.values() if family.hf_names(1, tied=True) <= tensor_names]
+    return [
+        family
+        for family in FAMILIES.values()
+        if family.hf_names(1, tied=True, expert_layers=(0,) if family.moe_tensors else ()) <= tensor_names
+    ]
 
 
 def read_hf_config(key: str, source: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:

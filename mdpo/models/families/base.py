@@ -10,13 +10,16 @@ A table row is (Megatron name, HF names, transform). Transforms are the only rea
 - `packed_qkv`: one HF tensor holding q|k|v stacked (Qwen's c_attn, Baichuan's W_pack) -> the same fused layout.
 - `gate_up`: [gate; up] stacked into `linear_fc1` (the table lists gate first, whatever the HF names).
 
+Mixture-of-experts families add `moe_tensors`: the MLP rows of a layer with experts (its router and, with `{e}` in
+the names, one row per expert, global expert numbers on both sides), which replace the dense MLP's `mlp.` rows there.
+
 Tensors here are full (unsharded); `mdpo.models.sharding` cuts them for a TP/PP rank. Expected HF shapes are not
 written anywhere: they are derived by running the table backwards on meta tensors of the Megatron shapes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,24 +45,47 @@ class Family:
     read_config: Callable[[dict], dict]  # config.json -> ModelConfig fields; ValueError names what is unsupported
     write_config: Callable[[ModelConfig], dict]  # ModelConfig -> the config.json keys this family defines
     ignored_suffixes: tuple[str, ...] = ()  # HF buffers that are not weights (e.g. rotary inv_freq)
+    moe_tensors: tuple[Entry, ...] = ()  # a layer with experts: its MLP rows, `{e}` = the expert's number
 
-    def entries(self, num_layers: int, tied: bool = False) -> Iterator[Entry]:
-        """Every row of the table for a model of `num_layers` layers. With tied embeddings the output layer reads
-        the embedding's HF tensor (the files hold no head; Megatron keeps a copy of the embedding on the last
-        pipeline stage) and nothing is written back from it."""
+    def entries(
+        self, num_layers: int, tied: bool = False, expert_layers: Collection[int] = (), num_experts: int = 0
+    ) -> Iterator[Entry]:
+        """Every row of the table for a model of `num_layers` layers, of which `expert_layers` have `num_experts`
+        experts. With tied embeddings the output layer reads the embedding's HF tensor (the files hold no head;
+        Megatron keeps a copy of the embedding on the last pipeline stage) and nothing is written back from it."""
         embedding = next(hf for mcore, hf, _ in self.global_tensors if mcore == EMBEDDING)
         for mcore, hf, kind in self.global_tensors:
             yield (mcore, embedding, kind) if tied and mcore == OUTPUT else (mcore, hf, kind)
         for i in range(num_layers):
-            for mcore, hf, kind in self.layer_tensors:
+            rows = self.layer_tensors
+            if i in expert_layers:
+                rows = [row for row in rows if not row[0].startswith("mlp.")] + _per_expert(
+                    self.moe_tensors, num_experts
+                )
+            for mcore, hf, kind in rows:
                 yield (
                     LAYER_PREFIX_MCORE.format(i=i) + mcore,
                     tuple(self.hf_layer_prefix.format(i=i) + name for name in hf),
                     kind,
                 )
 
-    def hf_names(self, num_layers: int, tied: bool = False) -> set[str]:
-        return {name for _, names, _ in self.entries(num_layers, tied) for name in names}
+    def model_entries(self, model: ModelConfig, tied: bool | None = None) -> Iterator[Entry]:
+        """`entries` of a model (its layers, experts and tied head; `tied` overrides the last)."""
+        tied = model.tie_word_embeddings if tied is None else tied
+        return self.entries(model.num_hidden_layers, tied, set(model.expert_layers()), model.num_experts or 0)
+
+    def hf_names(self, num_layers: int, tied: bool = False, expert_layers: Collection[int] = ()) -> set[str]:
+        experts = 1 if expert_layers else 0
+        return {name for _, names, _ in self.entries(num_layers, tied, expert_layers, experts) for name in names}
+
+
+def _per_expert(rows: tuple[Entry, ...], num_experts: int) -> list[Entry]:
+    """MoE rows with `{e}` written out for each expert (the router's row once)."""
+    out = []
+    for mcore, hf, kind in rows:
+        experts = range(num_experts) if "{e}" in mcore else [None]
+        out += [(mcore.format(e=e), tuple(name.format(e=e) for name in hf), kind) for e in experts]
+    return out
 
 
 @dataclass(frozen=True)
@@ -162,8 +188,25 @@ def mcore_shapes(model: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, 
     shapes = {EMBEDDING: (padded_vocab, h), "decoder.final_layernorm.weight": (h,)}
     if not model.tie_word_embeddings:
         shapes[OUTPUT] = (padded_vocab, h)
+    experts = set(model.expert_layers())
     for i in range(model.num_hidden_layers):
-        shapes.update({LAYER_PREFIX_MCORE.format(i=i) + name: shape for name, shape in layer.items()})
+        own = layer
+        if i in experts:
+            own = {k: v for k, v in layer.items() if not k.startswith("mlp.")} | expert_shapes(model)
+        shapes.update({LAYER_PREFIX_MCORE.format(i=i) + name: shape for name, shape in own.items()})
+    return shapes
+
+
+EXPERT = "mlp.experts.local_experts.{e}."  # an expert's Megatron prefix in a layer (SequentialMLP's names)
+
+
+def expert_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """A MoE layer's MLP tensors (full, global expert numbers): the router and each expert's fc1 / fc2."""
+    h, w = model.hidden_size, model.expert_width
+    shapes = {"mlp.router.weight": (model.num_experts, h)}
+    for e in range(model.num_experts):
+        prefix = EXPERT.format(e=e)
+        shapes |= {prefix + "linear_fc1.weight": (2 * w, h), prefix + "linear_fc2.weight": (h, w)}
     return shapes
 
 
@@ -204,7 +247,7 @@ def iter_hf_to_mcore(
     """Full Megatron tensors one at a time (only those `wanted`), reading each HF tensor when it is needed, so a
     caller that consumes them as they come holds one tensor, not the model. Call `check_hf_state` first."""
     heads = Heads.of(model)
-    for mcore, hf_names, kind in family.entries(model.num_hidden_layers, model.tie_word_embeddings):
+    for mcore, hf_names, kind in family.model_entries(model):
         if wanted(mcore):
             yield mcore, to_mcore(kind, [hf[n] for n in hf_names], heads, padded_vocab)
 
@@ -214,7 +257,7 @@ def mcore_to_hf(family: Family, mcore: Mapping[str, torch.Tensor], model: ModelC
     Megatron copies to the last pipeline stage, is its embedding: not written twice)."""
     heads = Heads.of(model)
     out: dict[str, torch.Tensor] = {}
-    for name, hf_names, kind in family.entries(model.num_hidden_layers):
+    for name, hf_names, kind in family.model_entries(model, tied=False):
         if name == OUTPUT and model.tie_word_embeddings:
             continue
         parts = to_hf(kind, mcore[name], heads, model.vocab_size)
@@ -234,7 +277,7 @@ def adapters_to_peft(
     so each module's B A is exactly its rows of the fused layer's B A."""
     heads = Heads.of(model)
     out: dict[str, torch.Tensor] = {}
-    for mcore, hf_names, kind in family.entries(model.num_hidden_layers):
+    for mcore, hf_names, kind in family.model_entries(model, tied=False):
         layer = mcore.removesuffix(".weight")
         if not mcore.endswith(".weight") or f"{layer}.lora_B" not in adapters:
             continue

@@ -120,9 +120,11 @@ def llama_layout_family(
     layer_tensors: tuple[Entry, ...],
     read_config: Callable[[dict], dict],
     write_extra: Callable[[ModelConfig], dict[str, Any]] = lambda model: {},
+    moe_tensors: tuple[Entry, ...] = (),
 ) -> Family:
     """A family on Llama's tensor names, whose config.json is transformers' `config_class` (architecture and
-    model_type from it): its layer table, its config reader, and what its config.json adds to Llama's keys."""
+    model_type from it): its layer table (and a MoE layer's MLP rows), its config reader, and what its config.json
+    adds to Llama's keys."""
     architecture = config_class.__name__.replace("Config", "ForCausalLM")
     return Family(
         name=name,
@@ -136,6 +138,7 @@ def llama_layout_family(
             config_class, model, architectures=[architecture], **write_extra(model)
         ),
         ignored_suffixes=("rotary_emb.inv_freq",),
+        moe_tensors=moe_tensors,
     )
 
 

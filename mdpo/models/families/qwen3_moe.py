@@ -1,0 +1,60 @@
+"""Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3-30B-A3B, 235B-A22B): Qwen 3's attention (q/k norms, explicit head_dim)
+with a mixture of experts in the MLP: a router `mlp.gate` [experts, hidden] and experts `mlp.experts.E.{gate,up,
+down}_proj` of width `moe_intermediate_size`, top `num_experts_per_tok` of a softmax over all experts, renormalised
+when `norm_topk_prob`. Layers in `mlp_only_layers`, or off the `decoder_sparse_step`, keep a dense MLP of
+`intermediate_size`. The files hold one tensor per expert (transformers 5 fuses them only in memory)."""
+
+from __future__ import annotations
+
+from transformers import Qwen3MoeConfig
+
+from mdpo.config import ModelConfig
+from mdpo.models.families.llama import llama_layout_family
+from mdpo.models.families.qwen3 import LAYER_TENSORS
+from mdpo.models.families.qwen3 import read_config as read_qwen3
+
+EXPERT = "mlp.experts.local_experts.{e}."
+MOE_TENSORS = (
+    ("mlp.router.weight", ("mlp.gate.weight",), "copy"),
+    (EXPERT + "linear_fc1.weight", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), "gate_up"),
+    (EXPERT + "linear_fc2.weight", ("mlp.experts.{e}.down_proj.weight",), "copy"),
+)
+
+
+def sparse_layers(hf: dict, layers: int) -> list[int] | None:
+    """transformers' rule for the layers with experts; None when every layer has them."""
+    dense, step = set(hf.get("mlp_only_layers") or ()), hf.get("decoder_sparse_step", 1) or 1
+    sparse = [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
+    return None if len(sparse) == layers else sparse
+
+
+def read_config(hf: dict) -> dict:
+    if hf.get("shared_expert_intermediate_size"):
+        raise ValueError(f"shared_expert_intermediate_size={hf['shared_expert_intermediate_size']} (shared experts)")
+    fields = read_qwen3(hf)
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    return fields | {
+        "num_experts": experts,
+        "moe_topk": hf.get("num_experts_per_tok", 8),
+        "moe_intermediate_size": hf.get("moe_intermediate_size"),
+        "moe_layers": sparse_layers(hf, hf.get("num_hidden_layers", 0)),
+        "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "router_aux_loss_coef": hf.get("router_aux_loss_coef", 0.001),
+    }
+
+
+def write_extra(model: ModelConfig) -> dict:
+    sparse = set(model.expert_layers())
+    return {
+        "use_sliding_window": False,
+        "num_experts": model.num_experts,
+        "num_experts_per_tok": model.moe_topk,
+        "moe_intermediate_size": model.expert_width,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(model.num_hidden_layers) if i not in sparse],
+        "norm_topk_prob": model.norm_topk_prob,
+        "router_aux_loss_coef": model.router_aux_loss_coef,
+    }
+
+
+FAMILY = llama_layout_family(Qwen3MoeConfig, "qwen3_moe", LAYER_TENSORS, read_config, write_extra, MOE_TENSORS)

@@ -1,0 +1,127 @@
+"""Mixture-of-experts layers: Megatron-Core's router, token dispatcher and experts, configured to route as
+transformers' Qwen3-MoE and Mixtral do, plus the glue that lets the objective add transformers' load-balancing loss.
+
+Routing (dropless: no capacity factor, so every layout routes every token the same): a softmax router without bias
+over all experts, top-k. Renormalised top-k weights (Mixtral; Qwen3-MoE's `norm_topk_prob: true`) equal a softmax
+over the k top logits, Megatron's `moe_router_pre_softmax=False`; unrenormalised ones are the softmax over all experts
+taken at the top k, `moe_router_pre_softmax=True`.
+
+The load-balancing loss is transformers' `load_balancing_loss_func`, which TRL's DPOTrainer adds to the DPO loss: one
+Switch-style term over the routing of every layer of a forward at once (experts x sum over experts of the fraction
+of routed token slots x the mean router probability), not Megatron's per-layer aux loss. Each router records its
+two sums per expert (`RouterSums`), weighted by the tokens TRL's batch would hold (padding 0, a shared prompt twice),
+and the last stage combines them (`load_balancing_loss`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
+from megatron.core.transformer.moe.router import TopKRouter
+
+from mdpo.config import ModelConfig
+
+
+def moe_fields(model: ModelConfig, ep: int, etp: int | None, grouped_gemm: bool, dispatcher: str) -> dict:
+    """The MoE part of Megatron's TransformerConfig: transformers' routing (see the module docstring), no Megatron
+    aux loss (mdpo adds transformers' own), `moe_layers` as Megatron's per-layer pattern."""
+    if not model.is_moe:
+        # Dense model: no experts, but megatron rejects variable lengths with the default (allgather) dispatcher.
+        return {"moe_token_dispatcher_type": "alltoall"}
+    layers = set(model.expert_layers())
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_topk,
+        moe_ffn_hidden_size=model.expert_width,
+        moe_layer_freq=[int(i in layers) for i in range(model.num_hidden_layers)],
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not model.norm_topk_prob,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=grouped_gemm,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+
+
+@dataclass
+class RouterSums:
+    """What the routers of one model chunk record in a forward: `weights`, each token's weight in the routers' token
+    order ([s x b], this rank's share; None: record nothing, as in a reference's forward), and per MoE layer the
+    weighted count of token slots routed to each expert (no gradient) and the weighted sum of each expert's router
+    probability."""
+
+    weights: torch.Tensor | None = None
+    counts: list[torch.Tensor] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)
+
+    def start(self, weights: torch.Tensor | None) -> None:
+        self.weights, self.counts, self.probs = weights, [], []
+
+
+class RecordingRouter(TopKRouter):
+    """Megatron's top-k router that also records this layer's load-balancing sums (with Megatron's own scores for
+    an aux loss: the softmax over all experts and its top k) when its `RouterSums` has token weights."""
+
+    sums: RouterSums
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        probs, routing_map = super().routing(logits, padding_mask)
+        weights = self.sums.weights
+        if weights is not None:
+            flat = logits.view(-1, self.config.num_moe_experts)
+            chosen, scores = compute_routing_scores_for_aux_loss(flat, self.topk, self.score_function)
+            self.sums.counts.append((chosen.float() * weights[:, None]).sum(0).detach())
+            self.sums.probs.append((scores.float() * weights[:, None]).sum(0))
+        return probs, routing_map
+
+
+def record_routing(gpt: torch.nn.Module) -> RouterSums:
+    """Make every router of a built model chunk a `RecordingRouter` sharing one `RouterSums` (same parameters)."""
+    sums = RouterSums()
+    for module in gpt.modules():
+        if isinstance(module, TopKRouter):
+            module.__class__ = RecordingRouter
+            module.sums = sums
+    return sums
+
+
+def token_weights(weights: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """[rows, s] per-token weights (this context-parallel rank's share) -> the routers' order: [s, rows] flattened,
+    this TP rank's part of the sequence under sequence parallelism."""
+    order = weights.t().contiguous()
+    if sequence_parallel:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        order = order.chunk(tp, dim=0)[parallel_state.get_tensor_model_parallel_rank()]
+    return order.reshape(-1)
+
+
+def load_balancing_loss(counts: torch.Tensor, probs: torch.Tensor, tokens: torch.Tensor, num_experts: int):
+    """transformers' `load_balancing_loss_func` from its sums over all layers: `counts` [E] the weighted token
+    slots routed to each expert, `probs` [E] the weighted router probabilities, `tokens` the weighted tokens of
+    every layer. experts x sum_e (counts_e / tokens) (probs_e / tokens)."""
+    return num_experts * torch.sum(counts / tokens * probs / tokens)
+
+
+def micro_batch_aux_loss(sums: RouterSums, num_experts: int, sequence_parallel: bool) -> torch.Tensor:
+    """This micro-batch's load-balancing loss from every MoE layer's recorded sums, summed over the ranks that hold
+    parts of its tokens (TP ranks under sequence parallelism, CP ranks). The probability sums are reduced with an
+    identity backward, as the log-probs are: each rank's copy of the loss sends gradients to its own tokens."""
+    counts, probs = torch.stack(sums.counts).sum(0), torch.stack(sums.probs).sum(0)
+    tokens = sums.weights.sum() * len(sums.counts)
+    groups = []
+    if sequence_parallel:
+        groups.append(parallel_state.get_tensor_model_parallel_group())
+    if parallel_state.get_context_parallel_world_size() > 1:
+        groups.append(parallel_state.get_context_parallel_group())
+    for group in groups:
+        totals = torch.cat([counts, tokens.reshape(1)])
+        torch.distributed.all_reduce(totals, group=group)
+        counts, tokens = totals[:-1], totals[-1]
+        probs = reduce_from_tensor_model_parallel_region(probs, group)
+    return load_balancing_loss(counts, probs, tokens, num_experts)
