@@ -122,12 +122,14 @@ def tiny_hf_llama(seed: int = 0, **overrides):
 
 
 def randomize(model):
-    """Every weight random, norms too (around 1, so a swapped or missing norm shows), biases and q/k norms
-    included; returns the model, float32, in eval mode."""
+    """Every weight random, norms too (around 1, so a swapped or missing norm shows), biases, q/k norms and MoE
+    routers included; returns the model, float32, in eval mode."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
+            elif name.endswith(".gate.weight"):  # a MoE router: tokens spread over every expert
+                param.normal_(0.0, 0.2)
             else:
                 param.normal_(0.0, 0.05)
     return model.float().eval()

@@ -32,9 +32,13 @@ def hf_logps_float64(folder: Path, pairs, **config_changes) -> torch.Tensor:
     config = AutoConfig.from_pretrained(folder)
     for key, value in config_changes.items():
         setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, config=config, attn_implementation="eager", experts_implementation="eager"
-    ).double().eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            folder, config=config, attn_implementation="eager", experts_implementation="eager"
+        )
+        .double()
+        .eval()
+    )
     sums = []
     for side in (1, 2):
         for pair in pairs:
@@ -119,7 +123,8 @@ def run_layouts(families, tmp_path: Path, layouts: tuple[str, ...], nproc: int) 
 def test_parallel_layouts_equal_transformers_float64(families, tmp_path):
     """TP=2 (and with SP, packed shared prompts), PP=2 x VPP=2 (a tied head's copy on the last stage), PP=2 packed
     with the fused RoPE (Llama 3's scaled table), CP=2; the MoE cases also at EP=2 (experts split over 2 ranks,
-    the all-to-all dispatcher) and TP=2 + SP x EP=2 packed: every sequence's log-prob as transformers' class gives it."""
+    the all-to-all dispatcher) and TP=2 + SP x EP=2 packed: every sequence's log-prob as transformers' class gives
+    it."""
     layouts = ("tp2", "tp2_sp_packed_shared", "pp2_vpp2_shared", "pp2_packed_fused_rope", "cp2", "ep2")
     run_layouts(families, tmp_path, (*layouts, "tp2_sp_ep2_packed"), nproc=2)
 

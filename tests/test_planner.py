@@ -1,5 +1,6 @@
-"""The planner (`mdpo plan`): its parameter counts against HF's models and mdpo's mapping tables, its static
-memory (weights, gradient buffer, optimizer states) against the bytes Megatron actually allocates, and the CLI."""
+"""The planner (`mdpo plan`): its parameter counts against HF's models and mdpo's mapping tables (total and active
+counts of mixtures of experts too), its static memory (weights, gradient buffer, optimizer states) against the bytes
+Megatron actually allocates, its activations against what autograd keeps, the search's rules and the CLI."""
 
 from __future__ import annotations
 
@@ -81,6 +82,100 @@ def test_other_presets_count_the_family_tables_tensors(name, family):
     assert planner.params(model) == sum(math.prod(shape) for shape in hf_shapes(families.get(family), model).values())
 
 
+# a small Qwen3-MoE with layer 1 dense (transformers' mlp_only_layers), experts narrower than the dense MLP
+SMALL_MOE = ModelConfig(
+    family="qwen3_moe",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    qk_norm=True,
+    num_experts=4,
+    moe_topk=2,
+    moe_intermediate_size=48,
+    moe_layers=[0, 2],
+)
+
+
+def _hf_moe(shape: ModelConfig) -> torch.nn.Module:
+    """transformers' own model of an MoE shape, on the meta device (no memory)."""
+    import transformers
+
+    common = dict(
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.kv_heads,
+        vocab_size=shape.vocab_size,
+        head_dim=shape.kv_channels,
+        num_experts_per_tok=shape.moe_topk,
+        tie_word_embeddings=shape.tie_word_embeddings,
+    )
+    if shape.family == "mixtral":
+        config = transformers.MixtralConfig(num_local_experts=shape.num_experts, **common)
+    else:
+        dense = sorted(set(range(shape.num_hidden_layers)) - set(shape.expert_layers()))
+        experts = dict(num_experts=shape.num_experts, moe_intermediate_size=shape.expert_width, mlp_only_layers=dense)
+        config = transformers.Qwen3MoeConfig(**experts, **common)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x7b", "small_moe"])
+def test_moe_presets_count_transformers_parameters(name):
+    """Total parameters equal transformers' model's; active ones (a token's) equal that total less the experts a
+    token does not use, taken from transformers' expert modules: (E - k) / E of each layer's experts. Measured:
+    Qwen3-30B-A3B 30,532,122,624 total / 3,353,032,704 active, Qwen3-235B-A22B 235,093,634,560 / 22,190,763,520,
+    Mixtral 8x7B 46,702,792,704 / 12,879,925,248."""
+    shape = SMALL_MOE if name == "small_moe" else planner.MODELS[name]
+    model = _hf_moe(shape)
+    total = sum(p.numel() for p in model.parameters())
+    experts = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert len(experts) == len(shape.expert_layers())
+    idle = (shape.num_experts - shape.moe_topk) / shape.num_experts
+    inactive = sum(p.numel() for m in experts for p in m.parameters()) * idle
+    assert planner.params(shape) == total
+    assert planner.active_params(shape) == pytest.approx(total - inactive, abs=0.5)
+    assert planner.expert_params(shape) == sum(p.numel() for m in experts for p in m.parameters())
+
+
+def _allocated(shape: ModelConfig, lora_rank: int = 0) -> dict[str, int]:
+    """Bytes of a real (fp32, CPU, one process) policy's weights, DDP gradient buffers (dense and expert-parallel)
+    and Adam's moments after one step (they exist from the first step); with LoRA the adapters' alone."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from mdpo.config import LoRAConfig
+    from mdpo.models.lora import add_adapters
+    from mdpo.training.setup import build_model
+
+    (model,) = build_model(TrainConfig(model=shape), Layout(), torch.float32, load=False)
+    if lora_rank:
+        add_adapters(model, LoRAConfig(rank=lora_rank), seed=0)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, params_dtype=torch.float32), [ddp])
+    optimizer.step()
+    states = [
+        t
+        for opt in optimizer.chained_optimizers
+        for st in opt.optimizer.state.values()
+        for k, t in st.items()
+        if k in ("exp_avg", "exp_avg_sq")
+    ]
+    return {
+        "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "grads": sum(
+            b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers + ddp.expert_parallel_buffers
+        ),
+        "optimizer": sum(t.numel() * t.element_size() for t in states),
+        "experts": sum(p.numel() for n, p in model.named_parameters() if ".experts." in n),
+    }
+
+
 QWEN3_TIED = dict(head_dim=32, qk_norm=True, tie_word_embeddings=True)  # Qwen 3 0.6B's features
 
 
@@ -93,13 +188,6 @@ def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank, fea
     """Weights, the DDP gradient buffer and Adam's states of a real (fp32, CPU) policy, counted in bytes; with
     LoRA the buffer and the states are the adapters' alone; a tied head's matrix is held once, q/k norms and a head
     size apart from hidden / heads counted."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from mdpo.config import LoRAConfig
-    from mdpo.models.lora import add_adapters
-    from mdpo.training.setup import build_model
-
     # vocabulary 256: no padding
     shape = ModelConfig(
         vocab_size=256,
@@ -110,35 +198,37 @@ def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank, fea
         num_key_value_heads=2,
         **features,
     )
-    cfg = TrainConfig(model=shape)
-    (model,) = build_model(cfg, Layout(), torch.float32, load=False)
-    if lora_rank:
-        add_adapters(model, LoRAConfig(rank=lora_rank), seed=0)
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, params_dtype=torch.float32), [ddp])
-    optimizer.step()  # Adam's moments exist from the first step
-    states = [
-        t
-        for opt in optimizer.chained_optimizers
-        for st in opt.optimizer.state.values()
-        for k, t in st.items()
-        if k in ("exp_avg", "exp_avg_sq")
-    ]
-    measured = {
-        "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "grads": sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers),
-        "optimizer": sum(t.numel() * t.element_size() for t in states),
-    }
+    measured = _allocated(shape, lora_rank)
     candidate = planner.Candidate(precision="fp32", distributed_optimizer=False)
     cluster = planner.Cluster(planner.GPUS["h100-80g"], gpus_per_node=1)
     workload = planner.Workload(reference="none", max_tokens=64, lora_rank=lora_rank)
     predicted = planner.memory_per_gpu(shape, candidate, workload, cluster)
-    for part, size in measured.items():
-        assert predicted[part] * planner.GIB == pytest.approx(size, rel=0.02), part  # the buffer pads to 128s
+    for part in ("weights", "grads", "optimizer"):
+        assert predicted[part] * planner.GIB == pytest.approx(measured[part], rel=0.02), part  # buffers pad to 128s
 
 
-def _saved_bytes_per_token(layers: int, recompute: str, fused_swiglu: bool = False, fused_rope: bool = False) -> float:
-    """Bytes of the distinct tensors autograd keeps for backward in one forward of a real model, per token."""
+def test_moe_static_memory_is_what_megatron_allocates(megatron_world):
+    """An MoE policy (4 experts, top 2, layer 1 dense) at EP=1: weights, gradient buffers and Adam's states as
+    Megatron allocates them, within 0.2% (the final norm and the buffers' padding: a missing router would be 0.3%);
+    the experts' count exactly; and per EP rank (EP=2, ETP=1 or 2) the rank's E / EP experts, each 1 / ETP of
+    Megatron's expert, which is all a rank of an expert-parallel run builds."""
+    measured = _allocated(SMALL_MOE)
+    candidate = planner.Candidate(precision="fp32", distributed_optimizer=False)
+    cluster = planner.Cluster(planner.GPUS["h100-80g"], gpus_per_node=1)
+    predicted = planner.memory_per_gpu(SMALL_MOE, candidate, planner.Workload(reference="none", max_tokens=64), cluster)
+    for part in ("weights", "grads", "optimizer"):
+        assert predicted[part] * planner.GIB == pytest.approx(measured[part], rel=0.002), part
+    assert planner.stage_params(SMALL_MOE, Layout(), 0)[1] == measured["experts"]
+    for etp in (1, 2):
+        layout = Layout(tp=2, dp=2, ep=2, etp=etp, sequence_parallel=True)
+        assert planner.stage_params(SMALL_MOE, layout, 0)[1] == measured["experts"] / 2 / etp
+
+
+def _saved_bytes_per_token(
+    layers: int, recompute: str, fused_swiglu: bool = False, fused_rope: bool = False, **experts: int
+) -> float:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward of a real model (with `experts`, an
+    MoE one's: every layer with experts), per token."""
     from mdpo.models.gpt import build_gpt_model, transformer_config
 
     cfg = ModelConfig(
@@ -151,6 +241,7 @@ def _saved_bytes_per_token(layers: int, recompute: str, fused_swiglu: bool = Fal
         attention="sdpa",
         fused_swiglu=fused_swiglu,
         fused_rope=fused_rope,
+        **experts,
     )
     model = build_gpt_model(cfg, transformer_config(cfg, recompute=recompute)).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -189,6 +280,36 @@ def test_activation_bytes_per_layer_are_what_autograd_keeps(megatron_world, reco
     )
     fp32 = planner.Candidate(precision="fp32", recompute=recompute, fused_swiglu=fused_swiglu)
     assert planner.activation_bytes_per_token_layer(shape, fp32, norm_saves=2) == pytest.approx(per_layer, rel=0.03)
+
+
+@pytest.mark.parametrize("fused_swiglu", [False, True])
+def test_moe_activation_bytes_are_what_autograd_keeps(megatron_world, fused_swiglu):
+    """An MoE layer (4 experts, top 2, experts of 160 next to a dense MLP of 688) against a real one: the whole
+    layer within 3% as the dense layer's test, and what the experts and router keep in place of the dense MLP (the
+    two models' per-layer difference: top-k dispatched copies, the experts' SwiGLU on them, the routing) within 1%."""
+    experts = dict(num_experts=4, moe_topk=2, moe_intermediate_size=160)
+
+    def per_layer(**moe: int) -> float:
+        return (
+            _saved_bytes_per_token(4, "none", fused_swiglu, **moe)
+            - _saved_bytes_per_token(2, "none", fused_swiglu, **moe)
+        ) / 2
+
+    dense, moe = per_layer(), per_layer(**experts)
+    shape = ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **experts,
+    )
+    fp32 = planner.Candidate(precision="fp32", fused_swiglu=fused_swiglu)
+    predicted = planner.activation_bytes_per_token_layer(shape, fp32, norm_saves=2, moe=True)
+    assert predicted == pytest.approx(moe, rel=0.03)
+    in_place_of_mlp = predicted - planner.activation_bytes_per_token_layer(shape, fp32, norm_saves=2)
+    assert in_place_of_mlp == pytest.approx(moe - dense, rel=0.01), (in_place_of_mlp, moe - dense)
 
 
 def test_fused_rope_keeps_less_than_the_unfused_rotation(megatron_world):
@@ -272,3 +393,50 @@ def test_plan_cli_json_and_errors(tmp_path):
     assert len(one.stderr.strip().splitlines()) == 1
     unknown = run_mdpo(["plan", "--model", str(tmp_path / "nothing")])
     assert unknown.returncode == 2 and "neither a preset" in unknown.stderr
+
+
+def test_moe_search_follows_the_expert_and_load_balancing_rules():
+    """Qwen3-30B-A3B on 2 x 8 H100: every layout found passes `Layout`'s expert rules (EP divides the 128 experts,
+    EP x ETP the ranks of a stage) and, the model's load-balancing loss on, has PP = 1 and no full recompute; a
+    pipeline is valid once the loss is off. Expert parallelism pays: the fastest layout splits the experts. The
+    dispatcher's all-to-alls move each token's top-8 hidden vectors to their experts and back, forward and backward,
+    7/8 of them off the rank at EP=8 (within a node), and cost more across nodes (EP=16)."""
+    model, cluster = planner.MODELS["qwen3-30b-a3b"], planner.Cluster(planner.GPUS["h100-80g"], nodes=2)
+    workload = planner.Workload(global_batch=256, max_tokens=4096)
+    plans = planner.search(model, workload, cluster, top=30)
+    assert plans and plans[0].layout.ep > 1
+    for p in plans:
+        lay = p.layout
+        assert not planner.check_layout(model, p.candidate, workload, cluster)
+        assert model.num_experts % lay.ep == 0 and (lay.tp * lay.cp * lay.dp) % (lay.ep * lay.expert_tp) == 0
+        assert lay.pp == 1 and p.candidate.recompute != "full"
+    piped = planner.Candidate.on(cluster.world, tp=2, pp=2, ep=4, sequence_parallel=True, pack_tokens=4096)
+    assert "needs PP=1" in "; ".join(planner.check_layout(model, piped, workload, cluster))
+    assert not planner.check_layout(model, piped, dataclasses.replace(workload, router_aux_loss_coef=0.0), cluster)
+    no_sp = planner.Candidate.on(cluster.world, tp=2, ep=8)
+    assert "needs SP" in "; ".join(planner.check_layout(model, no_sp, workload, cluster))
+
+    quiet = dataclasses.replace(cluster, collective_latency_us=0.0)
+    within, across = (
+        planner.plan(model, planner.Candidate.on(16, tp=2, ep=ep, etp=1, sequence_parallel=True), workload, quiet)
+        for ep in (8, 16)
+    )
+    tokens_per_rank = 256 * (1010 - 200) / 0.95 / 8 / 2  # a step's token slots (pack fill 0.95) over DP, then TP
+    copies = 2 * 2 * tokens_per_rank * 8 * 48  # there and back, forward and backward; top 8, 48 layers
+    expected = copies * 2048 * 2 * 7 / 8 / (450 * 1e9)  # hidden vectors in bf16 over NVLink
+    assert within.time_s["ep_comm"] == pytest.approx(expected)
+    assert across.time_s["ep_comm"] > 10 * within.time_s["ep_comm"]
+    assert across.memory_gib["weights"] < within.memory_gib["weights"]
+
+
+def test_plan_cli_moe(tmp_path):
+    """`--ep` and `--etp` fix the expert sizes as --tp fixes TP; the JSON carries them and the dispatcher's time;
+    Layout's rule refuses an EP x ETP that does not divide a stage's ranks, in one line."""
+    flags = ["plan", "--model", "qwen3-30b-a3b", "--gpu", "h100-80g", "--nodes", "2", "--tp", "2"]
+    result = run_mdpo([*flags, "--sequence-parallel", "--ep", "8", "--etp", "1", "--max-tokens", "4096", "--json"])
+    assert result.returncode == 0, result.stderr
+    (one,) = json.loads(result.stdout)
+    assert (one["layout"]["ep"], one["layout"]["etp"], one["dp"]) == (8, 1, 8) and one["time_s"]["ep_comm"] > 0
+    wrong = run_mdpo([*flags, "--sequence-parallel", "--ep", "3"])
+    assert wrong.returncode == 2 and "EP x ETP = 3 x 2 does not divide" in wrong.stderr, wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1

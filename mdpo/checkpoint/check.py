@@ -142,7 +142,8 @@ def baichuan_alibi_logits(model: ModelConfig, sd: dict[str, torch.Tensor], token
     return rms(x, sd["model.norm.weight"]) @ (head / head.norm(dim=-1, keepdim=True)).T
 
 
-HF_NATIVE = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")  # families transformers has its own class for
+# families transformers has its own class for
+HF_NATIVE = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
 
 
 def hf_logits(hf_dir: Path, model: ModelConfig, rows: list[list[int]]) -> list[torch.Tensor]:
@@ -152,7 +153,9 @@ def hf_logits(hf_dir: Path, model: ModelConfig, rows: list[list[int]]) -> list[t
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if model.family in HF_NATIVE:
         module = AutoModelForCausalLM.from_pretrained(
-            hf_dir, attn_implementation="eager", experts_implementation="eager"  # float64 takes no grouped GEMM
+            hf_dir,
+            attn_implementation="eager",
+            experts_implementation="eager",  # float64 takes no grouped GEMM
         )
         module = module.double().eval()
         forward = lambda tokens: module.to(device)(tokens).logits

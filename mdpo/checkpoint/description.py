@@ -42,6 +42,12 @@ ARCH_FIELDS = (
     "sliding_window",
     "position_embedding",
     "norm_head",
+    "num_experts",
+    "moe_topk",
+    "moe_intermediate_size",
+    "moe_layers",
+    "norm_topk_prob",
+    "router_aux_loss_coef",
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 

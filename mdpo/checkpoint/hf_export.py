@@ -18,32 +18,58 @@ from mdpo.models import families, sharding
 from mdpo.models.families.base import adapters_to_peft, mcore_to_hf
 
 
-def gather_full_state(chunks: list[torch.nn.Module], model: ModelConfig) -> dict[str, torch.Tensor] | None:
-    """The whole model's tensors (local-spec names, fp32) on global rank 0, None elsewhere: each TP/PP rank of the
-    DP- and CP-rank-0 replica sends its model chunks. Collective: every rank calls it."""
+def _rank_payload(chunks: list[torch.nn.Module], model: ModelConfig) -> tuple | None:
+    """What this rank sends for the gathered model: (TP, PP rank, its chunks' dense tensors) from the DP- and
+    CP-rank-0 replica, (expert-TP rank, its chunks' expert tensors with global expert numbers) from the expert
+    data-parallel rank-0 replica; None where it sends neither."""
+    ep_rank, ep = parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size()
+    per_rank = (model.num_experts or ep) // ep
     local = [
         {
-            sharding.te_name_inverse(k): v.detach().float().cpu()
+            sharding.expert_global_name(sharding.te_name_inverse(k), ep_rank=ep_rank, per_rank=per_rank): v.detach()
+            .float()
+            .cpu()
             for k, v in chunk.state_dict().items()
             if not k.endswith("_extra_state")
         }
         for chunk in chunks
     ]
-    replica_zero = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
-    position = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
-    payload = (*position, local) if replica_zero else None
+    dense_owner = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+    expert_owner = not model.is_moe or parallel_state.get_expert_data_parallel_rank() == 0
+    dense = [{k: v for k, v in sd.items() if not sharding.is_expert(k)} for sd in local] if dense_owner else None
+    experts = [{k: v for k, v in sd.items() if sharding.is_expert(k)} for sd in local] if expert_owner else None
+    if dense is None and experts is None:
+        return None
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    return tp_rank, pp_rank, dense, parallel_state.get_expert_tensor_parallel_rank(), experts
+
+
+def gather_full_state(chunks: list[torch.nn.Module], model: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """The whole model's tensors (local-spec names, global expert numbers, fp32) on global rank 0, None elsewhere:
+    the dense tensors from each TP/PP rank of the DP- and CP-rank-0 replica, the experts from each expert-TP /
+    EP / PP rank of the expert-DP-rank-0 replica. Collective: every rank calls it."""
     gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
-    torch.distributed.gather_object(payload, gathered, dst=0)
+    torch.distributed.gather_object(_rank_payload(chunks, model), gathered, dst=0)
     if gathered is None:
         return None
-    pieces = {(tp, pp, vp): sd for tp, pp, sds in (g for g in gathered if g is not None) for vp, sd in enumerate(sds)}
-    return sharding.merge_state_dicts(
+    dense, experts = {}, {}
+    for tp, pp, dense_sds, etp, expert_sds in (g for g in gathered if g is not None):
+        for vp, sd in enumerate(dense_sds or []):
+            dense[(tp, pp, vp)] = sd
+        for vp, sd in enumerate(expert_sds or []):
+            experts.setdefault((etp, pp, vp), {}).update(sd)  # each EP rank adds its experts
+    merge = lambda pieces, tp_size: sharding.merge_state_dicts(
         pieces,
         num_layers=model.num_hidden_layers,
-        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tp_size=tp_size,
         pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
         vpp=len(chunks),
     )
+    full = merge(dense, parallel_state.get_tensor_model_parallel_world_size())
+    if model.is_moe:
+        full |= merge(experts, parallel_state.get_expert_tensor_parallel_world_size())
+    return full
 
 
 def hf_export_config(model: ModelConfig, original: dict | None) -> dict:

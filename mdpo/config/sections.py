@@ -648,7 +648,13 @@ class TrainConfig:
 
     def _check_moe(self) -> None:
         """The load-balancing loss is transformers' (one sum over every layer's routing of a micro-batch), which the
-        last stage computes from all layers' router sums: one pipeline stage, and routers run once per forward."""
+        last stage computes from all layers' router sums: one pipeline stage, and routers run once per forward.
+        Megatron's MoE layers train under TP only with sequence parallelism."""
+        need(
+            self.parallel.tp == 1 or self.parallel.sequence_parallel,
+            f"parallel.tp={self.parallel.tp} with a mixture-of-experts model needs parallel.sequence_parallel=true "
+            "(Megatron-Core's MoE layers train under tensor parallelism only with it)",
+        )
         if self.router_aux_loss_coef == 0:
             return
         why = "set dpo.router_aux_loss_coef=0 to train without the load-balancing loss"

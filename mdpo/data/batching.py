@@ -46,6 +46,10 @@ class MicroBatch:
     blocks: Blocks | None = None  # None: plain causal rows
     cu_seqlens: torch.Tensor | None = None  # packed, unshared: int32 sequence boundaries, for THD attention kernels
     max_seqlen: int = 0  # packed: the longest sequence (THD kernels take it from the host)
+    # [rows, length] each position's count among the tokens TRL's batch would hold: padding 0, a shared prompt 2,
+    # others 1 (sums to num_input_tokens), and the pair (0..m-1) it belongs to: MoE load balancing is per pair
+    token_weights: torch.Tensor | None = None
+    token_pairs: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -60,6 +64,8 @@ class MicroBatch:
             "score_sequence",
             "score_tail",
             "cu_seqlens",
+            "token_weights",
+            "token_pairs",
         ):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device, non_blocking=True))
@@ -71,15 +77,19 @@ class MicroBatch:
 class _Rows:
     """Builds a micro-batch's rows: token ids, position ids, scores and attention blocks, sequence by sequence."""
 
-    def __init__(self, rows: int, length: int, pad_id: int) -> None:
-        self.length = length
+    def __init__(self, rows: int, length: int, pad_id: int, pairs: int) -> None:
+        self.length, self.num_pairs = length, pairs
         self.tokens = torch.full((rows, length), pad_id, dtype=torch.long)
         self.positions = torch.arange(length).repeat(rows, 1)  # padding keeps its index (CP slices RoPE by it)
+        self.weights = torch.zeros(rows, length)  # see MicroBatch.token_weights
+        self.pairs = torch.zeros(rows, length, dtype=torch.long)
         self.scores: list[tuple[int, int, int, bool]] = []  # (flat position, label, sequence, past the shorter)
         self.blocks: list[tuple[list[int], list[int]]] = []  # (query flat positions, key flat positions)
 
-    def _place(self, row: int, start: int, ids: list[int], first_position: int) -> list[int]:
+    def _place(self, row: int, start: int, ids: list[int], first_position: int, sequence: int) -> list[int]:
         self.tokens[row, start : start + len(ids)] = torch.tensor(ids)
+        self.weights[row, start : start + len(ids)] = 1.0
+        self.pairs[row, start : start + len(ids)] = sequence % self.num_pairs
         self.positions[row, start : start + len(ids)] = torch.arange(first_position, first_position + len(ids))
         base = row * self.length + start
         return list(range(base, base + len(ids)))
@@ -90,7 +100,7 @@ class _Rows:
         """[prompt | response] at `start`: response tokens scored (those past `shorter`, the pair's shorter response
         length, marked as tail), one square causal block; returns its end."""
         ids, p = prompt + response, len(prompt)
-        flat = self._place(row, start, ids, 0)
+        flat = self._place(row, start, ids, 0, sequence)
         self.scores += [(flat[p - 1 + t], token, sequence, t >= shorter) for t, token in enumerate(response)]
         self.blocks.append((flat, flat))
         return start + len(ids)
@@ -98,8 +108,9 @@ class _Rows:
     def shared(self, row: int, start: int, pair: TokenizedPair, chosen_seq: int, rejected_seq: int) -> int:
         """[prompt | chosen | rejected] at `start`, rejected's positions continuing from the prompt's end."""
         p, c, shorter = len(pair.prompt), len(pair.chosen), _shorter(pair)
-        head = self._place(row, start, pair.prompt + pair.chosen, 0)
-        tail = self._place(row, start + p + c, pair.rejected, p)
+        head = self._place(row, start, pair.prompt + pair.chosen, 0, chosen_seq)
+        tail = self._place(row, start + p + c, pair.rejected, p, rejected_seq)
+        self.weights[row, start : start + p] = 2.0  # the prompt stands for both of its sequences
         self.scores += [(head[p - 1 + t], token, chosen_seq, t >= shorter) for t, token in enumerate(pair.chosen)]
         before_rejected = [head[p - 1], *tail[:-1]]  # the prompt's last position predicts rejected's first token
         self.scores += [
@@ -140,6 +151,8 @@ class _Rows:
             pair_ids=[p.index for p in pairs],
             num_input_tokens=sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs),
             blocks=blocks,
+            token_weights=self.weights,
+            token_pairs=self.pairs,
             **fields,
         )
 
@@ -159,7 +172,7 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 1) -> M
     m = len(pairs)
     sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     length = _rounded(max(len(prompt) + len(response) for prompt, response in sequences), multiple)
-    rows = _Rows(2 * m, length, pad_id)
+    rows = _Rows(2 * m, length, pad_id, m)
     for k, (prompt, response) in enumerate(sequences):
         rows.sequence(k, 0, prompt, response, k, _shorter(pairs[k % m]))
     computed = sum(len(prompt) + len(response) for prompt, response in sequences)
@@ -170,7 +183,7 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 
     """Each pair a row [prompt | chosen | rejected], right-padded to the longest (rounded up to `multiple`)."""
     m = len(pairs)
     length = _rounded(max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs), multiple)
-    rows = _Rows(m, length, pad_id)
+    rows = _Rows(m, length, pad_id, m)
     computed = sum(rows.shared(k, 0, p, k, m + k) for k, p in enumerate(pairs))
     return rows.batch(pairs, with_blocks=True, num_computed_tokens=computed, num_slots=m * length)
 
@@ -186,7 +199,7 @@ def collate_packed(
     if real > budget:
         raise ValueError(f"pairs take {real} tokens, more than the pack budget {budget}")
     total = _rounded(real, multiple)
-    rows = _Rows(1, total, pad_id)
+    rows = _Rows(1, total, pad_id, m)
     end, boundaries = 0, [0]
     for k, pair in enumerate(pairs):
         if shared:
@@ -232,6 +245,8 @@ def context_parallel_share(batch: MicroBatch, cp: int, rank: int) -> MicroBatch:
         score_labels=batch.score_labels[mine],
         score_sequence=batch.score_sequence[mine],
         score_tail=batch.score_tail[mine],
+        token_weights=None if batch.token_weights is None else batch.token_weights[:, keep],
+        token_pairs=None if batch.token_pairs is None else batch.token_pairs[:, keep],
     )
 
 
@@ -301,6 +316,12 @@ def in_frame(batch: MicroBatch, rows: int, length: int) -> MicroBatch:
     positions = torch.arange(length, device=batch.tokens.device).repeat(rows, 1)
     positions[:old_rows, :old_length] = batch.position_ids
     fields: dict[str, object] = {"num_slots": max(batch.num_slots, rows * length)}
+    if batch.token_weights is not None:
+        weights = batch.token_weights.new_zeros(rows, length)
+        weights[:old_rows, :old_length] = batch.token_weights
+        fields["token_weights"] = weights
+        fields["token_pairs"] = batch.token_pairs.new_zeros(rows, length)
+        fields["token_pairs"][:old_rows, :old_length] = batch.token_pairs
     if batch.cu_seqlens is not None:  # one packed row: the padding joins its last sequence
         last = int(batch.position_ids[0, -1])
         positions[0, old_length:] = torch.arange(last + 1, last + 1 + length - old_length)

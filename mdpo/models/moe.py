@@ -8,9 +8,11 @@ taken at the top k, `moe_router_pre_softmax=True`.
 
 The load-balancing loss is transformers' `load_balancing_loss_func`, which TRL's DPOTrainer adds to the DPO loss: one
 Switch-style term over the routing of every layer of a forward at once (experts x sum over experts of the fraction
-of routed token slots x the mean router probability), not Megatron's per-layer aux loss. Each router records its
-two sums per expert (`RouterSums`), weighted by the tokens TRL's batch would hold (padding 0, a shared prompt twice),
-and the last stage combines them (`load_balancing_loss`).
+of routed token slots x the mean router probability), not Megatron's per-layer aux loss. mdpo takes it per pair
+(the forward TRL runs with one pair per device batch: its chosen and rejected sequences), so it is the same for any
+micro-batch, packing or data-parallel split. Each router records its two sums per pair and expert (`RouterSums`),
+weighted by the tokens TRL's batch would hold (padding 0, a shared prompt twice), and the last stage combines them
+(`pair_aux_losses`).
 """
 
 from __future__ import annotations
@@ -51,17 +53,24 @@ def moe_fields(model: ModelConfig, ep: int, etp: int | None, grouped_gemm: bool,
 
 @dataclass
 class RouterSums:
-    """What the routers of one model chunk record in a forward: `weights`, each token's weight in the routers' token
-    order ([s x b], this rank's share; None: record nothing, as in a reference's forward), and per MoE layer the
-    weighted count of token slots routed to each expert (no gradient) and the weighted sum of each expert's router
-    probability."""
+    """What the routers of one model chunk record in a forward: each token's weight (`weights`, in the routers'
+    token order: [s x b], this rank's share; None: record nothing, as in a reference's forward) and pair
+    (`pairs`, of `num_pairs`), and per MoE layer, per pair and expert, the weighted count of token slots routed to
+    the expert (no gradient) and the weighted sum of its router probability."""
 
     weights: torch.Tensor | None = None
+    pairs: torch.Tensor | None = None
+    num_pairs: int = 0
     counts: list[torch.Tensor] = field(default_factory=list)
     probs: list[torch.Tensor] = field(default_factory=list)
 
-    def start(self, weights: torch.Tensor | None) -> None:
-        self.weights, self.counts, self.probs = weights, [], []
+    def start(self, weights: torch.Tensor | None, pairs: torch.Tensor | None = None, num_pairs: int = 0) -> None:
+        self.weights, self.pairs, self.num_pairs, self.counts, self.probs = weights, pairs, num_pairs, [], []
+
+    def per_pair(self, values: torch.Tensor) -> torch.Tensor:
+        """[tokens, experts] -> [pairs, experts]: each pair's weighted sum."""
+        weighted = values.float() * self.weights[:, None]
+        return weighted.new_zeros(self.num_pairs, values.shape[1]).index_add(0, self.pairs, weighted)
 
 
 class RecordingRouter(TopKRouter):
@@ -72,12 +81,11 @@ class RecordingRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask)
-        weights = self.sums.weights
-        if weights is not None:
+        if self.sums.weights is not None:
             flat = logits.view(-1, self.config.num_moe_experts)
             chosen, scores = compute_routing_scores_for_aux_loss(flat, self.topk, self.score_function)
-            self.sums.counts.append((chosen.float() * weights[:, None]).sum(0).detach())
-            self.sums.probs.append((scores.float() * weights[:, None]).sum(0))
+            self.sums.counts.append(self.sums.per_pair(chosen).detach())
+            self.sums.probs.append(self.sums.per_pair(scores))
         return probs, routing_map
 
 
@@ -91,10 +99,17 @@ def record_routing(gpt: torch.nn.Module) -> RouterSums:
     return sums
 
 
-def token_weights(weights: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
-    """[rows, s] per-token weights (this context-parallel rank's share) -> the routers' order: [s, rows] flattened,
+def router_sums(model: torch.nn.Module) -> RouterSums:
+    """The `RouterSums` of a model chunk (wrapped by DDP or not)."""
+    while not hasattr(model, "router_sums"):
+        model = model.module
+    return model.router_sums
+
+
+def routers_order(values: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """[rows, s] per-token values (this context-parallel rank's share) -> the routers' order: [s, rows] flattened,
     this TP rank's part of the sequence under sequence parallelism."""
-    order = weights.t().contiguous()
+    order = values.t().contiguous()
     if sequence_parallel:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         order = order.chunk(tp, dim=0)[parallel_state.get_tensor_model_parallel_rank()]
@@ -102,26 +117,27 @@ def token_weights(weights: torch.Tensor, sequence_parallel: bool) -> torch.Tenso
 
 
 def load_balancing_loss(counts: torch.Tensor, probs: torch.Tensor, tokens: torch.Tensor, num_experts: int):
-    """transformers' `load_balancing_loss_func` from its sums over all layers: `counts` [E] the weighted token
-    slots routed to each expert, `probs` [E] the weighted router probabilities, `tokens` the weighted tokens of
-    every layer. experts x sum_e (counts_e / tokens) (probs_e / tokens)."""
-    return num_experts * torch.sum(counts / tokens * probs / tokens)
+    """transformers' `load_balancing_loss_func` from its sums over all layers, for each row (a pair): `counts`
+    [.., E] the weighted token slots routed to each expert, `probs` [.., E] the weighted router probabilities,
+    `tokens` [..] the weighted tokens of every layer. experts x sum_e (counts_e / tokens) (probs_e / tokens)."""
+    share = lambda sums: sums / tokens[..., None]
+    return num_experts * (share(counts) * share(probs)).sum(-1)
 
 
-def micro_batch_aux_loss(sums: RouterSums, num_experts: int, sequence_parallel: bool) -> torch.Tensor:
-    """This micro-batch's load-balancing loss from every MoE layer's recorded sums, summed over the ranks that hold
+def pair_aux_losses(sums: RouterSums, num_experts: int, sequence_parallel: bool) -> torch.Tensor:
+    """Each pair's load-balancing loss [pairs] from every MoE layer's recorded sums, summed over the ranks that hold
     parts of its tokens (TP ranks under sequence parallelism, CP ranks). The probability sums are reduced with an
     identity backward, as the log-probs are: each rank's copy of the loss sends gradients to its own tokens."""
     counts, probs = torch.stack(sums.counts).sum(0), torch.stack(sums.probs).sum(0)
-    tokens = sums.weights.sum() * len(sums.counts)
+    tokens = sums.weights.new_zeros(sums.num_pairs).index_add(0, sums.pairs, sums.weights) * len(sums.counts)
     groups = []
     if sequence_parallel:
         groups.append(parallel_state.get_tensor_model_parallel_group())
     if parallel_state.get_context_parallel_world_size() > 1:
         groups.append(parallel_state.get_context_parallel_group())
     for group in groups:
-        totals = torch.cat([counts, tokens.reshape(1)])
+        totals = torch.cat([counts, tokens[:, None]], dim=1)
         torch.distributed.all_reduce(totals, group=group)
-        counts, tokens = totals[:-1], totals[-1]
+        counts, tokens = totals[:, :-1], totals[:, -1]
         probs = reduce_from_tensor_model_parallel_region(probs, group)
     return load_balancing_loss(counts, probs, tokens, num_experts)

@@ -109,6 +109,14 @@ def expert_local_name(name: str, *, num_experts: int, ep_rank: int, ep_size: int
     return f"{match.group(1)}{local}{match.group(3)}" if owner == ep_rank else None
 
 
+def expert_global_name(name: str, *, ep_rank: int, per_rank: int) -> str:
+    """Inverse of `expert_local_name` on an expert-parallel rank holding `per_rank` experts."""
+    match = _EXPERT.match(name)
+    if match is None:
+        return name
+    return f"{match.group(1)}{ep_rank * per_rank + int(match.group(2))}{match.group(3)}"
+
+
 def merge_state_dicts(
     pieces: Mapping[tuple[int, int, int], Mapping[str, torch.Tensor]],
     *,

@@ -241,18 +241,20 @@ def activation_bytes_per_token_layer(
 
 
 def moe_bytes_per_token(model: ModelConfig, candidate: Candidate) -> float:
-    """What an MoE layer's experts keep per token of the micro-batch, routing balanced: each token's top-k copies
-    of its hidden vector, dispatched (all-to-all over EP) to the ranks of its experts and all-gathered over ETP (the
-    first expert matmul's input: k ETP h / TP per token, TP's sequence-parallel share of the tokens each gathered
-    ETP ways), and per copy the expert's SwiGLU on 1/ETP of its width w: the gate/up output, the silu, the up half's
-    copy, their product, and that product times the routing weight as the down projection's input (6w/ETP; 3w/ETP
-    with the fused SwiGLU, which keeps the gate/up output and the weighted product). The router's [tokens, experts]
-    scores and the routing indices are left out (E + 6k values a token: about 1% of the layer at Qwen3-MoE's
-    sizes)."""
-    layout = candidate.layout
-    copies = model.moe_topk * layout.expert_tp / layout.tp
+    """What an MoE layer's router and experts keep per token of the micro-batch, routing balanced: each token's top-k
+    copies of its hidden vector, dispatched (all-to-all over EP) to the ranks of its experts and all-gathered over
+    ETP (the first expert matmul's input: k ETP h / TP per token, TP's sequence-parallel share of the tokens each
+    gathered ETP ways), and per copy the expert's SwiGLU on 1/ETP of its width w: the gate/up output, the silu, the
+    up half's copy, their product, and that product times the routing weight as the down projection's input
+    (6w/ETP; 3w/ETP with the fused SwiGLU, which keeps the gate/up output and the weighted product); the router's
+    scores over the E experts and its routing map (a byte an expert), the top-k probabilities twice and two int64
+    index lists (per token of this rank's share)."""
+    layout, width, k = candidate.layout, candidate.width, model.moe_topk
+    copies = k * layout.expert_tp / layout.tp
     swiglu = (3 if candidate.fused_swiglu else 6) * model.expert_width / layout.expert_tp
-    return candidate.width * copies * (model.hidden_size + swiglu)
+    routing = (width + 1) * model.num_experts + (2 * width + 16) * k
+    share = layout.tp if layout.sequence_parallel else 1
+    return width * copies * (model.hidden_size + swiglu) + routing / share
 
 
 def _in_flight(candidate: Candidate, workload: Workload, first: bool) -> float:

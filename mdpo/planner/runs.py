@@ -40,6 +40,7 @@ def run_config(
     tp: int = 1,
     pp: int = 1,
     cp: int = 1,
+    ep: int = 1,
     reference: str = "online",
     packing: bool = False,
     attention: str = "auto",
@@ -49,7 +50,7 @@ def run_config(
     env: dict[str, str] | None = None,
     real_data: tuple[Path, Path] | None = None,
 ) -> dict[str, Any]:
-    """Train `steps` steps in a fresh process (torchrun when nproc > 1), a Llama of `model`'s shape, on synthetic
+    """Train `steps` steps in a fresh process (torchrun when nproc > 1), a model of `model`'s shape, on synthetic
     pairs (every sequence seq_len tokens) or on `real_data` (an UltraFeedback file and its tokenizer, the Tulu 2
     template, data.max_length seq_len); the mean step time, tokens (as TRL counts them, and as computed) and the
     peak memory over the steps after `warmup`. A failed run exits with the end of its stderr (these runs are the
@@ -63,7 +64,8 @@ def run_config(
         data_overrides += ["data.format=ultrafeedback", "data.template=tulu2"]
     overrides = [*_model_overrides(model, max(4096, seq_len), attention), *data_overrides]
     overrides += [f"data.max_length={seq_len}", f"data.packing={packing}", f"parallel.tp={tp}", f"parallel.pp={pp}"]
-    overrides += [f"parallel.cp={cp}", f"schedule.global_batch_size={gbs}", f"schedule.micro_batch_size={micro_batch}"]
+    overrides += [f"parallel.cp={cp}", f"parallel.ep={ep}", f"schedule.global_batch_size={gbs}"]
+    overrides += [f"schedule.micro_batch_size={micro_batch}"]
     overrides += [f"schedule.train_steps={steps}", f"dpo.reference={'none' if reference == 'none' else 'online'}"]
     overrides += [f"logging.run_dir={root / 'run'}", *_QUIET, *extra]
     if packing:  # a pack holds a micro-batch's worth of pairs
@@ -98,6 +100,11 @@ def _model_overrides(model: ModelConfig, positions: int, attention: str) -> list
         "tie_word_embeddings",
         "fused_swiglu",
         "fused_rope",
+        "num_experts",
+        "moe_topk",
+        "moe_intermediate_size",
+        "moe_layers",
+        "router_aux_loss_coef",
     )
     shape = [f"model.{name}={'null' if getattr(model, name) is None else getattr(model, name)}" for name in fields]
     return [

@@ -28,6 +28,8 @@ SMALL = ModelConfig(
     num_attention_heads=4,
     num_key_value_heads=2,
 )
+# SMALL with each MLP four experts of its width, two per token (dropless, routing balanced only on average)
+SMALL_MOE = replace(SMALL, num_experts=4, moe_topk=2)
 FLOOR = ModelConfig(
     vocab_size=256,
     hidden_size=32,
@@ -37,26 +39,28 @@ FLOOR = ModelConfig(
     num_key_value_heads=2,
 )
 
-# name: model, sequence length, micro-batch (pairs), processes, TP, PP, recompute, reference
-Config = tuple[ModelConfig, int, int, int, int, int, str, str]
+# name: model, sequence length, micro-batch (pairs), processes, TP, PP, EP, recompute, reference
+Config = tuple[ModelConfig, int, int, int, int, int, int, str, str]
 CONFIGS: dict[str, Config] = {
-    "base": (SMALL, 256, 2, 1, 1, 1, "none", "online"),
-    "mbs4": (SMALL, 256, 4, 1, 1, 1, "none", "online"),
-    "seq512": (SMALL, 512, 2, 1, 1, 1, "none", "none"),
-    "selective": (SMALL, 512, 2, 1, 1, 1, "selective", "none"),
-    "full": (SMALL, 512, 2, 1, 1, 1, "full", "none"),
-    "tp2": (SMALL, 256, 2, 2, 2, 1, "none", "online"),
-    "pp2": (SMALL, 256, 2, 2, 1, 2, "none", "online"),
-    "dp2": (SMALL, 256, 2, 2, 1, 1, "none", "online"),
+    "base": (SMALL, 256, 2, 1, 1, 1, 1, "none", "online"),
+    "mbs4": (SMALL, 256, 4, 1, 1, 1, 1, "none", "online"),
+    "seq512": (SMALL, 512, 2, 1, 1, 1, 1, "none", "none"),
+    "selective": (SMALL, 512, 2, 1, 1, 1, 1, "selective", "none"),
+    "full": (SMALL, 512, 2, 1, 1, 1, 1, "full", "none"),
+    "tp2": (SMALL, 256, 2, 2, 2, 1, 1, "none", "online"),
+    "pp2": (SMALL, 256, 2, 2, 1, 2, 1, "none", "online"),
+    "dp2": (SMALL, 256, 2, 2, 1, 1, 1, "none", "online"),
+    "moe": (SMALL_MOE, 256, 2, 1, 1, 1, 1, "none", "online"),
+    "moe_ep2": (SMALL_MOE, 256, 2, 2, 1, 1, 2, "none", "online"),
 }
 # --gpu (one GPU, bf16): a 1.1B Llama at 2048 tokens per sequence
 ONE_B = MODELS["tinyllama-1.1b"]
 GPU_CONFIGS: dict[str, Config] = {
-    "1b_mbs1": (ONE_B, 2048, 1, 1, 1, 1, "none", "online"),
-    "1b_mbs2": (ONE_B, 2048, 2, 1, 1, 1, "none", "none"),
-    "1b_mbs4": (ONE_B, 2048, 4, 1, 1, 1, "none", "none"),
-    "1b_selective": (ONE_B, 2048, 4, 1, 1, 1, "selective", "none"),
-    "1b_full": (ONE_B, 2048, 4, 1, 1, 1, "full", "none"),
+    "1b_mbs1": (ONE_B, 2048, 1, 1, 1, 1, 1, "none", "online"),
+    "1b_mbs2": (ONE_B, 2048, 2, 1, 1, 1, 1, "none", "none"),
+    "1b_mbs4": (ONE_B, 2048, 4, 1, 1, 1, 1, "none", "none"),
+    "1b_selective": (ONE_B, 2048, 4, 1, 1, 1, 1, "selective", "none"),
+    "1b_full": (ONE_B, 2048, 4, 1, 1, 1, 1, "full", "none"),
 }
 
 
@@ -67,6 +71,7 @@ def measure(
     nproc: int,
     tp: int,
     pp: int,
+    ep: int,
     recompute: str,
     reference: str,
     steps: int,
@@ -86,6 +91,7 @@ def measure(
         nproc=nproc,
         tp=tp,
         pp=pp,
+        ep=ep,
         reference=reference,
         attention="sdpa",
         global_batch=2 * mbs * dp,
@@ -101,6 +107,7 @@ def predict(
     nproc: int,
     tp: int,
     pp: int,
+    ep: int,
     recompute: str,
     reference: str,
     cluster: Cluster,
@@ -114,6 +121,7 @@ def predict(
         cluster.world,
         tp=tp,
         pp=pp,
+        ep=ep,
         recompute=recompute,
         micro_batch=mbs,
         packing=False,
@@ -130,7 +138,7 @@ def predict(
 
 def floor_gib(seq: int, mbs: int, reference: str, cluster: Cluster) -> float:
     """Peak RSS of a process that does everything a configuration's does (same pairs) but with a negligible model."""
-    config = (FLOOR, seq, mbs, 1, 1, 1, "none", reference)
+    config = (FLOOR, seq, mbs, 1, 1, 1, 1, "none", reference)
     return measure(*config, steps=3, env=MEMORY_ENV)["peak_memory_gib"] - predict(*config, cluster).memory_gib["total"]
 
 

@@ -32,7 +32,7 @@ from mdpo.training.data import load_pairs_on_ranks
 from mdpo.training.evaluation import evaluate_pairs
 from mdpo.training.reference import build_reference
 from mdpo.training.setup import build_model, frozen, start_run
-from mdpo.training.step import DPOObjective
+from mdpo.training.step import DPOObjective, RouterAux
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # What a training checkpoint's stored config lends the evaluation besides its data and dpo sections: the settings
@@ -214,7 +214,7 @@ def evaluate_model(setup: EvalSetup, progress: bool = True) -> dict[str, float]:
     try:
         run = start_run(cfg)
         pairs = load_pairs_on_ranks(cfg.data, cfg.data.eval_file, run.tokenizer, "eval")
-        objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size)
+        objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, RouterAux.of(cfg))
         if setup.reward_mean is not None:
             objective.reward_mean.load_state_dict(setup.reward_mean)
         policy = frozen(build_model(cfg, run.layout, run.dtype, load=True))

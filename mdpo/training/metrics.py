@@ -66,6 +66,16 @@ class MetricSums:
             raise ValueError(f"metric sums of other fields: {other.names} vs {self.names}")
         return MetricSums(self.names, self.values + other.values)
 
+    def add(self, **extra: torch.Tensor) -> MetricSums:
+        """These sums with amounts added to named fields; a name not among them becomes a new last field."""
+        names, values = list(self.names), list(self.values.unbind())
+        for name, value in extra.items():
+            if name not in names:
+                names.append(name)
+                values.append(self.values.new_zeros(()))
+            values[names.index(name)] = values[names.index(name)] + value.double()
+        return MetricSums(tuple(names), torch.stack(values))
+
     def record(self, prefix: str = "") -> dict[str, float]:
         """TRL-named means: per pair, logits per response token (mean over the vocabulary), token counts."""
         s = dict(zip(self.names, self.values.tolist()))

@@ -19,14 +19,15 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from mdpo.config import DPOConfig, ModelConfig
+from mdpo.config import DPOConfig, ModelConfig, TrainConfig
 from mdpo.data.batching import MicroBatch, in_frame
 from mdpo.errors import MdpoError
 from mdpo.loss import PairLosses, pair_losses, wpo_weights
 from mdpo.models.attention import BlockAttention
 from mdpo.models.gpt import head_weight
+from mdpo.models.moe import pair_aux_losses, router_sums, routers_order
 from mdpo.training.logprobs import SequenceStats, sequence_stats
-from mdpo.training.metrics import SUM_FIELDS, pair_sums
+from mdpo.training.metrics import SUM_FIELDS, MetricSums, pair_sums
 
 
 @dataclass
@@ -52,23 +53,40 @@ class RewardMean:
 
 
 @dataclass(frozen=True)
+class RouterAux:
+    """A MoE policy's load-balancing loss (`models.moe`): its weight and the model's expert count."""
+
+    coef: float
+    num_experts: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> RouterAux | None:
+        """The run's load-balancing loss; None for dense models and a weight of 0."""
+        coef = cfg.router_aux_loss_coef
+        return cls(coef, cfg.model.num_experts) if coef > 0 else None
+
+
+@dataclass(frozen=True)
 class DPOObjective:
     """The configured preference objective (`dpo` checked itself when built, so a step only computes);
-    `components` name the per-pair terms logged besides `loss`; `reward_mean` is bco_pair's running shift."""
+    `components` name the per-pair terms logged besides `loss`; `reward_mean` is bco_pair's running shift;
+    `router_aux` a MoE policy's load-balancing loss (None: off)."""
 
     dpo: DPOConfig
     vocab_size: int
     reward_mean: RewardMean = field(default_factory=RewardMean)
+    router_aux: RouterAux | None = None
 
     @classmethod
-    def from_config(cls, dpo: DPOConfig, vocab_size: int) -> DPOObjective:
-        return cls(dpo, vocab_size)
+    def from_config(cls, dpo: DPOConfig, vocab_size: int, router_aux: RouterAux | None = None) -> DPOObjective:
+        return cls(dpo, vocab_size, router_aux=router_aux)
 
     @property
     def components(self) -> tuple[str, ...]:
         types = self.dpo.loss_types
         names = tuple(f"loss/{t}" for t in types) if len(types) > 1 else ()
-        return names + (("nll_loss",) if self.dpo.rpo_alpha > 0 else ())
+        aux = ("aux_loss",) if self.router_aux is not None else ()
+        return names + (("nll_loss",) if self.dpo.rpo_alpha > 0 else ()) + aux
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -178,11 +196,24 @@ def _dpo_loss(
         sft_chosen=stats.plain_logps[:m],
         pair_weights=weights,
     )
+    loss, sums = losses.losses.sum(), pair_sums(losses, stats, batch)
+    if objective.router_aux is not None:
+        loss, sums = _with_router_aux(objective.router_aux, model, loss, sums)
     # finalize_model_grads sums the pair count over DP x CP: the CP ranks' copies of the loss count their pairs once.
     count = m if parallel_state.get_context_parallel_rank() == 0 else 0
     # pair_ids let a non-finite loss be traced to its examples.
     count = torch.tensor(count, dtype=torch.int, device=output.device)
-    return losses.losses.sum(), count, {"sums": pair_sums(losses, stats, batch), "pair_ids": batch.pair_ids}
+    return loss, count, {"sums": sums, "pair_ids": batch.pair_ids}
+
+
+def _with_router_aux(aux: RouterAux, model: torch.nn.Module, loss: torch.Tensor, sums: MetricSums):
+    """Each pair's load-balancing loss added to its DPO loss as TRL adds it to a (one-pair) batch's: coef x aux,
+    in the sum over pairs that the gradients divide by the global pair count. Logged as `aux_loss` (the mean per
+    pair) and inside `loss`, as TRL logs them."""
+    sequence_parallel = get_model_config(model).sequence_parallel
+    per_pair = pair_aux_losses(router_sums(model), aux.num_experts, sequence_parallel)
+    term = aux.coef * per_pair.sum()
+    return loss + term, sums.add(loss=term.detach(), aux_loss=per_pair.sum().detach())
 
 
 def logps_forward_step(scorer: Scorer, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
@@ -199,6 +230,10 @@ def dpo_forward_step(
 ):
     """The policy's step: each micro-batch with its reference log-probs, through the objective."""
     batch, ref = next(data_iterator)
+    if objective.router_aux is not None:  # the routers record this micro-batch's load-balancing sums
+        sequence_parallel = get_model_config(model).sequence_parallel
+        weights, pairs = (routers_order(t, sequence_parallel) for t in (batch.token_weights, batch.token_pairs))
+        router_sums(model).start(weights, pairs, batch.num_pairs)
     return scorer.forward(batch, model), partial(_dpo_loss, batch, ref, objective, scorer, model)
 
 

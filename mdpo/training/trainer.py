@@ -31,7 +31,7 @@ from mdpo.training.profiling import profiled
 from mdpo.training.reference import build_reference
 from mdpo.training.run_lock import lock_run
 from mdpo.training.setup import build_model, start_run
-from mdpo.training.step import DPOObjective, dpo_forward_step, run_schedule
+from mdpo.training.step import DPOObjective, RouterAux, dpo_forward_step, run_schedule
 
 
 def _nonfinite_pairs(outputs: list[dict]) -> list[int]:
@@ -66,7 +66,7 @@ class Trainer:
     def _build(self) -> None:
         """The run's data, models and optimizer (with the run's folders locked)."""
         cfg = self.cfg
-        self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size)
+        self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, RouterAux.of(cfg))
         tokenizer = self.run.tokenizer
         self.train_pairs = load_pairs_on_ranks(cfg.data, cfg.data.train_file, tokenizer, "train")
         self.eval_pairs = (
