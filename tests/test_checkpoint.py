@@ -35,7 +35,8 @@ def setup(tmp_path_factory) -> Path:
     }
     (root / "c.yaml").write_text(yaml.safe_dump(config))
     vocab = json.loads((files["hf"] / "config.json").read_text())["vocab_size"]
-    tiny_hf_family("qwen3_tied", seed=2, vocab_size=vocab).save_pretrained(root / "qwen3_tied")
+    for case in ("qwen3_tied", "qwen3_moe"):
+        tiny_hf_family(case, seed=2, vocab_size=vocab).save_pretrained(root / case)
     return root
 
 
@@ -61,20 +62,24 @@ def assert_bitwise(got, want):
 
 # bco_pair's running reward mean is training state too: these resumes are bitwise only if it is restored.
 BCO = "dpo.loss_type=[sigmoid, bco_pair]"
+MOE = ["parallel.ep=2", "parallel.distributed_optimizer=true", "dpo.router_aux_loss_coef=0.1"]
 LAYOUTS = {
     "tp1": (1, [BCO]),
     "tp2_sp_bf16": (2, [BCO, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.precision=bf16"]),
     "pp2_vpp2": (2, [BCO, "parallel.pp=2", "parallel.vpp=2"]),
     # a tied head across stages (Megatron's copy of the embedding on the last stage, its own optimizer state)
     "pp2_qwen3_tied": (2, [BCO, "parallel.pp=2"]),
+    # experts split over 2 ranks, their optimizer state sharded apart from the dense part's; the load-balancing loss
+    "ep2_distopt_qwen3_moe": (2, [BCO, *MOE]),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, name):
     nproc, layout = LAYOUTS[name]
-    if name.endswith("qwen3_tied"):
-        layout = [*layout, f"model.init_from={setup / 'qwen3_tied'}"]
+    for case in ("qwen3_tied", "qwen3_moe"):
+        if name.endswith(case):
+            layout = [*layout, f"model.init_from={setup / case}"]
     train(setup, f"{name}_full", *layout, nproc=nproc)
     first = train(setup, f"{name}_resumed", *layout, "schedule.exit_interval=2", nproc=nproc)
     assert "stopped after step 2" in first.stdout
@@ -455,3 +460,18 @@ def test_a_checkpoint_from_before_components_and_manifests_resumes_exactly(setup
     result = train(setup, "old_format", BCO)
     assert "(step 2)" in result.stdout
     assert_bitwise(outcome(setup / "old_format"), outcome(setup / "tp1_full"))
+
+
+def test_expert_parallel_checkpoint_resumes_in_one_process(setup):
+    """A MoE run stopped at EP=2 (distributed optimizer) and resumed in one process (each expert's weights and
+    optimizer state resharded from its EP rank) continues the one-process run, to fp32 reordering noise; the
+    checkpoint's export to HF (one process) is the run's own export."""
+    moe = [BCO, f"model.init_from={setup / 'qwen3_moe'}", *MOE[1:]]
+    train(setup, "moe_tp1_full", *moe)
+    train(setup, "moe_ep2_to_1", *moe, MOE[0], "schedule.exit_interval=3", nproc=2)
+    train(setup, "moe_ep2_to_1", *moe)
+    (got, got_w), (want, want_w) = outcome(setup / "moe_ep2_to_1"), outcome(setup / "moe_tp1_full")
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-5)
+    for key, tensor in want_w.items():
+        assert (got_w[key] - tensor).abs().max() <= 1e-5 * tensor.abs().max(), key

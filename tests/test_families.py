@@ -120,6 +120,53 @@ def run_layouts(families, tmp_path: Path, layouts: tuple[str, ...], nproc: int) 
     return results
 
 
+def hf_pair_aux_losses(folder: Path, pairs) -> torch.Tensor:
+    """Each pair's load-balancing loss as transformers computes it (float64) for a batch of the pair's chosen and
+    rejected sequences, right-padded, with their attention mask: what TRL adds with one pair per device batch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, experts_implementation="eager").double().eval()
+    losses = []
+    for prompt, chosen, rejected in pairs:
+        rows = [prompt + chosen, prompt + rejected]
+        length = max(map(len, rows))
+        ids = torch.tensor([row + [0] * (length - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
+        with torch.no_grad():
+            losses.append(model(ids, attention_mask=mask, output_router_logits=True).aux_loss)
+    return torch.stack(losses)
+
+
+def test_load_balancing_loss_equals_transformers_float64(megatron_world, families):
+    """mdpo's per-pair load-balancing loss (the routers' recorded sums, every row layout: padding not counted, a
+    shared prompt counted for both sequences) equals transformers' `aux_loss` of the pair's padded batch."""
+    from mdpo.checkpoint.description import describe_model
+    from mdpo.checkpoint.load import load_initial_weights
+    from mdpo.data.pairs import TokenizedPair
+    from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
+    from mdpo.models.moe import pair_aux_losses, routers_order
+    from mdpo.training.step import Scorer
+
+    pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(family_pairs())]
+    for case in MOE_CASES:
+        folder = families[case][0]
+        want = hf_pair_aux_losses(folder, family_pairs())
+        model = describe_model({"init_from": str(folder)})
+        gpt = build_gpt_model(model, transformer_config(model))
+        load_initial_weights(gpt, model)
+        gpt = use_scoring_head(gpt).eval()
+        for layout in ROW_LAYOUTS:
+            batch = collate_as(layout, pairs)
+            weights, owners = (routers_order(t, False) for t in (batch.token_weights, batch.token_pairs))
+            gpt.router_sums.start(weights, owners, batch.num_pairs)
+            with torch.no_grad():
+                Scorer(model, chunk_tokens=7, thd=False).forward(batch, gpt)
+            got = pair_aux_losses(gpt.router_sums, model.num_experts, sequence_parallel=False)
+            assert_close(got, want, f"{case} load-balancing loss, {layout}")
+        spread = (want.max() - want.min()) / want.mean()
+        assert spread > 10 * RTOL, case  # the pairs' losses differ: a pair mixed up would show
+
+
 def test_parallel_layouts_equal_transformers_float64(families, tmp_path):
     """TP=2 (and with SP, packed shared prompts), PP=2 x VPP=2 (a tied head's copy on the last stage), PP=2 packed
     with the fused RoPE (Llama 3's scaled table), CP=2; the MoE cases also at EP=2 (experts split over 2 ranks,

@@ -29,7 +29,7 @@ from mdpo.models.attention import (
     row_major,
     with_core_attention,
 )
-from mdpo.models.moe import moe_fields, record_routing
+from mdpo.models.moe import mark_experts, moe_fields, record_routing
 from mdpo.models.rotary import FusedRopeSelfAttention
 
 
@@ -328,4 +328,5 @@ def build_gpt_model(
     if model.norm_head and post_process:
         gpt.output_layer.__class__ = NormHeadLinear  # same parameters, normalising forward
     gpt.router_sums = record_routing(gpt)
+    mark_experts(gpt)
     return gpt

@@ -99,6 +99,15 @@ def record_routing(gpt: torch.nn.Module) -> RouterSums:
     return sums
 
 
+def mark_experts(gpt: torch.nn.Module) -> None:
+    """Experts' weights as Megatron marks them under expert parallelism (`allreduce=False`: reduced over the expert
+    data-parallel group, their own optimizer), at EP = 1 too, where that group is the data-parallel one: the
+    optimizer is then chained the same way at every EP size, so a checkpoint resumes at another."""
+    for name, param in gpt.named_parameters():
+        if ".experts." in name:
+            param.allreduce = False
+
+
 def router_sums(model: torch.nn.Module) -> RouterSums:
     """The `RouterSums` of a model chunk (wrapped by DDP or not)."""
     while not hasattr(model, "router_sums"):
