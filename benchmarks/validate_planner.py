@@ -2,6 +2,8 @@
 several layouts, trained for real by `mdpo train` (the configurations and the fit are mdpo.planner.validation's).
 
     python benchmarks/validate_planner.py          # this CPU -> benchmarks/results/planner_cpu.csv
+    python benchmarks/validate_planner.py --only base dp2 moe moe_ep2 --csv benchmarks/results/planner_cpu_moe.csv
+                                                   # a mixture of experts, at EP=1 and EP=2 (docs/planner.md)
     python benchmarks/validate_planner.py --gpu    # one GPU, a 1.1B model (tools/gpu_check.sh planner)
     python benchmarks/validate_planner.py --gpu --measured benchmarks/results/planner_gpu_h100_2026-11-26.csv \
         --preset h100-80g                          # today's planner against an earlier run's measurements

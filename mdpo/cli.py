@@ -81,7 +81,13 @@ def cmd_convert(args: argparse.Namespace, extra: Sequence[str]) -> int:
         check = convert.Check(Path(args.check_data) if args.check_data else None, rows)
     if args.direction == "hf-to-megatron":
         out = convert.hf_to_megatron(
-            args.hf, args.out, tp=args.tp, pp=args.pp, position_embedding=args.position_embedding, check=check
+            args.hf,
+            args.out,
+            tp=args.tp,
+            pp=args.pp,
+            ep=args.ep,
+            position_embedding=args.position_embedding,
+            check=check,
         )
     else:
         out = convert.megatron_to_hf(args.ckpt, args.out, check=check, adapter=args.adapter)

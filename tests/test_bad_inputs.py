@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import CLI_RUNNER, REPO, run_mdpo, subprocess_env, tiny_hf_llama
+from conftest import CLI_RUNNER, REPO, run_mdpo, subprocess_env, tiny_hf_family, tiny_hf_llama
 
 
 def write_rows(path: Path, rows: list) -> str:
@@ -105,6 +105,19 @@ def corpus(tmp_path_factory):
         sliding_window=16,
     )
     gemma = config_variant("gemma", architectures=["GemmaForCausalLM"], model_type="gemma")
+    qwen3_moe = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4)
+    shared_experts = config_variant("shared_experts", **qwen3_moe, shared_expert_intermediate_size=64)
+    mixtral = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4)
+    jitter = config_variant("jitter", **mixtral, router_jitter_noise=0.1)
+    moe, mixtral_all_experts = root / "moe", root / "mixtral"
+    tiny_hf_family("qwen3_moe", seed=0, vocab_size=len(tokenizer)).save_pretrained(moe)
+    tiny_hf_family("mixtral", seed=0, vocab_size=len(tokenizer)).save_pretrained(mixtral_all_experts)
+    moe_weights = load_file(str(moe / "model.safetensors"))
+    expert_missing = root / "expert_missing"
+    shutil.copytree(moe, expert_missing)
+    del moe_weights["model.layers.2.mlp.experts.3.down_proj.weight"]
+    save_file(moe_weights, str(expert_missing / "model.safetensors"))
+    on_moe = f"model.init_from={moe}"
     c = str(config)
     # a run to resume (checkpoints of steps 1 and 2), a damaged copy of its last checkpoint (and one as if written
     # before manifests), a folder of only damaged ones, and fewer rows of its data
@@ -226,7 +239,47 @@ def corpus(tmp_path_factory):
         ),
         "unsupported architecture": (
             ["train", c, f"model.init_from={gemma}"],
-            "unsupported architecture GemmaForCausalLM; supported: LlamaForCausalLM (llama), QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), MistralForCausalLM (mistral), BaichuanForCausalLM (baichuan)",
+            "unsupported architecture GemmaForCausalLM; supported: LlamaForCausalLM (llama), QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), MistralForCausalLM (mistral), BaichuanForCausalLM (baichuan), Qwen3MoeForCausalLM (qwen3_moe), MixtralForCausalLM (mixtral)",
+        ),
+        "EP not dividing the experts": (
+            ["train", c, on_moe, "parallel.ep=3"],
+            "parallel.ep=3 does not divide the model's 4 experts",
+        ),
+        "EP on a dense model": (
+            ["train", c, "parallel.ep=2"],
+            "parallel.ep and parallel.etp > 1 need a mixture-of-experts model (this has none)",
+        ),
+        "MoE under TP without SP": (
+            ["train", c, on_moe, "parallel.tp=2"],
+            "parallel.tp=2 with a mixture-of-experts model needs parallel.sequence_parallel=true",
+        ),
+        "load-balancing loss with PP": (
+            ["train", c, on_moe, "parallel.pp=2"],
+            "a load-balancing loss (router_aux_loss_coef=0.001) needs parallel.pp=1",
+        ),
+        "load-balancing loss with full recompute": (
+            ["train", c, on_moe, "parallel.recompute=full"],
+            "a load-balancing loss needs parallel.recompute none or selective",
+        ),
+        "MoE with shared experts": (
+            ["train", c, f"model.init_from={shared_experts}"],
+            "shared_expert_intermediate_size=64 (shared experts) is not supported by mdpo's qwen3_moe model",
+        ),
+        "Mixtral router jitter": (
+            ["train", c, f"model.init_from={jitter}"],
+            "router_jitter_noise=0.1 is not supported by mdpo's mixtral model",
+        ),
+        "expert tensor missing": (
+            ["train", c, f"model.init_from={expert_missing}"],
+            "HF checkpoint is missing tensor 'model.layers.2.mlp.experts.3.down_proj.weight'",
+        ),
+        "convert with EP not dividing the experts": (
+            ["convert", "hf-to-megatron", "--hf", str(moe), "--out", str(root / "moe_ep3"), "--ep", "3"],
+            "--ep 3 does not divide the model's 4 experts",
+        ),
+        "LoRA on the MLP of a mixture of experts": (
+            ["train", c, f"model.init_from={mixtral_all_experts}", "lora.rank=4"],
+            "lora.targets fc1, fc2 on a mixture-of-experts model: its experts take no adapters",
         ),
         "unknown rope scaling": (
             ["train", c, "model.init_from=null", "model.rope_scaling=yarn"],
@@ -491,6 +544,16 @@ CASE_NAMES = [
     "unsupported rope type",
     "Qwen sliding-window attention",
     "unsupported architecture",
+    "EP not dividing the experts",
+    "EP on a dense model",
+    "MoE under TP without SP",
+    "load-balancing loss with PP",
+    "load-balancing loss with full recompute",
+    "MoE with shared experts",
+    "Mixtral router jitter",
+    "expert tensor missing",
+    "convert with EP not dividing the experts",
+    "LoRA on the MLP of a mixture of experts",
     "unknown rope scaling",
     "tied head with NormHead",
     "resume with other train data",

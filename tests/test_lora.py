@@ -50,7 +50,10 @@ LAYOUTS = {
 
 # Today's families with what their adapters' mapping adds: GQA q/k/v split with a head size apart from hidden / heads
 # (Qwen 3, Mistral), q/k/v biases and a tied head (Qwen 2.5); Llama 3.x has Llama 2's modules (the llama run).
-TODAYS = ("qwen2.5_tied", "qwen3_tied", "mistral")
+# Megatron's MoE layers train under TP with SP; adapters on attention only (experts and, in PEFT's format, MoE
+# models' MLPs take none)
+MOE_NEEDS = {"qwen3_moe": ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"]}
+TODAYS = ("qwen2.5_tied", "qwen3_tied", "mistral", "qwen3_moe")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     jobs = [("tp1", 1, []), ("stopped", 1, ["schedule.exit_interval=2"])]
     jobs += [(name, nproc, args) for name, (nproc, args) in LAYOUTS.items()]
     jobs += [
-        (family, 2, ["parallel.tp=2", f"model.init_from={bases[family]}"])
+        (family, 2, ["parallel.tp=2", f"model.init_from={bases[family]}", *MOE_NEEDS.get(family, [])])
         for family in ("qwen", "baichuan13b", *TODAYS)
     ]
     with ThreadPoolExecutor(2) as pool:  # two cores: the launches of each pair share them
@@ -220,8 +223,9 @@ def test_peft_on_transformers_class_gives_the_merged_export(runs, case):
     run, base = runs[case], runs["bases"][case]
     assert json.loads((run / "hf" / "config.json").read_text()) == json.loads((base / "config.json").read_text())
     tokens = torch.randint(0, 80, (2, 20), generator=torch.Generator().manual_seed(1))
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base).double().eval(), run / "adapter")
-    exported = AutoModelForCausalLM.from_pretrained(run / "hf").double().eval()
+    load = lambda folder: AutoModelForCausalLM.from_pretrained(folder, experts_implementation="eager").double().eval()
+    peft = PeftModel.from_pretrained(load(base), run / "adapter")
+    exported = load(run / "hf")
     with torch.no_grad():
         ours, merged = peft(tokens).logits, exported(tokens).logits
         with peft.disable_adapter():
@@ -229,10 +233,9 @@ def test_peft_on_transformers_class_gives_the_merged_export(runs, case):
     assert (ours - merged).abs().max().item() <= 1e-4, case
     assert (ours - untouched).abs().max().item() > 1e-3, case  # the adapters moved the logits
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    mlp = [] if case in MOE_NEEDS else ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
     assert config["target_modules"] == [
-        "mlp.down_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
+        *mlp,
         "self_attn.k_proj",
         "self_attn.o_proj",
         "self_attn.q_proj",

@@ -145,7 +145,8 @@ def test_moe_presets_count_transformers_parameters(name):
 
 def _allocated(shape: ModelConfig, lora_rank: int = 0) -> dict[str, int]:
     """Bytes of a real (fp32, CPU, one process) policy's weights, DDP gradient buffers (dense and expert-parallel)
-    and Adam's moments after one step (they exist from the first step); with LoRA the adapters' alone."""
+    and Adam's moments after one step (they exist from the first step), with LoRA the adapters' alone; and how many
+    expert parameters it built."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 

@@ -69,7 +69,9 @@ def _write_stage(rank: int, world: int, port: int, hf_dir: str, tmp: str, model:
     parallel.start(layout)
     try:
         dtype = HFWeights(hf_dir).dtype()
-        config = transformer_config(model, tp=layout.tp, pp=layout.pp, params_dtype=dtype, init_weights=False)
+        config = transformer_config(
+            model, tp=layout.tp, pp=layout.pp, ep=layout.ep, params_dtype=dtype, init_weights=False
+        )
         module = build_gpt_model(
             model,
             config,
@@ -103,15 +105,22 @@ def hf_to_megatron(
     position_embedding: str = "auto",
     part_bytes: int | None = None,
     check: Check | None = None,
+    ep: int = 1,
 ) -> Path:
     """`mdpo convert hf-to-megatron`: everything is checked here before any writing starts. At 1 x 1 one process
     writes in parts of about one HF shard (`part_bytes`, default the largest shard's size); a larger layout is
-    written by TP x PP processes, each holding its share of the model."""
+    written by TP x PP x EP processes, each holding its share of the model (under EP: its experts only)."""
     startup.prepare()
     hf_dir, out = Path(hf_dir), Path(out)
     model = describe_hf(hf_dir, position_embedding)
-    layout = Layout(tp=tp, pp=pp, wording=FLAG_WORDING)
-    layout.check_model(model.num_attention_heads, model.num_key_value_heads, model.num_hidden_layers)
+    layout = Layout(tp=tp, pp=pp, dp=ep, ep=ep, wording=FLAG_WORDING)
+    layout.check_model(
+        model.num_attention_heads,
+        model.num_key_value_heads,
+        model.num_hidden_layers,
+        model.num_experts,
+        model.expert_width,
+    )
     weights = open_hf(hf_dir, model)
     weights.dtype()  # one dtype, or an error naming the mix
     tmp = _fresh_output(out)
@@ -130,7 +139,7 @@ def hf_to_megatron(
         "format": MODEL_FORMAT,
         "version": 1,
         "model": arch_fields(model),
-        "written_layout": {"tp": tp, "pp": pp},
+        "written_layout": {"tp": tp, "pp": pp, "ep": ep},
         "source": str(hf_dir.resolve()),
     }
     (tmp / MODEL_FILE).write_text(json.dumps(description, indent=2) + "\n")
@@ -191,13 +200,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     to_mcore = directions.add_parser(
         "hf-to-megatron",
         help="HF folder of a supported family (docs/model-families.md) -> reshardable Megatron checkpoint",
-        description="Writes with --tp x --pp processes (each holds its part of the model); the checkpoint loads "
-        "at any TP/PP/DP layout. Point model.init_from at the output to train from it.",
+        description="Writes with --tp x --pp x --ep processes (each holds its part of the model); the checkpoint "
+        "loads at any TP/PP/EP/DP layout. Point model.init_from at the output to train from it.",
     )
     to_mcore.add_argument("--hf", required=True, help="HF model folder (config.json, safetensors or .bin)")
     to_mcore.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write with (default 1)")
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write with (default 1)")
+    to_mcore.add_argument(
+        "--ep", type=int, default=1, help="mixture of experts: expert-parallel size to write with (default 1)"
+    )
     to_mcore.add_argument(
         "--position-embedding",
         choices=("auto", "rope", "alibi"),

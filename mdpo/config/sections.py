@@ -684,11 +684,12 @@ class TrainConfig:
             self.model.init_from is not None,
             "lora.rank > 0 needs model.init_from (the base model the adapters are trained on and belong to)",
         )
-        dense = [t for t in self.lora.targets if t in ("fc1", "fc2")]
+        mlp = [t for t in self.lora.targets if t in ("fc1", "fc2")]
         need(
-            not dense or len(self.model.expert_layers()) < self.model.num_hidden_layers,
-            f"lora.targets {dense[0] if dense else ''} adapts dense MLPs, and every layer of this model has experts, "
-            "which take no adapters: use lora.targets [qkv, proj]",
+            not (mlp and self.model.is_moe),
+            f"lora.targets {', '.join(mlp)} on a mixture-of-experts model: its experts take no adapters, and PEFT "
+            "reads the MLP targets of such a model as its experts' (dense layers included); use lora.targets "
+            "[qkv, proj]",
         )
 
 

@@ -19,6 +19,7 @@ written anywhere: they are derived by running the table backwards on meta tensor
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -274,7 +275,8 @@ def adapters_to_peft(
     """Full LoRA tensors (Megatron names: `<layer>.lora_A` [r, in], `<layer>.lora_B` [out, r]) -> PEFT's adapter
     tensors on this family's HF modules, and its `target_modules`. The table's own transform runs on B's rows (a
     fused q/k/v or gate/up B splits as the fused weight does) and every HF module of a fused layer gets the same A,
-    so each module's B A is exactly its rows of the fused layer's B A."""
+    so each module's B A is exactly its rows of the fused layer's B A. `target_modules` are the adapted modules'
+    names within a layer, over every layer."""
     heads = Heads.of(model)
     out: dict[str, torch.Tensor] = {}
     for mcore, hf_names, kind in family.model_entries(model, tied=False):
@@ -285,11 +287,6 @@ def adapters_to_peft(
         for hf_name, b in zip(hf_names, to_hf(kind, adapters[f"{layer}.lora_B"], heads, model.vocab_size)):
             module = PEFT_PREFIX + hf_name.removesuffix(".weight")
             out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = a.clone(), b.contiguous()
-    first = LAYER_PREFIX_MCORE.format(i=0)
-    targets = sorted(
-        hf.removesuffix(".weight")
-        for mcore, hf_names, _ in family.layer_tensors
-        if mcore.endswith(".weight") and f"{first}{mcore.removesuffix('.weight')}.lora_B" in adapters
-        for hf in hf_names
-    )
+    layer_prefix = re.compile("^" + PEFT_PREFIX + re.escape(family.hf_layer_prefix).replace(r"\{i\}", r"\d+"))
+    targets = sorted({layer_prefix.sub("", key.removesuffix(".lora_A.weight")) for key in out if "lora_A" in key})
     return out, targets
