@@ -259,7 +259,7 @@ def corpus(tmp_path_factory):
         ),
         "load-balancing loss with full recompute": (
             ["train", c, on_moe, "parallel.recompute=full"],
-            "a load-balancing loss needs parallel.recompute none or selective",
+            "a load-balancing loss needs recompute none or selective, not full",
         ),
         "MoE with shared experts": (
             ["train", c, f"model.init_from={shared_experts}"],

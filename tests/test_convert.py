@@ -71,36 +71,32 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def families_converted(tmp_path_factory):
-    """Each of today's families (conftest.FAMILY_CASES, saved by transformers' own classes) to Megatron at TP=2 x PP=2
-    with `--check` (transformers' class as the oracle), and back to HF."""
+    """Each of today's families (conftest.FAMILY_CASES, saved by transformers' own classes in shards) to Megatron at
+    TP=2 x PP=2 with `--check` (transformers' class as the oracle), and back to HF; MoE ones also at EP=2 x PP=2 and in
+    parts."""
     root = tmp_path_factory.mktemp("families")
     out = {}
-    for case in FAMILY_CASES:
-        src, mc, back = root / case, root / f"{case}_mc", root / f"{case}_back"
-        tiny_hf_family(case, seed=5, vocab_size=VOCAB).save_pretrained(src)
+    # mixtures of experts also written by EP=2 x PP=2 processes (each reading its experts only) and in parts by one
+    # process (experts are saved per layer, the other tensors stacked over the layers)
+    extra = {
+        "mixtral_ep2_pp2": ("mixtral", ["--ep", "2", "--pp", "2"]),
+        "qwen3_moe_unnormed_parts": ("qwen3_moe_unnormed", []),
+    }
+    jobs = {case: (case, ["--tp", "2", "--pp", "2"]) for case in FAMILY_CASES} | extra
+    for name, (case, layout) in jobs.items():
+        src, mc, back = root / name, root / f"{name}_mc", root / f"{name}_back"
+        # the parts writer writes a part per HF shard: shards of about one layer
+        tiny_hf_family(case, seed=5, vocab_size=VOCAB).save_pretrained(src, max_shard_size="100KB")
         result = run_mdpo(
-            [
-                "convert",
-                "hf-to-megatron",
-                "--hf",
-                str(src),
-                "--out",
-                str(mc),
-                "--tp",
-                "2",
-                "--pp",
-                "2",
-                "--check",
-                "--check-rows",
-                "2",
-            ]
+            ["convert", "hf-to-megatron", "--hf", str(src), "--out", str(mc), *layout, "--check", "--check-rows", "2"]
         )
         assert result.returncode == 0, result.stderr[-3000:]
         checked = [line for line in result.stdout.splitlines() if "check: 2 rows" in line]
         assert len(checked) == 1 and checked[0].endswith(": ok"), result.stdout
         result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(mc), "--out", str(back)])
         assert result.returncode == 0, result.stderr[-3000:]
-        out[case] = (src, mc, back)
+        out[name] = (src, mc, back)
+    assert len(list((root / "qwen3_moe_unnormed_parts_mc").glob("part*.distcp"))) > 2  # really written in parts
     return out
 
 

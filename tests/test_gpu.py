@@ -17,6 +17,7 @@ from conftest import (
     model_config,
     random_pairs,
     run_mdpo,
+    tiny_hf_family,
     tiny_hf_llama,
 )
 
@@ -206,3 +207,30 @@ def test_fused_swiglu_bf16_keeps_two_fewer_mlp_activations(megatron_world):
     assert torch.allclose(fused, unfused, rtol=1e-2, atol=0.05), (fused, unfused)
     saved = 2 * cfg.intermediate_size * 2 * tokens * cfg.num_hidden_layers
     assert peak_unfused - peak_fused >= 0.8 * saved, (peak_unfused, peak_fused, saved)
+
+
+def test_moe_bf16_logps_on_the_gpu_layers(megatron_world, tmp_path):
+    """Qwen3-MoE on the GPU's layers (Transformer Engine's grouped-GEMM experts where TE is installed: their weights
+    loaded under TE's names; else the local layers), Megatron's all-to-all dispatcher on CUDA, bf16: each sequence's
+    log-prob close to transformers' float64 one (near ties in the routing may flip in bf16: the tolerance is bf16's)."""
+    from transformers import AutoModelForCausalLM
+
+    from mdpo.checkpoint.description import describe_model
+    from mdpo.checkpoint.load import load_initial_weights
+    from mdpo.models.gpt import build_gpt_model, packs_as_thd, transformer_config, use_scoring_head
+    from mdpo.training.step import Scorer
+
+    tiny_hf_family("qwen3_moe", seed=3, vocab_size=VOCAB).save_pretrained(tmp_path / "moe")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", experts_implementation="eager").double().eval()
+    pairs = random_pairs()
+    want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
+    want += [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs]
+    model = describe_model({"init_from": str(tmp_path / "moe")})
+    gpt = build_gpt_model(model, transformer_config(model, params_dtype=torch.bfloat16)).cuda()
+    load_initial_weights(gpt, model)
+    gpt = use_scoring_head(gpt).eval()
+    batch = collate_as("packed", pairs).to("cuda")
+    scorer = Scorer(model, chunk_tokens=7, thd=packs_as_thd(model, torch.bfloat16))
+    with torch.no_grad():
+        got = scorer.stats(batch, gpt, scorer.forward(batch, gpt)).logps.double().cpu()
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=2e-2, atol=0.1), (got, want)

@@ -200,3 +200,29 @@ def assert_same_run(want_run, got_run, start: Path, name: str) -> None:
         assert err <= 1e-5 * scale, (name, key, err, scale)
         # the check has teeth: training moved every tensor by far more than the tolerance
         assert (want - initial[key]).abs().max().item() > 10 * 1e-5 * scale, key
+
+
+@pytest.mark.parametrize("rows", ["packed", "one_pair_rows"])
+def test_expert_parallel_forward_passes_over_uneven_shares(setup, rows):
+    """`precompute-ref` at EP=2 over 2 processes whose shares differ (63 train pairs, 7 eval pairs: 32 / 31 and 4 / 3):
+    every forward joins both ranks' all-to-all, so the rank with fewer micro-batches splits a pack or repeats one
+    (an echo, not counted) instead of leaving the other waiting; each pair's reference log-probs equal one process's."""
+    data = setup / "data"
+    lines = {split: (data / f"{split}.jsonl").read_text().splitlines() for split in ("train", "eval")}
+    (setup / "odd_train.jsonl").write_text("\n".join(lines["train"][:63]) + "\n")
+    (setup / "odd_eval.jsonl").write_text("\n".join(lines["eval"][:7]) + "\n")
+    shape = ["data.packing=true", "data.pack_tokens=160"] if rows == "packed" else ["schedule.micro_batch_size=1"]
+    caches = {}
+    for nproc, layout in ((1, []), (2, ["parallel.ep=2"])):
+        cache = setup / f"ep_cache_{rows}_{nproc}"
+        args = ["precompute-ref", str(setup / "config.yaml"), f"model.init_from={setup / 'qwen3_moe'}", *shape]
+        args += [f"data.train_file={setup / 'odd_train.jsonl'}", f"data.eval_file={setup / 'odd_eval.jsonl'}"]
+        args += [f"dpo.reference_cache={cache}", f"logging.run_dir={cache}_run", *layout]
+        result = run_mdpo(args, nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        caches[nproc] = {split: load_file(str(cache / f"{split}.safetensors")) for split in ("train", "eval")}
+    for split, count in (("train", 63), ("eval", 7)):
+        one, two = caches[1][split], caches[2][split]
+        assert torch.equal(one["index"], torch.arange(count)) and torch.equal(two["index"], one["index"]), split
+        for key in (k for k in one if k != "index"):
+            assert torch.allclose(two[key], one[key], rtol=1e-5, atol=1e-5), (split, key)

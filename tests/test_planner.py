@@ -412,10 +412,11 @@ def test_moe_search_follows_the_expert_and_load_balancing_rules():
         assert model.num_experts % lay.ep == 0 and (lay.tp * lay.cp * lay.dp) % (lay.ep * lay.expert_tp) == 0
         assert lay.pp == 1 and p.candidate.recompute != "full"
     piped = planner.Candidate.on(cluster.world, tp=2, pp=2, ep=4, sequence_parallel=True, pack_tokens=4096)
-    assert "needs PP=1" in "; ".join(planner.check_layout(model, piped, workload, cluster))
+    assert "needs PP=1: it sums the routing" in "; ".join(planner.check_layout(model, piped, workload, cluster))
     assert not planner.check_layout(model, piped, dataclasses.replace(workload, router_aux_loss_coef=0.0), cluster)
     no_sp = planner.Candidate.on(cluster.world, tp=2, ep=8)
-    assert "needs SP" in "; ".join(planner.check_layout(model, no_sp, workload, cluster))
+    problems = "; ".join(planner.check_layout(model, no_sp, workload, cluster))
+    assert "with a mixture-of-experts model needs SP=true" in problems
 
     quiet = dataclasses.replace(cluster, collective_latency_us=0.0)
     within, across = (

@@ -147,3 +147,39 @@ def test_tulu3_recipe_runs_tulu3s_settings_over_llama3s_tokenizer(tmp_path):
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)
     assert json.loads((work / "hf" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+
+
+def test_qwen3_moe_recipe_trains_with_expert_parallelism(tmp_path):
+    """examples/dpo_qwen3_30b_a3b.sh on CPU with a tiny Qwen3-MoE (4 experts, one dense layer) and the real Qwen
+    tokenizer over the UltraFeedback sample: converted in one process, the reference precomputed and DPO run at EP=2
+    over 2 processes; the load-balancing loss is logged and the export keeps the source's config.json."""
+    tokenizer = shared_path("tokenizers", "qwen2")
+    data = shared_path("data", "ultrafeedback_binarized_sample_200.jsonl")
+    hf = tmp_path / "Qwen3-30B-A3B"
+    # Qwen's 151,936-row table (its tokenizer has 151,665 ids)
+    tiny_hf_family("qwen3_moe", vocab_size=151936, hidden_size=32, num_hidden_layers=2).save_pretrained(hf)
+    for file in tokenizer.iterdir():
+        shutil.copy(file, hf / file.name)
+    work = tmp_path / "work"
+    env = subprocess_env(
+        NNODES="1",
+        GPUS_PER_NODE="2",
+        TP="1",
+        EP="2",
+        MAX_LENGTH="48",
+        HF_MODEL=str(hf),
+        DATA=str(data),
+        WORK=str(work),
+        MASTER_PORT=str(free_port()),
+    )
+    cmd = ["bash", "examples/dpo_qwen3_30b_a3b.sh", "data.max_prompt_length=24", "schedule.train_steps=2"]
+    cmd += ["logging.progress=false", "logging.plot=false"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    assert config["parallel"]["ep"] == 2 and config["parallel"]["etp"] == 1 and config["parallel"]["pp"] == 1
+    assert config["model"]["num_experts"] == 4 and config["model"]["router_aux_loss_coef"] == 0.001
+    assert config["data"]["template"] == "tokenizer" and config["schedule"]["global_batch_size"] == 128
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["aux_loss"] > 0 for r in records)
+    assert json.loads((work / "hf" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())

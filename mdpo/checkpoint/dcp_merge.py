@@ -62,9 +62,15 @@ def plan_parts(model: ModelConfig, padded_vocab: int, element_size: int, part_by
     return parts
 
 
+def _stacked(key: str) -> bool:
+    """A tensor stacked over the layers (`decoder.layers.<name>`, the layer its first axis); MoE experts are saved
+    per layer (`decoder.layers.<i>.mlp.experts...`, the expert their first axis)."""
+    return key.startswith("decoder.layers.") and not key.split(".")[2].isdigit()
+
+
 def _cut_layers(entry: object, first: int, count: int) -> object:
     """A stacked layer tensor's shard as part of a grid of `count` layers starting at layer `first`."""
-    if not (isinstance(entry, ShardedTensor) and entry.prepend_axis_num):
+    if not (isinstance(entry, ShardedTensor) and entry.prepend_axis_num and _stacked(entry.key)):
         return entry
     return dataclasses.replace(
         entry,
@@ -81,7 +87,7 @@ def merge_part(merged: Metadata | None, part_dir: Path, tmp: Path, k: int, first
     move = lambda offsets: torch.Size([offsets[0] + first, *offsets[1:]])
     stacked = set()
     for fqn, meta in metadata.state_dict_metadata.items():
-        if isinstance(meta, TensorStorageMetadata) and fqn.startswith("decoder.layers."):
+        if isinstance(meta, TensorStorageMetadata) and _stacked(fqn):
             stacked.add(fqn)
             meta.size = torch.Size([num_layers, *meta.size[1:]])
             meta.chunks = [ChunkStorageMetadata(move(c.offsets), c.sizes) for c in meta.chunks]

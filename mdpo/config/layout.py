@@ -214,6 +214,28 @@ class Layout:
                 f"divide the experts' width {expert_width}"
             )
 
+    def check_moe(self, experts: int | None, aux_coef: float, recompute: str) -> None:
+        """What training a mixture of experts adds: Megatron-Core's MoE layers train under TP only with sequence
+        parallelism; transformers' load-balancing loss (on when `aux_coef` > 0) sums every layer's routing of a
+        forward on the last stage, so it needs one pipeline stage and routers that run once per forward (full
+        recompute runs them without gradients first)."""
+        if not experts:
+            return
+        w = self.wording
+        if self.tp > 1 and not self.sequence_parallel:
+            raise ConfigError(
+                f"{w.sized('tp', self.tp)} with a mixture-of-experts model needs {w.name('sequence_parallel')}=true "
+                "(Megatron-Core's MoE layers train under tensor parallelism only with it)"
+            )
+        off = "router_aux_loss_coef 0 trains without it"
+        if aux_coef and self.pp > 1:
+            raise ConfigError(
+                f"a load-balancing loss (router_aux_loss_coef={aux_coef}) needs {w.name('pp')}=1: it sums the routing "
+                f"of every layer, which a pipeline splits over stages; {off}"
+            )
+        if aux_coef and recompute == "full":
+            raise ConfigError(f"a load-balancing loss needs recompute none or selective, not full; {off}")
+
     def check_batch(self, global_batch: int, micro_batch: int, packing: bool) -> None:
         """A global batch splits evenly over the DP ranks, and (padded rows) each share into whole micro-batches;
         the interleaved schedule needs at least PP pairs per DP rank (each a micro-batch of its own if need be)."""

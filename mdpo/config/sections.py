@@ -613,8 +613,7 @@ class TrainConfig:
         layout.check_model(
             m.num_attention_heads, m.num_key_value_heads, m.num_hidden_layers, m.num_experts, m.expert_width
         )
-        if m.is_moe:
-            self._check_moe()
+        layout.check_moe(m.num_experts, self.router_aux_loss_coef, self.parallel.recompute)
         need(
             m.sliding_window is None or m.sliding_window >= self.data.max_length,
             f"model.sliding_window={m.sliding_window} is shorter than data.max_length={self.data.max_length}: mdpo "
@@ -645,29 +644,6 @@ class TrainConfig:
             return 0.0
         coef = self.dpo.router_aux_loss_coef
         return self.model.router_aux_loss_coef if coef is None else coef
-
-    def _check_moe(self) -> None:
-        """The load-balancing loss is transformers' (one sum over every layer's routing of a micro-batch), which the
-        last stage computes from all layers' router sums: one pipeline stage, and routers run once per forward.
-        Megatron's MoE layers train under TP only with sequence parallelism."""
-        need(
-            self.parallel.tp == 1 or self.parallel.sequence_parallel,
-            f"parallel.tp={self.parallel.tp} with a mixture-of-experts model needs parallel.sequence_parallel=true "
-            "(Megatron-Core's MoE layers train under tensor parallelism only with it)",
-        )
-        if self.router_aux_loss_coef == 0:
-            return
-        why = "set dpo.router_aux_loss_coef=0 to train without the load-balancing loss"
-        need(
-            self.parallel.pp == 1,
-            f"a load-balancing loss (router_aux_loss_coef={self.router_aux_loss_coef}) needs parallel.pp=1: it "
-            f"sums the routing of every layer, which a pipeline splits over stages; {why}",
-        )
-        need(
-            self.parallel.recompute != "full",
-            "a load-balancing loss needs parallel.recompute none or selective (full recompute runs the routers "
-            f"without gradients first); {why}",
-        )
 
     def _check_lora(self) -> None:
         need(

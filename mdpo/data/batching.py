@@ -50,6 +50,7 @@ class MicroBatch:
     # others 1 (sums to num_input_tokens), and the pair (0..m-1) it belongs to: MoE load balancing is per pair
     token_weights: torch.Tensor | None = None
     token_pairs: torch.Tensor | None = None
+    echo: bool = False  # a repeat that only keeps an expert-parallel group's forwards in step: results not counted
 
     @property
     def num_pairs(self) -> int:

@@ -1,7 +1,8 @@
 """Cut a full Megatron state dict into one TP/PP rank's piece, and glue pieces back.
 
 Shared by every model family: tensor names follow Megatron-Core's GPTModel (local layer spec); the Transformer
-Engine spec fuses the two norms into the following linear layers, which `te_name` translates.
+Engine spec fuses the norms into the following linear layers (a MoE layer keeps its pre-MLP norm) and keeps a MoE
+layer's experts as grouped GEMMs (`linear_fc1.weight<j>`), which `te_name` translates.
 """
 
 from __future__ import annotations
@@ -57,7 +58,16 @@ def unshard_tensor(parts: list[torch.Tensor], rule: tuple[int, int] | None) -> t
     return torch.cat([split[r][s] for s in range(stride) for r in range(len(parts))], dim=dim)
 
 
+# A local expert's weight <-> its name in Transformer Engine's grouped experts (TEGroupedMLP)
+_LOCAL_EXPERT = re.compile(r"^(.*\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc[12])\.weight$")
+_GROUPED_EXPERT = re.compile(r"^(.*\.mlp\.experts\.)(linear_fc[12])\.weight(\d+)$")
+
+
 def te_name(name: str) -> str:
+    """Local-spec name -> Transformer Engine spec name (a fused norm's name is what a dense layer calls it)."""
+    expert = _LOCAL_EXPERT.match(name)
+    if expert:
+        return f"{expert.group(1)}{expert.group(3)}.weight{expert.group(2)}"
     match = _LAYER.match(name)
     if match and match.group(2) in _TE_NAMES:
         return f"decoder.layers.{match.group(1)}.{_TE_NAMES[match.group(2)]}"
@@ -66,6 +76,9 @@ def te_name(name: str) -> str:
 
 def te_name_inverse(name: str) -> str:
     """Transformer Engine spec name -> local-spec name (identity for names the specs share)."""
+    expert = _GROUPED_EXPERT.match(name)
+    if expert:
+        return f"{expert.group(1)}local_experts.{expert.group(3)}.{expert.group(2)}.weight"
     match = _LAYER.match(name)
     if match:
         for local, te in _TE_NAMES.items():
@@ -144,7 +157,8 @@ def load_into(module: torch.nn.Module, local: Mapping[str, torch.Tensor], *, par
     a subset (a caller streaming tensors one at a time checks completeness itself)."""
     own = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
     te = any(k.endswith("layer_norm_weight") for k in own)
-    renamed = {(te_name(k) if te else k): v for k, v in local.items()}
+    # a MoE layer's pre-MLP norm keeps its local name under TE
+    renamed = {(te_name(k) if te and te_name(k) in own else k): v for k, v in local.items()}
     missing = [] if partial else sorted(set(own) - set(renamed))
     extra = sorted(set(renamed) - set(own))
     if missing or extra:

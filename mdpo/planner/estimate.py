@@ -520,6 +520,7 @@ def check_layout(model: ModelConfig, candidate: Candidate, workload: Workload, c
         partial(layout.check_batch, workload.global_batch, candidate.micro_batch, candidate.packing),
         partial(layout.check_rows, candidate.packing),
         partial(layout.check_attention, "auto", model.position_embedding),  # e.g. ALiBi has no CP
+        partial(layout.check_moe, model.num_experts, workload.aux_loss(model), candidate.recompute),
     )
     for rule in rules:
         try:
@@ -531,21 +532,6 @@ def check_layout(model: ModelConfig, candidate: Candidate, workload: Workload, c
         problems.append("a pack must hold the longest pair")
     if candidate.share_prompt and layout.cp > 1:
         problems.append("a shared prompt needs CP=1 (context parallelism cuts rows into chunks)")
-    return problems + _moe_problems(model, candidate, workload)
-
-
-def _moe_problems(model: ModelConfig, candidate: Candidate, workload: Workload) -> list[str]:
-    """What an MoE model adds: Megatron's MoE layer trains with TP > 1 only under sequence parallelism, and the
-    load-balancing loss (on unless --router-aux-loss-coef 0) sums every layer's routing in the last stage, so it
-    needs one pipeline stage and routers that run once per forward (the trainer's rule: no full recompute)."""
-    layout, aux = candidate.layout, workload.aux_loss(model)
-    problems = []
-    if model.is_moe and layout.tp > 1 and not layout.sequence_parallel:
-        problems.append("an MoE model with TP > 1 needs SP (Megatron's MoE layer refuses to train without it)")
-    if aux and layout.pp > 1:
-        problems.append(f"the load-balancing loss (router_aux_loss_coef {aux:g}) needs PP=1 (0 turns it off)")
-    if aux and candidate.recompute == "full":
-        problems.append(f"the load-balancing loss (router_aux_loss_coef {aux:g}) needs recompute none or selective")
     return problems
 
 

@@ -59,18 +59,21 @@ def make_microbatches(
     pad_id: int,
     cp_rank: int = 0,
     share_prompt: bool = False,
+    at_least: int = 0,
 ) -> list[MicroBatch]:
     """Micro-batches of the given pairs: packs (data.packing) or groups of micro_batch_size padded pairs, each as
     long as the layout needs (`Layout.sequence_multiple`), each pair's prompt once when `share_prompt`; with
-    context parallelism (never with a shared prompt) this CP rank keeps its two chunks of every row."""
+    context parallelism (never with a shared prompt) this CP rank keeps its two chunks of every row. At least
+    `Layout.min_microbatches` and `at_least` of them where there are that many pairs."""
+    count = max(layout.min_microbatches, at_least)
     if data.packing:
         budget = data.pack_budget
-        groups = split_groups(pack_microbatches(pairs, indices, budget, shared=share_prompt), layout.min_microbatches)
+        groups = split_groups(pack_microbatches(pairs, indices, budget, shared=share_prompt), count)
         return [
             collate_packed([pairs[i] for i in g], pad_id, budget, layout.pack_multiple, share_prompt) for g in groups
         ]
     mbs = schedule.micro_batch_size
     build = collate_shared if share_prompt else collate
-    groups = split_groups([indices[k : k + mbs] for k in range(0, len(indices), mbs)], layout.min_microbatches)
+    groups = split_groups([indices[k : k + mbs] for k in range(0, len(indices), mbs)], count)
     batches = (build([pairs[i] for i in g], pad_id, layout.sequence_multiple) for g in groups)
     return [context_parallel_share(batch, layout.cp, cp_rank) for batch in batches]

@@ -43,6 +43,7 @@ def evaluate_pairs(
         for chunk in run.device_chunks(run.microbatches(cfg, pairs, mine)):
             references = reference.logps(chunk, "eval")
             with torch.no_grad():
-                outputs += run_schedule(step, chunk, policy, forward_only=True, references=references)
-            bar.update(sum(len(mb.pair_ids) for mb in chunk))
+                found = run_schedule(step, chunk, policy, forward_only=True, references=references)
+            outputs += [out for out, mb in zip(found, chunk) if not mb.echo]  # (found: last stage only)
+            bar.update(sum(len(mb.pair_ids) for mb in chunk if not mb.echo))
     return step_record([out["sums"] for out in outputs], objective.metric_names, prefix="eval_")

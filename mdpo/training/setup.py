@@ -3,6 +3,7 @@ and a pipeline stage of the model with its starting weights. Shared by training 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,8 +47,11 @@ class Run:
 
     def microbatches(self, cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int]) -> list[MicroBatch]:
         """This rank's pairs (`indices` into `pairs`) as micro-batches of its layout, on the host (at least
-        `Layout.min_microbatches` of them when there are that many pairs)."""
-        return make_microbatches(
+        `Layout.min_microbatches` of them when there are that many pairs). Under expert parallelism every rank
+        runs as many as the rank with the most (each MoE layer's all-to-all joins the ranks of an expert group in
+        every forward): micro-batches are split where there are pairs enough, and a rank short of pairs repeats its
+        last one as an `echo` (its results are not counted)."""
+        build = lambda at_least: make_microbatches(
             cfg.data,
             cfg.schedule,
             self.layout,
@@ -56,7 +60,16 @@ class Run:
             self.tokenizer.pad_token_id,
             self.ranks.cp,
             self.share_prompt,
+            at_least,
         )
+        batches = build(0)
+        if self.layout.ep == 1:
+            return batches
+        most = torch.tensor(len(batches), device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        if int(most) > len(batches):
+            batches = build(int(most))
+        return batches + [dataclasses.replace(batches[-1], echo=True)] * (int(most) - len(batches))
 
     def on_device(self, batches: list[MicroBatch]) -> list[MicroBatch]:
         return [mb.to(self.device) for mb in batches] if self.device is not None else batches
