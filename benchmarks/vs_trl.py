@@ -3,6 +3,11 @@
     pip install -e ".[bench]"   # TRL
     python benchmarks/vs_trl.py --data real     # all 200 UltraFeedback rows, Tulu 2, max_length 1024, hidden 256
     python benchmarks/vs_trl.py --data short    # pairs of at most 384 tokens both tokenize alike, hidden 128
+    python benchmarks/vs_trl.py --model qwen3_moe --micro-batch 1   # a Qwen3-MoE, its load-balancing loss on
+
+`--model qwen3_moe`: a Qwen3-MoE of the same width (8 experts of width hidden, top 2, renormalised, the
+load-balancing loss weighted 0.01); at `--micro-batch 1` TRL's loss (DPO + 0.01 x transformers' aux_loss of the
+pair's two sequences) is what mdpo computes per pair, and `aux_loss` is compared too.
 
 `--data real` (what users train on): every row of ../shared/data/ultrafeedback_binarized_sample_200.jsonl, one
 epoch. mdpo reads the file itself (its UltraFeedback reader and Tulu 2 template); TRL gets the same conversations as
@@ -58,6 +63,7 @@ REAL_MODEL = {
     "num_key_value_heads": 8,
     "max_position_embeddings": 2048,
 }
+MOE = dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.01)
 TOKENIZER = SHARED / "tokenizers" / "llama2"
 ULTRAFEEDBACK = SHARED / "data" / "ultrafeedback_binarized_sample_200.jsonl"
 
@@ -212,6 +218,7 @@ def run_mdpo(name: str, root: Path, hf: Path, data: list[str], args, *extra: str
     train = [r for r in records if "loss" in r and "eval_loss" not in r]
     return {
         "losses": [r["loss"] for r in train],
+        "aux": [r.get("aux_loss", 0.0) for r in train],
         "step_s": [r["num_tokens"] / r["tokens_per_second"] for r in train],
         "precompute_s": precompute,
         "cpu": (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime),
@@ -305,12 +312,13 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="/tmp/mdpo_vs_trl")
+    parser.add_argument("--model", choices=("llama", "qwen3_moe"), default="llama")
     args = parser.parse_args()
     real = args.data == "real"
     args.micro_batch = args.micro_batch or (8 if real else 4)
     args.max_length = args.max_length or (1024 if real else 384)
     torch.set_num_threads(args.threads)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from mdpo.data.encoding import load_tokenizer
 
@@ -319,7 +327,12 @@ def main() -> None:
     root.mkdir(parents=True)
     tokenizer = load_tokenizer(str(TOKENIZER))
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**(REAL_MODEL if real else MODEL))).save_pretrained(root / "hf")
+    shape = REAL_MODEL if real else MODEL
+    if args.model == "qwen3_moe":
+        moe = Qwen3MoeConfig(**shape, **MOE, moe_intermediate_size=shape["hidden_size"], rope_theta=10000.0)
+        Qwen3MoeForCausalLM(moe).save_pretrained(root / "hf")
+    else:
+        LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(root / "hf")
     rows, data, tokens = (real_pairs if real else short_pairs)(root, tokenizer, args)
     pairs = len(rows)
 
@@ -331,6 +344,7 @@ def main() -> None:
     runs = {
         "TRL DPOTrainer (online reference)": {
             "losses": trl_losses,
+            "aux": [h.get("aux_loss", 0.0) for h in trainer.state.log_history if "loss" in h],
             "step_s": timer.steps,
             "precompute_s": 0.0,
             "cpu": (after.user - before.user, after.system - before.system),
@@ -350,18 +364,21 @@ def main() -> None:
     base = pairs / sum(runs["TRL DPOTrainer (online reference)"]["step_s"])
     print(
         f"\n{'run':<38} {'pairs/s':>8} {'tokens/s':>9} {'x TRL':>6} {'CPU user/sys s':>15} "
-        f"{'max |loss - TRL|':>17} {'precompute s':>13}"
+        f"{'max |loss - TRL|':>17} {'precompute s':>13} {'max |aux_loss - TRL|':>21}"
     )
+    trl_aux = runs["TRL DPOTrainer (online reference)"]["aux"]
     for name, run in runs.items():
         seconds = sum(run["step_s"])
         user, system = run["cpu"]
         diff = max(abs(a - b) for a, b in zip(run["losses"], trl_losses, strict=True))
+        aux = max(abs(a - b) for a, b in zip(run["aux"], trl_aux, strict=True))
         print(
             f"{name:<38} {pairs / seconds:>8.3f} {tokens / seconds:>9.0f} {pairs / seconds / base:>6.2f} "
-            f"{f'{user:.0f}/{system:.0f}':>15} {diff:>17.2e} {run['precompute_s']:>13.1f}"
+            f"{f'{user:.0f}/{system:.0f}':>15} {diff:>17.2e} {run['precompute_s']:>13.1f} {aux:>21.2e}"
         )
     print(
-        f"(CPU, {args.threads} threads, data {args.data}: {pairs} pairs, {tokens} tokens as TRL counts them; TRL "
+        f"(CPU, {args.threads} threads, model {args.model}, data {args.data}: {pairs} pairs, {tokens} tokens as TRL "
+        "counts them; TRL "
         f"loss at step 1 / {args.steps}: {trl_losses[0]:.6f} / {trl_losses[-1]:.6f}; CPU time includes start-up and, "
         "for mdpo, the precompute)"
     )

@@ -10,7 +10,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mdpo"
 # Imported inside the function that needs them: installed only for some runs (pyproject's extras) or torch versions.
-OPTIONAL = {"transformer_engine.pytorch", "torch.utils.tensorboard", "wandb", "torch.nn.attention.varlen"}
+OPTIONAL = {
+    "transformer_engine.pytorch",
+    "megatron.core.extensions.transformer_engine",  # imports only where Transformer Engine is installed
+    "torch.utils.tensorboard",
+    "wandb",
+    "torch.nn.attention.varlen",
+}
 
 
 def _module_name(path: Path) -> str:

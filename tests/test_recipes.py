@@ -166,6 +166,7 @@ def test_qwen3_moe_recipe_trains_with_expert_parallelism(tmp_path):
         GPUS_PER_NODE="2",
         TP="1",
         EP="2",
+        GLOBAL_BATCH="32",  # of the 200 pairs (the recipe's own 128 x nodes is _dpo_recipe.sh's, tested above)
         MAX_LENGTH="48",
         HF_MODEL=str(hf),
         DATA=str(data),
@@ -179,7 +180,7 @@ def test_qwen3_moe_recipe_trains_with_expert_parallelism(tmp_path):
     config = yaml.safe_load((work / "config.yaml").read_text())
     assert config["parallel"]["ep"] == 2 and config["parallel"]["etp"] == 1 and config["parallel"]["pp"] == 1
     assert config["model"]["num_experts"] == 4 and config["model"]["router_aux_loss_coef"] == 0.001
-    assert config["data"]["template"] == "tokenizer" and config["schedule"]["global_batch_size"] == 128
+    assert config["data"]["template"] == "tokenizer" and config["schedule"]["global_batch_size"] == 32
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["aux_loss"] > 0 for r in records)
     assert json.loads((work / "hf" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())

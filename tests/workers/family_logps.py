@@ -18,7 +18,8 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-# name: (parallel section, data section, model overrides); every layout has DP = world / (TP x PP x CP)
+# name: (parallel section, data section, model overrides); every layout has DP = world / (TP x PP x CP). Dense models
+# run the layouts without experts, mixtures of experts those with EP and MOE_TOO (MoE training under TP needs SP).
 LAYOUTS = {
     "tp2": (dict(tp=2), dict(), dict()),
     "tp2_sp_packed_shared": (dict(tp=2, sequence_parallel=True), dict(packing=True, share_prompt=True), dict()),
@@ -31,6 +32,7 @@ LAYOUTS = {
     "tp2_sp_ep2_packed": (dict(tp=2, sequence_parallel=True, ep=2, etp=1), dict(packing=True), dict()),
     "ep2_pp2": (dict(ep=2, pp=2), dict(share_prompt=True), dict()),
 }
+MOE_TOO = ("tp2_sp_packed_shared", "pp2_vpp2_shared", "cp2")
 
 
 def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
@@ -54,7 +56,7 @@ def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
         results[name] = {}
         for folder in folders:
             model = describe_model({"init_from": folder, **overrides})
-            if sizes.get("ep", 1) > 1 and not model.is_moe:
+            if (sizes.get("ep", 1) > 1) != model.is_moe and name not in MOE_TOO:
                 continue
             cfg = TrainConfig(
                 model=model,
