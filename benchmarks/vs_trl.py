@@ -71,14 +71,14 @@ ULTRAFEEDBACK = SHARED / "data" / "ultrafeedback_binarized_sample_200.jsonl"
 def tulu2_rows(path: Path, eos_token: str) -> list[dict]:
     """UltraFeedback rows as Tulu 2 text for TRL: the conversation before the last turn (the Tulu 2 format as mdpo's
     template writes it), then each last reply."""
-    from mdpo.data.templates import tulu2_prompt
+    from mdpo.data.templates import tulu_prompt
 
     rows = []
     for line in path.read_text().splitlines():
         r = json.loads(line)
         rows.append(
             {
-                "prompt": tulu2_prompt(r["chosen"][:-1], eos_token),
+                "prompt": tulu_prompt(r["chosen"][:-1], eos_token),
                 "chosen": r["chosen"][-1]["content"].strip(),
                 "rejected": r["rejected"][-1]["content"].strip(),
             }
