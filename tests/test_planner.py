@@ -330,9 +330,10 @@ def test_fused_rope_keeps_less_than_the_unfused_rotation(megatron_world):
     assert per_layer[False] - per_layer[True] == pytest.approx(cos_sin, abs=0.01)  # and a 0-d tensor per layer
 
 
-@pytest.mark.parametrize("name", ["base", "pp2"])
+@pytest.mark.parametrize("name", ["base", "pp2", "moe"])
 def test_predicted_peak_memory_within_10_percent_of_a_real_run(name):
-    """A real `mdpo train` (benchmarks/validate_planner.py's configurations): peak RSS over the process floor."""
+    """A real `mdpo train` (benchmarks/validate_planner.py's configurations, a mixture of experts among them): peak
+    RSS over the process floor."""
     cluster = planner.Cluster(planner.GPU(24, 1.0, 1.0, 10.0), gpus_per_node=1, norm_saves=v.CPU_NORM_SAVES)
     model, seq, mbs, *_, reference = v.CONFIGS[name]
     floor = v.floor_gib(seq, mbs, reference, cluster)
