@@ -24,11 +24,12 @@ def _rank_payload(chunks: list[torch.nn.Module], model: ModelConfig) -> tuple | 
     data-parallel rank-0 replica; None where it sends neither."""
     ep_rank, ep = parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size()
     per_rank = (model.num_experts or ep) // ep
+    full_name = lambda name: sharding.expert_global_name(
+        sharding.te_name_inverse(name), ep_rank=ep_rank, per_rank=per_rank
+    )
     local = [
         {
-            sharding.expert_global_name(sharding.te_name_inverse(k), ep_rank=ep_rank, per_rank=per_rank): v.detach()
-            .float()
-            .cpu()
+            full_name(k): v.detach().float().cpu()
             for k, v in chunk.state_dict().items()
             if not k.endswith("_extra_state")
         }
