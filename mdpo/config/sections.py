@@ -163,6 +163,13 @@ class ModelConfig(Section):
     def expert_width(self) -> int:
         return self.moe_intermediate_size or self.intermediate_size
 
+    def aux_loss_coef(self, override: float | None = None) -> float:
+        """The load-balancing loss weight in force: `override` (dpo.router_aux_loss_coef), else config.json's; 0
+        for a dense model."""
+        if not self.is_moe:
+            return 0.0
+        return self.router_aux_loss_coef if override is None else override
+
     def expert_layers(self) -> list[int]:
         """The layers with experts (none for a dense model)."""
         if not self.is_moe:
@@ -639,11 +646,8 @@ class TrainConfig:
 
     @property
     def router_aux_loss_coef(self) -> float:
-        """The load-balancing loss weight in force: dpo's override, else the model's own (0 for dense models)."""
-        if not self.model.is_moe:
-            return 0.0
-        coef = self.dpo.router_aux_loss_coef
-        return self.model.router_aux_loss_coef if coef is None else coef
+        """The load-balancing loss weight in force (`ModelConfig.aux_loss_coef` with dpo's override)."""
+        return self.model.aux_loss_coef(self.dpo.router_aux_loss_coef)
 
     def _check_lora(self) -> None:
         need(

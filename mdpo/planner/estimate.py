@@ -101,9 +101,7 @@ class Workload:
 
     def aux_loss(self, model: ModelConfig) -> float:
         """The load-balancing loss weight in force for `model` (0 for a dense one), as TrainConfig resolves it."""
-        if not model.is_moe:
-            return 0.0
-        return model.router_aux_loss_coef if self.router_aux_loss_coef is None else self.router_aux_loss_coef
+        return model.aux_loss_coef(self.router_aux_loss_coef)
 
 
 _ONE_GPU = Layout(wording=PLANNER_WORDING)
