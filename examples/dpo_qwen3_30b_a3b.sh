@@ -16,8 +16,10 @@
 # 2 x 2048 tokens, the reference precomputed: 62.2 GiB per GPU (45.9 of weights, fp32 gradients and the distributed
 # optimizer's state, the experts' optimizer state sharded over the 2 copies EP=8 leaves of each expert; 15.4 of
 # activations, 0.9 of logits), 3.06 s a step, 0.66 h for the 3 epochs. TP=4 x EP=8 fits too (59.7 GiB) but is 7%
-# slower; PP > 1 is not offered: the load-balancing loss sums every layer's routing on one stage (set
-# dpo.router_aux_loss_coef=0 to pipeline). The first pass converts in one process holding about one HF shard.
+# slower. Pipelines rank faster on paper (TP=2 x PP=8 x VPP=2 without EP: 2.72 s, 66.3 GiB; the planner models
+# neither routing imbalance nor a stage's MoE load); the recipe keeps PP=1, where the load-balancing loss is
+# transformers' own per pair as TRL adds it (with PP > 1 mdpo takes Megatron's per-layer loss:
+# docs/mixture-of-experts.md). The first pass converts in one process holding about one HF shard.
 NNODES=${NNODES:-2}
 HF_MODEL=${HF_MODEL:?set HF_MODEL to a local Qwen3-30B-A3B HF folder}
 DATA=${DATA:?set DATA to the preference data files (e.g. UltraFeedback-binarized train_prefs)}
@@ -26,6 +28,5 @@ TP=${TP:-2}
 EP=${EP:-8}
 MAX_LENGTH=${MAX_LENGTH:-2048}
 TEMPLATE=${TEMPLATE:-tokenizer}
-RECIPE_ARGS=(parallel.sequence_parallel=$([ "$TP" -gt 1 ] && echo true || echo false) parallel.ep="$EP"
-             parallel.etp=1)
+RECIPE_ARGS=(parallel.ep="$EP" parallel.etp=1)  # TP > 1: sequence parallelism turns on by itself (MoE)
 source "$(dirname "$0")/_dpo_recipe.sh"

@@ -9,12 +9,11 @@ log-probs before the call (``ipo``), this module takes the value or the response
 ``sft`` is each pair's mean token NLL where TRL 1.16 pools the chosen tokens of its per-device batch: the two agree
 when those lengths are equal, and only the per-pair mean keeps the loss independent of how a global batch is split
 into micro-batches and ranks. The objective's settings are a `DPOConfig`, which checks them once when it is built:
-`pair_losses` (the training step's path) only computes, and `preference_loss` is the checked entry point for direct
-callers.
+`pair_losses` only computes.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,22 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mdpo.config import LOSS_TYPES, DPOConfig
-from mdpo.errors import ConfigError
 
-__all__ = ["LOSS_TYPES", "PairLosses", "nll_loss", "pair_losses", "preference_loss", "wpo_weights"]
+__all__ = ["LOSS_TYPES", "PairLosses", "pair_losses", "wpo_weights"]
 
-# The DPOConfig fields preference_loss takes as keyword settings (the rest say where the reference comes from).
-OBJECTIVE_SETTINGS = (
-    "loss_type",
-    "loss_weights",
-    "beta",
-    "label_smoothing",
-    "rpo_alpha",
-    "bco_delta",
-    "discopop_tau",
-    "f_divergence",
-    "f_alpha_coef",
-)
 # TRL replaces label_smoothing == 0 by this for exo_pair, whose target distribution needs eps > 0.
 _EXO_DEFAULT_EPS = 1e-3
 # TRL's alpha_divergence: within this of alpha = 1 the score is its limit, the log-ratio (reverse KL)...
@@ -231,8 +217,6 @@ _LOSSES: dict[str, Callable[[_Pairs], Tensor]] = {
     "sigmoid_norm": _sigmoid_norm,
     "sft": _sft,
 }
-_NEEDS_LENGTHS = frozenset({"ipo", "sigmoid_norm"})  # both responses' lengths
-_NEEDS_CHOSEN_LENGTHS = _NEEDS_LENGTHS | {"sft"}
 
 
 @dataclass(frozen=True)
@@ -328,95 +312,6 @@ def pair_losses(
     )
 
 
-def _check_shape(name: str, t: Tensor, like: Tensor) -> None:
-    if tuple(t.shape) != tuple(like.shape):
-        raise ConfigError(f"{name} has shape {tuple(t.shape)}, expected {tuple(like.shape)} like policy_chosen_logps")
-
-
-def _as_lengths(name: str, value: Tensor | Sequence[float], like: Tensor) -> Tensor:
-    """Response token counts as a float tensor shaped like the log-probs; they must be positive."""
-    lengths = torch.as_tensor(value, device=like.device)
-    _check_shape(name, lengths, like)
-    lengths = lengths.to(_compute_dtype(like))
-    bad = ~(lengths > 0)  # also catches NaN
-    if bool(bad.any()):
-        raise ConfigError(f"{name} must be positive token counts, got {lengths[bad][0].item():g}")
-    return lengths
-
-
-def _check_inputs(
-    dpo: DPOConfig,
-    like: Tensor,
-    policy_rejected: Tensor,
-    refs: dict[str, Tensor | None],
-    chosen_lengths: object,
-    rejected_lengths: object,
-) -> None:
-    """preference_loss's inputs: [B] shapes, references unless reference-free, the lengths the loss types read."""
-    if like.dim() != 1:
-        raise ConfigError(f"policy_chosen_logps must have shape [B], got {tuple(like.shape)}")
-    _check_shape("policy_rejected_logps", policy_rejected, like)
-    for name, ref in refs.items():
-        if ref is None:
-            if not dpo.reference_free:
-                raise ConfigError(f"{name} is None but reference_free is False")
-        else:
-            _check_shape(name, ref, like)
-    chosen_users = sorted(_NEEDS_CHOSEN_LENGTHS.intersection(dpo.loss_types))
-    if chosen_lengths is None and (chosen_users or dpo.rpo_alpha > 0):
-        user = f"loss_type {chosen_users[0]!r}" if chosen_users else f"rpo_alpha={dpo.rpo_alpha!r}"
-        raise ConfigError(f"chosen_lengths is required by {user}")
-    rejected_users = sorted(_NEEDS_LENGTHS.intersection(dpo.loss_types))
-    if rejected_lengths is None and rejected_users:
-        raise ConfigError(f"rejected_lengths is required by loss_type {rejected_users[0]!r}")
-
-
-def preference_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    *,
-    chosen_lengths: Tensor | Sequence[float] | None = None,
-    rejected_lengths: Tensor | Sequence[float] | None = None,
-    reference_free: bool = False,
-    **settings: object,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair preference losses and implicit rewards, each shaped [B], with every input checked.
-
-    Log-probs are summed over response tokens. `settings` are DPOConfig's objective fields, its defaults where not
-    given: ``loss_type`` (one of ``LOSS_TYPES`` or a list of them, combined as the ``loss_weights``-weighted sum),
-    ``beta``, ``label_smoothing`` (eps in [0, 0.5): sigmoid (cDPO), sigmoid_norm, robust, exo_pair (eps 0 means 1e-3,
-    as in TRL), aot and aot_unpaired use it), ``rpo_alpha`` (adds ``rpo_alpha`` times loss type sft's term
-    ``-policy_chosen_logps / chosen_lengths``, the chosen response's mean token NLL: RPO, NeMo's sft_loss_weight;
-    ``rpo_alpha=a`` equals ``loss_type=["sigmoid", "sft"], loss_weights=[1, a]``), ``bco_delta`` (bco_pair's reward
-    offset; TRL uses a running mean of past batch rewards, which a caller can keep and pass in), ``discopop_tau``
-    (DiscoPOP's mixing temperature), ``f_divergence`` (reverse_kl, i.e. DPO; forward_kl, js_divergence or
-    alpha_divergence: f-DPO's f'(policy / reference) takes the log-ratio's place in sigmoid, sigmoid_norm, hinge, ipo,
-    exo_pair, robust and discopop, as TRL 1.16's ``f_divergence_type``) and ``f_alpha_coef`` (alpha_divergence's
-    alpha, TRL's ``f_alpha_divergence_coef``).
-
-    - ``reference_free``: reference log-probs are taken as zero (they may then be None).
-    - ``chosen_lengths`` / ``rejected_lengths``: response token counts; required by ipo and sigmoid_norm (which
-      compare per-token average log-probs), and chosen_lengths by sft and ``rpo_alpha > 0``.
-
-    aot and aot_unpaired sort over the batch, so their pair i is not tied to input pair i and the result depends on
-    which pairs share a call (e.g. the local micro-batch).
-    """
-    unknown = sorted(set(settings) - set(OBJECTIVE_SETTINGS))
-    if unknown:
-        raise ConfigError(f"unknown preference_loss option {unknown[0]!r}; known: {', '.join(OBJECTIVE_SETTINGS)}")
-    dpo = DPOConfig(**settings, reference="none" if reference_free else "online")  # checks every setting
-
-    like = policy_chosen_logps
-    refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
-    _check_inputs(dpo, like, policy_rejected_logps, refs, chosen_lengths, rejected_lengths)
-    c_len = _as_lengths("chosen_lengths", chosen_lengths, like) if chosen_lengths is not None else None
-    r_len = _as_lengths("rejected_lengths", rejected_lengths, like) if rejected_lengths is not None else None
-    out = pair_losses(dpo, like, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, c_len, r_len)
-    return out.losses, out.chosen_rewards, out.rejected_rewards
-
-
 def wpo_weights(
     chosen_aligned: Tensor, rejected_aligned: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
 ) -> Tensor:
@@ -426,11 +321,3 @@ def wpo_weights(
     dtype = _compute_dtype(chosen_aligned)
     mean = lambda aligned, lengths: aligned.detach().to(dtype) / lengths.to(dtype).clamp(min=1.0)
     return torch.exp(mean(chosen_aligned, chosen_lengths)) * torch.exp(mean(rejected_aligned, rejected_lengths))
-
-
-def nll_loss(chosen_logps_sum: Tensor, chosen_lengths: Tensor | Sequence[float]) -> Tensor:
-    """Per-pair mean token NLL of the chosen response, ``-sum / length``, shaped [B]: loss type sft's term."""
-    if chosen_logps_sum.dim() != 1:
-        raise ConfigError(f"chosen_logps_sum must have shape [B], got {tuple(chosen_logps_sum.shape)}")
-    logps = chosen_logps_sum.to(_compute_dtype(chosen_logps_sum))
-    return -logps / _as_lengths("chosen_lengths", chosen_lengths, logps)

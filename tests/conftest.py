@@ -9,15 +9,19 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 from forkserver import ForkServer
 from safetensors.torch import load_file
+from torch import Tensor
 
-from mdpo.config import ModelConfig
+from mdpo.config import DPOConfig, ModelConfig
 from mdpo.data.pairs import TokenizedPair
+from mdpo.errors import ConfigError
+from mdpo.loss import pair_losses
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 250  # the tiny models' vocabulary: padded to 256 at TP=1, six padding logits that must not enter the softmax
@@ -73,17 +77,33 @@ _FORK_SERVER: list[ForkServer] = []
 _FORK_SERVER_LOCK = threading.Lock()
 
 
+def fork_server() -> ForkServer:
+    """This pytest worker's fork server, started on first use."""
+    with _FORK_SERVER_LOCK:  # tests may launch from two threads
+        if not _FORK_SERVER:
+            _FORK_SERVER.append(ForkServer(subprocess_env()))
+            atexit.register(_FORK_SERVER[0].close)
+    return _FORK_SERVER[0]
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment of a shell script under test (the recipes): `subprocess_env`, and without CUDA its `mdpo` and
+    `torchrun ... -m mdpo` commands forked by this worker's fork server (tests/shims, first on PATH)."""
+    env = subprocess_env(**extra)
+    if not torch.cuda.is_available():
+        env.update(
+            PATH=f"{REPO / 'tests' / 'shims'}{os.pathsep}{env['PATH']}", MDPO_TEST_FORKSERVER=fork_server().socket
+        )
+    return env
+
+
 def run_mdpo(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """`mdpo ...` (or, when args[0] is a .py file, that script) in a new process (N processes with torchrun's
     environment when nproc > 1), as a user would launch it, forked from this worker's `forkserver` (the imports done
     once); on a CUDA machine a fresh interpreter, under torchrun when nproc > 1."""
     env = subprocess_env()
     if not torch.cuda.is_available():
-        with _FORK_SERVER_LOCK:  # tests may launch from two threads
-            if not _FORK_SERVER:
-                _FORK_SERVER.append(ForkServer(env))
-                atexit.register(_FORK_SERVER[0].close)
-        code, out, err = _FORK_SERVER[0].run(args, env, str(REPO), nproc, timeout)
+        code, out, err = fork_server().run(args, env, str(REPO), nproc, timeout)
         return subprocess.CompletedProcess(["mdpo", *args], code, out, err)
     target = args if args[0].endswith(".py") else ["-m", "mdpo", *args]
     if nproc > 1:
@@ -135,9 +155,11 @@ def randomize(model):
     return model.float().eval()
 
 
-# Tiny checkpoints of today's families, made with transformers' own classes: (config class, its arguments). The
-# shapes exercise every mapping: GQA groups, a head size other than hidden / heads (Qwen 3, Mistral), tied heads,
-# q/k/v biases, per-head q/k norms, and Llama 3's RoPE scaling with parameters other than Megatron's defaults
+# Tiny checkpoints of every registered family (tests/test_convert.py checks that each family has one, and converts
+# them all both ways). The families transformers has are made by its own class, the family's oracle: FAMILY_CASES,
+# case -> (family, its config's arguments); those whose model code is remote are written by hand: REMOTE_CHECKPOINTS
+# below. The shapes exercise every mapping: GQA groups, a head size other than hidden / heads (Qwen 3, Mistral), tied
+# heads, q/k/v biases, per-head q/k norms, and Llama 3's RoPE scaling with parameters other than Megatron's defaults
 # (original context 64 with low/high frequency factors 0.5/2: at the tests' 10-40 positions the scaled and the
 # unscaled rotations differ on most frequencies).
 _COMMON = dict(
@@ -158,30 +180,33 @@ _LLAMA31_SCALING = {
 }
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, rope_theta=1000000.0)
 FAMILY_CASES = {
-    "llama3.1": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling=_LLAMA31_SCALING)),
+    "llama3.1": ("llama", dict(rope_theta=500000.0, rope_scaling=_LLAMA31_SCALING)),
     "llama3.2_tied": (
-        "LlamaConfig",
+        "llama",
         dict(rope_theta=500000.0, tie_word_embeddings=True, rope_scaling={**_LLAMA31_SCALING, "factor": 32.0}),
     ),
-    "qwen2.5": ("Qwen2Config", dict(rope_theta=1000000.0)),
-    "qwen2.5_tied": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
-    "qwen3_tied": ("Qwen3Config", dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
-    "mistral": ("MistralConfig", dict(rope_theta=1000000.0, head_dim=32, sliding_window=None)),
+    "qwen2.5": ("qwen2", dict(rope_theta=1000000.0)),
+    "qwen2.5_tied": ("qwen2", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+    "qwen3_tied": ("qwen3", dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
+    "mistral": ("mistral", dict(rope_theta=1000000.0, head_dim=32, sliding_window=None)),
     # mixtures of experts: 4 experts, top 2 (renormalised, or not), a dense layer among expert layers (Qwen3-MoE's
     # mlp_only_layers / decoder_sparse_step), experts narrower than the dense MLP
-    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, mlp_only_layers=[1], norm_topk_prob=True, **_MOE)),
-    "qwen3_moe_unnormed": ("Qwen3MoeConfig", dict(decoder_sparse_step=2, norm_topk_prob=False, **_MOE)),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen3_moe": ("qwen3_moe", dict(head_dim=32, mlp_only_layers=[1], norm_topk_prob=True, **_MOE)),
+    "qwen3_moe_unnormed": ("qwen3_moe", dict(decoder_sparse_step=2, norm_topk_prob=False, **_MOE)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
 }
 MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral")
 
 
 def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides):
-    """A random model of one of FAMILY_CASES, built by transformers' class for its architecture."""
+    """A random model of one of FAMILY_CASES, built by transformers' class of its family (the family's oracle)."""
     import transformers
 
-    config_class, values = FAMILY_CASES[case]
-    config = getattr(transformers, config_class)(vocab_size=vocab_size, **{**_COMMON, **values, **overrides})
+    from mdpo.models import families
+
+    family, values = FAMILY_CASES[case]
+    config_class = getattr(transformers, families.get(family).oracle).config_class
+    config = config_class(vocab_size=vocab_size, **{**_COMMON, **values, **overrides})
     torch.manual_seed(seed)
     return randomize(transformers.AutoModelForCausalLM.from_config(config))
 
@@ -235,16 +260,16 @@ def mdpo_model(hf_model, attention: str = "auto", fused_swiglu: bool = False, fu
     from mdpo.models import sharding
     from mdpo.models.families import llama
     from mdpo.models.families.base import check_hf_state, iter_hf_to_mcore
-    from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
+    from mdpo.models.gpt import build_gpt_model, transformer_config
 
     cfg = model_config(hf_model.config)
     cfg.attention, cfg.fused_swiglu, cfg.fused_rope = attention, fused_swiglu, fused_rope
-    model = build_gpt_model(cfg, transformer_config(cfg))
+    model = build_gpt_model(cfg, transformer_config(cfg), scoring=True)
     hf_state = hf_model.state_dict()
     check_hf_state(llama.FAMILY, hf_state, cfg)
     full = dict(iter_hf_to_mcore(llama.FAMILY, hf_state, cfg, padded_vocab_size(cfg.vocab_size, 1)))
     sharding.load_into(model, full)  # TP = PP = 1: the full state dict is the rank's
-    return use_scoring_head(model).eval()
+    return model.eval()
 
 
 def random_pairs() -> list[TokenizedPair]:
@@ -389,6 +414,10 @@ def baichuan_checkpoint(folder: Path, heads: int = 6, seed: int = 4) -> Path:
     return _save_hf(folder, _random_state(shapes, seed), config)
 
 
+# The registered families transformers has no class of: a tiny checkpoint of their published layout, by hand
+REMOTE_CHECKPOINTS = {"qwen": qwen_checkpoint, "baichuan": baichuan_checkpoint}
+
+
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     state = {}
     for file in sorted(folder.glob("*.safetensors")):
@@ -412,3 +441,121 @@ for argv in json.loads(sys.argv[1]):
     results.append([code, err.getvalue()])
 print(json.dumps(results))
 """
+
+
+# ------------------------------------------------------------------ the loss with every input checked (tests call it)
+# mdpo.loss.pair_losses takes a DPOConfig that checked itself and tensors the step made; these check both, so the loss
+# tests can state the formulas with plain keyword settings and lists.
+
+# The DPOConfig fields preference_loss takes as keyword settings (the rest say where the reference comes from).
+OBJECTIVE_SETTINGS = (
+    "loss_type",
+    "loss_weights",
+    "beta",
+    "label_smoothing",
+    "rpo_alpha",
+    "bco_delta",
+    "discopop_tau",
+    "f_divergence",
+    "f_alpha_coef",
+)
+
+_NEEDS_LENGTHS = frozenset({"ipo", "sigmoid_norm"})  # both responses' lengths
+_NEEDS_CHOSEN_LENGTHS = _NEEDS_LENGTHS | {"sft"}
+
+
+def _check_shape(name: str, t: Tensor, like: Tensor) -> None:
+    if tuple(t.shape) != tuple(like.shape):
+        raise ConfigError(f"{name} has shape {tuple(t.shape)}, expected {tuple(like.shape)} like policy_chosen_logps")
+
+
+def _as_lengths(name: str, value: Tensor | Sequence[float], like: Tensor) -> Tensor:
+    """Response token counts as a float tensor shaped like the log-probs; they must be positive."""
+    lengths = torch.as_tensor(value, device=like.device)
+    _check_shape(name, lengths, like)
+    lengths = lengths.to(torch.promote_types(like.dtype, torch.float32))
+    bad = ~(lengths > 0)  # also catches NaN
+    if bool(bad.any()):
+        raise ConfigError(f"{name} must be positive token counts, got {lengths[bad][0].item():g}")
+    return lengths
+
+
+def _check_inputs(
+    dpo: DPOConfig,
+    like: Tensor,
+    policy_rejected: Tensor,
+    refs: dict[str, Tensor | None],
+    chosen_lengths: object,
+    rejected_lengths: object,
+) -> None:
+    """preference_loss's inputs: [B] shapes, references unless reference-free, the lengths the loss types read."""
+    if like.dim() != 1:
+        raise ConfigError(f"policy_chosen_logps must have shape [B], got {tuple(like.shape)}")
+    _check_shape("policy_rejected_logps", policy_rejected, like)
+    for name, ref in refs.items():
+        if ref is None:
+            if not dpo.reference_free:
+                raise ConfigError(f"{name} is None but reference_free is False")
+        else:
+            _check_shape(name, ref, like)
+    chosen_users = sorted(_NEEDS_CHOSEN_LENGTHS.intersection(dpo.loss_types))
+    if chosen_lengths is None and (chosen_users or dpo.rpo_alpha > 0):
+        user = f"loss_type {chosen_users[0]!r}" if chosen_users else f"rpo_alpha={dpo.rpo_alpha!r}"
+        raise ConfigError(f"chosen_lengths is required by {user}")
+    rejected_users = sorted(_NEEDS_LENGTHS.intersection(dpo.loss_types))
+    if rejected_lengths is None and rejected_users:
+        raise ConfigError(f"rejected_lengths is required by loss_type {rejected_users[0]!r}")
+
+
+def preference_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    *,
+    chosen_lengths: Tensor | Sequence[float] | None = None,
+    rejected_lengths: Tensor | Sequence[float] | None = None,
+    reference_free: bool = False,
+    **settings: object,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair preference losses and implicit rewards, each shaped [B], with every input checked.
+
+    Log-probs are summed over response tokens. `settings` are DPOConfig's objective fields, its defaults where not
+    given: ``loss_type`` (one of ``LOSS_TYPES`` or a list of them, combined as the ``loss_weights``-weighted sum),
+    ``beta``, ``label_smoothing`` (eps in [0, 0.5): sigmoid (cDPO), sigmoid_norm, robust, exo_pair (eps 0 means 1e-3,
+    as in TRL), aot and aot_unpaired use it), ``rpo_alpha`` (adds ``rpo_alpha`` times loss type sft's term
+    ``-policy_chosen_logps / chosen_lengths``, the chosen response's mean token NLL: RPO, NeMo's sft_loss_weight;
+    ``rpo_alpha=a`` equals ``loss_type=["sigmoid", "sft"], loss_weights=[1, a]``), ``bco_delta`` (bco_pair's reward
+    offset; TRL uses a running mean of past batch rewards, which a caller can keep and pass in), ``discopop_tau``
+    (DiscoPOP's mixing temperature), ``f_divergence`` (reverse_kl, i.e. DPO; forward_kl, js_divergence or
+    alpha_divergence: f-DPO's f'(policy / reference) takes the log-ratio's place in sigmoid, sigmoid_norm, hinge, ipo,
+    exo_pair, robust and discopop, as TRL 1.16's ``f_divergence_type``) and ``f_alpha_coef`` (alpha_divergence's
+    alpha, TRL's ``f_alpha_divergence_coef``).
+
+    - ``reference_free``: reference log-probs are taken as zero (they may then be None).
+    - ``chosen_lengths`` / ``rejected_lengths``: response token counts; required by ipo and sigmoid_norm (which
+      compare per-token average log-probs), and chosen_lengths by sft and ``rpo_alpha > 0``.
+
+    aot and aot_unpaired sort over the batch, so their pair i is not tied to input pair i and the result depends on
+    which pairs share a call (e.g. the local micro-batch).
+    """
+    unknown = sorted(set(settings) - set(OBJECTIVE_SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown preference_loss option {unknown[0]!r}; known: {', '.join(OBJECTIVE_SETTINGS)}")
+    dpo = DPOConfig(**settings, reference="none" if reference_free else "online")  # checks every setting
+
+    like = policy_chosen_logps
+    refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    _check_inputs(dpo, like, policy_rejected_logps, refs, chosen_lengths, rejected_lengths)
+    c_len = _as_lengths("chosen_lengths", chosen_lengths, like) if chosen_lengths is not None else None
+    r_len = _as_lengths("rejected_lengths", rejected_lengths, like) if rejected_lengths is not None else None
+    out = pair_losses(dpo, like, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, c_len, r_len)
+    return out.losses, out.chosen_rewards, out.rejected_rewards
+
+
+def nll_loss(chosen_logps_sum: Tensor, chosen_lengths: Tensor | Sequence[float]) -> Tensor:
+    """Per-pair mean token NLL of the chosen response, ``-sum / length``, shaped [B]: loss type sft's term."""
+    if chosen_logps_sum.dim() != 1:
+        raise ConfigError(f"chosen_logps_sum must have shape [B], got {tuple(chosen_logps_sum.shape)}")
+    logps = chosen_logps_sum.to(torch.promote_types(chosen_logps_sum.dtype, torch.float32))
+    return -logps / _as_lengths("chosen_lengths", chosen_lengths, logps)

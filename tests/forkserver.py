@@ -107,7 +107,7 @@ def _launch(conn: socket.socket, request: dict) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # a fresh file, or a client's /proc/PID/fd/N
         os.dup2(file, fd)
         os.close(file)
     nproc = request["nproc"]
@@ -119,8 +119,27 @@ def _launch(conn: socket.socket, request: dict) -> None:
     os._exit(0)
 
 
+def _results_queue_of_this_process():
+    """dist_checkpointing's writer hands its results back through a queue (megatron-core's
+    `filesystem_async._get_write_results_queue`): a Manager it spawns on the first save of each process, a fresh
+    interpreter that takes ~2 s of the 2-core machine per command. mdpo saves synchronously, so the results never
+    leave the process that wrote them: forked commands use a queue of their own. What runs under torchrun itself
+    keeps Megatron's Manager."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    return filesystem_async._results_queue
+
+
 def serve(path: str) -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     import mdpo.cli  # noqa: F401 - the imports every forked command shares
+
+    filesystem_async._get_write_results_queue = _results_queue_of_this_process
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # launchers are never waited for: reaped by the kernel
     server = socket.socket(socket.AF_UNIX)
@@ -155,26 +174,9 @@ class ForkServer:
     def run(self, argv: list[str], env: dict[str, str], cwd: str, nproc: int, timeout: float):
         """(exit code, stdout, stderr) of `mdpo ARGV` forked with `env`; the launcher's process group is killed
         on timeout (subprocess.TimeoutExpired)."""
-        import subprocess
-
         number = next(self.numbers)
         out, err = (os.path.join(self.folder, f"{number}.{name}") for name in ("out", "err"))
-        request = dict(argv=argv, env=env, cwd=str(cwd), nproc=nproc, stdout=out, stderr=err)
-        with socket.socket(socket.AF_UNIX) as conn:
-            conn.connect(self.socket)
-            conn.sendall(json.dumps(request).encode() + b"\n")
-            reader = conn.makefile()
-            pid = json.loads(reader.readline())["pid"]
-            conn.settimeout(timeout)
-            try:
-                line = reader.readline()
-            except TimeoutError:
-                os.killpg(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired(["mdpo", *argv], timeout) from None
-        code = json.loads(line)["code"] if line else -signal.SIGKILL  # the launcher died without a word
-        deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:  # the launcher's last flush and exit
-            time.sleep(_POLL_S)
+        code = request(self.socket, argv, env, cwd, nproc, timeout, out, err)
         texts = []
         for path in (out, err):
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -185,6 +187,33 @@ class ForkServer:
     def close(self) -> None:
         self.process.kill()
         self.process.wait()
+
+
+def request(
+    path: str, argv: list[str], env: dict[str, str], cwd: str, nproc: int, timeout: float, stdout: str, stderr: str
+) -> int:
+    """The exit code of `mdpo ARGV` (N workers with torchrun's environment when nproc > 1) forked by the server at
+    socket `path`, its output written to the files (or /proc/PID/fd/N) named; the launcher's process group is killed
+    on timeout (subprocess.TimeoutExpired)."""
+    import subprocess
+
+    message = dict(argv=argv, env=env, cwd=str(cwd), nproc=nproc, stdout=stdout, stderr=stderr)
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        conn.sendall(json.dumps(message).encode() + b"\n")
+        reader = conn.makefile()
+        pid = json.loads(reader.readline())["pid"]
+        conn.settimeout(timeout)
+        try:
+            line = reader.readline()
+        except TimeoutError:
+            os.killpg(pid, signal.SIGKILL)
+            raise subprocess.TimeoutExpired(["mdpo", *argv], timeout) from None
+    code = json.loads(line)["code"] if line else -signal.SIGKILL  # the launcher died without a word
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:  # the launcher's last flush and exit
+        time.sleep(_POLL_S)
+    return code
 
 
 def _alive(pid: int) -> bool:

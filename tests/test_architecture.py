@@ -149,3 +149,33 @@ def test_no_test_module_imports_another():
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             found += [(path.name, name) for name in names if name.split(".")[0] in modules]
     assert not found, found
+
+
+MAX_FUNCTION_LINES = 50
+
+
+def test_functions_are_short():
+    """Every function of the package reads on one screen: at most 50 lines, docstring included."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_modules_are_built_not_retyped():
+    """Routers, heads, norms and LoRA layers come from Megatron-Core's specs (or a build hook that fills values):
+    nothing in the package changes a module's class after it is built."""
+    retyped = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            retyped += [
+                f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+                for target in targets
+                if isinstance(target, ast.Attribute) and target.attr == "__class__"
+            ]
+    assert not retyped, retyped

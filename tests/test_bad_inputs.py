@@ -17,6 +17,8 @@ import pytest
 import yaml
 from conftest import CLI_RUNNER, REPO, run_mdpo, subprocess_env, tiny_hf_family, tiny_hf_llama
 
+from mdpo.models import families
+
 
 def write_rows(path: Path, rows: list) -> str:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
@@ -237,9 +239,13 @@ def corpus(tmp_path_factory):
             ["train", c, f"model.init_from={qwen_window}"],
             "use_sliding_window=true (sliding-window attention) is not supported by mdpo's qwen2 model",
         ),
+        "unknown model family": (
+            ["train", c, "model.family=foo"],
+            f"model.family must be one of {', '.join(families.FAMILIES)}, got 'foo'",
+        ),
         "unsupported architecture": (
             ["train", c, f"model.init_from={gemma}"],
-            "unsupported architecture GemmaForCausalLM; supported: LlamaForCausalLM (llama), QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), MistralForCausalLM (mistral), BaichuanForCausalLM (baichuan), Qwen3MoeForCausalLM (qwen3_moe), MixtralForCausalLM (mixtral)",
+            f"unsupported architecture GemmaForCausalLM; supported: {families.supported()}",
         ),
         "EP not dividing the experts": (
             ["train", c, on_moe, "parallel.ep=3"],
@@ -249,17 +255,21 @@ def corpus(tmp_path_factory):
             ["train", c, "parallel.ep=2"],
             "parallel.ep and parallel.etp > 1 need a mixture-of-experts model (this has none)",
         ),
-        "MoE under TP without SP": (
-            ["train", c, on_moe, "parallel.tp=2"],
+        "MoE under TP with SP off": (
+            ["train", c, on_moe, "parallel.tp=2", "parallel.sequence_parallel=false"],
             "parallel.tp=2 with a mixture-of-experts model needs parallel.sequence_parallel=true",
         ),
-        "load-balancing loss with PP": (
-            ["train", c, on_moe, "parallel.pp=2"],
-            "a load-balancing loss (router_aux_loss_coef=0.001) needs parallel.pp=1",
+        "transformers' load-balancing loss with PP": (
+            ["train", c, on_moe, "parallel.pp=2", "dpo.router_aux_loss_type=transformers"],
+            "dpo.router_aux_loss_type=transformers with parallel.pp=2: transformers' loss pools the routing",
         ),
-        "load-balancing loss with full recompute": (
-            ["train", c, on_moe, "parallel.recompute=full"],
-            "a load-balancing loss needs recompute none or selective, not full",
+        "transformers' load-balancing loss with full recompute": (
+            ["train", c, on_moe, "parallel.recompute=full", "dpo.router_aux_loss_type=transformers"],
+            "dpo.router_aux_loss_type=transformers with recompute full",
+        ),
+        "unknown load-balancing loss": (
+            ["train", c, on_moe, "dpo.router_aux_loss_type=global"],
+            "dpo.router_aux_loss_type must be auto, transformers, megatron or seq, got 'global'",
         ),
         "MoE with shared experts": (
             ["train", c, f"model.init_from={shared_experts}"],
@@ -543,12 +553,14 @@ CASE_NAMES = [
     "Mistral window shorter than max_length",
     "unsupported rope type",
     "Qwen sliding-window attention",
+    "unknown model family",
     "unsupported architecture",
     "EP not dividing the experts",
     "EP on a dense model",
-    "MoE under TP without SP",
-    "load-balancing loss with PP",
-    "load-balancing loss with full recompute",
+    "MoE under TP with SP off",
+    "transformers' load-balancing loss with PP",
+    "transformers' load-balancing loss with full recompute",
+    "unknown load-balancing loss",
     "MoE with shared experts",
     "Mixtral router jitter",
     "expert tensor missing",

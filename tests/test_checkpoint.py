@@ -221,8 +221,8 @@ KILL_LAYOUTS = {"dp2_distopt": ["parallel.distributed_optimizer=true"]}
 
 
 @pytest.mark.parametrize("name", list(KILL_LAYOUTS))
-def test_launcher_killed_five_times_leaves_no_process_and_the_run_ends_exact(setup, name):
-    """torchrun's whole process group SIGKILLed at 5 random moments (training, saving, evaluating, starting up),
+def test_launcher_killed_three_times_leaves_no_process_and_the_run_ends_exact(setup, name):
+    """torchrun's whole process group SIGKILLed at 3 random moments (training, saving, evaluating, starting up),
     the same command started again each time: no process of a killed run survives its launcher (they would train
     on beside the restarted run), metrics.jsonl holds each step once, and the final metrics and weights are
     bitwise those of an uninterrupted run."""
@@ -230,7 +230,7 @@ def test_launcher_killed_five_times_leaves_no_process_and_the_run_ends_exact(set
     train(setup, f"kill_{name}_full", *LONG, *layout, nproc=2)
     rng = random.Random(f"kill-{name}")
     run_dir = setup / f"kill_{name}"
-    for kill in range(5):
+    for kill in range(3):
         proc = _launch(setup, run_dir.name, *LONG, *layout, nproc=2)
         done = sum(1 for _ in (run_dir / "metrics.jsonl").open()) if (run_dir / "metrics.jsonl").exists() else 0
         target = min(24, done + rng.randint(0, 6))
@@ -275,17 +275,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _inject(setup: Path, run: str, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-c",
-        _INJECT,
-        "train",
-        str(setup / "c.yaml"),
-        f"logging.run_dir={setup / run}",
-        "checkpoint.save_at_end=false",
-        *overrides,
-    ]
-    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    """`mdpo train` with step 2's first micro-batch's losses made NaN (in the command's own process)."""
+    script = setup / "inject_nan.py"
+    script.write_text(_INJECT)
+    args = [str(script), "train", str(setup / "c.yaml"), f"logging.run_dir={setup / run}"]
+    return run_mdpo([*args, "checkpoint.save_at_end=false", *overrides], timeout=300)
 
 
 def test_nonfinite_loss_stops_naming_step_and_pairs(setup):
@@ -333,21 +327,18 @@ def test_full_disk_during_a_save_is_a_clear_error_and_leaves_no_loadable_folder(
         subprocess.run(["umount", str(small)], check=False)
 
 
-def test_distributed_optimizer_resumes_exactly_and_at_other_layouts(setup):
-    """DP=2 with the distributed optimizer (torch's AdamW: no TE or Apex here) stopped at step 2 and resumed: bitwise
-    the uninterrupted run at DP=2; resharded to DP=1, the weights and every metric bitwise but the grad norm (its
-    squares summed over other shards: fp32 rounding); at TP=2 (DP=1), to fp32 reordering noise."""
+def test_distributed_optimizer_resumes_at_other_layouts(setup):
+    """DP=2 with the distributed optimizer (torch's AdamW: no TE or Apex here) stopped at step 2 and resumed
+    resharded: at DP=1 the weights and every metric bitwise but the grad norm (its squares summed over other shards:
+    fp32 rounding); at TP=2 (DP=1), to fp32 reordering noise. (At DP=2 it resumes bitwise: the kill test.)"""
     distopt = "parallel.distributed_optimizer=true"
     train(setup, "distopt_full", distopt, nproc=2)
     want = outcome(setup / "distopt_full")
-    for name, nproc, layout in (("distopt_dp2", 2, []), ("distopt_dp1", 1, []), ("distopt_tp2", 2, ["parallel.tp=2"])):
+    for name, nproc, layout in (("distopt_dp1", 1, []), ("distopt_tp2", 2, ["parallel.tp=2"])):
         first = train(setup, name, distopt, "schedule.exit_interval=2", nproc=2)
         assert "stopped after step 2" in first.stdout
         train(setup, name, distopt, *layout, nproc=nproc)
         got = outcome(setup / name)
-        if name == "distopt_dp2":
-            assert_bitwise(got, want)
-            continue
         if name == "distopt_dp1":
             norms = [(a.pop("grad_norm", None), b.pop("grad_norm", None)) for a, b in zip(got[0], want[0], strict=True)]
             assert all(a == pytest.approx(b, rel=1e-6) for a, b in norms if b is not None)

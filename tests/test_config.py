@@ -16,6 +16,7 @@ from mdpo.config import (
     validate,
 )
 from mdpo.errors import ConfigError, MdpoError
+from mdpo.models import families
 
 
 def load_config(path, overrides=()):
@@ -546,9 +547,58 @@ def test_hf_config_unsupported(tmp_path, changes, expected):
     assert expected in msg and str(folder / "config.json") in msg
 
 
+def family_error(value: str) -> str:
+    return f"model.family must be one of {', '.join(families.FAMILIES)}, got {value!r}"
+
+
+def test_unknown_model_family_is_one_line(tmp_path):
+    """model.family is checked where the registry is known (`describe_model`: the config, a leaf, cannot list the
+    families): one line naming the key, the value and every registered family."""
+    assert error(None, [*REQUIRED, f"model.hf_config={write_hf(tmp_path)}", "model.family=foo"]) == family_error("foo")
+    with pytest.raises(ConfigError) as info:
+        described(ModelConfig(family="gpt2"))
+    assert str(info.value) == family_error("gpt2")
+
+
+def test_unknown_model_family_of_a_randomly_initialised_model_is_one_line():
+    assert error(None, [*REQUIRED, "model.family=foo"]) == family_error("foo")
+
+
 def test_hf_config_conflict_with_explicit_value(tmp_path):
     folder = write_hf(tmp_path)
     msg = error(None, [*REQUIRED, f"model.hf_config={folder}", "model.hidden_size=128"])
     assert "model.hidden_size=128 conflicts with hidden_size=64" in msg
     cfg = load_config(None, [*REQUIRED, f"model.hf_config={folder}", "model.hidden_size=64"])
     assert cfg.model.hidden_size == 64
+
+
+def test_a_mixture_of_experts_resolves_its_parallel_defaults():
+    """Unset, sequence parallelism is on for a mixture of experts under TP (Megatron-Core's MoE layers need it) and
+    off otherwise; `dpo.router_aux_loss_type: auto` is transformers' pooled loss where it is exact (one pipeline
+    stage, no full recompute) and Megatron's per-layer loss elsewhere; an explicit type stays."""
+    moe = dict(num_experts=4, moe_topk=2, router_aux_loss_coef=0.01, num_hidden_layers=4)
+    cfg = lambda parallel=None, dpo=None, **model: config.TrainConfig(
+        model=config.ModelConfig(**{**moe, **model}),
+        parallel=config.ParallelConfig(**(parallel or {})),
+        dpo=config.DPOConfig(**(dpo or {})),
+    )
+    assert cfg({"tp": 2}).parallel.layout(moe=True).sequence_parallel
+    assert not cfg({"tp": 2}, num_experts=None).parallel.layout(moe=False).sequence_parallel
+    assert not cfg().parallel.layout(moe=True).sequence_parallel  # TP = 1
+    assert cfg().router_aux_loss_type == "transformers"
+    assert cfg({"pp": 2}).router_aux_loss_type == "megatron"
+    assert cfg({"recompute": "full"}).router_aux_loss_type == "megatron"
+    assert cfg({"pp": 2}, {"router_aux_loss_type": "seq"}).router_aux_loss_type == "seq"
+
+
+def test_a_key_newer_than_a_checkpoint_is_no_change_at_its_default():
+    """A checkpoint written before a config key existed resumes as the run it was where the key holds its default
+    (it does what the checkpoint's run did), and lists the key as a change otherwise."""
+    from mdpo.config.resume import config_changes
+
+    current = config_to_dict(config.TrainConfig())
+    saved = json.loads(json.dumps(current))
+    del saved["dpo"]["router_aux_loss_type"]
+    assert config_changes(saved, current) == ([], [])
+    current["dpo"]["router_aux_loss_type"] = "seq"
+    assert config_changes(saved, current) == ([], ["dpo.router_aux_loss_type None -> 'seq'"])

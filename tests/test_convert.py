@@ -1,7 +1,7 @@
-"""HF <-> Megatron converters for Llama 2, Qwen 1.0 and Baichuan 2 (7B RoPE, 13B ALiBi), against independent oracles:
-HF LlamaForCausalLM / Qwen2ForCausalLM with hand-mapped weights and a float64 plain-PyTorch ALiBi Baichuan (the
-oracles of `mdpo convert --check`, in mdpo/checkpoint/check.py: they share nothing with the mapping tables); and for
-today's families (Llama 3.x, Qwen 2.5, Qwen 3, Mistral; tied heads among them) transformers' own classes."""
+"""HF <-> Megatron converters for every registered family (`mdpo.models.families.FAMILIES`), against independent
+oracles (the families' own, those of `mdpo convert --check`: transformers' classes for the families it has, and
+for Qwen 1.0 and Baichuan 2 (7B RoPE, 13B ALiBi), whose model code is remote, float64 stand-ins in
+mdpo/models/families/oracles.py; they share nothing with the mapping tables)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     FAMILY_CASES,
+    REMOTE_CHECKPOINTS,
     REPO,
     VOCAB,
     baichuan_checkpoint,
@@ -26,104 +27,106 @@ from safetensors.torch import load_file, save_file
 
 from mdpo.checkpoint.check import hf_logits
 from mdpo.checkpoint.description import describe_model
+from mdpo.models import families
 
 # --------------------------------------------------------------------------- fixtures
 
+# How a case is converted when not at TP=2 x PP=2 (four writer processes): in parts by one process (a part per HF
+# shard: their sources have shards of about one layer; MoE experts are saved per layer, the other tensors stacked
+# over the layers), Mixtral at EP=2 x PP=2 (each rank reading its experts only), Baichuan 7B-style with RoPE at 1 x 1.
+LAYOUTS = {
+    "qwen_parts": [],
+    "qwen3_moe_unnormed": [],
+    "mixtral": ["--ep", "2", "--pp", "2"],
+    "baichuan7b": ["--position-embedding", "rope"],
+}
+PARTS = ("qwen_parts", "qwen3_moe_unnormed")
+
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Each family written at TP=2 x PP=2 (4 writer processes); Baichuan 7B-style (RoPE) and a second Qwen at
-    TP=PP=1 (one process writing in parts of one HF shard: the Qwen source has several 100 KB shards)."""
+def converted(tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+    """case -> (HF source, Megatron checkpoint, HF folder converted back), for the tiny checkpoints of every
+    registered family: conftest.FAMILY_CASES (saved by transformers' own classes), a Qwen 1.0 (in 100 KB shards, also
+    converted in parts) and a Baichuan 2 13B- and 7B-style. HF -> Megatron with `--check` (the family's oracle) at
+    the case's layout, then back to HF."""
     root = tmp_path_factory.mktemp("convert")
-    tiny_hf_llama(seed=0, vocab_size=VOCAB, num_hidden_layers=2).save_pretrained(root / "llama_hf")
-    sources = {
-        "llama": root / "llama_hf",
-        "qwen": qwen_checkpoint(root / "qwen_hf"),
-        "baichuan13b": baichuan_checkpoint(root / "baichuan13b_hf"),
-        "baichuan7b": baichuan_checkpoint(root / "baichuan7b_hf", heads=4, seed=5),
-    }
-    sources["qwen_parts"] = sources["qwen"]
-    layouts = {"baichuan7b": ["--position-embedding", "rope"], "qwen_parts": []}
+    sources = {case: root / case for case in FAMILY_CASES}
+    for case, folder in sources.items():
+        shard = "100KB" if case in PARTS else "5GB"
+        tiny_hf_family(case, seed=5, vocab_size=VOCAB).save_pretrained(folder, max_shard_size=shard)
+    sources["qwen"] = sources["qwen_parts"] = qwen_checkpoint(root / "qwen")
+    sources["baichuan13b"] = baichuan_checkpoint(root / "baichuan13b")
+    sources["baichuan7b"] = baichuan_checkpoint(root / "baichuan7b", heads=4, seed=5)
     out = {}
-    for name, src in sources.items():
-        layout = layouts.get(name, ["--tp", "2", "--pp", "2"])
-        result = run_mdpo(
-            [
-                "convert",
-                "hf-to-megatron",
-                "--hf",
-                str(src),
-                "--out",
-                str(root / f"{name}_mc"),
-                *layout,
-                "--check",
-                "--check-rows",
-                "2",
-            ]
-        )
+    for case, src in sources.items():
+        mc, back = root / f"{case}_mc", root / f"{case}_back"
+        layout = LAYOUTS.get(case, ["--tp", "2", "--pp", "2"])
+        check = ["--check", "--check-rows", "2"]
+        result = run_mdpo(["convert", "hf-to-megatron", "--hf", str(src), "--out", str(mc), *layout, *check])
         assert result.returncode == 0, result.stderr[-3000:]
         checked = [line for line in result.stdout.splitlines() if "check: 2 rows" in line]
         assert len(checked) == 1 and checked[0].endswith(": ok"), result.stdout  # the self-check ran and passed
-        out[name] = (src, root / f"{name}_mc")
-    assert len(list((root / "qwen_parts_mc").glob("part*.distcp"))) > 2  # really written in several parts
-    return out
-
-
-@pytest.fixture(scope="module")
-def families_converted(tmp_path_factory):
-    """Each of today's families (conftest.FAMILY_CASES, saved by transformers' own classes in shards) to Megatron at
-    TP=2 x PP=2 with `--check` (transformers' class as the oracle), and back to HF; of the mixtures of experts,
-    Qwen3-MoE at TP=2 x PP=2 (experts split over ETP=2), Mixtral at EP=2 x PP=2 and the other Qwen3-MoE in parts."""
-    root = tmp_path_factory.mktemp("families")
-    out = {}
-    # mixtures of experts also written by EP=2 x PP=2 processes (each reading its experts only) and in parts by one
-    # process (experts are saved per layer, the other tensors stacked over the layers)
-    extra = {
-        "mixtral_ep2_pp2": ("mixtral", ["--ep", "2", "--pp", "2"]),
-        "qwen3_moe_unnormed_parts": ("qwen3_moe_unnormed", []),
-    }
-    dense = {
-        case: (case, ["--tp", "2", "--pp", "2"])
-        for case in FAMILY_CASES
-        if case not in ("mixtral", "qwen3_moe_unnormed")
-    }
-    for name, (case, layout) in (dense | extra).items():
-        src, mc, back = root / name, root / f"{name}_mc", root / f"{name}_back"
-        # the parts writer writes a part per HF shard: shards of about one layer
-        shard = "100KB" if name.endswith("_parts") else "5GB"
-        tiny_hf_family(case, seed=5, vocab_size=VOCAB).save_pretrained(src, max_shard_size=shard)
-        result = run_mdpo(
-            ["convert", "hf-to-megatron", "--hf", str(src), "--out", str(mc), *layout, "--check", "--check-rows", "2"]
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        checked = [line for line in result.stdout.splitlines() if "check: 2 rows" in line]
-        assert len(checked) == 1 and checked[0].endswith(": ok"), result.stdout
         result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(mc), "--out", str(back)])
         assert result.returncode == 0, result.stderr[-3000:]
-        out[name] = (src, mc, back)
-    assert len(list((root / "qwen3_moe_unnormed_parts_mc").glob("part*.distcp"))) > 2  # really written in parts
+        out[case] = (src, mc, back)
+    for case in PARTS:
+        assert len(list((root / f"{case}_mc").glob("part*.distcp"))) > 2, case  # really written in several parts
+    assert len(list(sources["qwen"].glob("*.safetensors"))) > 1  # the Qwen source was sharded with an index
     return out
 
 
-def test_families_round_trip_bitwise_config_included(families_converted):
-    """HF -> Megatron (TP=2 x PP=2) -> HF: every tensor bitwise (a tied model's files hold no head either way) and
-    config.json unchanged (RoPE scaling, tie, head_dim, architecture); the description says what config.json says."""
-    for case, (src, _, back) in families_converted.items():
+def _description(mc: Path) -> dict:
+    return json.loads((mc / "mdpo_model.json").read_text())["model"]
+
+
+def test_every_registered_family_has_a_tiny_checkpoint():
+    """Each family of the registry has a test fixture: a tiny checkpoint made by transformers' own class (the
+    family's oracle) where transformers has one (conftest.FAMILY_CASES), else a hand-written one
+    (conftest.REMOTE_CHECKPOINTS); and no fixture names a family the registry does not hold."""
+    made_by_transformers = {family for family, _ in FAMILY_CASES.values()}
+    for name, family in families.FAMILIES.items():
+        fixtures = made_by_transformers if isinstance(family.oracle, str) else set(REMOTE_CHECKPOINTS)
+        assert name in fixtures, f"family {name} has no tiny checkpoint in tests/conftest.py"
+    assert made_by_transformers | set(REMOTE_CHECKPOINTS) == set(families.FAMILIES)
+
+
+@pytest.mark.parametrize("family", list(families.FAMILIES))
+def test_round_trip_is_bitwise(converted, family):
+    """HF -> Megatron (at TP=2 x PP=2, EP=2 x PP=2 or in parts) -> HF, for every registered family: every tensor
+    bitwise (a tied model's files hold no head either way; a NormHead, Baichuan's, comes back with its rows
+    normalised, folded in on import: bitwise that normalisation), config.json unchanged (RoPE scaling, tie,
+    head_dim, architecture) and the source's other files (generation config, tokenizer, remote code) kept."""
+    cases = {case: paths for case, paths in converted.items() if _description(paths[1])["family"] == family}
+    assert cases, f"no tiny checkpoint of family {family} was converted"
+    normalised = {hf[0] for _, hf, kind in families.get(family).global_tensors if kind == "norm_vocab"}
+    for case, (src, _, back) in cases.items():
         original, returned = read_folder(src), read_folder(back)
         assert sorted(original) == sorted(returned), case
-        assert all(torch.equal(original[name], returned[name]) for name in original), case
+        for name, tensor in original.items():
+            expected = F.normalize(tensor.float(), dim=-1) if name in normalised else tensor
+            assert torch.equal(expected, returned[name]), (case, name)
         assert ("lm_head.weight" in returned) == ("tied" not in case), case
         assert json.loads((back / "config.json").read_text()) == json.loads((src / "config.json").read_text()), case
-    model = {
-        case: json.loads((mc / "mdpo_model.json").read_text())["model"]
-        for case, (_, mc, _) in families_converted.items()
-    }
+        weights = lambda name: name.endswith(".safetensors") or name == "model.safetensors.index.json"
+        kept = {file.name for file in src.iterdir() if not weights(file.name)}
+        assert kept <= {file.name for file in back.iterdir()}, case
+        assert not list(back.glob("*.distcp")) and not (back / "mdpo_model.json").exists(), case
+
+
+def test_descriptions_follow_config_json(converted):
+    """The description a conversion stores says what config.json says."""
+    model = {case: _description(mc) for case, (_, mc, _) in converted.items()}
     assert model["llama3.1"]["rope_scaling"] == "llama3" and model["llama3.1"]["rope_low_freq_factor"] == 0.5
     assert model["llama3.1"]["rope_original_max_position_embeddings"] == 64 and not model["llama3.1"]["qk_norm"]
+    assert model["llama3.1"]["num_key_value_heads"] == 2 and model["llama3.1"]["family"] == "llama"
     assert model["qwen3_tied"]["qk_norm"] and model["qwen3_tied"]["head_dim"] == 32
     assert model["qwen3_tied"]["tie_word_embeddings"] and model["qwen2.5_tied"]["qkv_bias"]
     assert model["mistral"]["family"] == "mistral" and model["mistral"]["head_dim"] == 32
     assert model["qwen2.5"]["head_dim"] is None  # hidden / heads: the default, however config.json spells it
+    assert model["qwen"]["intermediate_size"] == 96 and model["qwen"]["qkv_bias"] is True
+    assert model["qwen"]["rms_norm_eps"] == 1e-6
+    assert model["baichuan13b"]["position_embedding"] == "alibi" and model["baichuan13b"]["norm_head"] is True
+    assert model["baichuan7b"]["position_embedding"] == "rope"
 
 
 @pytest.mark.parametrize(
@@ -134,7 +137,7 @@ def test_families_round_trip_bitwise_config_included(families_converted):
         ("llama3.1", "model.layers.2.mlp.down_proj.weight"),
     ],
 )
-def test_check_fails_on_one_wrong_tensor(families_converted, tmp_path, case, tensor):
+def test_check_fails_on_one_wrong_tensor(converted, tmp_path, case, tensor):
     """`--check` against a copy of the source folder with one tensor changed by 1%: the conversion check fails."""
     import shutil
 
@@ -142,7 +145,7 @@ def test_check_fails_on_one_wrong_tensor(families_converted, tmp_path, case, ten
     from mdpo.checkpoint.check import check_conversion
     from mdpo.errors import MdpoError
 
-    src, mc, _ = families_converted[case]
+    src, mc, _ = converted[case]
     wrong = shutil.copytree(src, tmp_path / "wrong")
     _edit(wrong, add={tensor: read_folder(src)[tensor] * 1.01})
     startup.prepare()  # the command line's CPU patches: check_conversion runs in this process
@@ -150,58 +153,26 @@ def test_check_fails_on_one_wrong_tensor(families_converted, tmp_path, case, ten
         check_conversion(wrong, mc, describe_model({"init_from": str(mc)}), None, 2)
 
 
-def test_descriptions_follow_config_json(converted):
-    model = {name: json.loads((mc / "mdpo_model.json").read_text())["model"] for name, (_, mc) in converted.items()}
-    assert model["qwen"]["intermediate_size"] == 96 and model["qwen"]["qkv_bias"] is True
-    assert model["qwen"]["rms_norm_eps"] == 1e-6
-    assert model["baichuan13b"]["position_embedding"] == "alibi" and model["baichuan13b"]["norm_head"] is True
-    assert model["baichuan7b"]["position_embedding"] == "rope"
-    assert model["llama"]["num_key_value_heads"] == 2 and model["llama"]["family"] == "llama"
-
-
-def test_round_trip_is_bitwise(converted, tmp_path):
-    """HF -> Megatron (written at TP=2, PP=2, or in parts) -> HF: every tensor and the config identical; Baichuan's
-    head comes back with its rows normalised (NormHead folded in on import), bitwise equal to that normalisation."""
-    for name, (src, mc) in converted.items():
-        back = tmp_path / name
-        result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(mc), "--out", str(back)])
-        assert result.returncode == 0, result.stderr[-3000:]
-        original, returned = read_folder(src), read_folder(back)
-        assert sorted(original) == sorted(returned), name
-        for tensor_name, tensor in original.items():
-            if name.startswith("baichuan") and tensor_name == "lm_head.weight":
-                tensor = F.normalize(tensor.float(), dim=-1)
-            assert torch.equal(tensor, returned[tensor_name]), (name, tensor_name)
-        assert json.loads((back / "config.json").read_text()) == json.loads((src / "config.json").read_text())
-        aux = ["generation_config.json"] if name == "llama" else ["modeling_remote.py", "tokenizer_config.json"]
-        assert all((back / file).is_file() for file in aux), name
-        assert not list(back.glob("*.distcp")) and not (back / "mdpo_model.json").exists()
-    assert len(list(converted["qwen"][0].glob("*.safetensors"))) > 1  # the Qwen source was sharded with an index
+ORACLE_CASES = ("llama3.1", "qwen", "qwen_parts", "baichuan13b", "baichuan7b")
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_logits_equal_independent_oracles(converted, tmp_path, tp):
-    """mdpo's forward on each converted checkpoint at TP=1 and TP=2 == the family's oracle (fp32, <= 1e-4)."""
-    from transformers import LlamaForCausalLM
-
+    """mdpo's forward on converted checkpoints at TP=1 and TP=2 == the family's oracle (fp32, <= 1e-4)."""
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.save(tokens, tmp_path / "tokens.pt")
-    ckpts = [str(mc) for _, mc in converted.values()]
+    ckpts = [str(converted[case][1]) for case in ORACLE_CASES]
     worker = REPO / "tests" / "workers" / "convert_logits.py"
     result = run_mdpo([str(worker), str(tmp_path / "logits.pt"), str(tmp_path / "tokens.pt"), *ckpts], nproc=tp)
     assert result.returncode == 0, result.stderr[-3000:]
     logits = torch.load(tmp_path / "logits.pt")
-    with torch.no_grad():
-        oracles = {"llama": LlamaForCausalLM.from_pretrained(converted["llama"][0]).float().eval()(tokens).logits}
-        for name in ("qwen", "baichuan13b", "baichuan7b"):
-            src, mc = converted[name]
-            oracles[name] = torch.stack(hf_logits(src, describe_model({"init_from": str(mc)}), tokens.tolist()))
-        oracles["qwen_parts"] = oracles["qwen"]
-    for name, (_, mc) in converted.items():
-        ours, oracle = logits[str(mc)].double(), oracles[name].double()
-        assert ours.shape == oracle.shape, name
+    for case in ORACLE_CASES:
+        src, mc, _ = converted[case]
+        oracle = torch.stack(hf_logits(src, describe_model({"init_from": str(mc)}), tokens.tolist())).double()
+        ours = logits[str(mc)].double()
+        assert ours.shape == oracle.shape, case
         err = (ours - oracle).abs().max().item()
-        assert err <= 1e-4, f"{name} at TP={tp}: max abs logit error {err}"
+        assert err <= 1e-4, f"{case} at TP={tp}: max abs logit error {err}"
         assert oracle.std() > 0.05  # the logits are far from constant: a wrong mapping would show
 
 

@@ -6,6 +6,7 @@ the saved folders as `model.init_from` reads them, scored by training's forward 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -80,15 +81,15 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
     from mdpo.checkpoint.description import describe_model
     from mdpo.checkpoint.load import load_initial_weights
     from mdpo.data.pairs import TokenizedPair
-    from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
+    from mdpo.models.gpt import build_gpt_model, transformer_config
     from mdpo.training.step import Scorer
 
     pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(family_pairs())]
     for case, (folder, want) in families.items():
         model = describe_model({"init_from": str(folder)})
-        gpt = build_gpt_model(model, transformer_config(model))
+        gpt = build_gpt_model(model, transformer_config(model), scoring=True)
         load_initial_weights(gpt, model)
-        gpt = use_scoring_head(gpt).eval()
+        gpt = gpt.eval()
         scorer = Scorer(model, chunk_tokens=7, thd=False)
         for layout in ROW_LAYOUTS:
             batch = collate_as(layout, pairs)
@@ -144,8 +145,8 @@ def test_load_balancing_loss_equals_transformers_float64(megatron_world, familie
     from mdpo.checkpoint.description import describe_model
     from mdpo.checkpoint.load import load_initial_weights
     from mdpo.data.pairs import TokenizedPair
-    from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
-    from mdpo.models.moe import pair_aux_losses, routers_order
+    from mdpo.models.gpt import build_gpt_model, transformer_config
+    from mdpo.models.moe import RecordingRouter, RouterSums, pair_aux_losses, routers_order
     from mdpo.training.step import Scorer
 
     pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(family_pairs())]
@@ -153,16 +154,19 @@ def test_load_balancing_loss_equals_transformers_float64(megatron_world, familie
         folder = families[case][0]
         want = hf_pair_aux_losses(folder, family_pairs())
         model = describe_model({"init_from": str(folder)})
-        gpt = build_gpt_model(model, transformer_config(model))
+        sums = RouterSums()
+        gpt = build_gpt_model(
+            model, transformer_config(model), scoring=True, router=functools.partial(RecordingRouter, sums=sums)
+        )
         load_initial_weights(gpt, model)
-        gpt = use_scoring_head(gpt).eval()
+        gpt = gpt.eval()
         for layout in ROW_LAYOUTS:
             batch = collate_as(layout, pairs)
             weights, owners = (routers_order(t, False) for t in (batch.token_weights, batch.token_pairs))
-            gpt.router_sums.start(weights, owners, batch.num_pairs)
+            sums.start(weights, owners, batch.num_pairs)
             with torch.no_grad():
                 Scorer(model, chunk_tokens=7, thd=False).forward(batch, gpt)
-            got = pair_aux_losses(gpt.router_sums, model.num_experts, sequence_parallel=False)
+            got = pair_aux_losses(sums, model.num_experts, sequence_parallel=False)
             assert_close(got, want, f"{case} load-balancing loss, {layout}")
         spread = (want.max() - want.min()) / want.mean()
         assert spread > 10 * RTOL, case  # the pairs' losses differ: a pair mixed up would show
@@ -180,3 +184,85 @@ def test_parallel_layouts_equal_transformers_float64(families, tmp_path):
 def test_expert_and_pipeline_parallel_equal_transformers_float64(families, tmp_path):
     """EP=2 x PP=2 (4 processes): each stage's layers, each rank its half of the experts, shared prompts."""
     run_layouts(families, tmp_path, ("ep2_pp2",), nproc=4)
+
+
+def megatron_balancing_float64(inputs, weights, padding, topk: int, seq: bool):
+    """Megatron-Core's load-balancing loss of one layer and micro-batch, in float64 from the router's input hidden
+    states [s, b, h] and weight [E, h]: softmax scores of the router logits, each token's top k, padding left out;
+    `aux_loss`: E / (k T^2) sum_e (scores summed over tokens)_e (routed slots)_e over the T tokens; `seq`: the same
+    per row (the row's columns of scores and slots, T / rows tokens a row), summed, over the rows."""
+    s, b, _ = inputs.shape
+    scores = torch.softmax(inputs.double() @ weights.double().T, dim=-1) * (~padding).t()[..., None]
+    top = torch.zeros_like(scores).scatter(-1, scores.topk(topk, dim=-1).indices, 1.0) * (~padding).t()[..., None]
+    experts, tokens = weights.shape[0], (~padding).sum()
+    if not seq:
+        return experts / (topk * tokens**2) * (scores.sum((0, 1)) * top.sum((0, 1))).sum()
+    per_row = (scores.sum(0) * top.sum(0)).sum()  # [b, E] columns: each row's own
+    return experts / (topk * (tokens / b) ** 2) * per_row / b
+
+
+@pytest.mark.parametrize("loss_type", ["megatron", "seq"])
+def test_megatron_router_losses_equal_their_float64_formula(megatron_world, families, loss_type):
+    """Megatron's per-layer losses in mdpo's step (one process, three padded micro-batches of 2 pairs): the logged
+    aux_loss is the mean over micro-batches of each one's sum over layers of the float64 formula (padding left
+    out), and the gradient they add to the last MoE layer's router is coef x that mean's gradient: no token-count
+    scaling, divided by the step's pairs like the DPO loss's."""
+    from functools import partial
+
+    from mdpo.checkpoint.description import describe_model
+    from mdpo.config import DPOConfig, Layout, TrainConfig
+    from mdpo.data.batching import collate
+    from mdpo.data.pairs import TokenizedPair
+    from mdpo.training.experts import Experts
+    from mdpo.training.metrics import step_record
+    from mdpo.training.optimizer import build_optimizer, wrap_ddp
+    from mdpo.training.setup import build_model
+    from mdpo.training.step import DPOObjective, Scorer, dpo_forward_step, run_schedule
+
+    model = describe_model({"init_from": str(families["qwen3_moe"][0])})
+    dpo = DPOConfig(reference="none", router_aux_loss_coef=0.1, router_aux_loss_type=loss_type)
+    cfg = TrainConfig(model=model, dpo=dpo)
+    experts = Experts.of(cfg, ep=1)
+    (chunk,) = build_model(cfg, Layout(), torch.float32, load=True, experts=experts)
+    policy = [wrap_ddp(cfg, chunk)]
+    build_optimizer(cfg, policy, torch.float32)  # registers the gradients' finalisation (division by the pairs)
+    routers = [layer.mlp.router for layer in chunk.decoder.layers if hasattr(layer.mlp, "router")]
+    seen = []
+    for router in routers:
+        router.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(family_pairs())]
+    batches = [collate(pairs[k : k + 2], pad_id=0) for k in range(0, 6, 2)]
+    objective = DPOObjective.from_config(cfg.dpo, model.vocab_size, experts)
+
+    def step(coef: float) -> tuple[float, torch.Tensor]:
+        experts.coef = coef
+        objective.before_step(batches, policy)
+        policy[0].zero_grad_buffer()
+        out = run_schedule(
+            partial(dpo_forward_step, objective, Scorer(model, 7, False)),
+            batches,
+            policy,
+            forward_only=False,
+            references=[None] * 3,
+        )
+        record = objective.complete(step_record([o["sums"] for o in out], objective.metric_names))
+        return record["aux_loss"], routers[-1].weight.main_grad.clone()
+
+    aux, grad = step(0.1)
+    weight = routers[-1].weight.detach().double().requires_grad_(True)
+    want, last = 0.0, 0.0
+    for k, batch in enumerate(batches):
+        padding = batch.token_weights == 0
+        for i, router in enumerate(routers):
+            value = megatron_balancing_float64(
+                seen[3 * k + i], router.weight.detach(), padding, model.moe_topk, loss_type == "seq"
+            )
+            want += value.item() / 3
+        last = (
+            last + megatron_balancing_float64(seen[3 * k + 2], weight, padding, model.moe_topk, loss_type == "seq") / 3
+        )
+    assert aux == pytest.approx(want, rel=1e-5)
+    (aux_grad,) = torch.autograd.grad(last, weight)
+    _, grad_doubled = step(0.2)  # the DPO loss's gradient is the same: the difference is 0.1 x the losses'
+    torch.testing.assert_close((grad_doubled - grad).double(), 0.1 * aux_grad, rtol=1e-4, atol=1e-7)
+    assert (0.1 * aux_grad).abs().max() > 1e-4  # the check has teeth: the aux gradient is far above the tolerance

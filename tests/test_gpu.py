@@ -217,7 +217,7 @@ def test_moe_bf16_logps_on_the_gpu_layers(megatron_world, tmp_path):
 
     from mdpo.checkpoint.description import describe_model
     from mdpo.checkpoint.load import load_initial_weights
-    from mdpo.models.gpt import build_gpt_model, packs_as_thd, transformer_config, use_scoring_head
+    from mdpo.models.gpt import build_gpt_model, packs_as_thd, transformer_config
     from mdpo.training.step import Scorer
 
     tiny_hf_family("qwen3_moe", seed=3, vocab_size=VOCAB).save_pretrained(tmp_path / "moe")
@@ -226,9 +226,9 @@ def test_moe_bf16_logps_on_the_gpu_layers(megatron_world, tmp_path):
     want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
     want += [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs]
     model = describe_model({"init_from": str(tmp_path / "moe")})
-    gpt = build_gpt_model(model, transformer_config(model, params_dtype=torch.bfloat16)).cuda()
+    gpt = build_gpt_model(model, transformer_config(model, params_dtype=torch.bfloat16), scoring=True).cuda()
     load_initial_weights(gpt, model)
-    gpt = use_scoring_head(gpt).eval()
+    gpt = gpt.eval()
     batch = collate_as("packed", pairs).to("cuda")
     scorer = Scorer(model, chunk_tokens=7, thd=packs_as_thd(model, torch.bfloat16))
     with torch.no_grad():

@@ -376,7 +376,7 @@ def test_fresh_adapters_leave_the_forward_unchanged_and_switch_off(megatron_worl
     Kaiming-uniform (bound 1/sqrt(in)) and the same whatever the layout (drawn whole from its own generator)."""
     from mdpo.config import LoRAConfig, ModelConfig
     from mdpo.models.gpt import build_gpt_model, transformer_config
-    from mdpo.models.lora import adapted_layers, adapters_off, add_adapters, initial_A
+    from mdpo.models.lora import adapted_layers, adapters_off, init_adapters, initial_A
 
     model = ModelConfig(
         vocab_size=64,
@@ -389,11 +389,13 @@ def test_fresh_adapters_leave_the_forward_unchanged_and_switch_off(megatron_worl
     )
     torch.manual_seed(0)
     gpt = build_gpt_model(model, transformer_config(model)).eval()
+    torch.manual_seed(0)  # the same base weights, built with the adapters in its spec (they draw nothing)
+    adapted = build_gpt_model(model, transformer_config(model), lora=LoRAConfig(rank=4, alpha=8.0)).eval()
     tokens = torch.randint(0, 64, (2, 10))
     inputs = dict(input_ids=tokens, position_ids=torch.arange(10)[None].expand(2, -1), attention_mask=None)
     with torch.no_grad():
         base = gpt(**inputs)
-        add_adapters(gpt, LoRAConfig(rank=4, alpha=8.0), seed=3)
+        gpt = init_adapters(adapted, seed=3)
         assert torch.equal(gpt(**inputs), base)
         layers = adapted_layers(gpt)
         assert len(layers) == 8 and all(not p.requires_grad for n, p in gpt.named_parameters() if "lora" not in n)

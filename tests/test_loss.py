@@ -8,10 +8,11 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import nll_loss, preference_loss
 
 from mdpo.config import DPOConfig
 from mdpo.errors import ConfigError
-from mdpo.loss import LOSS_TYPES, nll_loss, pair_losses, preference_loss, wpo_weights
+from mdpo.loss import LOSS_TYPES, pair_losses, wpo_weights
 
 ALL_TYPES = (
     "sigmoid",

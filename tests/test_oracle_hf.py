@@ -13,6 +13,8 @@ from conftest import (
     mdpo_logps,
     mdpo_model,
     model_config,
+    model_config_of,
+    preference_loss,
     random_pairs,
     tiny_hf_llama,
 )
@@ -168,7 +170,6 @@ def test_vocab_padding_is_masked_out(megatron_world):
 
 
 def test_dpo_loss_equals_float64_formula(megatron_world):
-    from mdpo.loss import preference_loss
 
     policy_hf, ref_hf = tiny_hf_llama(seed=0, vocab_size=VOCAB), tiny_hf_llama(seed=1, vocab_size=VOCAB)
     pairs = random_pairs()
@@ -190,3 +191,23 @@ def test_dpo_loss_equals_float64_formula(megatron_world):
     assert torch.allclose(chosen_rewards.double(), beta * (pc - rc), atol=1e-5)
     assert torch.allclose(rejected_rewards.double(), beta * (pr - rr), atol=1e-5)
     assert z.abs().max() > 0.01  # the two models differ, so the check is not the trivial log(2)
+
+
+def test_an_echo_micro_batch_never_reaches_the_loss(megatron_world, monkeypatch):
+    """An expert group's echo (a forward-only pass's repeat that keeps its ranks' all-to-alls in step) runs the model
+    and counts nothing: the objective is never called on it (no pairs, no metric sums)."""
+    import dataclasses
+    from functools import partial
+
+    from mdpo.config import DPOConfig
+    from mdpo.training import step
+
+    model = mdpo_model(tiny_hf_llama())
+    batch = dataclasses.replace(collate_as("padded", random_pairs()), echo=True)
+    objective = step.DPOObjective.from_config(DPOConfig(reference="none"), VOCAB)
+    monkeypatch.setattr(step, "_dpo_loss", lambda *args: pytest.fail("an echo reached the loss"))
+    forward = partial(step.dpo_forward_step, objective, step.Scorer(model_config_of(model), 7, False))
+    with torch.no_grad():
+        output, loss_func = forward(iter([(batch, None)]), model)
+        loss, count, extra = loss_func(output)
+    assert loss.item() == 0.0 and count.item() == 0 and "sums" not in extra

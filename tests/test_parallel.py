@@ -8,6 +8,7 @@ exported weights must agree with the single-process run, and so must 8 micro-bat
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,10 @@ LAYOUTS = {
     # 8 micro-batches of 1 through the pipeline (vs 1 of 8 in the reference run)
     "pp2_mb1": (2, ["parallel.pp=2", "schedule.micro_batch_size=1"]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true", "schedule.micro_batch_size=2"]),
-    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "schedule.micro_batch_size=1"]),
+    "tp2_pp2": (
+        4,
+        ["parallel.tp=2", "parallel.pp=2", "schedule.micro_batch_size=1", "parallel.distributed_optimizer=true"],
+    ),
     # Context parallelism: every sequence split over 2 ranks (chunks 0+3 and 1+2), K/V gathered; with DP=2 the
     # gradients and the distributed optimizer span DP x CP.
     "cp2": (2, ["parallel.cp=2", "model.attention=sdpa", "schedule.micro_batch_size=2"]),
@@ -146,12 +150,28 @@ def run_layout(root: Path, name: str, family: str | None = None) -> tuple[list[d
         overrides = [*overrides, f"model.init_from={root / family}"]
         overrides += [o for o in FAMILY_LAYOUTS[family][1] if o.startswith("dpo.")]  # the same objective
         name = f"{family}_{name}"
+    return run(root, name, nproc, overrides)
+
+
+def run(root: Path, name: str, nproc: int, overrides: list[str]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """`mdpo train` of the setup's config with these overrides in RUN_DIR root/name (once): its metrics and export."""
     run_dir = root / name
     if not (run_dir / "hf" / "model.safetensors").exists():
         result = run_mdpo(["train", str(root / "config.yaml"), f"logging.run_dir={run_dir}", *overrides], nproc)
         assert result.returncode == 0, result.stderr[-4000:]
+        assert_export_gathers_the_model_once(result.stdout, run_dir / "hf")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return records, load_file(str(run_dir / "hf" / "model.safetensors"))
+
+
+def assert_export_gathers_the_model_once(output: str, hf: Path) -> None:
+    """The end-of-run export gathers about the model's own bytes on rank 0 (fp32, padded vocabulary rows, a tied
+    head's copy), at every layout: with the distributed optimizer each parameter is a view into Megatron's whole
+    parameter buffer, and sending the views sent that buffer once per tensor (rank 0 past 18 GiB for a 30M MoE)."""
+    found = re.search(r"exported HF model to \S+ \(([\d.]+) MiB of tensors gathered\)", output)
+    assert found, output[-2000:]
+    model_bytes = sum(t.numel() * 4 for t in load_file(str(hf / "model.safetensors")).values())
+    assert float(found.group(1)) * 2**20 <= 1.25 * model_bytes, (found.group(0), model_bytes)
 
 
 METRICS = (
@@ -200,6 +220,33 @@ def assert_same_run(want_run, got_run, start: Path, name: str) -> None:
         assert err <= 1e-5 * scale, (name, key, err, scale)
         # the check has teeth: training moved every tensor by far more than the tolerance
         assert (want - initial[key]).abs().max().item() > 10 * 1e-5 * scale, key
+
+
+# Megatron-Core's per-layer router losses (megatron: aux_loss; seq: DeepSeek-V3's seq_aux_loss), each layer's attached
+# in its own backward: where transformers' pooled loss is not exact (pipeline stages, virtual stages, full recompute,
+# with experts split over 2 ranks and the distributed optimizer) they equal one process on the same micro-batches.
+BALANCING_LAYOUTS = {
+    "megatron_ep2_pp2": ("megatron", 4, ["parallel.ep=2", "parallel.pp=2", "parallel.distributed_optimizer=true"]),
+    "megatron_pp2_vpp2_recompute": ("megatron", 2, ["parallel.pp=2", "parallel.vpp=2", "parallel.recompute=full"]),
+    "seq_ep2_pp2_recompute": ("seq", 4, ["parallel.ep=2", "parallel.pp=2", "parallel.recompute=full"]),
+    "seq_pp2_vpp2": ("seq", 2, ["parallel.pp=2", "parallel.vpp=2"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BALANCING_LAYOUTS))
+def test_megatron_router_losses_match_single_process(setup, name):
+    """Loss, aux_loss, grad norm, every metric and the trained weights at each layout = one process (1e-5), for
+    Megatron's aux_loss and seq_aux_loss, on padded micro-batches of 2 pairs (the losses are each micro-batch's)."""
+    loss_type, nproc, layout = BALANCING_LAYOUTS[name]
+    objective = [
+        f"model.init_from={setup / 'qwen3_moe'}",
+        "schedule.micro_batch_size=2",
+        "dpo.router_aux_loss_coef=0.1",
+        f"dpo.router_aux_loss_type={loss_type}",
+    ]
+    want = run(setup, f"qwen3_moe_{loss_type}_one_process", 1, objective)
+    assert all(record["aux_loss"] > 0 for record in want[0])
+    assert_same_run(want, run(setup, f"qwen3_moe_{name}", nproc, [*objective, *layout]), setup / "qwen3_moe", name)
 
 
 @pytest.mark.parametrize("rows", ["packed", "one_pair_rows"])

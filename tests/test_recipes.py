@@ -9,7 +9,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import yaml
-from conftest import REPO, shared_path, subprocess_env, tiny_hf_family, tiny_run_files
+from conftest import REPO, script_env, shared_path, subprocess_env, tiny_hf_family, tiny_run_files
 
 from mdpo.parallel import free_port
 
@@ -28,7 +28,7 @@ def test_tuning_sh_runs_both_modes_over_the_seeds_folders(tmp_path):
     shutil.copy(files["train"], root / "data" / "train.jsonl")
 
     def tuning(mode: str, loss: str) -> subprocess.CompletedProcess:
-        env = subprocess_env(GPUS_PER_NODE="1", TP="1", MAX_LENGTH="32", TEMPLATE="raw", MASTER_PORT=str(free_port()))
+        env = script_env(GPUS_PER_NODE="1", TP="1", MAX_LENGTH="32", TEMPLATE="raw", MASTER_PORT=str(free_port()))
         cmd = [
             "bash",
             "examples/tuning.sh",
@@ -118,7 +118,7 @@ def test_tulu3_recipe_runs_tulu3s_settings_over_llama3s_tokenizer(tmp_path):
     for file in tokenizer.iterdir():
         shutil.copy(file, hf / file.name)
     work = tmp_path / "work"
-    env = subprocess_env(
+    env = script_env(
         GPUS_PER_NODE="1",
         TP="1",
         MAX_LENGTH="48",
@@ -161,7 +161,7 @@ def test_qwen3_moe_recipe_trains_with_expert_parallelism(tmp_path):
     for file in tokenizer.iterdir():
         shutil.copy(file, hf / file.name)
     work = tmp_path / "work"
-    env = subprocess_env(
+    env = script_env(
         NNODES="1",
         GPUS_PER_NODE="2",
         TP="1",

@@ -36,15 +36,15 @@ def _oracle_logps(folder, model, pairs) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["llama", "qwen", "baichuan13b"])
 def test_every_layout_equals_the_float64_oracle(megatron_world, tmp_path, family):
-    from mdpo.models.gpt import build_gpt_model, transformer_config, use_scoring_head
+    from mdpo.models.gpt import build_gpt_model, transformer_config
     from mdpo.training.step import Scorer
 
     folder = _folder(family, tmp_path)
     model = describe_model({"init_from": str(folder)})
     assert (model.position_embedding == "alibi") == (family == "baichuan13b") and model.qkv_bias == (family == "qwen")
-    module = build_gpt_model(model, transformer_config(model))
+    module = build_gpt_model(model, transformer_config(model), scoring=True)
     load_hf_weights(module, folder, model)
-    module = use_scoring_head(module).eval()
+    module = module.eval()
     pairs = random_pairs()
     want = _oracle_logps(folder, model, pairs)
     scorer = Scorer(model, chunk_tokens=5, thd=False)

@@ -1,171 +1,59 @@
 """`mdpo convert ... --check`: the converted model against an independent forward of the HF folder, on rows of the
 user's own data (or generated ids), as ms-swift's `--test_convert_precision` does.
 
-The independent forwards never run a model folder's remote code and share nothing with mdpo's mapping tables:
-transformers' own class for the families it has (Llama 2 / 3.x, Qwen 2 / 2.5, Qwen 3, Mistral), loading the folder
-with its config.json; for Qwen 1.0 `Qwen2ForCausalLM` with Qwen 1.0's tensors mapped by hand (equal KV
-heads, c_attn split into q/k/v, gate = w2, up = w1); `LlamaForCausalLM` after splitting `W_pack` and normalising
-the head's rows for Baichuan 2 7B (RoPE); a float64 plain-PyTorch model for Baichuan 2 13B (ALiBi, NormHead). Both
-sides run in float32 whatever the checkpoint's dtype (bf16 weights are upcast exactly on both), so the check tests
-the conversion, not bf16 rounding, and one tolerance holds: max |logit error| <= 1e-4, and each sequence's summed
+The independent forward is the family's oracle (`Family.oracle`); it never runs a model folder's remote code and
+shares nothing with mdpo's mapping tables: transformers' own class for the families it has (Llama 2 / 3.x, Qwen 2 /
+2.5, Qwen 3, Mistral, Qwen3-MoE, Mixtral), loading the folder with its config.json; for Qwen 1.0 and Baichuan 2,
+whose model code is remote, the family's float64 stand-in (`mdpo.models.families.oracles`). Both sides run in
+float32 whatever the checkpoint's dtype (bf16 weights are upcast exactly on both), so the check tests the
+conversion, not bf16 rounding, and one tolerance holds: max |logit error| <= 1e-4, and each sequence's summed
 log-prob within 1e-4 per token.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import transformers
 from megatron.core import tensor_parallel
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mdpo import parallel
 from mdpo.checkpoint.hf import HFWeights
-from mdpo.checkpoint.load import load_lora_checkpoint, load_megatron_weights, lora_meta
+from mdpo.checkpoint.load import checkpoint_lora, load_lora_checkpoint, load_megatron_weights
 from mdpo.config import DataConfig, Layout, ModelConfig
 from mdpo.data.encoding import load_tokenizer
 from mdpo.data.pairs import TokenizeReport, load_pairs
 from mdpo.errors import MdpoError
+from mdpo.models import families
 from mdpo.models.gpt import build_gpt_model, transformer_config
 
 TOLERANCE = 1e-4  # float32, on every logit; per token on a sequence's summed log-prob
 GENERATED_LENGTH = 64  # tokens per generated row
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
+def _weights(folder: Path, device: str) -> dict[str, torch.Tensor]:
     weights = HFWeights(folder)
-    return {name: weights[name].double() for name in weights}
-
-
-def _llama_like(cls, config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = cls(config).double()
-    model.load_state_dict({k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}, strict=True)
-    return model.eval()
-
-
-def _qwen(model: ModelConfig, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Qwen 1.0 == Qwen2ForCausalLM with equal KV heads, c_attn split into q/k/v, gate = w2, up = w1."""
-    h = model.hidden_size
-    mapped = {
-        "model.embed_tokens.weight": sd["transformer.wte.weight"],
-        "model.norm.weight": sd["transformer.ln_f.weight"],
-        "lm_head.weight": sd["lm_head.weight"],
-    }
-    for i in range(model.num_hidden_layers):
-        src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = sd[src + f"attn.c_attn.{kind}"].split(h)
-            mapped.update(
-                {
-                    dst + f"self_attn.q_proj.{kind}": q,
-                    dst + f"self_attn.k_proj.{kind}": k,
-                    dst + f"self_attn.v_proj.{kind}": v,
-                }
-            )
-        mapped.update(
-            {
-                dst + "self_attn.o_proj.weight": sd[src + "attn.c_proj.weight"],
-                dst + "input_layernorm.weight": sd[src + "ln_1.weight"],
-                dst + "post_attention_layernorm.weight": sd[src + "ln_2.weight"],
-                dst + "mlp.gate_proj.weight": sd[src + "mlp.w2.weight"],
-                dst + "mlp.up_proj.weight": sd[src + "mlp.w1.weight"],
-                dst + "mlp.down_proj.weight": sd[src + "mlp.c_proj.weight"],
-            }
-        )
-    config = Qwen2Config(
-        vocab_size=model.vocab_size,
-        hidden_size=h,
-        intermediate_size=model.intermediate_size,
-        num_hidden_layers=model.num_hidden_layers,
-        num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.num_attention_heads,
-        rms_norm_eps=model.rms_norm_eps,
-        rope_theta=model.rope_theta,
-        max_position_embeddings=model.max_position_embeddings,
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-    )
-    return _llama_like(Qwen2ForCausalLM, config, mapped)
-
-
-def _baichuan_rope(model: ModelConfig, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Baichuan 2 7B == LlamaForCausalLM after splitting W_pack and normalising the head's rows."""
-    mapped = {}
-    for name, tensor in sd.items():
-        if name.endswith("W_pack.weight"):
-            for part, piece in zip("qkv", tensor.split(model.hidden_size)):
-                mapped[name.replace("W_pack", f"{part}_proj")] = piece
-        elif name == "lm_head.weight":
-            mapped[name] = tensor / tensor.norm(dim=-1, keepdim=True)
-        else:
-            mapped[name] = tensor
-    config = LlamaConfig(
-        vocab_size=model.vocab_size,
-        hidden_size=model.hidden_size,
-        intermediate_size=model.intermediate_size,
-        num_hidden_layers=model.num_hidden_layers,
-        num_attention_heads=model.num_attention_heads,
-        rms_norm_eps=model.rms_norm_eps,
-        max_position_embeddings=model.max_position_embeddings,
-        tie_word_embeddings=False,
-    )
-    return _llama_like(LlamaForCausalLM, config, mapped)
-
-
-def baichuan_alibi_logits(model: ModelConfig, sd: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """Baichuan 2 13B in float64 plain PyTorch: ALiBi bias slope_h * key_position on the scores (Baichuan's form),
-    causal mask, no position embedding, NormHead. tokens [b, s] -> logits [b, s, vocab]."""
-    n, h, eps = model.num_attention_heads, model.hidden_size, model.rms_norm_eps
-    d, (b, s) = h // n, tokens.shape
-    closest = 2 ** int(math.log2(n))
-    base = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
-    extra = [2 ** (-8 * (i + 1) / (2 * closest)) for i in range(2 * closest)][0::2][: n - closest]
-    slopes = torch.tensor(base + extra, dtype=torch.float64, device=tokens.device)
-    bias = slopes[:, None, None] * torch.arange(s, dtype=torch.float64, device=tokens.device)[None, None, :]
-    bias = bias + torch.full((s, s), float("-inf"), dtype=torch.float64, device=tokens.device).triu(1)
-    rms = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-    x = sd["model.embed_tokens.weight"][tokens]
-    for i in range(model.num_hidden_layers):
-        p = lambda name, i=i: sd[f"model.layers.{i}.{name}.weight"]
-        q, k, v = (
-            t.reshape(b, s, n, d).transpose(1, 2)
-            for t in (rms(x, p("input_layernorm")) @ p("self_attn.W_pack").T).split(h, -1)
-        )
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + bias, dim=-1) @ v
-        x = x + attn.transpose(1, 2).reshape(b, s, h) @ p("self_attn.o_proj").T
-        y = rms(x, p("post_attention_layernorm"))
-        x = x + (F.silu(y @ p("mlp.gate_proj").T) * (y @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
-    head = sd["lm_head.weight"]
-    return rms(x, sd["model.norm.weight"]) @ (head / head.norm(dim=-1, keepdim=True)).T
-
-
-# families transformers has its own class for
-HF_NATIVE = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
+    return {name: weights[name].double().to(device) for name in weights}
 
 
 def hf_logits(hf_dir: Path, model: ModelConfig, rows: list[list[int]]) -> list[torch.Tensor]:
     """The independent forward (float64) of a HF folder of `model`'s family: logits [s, vocab] per row. Families
     transformers knows are its own class reading the folder as it is (config.json included: RoPE scaling, tied
-    head, head size, q/k norms); Qwen 1.0 and Baichuan 2, whose model code is remote, the stand-ins above."""
+    head, head size, q/k norms); Qwen 1.0 and Baichuan 2, whose model code is remote, their families' stand-ins."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if model.family in HF_NATIVE:
-        module = AutoModelForCausalLM.from_pretrained(
+    oracle = families.get(model.family).oracle
+    if isinstance(oracle, str):
+        module = getattr(transformers, oracle).from_pretrained(
             hf_dir,
             attn_implementation="eager",
             experts_implementation="eager",  # float64 takes no grouped GEMM
         )
-        module = module.double().eval()
-        forward = lambda tokens: module.to(device)(tokens).logits
+        module = module.double().eval().to(device)
+        forward = lambda tokens: module(tokens).logits
     else:
-        sd = {k: v.to(device) for k, v in _weights(hf_dir).items()}
-        if model.family == "baichuan" and model.position_embedding == "alibi":
-            forward = lambda tokens: baichuan_alibi_logits(model, sd, tokens)
-        else:
-            module = (_qwen if model.family == "qwen" else _baichuan_rope)(model, sd).to(device)
-            forward = lambda tokens: module(tokens).logits
+        forward = oracle(model, _weights(hf_dir, device))
     with torch.no_grad():
         return [forward(torch.tensor([row], device=device))[0] for row in rows]
 
@@ -175,10 +63,12 @@ def megatron_logits(ckpt: Path, model: ModelConfig, rows: list[list[int]]) -> li
     parallel.start(Layout())
     tensor_parallel.model_parallel_cuda_manual_seed(0)  # Megatron's local attention forks this RNG (dropout 0)
     try:
-        module = build_gpt_model(model, transformer_config(model, params_dtype=torch.float32, init_weights=False))
+        lora = checkpoint_lora(ckpt)  # mdpo's own LoRA forward: the base and the adapters, unmerged
+        config = transformer_config(model, params_dtype=torch.float32, init_weights=False)
+        module = build_gpt_model(model, config, lora=lora)
         if torch.cuda.is_available():
             module.cuda()
-        if lora_meta(ckpt) is not None:  # mdpo's own LoRA forward: the base and the adapters, unmerged
+        if lora is not None:
             load_lora_checkpoint(module, ckpt, model)
         else:
             load_megatron_weights(module, ckpt)
@@ -208,7 +98,7 @@ def check_rows(tokenizer_dir: Path, data: Path | None, count: int, model: ModelC
     config = DataConfig(
         train_file=str(data), tokenizer=str(tokenizer_dir), max_length=length, on_bad_row="skip", cache=False
     )
-    pairs = load_pairs(config, str(data), tokenizer, TokenizeReport())
+    pairs = load_pairs(config, str(data), tokenizer, TokenizeReport(), families.get(model.family).default_template)
     return [pair.prompt + pair.chosen for pair in pairs[:count]]
 
 

@@ -28,7 +28,14 @@ from mdpo.checkpoint.description import arch_fields, describe_model, export_orig
 from mdpo.checkpoint.files import MODEL_FILE, MODEL_FORMAT, TRAINING_META
 from mdpo.checkpoint.hf import HFWeights, copy_auxiliary
 from mdpo.checkpoint.hf_export import write_hf_export, write_peft_adapter
-from mdpo.checkpoint.load import load_hf_weights, load_lora_checkpoint, load_megatron_weights, lora_meta, open_hf
+from mdpo.checkpoint.load import (
+    checkpoint_lora,
+    load_hf_weights,
+    load_lora_checkpoint,
+    load_megatron_weights,
+    lora_meta,
+    open_hf,
+)
 from mdpo.config import FLAG_WORDING, Layout, ModelConfig
 from mdpo.errors import MdpoError, cause
 from mdpo.models import sharding
@@ -97,6 +104,18 @@ class Check:
             raise MdpoError(f"--check-rows must be >= 1, got {self.rows}")
 
 
+def _write_in_processes(hf_dir: Path, tmp: Path, model: ModelConfig, layout: Layout) -> None:
+    """One writer process per (TP, PP, EP) rank, each holding its share of the model (under EP: its experts only):
+    forked where there is no CUDA (the writers start with torch and megatron imported: seconds each, not tens); a
+    CUDA process cannot be forked, so GPU machines spawn."""
+    args = (layout.world, parallel.free_port(), str(hf_dir), str(tmp), model, layout)
+    start_method = "spawn" if torch.cuda.is_available() else "fork"
+    try:
+        mp.start_processes(_write_stage, args=args, nprocs=layout.world, start_method=start_method)
+    except mp.ProcessRaisedException as err:
+        raise MdpoError(f"conversion failed: {cause(err)}") from None
+
+
 def hf_to_megatron(
     hf_dir: str | Path,
     out: str | Path,
@@ -127,14 +146,7 @@ def hf_to_megatron(
     if layout.world == 1:
         write_in_parts(weights, tmp, model, part_bytes or max(p.stat().st_size for p in weights.shard_files))
     else:
-        args = (layout.world, parallel.free_port(), str(hf_dir), str(tmp), model, layout)
-        # fork where there is no CUDA (the writers start with torch and megatron imported: seconds each, not tens);
-        # a CUDA process cannot be forked, so GPU machines spawn
-        start_method = "spawn" if torch.cuda.is_available() else "fork"
-        try:
-            mp.start_processes(_write_stage, args=args, nprocs=layout.world, start_method=start_method)
-        except mp.ProcessRaisedException as err:
-            raise MdpoError(f"conversion failed: {cause(err)}") from None
+        _write_in_processes(hf_dir, tmp, model, layout)
     description = {
         "format": MODEL_FORMAT,
         "version": 1,
@@ -172,12 +184,13 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, check: Check | None = None
             dtype = next(iter(dist_checkpointing.load_tensors_metadata(str(ckpt)).values())).dtype
         except Exception as err:
             raise MdpoError(f"{ckpt}: cannot read the checkpoint's metadata ({err})") from None
-        module = build_gpt_model(model, transformer_config(model, params_dtype=dtype, init_weights=False))
-        lora = None
-        if meta is None:
+        lora = checkpoint_lora(ckpt)
+        config = transformer_config(model, params_dtype=dtype, init_weights=False)
+        module = build_gpt_model(model, config, lora=lora)
+        if lora is None:
             load_megatron_weights(module, ckpt)
         else:
-            lora = load_lora_checkpoint(module, ckpt, model)
+            load_lora_checkpoint(module, ckpt, model)
         # norm weights are fp32 in Megatron: everything goes back in the checkpoint's dtype (exact for bf16 -> fp32)
         full = {
             sharding.te_name_inverse(k): v.to(dtype) for k, v in module.state_dict().items() if "_extra_state" not in k

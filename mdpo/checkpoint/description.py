@@ -77,7 +77,11 @@ def describe_model(fields: dict[str, Any]) -> ModelConfig:
     from `architectures`) or the description stored in a `mdpo convert` output or training checkpoint.
 
     A field set away from its default must agree with that source. Features the model cannot describe (rope
-    scaling, tied embeddings, ...) and unknown architectures are ConfigErrors."""
+    scaling, tied embeddings, ...), unknown architectures and a `model.family` the registry does not hold (the
+    config, a leaf, cannot know them) are ConfigErrors."""
+    family = fields.get("family", _DEFAULTS["family"])
+    if family not in families.FAMILIES:
+        raise ConfigError(f"model.family must be one of {', '.join(families.FAMILIES)}, got {family!r}")
     key, source = "model.hf_config", fields.get("hf_config")
     if source is None and fields.get("init_from") is not None:
         key, source = "model.init_from", fields["init_from"]

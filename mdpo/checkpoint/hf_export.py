@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,9 +28,11 @@ def _rank_payload(chunks: list[torch.nn.Module], model: ModelConfig) -> tuple | 
     full_name = lambda name: sharding.expert_global_name(
         sharding.te_name_inverse(name), ep_rank=ep_rank, per_rank=per_rank
     )
+    # copies of their own: a parameter of Megatron's DDP with the distributed optimizer is a view into its whole
+    # parameter buffer, and pickling a view sends the whole buffer (measured: rank 0 past 18 GiB for a 30M MoE)
     local = [
         {
-            full_name(k): v.detach().float().cpu()
+            full_name(k): v.detach().to("cpu", torch.float32, copy=True)
             for k, v in chunk.state_dict().items()
             if not k.endswith("_extra_state")
         }
@@ -46,10 +49,30 @@ def _rank_payload(chunks: list[torch.nn.Module], model: ModelConfig) -> tuple | 
     return tp_rank, pp_rank, dense, parallel_state.get_expert_tensor_parallel_rank(), experts
 
 
-def gather_full_state(chunks: list[torch.nn.Module], model: ModelConfig) -> dict[str, torch.Tensor] | None:
-    """The whole model's tensors (local-spec names, global expert numbers, fp32) on global rank 0, None elsewhere:
-    the dense tensors from each TP/PP rank of the DP- and CP-rank-0 replica, the experts from each expert-TP /
-    EP / PP rank of the expert-DP-rank-0 replica. Collective: every rank calls it."""
+def storage_bytes(payload: object) -> int:
+    """The bytes pickling a rank's payload sends for its tensors: each tensor's whole storage."""
+    if isinstance(payload, torch.Tensor):
+        return payload.untyped_storage().nbytes()
+    if isinstance(payload, dict):
+        return sum(storage_bytes(item) for item in payload.values())
+    if isinstance(payload, (list, tuple)):
+        return sum(storage_bytes(item) for item in payload)
+    return 0
+
+
+@dataclass(frozen=True)
+class GatheredState:
+    """A whole model on global rank 0: its tensors (local-spec names, global expert numbers, fp32) and the tensor
+    bytes every rank sent for them (a bound on the export's memory: about the model's size)."""
+
+    tensors: dict[str, torch.Tensor]
+    sent_bytes: int
+
+
+def gather_full_state(chunks: list[torch.nn.Module], model: ModelConfig) -> GatheredState | None:
+    """The whole model on global rank 0, None elsewhere: the dense tensors from each TP/PP rank of the DP- and
+    CP-rank-0 replica, the experts from each expert-TP / EP / PP rank of the expert-DP-rank-0 replica. Collective:
+    every rank calls it."""
     gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
     torch.distributed.gather_object(_rank_payload(chunks, model), gathered, dst=0)
     if gathered is None:
@@ -70,7 +93,7 @@ def gather_full_state(chunks: list[torch.nn.Module], model: ModelConfig) -> dict
     full = merge(dense, parallel_state.get_tensor_model_parallel_world_size())
     if model.is_moe:
         full |= merge(experts, parallel_state.get_expert_tensor_parallel_world_size())
-    return full
+    return GatheredState(full, storage_bytes(gathered))
 
 
 def hf_export_config(model: ModelConfig, original: dict | None) -> dict:

@@ -19,7 +19,14 @@ from mdpo.config import LoRAConfig, ModelConfig, padded_vocab_size
 from mdpo.errors import MdpoError, cause
 from mdpo.models import families, sharding
 from mdpo.models.families.base import check_hf_state, iter_hf_to_mcore
-from mdpo.models.lora import add_adapters, checkpointed_state, has_adapters, load_checkpointed_state
+from mdpo.models.lora import (
+    base_state,
+    checkpointed_state,
+    has_adapters,
+    is_adapter,
+    load_base_state,
+    load_checkpointed_state,
+)
 
 
 def _hf_error(folder: Path, weights: HFWeights, model: ModelConfig, err: Exception) -> MdpoError:
@@ -71,8 +78,11 @@ def load_hf_weights(module: torch.nn.Module, folder: Path, model: ModelConfig) -
     etp = parallel_state.get_expert_tensor_parallel_world_size()
     etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     local_name = _chunk_names(module, model)
-    # the chunk's own tensors (local-spec names): a tied head exists only as a last stage's copy under PP
-    own = {sharding.te_name_inverse(k) for k in module.state_dict() if not k.endswith("_extra_state")}
+    # the chunk's own tensors (local-spec names; adapters are not the HF folder's): a tied head exists only as a
+    # last stage's copy under PP
+    own = {
+        sharding.te_name_inverse(k) for k in module.state_dict() if not k.endswith("_extra_state") and not is_adapter(k)
+    }
     wanted = lambda name: local_name(name) in own
     family = families.get(model.family)
     loaded = 0
@@ -108,31 +118,38 @@ def check_lora_base(folder: Path, meta: dict, base: str | None) -> None:
 
 
 def load_megatron_weights(module: torch.nn.Module, folder: Path) -> None:
-    """This rank's part of the model from a dist checkpoint written at any layout (resharded by Megatron); a
-    module with adapters takes the adapters of a LoRA checkpoint (its base loaded already)."""
-    if not has_adapters(module) and lora_meta(folder) is not None:
+    """This rank's part of the model from a dist checkpoint written at any layout (resharded by Megatron): of a
+    LoRA checkpoint its adapters (into a module built with them, its base loaded already), else the base weights
+    (a module built with adapters keeps its own)."""
+    adapters = lora_meta(folder) is not None
+    if adapters and not has_adapters(module):
         raise MdpoError(
             f"{folder}: a LoRA checkpoint holds its adapters only; export it merged with its base first "
             f"(mdpo convert megatron-to-hf --ckpt {folder} --out DIR) and use that folder"
         )
+    state = checkpointed_state(module) if adapters else base_state(module)
     try:
-        loaded = dist_checkpointing.load({"model": checkpointed_state(module)}, str(folder))
+        loaded = dist_checkpointing.load({"model": state}, str(folder))
     except (Exception, CheckpointException) as err:  # many kinds; name the folder and the cause
         raise MdpoError(f"{folder}: cannot load the model from this Megatron checkpoint ({cause(err)})") from None
-    load_checkpointed_state(module, loaded["model"])
+    (load_checkpointed_state if adapters else load_base_state)(module, loaded["model"])
 
 
-def load_lora_checkpoint(module: torch.nn.Module, folder: Path, model: ModelConfig) -> LoRAConfig:
-    """A LoRA run's checkpoint into a built stage: the base its run started from (checked to be the same model),
-    then the adapters. Returns the run's lora section."""
+def checkpoint_lora(folder: Path) -> LoRAConfig | None:
+    """The lora section of a LoRA run's checkpoint (a model to load it into is built with these adapters); None
+    for any other folder."""
+    meta = lora_meta(folder)
+    return LoRAConfig(**meta["config"]["lora"]) if meta is not None else None
+
+
+def load_lora_checkpoint(module: torch.nn.Module, folder: Path, model: ModelConfig) -> None:
+    """A LoRA run's checkpoint into a stage built with its adapters (`checkpoint_lora`): the base its run started
+    from (checked to be the same model), then the adapters."""
     meta = lora_meta(folder)
     base = meta["config"]["model"].get("init_from")
     check_lora_base(folder, meta, base)
     load_initial_weights(module, dataclasses.replace(model, init_from=base))
-    lora = LoRAConfig(**meta["config"]["lora"])
-    add_adapters(module, lora, seed=0)  # their values come from the checkpoint next
     load_megatron_weights(module, folder)
-    return lora
 
 
 def load_initial_weights(module: torch.nn.Module, model: ModelConfig) -> None:

@@ -214,27 +214,31 @@ class Layout:
                 f"divide the experts' width {expert_width}"
             )
 
-    def check_moe(self, experts: int | None, aux_coef: float, recompute: str) -> None:
+    def pools_routing(self, recompute: str) -> bool:
+        """Whether transformers' pooled load-balancing loss (the routing of every layer of a forward summed on the
+        last stage) is exact here: one pipeline stage, and routers that run once per forward (full recompute runs
+        them without gradients first, then again in the backward)."""
+        return self.pp == 1 and recompute != "full"
+
+    def check_moe(self, experts: int | None, aux_coef: float, recompute: str, aux_type: str = "auto") -> None:
         """What training a mixture of experts adds: Megatron-Core's MoE layers train under TP only with sequence
-        parallelism; transformers' load-balancing loss (on when `aux_coef` > 0) sums every layer's routing of a
-        forward on the last stage, so it needs one pipeline stage and routers that run once per forward (full
-        recompute runs them without gradients first)."""
+        parallelism; transformers' load-balancing loss (`aux_type` transformers, `aux_coef` > 0) only where it is
+        exact (`pools_routing`): elsewhere Megatron's per-layer losses (megatron, seq) attach in each stage."""
         if not experts:
             return
         w = self.wording
         if self.tp > 1 and not self.sequence_parallel:
             raise ConfigError(
                 f"{w.sized('tp', self.tp)} with a mixture-of-experts model needs {w.name('sequence_parallel')}=true "
-                "(Megatron-Core's MoE layers train under tensor parallelism only with it)"
+                "(Megatron-Core's MoE layers train under tensor parallelism only with it; unset, it is on)"
             )
-        off = "router_aux_loss_coef 0 trains without it"
-        if aux_coef and self.pp > 1:
+        if aux_coef and aux_type == "transformers" and not self.pools_routing(recompute):
+            where = f"{w.sized('pp', self.pp)}" if self.pp > 1 else "recompute full"
             raise ConfigError(
-                f"a load-balancing loss (router_aux_loss_coef={aux_coef}) needs {w.name('pp')}=1: it sums the routing "
-                f"of every layer, which a pipeline splits over stages; {off}"
+                f"dpo.router_aux_loss_type=transformers with {where}: transformers' loss pools the routing of every "
+                "layer of a forward, which a pipeline splits over stages and full recompute runs twice; use "
+                "megatron or seq (per layer, any layout), or auto"
             )
-        if aux_coef and recompute == "full":
-            raise ConfigError(f"a load-balancing loss needs recompute none or selective, not full; {off}")
 
     def check_batch(self, global_batch: int, micro_batch: int, packing: bool) -> None:
         """A global batch splits evenly over the DP ranks, and (padded rows) each share into whole micro-batches;

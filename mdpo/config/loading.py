@@ -236,9 +236,7 @@ def _build(raw: dict[str, Any], origin: dict[str, str], describe_model: Describe
     sections: dict[str, Section] = {}
     for name, cls in _hints(TrainConfig).items():
         fields = _section_fields(cls, raw.get(name), f"{name}.", origin)
-        described = (
-            name == "model" and describe_model is not None and (fields.get("hf_config") or fields.get("init_from"))
-        )
+        described = name == "model" and describe_model is not None
         sections[name] = describe_model(fields) if described else cls(**fields)
     return TrainConfig(**sections)
 

@@ -7,7 +7,10 @@ template or length is."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+from mdpo.config.sections import TrainConfig
 
 # Keys (or "section." prefixes) whose change keeps the run.
 KEEPS_THE_RUN = (
@@ -54,11 +57,14 @@ def keeps_the_run(key: str) -> bool:
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(changes that keep the run, changes that make it another), each "key old -> new", between a checkpoint's
-    config and this run's; data keys other than those that keep the run are left to `data_changes`."""
+    config and this run's; data keys other than those that keep the run are left to `data_changes`. A key the
+    checkpoint's config lacks (it came later) is no change where it holds its default, which does what the
+    checkpoint's run did (e.g. `dpo.router_aux_loss_type: auto` where only transformers' loss ran)."""
     old, new = flatten(saved), flatten(current)
+    defaults = flatten(dataclasses.asdict(TrainConfig()))
     keeping, changing = [], []
     for key in sorted(set(old) | set(new)):
-        if old.get(key) == new.get(key):
+        if old.get(key) == new.get(key) or (key not in old and key in defaults and new.get(key) == defaults[key]):
             continue
         change = f"{key} {old.get(key)!r} -> {new.get(key)!r}"
         if keeps_the_run(key):

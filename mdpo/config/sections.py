@@ -17,8 +17,6 @@ from typing import ClassVar
 from mdpo.config.layout import Layout
 from mdpo.errors import ConfigError
 
-# the HF formats of mdpo.models.families: Llama 2 / 3.x, Qwen 1.0, Qwen 2 / 2.5, Qwen 3, Mistral, Baichuan 2
-MODEL_FAMILIES = ("llama", "qwen", "qwen2", "qwen3", "mistral", "baichuan", "qwen3_moe", "mixtral")
 ROPE_SCALINGS = ("llama3",)  # rope_scaling types with an exact implementation (transformers' rope_type names)
 POSITION_EMBEDDINGS = ("auto", "rope", "alibi")
 ATTENTIONS = ("auto", "te", "sdpa", "local")
@@ -31,6 +29,9 @@ RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("auto", "bf16", "fp32")
 NONFINITE = ("stop", "skip")
 REFERENCE_MODES = ("online", "precomputed", "none")
+# A mixture of experts' load-balancing loss: auto (transformers' where exact, else megatron), transformers' pooled
+# formula (as TRL adds it), Megatron-Core's per-layer aux_loss, DeepSeek-V3's sequence-wise seq_aux_loss
+ROUTER_AUX_LOSS_TYPES = ("auto", "transformers", "megatron", "seq")
 # The DPO family, with TRL's names (TRL 0.28's, and 1.16's sft); mdpo.loss implements each.
 LOSS_TYPES = (
     "sigmoid",
@@ -107,7 +108,9 @@ class ModelConfig(Section):
     # Weights to start from: a HF model folder, a `mdpo convert` output or a training checkpoint (step_N folder);
     # None = random init
     init_from: str | None = None
-    family: str = "llama"  # one of MODEL_FAMILIES: the HF format weights are read and exported in
+    # the HF format weights are read and exported in: a family of the registry (mdpo.models.families), which the
+    # config, a leaf, does not know; checkpoint.description.describe_model checks it
+    family: str = "llama"
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008  # the MLP width
@@ -209,10 +212,6 @@ class ModelConfig(Section):
 
     def _rules(self) -> None:
         _positive("model", self, self.POSITIVE)
-        need(
-            self.family in MODEL_FAMILIES,
-            f"model.family must be one of {', '.join(MODEL_FAMILIES)}, got {self.family!r}",
-        )
         if self.rope_scaling is not None:
             self._check_rope_scaling()
         need(
@@ -352,24 +351,31 @@ class ParallelConfig(Section):
     ep: int = 1  # expert-parallel size (MoE models): each MoE layer's experts split over ep ranks
     etp: int | None = None  # expert-tensor-parallel size: each expert split over etp ranks; None = tp (Megatron's)
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
-    sequence_parallel: bool = False  # split norm/residual activations over the TP ranks too (needs tp > 1)
+    # split norm/residual activations over the TP ranks too (needs tp > 1); None: on for a mixture of experts at
+    # tp > 1 (Megatron-Core's MoE layers train under TP only with it), else off
+    sequence_parallel: bool | None = None
     recompute: str = "none"  # none | selective (core attention) | full (each layer's activations)
     overlap_grad_reduce: bool = False  # overlap the data-parallel gradient reduction with the backward pass
     overlap_param_gather: bool = False  # distributed optimizer: gather updated weights during the next forward
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 (weights/activations, fp32 master) | fp32
 
-    def layout(self, world: int | None = None) -> Layout:
-        """The layout these sizes make: with DP = 1 (the config's own checks), or of `world` processes."""
+    def layout(self, world: int | None = None, moe: bool = False) -> Layout:
+        """The layout these sizes make: with DP = 1 (the config's own checks), or of `world` processes; `moe`: the
+        model has experts (sequence parallelism's default)."""
         sizes = dict(
             tp=self.tp,
             pp=self.pp,
             cp=self.cp,
             vpp=self.vpp,
-            sequence_parallel=self.sequence_parallel,
+            sequence_parallel=self.sequence_parallel_for(moe),
             ep=self.ep,
             etp=self.etp,
         )
         return Layout(**sizes) if world is None else Layout.for_world(world, **sizes)
+
+    def sequence_parallel_for(self, moe: bool) -> bool:
+        """`sequence_parallel` resolved: as set, or (None) on for a mixture of experts under TP."""
+        return self.sequence_parallel if self.sequence_parallel is not None else (moe and self.tp > 1)
 
     def _rules(self) -> None:
         self.layout()  # sizes >= 1, sequence parallelism needs TP > 1
@@ -466,6 +472,9 @@ class DPOConfig(Section):
     # MoE policies: weight of the load-balancing loss added to the objective (TRL's DPOTrainer adds it the same way);
     # None = the model's own (model.router_aux_loss_coef, from config.json); 0 = off. Logged as aux_loss.
     router_aux_loss_coef: float | None = None
+    # which load-balancing loss (ROUTER_AUX_LOSS_TYPES): auto = transformers' pooled formula where it is exact (one
+    # pipeline stage, no full recompute), Megatron's per-layer one elsewhere; docs/mixture-of-experts.md
+    router_aux_loss_type: str = "auto"
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -522,6 +531,11 @@ class DPOConfig(Section):
             )
         coef = self.router_aux_loss_coef
         need(coef is None or coef >= 0, f"dpo.router_aux_loss_coef must be >= 0 (0: off), got {coef!r}")
+        _one_of("dpo.router_aux_loss_type", self.router_aux_loss_type, ROUTER_AUX_LOSS_TYPES)
+        self._check_reference_sync()
+
+    def _check_reference_sync(self) -> None:
+        """TR-DPO's mixing (sync_ref_model and its two settings)."""
         alpha, every = self.ref_model_mixup_alpha, self.ref_model_sync_steps
         need(0 < alpha <= 1, f"dpo.ref_model_mixup_alpha must be in (0, 1], got {alpha!r}")
         need(every >= 1, f"dpo.ref_model_sync_steps must be >= 1, got {every!r}")
@@ -614,13 +628,15 @@ class TrainConfig:
     def check(self) -> None:
         """The rules that join sections (each section's own rules ran when it was built)."""
         m = self.model
-        layout = self.parallel.layout()
+        layout = self.parallel.layout(moe=m.is_moe)
         layout.check_rows(self.data.packing)
         layout.check_attention(m.attention, m.position_embedding)
         layout.check_model(
             m.num_attention_heads, m.num_key_value_heads, m.num_hidden_layers, m.num_experts, m.expert_width
         )
-        layout.check_moe(m.num_experts, self.router_aux_loss_coef, self.parallel.recompute)
+        layout.check_moe(
+            m.num_experts, self.router_aux_loss_coef, self.parallel.recompute, self.dpo.router_aux_loss_type
+        )
         need(
             m.sliding_window is None or m.sliding_window >= self.data.max_length,
             f"model.sliding_window={m.sliding_window} is shorter than data.max_length={self.data.max_length}: mdpo "
@@ -648,6 +664,16 @@ class TrainConfig:
     def router_aux_loss_coef(self) -> float:
         """The load-balancing loss weight in force (`ModelConfig.aux_loss_coef` with dpo's override)."""
         return self.model.aux_loss_coef(self.dpo.router_aux_loss_coef)
+
+    @property
+    def router_aux_loss_type(self) -> str:
+        """`dpo.router_aux_loss_type` resolved: auto is transformers' pooled formula where the layout makes it exact
+        (`Layout.pools_routing`), Megatron's per-layer loss elsewhere."""
+        requested = self.dpo.router_aux_loss_type
+        if requested != "auto":
+            return requested
+        pooled = self.parallel.layout(moe=self.model.is_moe).pools_routing(self.parallel.recompute)
+        return "transformers" if pooled else "megatron"
 
     def _check_lora(self) -> None:
         need(

@@ -19,6 +19,7 @@ from mdpo.data.encoding import LengthLimits
 from mdpo.data.formats import ColumnKeys
 from mdpo.data.pipeline import Settings, default_cache_dir, tokenized_table
 from mdpo.data.sources import resolve_sources, signature
+from mdpo.data.templates import FALLBACK_TEMPLATE
 from mdpo.errors import DataError
 
 __all__ = [
@@ -54,14 +55,18 @@ class TokenizeReport:
         return ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items())) or "nothing cut or dropped"
 
 
-def settings_from_config(data: DataConfig) -> Settings:
+def settings_from_config(data: DataConfig, fallback_template: str = FALLBACK_TEMPLATE) -> Settings:
     limits = LengthLimits(data.max_length, data.max_prompt_length, data.prompt_truncation, data.over_length)
     keys = ColumnKeys(data.prompt_key, data.chosen_key, data.rejected_key)
-    return Settings(data.format, data.template, keys, limits)
+    return Settings(data.format, data.template, keys, limits, fallback_template)
 
 
-def load_pairs(data: DataConfig, path: str, tokenizer, report: TokenizeReport) -> list[TokenizedPair]:
-    """Tokenized pairs of a data file or folder, per `data` (format, template, lengths, on_bad_row, cache).
+def load_pairs(
+    data: DataConfig, path: str, tokenizer, report: TokenizeReport, fallback_template: str = FALLBACK_TEMPLATE
+) -> list[TokenizedPair]:
+    """Tokenized pairs of a data file or folder, per `data` (format, template, lengths, on_bad_row, cache);
+    `fallback_template` is what `data.template: auto` gives message rows whose tokenizer has no chat template (the
+    model family's `default_template`, from a caller that knows the model).
 
     A bad row raises DataError naming ``file:row`` (or, with on_bad_row=skip, is counted in `report`); a DataError
     also when no pair is left. The tokenized set is cached on disk unless data.cache is false."""
@@ -69,7 +74,9 @@ def load_pairs(data: DataConfig, path: str, tokenizer, report: TokenizeReport) -
         raise DataError("the tokenizer has no EOS token; responses must end with one")
     sources = resolve_sources(path)
     cache_dir = (data.cache_dir or default_cache_dir()) if data.cache else None
-    with tokenized_table(sources, settings_from_config(data), tokenizer, data.num_proc, cache_dir) as (table, info):
+    with tokenized_table(
+        sources, settings_from_config(data, fallback_template), tokenizer, data.num_proc, cache_dir
+    ) as (table, info):
         report.info.update(info)
         pairs = collect(table, [s.path for s in sources], data.on_bad_row, report)
     if not pairs:

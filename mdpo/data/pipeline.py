@@ -32,7 +32,7 @@ import transformers
 from mdpo.data.encoding import Encoded, LengthLimits, encode_batch, fit_lengths, special_prefix
 from mdpo.data.formats import ColumnKeys, RowError, detect_format, normalize
 from mdpo.data.sources import JSON_COLUMN, ROW_COLUMN, Source, read_source, signature
-from mdpo.data.templates import TEMPLATES, owns_special_tokens, render, resolve_template
+from mdpo.data.templates import FALLBACK_TEMPLATE, TEMPLATES, owns_special_tokens, render, resolve_template
 from mdpo.errors import DataError
 
 CACHE_VERSION = 1
@@ -48,6 +48,7 @@ class Settings:
     template: str = "auto"
     keys: ColumnKeys = ColumnKeys()
     limits: LengthLimits = LengthLimits()
+    fallback_template: str = FALLBACK_TEMPLATE  # what `auto` gives message rows without a chat template
 
 
 def default_cache_dir() -> Path:
@@ -102,7 +103,7 @@ def build_table(sources: list[Source], settings: Settings, tokenizer, num_proc: 
             raise DataError(f"{sources[0].path}: no rows (an empty data file)")
         raise DataError(f"{Path(sources[0].path).parent}: no rows in its {len(sources)} data files")
     fmt = settings.fmt if settings.fmt != "auto" else _detect(raws, settings.keys)
-    template = resolve_template(settings.template, fmt, tokenizer)
+    template = resolve_template(settings.template, fmt, tokenizer, settings.fallback_template)
     prefix = [] if owns_special_tokens(template) else special_prefix(tokenizer, bos=template == "tulu3")
     tables = []
     for i, (source, raw) in enumerate(zip(sources, raws)):

@@ -11,7 +11,8 @@
   template the same way. The response is what the conversation adds after the generation prompt, with a trailing
   EOS text removed (it is appended as an id, exactly once).
 - ``auto``: ``raw`` for plain and HH rows (today's behaviour); for message rows the tokenizer's chat template when
-  it has one, else ``tulu2`` (the format of the Llama 2 based Tulu 2 models).
+  it has one, else the fallback its caller names: the model family's default template (`Family.default_template`;
+  the data path knows no models), ``tulu2`` (the format of the Llama 2 based Tulu 2 models) where none is named.
 
 Message templates strip the responses' surrounding whitespace ("\\n\\nAssistant: Hi" answers start with a space).
 """
@@ -25,6 +26,7 @@ from mdpo.data.formats import Example, Message, RowError, prompt_messages
 from mdpo.errors import DataError
 
 MESSAGE_FORMATS = ("ultrafeedback", "conversational")
+FALLBACK_TEMPLATE = "tulu2"  # what `auto` gives message rows without a chat template, unless the caller names one
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,13 @@ def is_jinja(template: str) -> bool:
     return "{{" in template or "{%" in template
 
 
-def resolve_template(template: str, fmt: str, tokenizer) -> str:
-    """A concrete template for this format and tokenizer: 'raw', 'tulu2', 'tulu3', 'tokenizer' or a Jinja string."""
+def resolve_template(template: str, fmt: str, tokenizer, fallback: str) -> str:
+    """A concrete template for this format and tokenizer: 'raw', 'tulu2', 'tulu3', 'tokenizer' or a Jinja string;
+    `auto` gives message rows whose tokenizer has no chat template the `fallback`."""
     if template == "auto":
         if fmt not in MESSAGE_FORMATS:
             return "raw"
-        return "tokenizer" if getattr(tokenizer, "chat_template", None) else "tulu2"
+        return "tokenizer" if getattr(tokenizer, "chat_template", None) else fallback
     if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"data.template=tokenizer but the tokenizer '{tokenizer.name_or_path}' has no chat_template; "

@@ -12,15 +12,16 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
-from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.moe_layer import RouterBuilder
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from mdpo.config import Layout, ModelConfig, padded_vocab_size
+from mdpo.config import Layout, LoRAConfig, ModelConfig, padded_vocab_size
 from mdpo.models.attention import (
     ALiBiAttention,
     BlockAttention,
@@ -29,7 +30,8 @@ from mdpo.models.attention import (
     row_major,
     with_core_attention,
 )
-from mdpo.models.moe import mark_experts, moe_fields, record_routing
+from mdpo.models.lora import with_adapters
+from mdpo.models.moe import mark_experts, moe_fields
 from mdpo.models.rotary import FusedRopeSelfAttention
 
 
@@ -91,18 +93,29 @@ def fuses_rope_locally(model: ModelConfig) -> bool:
     return model.fused_rope and core_attention(model) != "te"
 
 
-def layer_spec(model: ModelConfig, experts: bool = False) -> ModuleSpec:
+def layer_spec(
+    model: ModelConfig, experts: bool = False, lora: LoRAConfig | None = None, router: RouterBuilder | None = None
+) -> ModuleSpec:
     """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers (norms: `TorchNorm`),
     with torch SDPA as the core attention (`auto`, `sdpa`) or Megatron's unfused attention when asked (`local`).
     ALiBi always runs through SDPA with the biases added to the scores (the config refuses te/local with it).
     `experts`: a MoE layer (Megatron's MoELayer: grouped GEMM experts on TE's layers, one MLP per expert on the
-    local ones)."""
+    local ones) whose router is `router` (Megatron's TopKRouter when None); `lora`: the target linears with
+    adapters (`models.lora`; local layers only)."""
     attention = core_attention(model)
     num_experts = model.num_experts if experts else None
     if attention == "te":
-        return get_gpt_layer_with_transformer_engine_spec(
+        spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=experts, qk_layernorm=model.qk_norm
         )
+    else:
+        spec = _local_layer_spec(model, num_experts, attention)
+    if experts and router is not None:
+        spec.submodules.mlp.submodules.router = router
+    return with_adapters(spec, lora) if lora is not None else spec
+
+
+def _local_layer_spec(model: ModelConfig, num_experts: int | None, attention: str) -> ModuleSpec:
     local = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm", qk_layernorm=model.qk_norm)
     local.submodules.input_layernorm = local.submodules.pre_mlp_layernorm = TorchNorm
     if model.qk_norm:  # per head, on whole sequences: Megatron sums their gradients over TP (other heads per rank)
@@ -118,7 +131,11 @@ def layer_spec(model: ModelConfig, experts: bool = False) -> ModuleSpec:
 
 
 def decoder_spec(
-    model: ModelConfig, config: TransformerConfig, vp_stage: int | None = None
+    model: ModelConfig,
+    config: TransformerConfig,
+    vp_stage: int | None = None,
+    lora: LoRAConfig | None = None,
+    router: RouterBuilder | None = None,
 ) -> ModuleSpec | TransformerBlockSubmodules:
     """What GPTModel builds this stage's layers and final norm from. Given a layer spec alone, Megatron picks the
     final norm itself (TE's, apex's or WrappedTorchNorm, whichever imports), so the local layers come as a block
@@ -126,11 +143,11 @@ def decoder_spec(
     model's layers are listed one by one (those in `model.moe_layers` with experts)."""
     te = core_attention(model) == "te"
     if te and not model.is_moe:
-        return layer_spec(model)
+        return layer_spec(model, lora=lora)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     first = get_transformer_layer_offset(config, vp_stage=vp_stage)
     moe = set(model.expert_layers())
-    specs = [layer_spec(model, experts=i in moe) for i in range(first, first + count)]
+    specs = [layer_spec(model, i in moe, lora, router) for i in range(first, first + count)]
     if te:
         from megatron.core.extensions.transformer_engine import TENorm  # te: Transformer Engine imports
 
@@ -188,10 +205,13 @@ def transformer_config(
     init_weights: bool = True,
     sequence_parallel: bool = False,
     recompute: str = "none",
+    balancing: str = "transformers",
+    aux_coef: float = 0.0,
 ) -> TransformerConfig:
     """The model (`_architecture`, `moe.moe_fields`), its layout, dtype and recompute, the schedule's loss contract
     and the kernels (`_kernels`) as Megatron's TransformerConfig. MoE layers use the all-to-all token dispatcher
-    (the one that takes variable sequence lengths) and TE's grouped GEMM where TE runs."""
+    (the one that takes variable sequence lengths) and TE's grouped GEMM where TE runs; `balancing` and `aux_coef`:
+    Megatron's router loss for `dpo.router_aux_loss_type` megatron or seq (`moe.moe_fields`)."""
     return TransformerConfig(
         **_architecture(model),
         # False only in the converters: Megatron then also skips marking tensor-parallel weights, which training needs
@@ -217,25 +237,52 @@ def transformer_config(
         # apart when the previous and next stage are one rank)
         variable_seq_lengths=vpp == 1,
         batch_p2p_comm=vpp == 1,
-        **moe_fields(model, ep, etp, grouped_gemm=core_attention(model) == "te", dispatcher="alltoall"),
+        **moe_fields(
+            model, ep, etp, core_attention(model) == "te", dispatcher="alltoall", balancing=balancing, coef=aux_coef
+        ),
         **_kernels(model),
     )
 
 
 class PositionedGPTModel(GPTModel):
-    """Megatron's GPTModel, with one difference: for micro-batches in blocks (shared prompts, packed rows) the rotary
-    embedding follows the position ids. Megatron's RoPE uses each token's index in the row, which is right for a row
-    of sequences each attending to itself (RoPE sees only relative distances) but not for a shared prompt's rejected
-    response, whose positions continue from the prompt's end while it sits after the chosen one. THD packs get a
-    per-token table too when mdpo's compiled rotation applies RoPE (`tokenwise_thd_rope`): it takes no sequence
-    boundaries, and a pack's position ids restart at each sequence as Megatron's THD rotation does."""
+    """Megatron's GPTModel with mdpo's three differences, chosen when it is built:
 
-    tokenwise_thd_rope = False
+    - For micro-batches in blocks (shared prompts, packed rows) the rotary embedding follows the position ids.
+      Megatron's RoPE uses each token's index in the row, which is right for a row of sequences each attending to
+      itself (RoPE sees only relative distances) but not for a shared prompt's rejected response, whose positions
+      continue from the prompt's end while it sits after the chosen one. THD packs get a per-token table too when
+      mdpo's compiled rotation applies RoPE (`tokenwise_thd_rope`): it takes no sequence boundaries, and a pack's
+      position ids restart at each sequence as Megatron's THD rotation does.
+    - The output weight is `output_weight()`: the layer's own or the tied embedding, L2-normalised per row for
+      Baichuan 2's NormHead (`norm_head`, in every forward, so gradients flow through the normalisation).
+    - With `scoring` (training's build) the last stage hands on its final hidden states, gathered over the
+      sequence-parallel ranks: mdpo's loss applies the output weight to the positions it scores only, in chunks
+      (`training.logprobs`), so the full [tokens, vocab] logits never exist. Otherwise it returns logits.
+    """
+
+    def __init__(
+        self, *args: object, scoring: bool = False, norm_head: bool = False, tokenwise_thd_rope: bool = False, **kwargs
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.scoring, self.norm_head, self.tokenwise_thd_rope = scoring, norm_head, tokenwise_thd_rope
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight as the logits use it: this TP rank's vocabulary rows (the embedding's with
+        tied weights, or its copy on a last pipeline stage), normalised per row for a NormHead. Rows are vocabulary
+        entries, whole on every TP rank, so the normalisation needs no communication."""
+        tied = self.share_embeddings_and_output_weights
+        weight = self.shared_embedding_or_output_weight() if tied else self.output_layer.weight
+        return F.normalize(weight, dim=-1) if self.norm_head else weight
 
     def _preprocess(self, *args, **kwargs):
         out = super()._preprocess(*args, **kwargs)
         if out[0] is not None:  # the embedding's transpose: as the core attention's outputs (`row_major`)
             out = (row_major(out[0]), *out[1:])
+        padding = out[5] if len(out) > 5 else None
+        if padding is not None and not self.pre_process and self.config.sequence_parallel:
+            # Megatron splits a MoE padding mask over the sequence-parallel ranks on the first stage only
+            padding = scatter_to_sequence_parallel_region(padding.t().contiguous()).t().contiguous()
+            out = (*out[:5], padding, *out[6:])
         position_ids, params = kwargs.get("position_ids"), kwargs.get("packed_seq_params")
         thd = params is not None and params.qkv_format == "thd" and self.tokenwise_thd_rope
         if not (isinstance(params, BlockAttention) or thd) or out[1] is None or position_ids is None:
@@ -243,40 +290,19 @@ class PositionedGPTModel(GPTModel):
         table = out[1][:, 0]  # [rotary positions, 1, dim]: Megatron's table for 0 .. max_seqlen - 1
         return (out[0], table[position_ids.t()], *out[2:])  # [s, b, 1, dim]: each token's own position
 
-
-class ScoringHead(ColumnParallelLinear):
-    """The output layer as training uses it: the forward hands on the final hidden states (gathered over the
-    sequence-parallel ranks), and mdpo's loss applies the layer's weight to the positions it scores only, in chunks
-    (`training.logprobs`), so the full [tokens, vocab] logits never exist."""
-
-    def forward(self, input_, weight=None, runtime_gather_output=None):
-        if self.sequence_parallel:  # the scoring all-reduces the hidden's gradient over TP itself: no reduce here
-            input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
-        return input_, None
-
-
-def use_scoring_head(gpt: GPTModel) -> GPTModel:
-    """The last stage's output layer as a `ScoringHead` (same parameters): its forward returns hidden states."""
-    if gpt.post_process:
-        gpt.output_layer.__class__ = ScoringHead
-    return gpt
-
-
-def head_weight(gpt: GPTModel, model: ModelConfig) -> torch.Tensor:
-    """The output layer's weight as the logits use it: this TP rank's vocabulary rows (the embedding's with tied
-    weights, or its copy on a last pipeline stage), L2-normalised per row for Baichuan 2's NormHead (in every
-    forward, so gradients flow through the normalisation)."""
-    weight = gpt.shared_embedding_or_output_weight() if model.tie_word_embeddings else gpt.output_layer.weight
-    return F.normalize(weight, dim=-1) if model.norm_head else weight
-
-
-class NormHeadLinear(ColumnParallelLinear):
-    """Baichuan 2's NormHead: the output weight's rows are L2-normalised in every forward, so gradients flow through
-    the normalisation as in Baichuan's own training. Rows are vocabulary entries, whole on every TP rank, so the
-    normalisation needs no communication."""
-
-    def forward(self, input_, weight=None, runtime_gather_output=None):
-        return super().forward(input_, F.normalize(self.weight, dim=-1), runtime_gather_output)
+    def _postprocess(self, hidden_states: torch.Tensor, *args, runtime_gather_output=None, **kwargs) -> torch.Tensor:
+        """The last stage's output, [b, s, ...] as Megatron returns logits: hidden states (`scoring`) or logits
+        [b, s, vocab / TP] (mdpo builds no multi-token prediction and passes no labels)."""
+        if not self.post_process:
+            return hidden_states
+        if self.scoring:
+            if self.config.sequence_parallel:  # the scoring all-reduces the hidden's gradient over TP itself
+                hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+            return hidden_states.transpose(0, 1).contiguous()
+        logits, _ = self.output_layer(
+            hidden_states, weight=self.output_weight(), runtime_gather_output=runtime_gather_output
+        )
+        return logits.transpose(0, 1).contiguous()
 
 
 def scale_rope_llama3(gpt: GPTModel, model: ModelConfig) -> None:
@@ -299,10 +325,15 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
-) -> GPTModel:
+    scoring: bool = False,
+    lora: LoRAConfig | None = None,
+    router: RouterBuilder | None = None,
+) -> PositionedGPTModel:
     """One pipeline stage (or, with an interleaved pipeline, model chunk `vp_stage` of it) of the policy or the
-    reference. Tied embeddings are Megatron's shared embedding and output weight (a copy on the last stage under
-    PP, its gradient all-reduced with the embedding's)."""
+    reference, every piece from its spec: the output layer hands on hidden states with `scoring` (training) and
+    returns logits otherwise, `lora` puts adapters on its target linears (values set by `lora.init_adapters`),
+    `router` is a MoE layer's router (`models.moe`). Tied embeddings are Megatron's shared embedding and output
+    weight (a copy on the last stage under PP, its gradient all-reduced with the embedding's)."""
     alibi = model.position_embedding == "alibi"
     layout = Layout(
         tp=config.tensor_model_parallel_size,
@@ -312,7 +343,7 @@ def build_gpt_model(
     layout.check_attention(model.attention, model.position_embedding, resolved=core_attention(model))
     gpt = PositionedGPTModel(
         config=config,
-        transformer_layer_spec=decoder_spec(model, config, vp_stage),
+        transformer_layer_spec=decoder_spec(model, config, vp_stage, lora, router),
         vocab_size=padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
@@ -321,12 +352,11 @@ def build_gpt_model(
         position_embedding_type="none" if alibi else "rope",
         rotary_base=model.rope_theta,
         vp_stage=vp_stage,
+        scoring=scoring,
+        norm_head=model.norm_head,
+        tokenwise_thd_rope=fuses_rope_locally(model),
     )
     if model.rope_scaling == "llama3":
         scale_rope_llama3(gpt, model)
-    gpt.tokenwise_thd_rope = fuses_rope_locally(model)
-    if model.norm_head and post_process:
-        gpt.output_layer.__class__ = NormHeadLinear  # same parameters, normalising forward
-    gpt.router_sums = record_routing(gpt)
     mark_experts(gpt)
     return gpt

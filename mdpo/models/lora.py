@@ -1,6 +1,8 @@
 """LoRA on Megatron-Core's tensor-parallel linear layers (PEFT's math: y = W x + (alpha / r) B A dropout(x)).
 
-A target layer keeps its class's behaviour and parameters and gains `lora_A` [r, in] and `lora_B` [out, r], split
+The adapted layers are spec entries (`with_adapters` puts them in a layer spec, so the model is built with them); a
+build hook (`init_adapters`) then draws A as PEFT does, for every layout alike, and freezes the base. A target
+layer keeps its class's behaviour and parameters and gains `lora_A` [r, in] and `lora_B` [out, r], split
 over TP the way the layer is: a column-parallel layer (fused q/k/v, fused gate/up) holds A whole and its rows of B;
 a row-parallel one (attention output, MLP output) holds its input columns of A, whose partial product is summed over
 TP (reduce-scattered under sequence parallelism), and B whole. A replicated adapter tensor that sees only this rank's
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,7 @@ from megatron.core.tensor_parallel import (
     set_tensor_model_parallel_attributes,
 )
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from mdpo.config import LORA_TARGETS, LoRAConfig
@@ -47,14 +51,41 @@ def is_adapter(name: str) -> bool:
     return name.endswith(ADAPTER_SUFFIXES)
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """What a target layer's spec entry gives its adapters: the target (lora.targets' name) and PEFT's settings."""
+
+    target: str
+    rank: int
+    scaling: float
+    dropout: float
+
+
+def _parameter(data: torch.Tensor, *, split_dim: int | None = None, stride: int = 1, sequence_parallel: bool = False):
+    param = torch.nn.Parameter(data.contiguous())
+    if split_dim is not None:
+        set_tensor_model_parallel_attributes(param, True, split_dim, stride)
+    elif sequence_parallel:  # replicated over TP but fed this rank's part of the sequence: gradients summed over TP
+        param.sequence_parallel = True
+    return param
+
+
 class _Adapted:
-    """What the column- and row-parallel LoRA layers share: the adapters' scaling, dropout and on/off switch."""
+    """What the column- and row-parallel LoRA layers share: the adapters' target, scaling, dropout and on/off
+    switch. A starts at zero until `init_adapters` draws it (its values need the layer's number); B is zero, so
+    the model's output is the base's."""
 
     lora_A: torch.nn.Parameter
     lora_B: torch.nn.Parameter
+    lora_target: str
     lora_scaling: float
     lora_dropout: float
     lora_on: bool
+
+    def _attach(self, adapter: Adapter, a: torch.nn.Parameter, b: torch.nn.Parameter) -> None:
+        self.lora_A, self.lora_B = a, b
+        self.lora_target, self.lora_scaling, self.lora_dropout = adapter.target, adapter.scaling, adapter.dropout
+        self.lora_on = True
 
     def _lora_input(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
@@ -65,7 +96,14 @@ class LoRAColumnParallelLinear(_Adapted, ColumnParallelLinear):
     sequence parallelism (its gradient reduce-scattered), else copied into the TP region (its gradient all-reduced:
     each rank's B rows contribute a part)."""
 
-    lora_gated = False  # linear_fc1: B's rows are [gate; up], checkpointed as two TP-sharded halves
+    def __init__(self, *args: object, adapter: Adapter, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        out_local, in_features = self.weight.shape
+        self.lora_gated = adapter.target == "fc1"  # B's rows are [gate; up], checkpointed as two TP-sharded halves
+        a = _parameter(self.weight.new_zeros(adapter.rank, in_features), sequence_parallel=bool(self.sequence_parallel))
+        stride = 2 if self.lora_gated else 1  # fc1's rows are [gate; up], each split over TP
+        b = _parameter(self.weight.new_zeros(out_local, adapter.rank), split_dim=0, stride=stride)
+        self._attach(adapter, a, b)
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         output, bias = super().forward(input_, weight, runtime_gather_output)
@@ -96,6 +134,14 @@ class LoRARowParallelLinear(_Adapted, RowParallelLinear):
     """Row-parallel: A's input columns of this rank, whose partial product is summed over TP (reduce-scattered over
     the sequence under sequence parallelism), then B whole."""
 
+    def __init__(self, *args: object, adapter: Adapter, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        out_features, in_local = self.weight.shape
+        a = _parameter(self.weight.new_zeros(adapter.rank, in_local), split_dim=1)
+        sp = bool(self.sequence_parallel)
+        b = _parameter(self.weight.new_zeros(out_features, adapter.rank), sequence_parallel=sp)
+        self._attach(adapter, a, b)
+
     def forward(self, input_):
         output, bias = super().forward(input_)
         if not self.lora_on:
@@ -118,6 +164,28 @@ class LoRARowParallelLinear(_Adapted, RowParallelLinear):
         )
 
 
+def with_adapters(spec: ModuleSpec, lora: LoRAConfig) -> ModuleSpec:
+    """A transformer layer's spec with LoRA's class in place of each target linear (`lora.targets`), the same
+    parameters and forward plus the adapters. Megatron-Core's local linears only: Transformer Engine's fuse the
+    norm into the linear."""
+    for target in lora.targets:
+        path, name = TARGET_MODULES[target].rsplit(".", 1)
+        parent = spec
+        for part in path.split("."):
+            parent = getattr(parent.submodules, part)
+        layer = getattr(parent.submodules, name)
+        layer_class = layer.module if isinstance(layer, ModuleSpec) else layer
+        if layer_class not in (ColumnParallelLinear, RowParallelLinear):
+            raise ConfigError(
+                f"lora.rank > 0 needs Megatron-Core's local linear layers, but {layer_class.__name__} would be built "
+                "(model.attention=auto chose Transformer Engine's layers here): set model.attention=sdpa"
+            )
+        lora_class = LoRAColumnParallelLinear if layer_class is ColumnParallelLinear else LoRARowParallelLinear
+        adapter = Adapter(target, lora.rank, lora.scaling, lora.dropout)
+        setattr(parent.submodules, name, ModuleSpec(module=lora_class, params={"adapter": adapter}))
+    return spec
+
+
 def initial_A(rank: int, in_features: int, seed: int, layer: int, target: str) -> torch.Tensor:
     """PEFT's init of A (Kaiming-uniform with a = sqrt(5), as nn.Linear), drawn whole from a generator of its own
     (seed, global layer, target): the same adapters at every TP/PP layout."""
@@ -125,43 +193,6 @@ def initial_A(rank: int, in_features: int, seed: int, layer: int, target: str) -
     weight = torch.empty(rank, in_features)
     torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
     return weight
-
-
-def _parameter(
-    data: torch.Tensor, *, split_dim: int | None = None, stride: int = 1, sequence_parallel: bool = False
-) -> torch.nn.Parameter:
-    param = torch.nn.Parameter(data.contiguous())
-    if split_dim is not None:
-        set_tensor_model_parallel_attributes(param, True, split_dim, stride)
-    elif sequence_parallel:  # replicated over TP but fed this rank's part of the sequence: gradients summed over TP
-        param.sequence_parallel = True
-    return param
-
-
-def _adapt(layer: torch.nn.Module, target: str, cfg: LoRAConfig, seed: int, index: int, tp: int, tp_rank: int):
-    """Turn one linear layer into its LoRA class (same parameters and forward, plus the adapters)."""
-    if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
-        raise ConfigError(
-            f"lora.rank > 0 needs Megatron-Core's local linear layers, but {type(layer).__name__} was built "
-            "(model.attention=auto chose Transformer Engine's layers here): set model.attention=sdpa"
-        )
-    weight = layer.weight
-    out_local, in_local = weight.shape
-    column = isinstance(layer, ColumnParallelLinear)
-    in_full = in_local if column else in_local * tp
-    a = initial_A(cfg.rank, in_full, seed, index, target).to(weight.dtype)
-    sp = bool(layer.sequence_parallel)
-    if column:
-        layer.__class__ = LoRAColumnParallelLinear
-        layer.lora_gated = target == "fc1"
-        layer.lora_A = _parameter(a.to(weight.device), sequence_parallel=sp)
-        stride = 2 if target == "fc1" else 1  # fc1's rows are [gate; up], each split over TP
-        layer.lora_B = _parameter(weight.new_zeros(out_local, cfg.rank), split_dim=0, stride=stride)
-    else:
-        layer.__class__ = LoRARowParallelLinear
-        layer.lora_A = _parameter(a.chunk(tp, dim=1)[tp_rank].to(weight.device), split_dim=1)
-        layer.lora_B = _parameter(weight.new_zeros(out_local, cfg.rank), sequence_parallel=sp)
-    layer.lora_scaling, layer.lora_dropout, layer.lora_on = cfg.scaling, cfg.dropout, True
 
 
 def _output_needs_grad(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
@@ -172,16 +203,25 @@ def _output_needs_grad(module: torch.nn.Module, inputs: object, output: torch.Te
     return output.requires_grad_(True)
 
 
-def add_adapters(model: torch.nn.Module, cfg: LoRAConfig, seed: int) -> torch.nn.Module:
-    """Freeze the stage's weights and add adapters to its target layers (B zero: the model's output is unchanged)."""
+def init_adapters(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The build hook of a model built with adapters: freeze its base weights and draw each A (PEFT's init, the
+    whole matrix from the seed, the global layer and the target, cut to this TP rank for a row-parallel layer; B
+    stays zero, so the model's output is unchanged), before Megatron's DDP wraps it: DDP and the optimizer then hold
+    the adapters only."""
     tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     model.requires_grad_(False)
     if getattr(model, "embedding", None) is not None:
         model.embedding.register_forward_hook(_output_needs_grad)
     for layer in model.decoder.layers:
         index = layer.layer_number - 1  # Megatron's layer numbers are global and 1-based
-        for target in cfg.targets:
-            _adapt(layer.get_submodule(TARGET_MODULES[target]), target, cfg, seed, index, tp, tp_rank)
+        for adapted in adapted_layers(layer):
+            column = isinstance(adapted, ColumnParallelLinear)
+            in_full = adapted.lora_A.shape[1] * (1 if column else tp)
+            a = initial_A(adapted.lora_A.shape[0], in_full, seed, index, adapted.lora_target)
+            with torch.no_grad():
+                adapted.lora_A.copy_(a if column else a.chunk(tp, dim=1)[tp_rank])
+            adapted.lora_A.requires_grad_(True)
+            adapted.lora_B.requires_grad_(True)
     return model
 
 
@@ -224,10 +264,11 @@ def merge_adapters(full: dict[str, torch.Tensor], scaling: float) -> dict[str, t
     return base
 
 
-def checkpointed_state(model: torch.nn.Module) -> dict:
-    """The model's part of a training checkpoint (sharded): everything, or for a LoRA model its adapters alone (the
-    frozen base is named in the checkpoint's meta and read from where the run started)."""
-    state = model.sharded_state_dict()
+def checkpointed_state(model: torch.nn.Module, prefix: str = "") -> dict:
+    """The model's part of a training checkpoint (sharded, each key after `prefix`): everything, or for a LoRA
+    model its adapters alone (the frozen base is named in the checkpoint's meta and read from where the run
+    started)."""
+    state = model.sharded_state_dict(prefix=prefix)
     return {k: v for k, v in state.items() if is_adapter(k)} if has_adapters(model) else state
 
 
@@ -240,3 +281,17 @@ def load_checkpointed_state(model: torch.nn.Module, state: dict[str, torch.Tenso
     wrong = [k for k in result.missing_keys if is_adapter(k)] + list(result.unexpected_keys)
     if wrong:
         raise KeyError(f"the checkpoint's adapters do not match the model's: '{wrong[0]}'")
+
+
+def base_state(model: torch.nn.Module) -> dict:
+    """The model's base weights (sharded), adapters left out: what a full checkpoint fills in a model built with
+    adapters (`model.init_from` of a LoRA run)."""
+    return {k: v for k, v in model.sharded_state_dict().items() if not is_adapter(k)}
+
+
+def load_base_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what `base_state` asked for: every base weight, the adapters left as they are."""
+    result = model.load_state_dict(state, strict=False)
+    wrong = [k for k in result.missing_keys if not is_adapter(k)] + list(result.unexpected_keys)
+    if wrong:
+        raise KeyError(f"the checkpoint's weights do not match the model's: '{wrong[0]}'")

@@ -1,18 +1,22 @@
 """Mixture-of-experts layers: Megatron-Core's router, token dispatcher and experts, configured to route as
-transformers' Qwen3-MoE and Mixtral do, plus the glue that lets the objective add transformers' load-balancing loss.
+transformers' Qwen3-MoE and Mixtral do, and the routers (spec entries) that give the objective a load-balancing loss.
 
 Routing (dropless: no capacity factor, so every layout routes every token the same): a softmax router without bias
 over all experts, top-k. Renormalised top-k weights (Mixtral; Qwen3-MoE's `norm_topk_prob: true`) equal a softmax
 over the k top logits, Megatron's `moe_router_pre_softmax=False`; unrenormalised ones are the softmax over all experts
 taken at the top k, `moe_router_pre_softmax=True`.
 
-The load-balancing loss is transformers' `load_balancing_loss_func`, which TRL's DPOTrainer adds to the DPO loss: one
-Switch-style term over the routing of every layer of a forward at once (experts x sum over experts of the fraction
-of routed token slots x the mean router probability), not Megatron's per-layer aux loss. mdpo takes it per pair
-(the forward TRL runs with one pair per device batch: its chosen and rejected sequences), so it is the same for any
-micro-batch, packing or data-parallel split. Each router records its two sums per pair and expert (`RouterSums`),
-weighted by the tokens TRL's batch would hold (padding 0, a shared prompt twice), and the last stage combines them
-(`pair_aux_losses`).
+Two kinds of load-balancing loss (`dpo.router_aux_loss_type`):
+- `transformers`: transformers' `load_balancing_loss_func`, which TRL's DPOTrainer adds to the DPO loss: one
+  Switch-style term over the routing of every layer of a forward at once (experts x sum over experts of the fraction
+  of routed token slots x the mean router probability). mdpo takes it per pair (the forward TRL runs with one pair
+  per device batch: its chosen and rejected sequences), so it is the same for any micro-batch, packing or
+  data-parallel split. Each `RecordingRouter` records its two sums per pair and expert (`RouterSums`), weighted by
+  the tokens TRL's batch would hold (padding 0, a shared prompt twice), and the last stage combines them
+  (`pair_aux_losses`): exact with one pipeline stage and routers that run once per forward.
+- `megatron` / `seq`: Megatron-Core's own per-layer `aux_loss` / DeepSeek-V3's `seq_aux_loss`, which each layer's
+  `MicroBatchRouter` attaches to its own activations (Megatron's `MoEAuxLossAutoScaler`): any pipeline layout,
+  recompute included.
 """
 
 from __future__ import annotations
@@ -27,14 +31,28 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from mdpo.config import ModelConfig
 
+# Megatron's load-balancing types for mdpo's `dpo.router_aux_loss_type` (transformers' pooled formula is mdpo's own,
+# recorded by `RecordingRouter`; Megatron's routers then add none)
+MEGATRON_BALANCING = {"transformers": "none", "megatron": "aux_loss", "seq": "seq_aux_loss"}
 
-def moe_fields(model: ModelConfig, ep: int, etp: int | None, grouped_gemm: bool, dispatcher: str) -> dict:
-    """The MoE part of Megatron's TransformerConfig: transformers' routing (see the module docstring), no Megatron
-    aux loss (mdpo adds transformers' own), `moe_layers` as Megatron's per-layer pattern."""
+
+def moe_fields(
+    model: ModelConfig,
+    ep: int,
+    etp: int | None,
+    grouped_gemm: bool,
+    dispatcher: str,
+    balancing: str = "transformers",
+    coef: float = 0.0,
+) -> dict:
+    """The MoE part of Megatron's TransformerConfig: transformers' routing (see the module docstring), `moe_layers`
+    as Megatron's per-layer pattern, and Megatron's own router loss when `balancing` is `megatron` (per-layer
+    `aux_loss`) or `seq` (DeepSeek-V3's `seq_aux_loss`) with weight `coef` (0: none)."""
     if not model.is_moe:
         # Dense model: no experts, but megatron rejects variable lengths with the default (allgather) dispatcher.
         return {"moe_token_dispatcher_type": "alltoall"}
     layers = set(model.expert_layers())
+    megatron = MEGATRON_BALANCING[balancing] if coef > 0 else "none"
     return dict(
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_topk,
@@ -42,8 +60,8 @@ def moe_fields(model: ModelConfig, ep: int, etp: int | None, grouped_gemm: bool,
         moe_layer_freq=[int(i in layers) for i in range(model.num_hidden_layers)],
         moe_router_score_function="softmax",
         moe_router_pre_softmax=not model.norm_topk_prob,
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
+        moe_router_load_balancing_type=megatron,
+        moe_aux_loss_coeff=coef if megatron != "none" else 0.0,
         moe_token_dispatcher_type=dispatcher,
         moe_grouped_gemm=grouped_gemm,
         expert_model_parallel_size=ep,
@@ -74,10 +92,13 @@ class RouterSums:
 
 
 class RecordingRouter(TopKRouter):
-    """Megatron's top-k router that also records this layer's load-balancing sums (with Megatron's own scores for
-    an aux loss: the softmax over all experts and its top k) when its `RouterSums` has token weights."""
+    """Megatron's top-k router that also records this layer's sums for transformers' pooled load-balancing loss
+    (with Megatron's own scores for an aux loss: the softmax over all experts and its top k) into `sums` when it
+    has token weights. A spec entry (`functools.partial(RecordingRouter, sums=...)` as MoESubmodules' router)."""
 
-    sums: RouterSums
+    def __init__(self, *args: object, sums: RouterSums, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.sums = sums
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask)
@@ -89,14 +110,16 @@ class RecordingRouter(TopKRouter):
         return probs, routing_map
 
 
-def record_routing(gpt: torch.nn.Module) -> RouterSums:
-    """Make every router of a built model chunk a `RecordingRouter` sharing one `RouterSums` (same parameters)."""
-    sums = RouterSums()
-    for module in gpt.modules():
-        if isinstance(module, TopKRouter):
-            module.__class__ = RecordingRouter
-            module.sums = sums
-    return sums
+class MicroBatchRouter(TopKRouter):
+    """Megatron's top-k router whose own load-balancing losses (`aux_loss`, `seq_aux_loss`: each layer's over the
+    micro-batch's tokens, padding left out) reach the gradient through Megatron's `MoEAuxLossAutoScaler` as they are,
+    not multiplied by the micro-batch's token count as under `calculate_per_token_loss`: mdpo's gradients are
+    divided by the step's pairs, and its step weights each micro-batch's losses by the coefficient the run sets
+    before the step (`training.experts`). A spec entry, in every pipeline stage: no stage needs another's routing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.calculate_per_token_loss = False
 
 
 def mark_experts(gpt: torch.nn.Module) -> None:
@@ -106,13 +129,6 @@ def mark_experts(gpt: torch.nn.Module) -> None:
     for name, param in gpt.named_parameters():
         if ".experts." in name:
             param.allreduce = False
-
-
-def router_sums(model: torch.nn.Module) -> RouterSums:
-    """The `RouterSums` of a model chunk (wrapped by DDP or not)."""
-    while not hasattr(model, "router_sums"):
-        model = model.module
-    return model.router_sums
 
 
 def routers_order(values: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:

@@ -95,8 +95,8 @@ class Workload:
     # LoRA's rank (lora.rank; 0: full tuning): gradients and Adam states for the adapters only, the base frozen (no
     # weight gradients in backward), and an online reference that is the base itself (no second copy)
     lora_rank: int = 0
-    # MoE: the load-balancing loss weight (dpo.router_aux_loss_coef); None = the model's own, 0 = off. On, it needs
-    # PP = 1 and no full recompute (the trainer's rule)
+    # MoE: the load-balancing loss weight (dpo.router_aux_loss_coef); None = the model's own, 0 = off (any layout:
+    # the trainer takes Megatron's per-layer loss where transformers' is not exact)
     router_aux_loss_coef: float | None = None
 
     def aux_loss(self, model: ModelConfig) -> float:

@@ -1,7 +1,8 @@
 """What the planner counts of a model: parameters and FLOPs of a `ModelConfig` (a Llama-like decoder: SwiGLU,
 RMSNorm, GQA, a head size of its own, q/k biases or norms, tied or untied embeddings: every supported family; with
-mixture-of-experts layers, a router and SwiGLU experts in place of the dense MLP), and the presets it knows by name.
-A model is the run's own `ModelConfig`, so a config file, a HF folder and a preset describe it the same way.
+mixture-of-experts layers, a router and SwiGLU experts in place of the dense MLP), and the presets it knows by name
+(the registry's families' published configs). A model is the run's own `ModelConfig`, so a config file, a HF
+folder and a preset describe it the same way.
 """
 
 from __future__ import annotations
@@ -11,67 +12,13 @@ from pathlib import Path
 from mdpo.checkpoint.description import describe_model
 from mdpo.config import ModelConfig
 from mdpo.errors import ConfigError
+from mdpo.models import families
 
-
-def _preset(
-    family: str, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int, **fields: object
-) -> ModelConfig:
-    """A preset row: the counts the planner uses, in config.json's order; `ffn` is one SwiGLU branch (Qwen's
-    config.json lists twice this)."""
-    return ModelConfig(
-        family=family,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        **fields,
-    )
-
-
-# Qwen3-MoE's config.json past the counts: 128 experts, 8 per token, renormalised, load-balancing loss 0.001
-QWEN3_MOE = dict(
-    head_dim=128, qk_norm=True, num_experts=128, moe_topk=8, norm_topk_prob=True, router_aux_loss_coef=0.001
-)
-
-# Published configs (config.json of each model on the HF hub): the fields that change the counts or the layout
-# rules; the rest (norm epsilon, RoPE base and scaling, context length) stay ModelConfig's defaults.
+# The presets `mdpo plan --model NAME` knows: published configs, each in its family's module (`Family.presets`).
 MODELS: dict[str, ModelConfig] = {
-    "llama2-7b": _preset("llama", 4096, 11008, 32, 32, 32, 32000),
-    "llama2-13b": _preset("llama", 5120, 13824, 40, 40, 40, 32000),
-    "llama2-70b": _preset("llama", 8192, 28672, 80, 64, 8, 32000),
-    "codellama-34b": _preset("llama", 8192, 22016, 48, 64, 8, 32000),
-    "tulu2-13b": _preset("llama", 5120, 13824, 40, 40, 40, 32000),
-    "tulu2-70b": _preset("llama", 8192, 28672, 80, 64, 8, 32000),
-    "llama3.2-1b": _preset("llama", 2048, 8192, 16, 32, 8, 128256, tie_word_embeddings=True),
-    "llama3.2-3b": _preset("llama", 3072, 8192, 28, 24, 8, 128256, tie_word_embeddings=True),
-    "llama3.1-8b": _preset("llama", 4096, 14336, 32, 32, 8, 128256),
-    "llama3.1-70b": _preset("llama", 8192, 28672, 80, 64, 8, 128256),
-    "tulu3-8b": _preset("llama", 4096, 14336, 32, 32, 8, 128256),
-    "tulu3-70b": _preset("llama", 8192, 28672, 80, 64, 8, 128256),
-    "qwen-7b": _preset("qwen", 4096, 11008, 32, 32, 32, 151936, qkv_bias=True),
-    "qwen-14b": _preset("qwen", 5120, 13696, 40, 40, 40, 152064, qkv_bias=True),
-    "qwen-72b": _preset("qwen", 8192, 24576, 80, 64, 64, 152064, qkv_bias=True),
-    "qwen2.5-7b": _preset("qwen2", 3584, 18944, 28, 28, 4, 152064, qkv_bias=True),
-    "qwen2.5-14b": _preset("qwen2", 5120, 13824, 48, 40, 8, 152064, qkv_bias=True),
-    "qwen2.5-32b": _preset("qwen2", 5120, 27648, 64, 40, 8, 152064, qkv_bias=True),
-    "qwen2.5-72b": _preset("qwen2", 8192, 29568, 80, 64, 8, 152064, qkv_bias=True),
-    "qwen3-0.6b": _preset("qwen3", 1024, 3072, 28, 16, 8, 151936, head_dim=128, qk_norm=True, tie_word_embeddings=True),
-    "qwen3-8b": _preset("qwen3", 4096, 12288, 36, 32, 8, 151936, qk_norm=True),
-    "qwen3-14b": _preset("qwen3", 5120, 17408, 40, 40, 8, 151936, qk_norm=True),
-    "qwen3-32b": _preset("qwen3", 5120, 25600, 64, 64, 8, 151936, head_dim=128, qk_norm=True),
-    "mistral-nemo-12b": _preset("mistral", 5120, 14336, 40, 32, 8, 131072, head_dim=128),
-    "baichuan2-7b": _preset("baichuan", 4096, 11008, 32, 32, 32, 125696, norm_head=True, position_embedding="rope"),
-    "baichuan2-13b": _preset("baichuan", 5120, 13696, 40, 40, 40, 125696, norm_head=True, position_embedding="alibi"),
-    "tinyllama-1.1b": _preset("llama", 2048, 5632, 22, 32, 4, 32000),
-    # mixtures of experts: every layer's MLP is `num_experts` SwiGLU experts of moe_intermediate_size (Mixtral: of
-    # intermediate_size), `moe_topk` of them per token; router_aux_loss_coef as config.json declares it
-    "qwen3-30b-a3b": _preset("qwen3_moe", 2048, 6144, 48, 32, 4, 151936, **QWEN3_MOE, moe_intermediate_size=768),
-    "qwen3-235b-a22b": _preset("qwen3_moe", 4096, 12288, 94, 64, 4, 151936, **QWEN3_MOE, moe_intermediate_size=1536),
-    "mixtral-8x7b": _preset(
-        "mixtral", 4096, 14336, 32, 32, 8, 32000, num_experts=8, moe_topk=2, router_aux_loss_coef=0.02
-    ),
+    name: ModelConfig(family=family.name, **fields)
+    for family in families.FAMILIES.values()
+    for name, fields in family.presets.items()
 }
 
 

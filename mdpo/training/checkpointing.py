@@ -21,7 +21,7 @@ from mdpo.checkpoint.manifest import damage
 from mdpo.config import Layout, TrainConfig, config_to_dict
 from mdpo.config.resume import config_changes, data_changes
 from mdpo.errors import ConfigError, MdpoError
-from mdpo.training.data import log
+from mdpo.training.console import log
 from mdpo.training.metrics import check_writable
 
 

@@ -4,7 +4,6 @@ and a rank's pairs cut into micro-batches for its layout."""
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from mdpo.config import DataConfig, Layout, ScheduleConfig
@@ -18,17 +17,17 @@ from mdpo.data.batching import (
     split_groups,
 )
 from mdpo.data.pairs import TokenizedPair, TokenizeReport, load_pairs
+from mdpo.data.templates import FALLBACK_TEMPLATE
 from mdpo.errors import DataError, MdpoError
-
-
-def log(message: str) -> None:
-    """A line above the progress bar, from global rank 0 only."""
-    if torch.distributed.get_rank() == 0:
-        tqdm.write(f"[mdpo] {message}")
+from mdpo.training.console import log
 
 
 def load_pairs_on_ranks(
-    data: DataConfig, path: str, tokenizer: PreTrainedTokenizerBase, what: str
+    data: DataConfig,
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    what: str,
+    fallback_template: str = FALLBACK_TEMPLATE,  # the model family's default_template (data.load_pairs)
 ) -> list[TokenizedPair]:
     """Rank 0 tokenizes (and fills the data cache) first; the other ranks then read the cache. A data error on
     rank 0 is raised on every rank, so no rank waits forever at the broadcast; it names the key (`what` is "train"
@@ -37,7 +36,7 @@ def load_pairs_on_ranks(
     error = None
     if torch.distributed.get_rank() == 0:
         try:
-            pairs = load_pairs(data, path, tokenizer, report)
+            pairs = load_pairs(data, path, tokenizer, report, fallback_template)
         except MdpoError as err:
             error = f"data.{what}_file: {err}"
     message = [error]
@@ -45,7 +44,7 @@ def load_pairs_on_ranks(
     if message[0] is not None:
         raise DataError(message[0])
     if torch.distributed.get_rank() != 0:
-        pairs = load_pairs(data, path, tokenizer, report)
+        pairs = load_pairs(data, path, tokenizer, report, fallback_template)
     log(f"{what}: {len(pairs)} pairs from {path} ({report.summary()})")
     return pairs
 

@@ -28,11 +28,12 @@ from mdpo.checkpoint.dist import saved_common_state
 from mdpo.checkpoint.files import COMPLETE, TRAINING_META
 from mdpo.config import DataConfig, DPOConfig, TrainConfig, load_config_tree, translate_args
 from mdpo.errors import ConfigError, MdpoError
+from mdpo.models import families
 from mdpo.training.data import load_pairs_on_ranks
 from mdpo.training.evaluation import evaluate_pairs
 from mdpo.training.reference import build_reference
 from mdpo.training.setup import build_model, frozen, start_run
-from mdpo.training.step import DPOObjective, RouterAux
+from mdpo.training.step import DPOObjective
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # What a training checkpoint's stored config lends the evaluation besides its data and dpo sections: the settings
@@ -213,11 +214,12 @@ def evaluate_model(setup: EvalSetup, progress: bool = True) -> dict[str, float]:
     cfg = setup.cfg
     try:
         run = start_run(cfg)
-        pairs = load_pairs_on_ranks(cfg.data, cfg.data.eval_file, run.tokenizer, "eval")
-        objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, RouterAux.of(cfg))
+        template = families.get(cfg.model.family).default_template
+        pairs = load_pairs_on_ranks(cfg.data, cfg.data.eval_file, run.tokenizer, "eval", template)
+        objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, run.experts)
         if setup.reward_mean is not None:
             objective.reward_mean.load_state_dict(setup.reward_mean)
-        policy = frozen(build_model(cfg, run.layout, run.dtype, load=True))
+        policy = frozen(build_model(cfg, run.layout, run.dtype, load=True, experts=run.experts))
         reference = build_reference(cfg, run, weights_from=setup.reference)  # reference-free: dpo.reference=none
         return evaluate_pairs(cfg, run, objective, policy, pairs, reference, progress=progress)
     finally:

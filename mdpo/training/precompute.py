@@ -12,7 +12,9 @@ from tqdm import tqdm
 from mdpo import parallel
 from mdpo.config import TrainConfig
 from mdpo.errors import ConfigError
-from mdpo.training.data import load_pairs_on_ranks, log
+from mdpo.models import families
+from mdpo.training.console import log
+from mdpo.training.data import load_pairs_on_ranks
 from mdpo.training.reference import OnlineReference, cache_path, reference_stamp, save_reference_logps
 from mdpo.training.run_lock import lock_run
 from mdpo.training.setup import FORWARD_CHUNK, build_model, start_run
@@ -32,7 +34,9 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
         for split, path in (("train", cfg.data.train_file), ("eval", cfg.data.eval_file)):
             if not path:
                 continue
-            pairs = load_pairs_on_ranks(cfg.data, path, run.tokenizer, split)
+            pairs = load_pairs_on_ranks(
+                cfg.data, path, run.tokenizer, split, families.get(cfg.model.family).default_template
+            )
             mine = list(range(run.ranks.dp, len(pairs), run.layout.dp))
             everything = run.microbatches(cfg, pairs, mine)
             results: list[tuple[list[int], list[float]]] = []

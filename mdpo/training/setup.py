@@ -3,7 +3,6 @@ and a pipeline stage of the model with its starting weights. Shared by training 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,17 +10,21 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
 from transformers import PreTrainedTokenizerBase
 
 from mdpo import parallel
 from mdpo.checkpoint.load import load_initial_weights
-from mdpo.config import Layout, ParallelConfig, TrainConfig
+from mdpo.config import Layout, LoRAConfig, ParallelConfig, TrainConfig
 from mdpo.data.batching import MicroBatch
 from mdpo.data.encoding import load_tokenizer
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import ConfigError
-from mdpo.models.gpt import build_gpt_model, core_attention, packs_as_thd, transformer_config, use_scoring_head
-from mdpo.training.data import log, make_microbatches
+from mdpo.models.gpt import build_gpt_model, core_attention, packs_as_thd, transformer_config
+from mdpo.models.lora import init_adapters
+from mdpo.training.console import log
+from mdpo.training.data import make_microbatches
+from mdpo.training.experts import Experts
 from mdpo.training.step import Scorer
 
 # Micro-batches a forward-only pass puts on the device per schedule call (results leave it as often).
@@ -39,6 +42,7 @@ class Run:
     tokenizer: PreTrainedTokenizerBase
     share_prompt: bool  # each pair one sequence [prompt | chosen | rejected] (data.share_prompt, resolved)
     scorer: Scorer  # how the last stage's output becomes per-sequence log-probs
+    experts: Experts | None  # a mixture of experts' routers, load balancing and expert-parallel forwards
 
     @property
     def is_logger(self) -> bool:
@@ -47,10 +51,8 @@ class Run:
 
     def microbatches(self, cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int]) -> list[MicroBatch]:
         """This rank's pairs (`indices` into `pairs`) as micro-batches of its layout, on the host (at least
-        `Layout.min_microbatches` of them when there are that many pairs). Under expert parallelism every rank
-        runs as many as the rank with the most (each MoE layer's all-to-all joins the ranks of an expert group in
-        every forward): micro-batches are split where there are pairs enough, and a rank short of pairs repeats its
-        last one as an `echo` (its results are not counted)."""
+        `Layout.min_microbatches` of them when there are that many pairs), as many as every other rank of an
+        expert group runs (`Experts.in_step`)."""
         build = lambda at_least: make_microbatches(
             cfg.data,
             cfg.schedule,
@@ -63,13 +65,7 @@ class Run:
             at_least,
         )
         batches = build(0)
-        if self.layout.ep == 1:
-            return batches
-        most = torch.tensor(len(batches), device="cuda" if torch.cuda.is_available() else "cpu")
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        if int(most) > len(batches):
-            batches = build(int(most))
-        return batches + [dataclasses.replace(batches[-1], echo=True)] * (int(most) - len(batches))
+        return self.experts.in_step(batches, build) if self.experts is not None else batches
 
     def on_device(self, batches: list[MicroBatch]) -> list[MicroBatch]:
         return [mb.to(self.device) for mb in batches] if self.device is not None else batches
@@ -96,7 +92,7 @@ def train_dtype(parallel_cfg: ParallelConfig) -> torch.dtype:
 def start_run(cfg: TrainConfig) -> Run:
     """torch.distributed and Megatron's groups for the configured layout at torchrun's world size, the seeds, and
     the tokenizer (refused when it has more tokens than the model's vocabulary)."""
-    layout = cfg.parallel.layout(int(os.environ.get("WORLD_SIZE", 1)))
+    layout = cfg.parallel.layout(int(os.environ.get("WORLD_SIZE", 1)), moe=cfg.model.is_moe)
     layout.check_batch(cfg.schedule.global_batch_size, cfg.schedule.micro_batch_size, cfg.data.packing)
     ranks = parallel.start(layout)
     torch.manual_seed(cfg.schedule.seed)
@@ -106,7 +102,24 @@ def start_run(cfg: TrainConfig) -> Run:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     dtype = train_dtype(cfg.parallel)
     scorer = Scorer(cfg.model, cfg.model.logprob_chunk_tokens, packs_as_thd(cfg.model, dtype), cfg.dpo.ld_alpha)
-    return Run(layout, ranks, dtype, device, tokenizer, share_prompt(cfg), scorer)
+    experts = Experts.of(cfg, layout.ep)
+    _say_resolved(cfg, layout)
+    return Run(layout, ranks, dtype, device, tokenizer, share_prompt(cfg), scorer, experts)
+
+
+def _say_resolved(cfg: TrainConfig, layout: Layout) -> None:
+    """The automatic choices a mixture of experts' layout made, said once at start."""
+    if cfg.parallel.sequence_parallel is None and layout.sequence_parallel:
+        log("parallel.sequence_parallel: on (auto: Megatron-Core's MoE layers train under tensor parallelism with it)")
+    if (
+        cfg.dpo.router_aux_loss_type == "auto"
+        and cfg.router_aux_loss_type != "transformers"
+        and cfg.router_aux_loss_coef
+    ):
+        log(
+            "dpo.router_aux_loss_type: megatron (auto: transformers' pooled load-balancing loss is exact with one "
+            "pipeline stage and no full recompute only; Megatron-Core's per-layer loss, each micro-batch's)"
+        )
 
 
 def check_vocabulary(tokenizer: PreTrainedTokenizerBase, name: str, vocab_size: int) -> None:
@@ -134,14 +147,11 @@ def share_prompt(cfg: TrainConfig) -> bool:
     return cfg.data.share_prompt is not False
 
 
-def build_model(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool) -> list[GPTModel]:
-    """This rank's model chunks: its pipeline stage, as `layout.vpp` chunks with an interleaved pipeline (one
-    otherwise), each with `model.init_from` loaded into it when `load` (HF folder or Megatron checkpoint, streamed
-    per tensor and resharded for this layout), else a seeded random init. The output layer hands on hidden states
-    (`ScoringHead`): the loss applies it to the scored positions only."""
-    # Initialised even when weights are loaded next: Megatron marks tensor-parallel weights (which the grad norm and
-    # weight decay need) only in its init functions.
-    config = transformer_config(
+def stage_config(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, experts: Experts | None) -> TransformerConfig:
+    """The TransformerConfig of this rank's model chunks (the policy's with its `experts`' router losses). Weights are
+    initialised even when they are loaded next: Megatron marks tensor-parallel weights (which the grad norm and
+    weight decay need) only in its init functions."""
+    return transformer_config(
         cfg.model,
         tp=layout.tp,
         pp=layout.pp,
@@ -152,13 +162,40 @@ def build_model(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool
         params_dtype=dtype,
         sequence_parallel=layout.sequence_parallel,
         recompute=cfg.parallel.recompute,
+        **(experts.config_fields() if experts is not None else {}),
     )
+
+
+def build_model(
+    cfg: TrainConfig,
+    layout: Layout,
+    dtype: torch.dtype,
+    load: bool,
+    *,
+    experts: Experts | None = None,
+    lora: LoRAConfig | None = None,
+) -> list[GPTModel]:
+    """This rank's model chunks: its pipeline stage, as `layout.vpp` chunks with an interleaved pipeline (one
+    otherwise), each with `model.init_from` loaded into it when `load` (HF folder or Megatron checkpoint, streamed
+    per tensor and resharded for this layout), else a seeded random init. The output layer hands on hidden states:
+    the loss applies it to the scored positions only. The policy's build passes its `experts` (its routers and
+    load-balancing loss) and a LoRA run's `lora` (adapters on a frozen base, `models.lora`); a reference's
+    neither."""
+    config = stage_config(cfg, layout, dtype, experts)
+    router = experts.router() if experts is not None else None
     chunks = []
     for vp_stage in range(layout.vpp) if layout.vpp > 1 else [None]:
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        model = use_scoring_head(
-            build_gpt_model(cfg.model, config, pre_process=first, post_process=last, vp_stage=vp_stage)
+        model = build_gpt_model(
+            cfg.model,
+            config,
+            pre_process=first,
+            post_process=last,
+            vp_stage=vp_stage,
+            scoring=True,
+            lora=lora,
+            router=router,
         )
         # Megatron-Core's local RMSNorm (torch.nn.RMSNorm) is built in float32 whatever params_dtype says; its bf16
         # optimizer maps only bf16 weights to checkpoint entries (Megatron-LM's Float16Module casts them all too).
@@ -168,6 +205,8 @@ def build_model(cfg: TrainConfig, layout: Layout, dtype: torch.dtype, load: bool
             model.cuda(torch.cuda.current_device())
         if load and cfg.model.init_from is not None:
             load_initial_weights(model, cfg.model)
+        if lora is not None:
+            init_adapters(model, cfg.schedule.seed)
         chunks.append(model)
     return chunks
 

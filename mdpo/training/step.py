@@ -19,15 +19,14 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from mdpo.config import DPOConfig, ModelConfig, TrainConfig
+from mdpo.config import DPOConfig, ModelConfig
 from mdpo.data.batching import MicroBatch, in_frame
 from mdpo.errors import MdpoError
 from mdpo.loss import PairLosses, pair_losses, wpo_weights
 from mdpo.models.attention import BlockAttention
-from mdpo.models.gpt import head_weight
-from mdpo.models.moe import pair_aux_losses, router_sums, routers_order
+from mdpo.training.experts import Experts
 from mdpo.training.logprobs import SequenceStats, sequence_stats
-from mdpo.training.metrics import SUM_FIELDS, MetricSums, pair_sums
+from mdpo.training.metrics import SUM_FIELDS, pair_sums
 
 
 @dataclass
@@ -53,45 +52,43 @@ class RewardMean:
 
 
 @dataclass(frozen=True)
-class RouterAux:
-    """A MoE policy's load-balancing loss (`models.moe`): its weight and the model's expert count."""
-
-    coef: float
-    num_experts: int
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> RouterAux | None:
-        """The run's load-balancing loss; None for dense models and a weight of 0."""
-        coef = cfg.router_aux_loss_coef
-        return cls(coef, cfg.model.num_experts) if coef > 0 else None
-
-
-@dataclass(frozen=True)
 class DPOObjective:
     """The configured preference objective (`dpo` checked itself when built, so a step only computes);
     `components` name the per-pair terms logged besides `loss`; `reward_mean` is bco_pair's running shift;
-    `router_aux` a MoE policy's load-balancing loss (None: off)."""
+    `experts` a MoE policy's load-balancing loss and its hooks (None: a dense model)."""
 
     dpo: DPOConfig
     vocab_size: int
     reward_mean: RewardMean = field(default_factory=RewardMean)
-    router_aux: RouterAux | None = None
+    experts: Experts | None = None
 
     @classmethod
-    def from_config(cls, dpo: DPOConfig, vocab_size: int, router_aux: RouterAux | None = None) -> DPOObjective:
-        return cls(dpo, vocab_size, router_aux=router_aux)
+    def from_config(cls, dpo: DPOConfig, vocab_size: int, experts: Experts | None = None) -> DPOObjective:
+        return cls(dpo, vocab_size, experts=experts)
 
     @property
     def components(self) -> tuple[str, ...]:
         types = self.dpo.loss_types
         names = tuple(f"loss/{t}" for t in types) if len(types) > 1 else ()
-        aux = ("aux_loss",) if self.router_aux is not None else ()
+        aux = self.experts.components if self.experts is not None else ()
         return names + (("nll_loss",) if self.dpo.rpo_alpha > 0 else ()) + aux
 
     @property
     def metric_names(self) -> tuple[str, ...]:
         """The names of a step's metric sums (`MetricSums`)."""
         return SUM_FIELDS + self.components
+
+    def before_step(self, microbatches: list[MicroBatch], chunks: list[torch.nn.Module]) -> None:
+        """Before a training step's schedule: what the step's load-balancing loss needs (`Experts.before_step`)."""
+        if self.experts is not None:
+            self.experts.before_step(microbatches, chunks)
+
+    def complete(self, record: dict[str, float]) -> dict[str, float]:
+        """A training step's record with what is not a metric sum: Megatron's per-layer load-balancing losses
+        (`Experts.complete`)."""
+        if self.experts is not None:
+            self.experts.complete(record)
+        return record
 
     def __call__(
         self,
@@ -141,6 +138,8 @@ class Scorer:
         then runs its flash kernel). Packed rows go to THD kernels as sequence boundaries where the attention takes
         them; packed rows elsewhere and shared prompts go as blocks (`models.attention.BlockAttention`)."""
         inputs = dict(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None)
+        if self.model.is_moe:  # Megatron's routers leave padding out of their load-balancing losses
+            inputs["padding_mask"] = batch.token_weights == 0
         if batch.cu_seqlens is not None and self.thd:
             inputs["packed_seq_params"] = PackedSeqParams(
                 qkv_format="thd",
@@ -160,7 +159,7 @@ class Scorer:
         self, batch: MicroBatch, model: torch.nn.Module, hidden: torch.Tensor, square_mass: bool = False
     ) -> SequenceStats:
         """`square_mass`: also WPO's per-sequence sums (the policy's pass with `dpo.use_weighting`)."""
-        weight = head_weight(getattr(model, "module", model), self.model)
+        weight = getattr(model, "module", model).output_weight()
         return sequence_stats(hidden, batch, weight, self.vocab_size, self.chunk_tokens, self.ld_alpha, square_mass)
 
 
@@ -197,23 +196,15 @@ def _dpo_loss(
         pair_weights=weights,
     )
     loss, sums = losses.losses.sum(), pair_sums(losses, stats, batch)
-    if objective.router_aux is not None:
-        loss, sums = _with_router_aux(objective.router_aux, model, loss, sums)
+    aux = objective.experts.pair_term(model) if objective.experts is not None else None
+    if aux is not None:  # a load-balancing loss per pair, added as TRL adds it (logged as aux_loss, inside loss)
+        term, per_pair = aux
+        loss, sums = loss + term, sums.add(loss=term.detach(), aux_loss=per_pair.detach())
     # finalize_model_grads sums the pair count over DP x CP: the CP ranks' copies of the loss count their pairs once.
     count = m if parallel_state.get_context_parallel_rank() == 0 else 0
     # pair_ids let a non-finite loss be traced to its examples.
     count = torch.tensor(count, dtype=torch.int, device=output.device)
     return loss, count, {"sums": sums, "pair_ids": batch.pair_ids}
-
-
-def _with_router_aux(aux: RouterAux, model: torch.nn.Module, loss: torch.Tensor, sums: MetricSums):
-    """Each pair's load-balancing loss added to its DPO loss as TRL adds it to a (one-pair) batch's: coef x aux,
-    in the sum over pairs that the gradients divide by the global pair count. Logged as `aux_loss` (the mean per
-    pair) and inside `loss`, as TRL logs them."""
-    sequence_parallel = get_model_config(model).sequence_parallel
-    per_pair = pair_aux_losses(router_sums(model), aux.num_experts, sequence_parallel)
-    term = aux.coef * per_pair.sum()
-    return loss + term, sums.add(loss=term.detach(), aux_loss=per_pair.sum().detach())
 
 
 def logps_forward_step(scorer: Scorer, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
@@ -228,13 +219,20 @@ def dpo_forward_step(
     data_iterator: Iterator[tuple[MicroBatch, torch.Tensor | None]],
     model: torch.nn.Module,
 ):
-    """The policy's step: each micro-batch with its reference log-probs, through the objective."""
+    """The policy's step: each micro-batch with its reference log-probs, through the objective. An expert group's
+    `echo` (a forward-only pass's repeat that keeps its ranks' all-to-alls in step) runs the model and nothing
+    more: it never reaches the loss."""
     batch, ref = next(data_iterator)
-    if objective.router_aux is not None:  # the routers record this micro-batch's load-balancing sums
-        sequence_parallel = get_model_config(model).sequence_parallel
-        weights, pairs = (routers_order(t, sequence_parallel) for t in (batch.token_weights, batch.token_pairs))
-        router_sums(model).start(weights, pairs, batch.num_pairs)
-    return scorer.forward(batch, model), partial(_dpo_loss, batch, ref, objective, scorer, model)
+    if objective.experts is not None:
+        objective.experts.before_forward(batch, model)
+    output = scorer.forward(batch, model)
+    return output, partial(_echo_result if batch.echo else _dpo_loss, batch, ref, objective, scorer, model)
+
+
+def _echo_result(batch: MicroBatch, ref, objective: DPOObjective, scorer: Scorer, model, output: torch.Tensor):
+    """An echo's loss-function result: nothing counted (no pairs, no metric sums)."""
+    zero = output.new_zeros(())
+    return zero, torch.zeros((), dtype=torch.int, device=output.device), {"echo": True}
 
 
 def interleave_group(microbatches: int, pp: int) -> int:

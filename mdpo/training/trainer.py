@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from mdpo import parallel
+from mdpo.checkpoint.components import CommonState, Component, ModelChunks, OptimizerState
 from mdpo.checkpoint.description import export_origin
 from mdpo.checkpoint.dist import read_meta
 from mdpo.checkpoint.hf_export import gather_full_state, write_hf_export, write_peft_adapter
@@ -19,10 +20,12 @@ from mdpo.config import TrainConfig, config_to_dict
 from mdpo.data.batching import MicroBatch, PairSampler, rank_share
 from mdpo.data.pairs import TokenizedPair, data_fingerprint
 from mdpo.errors import MdpoError
-from mdpo.models.lora import add_adapters, merge_adapters, split_adapters
+from mdpo.models import families
+from mdpo.models.lora import merge_adapters, split_adapters
 from mdpo.plot import plot_metrics
 from mdpo.training.checkpointing import After, Checkpointer
-from mdpo.training.data import load_pairs_on_ranks, log
+from mdpo.training.console import log
+from mdpo.training.data import load_pairs_on_ranks
 from mdpo.training.evaluation import evaluate_pairs
 from mdpo.training.memory import peak_memory_gib, reset_peak_memory
 from mdpo.training.metrics import MetricsLogger, step_record
@@ -31,7 +34,7 @@ from mdpo.training.profiling import profiled
 from mdpo.training.reference import build_reference
 from mdpo.training.run_lock import lock_run
 from mdpo.training.setup import build_model, start_run
-from mdpo.training.step import DPOObjective, RouterAux, dpo_forward_step, run_schedule
+from mdpo.training.step import DPOObjective, dpo_forward_step, run_schedule
 
 
 def _nonfinite_pairs(outputs: list[dict]) -> list[int]:
@@ -66,21 +69,20 @@ class Trainer:
     def _build(self) -> None:
         """The run's data, models and optimizer (with the run's folders locked)."""
         cfg = self.cfg
-        self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, RouterAux.of(cfg))
-        tokenizer = self.run.tokenizer
-        self.train_pairs = load_pairs_on_ranks(cfg.data, cfg.data.train_file, tokenizer, "train")
+        self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, self.run.experts)
+        tokenizer, template = self.run.tokenizer, families.get(cfg.model.family).default_template
+        self.train_pairs = load_pairs_on_ranks(cfg.data, cfg.data.train_file, tokenizer, "train", template)
         self.eval_pairs = (
-            load_pairs_on_ranks(cfg.data, cfg.data.eval_file, tokenizer, "eval") if cfg.data.eval_file else []
+            load_pairs_on_ranks(cfg.data, cfg.data.eval_file, tokenizer, "eval", template) if cfg.data.eval_file else []
         )
         # what a checkpoint keeps of the training pairs, to compare a resumed run with (global rank 0 judges)
         self.data_fingerprint = data_fingerprint(cfg.data.train_file, self.train_pairs) if self.run.is_logger else None
         self.sampler = PairSampler(len(self.train_pairs), cfg.schedule.global_batch_size, cfg.schedule.seed)
         self.train_steps = cfg.schedule.train_steps or max(1, int(cfg.schedule.epochs * self.sampler.steps_per_epoch))
 
-        policy = build_model(cfg, self.run.layout, self.run.dtype, load=True)  # this rank's model chunks
-        if cfg.lora.enabled:  # the base frozen; with an online reference, the reference is the base itself
-            for chunk in policy:
-                add_adapters(chunk, cfg.lora, cfg.schedule.seed)
+        # this rank's model chunks; with LoRA the base frozen and, with an online reference, the reference itself
+        lora = cfg.lora if cfg.lora.enabled else None
+        policy = build_model(cfg, self.run.layout, self.run.dtype, load=True, experts=self.run.experts, lora=lora)
         self.policy = [wrap_ddp(cfg, chunk, index) for index, chunk in enumerate(policy)]
         splits = {"train": self.train_pairs, "eval": self.eval_pairs}
         self.reference = build_reference(cfg, self.run, policy=self.policy, splits=splits)
@@ -182,6 +184,7 @@ class Trainer:
             rank_share(self.sampler.global_batch(step), ranks.dp, layout.dp), self.train_pairs
         )
         references = self.reference.logps(microbatches, "train")
+        self.objective.before_step(microbatches, self.policy)
         for chunk in self.policy:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -192,7 +195,7 @@ class Trainer:
             forward_only=False,
             references=references,
         )
-        record = step_record([out["sums"] for out in outputs], self.objective.metric_names)
+        record = self.objective.complete(step_record([out["sums"] for out in outputs], self.objective.metric_names))
         learning_rate = self.optimizer.param_groups[0]["lr"]
         # The norm is checked before the update: Megatron's clipping turns an inf norm into NaN weights.
         finite, grad_norm = optimizer_step(self.optimizer, math.isfinite(record["loss"]))
@@ -247,18 +250,20 @@ class Trainer:
         return [chunk.module for chunk in self.policy]
 
     @property
-    def states(self) -> dict:
-        """The run's components with training state, as the checkpointer saves and restores them: the policy's model
-        chunks, the optimizer, the scheduler, the objective (bco_pair's running reward mean) and, when its weights
-        move (TR-DPO), the reference's chunks. The sampler's position is the step's."""
+    def states(self) -> dict[str, Component]:
+        """The run's components with training state, as the checkpointer saves and restores them (one interface,
+        `checkpoint.components`): the policy's model chunks, the optimizer over them, the scheduler, the objective
+        (bco_pair's running reward mean) and, when its weights move (TR-DPO), the reference's chunks. The sampler's
+        position is the step's."""
+        model = ModelChunks("model", self._modules)
         states = {
-            "model": self._modules,
-            "optimizer": self.optimizer,
-            "scheduler": self.scheduler,
-            "objective": self.objective.reward_mean,
+            "model": model,
+            "optimizer": OptimizerState("optimizer", self.optimizer, model),
+            "scheduler": CommonState("scheduler", self.scheduler),
+            "objective": CommonState("objective", self.objective.reward_mean),
         }
         if self.reference.state() is not None:
-            states["reference"] = self.reference.state()
+            states["reference"] = ModelChunks("reference", self.reference.state(), prefix="reference.")
         return states
 
     def _resume(self) -> int:
@@ -291,16 +296,16 @@ class Trainer:
         LoRA run, the adapters merged into it, and the adapters alone as a PEFT folder (RUN_DIR/adapter)."""
         self._sync_params()
         cfg = self.cfg
-        full = gather_full_state(self._modules, cfg.model)
-        if full is not None:
-            init_from = cfg.model.init_from
+        gathered = gather_full_state(self._modules, cfg.model)
+        if gathered is not None:
+            full, init_from = gathered.tensors, cfg.model.init_from
             if cfg.lora.enabled:
                 write_peft_adapter(self.run_dir / "adapter", split_adapters(full)[1], cfg.model, cfg.lora, init_from)
                 log(f"exported the PEFT adapter to {self.run_dir / 'adapter'}")
                 full = merge_adapters(full, cfg.lora.scaling)
             write_hf_export(folder, full, cfg.model, export_origin(Path(init_from)) if init_from else None)
             self.run.tokenizer.save_pretrained(folder)
-            log(f"exported HF model to {folder}")
+            log(f"exported HF model to {folder} ({gathered.sent_bytes / 2**20:.1f} MiB of tensors gathered)")
         torch.distributed.barrier()
 
 

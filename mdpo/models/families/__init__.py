@@ -1,4 +1,6 @@
-"""Supported HF model families, found from a config.json, and the model description a config.json gives."""
+"""The registry of HF model families, the one list of them (each a `Family` record, in its own module): a family
+found from a config.json, and the model description a config.json gives. Everything else that names families (the
+planner's presets, `mdpo convert --check`'s oracles, the tests' fixtures) is derived from `FAMILIES`."""
 
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ FAMILIES: dict[str, Family] = {
 
 
 def supported() -> str:
-    return ", ".join(f"{f.architecture} ({f.name})" for f in FAMILIES.values())
+    """Each family's architectures and name, for the messages that list them."""
+    return ", ".join(f"{'/'.join(f.architectures)} ({f.name})" for f in FAMILIES.values())
 
 
 def get(name: str) -> Family:
+    """The family of a `model.family` value (a description that passed `describe_model` holds a registered one)."""
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; supported: {supported()}")
     return FAMILIES[name]
@@ -40,9 +44,10 @@ def detect(hf_config: dict) -> Family:
     architectures = hf_config.get("architectures") or []
     model_type = hf_config.get("model_type")
     for family in FAMILIES.values():
-        if family.architecture in architectures:
+        named = [name for name in architectures if name in family.architectures]
+        if named:
             if model_type not in (None, family.model_type):
-                raise ValueError(f"model_type={model_type!r} with architecture {family.architecture} is not supported")
+                raise ValueError(f"model_type={model_type!r} with architecture {named[0]} is not supported")
             return family
     for family in FAMILIES.values():
         if model_type == family.model_type and not architectures:

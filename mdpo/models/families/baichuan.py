@@ -13,7 +13,8 @@ Llama-like with MHA and q|k|v stacked in `W_pack`. Two differences matter:
 from __future__ import annotations
 
 from mdpo.config import ModelConfig
-from mdpo.models.families.base import Family
+from mdpo.models.families.base import Family, Refusal, preset
+from mdpo.models.families.oracles import baichuan_stand_in
 
 GLOBAL_TENSORS = (
     ("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
@@ -31,11 +32,11 @@ LAYER_TENSORS = (
 ROPE_HIDDEN_SIZE = 4096  # Baichuan 2 7B; every other published size (13B) uses ALiBi
 
 
+ARCHITECTURES = ("BaichuanForCausalLM",)
+REFUSALS = (Refusal("tie_word_embeddings", bool), Refusal("hidden_act", lambda act: act != "silu"))
+
+
 def read_config(hf: dict) -> dict:
-    if hf.get("tie_word_embeddings"):
-        raise ValueError("tie_word_embeddings=true")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={hf['hidden_act']!r}")
     fields = {
         name: hf.get(name)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -50,7 +51,7 @@ def read_config(hf: dict) -> dict:
 def write_config(model: ModelConfig) -> dict:
     """The config.json keys of Baichuan 2's published configs (without `auto_map`: the model code is not ours)."""
     return {
-        "architectures": ["BaichuanForCausalLM"],
+        "architectures": list(ARCHITECTURES),
         "model_type": "baichuan",
         "vocab_size": model.vocab_size,
         "hidden_size": model.hidden_size,
@@ -64,14 +65,23 @@ def write_config(model: ModelConfig) -> dict:
     }
 
 
+PRESETS = {
+    "baichuan2-7b": preset(4096, 11008, 32, 32, 32, 125696, norm_head=True, position_embedding="rope"),
+    "baichuan2-13b": preset(5120, 13696, 40, 40, 40, 125696, norm_head=True, position_embedding="alibi"),
+}
+
 FAMILY = Family(
     name="baichuan",
-    architecture="BaichuanForCausalLM",
+    architectures=ARCHITECTURES,
     model_type="baichuan",
     global_tensors=GLOBAL_TENSORS,
     layer_tensors=LAYER_TENSORS,
     hf_layer_prefix="model.layers.{i}.",
-    read_config=read_config,
+    read_fields=read_config,
     write_config=write_config,
+    oracle=baichuan_stand_in,  # transformers has no Baichuan class
+    default_template="tulu2",  # Baichuan's own format is its tokenizer's chat template, where it has one
+    refusals=REFUSALS,
+    presets=PRESETS,
     ignored_suffixes=("rotary_emb.inv_freq", "alibi_mask", "future_mask"),
 )

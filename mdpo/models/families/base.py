@@ -15,13 +15,19 @@ the names, one row per expert, global expert numbers on both sides), which repla
 
 Tensors here are full (unsharded); `mdpo.models.sharding` cuts them for a TP/PP rank. Expected HF shapes are not
 written anywhere: they are derived by running the table backwards on meta tensors of the Megatron shapes.
+
+A family is one `Family` record (docs/adding-a-family.md): besides its table and config translation, what the rest
+of mdpo asks of it (the config.json values it refuses, the oracle `mdpo convert --check` runs, its planner presets,
+the chat template `data.template: auto` falls back to), so that no other list names the families.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,20 +39,60 @@ LAYER_PREFIX_MCORE = "decoder.layers.{i}."
 EMBEDDING, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 
 
-@dataclass(frozen=True)
-class Family:
-    """One HF architecture: its mapping table and how its config.json translates to and from a ModelConfig."""
+# A float64 forward of a HF folder's tensors, for a family transformers has no class of (its model code is remote):
+# (model, tensors) -> a function from token ids [b, s] to logits [b, s, vocab]
+StandIn = Callable[[ModelConfig, dict[str, torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]]
 
-    name: str
-    architecture: str  # config.json "architectures"[0]
+
+@dataclass(frozen=True)
+class Refusal:
+    """A config.json value mdpo's model cannot follow: `key` present with a value `refused` holds for. The message
+    names it as `key=value (reason)`."""
+
+    key: str
+    refused: Callable[[Any], bool]
+    reason: str = ""
+
+    def message(self, value: Any) -> str:
+        shown = json.dumps(value) if isinstance(value, bool) else repr(value)
+        return f"{self.key}={shown}" + (f" ({self.reason})" if self.reason else "")
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """One HF model family: its mapping table, how its config.json translates to and from a ModelConfig, and what
+    the rest of mdpo asks of it. The registry (`mdpo.models.families`) lists every family once."""
+
+    name: str  # model.family
+    architectures: tuple[str, ...]  # the config.json "architectures" it accepts; the first is what it writes
     model_type: str  # config.json "model_type"
     global_tensors: tuple[Entry, ...]
     layer_tensors: tuple[Entry, ...]  # names relative to the layer prefixes
     hf_layer_prefix: str  # e.g. "model.layers.{i}."
-    read_config: Callable[[dict], dict]  # config.json -> ModelConfig fields; ValueError names what is unsupported
+    read_fields: Callable[[dict], dict]  # config.json -> ModelConfig fields (after the refusals); ValueError names
+    #                                      what it cannot read (and optionally what is supported)
     write_config: Callable[[ModelConfig], dict]  # ModelConfig -> the config.json keys this family defines
+    # `mdpo convert --check`'s independent forward: the name of transformers' own class, or the family's StandIn
+    oracle: str | StandIn
+    default_template: str  # the data.template `auto` gives message rows whose tokenizer has no chat template
+    refusals: tuple[Refusal, ...] = ()  # checked by read_config before read_fields, in order
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # `mdpo plan --model NAME`:
+    #                                      ModelConfig fields of published models
     ignored_suffixes: tuple[str, ...] = ()  # HF buffers that are not weights (e.g. rotary inv_freq)
     moe_tensors: tuple[Entry, ...] = ()  # a layer with experts: its MLP rows, `{e}` = the expert's number
+
+    @property
+    def architecture(self) -> str:
+        """The architecture written into config.json (and named in messages)."""
+        return self.architectures[0]
+
+    def read_config(self, hf: dict) -> dict:
+        """config.json -> ModelConfig fields; ValueError (what, and optionally what is supported instead) names the
+        first refused value or what `read_fields` cannot read."""
+        for refusal in self.refusals:
+            if refusal.key in hf and refusal.refused(hf[refusal.key]):
+                raise ValueError(refusal.message(hf[refusal.key]))
+        return self.read_fields(hf)
 
     def entries(
         self, num_layers: int, tied: bool = False, expert_layers: Collection[int] = (), num_experts: int = 0
@@ -78,6 +124,21 @@ class Family:
     def hf_names(self, num_layers: int, tied: bool = False, expert_layers: Collection[int] = ()) -> set[str]:
         experts = 1 if expert_layers else 0
         return {name for _, names, _ in self.entries(num_layers, tied, expert_layers, experts) for name in names}
+
+
+def preset(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int, **fields: Any) -> dict[str, Any]:
+    """A planner preset's ModelConfig fields, from a published config.json: the counts in its order (`ffn` is one
+    SwiGLU branch: Qwen 1.0's config.json lists twice this), then what else changes the counts or the layout rules;
+    the rest (norm epsilon, RoPE base and scaling, context length) stay ModelConfig's defaults."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        **fields,
+    )
 
 
 def _per_expert(rows: tuple[Entry, ...], num_experts: int) -> list[Entry]:

@@ -14,7 +14,7 @@ from typing import Any
 from transformers import LlamaConfig, PretrainedConfig
 
 from mdpo.config import ModelConfig
-from mdpo.models.families.base import Entry, Family
+from mdpo.models.families.base import Entry, Family, Refusal, preset
 
 GLOBAL_TENSORS = (
     ("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
@@ -32,6 +32,11 @@ LAYER_TENSORS = (
     ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "copy"),
     ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
     ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy"),
+)
+REFUSALS = (
+    Refusal("attention_bias", bool),
+    Refusal("mlp_bias", bool),
+    Refusal("hidden_act", lambda act: act != "silu"),
 )
 _SAME_KEYS = (
     "vocab_size",
@@ -75,13 +80,8 @@ def _rope_fields(hf: dict) -> dict[str, Any]:
 
 
 def read_llama_like(hf: dict) -> dict[str, Any]:
-    """The ModelConfig fields of a Llama-layout config.json (no biases, SwiGLU); ValueError names a key that mdpo's
-    model cannot follow."""
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise ValueError(f"{flag}=true")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={hf['hidden_act']!r}")
+    """The ModelConfig fields of a Llama-layout config.json (no biases, SwiGLU: `REFUSALS`, checked before); ValueError
+    names a RoPE scaling that mdpo's model cannot follow."""
     fields = {name: hf[name] for name in _SAME_KEYS if hf.get(name) is not None}
     fields.update(_rope_fields(hf))
     heads, hidden = fields.get("num_attention_heads"), fields.get("hidden_size")
@@ -118,28 +118,56 @@ def llama_layout_family(
     config_class: type[PretrainedConfig],
     name: str,
     layer_tensors: tuple[Entry, ...],
-    read_config: Callable[[dict], dict],
+    read_fields: Callable[[dict], dict],
+    *,
+    refusals: tuple[Refusal, ...],
+    presets: dict[str, dict[str, Any]],
+    default_template: str,
     write_extra: Callable[[ModelConfig], dict[str, Any]] = lambda model: {},
     moe_tensors: tuple[Entry, ...] = (),
 ) -> Family:
-    """A family on Llama's tensor names, whose config.json is transformers' `config_class` (architecture and
-    model_type from it): its layer table (and a MoE layer's MLP rows), its config reader, and what its config.json
-    adds to Llama's keys."""
+    """A family on Llama's tensor names, whose config.json is transformers' `config_class` (architecture, model_type
+    and the oracle, transformers' own class, from it): its layer table (and a MoE layer's MLP rows), its config
+    reader, what its config.json adds to Llama's keys, and the rest of its record."""
     architecture = config_class.__name__.replace("Config", "ForCausalLM")
     return Family(
         name=name,
-        architecture=architecture,
+        architectures=(architecture,),
         model_type=config_class.model_type,
         global_tensors=GLOBAL_TENSORS,
         layer_tensors=layer_tensors,
         hf_layer_prefix="model.layers.{i}.",
-        read_config=read_config,
+        read_fields=read_fields,
         write_config=lambda model: write_llama_like(
             config_class, model, architectures=[architecture], **write_extra(model)
         ),
+        oracle=architecture,
+        default_template=default_template,
+        refusals=refusals,
+        presets=presets,
         ignored_suffixes=("rotary_emb.inv_freq",),
         moe_tensors=moe_tensors,
     )
 
 
-FAMILY = llama_layout_family(LlamaConfig, "llama", LAYER_TENSORS, read_llama_like)
+# published configs: Llama 2 (and Code Llama, Tulu 2), Llama 3.x (and Tulu 3), TinyLlama
+PRESETS = {
+    "llama2-7b": preset(4096, 11008, 32, 32, 32, 32000),
+    "llama2-13b": preset(5120, 13824, 40, 40, 40, 32000),
+    "llama2-70b": preset(8192, 28672, 80, 64, 8, 32000),
+    "codellama-34b": preset(8192, 22016, 48, 64, 8, 32000),
+    "tulu2-13b": preset(5120, 13824, 40, 40, 40, 32000),
+    "tulu2-70b": preset(8192, 28672, 80, 64, 8, 32000),
+    "llama3.2-1b": preset(2048, 8192, 16, 32, 8, 128256, tie_word_embeddings=True),
+    "llama3.2-3b": preset(3072, 8192, 28, 24, 8, 128256, tie_word_embeddings=True),
+    "llama3.1-8b": preset(4096, 14336, 32, 32, 8, 128256),
+    "llama3.1-70b": preset(8192, 28672, 80, 64, 8, 128256),
+    "tulu3-8b": preset(4096, 14336, 32, 32, 8, 128256),
+    "tulu3-70b": preset(8192, 28672, 80, 64, 8, 128256),
+    "tinyllama-1.1b": preset(2048, 5632, 22, 32, 4, 32000),
+}
+
+# tulu2: the format of the Llama 2 based Tulu 2 models (Llama 3's own format is its tokenizer's chat template)
+FAMILY = llama_layout_family(
+    LlamaConfig, "llama", LAYER_TENSORS, read_llama_like, refusals=REFUSALS, presets=PRESETS, default_template="tulu2"
+)

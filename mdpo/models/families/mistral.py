@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from transformers import MistralConfig
 
-from mdpo.models.families.llama import LAYER_TENSORS, llama_layout_family, read_llama_like
+from mdpo.models.families.base import preset
+from mdpo.models.families.llama import LAYER_TENSORS, REFUSALS, llama_layout_family, read_llama_like
 
 
 def read_config(hf: dict) -> dict:
@@ -16,6 +17,15 @@ def read_config(hf: dict) -> dict:
     return fields
 
 
+PRESETS = {"mistral-nemo-12b": preset(5120, 14336, 40, 32, 8, 131072, head_dim=128)}
+
 FAMILY = llama_layout_family(
-    MistralConfig, "mistral", LAYER_TENSORS, read_config, lambda model: {"sliding_window": model.sliding_window}
+    MistralConfig,
+    "mistral",
+    LAYER_TENSORS,
+    read_config,
+    refusals=REFUSALS,
+    presets=PRESETS,
+    default_template="tulu2",  # Mistral's own [INST] format is its tokenizer's chat template
+    write_extra=lambda model: {"sliding_window": model.sliding_window},
 )

@@ -8,7 +8,9 @@ from __future__ import annotations
 from transformers import MixtralConfig
 
 from mdpo.config import ModelConfig
+from mdpo.models.families.base import Refusal, preset
 from mdpo.models.families.llama import LAYER_TENSORS, llama_layout_family
+from mdpo.models.families.llama import REFUSALS as LLAMA_REFUSALS
 from mdpo.models.families.mistral import read_config as read_mistral
 from mdpo.models.families.qwen3_moe import EXPERT
 
@@ -23,9 +25,10 @@ MOE_TENSORS = (
 )
 
 
+REFUSALS = (Refusal("router_jitter_noise", bool), *LLAMA_REFUSALS)  # and Mistral's (Llama's)
+
+
 def read_config(hf: dict) -> dict:
-    if hf.get("router_jitter_noise"):
-        raise ValueError(f"router_jitter_noise={hf['router_jitter_noise']}")
     return read_mistral(hf) | {
         "num_experts": hf.get("num_local_experts", 8),
         "moe_topk": hf.get("num_experts_per_tok", 2),
@@ -44,4 +47,19 @@ def write_extra(model: ModelConfig) -> dict:
     }
 
 
-FAMILY = llama_layout_family(MixtralConfig, "mixtral", LAYER_TENSORS, read_config, write_extra, MOE_TENSORS)
+# every layer's MLP is `num_experts` SwiGLU experts of intermediate_size, 2 per token
+PRESETS = {
+    "mixtral-8x7b": preset(4096, 14336, 32, 32, 8, 32000, num_experts=8, moe_topk=2, router_aux_loss_coef=0.02),
+}
+
+FAMILY = llama_layout_family(
+    MixtralConfig,
+    "mixtral",
+    LAYER_TENSORS,
+    read_config,
+    refusals=REFUSALS,
+    presets=PRESETS,
+    default_template="tulu2",  # as Mistral's
+    write_extra=write_extra,
+    moe_tensors=MOE_TENSORS,
+)

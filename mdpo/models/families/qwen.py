@@ -9,7 +9,8 @@ the MLP width, and the MLP computes `c_proj(w1(x) * silu(w2(x)))`, so `w2` is th
 from __future__ import annotations
 
 from mdpo.config import ModelConfig
-from mdpo.models.families.base import Family
+from mdpo.models.families.base import Family, Refusal, preset
+from mdpo.models.families.oracles import qwen_stand_in
 
 GLOBAL_TENSORS = (
     ("embedding.word_embeddings.weight", ("transformer.wte.weight",), "vocab"),
@@ -27,18 +28,19 @@ LAYER_TENSORS = (
 )
 
 
+ARCHITECTURES = ("QWenLMHeadModel",)
+REFUSALS = (
+    Refusal("tie_word_embeddings", bool),
+    Refusal("no_bias", lambda no_bias: not no_bias, "biases on every linear layer"),
+    Refusal("rotary_pct", lambda pct: pct != 1.0, "partial rotary embeddings"),
+    Refusal("intermediate_size", lambda size: size % 2 == 1, "odd: Qwen's is twice the MLP width"),
+)
+
+
 def read_config(hf: dict) -> dict:
-    if hf.get("tie_word_embeddings"):
-        raise ValueError("tie_word_embeddings=true")
-    if not hf.get("no_bias", True):
-        raise ValueError("no_bias=false (biases on every linear layer)")
-    if hf.get("rotary_pct", 1.0) != 1.0:
-        raise ValueError(f"rotary_pct={hf['rotary_pct']} (partial rotary embeddings)")
     hidden, heads = hf.get("hidden_size"), hf.get("num_attention_heads")
     if hidden and heads and hf.get("kv_channels", hidden // heads) * heads != hidden:
         raise ValueError(f"kv_channels={hf['kv_channels']} (hidden_size/num_attention_heads != kv_channels)")
-    if hf.get("intermediate_size", 0) % 2:
-        raise ValueError(f"odd intermediate_size={hf['intermediate_size']} (Qwen's is twice the MLP width)")
     fields = {
         "vocab_size": hf.get("vocab_size"),
         "hidden_size": hidden,
@@ -56,7 +58,7 @@ def read_config(hf: dict) -> dict:
 def write_config(model: ModelConfig) -> dict:
     """The config.json keys of Qwen-7B's published config (without `auto_map`: the model code is not ours)."""
     return {
-        "architectures": ["QWenLMHeadModel"],
+        "architectures": list(ARCHITECTURES),
         "model_type": "qwen",
         "vocab_size": model.vocab_size,
         "hidden_size": model.hidden_size,
@@ -74,14 +76,24 @@ def write_config(model: ModelConfig) -> dict:
     }
 
 
+PRESETS = {
+    "qwen-7b": preset(4096, 11008, 32, 32, 32, 151936, qkv_bias=True),
+    "qwen-14b": preset(5120, 13696, 40, 40, 40, 152064, qkv_bias=True),
+    "qwen-72b": preset(8192, 24576, 80, 64, 64, 152064, qkv_bias=True),
+}
+
 FAMILY = Family(
     name="qwen",
-    architecture="QWenLMHeadModel",
+    architectures=ARCHITECTURES,
     model_type="qwen",
     global_tensors=GLOBAL_TENSORS,
     layer_tensors=LAYER_TENSORS,
     hf_layer_prefix="transformer.h.{i}.",
-    read_config=read_config,
+    read_fields=read_config,
     write_config=write_config,
+    oracle=qwen_stand_in,  # transformers has no Qwen 1.0 class
+    default_template="tulu2",  # Qwen's own format (ChatML) is its tokenizer's chat template
+    refusals=REFUSALS,
+    presets=PRESETS,
     ignored_suffixes=("rotary_emb.inv_freq",),
 )

@@ -9,8 +9,10 @@ from __future__ import annotations
 from transformers import Qwen3MoeConfig
 
 from mdpo.config import ModelConfig
+from mdpo.models.families.base import Refusal, preset
 from mdpo.models.families.llama import llama_layout_family
 from mdpo.models.families.qwen3 import LAYER_TENSORS
+from mdpo.models.families.qwen3 import REFUSALS as QWEN3_REFUSALS
 from mdpo.models.families.qwen3 import read_config as read_qwen3
 
 EXPERT = "mlp.experts.local_experts.{e}."
@@ -21,6 +23,9 @@ MOE_TENSORS = (
 )
 
 
+REFUSALS = (Refusal("shared_expert_intermediate_size", bool, "shared experts"), *QWEN3_REFUSALS)
+
+
 def sparse_layers(hf: dict, layers: int) -> list[int] | None:
     """transformers' rule for the layers with experts; None when every layer has them."""
     dense, step = set(hf.get("mlp_only_layers") or ()), hf.get("decoder_sparse_step", 1) or 1
@@ -29,8 +34,6 @@ def sparse_layers(hf: dict, layers: int) -> list[int] | None:
 
 
 def read_config(hf: dict) -> dict:
-    if hf.get("shared_expert_intermediate_size"):
-        raise ValueError(f"shared_expert_intermediate_size={hf['shared_expert_intermediate_size']} (shared experts)")
     fields = read_qwen3(hf)
     experts = hf.get("num_experts", hf.get("num_local_experts"))
     return fields | {
@@ -57,4 +60,24 @@ def write_extra(model: ModelConfig) -> dict:
     }
 
 
-FAMILY = llama_layout_family(Qwen3MoeConfig, "qwen3_moe", LAYER_TENSORS, read_config, write_extra, MOE_TENSORS)
+# Qwen3-MoE's config.json past the counts: 128 experts, 8 per token, renormalised, load-balancing loss 0.001; every
+# layer's MLP is `num_experts` SwiGLU experts of moe_intermediate_size
+_EXPERTS = dict(
+    head_dim=128, qk_norm=True, num_experts=128, moe_topk=8, norm_topk_prob=True, router_aux_loss_coef=0.001
+)
+PRESETS = {
+    "qwen3-30b-a3b": preset(2048, 6144, 48, 32, 4, 151936, **_EXPERTS, moe_intermediate_size=768),
+    "qwen3-235b-a22b": preset(4096, 12288, 94, 64, 4, 151936, **_EXPERTS, moe_intermediate_size=1536),
+}
+
+FAMILY = llama_layout_family(
+    Qwen3MoeConfig,
+    "qwen3_moe",
+    LAYER_TENSORS,
+    read_config,
+    refusals=REFUSALS,
+    presets=PRESETS,
+    default_template="tulu2",  # as Qwen 3's
+    write_extra=write_extra,
+    moe_tensors=MOE_TENSORS,
+)
