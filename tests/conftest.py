@@ -185,10 +185,11 @@ FAMILY_CASES = {
         "llama",
         dict(rope_theta=500000.0, tie_word_embeddings=True, rope_scaling={**_LLAMA31_SCALING, "factor": 32.0}),
     ),
-    "qwen2.5": ("qwen2", dict(rope_theta=1000000.0)),
+    # sliding windows shorter than the test sequences: Qwen's on its last two layers, Mistral's on every layer
+    "qwen2.5": ("qwen2", dict(rope_theta=1000000.0, use_sliding_window=True, sliding_window=6, max_window_layers=2)),
     "qwen2.5_tied": ("qwen2", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
     "qwen3_tied": ("qwen3", dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
-    "mistral": ("mistral", dict(rope_theta=1000000.0, head_dim=32, sliding_window=None)),
+    "mistral": ("mistral", dict(rope_theta=1000000.0, head_dim=32, sliding_window=8)),
     # mixtures of experts: 4 experts, top 2 (renormalised, or not), a dense layer among expert layers (Qwen3-MoE's
     # mlp_only_layers / decoder_sparse_step), experts narrower than the dense MLP
     "qwen3_moe": ("qwen3_moe", dict(head_dim=32, mlp_only_layers=[1], norm_topk_prob=True, **_MOE)),

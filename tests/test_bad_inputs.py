@@ -96,16 +96,7 @@ def corpus(tmp_path_factory):
         (folder / "config.json").write_text(json.dumps({**hf_config, **changes}))
         return str(folder)
 
-    mistral = dict(architectures=["MistralForCausalLM"], model_type="mistral")
-    short_window = config_variant("short_window", **mistral, sliding_window=16, head_dim=16)
     yarn = config_variant("yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6})
-    qwen_window = config_variant(
-        "qwen_window",
-        architectures=["Qwen2ForCausalLM"],
-        model_type="qwen2",
-        use_sliding_window=True,
-        sliding_window=16,
-    )
     gemma = config_variant("gemma", architectures=["GemmaForCausalLM"], model_type="gemma")
     qwen3_moe = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4)
     shared_experts = config_variant("shared_experts", **qwen3_moe, shared_expert_intermediate_size=64)
@@ -227,17 +218,17 @@ def corpus(tmp_path_factory):
             f"{unchecked}: cannot load checkpoint (CheckpointException: ",
         ),
         # today's families: what their config.json may hold that mdpo does not run
-        "Mistral window shorter than max_length": (
-            ["train", c, f"model.init_from={short_window}"],
-            "model.sliding_window=16 is shorter than data.max_length=32",
+        "window layers without a window": (
+            ["train", c, "model.sliding_window_layers=[0]"],
+            "model.sliding_window_layers is set but model.sliding_window is null (the window's size)",
+        ),
+        "window on a layer the model lacks": (
+            ["train", c, "model.sliding_window=8", "model.sliding_window_layers=[0, 9]"],
+            "model.sliding_window_layers lists layer 9, not in 0..3",
         ),
         "unsupported rope type": (
             ["train", c, f"model.init_from={yarn}"],
             "rope_type='yarn' is not supported by mdpo's llama model (rope types: default, llama3)",
-        ),
-        "Qwen sliding-window attention": (
-            ["train", c, f"model.init_from={qwen_window}"],
-            "use_sliding_window=true (sliding-window attention) is not supported by mdpo's qwen2 model",
         ),
         "unknown model family": (
             ["train", c, "model.family=foo"],
@@ -550,9 +541,9 @@ CASE_NAMES = [
     "LoRA with TR-DPO",
     "interleaved pipeline without PP",
     "interleaved chunks not dividing layers",
-    "Mistral window shorter than max_length",
+    "window layers without a window",
+    "window on a layer the model lacks",
     "unsupported rope type",
-    "Qwen sliding-window attention",
     "unknown model family",
     "unsupported architecture",
     "EP not dividing the experts",

@@ -530,10 +530,6 @@ def test_hf_config_invalid_json(tmp_path):
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"model_type": "qwen2"}, "model_type='qwen2'"),
         (
-            {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True},
-            "use_sliding_window=true (sliding-window attention) is not supported by mdpo's qwen2 model",
-        ),
-        (
             {"architectures": ["GemmaForCausalLM"], "model_type": "gemma"},
             "unsupported architecture GemmaForCausalLM; "
             "supported: LlamaForCausalLM (llama), QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2)",
@@ -602,3 +598,33 @@ def test_a_key_newer_than_a_checkpoint_is_no_change_at_its_default():
     assert config_changes(saved, current) == ([], [])
     current["dpo"]["router_aux_loss_type"] = "seq"
     assert config_changes(saved, current) == ([], ["dpo.router_aux_loss_type None -> 'seq'"])
+
+
+def test_sliding_windows_are_read_as_transformers_reads_them(tmp_path):
+    """Mistral's sliding_window on every layer; Qwen's only with use_sliding_window, on the layers from
+    max_window_layers on (or those layer_types marks); and a model folder written back says the same."""
+    from transformers import Qwen2Config
+
+    from mdpo.models import families
+
+    qwen = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_hidden_layers=4, sliding_window=8)
+    mistral = dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8)
+    cases = {
+        "mistral": (mistral, 8, None),
+        "qwen_off": ({**qwen, "use_sliding_window": False}, None, None),
+        "qwen_max_window_layers": ({**qwen, "use_sliding_window": True, "max_window_layers": 2}, 8, [2, 3]),
+        "qwen_every_layer": ({**qwen, "use_sliding_window": True, "max_window_layers": 0}, 8, None),
+        "qwen_layer_types": (
+            {**qwen, "use_sliding_window": True, "layer_types": ["sliding_attention", "full_attention"] * 2},
+            8,
+            [0, 2],
+        ),
+    }
+    folder = lambda name: (tmp_path / name).mkdir() or tmp_path / name
+    for name, (changes, window, layers) in cases.items():
+        model = describe_model({"hf_config": write_hf(folder(name), **changes)})
+        assert (model.sliding_window, model.sliding_window_layers) == (window, layers), name
+    model = describe_model({"hf_config": write_hf(folder("again"), **cases["qwen_max_window_layers"][0])})
+    written = Qwen2Config(**families.get("qwen2").write_config(model))
+    assert written.layer_types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    assert written.sliding_window == 8 and written.use_sliding_window

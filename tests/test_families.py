@@ -99,6 +99,13 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
     folder, want = families["llama3.1"]
     unscaled = hf_logps_float64(folder, family_pairs(), rope_parameters={"rope_type": "default", "rope_theta": 5e5})
     assert ((unscaled - want).abs() / want.abs()).max() > 10 * RTOL  # the scaling changes these log-probs
+    for case, unwindowed in (
+        ("mistral", dict(sliding_window=None)),
+        ("qwen2.5", dict(layer_types=["full_attention"] * 4)),
+    ):
+        folder, want = families[case]
+        whole = hf_logps_float64(folder, family_pairs(), **unwindowed)
+        assert ((whole - want).abs() / want.abs()).max() > 10 * RTOL, case  # the windows change these log-probs
 
 
 def run_layouts(families, tmp_path: Path, layouts: tuple[str, ...], nproc: int) -> dict:

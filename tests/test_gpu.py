@@ -68,15 +68,18 @@ def test_fused_rope_bf16_gives_the_unfused_rotations_logps(megatron_world, layou
     assert torch.allclose(fused, unfused, rtol=1e-2, atol=0.05), (fused, unfused)
 
 
-def test_varlen_attention_equals_per_sequence_sdpa_forward_and_backward():
+@pytest.mark.parametrize("window", [None, 7])
+def test_varlen_attention_equals_per_sequence_sdpa_forward_and_backward(window):
     """torch's flash varlen kernel (packed rows and shared-prompt blocks on GPU), with more keys than queries in some
     blocks (a rejected response after its prompt's keys), against float32 SDPA run block by block with a causal
-    mask aligned at the end."""
+    mask aligned at the end (and a sliding window of 7 positions)."""
     from torch.nn.attention.bias import causal_lower_right
 
-    from mdpo.models.attention import _varlen_attn, causal_varlen
+    from mdpo.models.attention import _varlen_attn, causal_varlen, varlen_takes_window, window_allowed
 
     assert _varlen_attn() is not None, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if window and not varlen_takes_window():
+        pytest.skip(f"torch {torch.__version__}'s varlen kernel takes no window (mdpo attends blocks with masks)")
     g = torch.Generator(device="cuda").manual_seed(0)
     q_lengths, k_lengths = [5, 130, 1, 64, 300], [5, 170, 9, 64, 420]
     heads, d = 4, 64
@@ -85,13 +88,16 @@ def test_varlen_attention_equals_per_sequence_sdpa_forward_and_backward():
     k, v = (torch.randn(sum(k_lengths), heads, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
     grad = torch.randn_like(q)
     fast_in = [x.detach().requires_grad_() for x in (q, k, v)]
-    fast = causal_varlen(*fast_in, cu(q_lengths), cu(k_lengths), max(q_lengths), max(k_lengths), scale=0.1)
+    fast = causal_varlen(*fast_in, cu(q_lengths), cu(k_lengths), max(q_lengths), max(k_lengths), 0.1, window)
     fast.backward(grad)
     exact_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
     pieces = []
     for qi, ki, vi in zip(exact_in[0].split(q_lengths), exact_in[1].split(k_lengths), exact_in[2].split(k_lengths)):
         qi, ki, vi = (x.transpose(0, 1)[None] for x in (qi, ki, vi))
-        mask = causal_lower_right(qi.shape[2], ki.shape[2])
+        sq, sk = qi.shape[2], ki.shape[2]
+        mask = causal_lower_right(sq, sk)
+        if window:
+            mask = window_allowed(torch.arange(sk - sq, sk), torch.arange(sk), window).cuda()
         pieces.append(
             torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=0.1)[0].transpose(0, 1)
         )
@@ -209,10 +215,13 @@ def test_fused_swiglu_bf16_keeps_two_fewer_mlp_activations(megatron_world):
     assert peak_unfused - peak_fused >= 0.8 * saved, (peak_unfused, peak_fused, saved)
 
 
-def test_moe_bf16_logps_on_the_gpu_layers(megatron_world, tmp_path):
-    """Qwen3-MoE on the GPU's layers (Transformer Engine's grouped-GEMM experts where TE is installed: their weights
-    loaded under TE's names; else the local layers), Megatron's all-to-all dispatcher on CUDA, bf16: each sequence's
-    log-prob close to transformers' float64 one (near ties in the routing may flip in bf16: the tolerance is bf16's)."""
+@pytest.mark.parametrize("case", ["qwen3_moe", "mistral"])
+def test_family_bf16_logps_on_the_gpu_layers(megatron_world, tmp_path, case):
+    """On the GPU's layers (Transformer Engine's where TE is installed; else the local layers), bf16, packed rows:
+    Qwen3-MoE (TE's grouped-GEMM experts, their weights loaded under TE's names; Megatron's all-to-all dispatcher on
+    CUDA) and Mistral with a sliding window of 8 positions (TE's window on each THD sequence, or the varlen kernel's):
+    each sequence's log-prob close to transformers' float64 one (near ties in the routing may flip in bf16: the
+    tolerance is bf16's)."""
     from transformers import AutoModelForCausalLM
 
     from mdpo.checkpoint.description import describe_model
@@ -220,12 +229,12 @@ def test_moe_bf16_logps_on_the_gpu_layers(megatron_world, tmp_path):
     from mdpo.models.gpt import build_gpt_model, packs_as_thd, transformer_config
     from mdpo.training.step import Scorer
 
-    tiny_hf_family("qwen3_moe", seed=3, vocab_size=VOCAB).save_pretrained(tmp_path / "moe")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", experts_implementation="eager").double().eval()
+    tiny_hf_family(case, seed=3, vocab_size=VOCAB).save_pretrained(tmp_path / case)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / case, experts_implementation="eager").double().eval()
     pairs = random_pairs()
     want = [hf_logps_float64(hf, p.prompt, p.chosen) for p in pairs]
     want += [hf_logps_float64(hf, p.prompt, p.rejected) for p in pairs]
-    model = describe_model({"init_from": str(tmp_path / "moe")})
+    model = describe_model({"init_from": str(tmp_path / case)})
     gpt = build_gpt_model(model, transformer_config(model, params_dtype=torch.bfloat16), scoring=True).cuda()
     load_initial_weights(gpt, model)
     gpt = gpt.eval()

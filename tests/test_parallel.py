@@ -130,7 +130,8 @@ FAMILY_LAYOUTS = {
     "qwen2.5": (2, ["parallel.tp=2", "schedule.micro_batch_size=2"]),
     "qwen2.5_tied": (4, ["parallel.tp=2", "parallel.pp=2", "schedule.micro_batch_size=2"]),
     "qwen3_tied": (2, _SP_PACKED),
-    "mistral": (2, ["parallel.tp=2", "schedule.micro_batch_size=2"]),
+    # a sliding window shorter than the sequences, its layers split over two stages of two model chunks
+    "mistral": (2, ["parallel.pp=2", "parallel.vpp=2", "schedule.micro_batch_size=2"]),
     # mixtures of experts with a load-balancing loss of weight 0.1 (its gradient then shows in every router): the
     # experts split over 2 ranks with the distributed optimizer (expert and dense parameters sharded apart); TP=2
     # + SP (each expert split over 2 ranks); TP=2 + SP with EP=2 (whole experts per rank) on packed rows

@@ -94,7 +94,7 @@ def check_rows(tokenizer_dir: Path, data: Path | None, count: int, model: ModelC
         length = min(GENERATED_LENGTH, model.max_position_embeddings)
         return torch.randint(0, model.vocab_size, (count, length), generator=generator).tolist()
     tokenizer = load_tokenizer(str(tokenizer_dir))
-    length = min(1024, model.max_position_embeddings // 2, model.sliding_window or 1024)
+    length = min(1024, model.max_position_embeddings // 2)
     config = DataConfig(
         train_file=str(data), tokenizer=str(tokenizer_dir), max_length=length, on_bad_row="skip", cache=False
     )

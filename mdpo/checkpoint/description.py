@@ -40,6 +40,7 @@ ARCH_FIELDS = (
     "rope_high_freq_factor",
     "rope_original_max_position_embeddings",
     "sliding_window",
+    "sliding_window_layers",
     "position_embedding",
     "norm_head",
     "num_experts",

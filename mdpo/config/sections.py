@@ -131,9 +131,11 @@ class ModelConfig(Section):
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192
-    # attention window of a Mistral config.json; mdpo attends whole sequences, so it must be None or cover
-    # data.max_length (every sequence then fits in the window and full attention is exact)
+    # sliding-window attention (Mistral's sliding_window, Qwen's use_sliding_window): a query attends to the keys
+    # less than sliding_window positions back (None: the whole causal context), on the layers sliding_window_layers
+    # lists (None: every layer)
     sliding_window: int | None = None
+    sliding_window_layers: list[int] | None = None
     position_embedding: str = "auto"  # auto (from config.json, else rope) | rope | alibi (Baichuan 2 13B)
     norm_head: bool = False  # output weight rows L2-normalised in every forward (Baichuan 2's NormHead)
     init_std: float = 0.02  # std of the normal init when init_from is None
@@ -172,6 +174,13 @@ class ModelConfig(Section):
         if not self.is_moe:
             return 0.0
         return self.router_aux_loss_coef if override is None else override
+
+    def window_layers(self) -> list[int]:
+        """The layers with a sliding window (none without one)."""
+        if self.sliding_window is None:
+            return []
+        every = range(self.num_hidden_layers)
+        return list(every) if self.sliding_window_layers is None else sorted(self.sliding_window_layers)
 
     def expert_layers(self) -> list[int]:
         """The layers with experts (none for a dense model)."""
@@ -220,6 +229,7 @@ class ModelConfig(Section):
             "which tied embeddings share with the input",
         )
         self._check_positions()
+        self._check_windows()
         if self.is_moe:
             self._check_experts()
         heads, kv_heads = self.num_attention_heads, self.kv_heads
@@ -253,15 +263,23 @@ class ModelConfig(Section):
             self.moe_topk <= self.num_experts,
             f"model.moe_topk={self.moe_topk} exceeds model.num_experts={self.num_experts}",
         )
-        layers = self.moe_layers if self.moe_layers is not None else []
-        wrong = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
-        need(
-            not wrong,
-            f"model.moe_layers lists layer {wrong[0] if wrong else 0!r}, not in 0..{self.num_hidden_layers - 1}",
-        )
+        self._check_layers("moe_layers")
         need(
             self.router_aux_loss_coef >= 0,
             f"model.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}",
+        )
+
+    def _check_layers(self, key: str) -> None:
+        """A list of layer numbers (model.moe_layers, model.sliding_window_layers) names layers of the model."""
+        layers = getattr(self, key) or []
+        wrong = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+        need(not wrong, f"model.{key} lists layer {wrong[0] if wrong else 0!r}, not in 0..{self.num_hidden_layers - 1}")
+
+    def _check_windows(self) -> None:
+        self._check_layers("sliding_window_layers")
+        need(
+            self.sliding_window_layers is None or self.sliding_window is not None,
+            "model.sliding_window_layers is set but model.sliding_window is null (the window's size)",
         )
 
     def _check_rope_scaling(self) -> None:
@@ -636,12 +654,6 @@ class TrainConfig:
         )
         layout.check_moe(
             m.num_experts, self.router_aux_loss_coef, self.parallel.recompute, self.dpo.router_aux_loss_type
-        )
-        need(
-            m.sliding_window is None or m.sliding_window >= self.data.max_length,
-            f"model.sliding_window={m.sliding_window} is shorter than data.max_length={self.data.max_length}: mdpo "
-            "attends whole sequences, which is exact only when each fits in the window; set data.max_length <= "
-            f"{m.sliding_window}",
         )
         need(
             self.data.share_prompt is not True or self.parallel.cp == 1,

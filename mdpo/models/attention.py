@@ -11,6 +11,12 @@ unfused attention, each also taking attention within sequences (`Blocks`) withou
 
 Context parallelism (which Megatron's own DotProductAttention refuses) gathers K and V over the CP group, as Llama 3's
 training did. `ALiBiAttention` adds ALiBi's per-head linear biases on position ids (Baichuan 2 13B).
+
+Sliding windows (Mistral, Qwen 2's `use_sliding_window`): the layers Megatron's `window_size` and
+`window_attn_skip_freq` name attend to the keys less than `window` positions back (HF's `sliding_window`, Megatron's
+`window_size = (window - 1, 0)`). A window counts positions, not places in the row, so a shared prompt's rejected
+response reaches back into the prompt as in its own sequence; every layout (plain rows, blocks, THD, context
+parallelism) applies it, with masks where the kernel takes no window.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.utils import is_layer_window_attention
 from torch.nn.attention.bias import causal_lower_right
 
 from mdpo.blocks import Blocks
@@ -71,13 +78,21 @@ def varlen_kernel(q: torch.Tensor) -> Callable | None:
     return varlen if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else None
 
 
-def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
-    """Flash varlen: sequence i's queries attend causally, aligned at the end, to its keys. q [Tq, heads, d],
-    k/v [Tk, heads, d] (already repeated to the query heads). torch's signature changed after 2.9 (is_causal ->
-    window_size, scale added): both are handled."""
+def varlen_takes_window() -> bool:
+    """Whether torch's varlen kernel takes a window (its signature after 2.9)."""
+    varlen = _varlen_attn()
+    return varlen is not None and "window_size" in inspect.signature(varlen).parameters
+
+
+def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window: int | None = None):
+    """Flash varlen: sequence i's queries attend causally, aligned at the end, to its keys (within `window`
+    positions when given: callers check `varlen_takes_window`). q [Tq, heads, d], k/v [Tk, heads, d] (already
+    repeated to the query heads). torch's signature changed after 2.9 (is_causal -> window_size, scale added): both
+    are handled."""
     varlen = _varlen_attn()
     params = inspect.signature(varlen).parameters
-    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    left = window - 1 if window else -1
+    kwargs = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:
         kwargs["scale"] = scale
     else:  # the kernel scales by 1/sqrt(d): fold the difference into q
@@ -88,6 +103,30 @@ def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> 
 def causal_end_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
     """Megatron's bool mask (True = masked) for sq queries attending causally to sk keys, aligned at the end."""
     return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1)
+
+
+def window_allowed(q_positions: torch.Tensor, k_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """[sq, sk] True where a query may attend a key: causal by position and less than `window` positions back (HF's
+    `sliding_window`). Positions, not places in the row: a shared prompt's rejected response sees the prompt's last
+    positions as its own sequence would."""
+    distance = q_positions[:, None] - k_positions[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def layer_window(config, layer_number: int) -> int | None:
+    """The window (in positions) of layer `layer_number` (1-based, global): Megatron's `window_size` (left, 0) on
+    the layers `window_attn_skip_freq` marks, else None."""
+    if not is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+        return None
+    return config.window_size[0] + 1
+
+
+def without_window(config):
+    """A copy of the config without windows, for Megatron's DotProductAttention under mdpo's attentions: with a
+    window its softmax builds its own mask and drops the one passed (megatron-core 0.16's fused_softmax)."""
+    plain = copy.copy(config)
+    plain.window_size = plain.window_attn_skip_freq = None
+    return plain
 
 
 def row_major(x: torch.Tensor) -> torch.Tensor:
@@ -145,10 +184,11 @@ class SDPAttention(DotProductAttention):
     has_score_bias = False  # `score_bias` adds to the scores (the varlen kernel takes none)
 
     def __init__(self, config, *args, **kwargs) -> None:
-        local = copy.copy(config)
+        local = without_window(config)
         local.context_parallel_size = 1  # the parent asserts CP == 1; context parallelism is done here
         super().__init__(local, *args, **kwargs)
         self.config = config
+        self.window = layer_window(config, self.layer_number)  # None: the whole causal context
 
     def score_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor | None:
         """An additive [heads, sq, sk] bias on the scores of queries and keys at these position ids; none here."""
@@ -161,16 +201,25 @@ class SDPAttention(DotProductAttention):
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale
         )
 
+    def _score_mask(self, q_positions: torch.Tensor, k_positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SDPA's mask for queries and keys at these position ids: causal (by position) and within the window, as
+        booleans, or with the score bias (ALiBi) as additive floats."""
+        allowed = window_allowed(q_positions, k_positions, self.window or q_positions.numel() + k_positions.numel())
+        if not self.has_score_bias:
+            return allowed
+        bias = self.score_bias(q_positions, k_positions).to(dtype)
+        return bias.masked_fill(~allowed.to(bias.device), float("-inf"))
+
     def _block(self, q, k, v, q_positions, k_positions) -> torch.Tensor:
         """One block's attention: q [Lq, heads, d], k/v [Lk, heads, d] -> [Lq, heads, d]. Fewer queries than keys
         (a rejected response after its prompt's keys) run as a square causal call with zero queries in front,
-        whose outputs are dropped: no [Lq, Lk] mask is built or kept for backward (a mask would be, on CPU)."""
+        whose outputs are dropped: no [Lq, Lk] mask is built or kept for backward (a mask would be, on CPU). A
+        score bias (ALiBi) or a window takes a mask by position ids."""
         sq, sk = q.shape[0], k.shape[0]
-        if self.has_score_bias:  # ALiBi: the bias is a dense [heads, Lq, Lk] score term anyway
-            bias = self.score_bias(q_positions, k_positions).to(q.dtype)
+        if self.has_score_bias or self.window:  # ALiBi's bias is a dense [heads, Lq, Lk] score term anyway
+            mask = self._score_mask(q_positions.to(q.device), k_positions.to(q.device), q.dtype)
             q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-            out = self._sdpa(q, k, v, mask=bias.masked_fill(causal_end_mask(sq, sk, q.device), float("-inf")))
-            return out.squeeze(0).transpose(0, 1)
+            return self._sdpa(q, k, v, mask=mask).squeeze(0).transpose(0, 1)
         if sq < sk:
             q = torch.cat([q.new_zeros(sk - sq, *q.shape[1:]), q])
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
@@ -178,9 +227,10 @@ class SDPAttention(DotProductAttention):
         return out.squeeze(0).transpose(0, 1)[sk - sq :]
 
     def _blocks(self, query, key, value, blocks: Blocks) -> torch.Tensor:
-        if not self.has_score_bias and varlen_kernel(query) is not None:
+        window_ok = self.window is None or varlen_takes_window()
+        if not self.has_score_bias and window_ok and varlen_kernel(query) is not None:
             attend = lambda q, k, v: causal_varlen(
-                q, k, v, blocks.cu_q, blocks.cu_k, blocks.max_q, blocks.max_k, self.softmax_scale
+                q, k, v, blocks.cu_q, blocks.cu_k, blocks.max_q, blocks.max_k, self.softmax_scale, self.window
             )
         else:
             attend = per_block(blocks, self._block)
@@ -211,6 +261,7 @@ class SDPAttention(DotProductAttention):
                 p.max_seqlen_q,
                 p.max_seqlen_kv,
                 self.softmax_scale,
+                self.window,
             )
         sq, b = query.shape[0], query.shape[1]
         if self.config.context_parallel_size > 1:  # gather the groups, then repeat: less to communicate
@@ -218,10 +269,9 @@ class SDPAttention(DotProductAttention):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, heads(key, 2), heads(value, 2)))  # [b, n, s, d]
         if self.config.context_parallel_size > 1:
             context = self._context_parallel_attention(q, k, v)
-        elif self.has_score_bias:
+        elif self.has_score_bias or self.window:
             positions = torch.arange(sq, device=query.device)
-            mask = self.score_bias(positions, positions).to(q.dtype)
-            context = self._sdpa(q, k, v, mask=mask.masked_fill(causal_end_mask(sq, sq, q.device), float("-inf")))
+            context = self._sdpa(q, k, v, mask=self._score_mask(positions, positions, q.dtype))
         else:
             context = self._sdpa(q, k, v, causal=True)
         return row_major(context.permute(2, 0, 1, 3)).view(sq, b, self.hidden_size_per_partition)
@@ -245,7 +295,10 @@ class SDPAttention(DotProductAttention):
         for part, chunk in enumerate((rank, 2 * cp - 1 - rank)):
             end = (chunk + 1) * half
             q_part = q[:, :, part * half : (part + 1) * half]
-            out.append(self._sdpa(q_part, k[:, :, :end], v[:, :, :end], mask=causal_lower_right(half, end)))
+            mask = causal_lower_right(half, end)
+            if self.window:  # the chunk's own positions against every key's
+                mask = window_allowed(torch.arange(end - half, end), torch.arange(end), self.window).to(q.device)
+            out.append(self._sdpa(q_part, k[:, :, :end], v[:, :, :end], mask=mask))
         return torch.cat(out, dim=2)
 
 
@@ -269,19 +322,32 @@ class ALiBiAttention(SDPAttention):
 
 class LocalAttention(DotProductAttention):
     """Megatron's unfused attention (materialises [b, heads, sq, sk] scores), with blocks attended block by block:
-    each block gets its own small causal mask, so packed rows and shared prompts cost what their sequences do."""
+    each block gets its own small causal mask, so packed rows and shared prompts cost what their sequences do. A
+    window is a mask by position ids (plain rows too)."""
+
+    def __init__(self, config, *args, **kwargs) -> None:
+        super().__init__(without_window(config), *args, **kwargs)
+        self.window = layer_window(config, self.layer_number)
+
+    def _mask(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
+        """Megatron's mask (True = masked), [1, 1, sq, sk]: causal by position, within the window."""
+        window = self.window or q_positions.numel() + k_positions.numel()
+        return ~window_allowed(q_positions, k_positions, window)[None, None]
 
     def forward(
         self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
     ):
         if not isinstance(packed_seq_params, BlockAttention):
+            if self.window and attention_mask is None:
+                positions = torch.arange(query.shape[0], device=query.device)
+                attention_mask = self._mask(positions, positions)
             return row_major(
                 super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
             )
         blocks = packed_seq_params.blocks
 
         def attend_one(q, k, v, q_positions, k_positions):
-            mask = causal_end_mask(q.shape[0], k.shape[0], q.device)[None, None]
+            mask = self._mask(q_positions.to(q.device), k_positions.to(q.device))
             out = super(LocalAttention, self).forward(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), mask)
             return out.squeeze(1).view(q.shape)
 

@@ -28,6 +28,7 @@ from mdpo.models.attention import (
     LocalAttention,
     SDPAttention,
     row_major,
+    varlen_takes_window,
     with_core_attention,
 )
 from mdpo.models.lora import with_adapters
@@ -66,7 +67,8 @@ def packs_as_thd(model: ModelConfig, dtype: torch.dtype) -> bool:
     if attention == "te":
         return True
     flash = torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16)
-    return attention == "sdpa" and model.position_embedding != "alibi" and flash
+    window_ok = model.sliding_window is None or varlen_takes_window()  # else a window needs blocks' masks
+    return attention == "sdpa" and model.position_embedding != "alibi" and flash and window_ok
 
 
 class TorchNorm:
@@ -155,10 +157,24 @@ def decoder_spec(
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TorchNorm)
 
 
+def _windows(model: ModelConfig) -> dict:
+    """A sliding window as Megatron's `window_size` (HF's `sliding_window=W` attends W keys, itself included:
+    (W - 1, 0)) on the layers `window_attn_skip_freq` marks (None: every layer); read by Transformer Engine's
+    attention and by mdpo's own (`models.attention.layer_window`)."""
+    layers = model.window_layers()
+    if not layers:
+        return {}
+    every = model.sliding_window_layers is None
+    marks = None if every else [int(i in layers) for i in range(model.num_hidden_layers)]
+    return dict(window_size=(model.sliding_window - 1, 0), window_attn_skip_freq=marks)
+
+
 def _architecture(model: ModelConfig) -> dict:
     """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA, the head
-    size (`kv_channels`, explicit for Qwen 3 and Mistral) and Qwen 3's per-head q/k norms; no dropout."""
+    size (`kv_channels`, explicit for Qwen 3 and Mistral), Qwen 3's per-head q/k norms and sliding windows (Mistral,
+    Qwen's use_sliding_window); no dropout."""
     return dict(
+        **_windows(model),
         num_layers=model.num_hidden_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.intermediate_size,

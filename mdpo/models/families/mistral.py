@@ -1,6 +1,6 @@
 """Mistral (`MistralForCausalLM`: 7B v0.1-v0.3, Nemo 12B): Llama's tensors and math with an explicit `head_dim`
-(Nemo: 128 with hidden 5120 and 32 heads) and v0.1's `sliding_window` of 4096, kept in the description: a run is
-refused unless every sequence fits in the window (`model.sliding_window`), where full attention is exact."""
+(Nemo: 128 with hidden 5120 and 32 heads) and v0.1's `sliding_window` of 4096 on every layer (`model.sliding_window`,
+applied exactly in every row layout: docs/model-families.md)."""
 
 from __future__ import annotations
 

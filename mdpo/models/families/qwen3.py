@@ -10,7 +10,7 @@ from transformers import Qwen3Config
 from mdpo.models.families.base import preset
 from mdpo.models.families.llama import LAYER_TENSORS as LLAMA_LAYER_TENSORS
 from mdpo.models.families.llama import llama_layout_family, read_llama_like
-from mdpo.models.families.qwen2 import REFUSALS
+from mdpo.models.families.qwen2 import REFUSALS, read_windows, write_windows
 
 QK_NORMS = (
     ("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), "copy"),
@@ -20,7 +20,7 @@ LAYER_TENSORS = LLAMA_LAYER_TENSORS + QK_NORMS
 
 
 def read_config(hf: dict) -> dict:
-    return {**read_llama_like(hf), "qk_norm": True}
+    return {**read_llama_like(hf), **read_windows(hf), "qk_norm": True}
 
 
 PRESETS = {
@@ -35,8 +35,8 @@ FAMILY = llama_layout_family(
     "qwen3",
     LAYER_TENSORS,
     read_config,
-    refusals=REFUSALS,  # Qwen 2's: sliding windows, and Llama's
+    refusals=REFUSALS,  # Qwen 2's (Llama's); its sliding window read as Qwen 2's
     presets=PRESETS,
     default_template="tulu2",  # Qwen 3's own format (ChatML with thinking) is its tokenizer's chat template
-    write_extra=lambda model: {"use_sliding_window": False},
+    write_extra=write_windows,
 )

@@ -11,6 +11,7 @@ from transformers import Qwen3MoeConfig
 from mdpo.config import ModelConfig
 from mdpo.models.families.base import Refusal, preset
 from mdpo.models.families.llama import llama_layout_family
+from mdpo.models.families.qwen2 import write_windows
 from mdpo.models.families.qwen3 import LAYER_TENSORS
 from mdpo.models.families.qwen3 import REFUSALS as QWEN3_REFUSALS
 from mdpo.models.families.qwen3 import read_config as read_qwen3
@@ -48,8 +49,7 @@ def read_config(hf: dict) -> dict:
 
 def write_extra(model: ModelConfig) -> dict:
     sparse = set(model.expert_layers())
-    return {
-        "use_sliding_window": False,
+    return write_windows(model) | {
         "num_experts": model.num_experts,
         "num_experts_per_tok": model.moe_topk,
         "moe_intermediate_size": model.expert_width,
