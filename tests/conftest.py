@@ -187,8 +187,25 @@ FAMILY_CASES = {
     ),
     # sliding windows shorter than the test sequences: Qwen's on its last two layers, Mistral's on every layer
     "qwen2.5": ("qwen2", dict(rope_theta=1000000.0, use_sliding_window=True, sliding_window=6, max_window_layers=2)),
-    "qwen2.5_tied": ("qwen2", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
-    "qwen3_tied": ("qwen3", dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
+    # scaled RoPE: linear (factor 2), and yarn as Qwen's long-context setting (factor 4 of an original context of 64:
+    # its attention factor 0.1 ln 4 + 1 scales every score)
+    "qwen2.5_tied": (
+        "qwen2",
+        dict(tie_word_embeddings=True, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
+    ),
+    "qwen3_tied": (
+        "qwen3",
+        dict(
+            head_dim=32,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "rope_theta": 1e6,
+            },
+        ),
+    ),
     "mistral": ("mistral", dict(rope_theta=1000000.0, head_dim=32, sliding_window=8)),
     # mixtures of experts: 4 experts, top 2 (renormalised, or not), a dense layer among expert layers (Qwen3-MoE's
     # mlp_only_layers / decoder_sparse_step), experts narrower than the dense MLP

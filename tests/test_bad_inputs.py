@@ -96,7 +96,7 @@ def corpus(tmp_path_factory):
         (folder / "config.json").write_text(json.dumps({**hf_config, **changes}))
         return str(folder)
 
-    yarn = config_variant("yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6})
+    dynamic = config_variant("dynamic", rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e6})
     gemma = config_variant("gemma", architectures=["GemmaForCausalLM"], model_type="gemma")
     qwen3_moe = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4)
     shared_experts = config_variant("shared_experts", **qwen3_moe, shared_expert_intermediate_size=64)
@@ -227,8 +227,8 @@ def corpus(tmp_path_factory):
             "model.sliding_window_layers lists layer 9, not in 0..3",
         ),
         "unsupported rope type": (
-            ["train", c, f"model.init_from={yarn}"],
-            "rope_type='yarn' is not supported by mdpo's llama model (rope types: default, llama3)",
+            ["train", c, f"model.init_from={dynamic}"],
+            "rope_type='dynamic' is not supported by mdpo's llama model (rope types: default, llama3, linear, yarn)",
         ),
         "unknown model family": (
             ["train", c, "model.family=foo"],
@@ -283,8 +283,8 @@ def corpus(tmp_path_factory):
             "lora.targets fc1, fc2 on a mixture-of-experts model: its experts take no adapters",
         ),
         "unknown rope scaling": (
-            ["train", c, "model.init_from=null", "model.rope_scaling=yarn"],
-            "model.rope_scaling must be null or llama3, got 'yarn'",
+            ["train", c, "model.init_from=null", "model.rope_scaling=longrope"],
+            "model.rope_scaling must be null or llama3, linear, yarn, got 'longrope'",
         ),
         "tied head with NormHead": (
             ["train", c, "model.init_from=null", "model.tie_word_embeddings=true", "model.norm_head=true"],

@@ -521,8 +521,12 @@ def test_hf_config_invalid_json(tmp_path):
             "rope_type='llama3' without 'low_freq_factor' is not supported by mdpo's llama model",
         ),
         (
-            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}},
-            "rope_type='yarn' is not supported by mdpo's llama model (rope types: default, llama3)",
+            {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1.0}},
+            "rope_type='longrope' is not supported by mdpo's llama model (rope types: default, llama3, linear, yarn)",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 4.0}},
+            "rope_type='yarn' without 'original_max_position_embeddings' is not supported by mdpo's llama model",
         ),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type='dynamic' is not supported"),
         ({"attention_bias": True}, "attention_bias=true is not supported"),

@@ -99,6 +99,10 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
     folder, want = families["llama3.1"]
     unscaled = hf_logps_float64(folder, family_pairs(), rope_parameters={"rope_type": "default", "rope_theta": 5e5})
     assert ((unscaled - want).abs() / want.abs()).max() > 10 * RTOL  # the scaling changes these log-probs
+    for case in ("qwen2.5_tied", "qwen3_tied"):  # linear, yarn
+        folder, want = families[case]
+        plain = hf_logps_float64(folder, family_pairs(), rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        assert ((plain - want).abs() / want.abs()).max() > 10 * RTOL, case  # the scaling changes these log-probs
     for case, unwindowed in (
         ("mistral", dict(sliding_window=None)),
         ("qwen2.5", dict(layer_types=["full_attention"] * 4)),

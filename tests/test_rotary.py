@@ -6,6 +6,7 @@ whole THD forward)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import model_config, tiny_llama_config
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -49,3 +50,40 @@ def test_compiled_rotation_of_a_thd_pack_equals_hf_rope(megatron_world):
     for name, a, b in zip(("q", "k", "dq", "dk"), (*got, *got_grads), (*want, q.grad, k.grad)):
         assert torch.allclose(a, b, rtol=0, atol=1e-6), (name, (a - b).abs().max())
     assert (got[0] - q).abs().max() > 0.1  # the rotation moved the queries
+
+
+@pytest.mark.parametrize("rope_type", ["llama3", "linear", "yarn"])
+def test_scaled_frequencies_are_computed_where_the_model_is_built_on_meta(rope_type):
+    """The converters build the model on the meta device: a scaled RoPE's frequencies are still real numbers, those
+    of transformers' own initialisation."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mdpo.config import ModelConfig
+    from mdpo.models.rotary import rope_frequencies
+
+    params = {"factor": 4.0, "original_max_position_embeddings": 64}
+    model = ModelConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        rope_scaling=rope_type,
+        rope_scaling_factor=4.0,
+        rope_original_max_position_embeddings=64,
+    )
+    with torch.device("meta"):
+        inv_freq, factor = rope_frequencies(model)
+    hf = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=model.max_position_embeddings,
+        rope_parameters={
+            "rope_type": rope_type,
+            "rope_theta": 10000.0,
+            **params,
+            **({"low_freq_factor": 1.0, "high_freq_factor": 4.0} if rope_type == "llama3" else {}),
+        },
+    )
+    want, want_factor = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+    assert inv_freq.device.type == "cpu"
+    torch.testing.assert_close(inv_freq, want.float(), rtol=0, atol=0)
+    assert factor == want_factor

@@ -17,7 +17,29 @@ from typing import ClassVar
 from mdpo.config.layout import Layout
 from mdpo.errors import ConfigError
 
-ROPE_SCALINGS = ("llama3",)  # rope_scaling types with an exact implementation (transformers' rope_type names)
+# RoPE scalings mdpo runs exactly (transformers' rope_type names; its own initialisation computes them): each one's
+# config.json parameters (rope_parameters / rope_scaling keys) -> ModelConfig fields, the required ones first
+ROPE_PARAMETERS = {
+    "llama3": {
+        "factor": "rope_scaling_factor",
+        "low_freq_factor": "rope_low_freq_factor",
+        "high_freq_factor": "rope_high_freq_factor",
+        "original_max_position_embeddings": "rope_original_max_position_embeddings",
+    },
+    "linear": {"factor": "rope_scaling_factor"},
+    "yarn": {
+        "factor": "rope_scaling_factor",
+        "original_max_position_embeddings": "rope_original_max_position_embeddings",
+        "beta_fast": "rope_beta_fast",
+        "beta_slow": "rope_beta_slow",
+        "mscale": "rope_mscale",
+        "mscale_all_dim": "rope_mscale_all_dim",
+        "attention_factor": "rope_attention_factor",
+        "truncate": "rope_truncate",
+    },
+}
+ROPE_REQUIRED = {"llama3": 4, "linear": 1, "yarn": 2}  # how many of each scaling's parameters config.json must give
+ROPE_SCALINGS = tuple(ROPE_PARAMETERS)
 POSITION_EMBEDDINGS = ("auto", "rope", "alibi")
 ATTENTIONS = ("auto", "te", "sdpa", "local")
 DATA_FORMATS = ("auto", "ultrafeedback", "hh", "plain", "conversational")
@@ -124,13 +146,20 @@ class ModelConfig(Section):
     qkv_bias: bool = False  # bias on the q/k/v projection (Qwen 1.0, Qwen 2 / 2.5)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen 3; Megatron's qk_layernorm)
     tie_word_embeddings: bool = False  # the output layer uses the input embedding's weight (small Llama 3.2 / Qwen)
-    # RoPE frequency scaling, with transformers' rope_type names: None or llama3 (Llama 3.1 / 3.2 / 3.3), whose four
-    # parameters follow, exactly as config.json gives them
+    # RoPE frequency scaling, with transformers' rope_type names: None, llama3 (Llama 3.1 / 3.2 / 3.3), linear or yarn
+    # (Qwen 2.5 / 3's long context), its parameters (ROPE_PARAMETERS) exactly as config.json gives them; None: left
+    # out (transformers' default)
     rope_scaling: str | None = None
     rope_scaling_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192
+    rope_beta_fast: float | None = None
+    rope_beta_slow: float | None = None
+    rope_mscale: float | None = None
+    rope_mscale_all_dim: float | None = None
+    rope_attention_factor: float | None = None
+    rope_truncate: bool | None = None
     # sliding-window attention (Mistral's sliding_window, Qwen's use_sliding_window): a query attends to the keys
     # less than sliding_window positions back (None: the whole causal context), on the layers sliding_window_layers
     # lists (None: every layer)
@@ -174,6 +203,12 @@ class ModelConfig(Section):
         if not self.is_moe:
             return 0.0
         return self.router_aux_loss_coef if override is None else override
+
+    def rope_parameters(self) -> dict:
+        """The RoPE scaling's config.json parameters as set (transformers' rope_parameters, less rope_type and
+        rope_theta); none without a scaling."""
+        keys = ROPE_PARAMETERS.get(self.rope_scaling, {})
+        return {key: getattr(self, field) for key, field in keys.items() if getattr(self, field) is not None}
 
     def window_layers(self) -> list[int]:
         """The layers with a sliding window (none without one)."""
@@ -288,7 +323,7 @@ class ModelConfig(Section):
             f"model.rope_scaling must be null or {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}",
         )
         need(
-            0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+            self.rope_scaling != "llama3" or 0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
             "model.rope_low_freq_factor and model.rope_high_freq_factor must satisfy 0 < low < high, got "
             f"{self.rope_low_freq_factor!r} and {self.rope_high_freq_factor!r}",
         )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from mdpo.models.attention import (
 )
 from mdpo.models.lora import with_adapters
 from mdpo.models.moe import mark_experts, moe_fields
-from mdpo.models.rotary import FusedRopeSelfAttention
+from mdpo.models.rotary import FusedRopeSelfAttention, rope_frequencies
 
 
 def transformer_engine_available() -> bool:
@@ -169,12 +170,22 @@ def _windows(model: ModelConfig) -> dict:
     return dict(window_size=(model.sliding_window - 1, 0), window_attn_skip_freq=marks)
 
 
+def _softmax_scale(model: ModelConfig) -> dict:
+    """A scaled RoPE's attention factor m (yarn's) multiplies cos and sin, so q and k after rotation: m^2 on every
+    score, as the softmax scale m^2 / sqrt(head size); none where it is 1 (Megatron's own scale)."""
+    rope = rope_frequencies(model)
+    if rope is None or rope[1] == 1.0:
+        return {}
+    return {"softmax_scale": rope[1] ** 2 / math.sqrt(model.kv_channels)}
+
+
 def _architecture(model: ModelConfig) -> dict:
     """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA, the head
     size (`kv_channels`, explicit for Qwen 3 and Mistral), Qwen 3's per-head q/k norms and sliding windows (Mistral,
     Qwen's use_sliding_window); no dropout."""
     return dict(
         **_windows(model),
+        **_softmax_scale(model),
         num_layers=model.num_hidden_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.intermediate_size,
@@ -321,19 +332,6 @@ class PositionedGPTModel(GPTModel):
         return logits.transpose(0, 1).contiguous()
 
 
-def scale_rope_llama3(gpt: GPTModel, model: ModelConfig) -> None:
-    """Llama 3's frequency scaling with the config's own four parameters: Megatron's rule (`_apply_scaling`, the
-    same as transformers'), which GPTModel's `rope_scaling` flag applies with only the factor configurable."""
-    rotary = gpt.rotary_pos_emb
-    rotary.inv_freq = rotary._apply_scaling(
-        rotary.inv_freq,
-        factor=model.rope_scaling_factor,
-        low_freq_factor=model.rope_low_freq_factor,
-        high_freq_factor=model.rope_high_freq_factor,
-        original_max_position_embeddings=model.rope_original_max_position_embeddings,
-    )
-
-
 def build_gpt_model(
     model: ModelConfig,
     config: TransformerConfig,
@@ -372,7 +370,9 @@ def build_gpt_model(
         norm_head=model.norm_head,
         tokenwise_thd_rope=fuses_rope_locally(model),
     )
-    if model.rope_scaling == "llama3":
-        scale_rope_llama3(gpt, model)
+    rope = rope_frequencies(model)
+    if rope is not None:  # a scaled RoPE: transformers' frequencies for Megatron's table
+        inv_freq = gpt.rotary_pos_emb.inv_freq
+        gpt.rotary_pos_emb.inv_freq = rope[0].to(inv_freq.device, inv_freq.dtype)
     mark_experts(gpt)
     return gpt

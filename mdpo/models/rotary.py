@@ -1,4 +1,11 @@
-"""RoPE in one kernel each way on Megatron-Core's local layers (`model.fused_rope`).
+"""RoPE: its frequencies for a scaled RoPE (`rope_frequencies`), and in one kernel each way on Megatron-Core's local
+layers (`model.fused_rope`).
+
+A scaled RoPE (`model.rope_scaling`: llama3, linear, yarn) takes its inverse frequencies and its attention factor
+(yarn's scale of cos and sin) from transformers' own initialisation (`ROPE_INIT_FUNCTIONS`) of the config.json
+parameters the model holds, so they are exactly the HF model's: Megatron's rotary table is built from these inverse
+frequencies, and the attention factor m, which scales q and k after rotation, is m^2 on every score (the softmax
+scale: `models.gpt`).
 
 Megatron's rotation (`rope_utils._apply_rotary_pos_emb_bshd`) is a chain of elementwise ops over q and over k: the
 cos and sin of the table and their casts, two products, rotate_half's negation and concatenation, the sum and a
@@ -13,6 +20,27 @@ from __future__ import annotations
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 from megatron.core.transformer.attention import SelfAttention
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from mdpo.config import ModelConfig
+
+
+def rope_frequencies(model: ModelConfig) -> tuple[torch.Tensor, float] | None:
+    """A scaled RoPE's (inverse frequencies [head_dim / 2], attention factor) by transformers' own initialisation;
+    None without a scaling (Megatron's default frequencies are the same)."""
+    if model.rope_scaling is None:
+        return None
+    config = LlamaConfig(
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        head_dim=model.kv_channels,
+        max_position_embeddings=model.max_position_embeddings,
+        rope_parameters={"rope_type": model.rope_scaling, "rope_theta": model.rope_theta, **model.rope_parameters()},
+    )
+    with torch.device("cpu"):  # also where the model is built on the meta device (the converters)
+        inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[model.rope_scaling](config, "cpu")
+    return inv_freq.float(), float(attention_factor)
 
 
 @torch.compile(dynamic=True)  # every micro-batch has its own length: one compiled graph for all of them

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import LlamaConfig, PretrainedConfig
 
-from mdpo.config import ModelConfig
+from mdpo.config import ROPE_PARAMETERS, ROPE_REQUIRED, ModelConfig
 from mdpo.models.families.base import Entry, Family, Refusal, preset
 
 GLOBAL_TENSORS = (
@@ -50,19 +50,12 @@ _SAME_KEYS = (
     "max_position_embeddings",
     "tie_word_embeddings",
 )
-ROPE_TYPES = ("default", "llama3")
-# Llama 3's rope_scaling keys -> ModelConfig fields
-_LLAMA3_KEYS = {
-    "factor": "rope_scaling_factor",
-    "low_freq_factor": "rope_low_freq_factor",
-    "high_freq_factor": "rope_high_freq_factor",
-    "original_max_position_embeddings": "rope_original_max_position_embeddings",
-}
+ROPE_TYPES = ("default", *ROPE_PARAMETERS)
 
 
 def _rope_fields(hf: dict) -> dict[str, Any]:
-    """rope_theta and the scaling of either config.json layout; a rope type other than default/llama3 or a llama3
-    scaling without one of its four parameters is a ValueError naming it."""
+    """rope_theta and the scaling of either config.json layout; a rope type mdpo does not run, or a scaling without
+    one of its required parameters, is a ValueError naming it."""
     params: dict[str, Any] = {}
     for source in (hf.get("rope_parameters"), hf.get("rope_scaling")):
         if isinstance(source, dict):
@@ -71,12 +64,13 @@ def _rope_fields(hf: dict) -> dict[str, Any]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_type={rope_type!r}", f"rope types: {', '.join(ROPE_TYPES)}")
-    if rope_type == "llama3":
-        missing = [key for key in _LLAMA3_KEYS if key not in params]
-        if missing:
-            raise ValueError(f"rope_type='llama3' without '{missing[0]}'")
-        fields.update(rope_scaling="llama3", **{field: params[key] for key, field in _LLAMA3_KEYS.items()})
-    return fields
+    if rope_type == "default":
+        return fields
+    keys = ROPE_PARAMETERS[rope_type]
+    missing = [key for key in list(keys)[: ROPE_REQUIRED[rope_type]] if params.get(key) is None]
+    if missing:
+        raise ValueError(f"rope_type={rope_type!r} without '{missing[0]}'")
+    return fields | {"rope_scaling": rope_type, **{field: params[key] for key, field in keys.items() if key in params}}
 
 
 def read_llama_like(hf: dict) -> dict[str, Any]:
@@ -93,9 +87,7 @@ def read_llama_like(hf: dict) -> dict[str, Any]:
 def write_llama_like(config_class: type[PretrainedConfig], model: ModelConfig, **extra: Any) -> dict:
     """A complete config.json from transformers' own config class of the family (it writes rope_theta and scaling
     where its version keeps them)."""
-    rope = {"rope_type": "default"}
-    if model.rope_scaling == "llama3":
-        rope = {"rope_type": "llama3", **{key: getattr(model, field) for key, field in _LLAMA3_KEYS.items()}}
+    rope = {"rope_type": model.rope_scaling or "default", **model.rope_parameters()}
     config = config_class(
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
