@@ -207,6 +207,10 @@ FAMILY_CASES = {
         ),
     ),
     "mistral": ("mistral", dict(rope_theta=1000000.0, head_dim=32, sliding_window=8)),
+    # norms after attention and the MLP, q / k normalised over the whole projection (GQA: 4 query, 2 key heads);
+    # OLMo 3's window (shorter than the test sequences) on 3 of its 4 layers
+    "olmo2": ("olmo2", dict(rope_theta=500000.0)),
+    "olmo3": ("olmo3", dict(rope_theta=500000.0, sliding_window=6)),
     # mixtures of experts: 4 experts, top 2 (renormalised, or not), a dense layer among expert layers (Qwen3-MoE's
     # mlp_only_layers / decoder_sparse_step), experts narrower than the dense MLP
     "qwen3_moe": ("qwen3_moe", dict(head_dim=32, mlp_only_layers=[1], norm_topk_prob=True, **_MOE)),

@@ -303,6 +303,13 @@ def test_missing_required(key):
         (["parallel.tp=3"], "parallel.tp=3 does not divide model.num_attention_heads=4"),
         (["parallel.tp=4"], "parallel.tp=4 does not divide model.num_key_value_heads=2"),
         (["logging.log_interval=0"], "logging.log_interval must be > 0"),
+        (["model.norm_position=sandwich"], "model.norm_position must be 'pre' or 'post', got 'sandwich'"),
+        (["model.qk_norm_span=projection"], "model.qk_norm_span=projection needs model.qk_norm=true"),
+        (
+            ["model.norm_position=post", "model.attention=te"],
+            "model.attention=te with model.norm_position=post and model.qk_norm_span=head: Transformer Engine's "
+            "layers fuse each norm into the linear after it",
+        ),
     ],
 )
 def test_validation_rules(overrides, expected):
@@ -539,6 +546,16 @@ def test_hf_config_invalid_json(tmp_path):
             "supported: LlamaForCausalLM (llama), QWenLMHeadModel (qwen), Qwen2ForCausalLM (qwen2)",
         ),
         ({"hidden_size": "64"}, "'hidden_size' must be int, got str '64'"),
+        (
+            {
+                "architectures": ["Olmo3ForCausalLM"],
+                "model_type": "olmo3",
+                "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192},
+            },
+            "rope_parameters={'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 8192} (a RoPE "
+            "of the full-attention layers other than the sliding-window layers') is not supported by mdpo's olmo3 "
+            "model (one RoPE for all layers)",
+        ),
     ],
 )
 def test_hf_config_unsupported(tmp_path, changes, expected):

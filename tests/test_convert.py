@@ -127,6 +127,9 @@ def test_descriptions_follow_config_json(converted):
     assert model["qwen"]["rms_norm_eps"] == 1e-6
     assert model["baichuan13b"]["position_embedding"] == "alibi" and model["baichuan13b"]["norm_head"] is True
     assert model["baichuan7b"]["position_embedding"] == "rope"
+    for case in ("olmo2", "olmo3"):
+        assert model[case]["norm_position"] == "post" and model[case]["qk_norm_span"] == "projection", case
+    assert model["olmo3"]["sliding_window"] == 6 and model["olmo3"]["sliding_window_layers"] == [0, 1, 2]
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,10 @@ FAMILY_LAYOUTS = {
     "qwen3_tied": (2, _SP_PACKED),
     # a sliding window shorter than the sequences, its layers split over two stages of two model chunks
     "mistral": (2, ["parallel.pp=2", "parallel.vpp=2", "schedule.micro_batch_size=2"]),
+    # OLMo's q/k norms over all heads (their statistics all-reduced over TP, forward and backward; the whole weight
+    # on each rank, its gradient a slice per rank, summed), its norms after the sublayers, OLMo 3's windows over stages
+    "olmo2": (2, _SP_PACKED),
+    "olmo3": (2, ["parallel.pp=2", "schedule.micro_batch_size=2"]),
     # mixtures of experts with a load-balancing loss of weight 0.1 (its gradient then shows in every router): the
     # experts split over 2 ranks with the distributed optimizer (expert and dense parameters sharded apart); TP=2
     # + SP (each expert split over 2 ranks); TP=2 + SP with EP=2 (whole experts per rank) on packed rows

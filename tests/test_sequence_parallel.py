@@ -10,7 +10,8 @@ import torch
 from megatron.core.transformer.spec_utils import build_module
 
 from mdpo.config import ModelConfig
-from mdpo.models.gpt import TorchNorm, decoder_spec, transformer_config
+from mdpo.models.gpt import decoder_spec, transformer_config
+from mdpo.models.norms import TorchNorm
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "local"])

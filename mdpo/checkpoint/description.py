@@ -33,6 +33,8 @@ ARCH_FIELDS = (
     "max_position_embeddings",
     "qkv_bias",
     "qk_norm",
+    "qk_norm_span",
+    "norm_position",
     "tie_word_embeddings",
     "rope_scaling",
     "rope_scaling_factor",

@@ -42,6 +42,8 @@ ROPE_REQUIRED = {"llama3": 4, "linear": 1, "yarn": 2}  # how many of each scalin
 ROPE_SCALINGS = tuple(ROPE_PARAMETERS)
 POSITION_EMBEDDINGS = ("auto", "rope", "alibi")
 ATTENTIONS = ("auto", "te", "sdpa", "local")
+NORM_POSITIONS = ("pre", "post")
+QK_NORM_SPANS = ("head", "projection")
 DATA_FORMATS = ("auto", "ultrafeedback", "hh", "plain", "conversational")
 TEMPLATES = ("auto", "tulu2", "tulu3", "tokenizer", "raw")  # or a Jinja chat template (`mdpo.data.templates`)
 ON_BAD_ROW = ("error", "skip")
@@ -145,6 +147,12 @@ class ModelConfig(Section):
     max_position_embeddings: int = 4096
     qkv_bias: bool = False  # bias on the q/k/v projection (Qwen 1.0, Qwen 2 / 2.5)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen 3; Megatron's qk_layernorm)
+    # what a q / k norm spans: head (each head: Qwen 3) or projection (the whole query and key projection, every head
+    # together: OLMo 2 / 3)
+    qk_norm_span: str = "head"
+    # where each layer's two norms sit: pre (before attention and the MLP: Llama and the others) or post (after each,
+    # on its output before the residual add: OLMo 2 / 3)
+    norm_position: str = "pre"
     tie_word_embeddings: bool = False  # the output layer uses the input embedding's weight (small Llama 3.2 / Qwen)
     # RoPE frequency scaling, with transformers' rope_type names: None, llama3 (Llama 3.1 / 3.2 / 3.3), linear or yarn
     # (Qwen 2.5 / 3's long context), its parameters (ROPE_PARAMETERS) exactly as config.json gives them; None: left
@@ -265,6 +273,7 @@ class ModelConfig(Section):
         )
         self._check_positions()
         self._check_windows()
+        self._check_norms()
         if self.is_moe:
             self._check_experts()
         heads, kv_heads = self.num_attention_heads, self.kv_heads
@@ -292,6 +301,27 @@ class ModelConfig(Section):
             not (self.fused_rope and self.position_embedding == "alibi"),
             "model.fused_rope=true needs RoPE; model.position_embedding is alibi (Baichuan 2 13B), which has none",
         )
+
+    def _check_norms(self) -> None:
+        """OLMo's norms (after the sublayers, q / k over the whole projection) are mdpo's local layers' own:
+        Transformer Engine's layers fuse a norm into the linear after it and normalise q / k per head."""
+        _one_of("model.norm_position", self.norm_position, NORM_POSITIONS)
+        _one_of("model.qk_norm_span", self.qk_norm_span, QK_NORM_SPANS)
+        need(
+            self.qk_norm or self.qk_norm_span == "head",
+            f"model.qk_norm_span={self.qk_norm_span} needs model.qk_norm=true",
+        )
+        need(
+            self.fits_te_layers or self.attention != "te",
+            f"model.attention=te with model.norm_position={self.norm_position} and model.qk_norm_span="
+            f"{self.qk_norm_span}: Transformer Engine's layers fuse each norm into the linear after it and normalise "
+            "q / k per head (use auto or sdpa: torch SDPA on mdpo's local layers)",
+        )
+
+    @property
+    def fits_te_layers(self) -> bool:
+        """Whether Transformer Engine's layers express the model (norms before the sublayers, q / k norms per head)."""
+        return self.norm_position == "pre" and self.qk_norm_span == "head"
 
     def _check_experts(self) -> None:
         need(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -16,9 +15,9 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import RouterBuilder
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -34,6 +33,7 @@ from mdpo.models.attention import (
 )
 from mdpo.models.lora import with_adapters
 from mdpo.models.moe import mark_experts, moe_fields
+from mdpo.models.norms import PostNormLayer, PostNormLayerSubmodules, ProjectionNorm, TorchNorm
 from mdpo.models.rotary import FusedRopeSelfAttention, rope_frequencies
 
 
@@ -52,9 +52,11 @@ def core_attention(model: ModelConfig) -> str:
     """What `model.attention` means on this machine: `te` (Transformer Engine's layers: asked for, or `auto` with TE
     present; never with ALiBi), `sdpa` (torch SDPA: asked for, `auto` without TE, on CPU too, where it ran a real
     UltraFeedback step 6% faster padded and 20% packed than Megatron's unfused attention; always with ALiBi) or
-    `local` (Megatron's unfused attention, asked for)."""
+    `local` (Megatron's unfused attention, asked for). `auto` takes TE's layers only for models they express
+    (`ModelConfig.fits_te_layers`: not OLMo's norms)."""
     if model.position_embedding != "alibi" and (
-        model.attention == "te" or (model.attention == "auto" and transformer_engine_available())
+        model.attention == "te"
+        or (model.attention == "auto" and model.fits_te_layers and transformer_engine_available())
     ):
         return "te"
     return "local" if model.attention == "local" and model.position_embedding != "alibi" else "sdpa"
@@ -70,24 +72,6 @@ def packs_as_thd(model: ModelConfig, dtype: torch.dtype) -> bool:
     flash = torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16)
     window_ok = model.sliding_window is None or varlen_takes_window()  # else a window needs blocks' masks
     return attention == "sdpa" and model.position_embedding != "alibi" and flash and window_ok
-
-
-class TorchNorm:
-    """Megatron's WrappedTorchNorm (torch's RMSNorm or LayerNorm, as `config.normalization` says) that also runs
-    under sequence parallelism, which WrappedTorchNorm refuses. There each TP rank normalises its own part of the
-    sequence, so its weight's gradient is a part of the sum: the weight (and bias) are marked `sequence_parallel`,
-    as Megatron marks its fused and TE norms, and `finalize_model_grads` sums their gradients over the TP ranks."""
-
-    def __new__(
-        cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs: object
-    ) -> torch.nn.Module:
-        plain = copy.copy(config)
-        plain.sequence_parallel = False  # the norm's math is per token: the split changes only its gradient's sum
-        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
-        if config.sequence_parallel:
-            for param in norm.parameters():
-                param.sequence_parallel = True
-        return norm
 
 
 def fuses_rope_locally(model: ModelConfig) -> bool:
@@ -121,9 +105,16 @@ def layer_spec(
 def _local_layer_spec(model: ModelConfig, num_experts: int | None, attention: str) -> ModuleSpec:
     local = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm", qk_layernorm=model.qk_norm)
     local.submodules.input_layernorm = local.submodules.pre_mlp_layernorm = TorchNorm
-    if model.qk_norm:  # per head, on whole sequences: Megatron sums their gradients over TP (other heads per rank)
+    if model.qk_norm:
         attention_parts = local.submodules.self_attention.submodules
-        attention_parts.q_layernorm = attention_parts.k_layernorm = TorchNorm
+        if model.qk_norm_span == "projection":  # OLMo 2's: all heads together, the statistics summed over TP
+            attention_parts.q_layernorm = ModuleSpec(module=ProjectionNorm, params={"heads": "query"})
+            attention_parts.k_layernorm = ModuleSpec(module=ProjectionNorm, params={"heads": "key"})
+        else:  # per head, on whole sequences: Megatron sums their gradients over TP (other heads per rank)
+            attention_parts.q_layernorm = attention_parts.k_layernorm = TorchNorm
+    if model.norm_position == "post":  # OLMo 2 / 3: the norms after attention and the MLP, none before
+        parts = vars(local.submodules) | {"input_layernorm": IdentityOp, "pre_mlp_layernorm": IdentityOp}
+        local = ModuleSpec(module=PostNormLayer, submodules=PostNormLayerSubmodules(**parts))
     if fuses_rope_locally(model):
         local.submodules.self_attention.module = FusedRopeSelfAttention
     if model.position_embedding == "alibi":

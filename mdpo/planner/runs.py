@@ -97,6 +97,8 @@ def _model_overrides(model: ModelConfig, positions: int, attention: str) -> list
         "head_dim",
         "qkv_bias",
         "qk_norm",
+        "qk_norm_span",
+        "norm_position",
         "tie_word_embeddings",
         "fused_swiglu",
         "fused_rope",

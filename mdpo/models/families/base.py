@@ -235,18 +235,23 @@ def mcore_shapes(model: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, 
     heads = Heads.of(model)
     h, f = model.hidden_size, model.intermediate_size
     qkv_rows, attn = sum(heads.sizes), heads.num_heads * heads.head_dim
+    norms = ("input_layernorm", "pre_mlp_layernorm")
+    if model.norm_position == "post":
+        norms = ("post_self_attn_layernorm", "post_mlp_layernorm")
     layer = {
-        "input_layernorm.weight": (h,),
+        f"{norms[0]}.weight": (h,),
         "self_attention.linear_qkv.weight": (qkv_rows, h),
         "self_attention.linear_proj.weight": (h, attn),
-        "pre_mlp_layernorm.weight": (h,),
+        f"{norms[1]}.weight": (h,),
         "mlp.linear_fc1.weight": (2 * f, h),
         "mlp.linear_fc2.weight": (h, f),
     }
     if model.qkv_bias:
         layer["self_attention.linear_qkv.bias"] = (qkv_rows,)
     if model.qk_norm:
-        layer["self_attention.q_layernorm.weight"] = layer["self_attention.k_layernorm.weight"] = (heads.head_dim,)
+        whole = model.qk_norm_span == "projection"
+        layer["self_attention.q_layernorm.weight"] = (heads.sizes[0] if whole else heads.head_dim,)
+        layer["self_attention.k_layernorm.weight"] = (heads.sizes[1] if whole else heads.head_dim,)
     shapes = {EMBEDDING: (padded_vocab, h), "decoder.final_layernorm.weight": (h,)}
     if not model.tie_word_embeddings:
         shapes[OUTPUT] = (padded_vocab, h)
