@@ -208,9 +208,25 @@ FAMILY_CASES = {
     ),
     "mistral": ("mistral", dict(rope_theta=1000000.0, head_dim=32, sliding_window=8)),
     # norms after attention and the MLP, q / k normalised over the whole projection (GQA: 4 query, 2 key heads);
-    # OLMo 3's window (shorter than the test sequences) on 3 of its 4 layers
+    # OLMo 3's window (shorter than the test sequences) on 3 of its 4 layers, a RoPE per layer type: yarn (factor 4
+    # of 64, an attention factor of its own) on the full layer, unscaled of another base on the window layers
     "olmo2": ("olmo2", dict(rope_theta=500000.0)),
-    "olmo3": ("olmo3", dict(rope_theta=500000.0, sliding_window=6)),
+    "olmo3": (
+        "olmo3",
+        dict(
+            sliding_window=6,
+            rope_parameters={
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "attention_factor": 1.2,
+                    "rope_theta": 500000.0,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+    ),
     # mixtures of experts: 4 experts, top 2 (renormalised, or not), a dense layer among expert layers (Qwen3-MoE's
     # mlp_only_layers / decoder_sparse_step), experts narrower than the dense MLP
     "qwen3_moe": ("qwen3_moe", dict(head_dim=32, mlp_only_layers=[1], norm_topk_prob=True, **_MOE)),

@@ -306,6 +306,10 @@ def test_missing_required(key):
         (["model.norm_position=sandwich"], "model.norm_position must be 'pre' or 'post', got 'sandwich'"),
         (["model.qk_norm_span=projection"], "model.qk_norm_span=projection needs model.qk_norm=true"),
         (
+            ["model.window_rope_theta=10000"],
+            "model.window_rope_theta is set but model.sliding_window is null (no layer has a window)",
+        ),
+        (
             ["model.norm_position=post", "model.attention=te"],
             "model.attention=te with model.norm_position=post and model.qk_norm_span=head: Transformer Engine's "
             "layers fuse each norm into the linear after it",
@@ -550,11 +554,13 @@ def test_hf_config_invalid_json(tmp_path):
             {
                 "architectures": ["Olmo3ForCausalLM"],
                 "model_type": "olmo3",
-                "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192},
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                    "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                },
             },
-            "rope_parameters={'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 8192} (a RoPE "
-            "of the full-attention layers other than the sliding-window layers') is not supported by mdpo's olmo3 "
-            "model (one RoPE for all layers)",
+            "rope_parameters.sliding_attention={'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 10000.0} (a "
+            "scaled RoPE on the window layers) is not supported by mdpo's olmo3 model",
         ),
     ],
 )

@@ -7,6 +7,7 @@ the saved folders as `model.init_from` reads them, scored by training's forward 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,12 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
         folder, want = families[case]
         plain = hf_logps_float64(folder, family_pairs(), rope_parameters={"rope_type": "default", "rope_theta": 1e6})
         assert ((plain - want).abs() / want.abs()).max() > 10 * RTOL, case  # the scaling changes these log-probs
+    folder, want = families["olmo3"]  # each layer type's RoPE changes these log-probs
+    ropes = json.loads((folder / "config.json").read_text())["rope_parameters"]
+    for kind in ropes:
+        other = dict(ropes, **{kind: ropes["full_attention" if kind == "sliding_attention" else "sliding_attention"]})
+        swapped = hf_logps_float64(folder, family_pairs(), rope_parameters=other)
+        assert ((swapped - want).abs() / want.abs()).max() > 10 * RTOL, kind
     for case, unwindowed in (
         ("mistral", dict(sliding_window=None)),
         ("qwen2.5", dict(layer_types=["full_attention"] * 4)),

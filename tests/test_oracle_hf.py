@@ -76,7 +76,6 @@ def test_fused_rope_gives_hf_logps_in_every_layout_and_the_unfused_gradients(meg
     """model.fused_rope (Megatron's rotation of q and k under torch.compile, applied as the QKV projection hands them
     out): HF's float64 log-probs of every sequence alone in the four layouts (per row position and per token tables),
     and every weight's gradient of a DPO-like objective equal to Megatron's unfused rotation's, with shared prompts."""
-    from mdpo.models.rotary import FusedRopeSelfAttention
     from mdpo.training.step import Scorer
 
     hf = tiny_hf_llama(seed=0, vocab_size=VOCAB)
@@ -86,7 +85,7 @@ def test_fused_rope_gives_hf_logps_in_every_layout_and_the_unfused_gradients(meg
     cfg = model_config(hf.config)
     cfg.attention, cfg.fused_rope = attention, True
     fused = mdpo_model(hf, attention, fused_rope=True)
-    assert all(isinstance(layer.self_attention, FusedRopeSelfAttention) for layer in fused.decoder.layers)
+    assert all(layer.self_attention.fused for layer in fused.decoder.layers)
     for layout in LAYOUTS:
         got = mdpo_logps(fused, pairs, layout, cfg)
         assert torch.allclose(got.double(), want, rtol=0, atol=1e-5), (layout, got, want)

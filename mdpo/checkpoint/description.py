@@ -49,6 +49,7 @@ ARCH_FIELDS = (
     "rope_truncate",
     "sliding_window",
     "sliding_window_layers",
+    "window_rope_theta",
     "position_embedding",
     "norm_head",
     "num_experts",

@@ -173,6 +173,9 @@ class ModelConfig(Section):
     # lists (None: every layer)
     sliding_window: int | None = None
     sliding_window_layers: list[int] | None = None
+    # the window layers' own RoPE, unscaled, of this base (Gemma 3's local base; OLMo 3's window layers beside yarn
+    # on its full ones); None: the model's RoPE on every layer
+    window_rope_theta: float | None = None
     position_embedding: str = "auto"  # auto (from config.json, else rope) | rope | alibi (Baichuan 2 13B)
     norm_head: bool = False  # output weight rows L2-normalised in every forward (Baichuan 2's NormHead)
     init_std: float = 0.02  # std of the normal init when init_from is None
@@ -257,6 +260,7 @@ class ModelConfig(Section):
         "rope_scaling_factor",
         "rope_original_max_position_embeddings",
         "sliding_window",
+        "window_rope_theta",
         "num_experts",
         "moe_topk",
         "moe_intermediate_size",
@@ -345,6 +349,10 @@ class ModelConfig(Section):
         need(
             self.sliding_window_layers is None or self.sliding_window is not None,
             "model.sliding_window_layers is set but model.sliding_window is null (the window's size)",
+        )
+        need(
+            self.window_rope_theta is None or self.sliding_window is not None,
+            "model.window_rope_theta is set but model.sliding_window is null (no layer has a window)",
         )
 
     def _check_rope_scaling(self) -> None:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -34,7 +32,7 @@ from mdpo.models.attention import (
 from mdpo.models.lora import with_adapters
 from mdpo.models.moe import mark_experts, moe_fields
 from mdpo.models.norms import PostNormLayer, PostNormLayerSubmodules, ProjectionNorm, TorchNorm
-from mdpo.models.rotary import FusedRopeSelfAttention, rope_frequencies
+from mdpo.models.rotary import RopeSelfAttention, layer_softmax_scale, table_frequencies
 
 
 def transformer_engine_available() -> bool:
@@ -81,11 +79,16 @@ def fuses_rope_locally(model: ModelConfig) -> bool:
 
 
 def layer_spec(
-    model: ModelConfig, experts: bool = False, lora: LoRAConfig | None = None, router: RouterBuilder | None = None
+    model: ModelConfig,
+    layer: int,
+    experts: bool = False,
+    lora: LoRAConfig | None = None,
+    router: RouterBuilder | None = None,
 ) -> ModuleSpec:
-    """Transformer Engine's fused layers when available; otherwise Megatron-Core's local layers (norms: `TorchNorm`),
-    with torch SDPA as the core attention (`auto`, `sdpa`) or Megatron's unfused attention when asked (`local`).
-    ALiBi always runs through SDPA with the biases added to the scores (the config refuses te/local with it).
+    """Layer `layer` (its number in the model, from 0): Transformer Engine's fused layers when available; otherwise
+    Megatron-Core's local layers (norms: `models.norms`), with torch SDPA as the core attention (`auto`, `sdpa`) or
+    Megatron's unfused attention when asked (`local`). ALiBi always runs through SDPA with the biases added to the
+    scores (the config refuses te/local with it). Its attention takes the layer's RoPE (`RopeSelfAttention`).
     `experts`: a MoE layer (Megatron's MoELayer: grouped GEMM experts on TE's layers, one MLP per expert on the
     local ones) whose router is `router` (Megatron's TopKRouter when None); `lora`: the target linears with
     adapters (`models.lora`; local layers only)."""
@@ -97,9 +100,21 @@ def layer_spec(
         )
     else:
         spec = _local_layer_spec(model, num_experts, attention)
+    self_attention = spec.submodules.self_attention
+    self_attention.module = RopeSelfAttention
+    self_attention.params = {**self_attention.params, **_layer_rope(model, layer)}
     if experts and router is not None:
         spec.submodules.mlp.submodules.router = router
     return with_adapters(spec, lora) if lora is not None else spec
+
+
+def _layer_rope(model: ModelConfig, layer: int) -> dict:
+    """What a layer's attention knows of its RoPE (`RopeSelfAttention`): which of two tables, when the window layers
+    have their own (`model.window_rope_theta`), its softmax scale (a scaled RoPE's attention factor), and whether
+    mdpo's compiled rotation applies it."""
+    windowed = layer in model.window_layers()
+    table = None if model.window_rope_theta is None else ("window" if windowed else "full")
+    return dict(rope_table=table, softmax_scale=layer_softmax_scale(model, windowed), fused=fuses_rope_locally(model))
 
 
 def _local_layer_spec(model: ModelConfig, num_experts: int | None, attention: str) -> ModuleSpec:
@@ -115,8 +130,6 @@ def _local_layer_spec(model: ModelConfig, num_experts: int | None, attention: st
     if model.norm_position == "post":  # OLMo 2 / 3: the norms after attention and the MLP, none before
         parts = vars(local.submodules) | {"input_layernorm": IdentityOp, "pre_mlp_layernorm": IdentityOp}
         local = ModuleSpec(module=PostNormLayer, submodules=PostNormLayerSubmodules(**parts))
-    if fuses_rope_locally(model):
-        local.submodules.self_attention.module = FusedRopeSelfAttention
     if model.position_embedding == "alibi":
         return with_core_attention(local, ALiBiAttention)
     if attention == "sdpa":
@@ -134,15 +147,12 @@ def decoder_spec(
     """What GPTModel builds this stage's layers and final norm from. Given a layer spec alone, Megatron picks the
     final norm itself (TE's, apex's or WrappedTorchNorm, whichever imports), so the local layers come as a block
     whose final norm is `TorchNorm` too. TE's layers keep TE's final norm, which takes sequence parallelism. A MoE
-    model's layers are listed one by one (those in `model.moe_layers` with experts)."""
-    te = core_attention(model) == "te"
-    if te and not model.is_moe:
-        return layer_spec(model, lora=lora)
+    model's layers are listed one by one (each with its RoPE; those in `model.moe_layers` with experts)."""
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     first = get_transformer_layer_offset(config, vp_stage=vp_stage)
     moe = set(model.expert_layers())
-    specs = [layer_spec(model, i in moe, lora, router) for i in range(first, first + count)]
-    if te:
+    specs = [layer_spec(model, i, i in moe, lora, router) for i in range(first, first + count)]
+    if core_attention(model) == "te":
         from megatron.core.extensions.transformer_engine import TENorm  # te: Transformer Engine imports
 
         return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TENorm)
@@ -161,22 +171,12 @@ def _windows(model: ModelConfig) -> dict:
     return dict(window_size=(model.sliding_window - 1, 0), window_attn_skip_freq=marks)
 
 
-def _softmax_scale(model: ModelConfig) -> dict:
-    """A scaled RoPE's attention factor m (yarn's) multiplies cos and sin, so q and k after rotation: m^2 on every
-    score, as the softmax scale m^2 / sqrt(head size); none where it is 1 (Megatron's own scale)."""
-    rope = rope_frequencies(model)
-    if rope is None or rope[1] == 1.0:
-        return {}
-    return {"softmax_scale": rope[1] ** 2 / math.sqrt(model.kv_channels)}
-
-
 def _architecture(model: ModelConfig) -> dict:
     """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA, the head
     size (`kv_channels`, explicit for Qwen 3 and Mistral), Qwen 3's per-head q/k norms and sliding windows (Mistral,
     Qwen's use_sliding_window); no dropout."""
     return dict(
         **_windows(model),
-        **_softmax_scale(model),
         num_layers=model.num_hidden_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.intermediate_size,
@@ -361,9 +361,9 @@ def build_gpt_model(
         norm_head=model.norm_head,
         tokenwise_thd_rope=fuses_rope_locally(model),
     )
-    rope = rope_frequencies(model)
-    if rope is not None:  # a scaled RoPE: transformers' frequencies for Megatron's table
+    frequencies = table_frequencies(model)
+    if frequencies is not None:  # a scaled RoPE's (transformers'), or two RoPEs side by side, for Megatron's table
         inv_freq = gpt.rotary_pos_emb.inv_freq
-        gpt.rotary_pos_emb.inv_freq = rope[0].to(inv_freq.device, inv_freq.dtype)
+        gpt.rotary_pos_emb.inv_freq = frequencies.to(inv_freq.device, inv_freq.dtype)
     mark_experts(gpt)
     return gpt

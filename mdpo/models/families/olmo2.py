@@ -3,7 +3,7 @@ after attention and the MLP (`post_attention_layernorm` and `post_feedforward_la
 before its residual add, no norm before: `model.norm_position: post`) and an RMSNorm over the whole query and the
 whole key projection, all heads together (`q_norm` [heads x head_dim], `k_norm` [kv heads x head_dim]:
 `model.qk_norm_span: projection`, its statistics summed over the TP ranks). OLMo 3 adds sliding windows on 3 of every
-4 layers (`layer_types`); its config.json keeps one RoPE per layer type, which mdpo runs when both are the same."""
+4 layers (`layer_types`) and a RoPE per layer type: its long-context yarn on the full layers only."""
 
 from __future__ import annotations
 
@@ -32,36 +32,42 @@ def read_config(hf: dict) -> dict:
 
 
 def read_olmo3_config(hf: dict) -> dict:
-    """OLMo 2's fields with OLMo 3's windows (`layer_types`, default 3 sliding : 1 full) and its RoPE, one per layer
-    type in transformers 5's config.json (`rope_parameters` by type; transformers 4's `rope_scaling` is the full
-    layers')."""
-    params = hf.get("rope_parameters") or {}
-    full, sliding = params.get("full_attention"), params.get("sliding_attention")
-    if hf.get("rope_scaling") or (full is not None and sliding is not None and full != sliding):
-        raise ValueError(
-            f"rope_parameters={params or hf.get('rope_scaling')!r} (a RoPE of the full-attention layers other than "
-            "the sliding-window layers')",
-            "one RoPE for all layers",
-        )
+    """OLMo 2's fields with OLMo 3's windows (`layer_types`, default 3 sliding : 1 full) and RoPEs: one per layer type
+    in transformers 5's config.json (`rope_parameters` by type), the full layers' the model's RoPE and the window
+    layers' unscaled one `model.window_rope_theta`; transformers 4's `rope_scaling` is the full layers' alone."""
+    params = dict(hf.get("rope_parameters") or {})
+    full = params.get("full_attention") or {}
+    sliding = params.get("sliding_attention") or {"rope_type": "default"}
+    if sliding.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters.sliding_attention={sliding!r} (a scaled RoPE on the window layers)")
     flat = {key: value for key, value in hf.items() if key != "rope_parameters"}
-    if full is not None:
+    if full:
         flat["rope_parameters"] = full
+    fields = read_config(flat)
+    window_theta = sliding.get("rope_theta", hf.get("rope_theta", fields.get("rope_theta")))
+    if "rope_scaling" in fields or window_theta != fields.get("rope_theta"):
+        fields["window_rope_theta"] = window_theta
     layers = hf.get("num_hidden_layers", 0)
     types = hf.get("layer_types") or Olmo3Config(num_hidden_layers=layers).layer_types
     windowed = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
-    windows = {}
     if windowed and hf.get("sliding_window") is not None:
-        windows = {"sliding_window": hf["sliding_window"], "sliding_window_layers": windowed}
+        fields |= {"sliding_window": hf["sliding_window"], "sliding_window_layers": windowed}
         if len(windowed) == layers:
-            windows["sliding_window_layers"] = None
-    return {**read_config(flat), **windows}
+            fields["sliding_window_layers"] = None
+    elif "window_rope_theta" in fields:
+        del fields["window_rope_theta"]  # no window layers: the full layers' RoPE is every layer's
+    return fields
 
 
-def write_olmo3_windows(model: ModelConfig) -> dict[str, Any]:
-    """OLMo 3's window keys: its size and every layer's type."""
+def write_olmo3(model: ModelConfig) -> dict[str, Any]:
+    """OLMo 3's window keys (its size and every layer's type) and the window layers' RoPE."""
     windowed = model.window_layers()
     kinds = ["sliding_attention" if i in windowed else "full_attention" for i in range(model.num_hidden_layers)]
-    return {"sliding_window": model.sliding_window, "layer_types": kinds}
+    full = {"rope_type": model.rope_scaling or "default", "rope_theta": model.rope_theta, **model.rope_parameters()}
+    window_theta = model.rope_theta if model.window_rope_theta is None else model.window_rope_theta
+    window = {"rope_type": "default", "rope_theta": window_theta}
+    rope = {"full_attention": full, "sliding_attention": window if model.window_rope_theta is not None else full}
+    return {"sliding_window": model.sliding_window, "layer_types": kinds, "rope_parameters": rope}
 
 
 def _olmo3(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> dict[str, Any]:
@@ -97,5 +103,5 @@ OLMO3_FAMILY = llama_layout_family(
     refusals=REFUSALS,
     presets=OLMO3_PRESETS,
     default_template="tulu3",
-    write_extra=write_olmo3_windows,
+    write_extra=write_olmo3,
 )
