@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import shutil
+from collections import Counter
 
 import pytest
 from conftest import shared_path
@@ -241,9 +243,9 @@ BAD_ROWS = {
     "'chosen' is empty": uf(chosen="   "),
     "chosen and rejected are identical": uf(rejected="Four."),
     "'rejected'[1]: content must be a string, got int": uf(rejected=4),
-    "'chosen'[0]: role 'tool' is not system, user or assistant": {
+    "'chosen'[0]: role 'robot' is not system, user, assistant or tool": {
         **uf(),
-        "chosen": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}],
+        "chosen": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}],
     },
     "prompt does not match between chosen and rejected": {
         **uf(),
@@ -268,6 +270,77 @@ def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path, tok):
     assert [p.index for p in pairs] == [0, len(BAD_ROWS) + 1]
     assert sum(report.counts.values()) == len(BAD_ROWS)
     assert all(reason.startswith("skipped: ") for reason in report.counts)
+
+
+RANKED = {"prompt": "2+2?", "completions": ["4", "5"], "scores": [2, 1]}
+NECTAR = {
+    "prompt": "\n\nHuman: 2+2?\n\nAssistant: ",
+    "answers": [{"answer": "4", "rank": 1}, {"answer": "5", "rank": 2}],
+}
+UF_RAW = {
+    "instruction": "2+2?",
+    "completions": [{"response": "4", "overall_score": 2}, {"response": "5", "overall_score": 1}],
+}
+TURNS = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "rejected": "Bye"}]}
+NO_TOOLS = CHAT.replace(
+    "{% for m in messages %}",
+    "{% for m in messages %}{% if m['role'] == 'tool' %}"
+    "{{ raise_exception('this template has no tool role') }}{% endif %}",
+)
+# a bad row of each expanded format: (a good row of its format, the bad row, settings) by the reason named
+BAD_EXPANDED_ROWS = {
+    "'scores' has 3 values for 2 completions": (RANKED, {**RANKED, "scores": [3, 2, 1]}, {}),
+    "'ranks': rank 1 is repeated (ranks must be 1..2, each once)": (
+        RANKED,
+        {"prompt": "2+2?", "completions": ["4", "5"], "ranks": [1, 1]},
+        {},
+    ),
+    "'answers': rank 2 is missing (ranks must be 1..2, each once)": (
+        NECTAR,
+        {**NECTAR, "answers": [{"answer": "4", "rank": 1}, {"answer": "5", "rank": 3}]},
+        {},
+    ),
+    "'answers'[1].rank is missing": (NECTAR, {**NECTAR, "answers": [{"answer": "4", "rank": 1}, {"answer": "5"}]}, {}),
+    "'completions'[1].overall_score must be a number, got 'N/A'": (
+        UF_RAW,
+        {**UF_RAW, "completions": [UF_RAW["completions"][0], {"response": "5", "overall_score": "N/A"}]},
+        {},
+    ),
+    "no pair left: the best score is shared by 2 completions": (
+        UF_RAW,
+        {**UF_RAW, "completions": [{"response": r, "overall_score": n} for r, n in (("4", 2), ("Four", 2), ("5", 1))]},
+        {"rank_pairs": "best_vs_rest"},
+    ),
+    "'messages'[0]: 'rejected' on a user message (only assistant turns have one)": (
+        TURNS,
+        {"messages": [{"role": "user", "content": "Hi", "rejected": "Yo"}, TURNS["messages"][1]]},
+        {},
+    ),
+    "chat template: this template has no tool role": (
+        TURNS,
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "4"}, TURNS["messages"][1]]},
+        {"template": NO_TOOLS},
+    ),
+    "template tulu2 cannot render a tool message": (
+        TURNS,
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "4"}, TURNS["messages"][1]]},
+        {"template": "tulu2"},
+    ),
+}
+
+
+@pytest.mark.parametrize("reason", list(BAD_EXPANDED_ROWS))
+def test_bad_ranked_or_turn_row_is_one_line_naming_file_row_and_key(tmp_path, tok, reason):
+    good, bad, settings = BAD_EXPANDED_ROWS[reason]
+    path = write_jsonl(tmp_path / "d.jsonl", [good, bad, good])
+    with pytest.raises(DataError) as err:
+        load(path, tok, **settings)
+    assert f"{path}:2: {reason}" in str(err.value) and "\n" not in str(err.value)
+    pairs, report = load(path, tok, on_bad_row="skip", **settings)
+    assert [p.row for p in pairs] == [0, 2]
+    kind = "dropped" if reason.startswith("no pair left") else "skipped"  # a row the rule leaves without a pair
+    ((counted, n),) = report.counts.items()
+    assert counted.startswith(f"{kind}: {reason}") and n == 1
 
 
 def test_plain_rows_with_wrong_types_and_no_usable_rows(tmp_path, tok):
@@ -358,6 +431,10 @@ def test_several_processes_give_the_same_pairs(tok):
         ("data.over_length=wrap", "data.over_length must be"),
         ("data.num_proc=0", "data.num_proc must be >= 1"),
         ("data.max_prompt_length=9000", "data.max_prompt_length must be in"),
+        ("data.rank_pairs=best", "data.rank_pairs must be all_pairs, best_vs_worst, best_vs_rest or best_vs_random"),
+        ("data.min_score_gap=-1", "data.min_score_gap must be >= 0"),
+        ("data.chat_template_kwargs={tokenize: true}", "data.chat_template_kwargs may not set tokenize"),
+        ("data.chat_template_kwargs=[1]", "'data.chat_template_kwargs' must be dict"),
     ],
 )
 def test_data_config_fields_are_checked(override, message):
@@ -437,3 +514,312 @@ def test_real_tokenizers_fit_their_models_vocabulary(name, rows):
     if name == "qwen2":
         with pytest.raises(ConfigError, match="tokenizer tok has 151665 tokens but model.vocab_size is 128256"):
             check_vocabulary(tok, "tok", 128256)
+
+
+# --------------------------------------------------------------------------- ranked, multi-turn, tools (issue 39)
+
+# A Qwen 3 style chat template, written for these tests (no tokenizer in ../shared carries Qwen 3's): its behaviour as
+# Qwen 3's template has it: tools listed in the system turn, an assistant turn after the last user message opening
+# with a "<think>" block (empty without reasoning_content), tool_calls as <tool_call> JSON, tool results as a user turn
+# of <tool_response>, and `enable_thinking=false` putting the empty think block into the generation prompt.
+QWEN3_STYLE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0].role == 'system' %}"
+    "{{- messages[0].content + '\\n\\n' }}{%- endif %}{{- '# Tools\\n<tools>' }}{%- for tool in tools %}"
+    "{{- '\\n' + (tool | tojson) }}{%- endfor %}{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(last_user=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last_user and (loop.last or m.reasoning_content) %}"
+    "{{- '<think>\\n' + (m.reasoning_content or '') + '\\n</think>\\n\\n' }}{%- endif %}{{- m.content }}"
+    "{%- for call in (m.tool_calls or []) %}{{- '\\n<tool_call>\\n' + (call.function | tojson) + '\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' %}{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response>"
+    "<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+# Abstract ranked rows (prompt messages, completions, scores: higher better), written out below in each format
+RANKED_CASES = [
+    ([{"role": "user", "content": "What is 2+2?"}], ["4", "5", "Four.", "22"], [4, 2, 5, 2]),  # the worst shared
+    ([{"role": "user", "content": "Name a color."}], ["Red", "Blue", "Green"], [3, 3, 1]),  # the best shared
+    ([{"role": "user", "content": "Say hi."}], ["hi", "hello"], [2, 2]),  # every completion tied
+    (
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Capital of France?"},
+        ],
+        ["Paris.", "Lyon.", "I don't know."],
+        [5, 4.5, 1],  # a gap of 0.5
+    ),
+    ([{"role": "user", "content": "Best fruit?"}], ["Apple", "Banana", "Cherry", "Durian"], [1, 3, 2, 4]),
+]
+
+
+def _ranks(scores):
+    """Ranks of distinct scores, 1 = the highest."""
+    order = sorted(scores, reverse=True)
+    return [order.index(s) + 1 for s in scores]
+
+
+def ranked_row(fmt, case):
+    """A case written as a row of `fmt` as published, or None where the format cannot hold it (one user turn for
+    UltraFeedback, no ties in ranks)."""
+    prompt, texts, scores = case
+    single = len(prompt) == 1
+    distinct = len(set(scores)) == len(scores)
+    if fmt == "ultrafeedback_raw" and single:
+        completions = [{"response": t, "overall_score": s, "fine-grained_score": -s} for t, s in zip(texts, scores)]
+        return {"source": "test", "instruction": prompt[0]["content"], "completions": completions}
+    if fmt == "nectar" and distinct:
+        turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in prompt)
+        answers = [{"answer": t, "model": "m", "rank": float(r)} for t, r in zip(texts, _ranks(scores))]
+        return {"prompt": turns + "\n\nAssistant: ", "answers": answers, "turns": len(prompt)}
+    if fmt == "ranked_scores":
+        return {
+            "prompt": prompt,
+            "completions": [[{"role": "assistant", "content": t}] for t in texts],
+            "scores": scores,
+        }
+    if fmt == "ranked_ranks" and distinct:
+        return {"prompt": prompt[0]["content"] if single else prompt, "completions": texts, "ranks": _ranks(scores)}
+    return None
+
+
+def oracle_couples(scores, rule):
+    """(chosen, rejected) completion indices as docs/data-and-templates.md describes each rule, written apart from
+    mdpo.data.ranking, before min_score_gap: all_pairs in completion order, the higher chosen, ties left out; the
+    others need one best (best_vs_worst also one worst)."""
+    n = len(scores)
+    best = [i for i in range(n) if scores[i] == max(scores)]
+    worst = [i for i in range(n) if scores[i] == min(scores)]
+    if rule == "all_pairs":
+        couples = [(i, j) if scores[i] > scores[j] else (j, i) for i in range(n) for j in range(i + 1, n)]
+        couples = [(c, r) for c, r in couples if scores[c] != scores[r]]
+    elif len(best) != 1:
+        couples = []
+    elif rule == "best_vs_worst":
+        couples = [(best[0], worst[0])] if len(worst) == 1 else []
+    else:  # best_vs_rest
+        couples = [(best[0], j) for j in range(n) if j != best[0]]
+    return couples
+
+
+def conversational(prompt, chosen, rejected, tools=None):
+    """An oracle pair as a plain conversational row (the existing single-pair path tokenizes it)."""
+    row = {"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}
+    return {**row, "tools": tools} if tools else row
+
+
+def as_message(response):
+    return {"role": "assistant", **({"content": response} if isinstance(response, str) else response)}
+
+
+def ids_of(pairs):
+    return [(p.prompt, p.chosen, p.rejected) for p in pairs]
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+def chat_tok(request):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shared_path("tokenizers", request.param)))
+
+
+def test_rank_rules_by_hand():
+    from mdpo.data.ranking import rank_pairs
+
+    scores = [4, 2, 5, 2]
+    assert rank_pairs(scores, "all_pairs").pairs == ((0, 1), (2, 0), (0, 3), (2, 1), (2, 3))
+    assert rank_pairs(scores, "all_pairs").ties == 1
+    assert rank_pairs(scores, "best_vs_rest").pairs == ((2, 0), (2, 1), (2, 3))
+    assert rank_pairs(scores, "best_vs_worst").no_pair == "the worst score is shared by 2 completions"
+    assert rank_pairs([3, 3, 1], "best_vs_random").no_pair == "the best score is shared by 2 completions"
+    assert rank_pairs([2, 2], "all_pairs").no_pair == "every completion has the same score"
+    gapped = rank_pairs([5, 4.5, 1], "all_pairs", min_score_gap=1)
+    assert (gapped.pairs, gapped.below_gap) == (((0, 2), (1, 2)), 1)
+    assert rank_pairs([5, 4.5], "all_pairs", min_score_gap=1).no_pair.startswith("every pair's score gap is below")
+    draws = {rank_pairs(scores, "best_vs_random", rng=random.Random(seed)).pairs for seed in range(20)}
+    assert draws == {((2, 0),), ((2, 1),), ((2, 3),)}  # the best against each other one, by the seed
+    assert rank_pairs(scores, "best_vs_random", rng=random.Random(3)) == rank_pairs(
+        scores, "best_vs_random", rng=random.Random(3)
+    )
+
+
+@pytest.mark.parametrize(
+    ("rule", "gap"), [("all_pairs", 0.0), ("all_pairs", 1.0), ("best_vs_worst", 0.0), ("best_vs_rest", 0.0)]
+)
+def test_ranked_rows_give_the_oracles_pairs(tmp_path, chat_tok, rule, gap):
+    """UltraFeedback raw, Nectar and the generic form (scores, ranks) read as published: every format's pairs are the
+    oracle's pairs of the same rows tokenized as plain conversational pairs, in order, rows with no pair dropped and
+    counted (ties, small gaps, shared best / worst)."""
+    for fmt in ("ultrafeedback_raw", "nectar", "ranked_scores", "ranked_ranks"):
+        cases = [case for case in RANKED_CASES if ranked_row(fmt, case) is not None]
+        rows = [ranked_row(fmt, case) for case in cases]
+        pairs, report = load(
+            write_jsonl(tmp_path / f"{fmt}.jsonl", rows),
+            chat_tok,
+            rank_pairs=rule,
+            min_score_gap=gap,
+            on_bad_row="skip",
+        )
+        assert report.info["format"] == fmt.removesuffix("_scores").removesuffix("_ranks"), fmt
+        oracle_rows, rows_of_pairs, counts = [], [], Counter()
+        for n, (prompt, texts, scores) in enumerate(cases):
+            if fmt in ("nectar", "ranked_ranks"):
+                scores = [-rank for rank in _ranks(scores)]  # ranks are the scores: min_score_gap counts ranks
+            couples = oracle_couples(scores, rule)
+            kept = [(c, r) for c, r in couples if scores[c] - scores[r] >= gap]
+            oracle_rows += [conversational(prompt, as_message(texts[c]), as_message(texts[r])) for c, r in kept]
+            rows_of_pairs += [n] * len(kept)
+            if not kept:
+                counts["dropped: no pair left"] += 1
+                continue
+            n_ties = sum(scores[i] == scores[j] for i in range(len(scores)) for j in range(i + 1, len(scores)))
+            counts["tied: equal scores"] += n_ties if rule == "all_pairs" else 0
+            counts["dropped: score gap < data.min_score_gap"] += len(couples) - len(kept)
+        oracle, _ = load(write_jsonl(tmp_path / f"oracle-{fmt}.jsonl", oracle_rows), chat_tok)
+        assert ids_of(pairs) == ids_of(oracle), fmt
+        assert [p.row for p in pairs] == rows_of_pairs and all(p.turn == 0 for p in pairs), fmt
+        assert report.info["rows"] == len(rows)
+        found = Counter({reason: sum(v for r, v in report.counts.items() if r.startswith(reason)) for reason in counts})
+        assert +found == +counts and all(reason.startswith(tuple(counts)) for reason in report.counts), fmt
+
+
+def test_score_key_and_best_vs_random_seeded_per_row(tmp_path, qwen_tok):
+    """data.score_key picks UltraFeedback's score; best_vs_random draws one of the non-best completions, the same for
+    a row wherever it stands, from data.seed or else the training seed."""
+    tok = qwen_tok
+    texts = ["4", "5", "Four.", "22"]
+    rows = [
+        {
+            "instruction": f"What is {n}?",
+            "completions": [
+                {"response": f"{t} ({n})", "overall_score": s, "fine-grained_score": -s}
+                for t, s in zip(texts, [4, 2, 5, 1])
+            ],
+        }
+        for n in range(12)
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    fine, _ = load(path, tok, rank_pairs="best_vs_worst", score_key="fine-grained_score")
+    coarse, _ = load(path, tok, rank_pairs="best_vs_worst")
+    assert [(p.chosen, p.rejected) for p in fine] == [(p.rejected, p.chosen) for p in coarse]  # scores negated
+    drawn, _ = load(path, tok, rank_pairs="best_vs_random", seed=5)
+    best = {p.row: p.chosen for p in coarse}
+    others = {r: [f"{t} ({r}){tok.eos_token}" for t in ("4", "5", "22")] for r in range(12)}
+    assert all(p.chosen == best[p.row] and tok.decode(p.rejected) in others[p.row] for p in drawn)
+    assert len({tuple(p.rejected) for p in drawn}) > 1
+    backwards, _ = load(write_jsonl(tmp_path / "e.jsonl", rows[::-1]), tok, rank_pairs="best_vs_random", seed=5)
+    assert ids_of(backwards[::-1]) == ids_of(drawn)  # a row's draw does not depend on its position
+    training_seed = load_pairs(
+        DataConfig(cache=False, rank_pairs="best_vs_random"), str(path), tok, TokenizeReport(), training_seed=5
+    )
+    assert ids_of(training_seed) == ids_of(drawn)  # data.seed unset: the training seed
+    other, _ = load(path, tok, rank_pairs="best_vs_random", seed=6)
+    assert ids_of(other) != ids_of(drawn)
+
+
+def turn_oracle(messages):
+    """Per-turn pairs as the docs describe them, apart from mdpo's code: one per assistant message with `rejected`,
+    the conversation before it (earlier assistant turns as their chosen content) as the prompt."""
+    pairs, before = [], []
+    for message in messages:
+        chosen = {k: v for k, v in message.items() if k != "rejected"}
+        if "rejected" in message:
+            pairs.append((list(before), chosen, as_message(message["rejected"])))
+        before.append(chosen)
+    return pairs
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!", "rejected": "Go away."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6", "rejected": {"content": "7", "reasoning_content": "3+3 is 7"}},
+    {"role": "user", "content": "Thanks"},
+]
+
+
+def test_multi_turn_rows_give_a_pair_per_rejected_turn(tmp_path, chat_tok):
+    """A conversation with `rejected` at several assistant turns: each is a pair whose prompt is the conversation
+    before it; a single-pair row beside it; each pair carries its row and turn."""
+    single = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "rejected": "Bye."}]
+    rows = [{"messages": CONVERSATION}, {"messages": single}]
+    pairs, report = load(write_jsonl(tmp_path / "d.jsonl", rows), chat_tok)
+    assert report.info["format"] == "multi_turn" and report.counts == {} and report.info["rows"] == 2
+    expected = [pair for row in rows for pair in turn_oracle(row["messages"])]
+    oracle, _ = load(write_jsonl(tmp_path / "o.jsonl", [conversational(*pair) for pair in expected]), chat_tok)
+    assert ids_of(pairs) == ids_of(oracle)
+    assert [(p.index, p.row, p.turn) for p in pairs] == [(0, 0, 0), (1, 0, 1), (2, 1, 0)]
+    assert pairs[0].prompt == pairs[1].prompt[: len(pairs[0].prompt)]  # the later turn's prompt extends the earlier
+    shared, _ = load(write_jsonl(tmp_path / "c.jsonl", [conversational(*expected[2])]), chat_tok)
+    assert ids_of(shared) == ids_of(pairs[2:])  # a single-pair row: what the conversational row gives today
+
+
+@pytest.fixture(scope="module")
+def qwen_tok():
+    """The Qwen tokenizer, whose EOS (<|im_end|>) ends the Qwen 3 style template's turns."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "qwen2")))
+
+
+def test_tools_tool_calls_and_reasoning_reach_the_chat_template(tmp_path, qwen_tok):
+    """tools, an assistant's tool_calls, a tool message and reasoning_content, rendered by the template: the pair's ids
+    are transformers' own rendering of the conversation, and the oracle's conversational pair's."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    messages = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "It is 4.", "reasoning_content": "The tool said 4.", "rejected": "It is 5."},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages, "tools": tools}])
+    (pair,), report = load(path, qwen_tok, template=QWEN3_STYLE)
+    assert report.counts == {}
+    ids = lambda conversation, **kw: qwen_tok.apply_chat_template(
+        conversation, chat_template=QWEN3_STYLE, tools=tools, tokenize=True, return_dict=False, **kw
+    )
+    chosen = {k: v for k, v in messages[-1].items() if k != "rejected"}
+    assert pair.prompt == ids(messages[:-1], add_generation_prompt=True)
+    assert pair.prompt + pair.chosen == ids([*messages[:-1], chosen])[:-1]  # the template's "\n" after its EOS
+    assert "<think>\nThe tool said 4.\n</think>\n\nIt is 4." in qwen_tok.decode(pair.chosen)
+    shown = qwen_tok.decode(pair.prompt)
+    assert "# Tools" in shown and '<tool_call>\n{"name": "add"' in shown and "<tool_response>\n4" in shown
+    oracle, _ = load(
+        write_jsonl(tmp_path / "o.jsonl", [conversational(*turn_oracle(messages)[0], tools)]),
+        qwen_tok,
+        template=QWEN3_STYLE,
+    )
+    assert ids_of(oracle) == [(pair.prompt, pair.chosen, pair.rejected)]
+
+
+def test_empty_think_block_trained_or_moved_into_the_prompt(tmp_path, qwen_tok):
+    """Qwen 3's template opens every final answer with an empty think block: trained by default (TRL's behaviour);
+    `chat_template_kwargs: {enable_thinking: false}` puts it into the generation prompt; `train_empty_think: false`
+    moves it there by itself: the same ids, its tokens conditioned on, not trained."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATION[1:3]}])
+    ids = lambda conversation, **kw: qwen_tok.apply_chat_template(
+        conversation, chat_template=QWEN3_STYLE, tokenize=True, return_dict=False, **kw
+    )
+    (trained,), _ = load(path, qwen_tok, template=QWEN3_STYLE)
+    assert qwen_tok.decode(trained.chosen).startswith("<think>\n\n</think>\n\nHello!")
+    assert trained.prompt == ids(CONVERSATION[1:2], add_generation_prompt=True)
+    (kwargs,), _ = load(path, qwen_tok, template=QWEN3_STYLE, chat_template_kwargs={"enable_thinking": False})
+    assert kwargs.prompt == ids(CONVERSATION[1:2], add_generation_prompt=True, enable_thinking=False)
+    assert qwen_tok.decode(kwargs.chosen) == f"Hello!{qwen_tok.eos_token}"
+    (moved,), report = load(path, qwen_tok, template=QWEN3_STYLE, train_empty_think=False)
+    assert moved == kwargs and report.counts == {}
+    assert trained.prompt + trained.chosen == moved.prompt + moved.chosen  # the same text, cut elsewhere

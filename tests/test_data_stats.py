@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_path
 
 from mdpo.data.pairs import TokenizedPair
-from mdpo.data.stats import add_arguments, data_stats, main, padding_waste, percentiles
+from mdpo.data.stats import add_arguments, data_stats, format_stats, main, padding_waste, percentiles
 
 
 def parse(argv):
@@ -85,6 +85,33 @@ def test_main_prints_json_and_cli_errors_exit_2(uf_args, capsys):
     assert main(["--data", "x.jsonl"]) == 2
     assert "needs a CONFIG.yaml" in capsys.readouterr().err
     assert main([*uf_args, "--template", "chatml"]) == 2
+
+
+def test_counts_of_a_ranked_file_by_hand(tmp_path):
+    """all_pairs with min_score_gap 1 on five ranked rows, counted by hand: [4, 2, 5, 2] makes 5 pairs (the two 2s
+    tie); [3, 3, 1] 2 (a tie); [2, 2] none (the row is dropped); [5, 4.5, 1] 2 (5 vs 4.5 is below the gap);
+    [1, 3, 2, 4] 6. Rows 5, pairs 15, ties 2, dropped 2 (a row and a pair)."""
+    scores = [[4, 2, 5, 2], [3, 3, 1], [2, 2], [5, 4.5, 1], [1, 3, 2, 4]]
+    rows = [
+        {"prompt": f"Question {n}?", "completions": [f"Answer {n}.{k}" for k in range(len(s))], "scores": s}
+        for n, s in enumerate(scores)
+    ]
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = shared_path("tokenizers", "llama3")
+    args = ["--data", str(path), "--tokenizer", str(tokenizer), "--no-cache", "--min-score-gap", "1"]
+    stats = data_stats(parse([*args, "--rank-pairs", "all_pairs"]))
+    assert stats["format"] == "ranked" and stats["template"] == "tokenizer"
+    assert (stats["rows"], stats["pairs"], stats["ties"], stats["skipped"], stats["dropped"]) == (5, 15, 2, 0, 2)
+    assert stats["reasons"] == {
+        "dropped: no pair left: every completion has the same score": 1,
+        "dropped: score gap < data.min_score_gap": 1,
+        "tied: equal scores": 2,
+    }
+    assert "rows: 5, pairs: 15, ties: 2, skipped: 0, dropped: 2, truncated: 0" in format_stats(stats)
+    # best_vs_worst: [4, 2, 5, 2] has two worst, [3, 3, 1] two best, [2, 2] all tied: 2 pairs from 5 rows
+    worst = data_stats(parse([*args, "--rank-pairs", "best_vs_worst"]))
+    assert (worst["rows"], worst["pairs"], worst["ties"], worst["dropped"]) == (5, 2, 0, 3)
 
 
 def test_percentiles_are_nearest_rank():

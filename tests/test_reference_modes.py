@@ -113,3 +113,20 @@ def test_cache_of_another_reference_model_is_refused(setup, tmp_path):
     result = train(setup, "other", "dpo.reference=precomputed", f"model.init_from={other}")
     assert result.returncode == 2
     assert "stale reference cache: the reference checkpoint changed" in result.stderr
+
+
+def test_stamp_keeps_older_caches_and_follows_best_vs_randoms_seed(tmp_path):
+    """Data settings newer than a cache change its stamp only when set; best_vs_random's pairs follow schedule.seed
+    (data.seed unset), so the stamp does too; other rules' do not."""
+    from mdpo.config import load_config
+    from mdpo.training.reference import reference_stamp
+
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    files = [f"data.train_file={tmp_path / 'd.jsonl'}", f"data.tokenizer={tmp_path}", f"model.init_from={tmp_path}"]
+    stamp = lambda *overrides: reference_stamp(load_config(None, [*files, *overrides]))
+    assert stamp()["data"] == stamp("data.train_empty_think=true", "data.chat_template_kwargs={}")["data"]
+    assert stamp()["data"] != stamp("data.train_empty_think=false")["data"]
+    assert stamp()["data"] == stamp("schedule.seed=7")["data"]
+    drawn = ("data.rank_pairs=best_vs_random",)
+    assert stamp(*drawn)["data"] != stamp(*drawn, "schedule.seed=7")["data"]
+    assert stamp(*drawn, "schedule.seed=7")["data"] == stamp(*drawn, "data.seed=7")["data"]

@@ -147,6 +147,8 @@ class _Mismatch(Exception):
 def _coerce(value: object, tp: Any) -> object:
     """Return value as type tp (int widens to float) or raise _Mismatch; bool is never int."""
     for a in _union_args(tp):
+        if a is Any:
+            return value
         if a is type(None) and value is None:
             return None
         if a is bool and isinstance(value, bool):
@@ -159,6 +161,12 @@ def _coerce(value: object, tp: Any) -> object:
             return float(value)
         if a is str and isinstance(value, str):
             return value
+        if typing.get_origin(a) is dict and isinstance(value, dict):  # a mapping handed on as is (string keys)
+            key, item = typing.get_args(a)
+            try:
+                return {_coerce(k, key): _coerce(v, item) for k, v in value.items()}
+            except _Mismatch:
+                continue
         if typing.get_origin(a) is list and isinstance(value, list):
             (item,) = typing.get_args(a)
             try:

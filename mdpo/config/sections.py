@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from mdpo.config.layout import Layout
 from mdpo.errors import ConfigError
@@ -44,7 +44,21 @@ POSITION_EMBEDDINGS = ("auto", "rope", "alibi")
 ATTENTIONS = ("auto", "te", "sdpa", "local")
 NORM_POSITIONS = ("pre", "post")
 QK_NORM_SPANS = ("head", "projection")
-DATA_FORMATS = ("auto", "ultrafeedback", "hh", "plain", "conversational")
+DATA_FORMATS = (
+    "auto",
+    "ultrafeedback",
+    "hh",
+    "plain",
+    "conversational",
+    "ultrafeedback_raw",
+    "nectar",
+    "ranked",
+    "multi_turn",
+)
+# How a row of ranked completions becomes pairs (`mdpo.data.ranking`)
+RANK_PAIRS = ("all_pairs", "best_vs_worst", "best_vs_rest", "best_vs_random")
+# apply_chat_template's own arguments, which data.chat_template_kwargs may not set
+CHAT_TEMPLATE_ARGUMENTS = ("conversation", "tools", "chat_template", "add_generation_prompt", "tokenize", "return_dict")
 TEMPLATES = ("auto", "tulu2", "tulu3", "tokenizer", "raw")  # or a Jinja chat template (`mdpo.data.templates`)
 ON_BAD_ROW = ("error", "skip")
 PROMPT_TRUNCATIONS = ("keep_end", "keep_start")
@@ -383,7 +397,9 @@ class DataConfig(Section):
     rejected_key: str = "rejected"
     on_bad_row: str = "error"  # error | skip (skips are counted and reported)
     # .jsonl/.json(.gz), .parquet, .arrow, a datasets.save_to_disk folder or a folder of such shards
-    format: str = "auto"  # auto | ultrafeedback | hh | plain | conversational (auto: from the first row's types)
+    # auto | ultrafeedback | hh | plain | conversational | ultrafeedback_raw | nectar | ranked | multi_turn (auto: from
+    # the first row's columns and types)
+    format: str = "auto"
     template: str = "auto"  # auto | tulu2 | tulu3 | tokenizer | raw | a Jinja template (auto: raw for text rows,
     #                         the tokenizer's chat template for message rows, tulu2 if it has none)
     max_prompt_length: int | None = None  # None = only max_length limits the prompt
@@ -397,6 +413,20 @@ class DataConfig(Section):
     # each pair as one sequence [prompt | chosen | rejected] (the prompt computed once); None: wherever it is exact
     # (not with context parallelism or Transformer Engine's attention)
     share_prompt: bool | None = None
+    # ranked rows (ultrafeedback_raw, nectar, ranked): which pairs a row's completions make, all_pairs |
+    # best_vs_worst | best_vs_rest | best_vs_random; pairs whose score gap is below min_score_gap are dropped
+    rank_pairs: str = "all_pairs"
+    min_score_gap: float = 0.0
+    score_key: str = "overall_score"  # ultrafeedback_raw: each completion's score (overall_score, fine-grained_score)
+    seed: int | None = None  # best_vs_random's draws (per row, from its content); None = schedule.seed
+    # handed to the chat template (apply_chat_template's keyword arguments), e.g. {enable_thinking: false} for Qwen 3
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # false: an empty "<think></think>" both responses open with (Qwen 3's template) joins the prompt, untrained
+    train_empty_think: bool = True
+
+    def rank_seed(self, training_seed: int) -> int:
+        """best_vs_random's seed: data.seed, else the training seed."""
+        return self.seed if self.seed is not None else training_seed
 
     @property
     def pack_budget(self) -> int:
@@ -424,6 +454,15 @@ class DataConfig(Section):
                 f"data.max_prompt_length must be in (0, data.max_length={self.max_length}), "
                 f"got {self.max_prompt_length!r}",
             )
+        _one_of("data.rank_pairs", self.rank_pairs, RANK_PAIRS)
+        need(self.min_score_gap >= 0, f"data.min_score_gap must be >= 0, got {self.min_score_gap!r}")
+        need(self.seed is None or 0 <= self.seed < 2**32, f"data.seed must be in [0, 2**32), got {self.seed!r}")
+        reserved = sorted(set(self.chat_template_kwargs) & set(CHAT_TEMPLATE_ARGUMENTS))
+        need(
+            not reserved,
+            f"data.chat_template_kwargs may not set {', '.join(reserved)}: mdpo passes apply_chat_template's own "
+            "arguments itself",
+        )
         if self.pack_tokens is not None:
             need(
                 self.pack_tokens >= 2 * self.max_length,

@@ -1,8 +1,10 @@
-"""Sources -> one tokenized `datasets.Dataset` (a row per input row), built with `map` and cached on disk.
+"""Sources -> one tokenized `datasets.Dataset` (a row per pair), built with `map` and cached on disk.
 
-Each input row becomes one output row: its source and row number, the prompt/chosen/rejected ids, the reason it
-cannot be used (``error``) and what the length policy did to it (``events``). Bad rows are kept in the table, so
-that ``on_bad_row`` is applied when reading it and does not change the cache.
+Each input row becomes one output row per pair it makes (one for single-pair formats; several for ranked rows and
+multi-turn rows): its source and row number, the pair's ``turn`` (its position among the row's preference turns), the
+prompt/chosen/rejected ids, the reason the row cannot be used (``error``: then it is one output row without ids) and
+what the ranking rule and the length policy did (``events``; the row's own on its first pair). Bad rows are kept in
+the table, so that ``on_bad_row`` is applied when reading it and does not change the cache.
 
 The cache lives in ``data.cache_dir`` (default ``$MDPO_CACHE_DIR``, else ``$XDG_CACHE_HOME/mdpo/data``, else
 ``~/.cache/mdpo/data``: data folders are often read-only or shared, and a run folder changes from run to run).
@@ -30,12 +32,20 @@ import tokenizers
 import transformers
 
 from mdpo.data.encoding import Encoded, LengthLimits, encode_batch, fit_lengths, special_prefix
-from mdpo.data.formats import ColumnKeys, RowError, detect_format, normalize
+from mdpo.data.formats import ColumnKeys, RankSettings, RowError, detect_format, expand
 from mdpo.data.sources import JSON_COLUMN, ROW_COLUMN, Source, read_source, signature
-from mdpo.data.templates import FALLBACK_TEMPLATE, TEMPLATES, owns_special_tokens, render, resolve_template
+from mdpo.data.templates import (
+    FALLBACK_TEMPLATE,
+    TEMPLATES,
+    ChatOptions,
+    Rendered,
+    owns_special_tokens,
+    render,
+    resolve_template,
+)
 from mdpo.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a row per pair, with its turn
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 _PROBE = "Hello world <|user|>\n 12 </s>\n\n  <s>x"
 
@@ -49,6 +59,8 @@ class Settings:
     keys: ColumnKeys = ColumnKeys()
     limits: LengthLimits = LengthLimits()
     fallback_template: str = FALLBACK_TEMPLATE  # what `auto` gives message rows without a chat template
+    ranking: RankSettings = RankSettings()
+    chat: ChatOptions = ChatOptions()
 
 
 def default_cache_dir() -> Path:
@@ -108,6 +120,7 @@ def build_table(sources: list[Source], settings: Settings, tokenizer, num_proc: 
     tables = []
     for i, (source, raw) in enumerate(zip(sources, raws)):
         kwargs = dict(source=i, fmt=fmt, template=template, keys=settings.keys, limits=settings.limits)
+        kwargs.update(ranking=settings.ranking, chat=settings.chat)
         tables.append(
             raw.map(
                 process_batch,
@@ -124,7 +137,8 @@ def build_table(sources: list[Source], settings: Settings, tokenizer, num_proc: 
         )
     table = datasets.concatenate_datasets(tables) if len(tables) > 1 else tables[0]
     template_name = template if template in TEMPLATES else "jinja"
-    return table, {"format": fmt, "template": template_name, "rows": len(table), "bos_prefix": prefix}
+    rows = sum(len(raw) for raw in raws)
+    return table, {"format": fmt, "template": template_name, "rows": rows, "bos_prefix": prefix}
 
 
 def output_features():
@@ -134,6 +148,7 @@ def output_features():
         {
             "source": datasets.Value("int32"),
             "row": datasets.Value("int64"),
+            "turn": datasets.Value("int32"),
             "prompt": ids,
             "chosen": ids,
             "rejected": ids,
@@ -179,32 +194,42 @@ def process_batch(
     template: str,
     keys: ColumnKeys,
     limits: LengthLimits,
+    ranking: RankSettings,
+    chat: ChatOptions,
     tokenizer,
     prefix: list[int],
 ) -> dict[str, list]:
-    """The `map` function: raw rows -> tokenized rows (ids, error reason, length events), same count and order."""
-    results: list[Encoded] = []
-    rendered, slots = [], []
-    for i, row in enumerate(_rows(batch)):
-        results.append(Encoded())
+    """The `map` function: raw rows -> tokenized pairs (ids, error reason, events), in row order and, within a row,
+    in its pairs' order; a bad row is one output row with its error."""
+    out: dict[str, list] = {name: [] for name in output_features()}
+    rendered: list[Rendered] = []
+    for row_number, row in zip(batch[ROW_COLUMN], _rows(batch)):
         try:
             if isinstance(row, RowError):
                 raise row
-            rendered.append(render(normalize(row, fmt, keys), template, tokenizer))
-            slots.append(i)
+            examples, events = expand(row, fmt, keys, ranking)
+            pairs = [render(example, template, tokenizer, chat) for example in examples]
+            turns, error = [example.turn for example in examples], ""
         except RowError as err:
-            results[i].error = str(err)
-    for i, pair in zip(slots, encode_batch(tokenizer, prefix, rendered)):
-        results[i] = pair if pair.error else fit_lengths(pair, limits, keep_head=len(prefix))
-    return {
-        "source": [source] * len(results),
-        "row": list(batch[ROW_COLUMN]),
-        "prompt": [r.prompt for r in results],
-        "chosen": [r.chosen for r in results],
-        "rejected": [r.rejected for r in results],
-        "error": [r.error for r in results],
-        "events": [r.events for r in results],
-    }
+            pairs, turns, events, error = [], [0], [], str(err)
+        rendered += pairs
+        for k, turn in enumerate(turns):
+            out["source"].append(source)
+            out["row"].append(row_number)
+            out["turn"].append(turn)
+            out["error"].append(error)
+            out["events"].append(events if k == 0 else [])
+    encoded = iter(encode_batch(tokenizer, prefix, rendered))
+    for i, error in enumerate(out["error"]):
+        pair = Encoded(error=error) if error else next(encoded)
+        if not pair.error:
+            pair = fit_lengths(pair, limits, keep_head=len(prefix))
+        out["prompt"].append(pair.prompt)
+        out["chosen"].append(pair.chosen)
+        out["rejected"].append(pair.rejected)
+        out["error"][i] = pair.error
+        out["events"][i] = out["events"][i] + pair.events
+    return out
 
 
 def cache_key(sources: list[Source], settings: Settings, tokenizer) -> str:

@@ -1,10 +1,10 @@
 """``mdpo data stats``: what the data path makes of a data set, before any GPU time is spent on it.
 
-Counts (rows, pairs, skips, drops, truncations, boundary fixes), token-length percentiles of prompts, responses and
-pairs, the padding that dynamic padding wastes at the given micro-batch sizes against the efficiency of packing
-whole pairs, the tokens a shared prompt (`data.share_prompt`) removes, and chosen pairs rendered with their trained
-tokens marked. It reads the data exactly as training does (same `load_pairs`, same cache), so a stats run also warms
-the cache.
+Counts (rows, pairs, ties, skips, drops, truncations, boundary fixes, each by reason), token-length percentiles of
+prompts, responses and pairs, the padding that dynamic padding wastes at the given micro-batch sizes against the
+efficiency of packing whole pairs, the tokens a shared prompt (`data.share_prompt`) removes, and chosen pairs
+rendered with their trained tokens marked. It reads the data exactly as training does (same `load_pairs`, same
+cache), so a stats run also warms the cache.
 
     mdpo data stats CONFIG.yaml [--eval] [flags]
     mdpo data stats --data FILE --tokenizer DIR [--template NAME] [--max-length N] [--json] [--show N]
@@ -20,7 +20,8 @@ import random
 import sys
 from collections.abc import Sequence
 
-from mdpo.config import DataConfig, load_section
+from mdpo.config import DataConfig, ScheduleConfig, load_section
+from mdpo.config.sections import DATA_FORMATS, RANK_PAIRS
 from mdpo.data.encoding import BOUNDARY_FIXED, load_tokenizer
 from mdpo.data.packing import pack_pairs, packing_efficiency, pair_lengths
 from mdpo.data.pairs import TokenizedPair, TokenizeReport, load_pairs
@@ -35,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--eval", action="store_true", help="read data.eval_file instead of data.train_file")
     parser.add_argument("--data", help="data file or folder (overrides data.train_file)")
     parser.add_argument("--tokenizer", help="HF tokenizer folder (overrides data.tokenizer)")
-    parser.add_argument("--format", help="auto | ultrafeedback | hh | plain | conversational")
+    parser.add_argument("--format", help="auto | " + " | ".join(DATA_FORMATS[1:]))
+    parser.add_argument("--rank-pairs", choices=RANK_PAIRS, help="ranked rows: which pairs a row's completions make")
+    parser.add_argument("--min-score-gap", type=float, help="ranked rows: drop pairs whose scores differ by less")
     parser.add_argument("--template", help="auto | tulu2 | tulu3 | tokenizer | raw | a Jinja chat template")
     parser.add_argument("--max-length", type=int, help="tokens of prompt + one response")
     parser.add_argument("--max-prompt-length", type=int, help="tokens of a prompt")
@@ -54,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="N",
-        help="render pair N (0-based row) with trained tokens in [[ ]]; repeatable",
+        help="render pair N (0-based; the row where each row is one pair) with trained tokens in [[ ]]; repeatable",
     )
     parser.add_argument("--color", action="store_true", help="mark trained tokens in color instead of [[ ]]")
     parser.add_argument("--json", action="store_true", help="print the stats as JSON")
@@ -74,6 +77,8 @@ def data_config(args: argparse.Namespace) -> tuple[DataConfig, str]:
         "train_file": args.data,
         "tokenizer": args.tokenizer,
         "format": args.format,
+        "rank_pairs": args.rank_pairs,
+        "min_score_gap": args.min_score_gap,
         "template": args.template,
         "max_length": args.max_length,
         "max_prompt_length": args.max_prompt_length,
@@ -93,12 +98,17 @@ def data_config(args: argparse.Namespace) -> tuple[DataConfig, str]:
     return data, path
 
 
+def training_seed(config: str | None) -> int:
+    """The config's schedule.seed (best_vs_random's where data.seed is unset), as training reads it."""
+    return load_section(config, "schedule").seed if config else ScheduleConfig.seed
+
+
 def data_stats(args: argparse.Namespace) -> dict:
     """Read the data as training would and describe it (see the module docstring); a dict ready for JSON."""
     data, path = data_config(args)
     tokenizer = load_tokenizer(data.tokenizer)
     report = TokenizeReport()
-    pairs = load_pairs(data, path, tokenizer, report)
+    pairs = load_pairs(data, path, tokenizer, report, training_seed=training_seed(args.config))
     counts = report.counts
     lengths = pair_lengths(pairs)
     budget = args.pack_budget or 2 * data.max_length
@@ -115,6 +125,7 @@ def data_stats(args: argparse.Namespace) -> dict:
         "cache": report.info.get("cache"),
         "rows": report.info.get("rows"),
         "pairs": len(pairs),
+        "ties": _total(counts, "tied: "),
         "skipped": _total(counts, "skipped: "),
         "dropped": _total(counts, "dropped: "),
         "truncated": _total(counts, "truncated: "),
@@ -191,7 +202,7 @@ def format_stats(stats: dict) -> str:
     """The stats as a short human-readable report."""
     lines = [
         f"data: {stats['data']} (format {stats['format']}, template {stats['template']}, cache {stats['cache']})",
-        f"rows: {stats['rows']}, pairs: {stats['pairs']}, skipped: {stats['skipped']}, dropped: "
+        f"rows: {stats['rows']}, pairs: {stats['pairs']}, ties: {stats['ties']}, skipped: {stats['skipped']}, dropped: "
         f"{stats['dropped']}, truncated: {stats['truncated']}, boundary re-tokenized: {stats['boundary_fixed']}",
     ]
     lines += [f"  {reason}: {n}" for reason, n in stats["reasons"].items()]

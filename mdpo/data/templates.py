@@ -15,18 +15,33 @@
   the data path knows no models), ``tulu2`` (the format of the Llama 2 based Tulu 2 models) where none is named.
 
 Message templates strip the responses' surrounding whitespace ("\\n\\nAssistant: Hi" answers start with a space).
+Only chat templates (``tokenizer`` or Jinja) render tools, tool messages, ``tool_calls`` and ``reasoning_content``: the
+row's ``tools`` go to ``apply_chat_template(tools=...)`` with ``data.chat_template_kwargs``. With
+``train_empty_think=False`` an empty ``<think></think>`` block that opens both responses (Qwen 3's template writes one
+before every final answer) is moved to the end of the prompt, so it is conditioned on rather than trained.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import Any
 
 from mdpo.config.sections import TEMPLATES
-from mdpo.data.formats import Example, Message, RowError, prompt_messages
+from mdpo.data.formats import RANKED_FORMATS, Example, Message, RowError, prompt_messages, response_message
 from mdpo.errors import DataError
 
-MESSAGE_FORMATS = ("ultrafeedback", "conversational")
+MESSAGE_FORMATS = ("ultrafeedback", "conversational", "multi_turn", *RANKED_FORMATS)
+EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
 FALLBACK_TEMPLATE = "tulu2"  # what `auto` gives message rows without a chat template, unless the caller names one
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """What a chat template gets beside the messages, and where an empty think block goes."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)  # data.chat_template_kwargs
+    train_empty_think: bool = True
 
 
 @dataclass(frozen=True)
@@ -66,25 +81,49 @@ def owns_special_tokens(template: str) -> bool:
     return template not in ("raw", "tulu2", "tulu3")
 
 
-def render(example: Example, template: str, tokenizer) -> Rendered:
+def render(example: Example, template: str, tokenizer, options: ChatOptions = ChatOptions()) -> Rendered:
     """The prompt text and the two response texts (no EOS) for a resolved template."""
+    chosen, rejected = response_message(example.chosen), response_message(example.rejected)
     if template == "raw":
         if not isinstance(example.prompt, str):
             raise RowError("template raw needs a text prompt")
-        return Rendered(example.prompt, example.chosen, example.rejected)
+        _text_only(example, chosen, rejected, template)
+        return Rendered(example.prompt, chosen["content"], rejected["content"])
+    chosen, rejected = _stripped(chosen), _stripped(rejected)
     messages = prompt_messages(example)
-    chosen, rejected = example.chosen.strip(), example.rejected.strip()
     if template in ("tulu2", "tulu3"):
-        return Rendered(tulu_prompt(messages, tokenizer.eos_token, strip=template == "tulu2"), chosen, rejected)
-    chat_template = None if template == "tokenizer" else template
-    prompt = _apply(tokenizer, messages, chat_template, generation_prompt=True)
+        _text_only(example, chosen, rejected, template)
+        prompt = tulu_prompt(messages, tokenizer.eos_token, strip=template == "tulu2")
+        return Rendered(prompt, chosen["content"], rejected["content"])
+    chat = _ChatTemplate(tokenizer, None if template == "tokenizer" else template, example.tools, options.kwargs)
+    prompt = chat.apply(messages, generation_prompt=True)
     responses = []
     for response in (chosen, rejected):
-        full = _apply(tokenizer, [*messages, {"role": "assistant", "content": response}], chat_template)
+        full = chat.apply([*messages, response])
         if not full.startswith(prompt):
             raise RowError("the chat template does not render the prompt as a prefix of prompt + response")
         responses.append(strip_eos_text(full[len(prompt) :], tokenizer.eos_token))
+    if not options.train_empty_think:
+        think = [EMPTY_THINK.match(response) for response in responses]
+        if all(think) and think[0].group() == think[1].group():
+            prompt += think[0].group()
+            responses = [response[think[0].end() :] for response in responses]
     return Rendered(prompt, *responses)
+
+
+def _stripped(message: Message) -> Message:
+    return {**message, "content": message["content"].strip()}
+
+
+def _text_only(example: Example, chosen: Message, rejected: Message, template: str) -> None:
+    """Text formats carry no tools, tool messages, tool calls or reasoning: refuse them rather than drop them."""
+    messages = [chosen, rejected] if isinstance(example.prompt, str) else [*example.prompt, chosen, rejected]
+    extra = sorted({key for m in messages for key in m if key not in ("role", "content")})
+    extra += ["tools"] * bool(example.tools) + ["a tool message"] * any(m["role"] == "tool" for m in messages)
+    if extra:
+        raise RowError(
+            f"template {template} cannot render {', '.join(extra)}: use the tokenizer's chat template or a Jinja one"
+        )
 
 
 def tulu_prompt(messages: list[Message], eos_token: str, strip: bool = True) -> str:
@@ -109,10 +148,24 @@ def strip_eos_text(response: str, eos_token: str | None) -> str:
     return response
 
 
-def _apply(tokenizer, messages: list[Message], chat_template: str | None, generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except Exception as err:  # jinja raises its own types (e.g. raise_exception for role order)
-        raise RowError(f"chat template: {' '.join(str(err).split())}") from None
+@dataclass(frozen=True)
+class _ChatTemplate:
+    """apply_chat_template with a row's tools and the configured keyword arguments; its refusals are RowErrors."""
+
+    tokenizer: Any
+    template: str | None  # None: the tokenizer's own
+    tools: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def apply(self, messages: list[Message], generation_prompt: bool = False) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.template,
+                tools=list(self.tools) or None,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                **self.kwargs,
+            )
+        except Exception as err:  # jinja raises its own types (e.g. raise_exception for role order)
+            raise RowError(f"chat template: {' '.join(str(err).split())}") from None

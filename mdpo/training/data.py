@@ -28,6 +28,8 @@ def load_pairs_on_ranks(
     tokenizer: PreTrainedTokenizerBase,
     what: str,
     fallback_template: str = FALLBACK_TEMPLATE,  # the model family's default_template (data.load_pairs)
+    *,
+    training_seed: int,  # schedule.seed: best_vs_random's where data.seed is unset (data.load_pairs)
 ) -> list[TokenizedPair]:
     """Rank 0 tokenizes (and fills the data cache) first; the other ranks then read the cache. A data error on
     rank 0 is raised on every rank, so no rank waits forever at the broadcast; it names the key (`what` is "train"
@@ -36,7 +38,7 @@ def load_pairs_on_ranks(
     error = None
     if torch.distributed.get_rank() == 0:
         try:
-            pairs = load_pairs(data, path, tokenizer, report, fallback_template)
+            pairs = load_pairs(data, path, tokenizer, report, fallback_template, training_seed)
         except MdpoError as err:
             error = f"data.{what}_file: {err}"
     message = [error]
@@ -44,8 +46,8 @@ def load_pairs_on_ranks(
     if message[0] is not None:
         raise DataError(message[0])
     if torch.distributed.get_rank() != 0:
-        pairs = load_pairs(data, path, tokenizer, report, fallback_template)
-    log(f"{what}: {len(pairs)} pairs from {path} ({report.summary()})")
+        pairs = load_pairs(data, path, tokenizer, report, fallback_template, training_seed)
+    log(f"{what}: {len(pairs)} pairs from {report.info['rows']} rows of {path} ({report.summary()})")
     return pairs
 
 

@@ -215,7 +215,9 @@ def evaluate_model(setup: EvalSetup, progress: bool = True) -> dict[str, float]:
     try:
         run = start_run(cfg)
         template = families.get(cfg.model.family).default_template
-        pairs = load_pairs_on_ranks(cfg.data, cfg.data.eval_file, run.tokenizer, "eval", template)
+        pairs = load_pairs_on_ranks(
+            cfg.data, cfg.data.eval_file, run.tokenizer, "eval", template, training_seed=cfg.schedule.seed
+        )
         objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, run.experts)
         if setup.reward_mean is not None:
             objective.reward_mean.load_state_dict(setup.reward_mean)

@@ -34,9 +34,8 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
         for split, path in (("train", cfg.data.train_file), ("eval", cfg.data.eval_file)):
             if not path:
                 continue
-            pairs = load_pairs_on_ranks(
-                cfg.data, path, run.tokenizer, split, families.get(cfg.model.family).default_template
-            )
+            template = families.get(cfg.model.family).default_template
+            pairs = load_pairs_on_ranks(cfg.data, path, run.tokenizer, split, template, training_seed=cfg.schedule.seed)
             mine = list(range(run.ranks.dp, len(pairs), run.layout.dp))
             everything = run.microbatches(cfg, pairs, mine)
             results: list[tuple[list[int], list[float]]] = []

@@ -23,7 +23,7 @@ from megatron.core.distributed import DistributedDataParallel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mdpo.config import DPOConfig, TrainConfig
+from mdpo.config import DataConfig, DPOConfig, TrainConfig
 from mdpo.data.batching import MicroBatch
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import MdpoError
@@ -35,6 +35,9 @@ from mdpo.training.step import Scorer, forward_logps
 STAMP_PARTS = ("reference checkpoint", "tokenizer", "data", "LD-DPO weighting (dpo.ld_alpha)")
 # Data settings that do not change the tokens (the files themselves are hashed by content).
 _NOT_TOKEN_SETTINGS = ("train_file", "eval_file", "num_proc", "cache", "cache_dir")
+# Data settings newer than the first stamped caches: left out while they hold their defaults (the pairs those caches
+# were computed for), so such caches stay valid
+_LATER_SETTINGS = ("rank_pairs", "min_score_gap", "score_key", "seed", "chat_template_kwargs", "train_empty_think")
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -53,7 +56,14 @@ def _folder_files(folder: str) -> list[Path]:
 
 def reference_stamp(cfg: TrainConfig) -> dict[str, str | None]:
     """What the reference log-probs depend on, hashed per part so a mismatch can be named."""
-    data_settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_TOKEN_SETTINGS}
+    defaults = dataclasses.asdict(DataConfig())
+    data_settings = {
+        k: v
+        for k, v in dataclasses.asdict(cfg.data).items()
+        if k not in _NOT_TOKEN_SETTINGS and not (k in _LATER_SETTINGS and v == defaults[k])
+    }
+    if cfg.data.rank_pairs == "best_vs_random":  # its draws follow schedule.seed where data.seed is unset
+        data_settings["seed"] = cfg.data.rank_seed(cfg.schedule.seed)
     data_files = [Path(f) for f in (cfg.data.train_file, cfg.data.eval_file) if f]
     data_digest = hashlib.sha256(json.dumps(data_settings, sort_keys=True).encode())
     data_digest.update(_hash_files(data_files).encode())

@@ -71,9 +71,14 @@ class Trainer:
         cfg = self.cfg
         self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, self.run.experts)
         tokenizer, template = self.run.tokenizer, families.get(cfg.model.family).default_template
-        self.train_pairs = load_pairs_on_ranks(cfg.data, cfg.data.train_file, tokenizer, "train", template)
+        seed = cfg.schedule.seed
+        self.train_pairs = load_pairs_on_ranks(
+            cfg.data, cfg.data.train_file, tokenizer, "train", template, training_seed=seed
+        )
         self.eval_pairs = (
-            load_pairs_on_ranks(cfg.data, cfg.data.eval_file, tokenizer, "eval", template) if cfg.data.eval_file else []
+            load_pairs_on_ranks(cfg.data, cfg.data.eval_file, tokenizer, "eval", template, training_seed=seed)
+            if cfg.data.eval_file
+            else []
         )
         # what a checkpoint keeps of the training pairs, to compare a resumed run with (global rank 0 judges)
         self.data_fingerprint = data_fingerprint(cfg.data.train_file, self.train_pairs) if self.run.is_logger else None
