@@ -232,6 +232,21 @@ FAMILY_CASES = {
     "qwen3_moe": ("qwen3_moe", dict(head_dim=32, mlp_only_layers=[1], norm_topk_prob=True, **_MOE)),
     "qwen3_moe_unnormed": ("qwen3_moe", dict(decoder_sparse_step=2, norm_topk_prob=False, **_MOE)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    # Gemma 3: four norms a layer, 1 + w, GeGLU, scaled embeddings, query_pre_attn_scalar apart from the head size,
+    # tied, a window of 6 on 3 of 4 layers with its own RoPE base, linear factor 2 on the global layer
+    "gemma3_tied": (
+        "gemma3",
+        dict(
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=6,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+    ),
 }
 MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral")
 

@@ -562,6 +562,10 @@ def test_hf_config_invalid_json(tmp_path):
             "rope_parameters.sliding_attention={'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 10000.0} (a "
             "scaled RoPE on the window layers) is not supported by mdpo's olmo3 model",
         ),
+        (
+            {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attn_logit_softcapping": 50.0},
+            "attn_logit_softcapping=50.0 (soft-capped attention scores) is not supported by mdpo's gemma3 model",
+        ),
     ],
 )
 def test_hf_config_unsupported(tmp_path, changes, expected):

@@ -104,16 +104,21 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
         folder, want = families[case]
         plain = hf_logps_float64(folder, family_pairs(), rope_parameters={"rope_type": "default", "rope_theta": 1e6})
         assert ((plain - want).abs() / want.abs()).max() > 10 * RTOL, case  # the scaling changes these log-probs
-    folder, want = families["olmo3"]  # each layer type's RoPE changes these log-probs
-    ropes = json.loads((folder / "config.json").read_text())["rope_parameters"]
-    for kind in ropes:
-        other = dict(ropes, **{kind: ropes["full_attention" if kind == "sliding_attention" else "sliding_attention"]})
-        swapped = hf_logps_float64(folder, family_pairs(), rope_parameters=other)
-        assert ((swapped - want).abs() / want.abs()).max() > 10 * RTOL, kind
+    for case in ("olmo3", "gemma3_tied"):  # each layer type's RoPE changes these log-probs
+        folder, want = families[case]
+        ropes = json.loads((folder / "config.json").read_text())["rope_parameters"]
+        for kind in ropes:
+            swap = {kind: ropes["full_attention" if kind == "sliding_attention" else "sliding_attention"]}
+            swapped = hf_logps_float64(folder, family_pairs(), rope_parameters=dict(ropes, **swap))
+            assert ((swapped - want).abs() / want.abs()).max() > 10 * RTOL, (case, kind)
+    folder, want = families["gemma3_tied"]  # and Gemma's query_pre_attn_scalar (24, not the head size's 32)
+    plain = hf_logps_float64(folder, family_pairs(), query_pre_attn_scalar=32)
+    assert ((plain - want).abs() / want.abs()).max() > 10 * RTOL
     for case, unwindowed in (
         ("mistral", dict(sliding_window=None)),
         ("qwen2.5", dict(layer_types=["full_attention"] * 4)),
         ("olmo3", dict(layer_types=["full_attention"] * 4)),
+        ("gemma3_tied", dict(layer_types=["full_attention"] * 4)),
     ):
         folder, want = families[case]
         whole = hf_logps_float64(folder, family_pairs(), **unwindowed)

@@ -49,12 +49,12 @@ LAYOUTS = {
 
 
 # Today's families with what their adapters' mapping adds: GQA q/k/v split with a head size apart from hidden / heads
-# (Qwen 3, Mistral), q/k/v biases and a tied head (Qwen 2.5), adapters under OLMo 2's norms; Llama 3.x has Llama 2's
-# modules (the llama run).
+# (Qwen 3, Mistral), q/k/v biases and a tied head (Qwen 2.5), adapters under OLMo 2's and Gemma 3's norms; Llama
+# 3.x has Llama 2's modules (the llama run).
 # Megatron's MoE layers train under TP with SP; adapters on attention only (experts and, in PEFT's format, MoE
 # models' MLPs take none)
 MOE_NEEDS = {"qwen3_moe": ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"]}
-TODAYS = ("qwen2.5_tied", "qwen3_tied", "mistral", "qwen3_moe", "olmo2")
+TODAYS = ("qwen2.5_tied", "qwen3_tied", "mistral", "qwen3_moe", "olmo2", "gemma3_tied")
 
 
 @pytest.fixture(scope="module")

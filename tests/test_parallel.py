@@ -136,6 +136,8 @@ FAMILY_LAYOUTS = {
     # on each rank, its gradient a slice per rank, summed), its norms after the sublayers, OLMo 3's windows over stages
     "olmo2": (2, _SP_PACKED),
     "olmo3": (2, ["parallel.pp=2", "schedule.micro_batch_size=2"]),
+    # Gemma 3: its four 1 + w norms, GeGLU, scaled embeddings and two RoPEs over two stages of two model chunks
+    "gemma3_tied": (2, ["parallel.pp=2", "parallel.vpp=2", "schedule.micro_batch_size=2"]),
     # mixtures of experts with a load-balancing loss of weight 0.1 (its gradient then shows in every router): the
     # experts split over 2 ranks with the distributed optimizer (expert and dense parameters sharded apart); TP=2
     # + SP (each expert split over 2 ranks); TP=2 + SP with EP=2 (whole experts per rank) on packed rows

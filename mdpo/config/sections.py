@@ -42,7 +42,8 @@ ROPE_REQUIRED = {"llama3": 4, "linear": 1, "yarn": 2}  # how many of each scalin
 ROPE_SCALINGS = tuple(ROPE_PARAMETERS)
 POSITION_EMBEDDINGS = ("auto", "rope", "alibi")
 ATTENTIONS = ("auto", "te", "sdpa", "local")
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "both")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 QK_NORM_SPANS = ("head", "projection")
 DATA_FORMATS = (
     "auto",
@@ -164,9 +165,14 @@ class ModelConfig(Section):
     # what a q / k norm spans: head (each head: Qwen 3) or projection (the whole query and key projection, every head
     # together: OLMo 2 / 3)
     qk_norm_span: str = "head"
-    # where each layer's two norms sit: pre (before attention and the MLP: Llama and the others) or post (after each,
-    # on its output before the residual add: OLMo 2 / 3)
+    # where each layer's norms sit: pre (before attention and the MLP: Llama and the others), post (after each, on its
+    # output before the residual add: OLMo 2 / 3) or both (four norms: Gemma 3)
     norm_position: str = "pre"
+    zero_centered_norms: bool = False  # every RMSNorm scales by 1 + w, its weight w stored centred on 0 (Gemma)
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU: Gemma)
+    # the softmax scale is 1 / sqrt(query_pre_attn_scalar) (Gemma 3); None: 1 / sqrt(head size)
+    query_pre_attn_scalar: float | None = None
+    scale_embeddings: bool = False  # the input embeddings times sqrt(hidden size), in the weights' dtype (Gemma)
     tie_word_embeddings: bool = False  # the output layer uses the input embedding's weight (small Llama 3.2 / Qwen)
     # RoPE frequency scaling, with transformers' rope_type names: None, llama3 (Llama 3.1 / 3.2 / 3.3), linear or yarn
     # (Qwen 2.5 / 3's long context), its parameters (ROPE_PARAMETERS) exactly as config.json gives them; None: left
@@ -275,6 +281,7 @@ class ModelConfig(Section):
         "rope_original_max_position_embeddings",
         "sliding_window",
         "window_rope_theta",
+        "query_pre_attn_scalar",
         "num_experts",
         "moe_topk",
         "moe_intermediate_size",
@@ -330,16 +337,27 @@ class ModelConfig(Section):
             f"model.qk_norm_span={self.qk_norm_span} needs model.qk_norm=true",
         )
         need(
+            not (self.zero_centered_norms and self.qk_norm_span == "projection"),
+            "model.zero_centered_norms=true with model.qk_norm_span=projection: no family has both",
+        )
+        _one_of("model.hidden_act", self.hidden_act, HIDDEN_ACTS)
+        need(
+            self.hidden_act == "silu" or not self.fused_swiglu,
+            f"model.fused_swiglu=true needs model.hidden_act=silu (Megatron's fused SwiGLU), got {self.hidden_act!r}",
+        )
+        need(
             self.fits_te_layers or self.attention != "te",
-            f"model.attention=te with model.norm_position={self.norm_position} and model.qk_norm_span="
-            f"{self.qk_norm_span}: Transformer Engine's layers fuse each norm into the linear after it and normalise "
-            "q / k per head (use auto or sdpa: torch SDPA on mdpo's local layers)",
+            f"model.attention=te with model.norm_position={self.norm_position}, model.qk_norm_span={self.qk_norm_span} "
+            f"and model.zero_centered_norms={str(self.zero_centered_norms).lower()}: Transformer Engine's layers fuse "
+            "a plain norm into the linear after it and normalise q / k per head (use auto or sdpa: torch SDPA on "
+            "mdpo's local layers)",
         )
 
     @property
     def fits_te_layers(self) -> bool:
-        """Whether Transformer Engine's layers express the model (norms before the sublayers, q / k norms per head)."""
-        return self.norm_position == "pre" and self.qk_norm_span == "head"
+        """Whether Transformer Engine's layers express the model: norms before the sublayers, plain (weights as
+        they are), q / k norms per head."""
+        return self.norm_position == "pre" and self.qk_norm_span == "head" and not self.zero_centered_norms
 
     def _check_experts(self) -> None:
         need(

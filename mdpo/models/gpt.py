@@ -31,7 +31,7 @@ from mdpo.models.attention import (
 )
 from mdpo.models.lora import with_adapters
 from mdpo.models.moe import mark_experts, moe_fields
-from mdpo.models.norms import PostNormLayer, PostNormLayerSubmodules, ProjectionNorm, TorchNorm
+from mdpo.models.norms import PostNormLayer, PostNormLayerSubmodules, ProjectionNorm, TorchNorm, ZeroCenteredRMSNorm
 from mdpo.models.rotary import RopeSelfAttention, layer_softmax_scale, table_frequencies
 
 
@@ -117,18 +117,26 @@ def _layer_rope(model: ModelConfig, layer: int) -> dict:
     return dict(rope_table=table, softmax_scale=layer_softmax_scale(model, windowed), fused=fuses_rope_locally(model))
 
 
+def norm_class(model: ModelConfig) -> type:
+    """The local layers' RMSNorm: Gemma's 1 + w, or torch's (`models.norms`)."""
+    return ZeroCenteredRMSNorm if model.zero_centered_norms else TorchNorm
+
+
 def _local_layer_spec(model: ModelConfig, num_experts: int | None, attention: str) -> ModuleSpec:
     local = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm", qk_layernorm=model.qk_norm)
-    local.submodules.input_layernorm = local.submodules.pre_mlp_layernorm = TorchNorm
+    norm = norm_class(model)
+    local.submodules.input_layernorm = local.submodules.pre_mlp_layernorm = norm
     if model.qk_norm:
         attention_parts = local.submodules.self_attention.submodules
         if model.qk_norm_span == "projection":  # OLMo 2's: all heads together, the statistics summed over TP
             attention_parts.q_layernorm = ModuleSpec(module=ProjectionNorm, params={"heads": "query"})
             attention_parts.k_layernorm = ModuleSpec(module=ProjectionNorm, params={"heads": "key"})
         else:  # per head, on whole sequences: Megatron sums their gradients over TP (other heads per rank)
-            attention_parts.q_layernorm = attention_parts.k_layernorm = TorchNorm
-    if model.norm_position == "post":  # OLMo 2 / 3: the norms after attention and the MLP, none before
-        parts = vars(local.submodules) | {"input_layernorm": IdentityOp, "pre_mlp_layernorm": IdentityOp}
+            attention_parts.q_layernorm = attention_parts.k_layernorm = norm
+    if model.norm_position != "pre":  # norms after attention and the MLP: OLMo 2 / 3 (none before), Gemma (both)
+        parts = vars(local.submodules) | {"post_self_attn_layernorm": norm, "post_mlp_layernorm": norm}
+        if model.norm_position == "post":
+            parts |= {"input_layernorm": IdentityOp, "pre_mlp_layernorm": IdentityOp}
         local = ModuleSpec(module=PostNormLayer, submodules=PostNormLayerSubmodules(**parts))
     if model.position_embedding == "alibi":
         return with_core_attention(local, ALiBiAttention)
@@ -156,7 +164,7 @@ def decoder_spec(
         from megatron.core.extensions.transformer_engine import TENorm  # te: Transformer Engine imports
 
         return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TENorm)
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TorchNorm)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm_class(model))
 
 
 def _windows(model: ModelConfig) -> dict:
@@ -169,6 +177,11 @@ def _windows(model: ModelConfig) -> dict:
     every = model.sliding_window_layers is None
     marks = None if every else [int(i in layers) for i in range(model.num_hidden_layers)]
     return dict(window_size=(model.sliding_window - 1, 0), window_attn_skip_freq=marks)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation: transformers' gelu_pytorch_tanh (Gemma's GeGLU gate)."""
+    return F.gelu(x, approximate="tanh")
 
 
 def _architecture(model: ModelConfig) -> dict:
@@ -187,7 +200,7 @@ def _architecture(model: ModelConfig) -> dict:
         normalization="RMSNorm",
         layernorm_epsilon=model.rms_norm_eps,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=F.silu if model.hidden_act == "silu" else gelu_tanh,
         add_bias_linear=False,
         add_qkv_bias=model.qkv_bias,
         hidden_dropout=0.0,
@@ -263,7 +276,7 @@ def transformer_config(
 
 
 class PositionedGPTModel(GPTModel):
-    """Megatron's GPTModel with mdpo's three differences, chosen when it is built:
+    """Megatron's GPTModel with mdpo's differences, chosen when it is built:
 
     - For micro-batches in blocks (shared prompts, packed rows) the rotary embedding follows the position ids.
       Megatron's RoPE uses each token's index in the row, which is right for a row of sequences each attending to
@@ -271,6 +284,7 @@ class PositionedGPTModel(GPTModel):
       continue from the prompt's end while it sits after the chosen one. THD packs get a per-token table too when
       mdpo's compiled rotation applies RoPE (`tokenwise_thd_rope`): it takes no sequence boundaries, and a pack's
       position ids restart at each sequence as Megatron's THD rotation does.
+    - The input embeddings are scaled by `embedding_scale` where the model says so (Gemma's sqrt(hidden size)).
     - The output weight is `output_weight()`: the layer's own or the tied embedding, L2-normalised per row for
       Baichuan 2's NormHead (`norm_head`, in every forward, so gradients flow through the normalisation).
     - With `scoring` (training's build) the last stage hands on its final hidden states, gathered over the
@@ -279,10 +293,17 @@ class PositionedGPTModel(GPTModel):
     """
 
     def __init__(
-        self, *args: object, scoring: bool = False, norm_head: bool = False, tokenwise_thd_rope: bool = False, **kwargs
+        self,
+        *args: object,
+        scoring: bool = False,
+        norm_head: bool = False,
+        tokenwise_thd_rope: bool = False,
+        embedding_scale: float | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.scoring, self.norm_head, self.tokenwise_thd_rope = scoring, norm_head, tokenwise_thd_rope
+        self.embedding_scale = embedding_scale
 
     def output_weight(self) -> torch.Tensor:
         """The output layer's weight as the logits use it: this TP rank's vocabulary rows (the embedding's with
@@ -295,7 +316,10 @@ class PositionedGPTModel(GPTModel):
     def _preprocess(self, *args, **kwargs):
         out = super()._preprocess(*args, **kwargs)
         if out[0] is not None:  # the embedding's transpose: as the core attention's outputs (`row_major`)
-            out = (row_major(out[0]), *out[1:])
+            embedded = row_major(out[0])
+            if self.embedding_scale is not None:  # in the embedding's dtype, as transformers' Gemma scales it
+                embedded = embedded * torch.tensor(self.embedding_scale, dtype=embedded.dtype)
+            out = (embedded, *out[1:])
         padding = out[5] if len(out) > 5 else None
         if padding is not None and not self.pre_process and self.config.sequence_parallel:
             # Megatron splits a MoE padding mask over the sequence-parallel ranks on the first stage only
@@ -360,6 +384,7 @@ def build_gpt_model(
         scoring=scoring,
         norm_head=model.norm_head,
         tokenwise_thd_rope=fuses_rope_locally(model),
+        embedding_scale=model.hidden_size**0.5 if model.scale_embeddings else None,
     )
     frequencies = table_frequencies(model)
     if frequencies is not None:  # a scaled RoPE's (transformers'), or two RoPEs side by side, for Megatron's table

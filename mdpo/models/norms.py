@@ -1,6 +1,7 @@
-"""The norms of the local layers: where they sit (before each sublayer, Llama's; after it, OLMo 2's: `PostNormLayer`)
-and what they span (a token's hidden state, one attention head, or a whole q / k projection: `ProjectionNorm`), each
-as a spec entry of Megatron-Core's TransformerLayer, with sequence and tensor parallelism.
+"""The norms of the local layers: where they sit (before each sublayer, Llama's; after it, OLMo 2's; both, Gemma's:
+`PostNormLayer`), what they span (a token's hidden state, one attention head, or a whole q / k projection:
+`ProjectionNorm`) and how their weight scales (as it is, or 1 + w: `ZeroCenteredRMSNorm`), each as a spec entry of
+Megatron-Core's TransformerLayer, with sequence and tensor parallelism.
 """
 
 from __future__ import annotations
@@ -35,6 +36,24 @@ class TorchNorm:
             for param in norm.parameters():
                 param.sequence_parallel = True
         return norm
+
+
+class ZeroCenteredRMSNorm(torch.nn.Module):
+    """Gemma's RMSNorm: its weight w is stored centred on zero and scales by 1 + w, in float32 (transformers'
+    Gemma3RMSNorm: the product before the cast to the input's dtype; Megatron's layernorm_zero_centered_gamma, which
+    its torch norm refuses). Under sequence parallelism marked as `TorchNorm` marks its weight."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        self.eps = eps
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class ProjectionNorm(MegatronModule):
@@ -74,9 +93,10 @@ class PostNormLayerSubmodules(TransformerLayerSubmodules):
 
 
 class PostNormLayer(TransformerLayer):
-    """Megatron's TransformerLayer with the attention's and the MLP's outputs normalised before their residual adds
-    (OLMo 2 and 3: x + norm(attention(x)), then h + norm(mlp(h)); the norms before them are IdentityOp in its spec).
-    The norms run inside the layer's bias-dropout-add steps, so recompute and pipeline see Megatron's layer."""
+    """Megatron's TransformerLayer with the attention's and the MLP's outputs normalised before their residual adds:
+    x + norm(attention(x)), then h + norm(mlp(h)) (OLMo 2 and 3, whose norms before the sublayers are IdentityOp in
+    its spec), or with both, x + norm(attention(norm(x))) (Gemma 2 and 3). The norms after run inside the layer's
+    bias-dropout-add steps, so recompute and pipeline see Megatron's layer."""
 
     def __init__(self, config: TransformerConfig, submodules: PostNormLayerSubmodules, *args, **kwargs) -> None:
         super().__init__(config, submodules, *args, **kwargs)

@@ -72,13 +72,16 @@ def layer_table(table: torch.Tensor, windowed: bool) -> torch.Tensor:
 
 
 def layer_softmax_scale(model: ModelConfig, windowed: bool) -> float | None:
-    """A layer's softmax scale: a scaled RoPE's attention factor m (yarn's) multiplies cos and sin, so q and k after
-    rotation, m^2 on every score: m^2 / sqrt(head size). None (Megatron's 1 / sqrt(head size)) where m is 1 or the
-    layer has the window layers' own, unscaled, RoPE."""
+    """A layer's softmax scale: 1 / sqrt(query_pre_attn_scalar or head size), times m^2 where a scaled RoPE has an
+    attention factor m (yarn's multiplies cos and sin, so q and k after rotation) unless the layer has the window
+    layers' own, unscaled, RoPE. None where that is Megatron's own 1 / sqrt(head size)."""
     scaled = rope_frequencies(model)
-    if scaled is None or scaled[1] == 1.0 or (windowed and model.window_rope_theta is not None):
+    factor = 1.0
+    if scaled is not None and not (windowed and model.window_rope_theta is not None):
+        factor = scaled[1] ** 2
+    if factor == 1.0 and model.query_pre_attn_scalar is None:
         return None
-    return scaled[1] ** 2 / math.sqrt(model.kv_channels)
+    return factor / math.sqrt(model.query_pre_attn_scalar or model.kv_channels)
 
 
 @torch.compile(dynamic=True)  # every micro-batch has its own length: one compiled graph for all of them

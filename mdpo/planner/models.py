@@ -35,13 +35,14 @@ def q_dim(model: ModelConfig) -> int:
 
 def attention_params(model: ModelConfig) -> int:
     """One decoder layer less its MLP: fused QKV (with Qwen's bias), the output projection, two RMSNorm weights
-    (before or after the sublayers) and the q/k norm weights (Qwen 3's per head, OLMo's over the whole projections)."""
+    (before or after the sublayers; four with Gemma's on both sides) and the q/k norm weights (Qwen 3's per head,
+    OLMo's over the whole projections)."""
     h, q, kv = model.hidden_size, q_dim(model), kv_dim(model)
     attention = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if model.qkv_bias else 0)
     qk_norms = 0
     if model.qk_norm:
         qk_norms = q + kv if model.qk_norm_span == "projection" else 2 * model.kv_channels
-    return attention + 2 * h + qk_norms
+    return attention + (4 if model.norm_position == "both" else 2) * h + qk_norms
 
 
 def mlp_params(model: ModelConfig, width: int) -> int:

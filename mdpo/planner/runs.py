@@ -99,6 +99,8 @@ def _model_overrides(model: ModelConfig, positions: int, attention: str) -> list
         "qk_norm",
         "qk_norm_span",
         "norm_position",
+        "zero_centered_norms",
+        "hidden_act",
         "tie_word_embeddings",
         "fused_swiglu",
         "fused_rope",

@@ -235,16 +235,17 @@ def mcore_shapes(model: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, 
     heads = Heads.of(model)
     h, f = model.hidden_size, model.intermediate_size
     qkv_rows, attn = sum(heads.sizes), heads.num_heads * heads.head_dim
-    norms = ("input_layernorm", "pre_mlp_layernorm")
-    if model.norm_position == "post":
-        norms = ("post_self_attn_layernorm", "post_mlp_layernorm")
+    norms = {
+        "pre": ("input_layernorm", "pre_mlp_layernorm"),
+        "post": ("post_self_attn_layernorm", "post_mlp_layernorm"),
+    }
+    norms["both"] = norms["pre"] + norms["post"]
     layer = {
-        f"{norms[0]}.weight": (h,),
         "self_attention.linear_qkv.weight": (qkv_rows, h),
         "self_attention.linear_proj.weight": (h, attn),
-        f"{norms[1]}.weight": (h,),
         "mlp.linear_fc1.weight": (2 * f, h),
         "mlp.linear_fc2.weight": (h, f),
+        **{f"{norm}.weight": (h,) for norm in norms[model.norm_position]},
     }
     if model.qkv_bias:
         layer["self_attention.linear_qkv.bias"] = (qkv_rows,)

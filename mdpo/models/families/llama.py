@@ -84,6 +84,38 @@ def read_llama_like(hf: dict) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
+def read_layer_types(hf: dict, config_class: type[PretrainedConfig]) -> dict[str, Any]:
+    """The windows and RoPEs of a family whose layers have types (OLMo 3, Gemma 3), read through transformers' own
+    config class so that every version's config.json reads alike (`layer_types` or a window pattern; a RoPE per
+    type, or `rope_scaling` with a local base): the window on the layers typed `sliding_attention`, the full layers'
+    RoPE the model's, the window layers' own (unscaled) `model.window_rope_theta` where it differs."""
+    config = config_class(**{key: value for key, value in hf.items() if key not in ("architectures", "model_type")})
+    full, sliding = config.rope_parameters["full_attention"], config.rope_parameters["sliding_attention"]
+    if sliding.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters.sliding_attention={sliding!r} (a scaled RoPE on the window layers)")
+    fields = _rope_fields({"rope_parameters": full})
+    windowed = [i for i, kind in enumerate(config.layer_types) if kind == "sliding_attention"]
+    if not windowed or config.sliding_window is None:
+        return fields
+    every = len(windowed) == len(config.layer_types)
+    fields |= {"sliding_window": config.sliding_window, "sliding_window_layers": None if every else windowed}
+    if sliding["rope_theta"] != full["rope_theta"] or "rope_scaling" in fields:
+        fields["window_rope_theta"] = sliding["rope_theta"]
+    return fields
+
+
+def write_layer_types(model: ModelConfig) -> dict[str, Any]:
+    """The config.json keys `read_layer_types` reads: the window, every layer's type and a RoPE per type."""
+    windowed = model.window_layers()
+    kinds = ["sliding_attention" if i in windowed else "full_attention" for i in range(model.num_hidden_layers)]
+    full = {"rope_type": model.rope_scaling or "default", "rope_theta": model.rope_theta, **model.rope_parameters()}
+    window = full
+    if model.window_rope_theta is not None:
+        window = {"rope_type": "default", "rope_theta": model.window_rope_theta}
+    rope = {"full_attention": full, "sliding_attention": window}
+    return {"sliding_window": model.sliding_window, "layer_types": kinds, "rope_parameters": rope}
+
+
 def write_llama_like(config_class: type[PretrainedConfig], model: ModelConfig, **extra: Any) -> dict:
     """A complete config.json from transformers' own config class of the family (it writes rope_theta and scaling
     where its version keeps them)."""
@@ -117,11 +149,13 @@ def llama_layout_family(
     default_template: str,
     write_extra: Callable[[ModelConfig], dict[str, Any]] = lambda model: {},
     moe_tensors: tuple[Entry, ...] = (),
+    architecture: str | None = None,
 ) -> Family:
     """A family on Llama's tensor names, whose config.json is transformers' `config_class` (architecture, model_type
     and the oracle, transformers' own class, from it): its layer table (and a MoE layer's MLP rows), its config
-    reader, what its config.json adds to Llama's keys, and the rest of its record."""
-    architecture = config_class.__name__.replace("Config", "ForCausalLM")
+    reader, what its config.json adds to Llama's keys, and the rest of its record; `architecture` where the class is
+    not named after its config (Gemma3TextConfig's Gemma3ForCausalLM)."""
+    architecture = architecture or config_class.__name__.replace("Config", "ForCausalLM")
     return Family(
         name=name,
         architectures=(architecture,),

@@ -11,10 +11,15 @@ from typing import Any
 
 from transformers import Olmo2Config, Olmo3Config
 
-from mdpo.config import ModelConfig
 from mdpo.models.families.base import preset
 from mdpo.models.families.llama import LAYER_TENSORS as LLAMA_LAYER_TENSORS
-from mdpo.models.families.llama import REFUSALS, llama_layout_family, read_llama_like
+from mdpo.models.families.llama import (
+    REFUSALS,
+    llama_layout_family,
+    read_layer_types,
+    read_llama_like,
+    write_layer_types,
+)
 from mdpo.models.families.qwen3 import QK_NORMS
 
 POST_NORMS = (
@@ -32,42 +37,8 @@ def read_config(hf: dict) -> dict:
 
 
 def read_olmo3_config(hf: dict) -> dict:
-    """OLMo 2's fields with OLMo 3's windows (`layer_types`, default 3 sliding : 1 full) and RoPEs: one per layer type
-    in transformers 5's config.json (`rope_parameters` by type), the full layers' the model's RoPE and the window
-    layers' unscaled one `model.window_rope_theta`; transformers 4's `rope_scaling` is the full layers' alone."""
-    params = dict(hf.get("rope_parameters") or {})
-    full = params.get("full_attention") or {}
-    sliding = params.get("sliding_attention") or {"rope_type": "default"}
-    if sliding.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_parameters.sliding_attention={sliding!r} (a scaled RoPE on the window layers)")
-    flat = {key: value for key, value in hf.items() if key != "rope_parameters"}
-    if full:
-        flat["rope_parameters"] = full
-    fields = read_config(flat)
-    window_theta = sliding.get("rope_theta", hf.get("rope_theta", fields.get("rope_theta")))
-    if "rope_scaling" in fields or window_theta != fields.get("rope_theta"):
-        fields["window_rope_theta"] = window_theta
-    layers = hf.get("num_hidden_layers", 0)
-    types = hf.get("layer_types") or Olmo3Config(num_hidden_layers=layers).layer_types
-    windowed = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
-    if windowed and hf.get("sliding_window") is not None:
-        fields |= {"sliding_window": hf["sliding_window"], "sliding_window_layers": windowed}
-        if len(windowed) == layers:
-            fields["sliding_window_layers"] = None
-    elif "window_rope_theta" in fields:
-        del fields["window_rope_theta"]  # no window layers: the full layers' RoPE is every layer's
-    return fields
-
-
-def write_olmo3(model: ModelConfig) -> dict[str, Any]:
-    """OLMo 3's window keys (its size and every layer's type) and the window layers' RoPE."""
-    windowed = model.window_layers()
-    kinds = ["sliding_attention" if i in windowed else "full_attention" for i in range(model.num_hidden_layers)]
-    full = {"rope_type": model.rope_scaling or "default", "rope_theta": model.rope_theta, **model.rope_parameters()}
-    window_theta = model.rope_theta if model.window_rope_theta is None else model.window_rope_theta
-    window = {"rope_type": "default", "rope_theta": window_theta}
-    rope = {"full_attention": full, "sliding_attention": window if model.window_rope_theta is not None else full}
-    return {"sliding_window": model.sliding_window, "layer_types": kinds, "rope_parameters": rope}
+    """OLMo 2's fields with OLMo 3's windows (default: 3 sliding to 1 full layer) and a RoPE per layer type."""
+    return {**read_config(hf), **read_layer_types(hf, Olmo3Config)}
 
 
 def _olmo3(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> dict[str, Any]:
@@ -103,5 +74,5 @@ OLMO3_FAMILY = llama_layout_family(
     refusals=REFUSALS,
     presets=OLMO3_PRESETS,
     default_template="tulu3",
-    write_extra=write_olmo3,
+    write_extra=write_layer_types,
 )
