@@ -247,6 +247,23 @@ FAMILY_CASES = {
             },
         ),
     ),
+    # Gemma 3 as published from 4B on: the same text model inside Gemma3ForConditionalGeneration, beside a vision
+    # tower and projector that mdpo carries untrained
+    "gemma3_multimodal_tied": (
+        "gemma3_multimodal",
+        dict(
+            text_config=dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=6, sliding_window_pattern=3),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+        ),
+    ),
 }
 MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral")
 
@@ -259,7 +276,11 @@ def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides)
 
     family, values = FAMILY_CASES[case]
     config_class = getattr(transformers, families.get(family).oracle).config_class
-    config = config_class(vocab_size=vocab_size, **{**_COMMON, **values, **overrides})
+    if "text_config" in values:  # a multimodal model: the text model's shape inside, its vision tower beside
+        text = {"vocab_size": vocab_size, **_COMMON, **values["text_config"], **overrides}
+        config = config_class(**{**values, "text_config": text})
+    else:
+        config = config_class(vocab_size=vocab_size, **{**_COMMON, **values, **overrides})
     torch.manual_seed(seed)
     return randomize(transformers.AutoModelForCausalLM.from_config(config))
 

@@ -6,6 +6,7 @@ mdpo/models/families/oracles.py; they share nothing with the mapping tables)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,21 @@ def test_conversion_errors_name_the_problem(tmp_path, case, expected):
         (src / "mdpo_model.json").write_text('{"format": "mdpo-megatron", "model": {}}')
     message = convert_error(tmp_path, src, *extra)
     assert expected in message, message
+
+
+def test_an_export_without_the_carried_tensors_is_one_line(converted, tmp_path):
+    """A multimodal Gemma 3 checkpoint keeps its vision tower (carried.safetensors) for its exports: gone, the export
+    stops in one line naming the folder it looked in."""
+    mc = tmp_path / "mc"
+    shutil.copytree(converted["gemma3_multimodal_tied"][1], mc)
+    (mc / "carried.safetensors").unlink()
+    result = run_mdpo(["convert", "megatron-to-hf", "--ckpt", str(mc), "--out", str(tmp_path / "hf")])
+    line = (
+        f"mdpo: error: a Gemma3ForConditionalGeneration export carries its untrained tensors (vision_tower.*, "
+        f"multi_modal_projector.*) from the source folder {mc}, which holds none"
+    )
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
+    assert not (tmp_path / "hf").exists()
 
 
 def test_cli_error_is_one_line_and_mdpo_debug_adds_the_traceback(tmp_path, monkeypatch, capsys):

@@ -54,7 +54,7 @@ LAYOUTS = {
 # Megatron's MoE layers train under TP with SP; adapters on attention only (experts and, in PEFT's format, MoE
 # models' MLPs take none)
 MOE_NEEDS = {"qwen3_moe": ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"]}
-TODAYS = ("qwen2.5_tied", "qwen3_tied", "mistral", "qwen3_moe", "olmo2", "gemma3_tied")
+TODAYS = ("qwen2.5_tied", "qwen3_tied", "mistral", "qwen3_moe", "olmo2", "gemma3_tied", "gemma3_multimodal_tied")
 
 
 @pytest.fixture(scope="module")

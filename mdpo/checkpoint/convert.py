@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 from megatron.core import dist_checkpointing, parallel_state
+from safetensors.torch import save_file
 
 from mdpo import parallel, startup
 from mdpo.checkpoint.check import check_conversion
 from mdpo.checkpoint.dcp_merge import write_in_parts
 from mdpo.checkpoint.description import arch_fields, describe_model, export_origin, stored_model_fields
 from mdpo.checkpoint.files import MODEL_FILE, MODEL_FORMAT, TRAINING_META
-from mdpo.checkpoint.hf import HFWeights, copy_auxiliary
+from mdpo.checkpoint.hf import CARRIED_FILE, HFWeights, carried_tensors, copy_auxiliary
 from mdpo.checkpoint.hf_export import write_hf_export, write_peft_adapter
 from mdpo.checkpoint.load import (
     checkpoint_lora,
@@ -38,7 +39,7 @@ from mdpo.checkpoint.load import (
 )
 from mdpo.config import FLAG_WORDING, Layout, ModelConfig
 from mdpo.errors import MdpoError, cause
-from mdpo.models import sharding
+from mdpo.models import families, sharding
 from mdpo.models.gpt import build_gpt_model, transformer_config
 from mdpo.models.lora import merge_adapters, split_adapters
 
@@ -157,6 +158,13 @@ def hf_to_megatron(
     (tmp / MODEL_FILE).write_text(json.dumps(description, indent=2) + "\n")
     shutil.copy2(hf_dir / "config.json", tmp / "config.json")
     copy_auxiliary(hf_dir, tmp)
+    carried = dict(carried_tensors(families.get(model.family), hf_dir))
+    if carried:  # the checkpoint is the origin of its exports: it keeps what the family carries untrained
+        save_file(carried, str(tmp / CARRIED_FILE))
+        print(
+            f"{len(carried)} tensors mdpo does not train ({', '.join(families.get(model.family).carried)}) kept "
+            f"in {CARRIED_FILE}, for the export"
+        )
     _finish(tmp, out)
     if check is not None:
         check_conversion(hf_dir, out, model, check.data, check.rows)

@@ -14,9 +14,15 @@ from safetensors import safe_open
 
 from mdpo.checkpoint.files import CHECKPOINT_FILES
 from mdpo.errors import MdpoError
+from mdpo.models.families.base import Family
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """A HF folder's unindexed weight files: its safetensors, else its PyTorch .bin shards."""
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
 
 
 class HFWeights(Mapping[str, torch.Tensor]):
@@ -62,7 +68,7 @@ class HFWeights(Mapping[str, torch.Tensor]):
                 if missing:
                     raise MdpoError(f"{index}: names shard '{missing[0]}', which is not in {self.folder}")
                 return [self.folder / f for f in files]
-        shards = sorted(self.folder.glob("*.safetensors")) or sorted(self.folder.glob("pytorch_model*.bin"))
+        shards = weight_files(self.folder)
         if not shards:
             raise MdpoError(f"{self.folder}: no *.safetensors or pytorch_model*.bin weights found")
         return shards
@@ -112,6 +118,47 @@ def is_auxiliary(path: Path) -> bool:
         and not path.name.endswith((*WEIGHT_SUFFIXES, ".distcp"))
         and path.name not in (*INDEX_FILES, *CHECKPOINT_FILES, "config.json")
     )
+
+
+CARRIED_FILE = "carried.safetensors"  # a converted checkpoint's copy of the tensors its family carries untrained
+
+
+def carried_tensors(family: Family, origin: Path | None) -> Mapping[str, torch.Tensor]:
+    """The tensors `family` carries untrained (`Family.carried`: a vision tower), read on access from the folder an
+    export starts from: the HF folder's weights, or a converted checkpoint's CARRIED_FILE (its only safetensors);
+    none for other families. MdpoError, naming the folder, when they are not there: called before training too."""
+    if not family.carried:
+        return {}
+    has_weights = origin is not None and (
+        any((origin / index).is_file() for index in INDEX_FILES) or weight_files(origin)
+    )
+    weights = HFWeights(origin) if has_weights else {}
+    names = [name for name in weights if family.is_carried(name)]
+    if not names:
+        where = f"the source folder {origin}" if origin is not None else "no source folder (model.init_from is unset)"
+        carried = ", ".join(f"{prefix}*" for prefix in family.carried)
+        raise MdpoError(
+            f"a {family.architecture} export carries its untrained tensors ({carried}) from {where}, which holds none"
+        )
+    return _Subset(weights, names)
+
+
+class _Subset(Mapping[str, torch.Tensor]):
+    """Some of a lazy mapping's tensors, still read on access."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], names: list[str]) -> None:
+        self.weights, self.names = weights, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.weights[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def copy_auxiliary(src: str | Path, dst: str | Path) -> list[str]:

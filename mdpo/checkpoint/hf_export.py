@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from safetensors.torch import save_file
 
 from mdpo.checkpoint.description import arch_fields
-from mdpo.checkpoint.hf import copy_auxiliary, write_hf_folder
+from mdpo.checkpoint.hf import carried_tensors, copy_auxiliary, write_hf_folder
 from mdpo.config import LoRAConfig, ModelConfig
 from mdpo.models import families, sharding
 from mdpo.models.families.base import adapters_to_peft, mcore_to_hf
@@ -114,11 +114,13 @@ def hf_export_config(model: ModelConfig, original: dict | None) -> dict:
 
 
 def write_hf_export(folder: Path, full_state: dict[str, torch.Tensor], model: ModelConfig, origin: Path | None) -> None:
-    """A HF folder of this model's family from a full Megatron state dict (local-spec names)."""
+    """A HF folder of this model's family from a full Megatron state dict (local-spec names), with the tensors the
+    family carries untrained from `origin` (`carried_tensors`)."""
     original = None
     if origin is not None and (origin / "config.json").is_file():
         original = json.loads((origin / "config.json").read_text())
-    state = mcore_to_hf(families.get(model.family), full_state, model)
+    family = families.get(model.family)
+    state = mcore_to_hf(family, full_state, model) | dict(carried_tensors(family, origin))
     write_hf_folder(folder, state, hf_export_config(model, original))
     if origin is not None:
         copy_auxiliary(origin, folder)

@@ -15,6 +15,7 @@ from mdpo import parallel
 from mdpo.checkpoint.components import CommonState, Component, ModelChunks, OptimizerState
 from mdpo.checkpoint.description import export_origin
 from mdpo.checkpoint.dist import read_meta
+from mdpo.checkpoint.hf import carried_tensors
 from mdpo.checkpoint.hf_export import gather_full_state, write_hf_export, write_peft_adapter
 from mdpo.config import TrainConfig, config_to_dict
 from mdpo.data.batching import MicroBatch, PairSampler, rank_share
@@ -69,6 +70,8 @@ class Trainer:
     def _build(self) -> None:
         """The run's data, models and optimizer (with the run's folders locked)."""
         cfg = self.cfg
+        if cfg.checkpoint.export_hf:  # what the export carries untrained (a vision tower) is found now, not at the end
+            carried_tensors(families.get(cfg.model.family), self._export_origin())
         self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, self.run.experts)
         tokenizer, template = self.run.tokenizer, families.get(cfg.model.family).default_template
         seed = cfg.schedule.seed
@@ -296,6 +299,11 @@ class Trainer:
         meta = {"config": config_to_dict(self.cfg), "data": self.data_fingerprint}
         log(f"checkpoint: {self.checkpointer.save(step, self.states, meta)}")
 
+    def _export_origin(self) -> Path | None:
+        """The folder an export reuses config.json, tokenizer files and carried tensors from (`export_origin`)."""
+        init_from = self.cfg.model.init_from
+        return export_origin(Path(init_from)) if init_from else None
+
     def export_hf(self, folder: Path) -> None:
         """The trained policy as a HF folder of the model's family (tokenizer included), gathered on rank 0; of a
         LoRA run, the adapters merged into it, and the adapters alone as a PEFT folder (RUN_DIR/adapter)."""
@@ -308,7 +316,7 @@ class Trainer:
                 write_peft_adapter(self.run_dir / "adapter", split_adapters(full)[1], cfg.model, cfg.lora, init_from)
                 log(f"exported the PEFT adapter to {self.run_dir / 'adapter'}")
                 full = merge_adapters(full, cfg.lora.scaling)
-            write_hf_export(folder, full, cfg.model, export_origin(Path(init_from)) if init_from else None)
+            write_hf_export(folder, full, cfg.model, self._export_origin())
             self.run.tokenizer.save_pretrained(folder)
             log(f"exported HF model to {folder} ({gathered.sent_bytes / 2**20:.1f} MiB of tensors gathered)")
         torch.distributed.barrier()

@@ -26,6 +26,7 @@ FAMILIES: dict[str, Family] = {
         olmo2.FAMILY,
         olmo2.OLMO3_FAMILY,
         gemma3.FAMILY,
+        gemma3.MULTIMODAL,
     )
 }
 

@@ -80,6 +80,13 @@ class Family:
     #                                      ModelConfig fields of published models
     ignored_suffixes: tuple[str, ...] = ()  # HF buffers that are not weights (e.g. rotary inv_freq)
     moe_tensors: tuple[Entry, ...] = ()  # a layer with experts: its MLP rows, `{e}` = the expert's number
+    # HF name prefixes of tensors mdpo does not train but keeps (a vision tower): read from the source folder and
+    # written back unchanged into every export
+    carried: tuple[str, ...] = ()
+
+    def is_carried(self, name: str) -> bool:
+        """Whether a HF tensor is one mdpo carries from the source to the export untrained (`carried`)."""
+        return bool(self.carried) and name.startswith(self.carried)
 
     @property
     def architecture(self) -> str:
@@ -293,7 +300,7 @@ def shape_of(hf: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
 def check_hf_state(family: Family, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
     """Raise KeyError/ValueError naming the first missing, unexpected or misshapen tensor."""
     expected = hf_shapes(family, model)
-    present = {name for name in hf if not name.endswith(family.ignored_suffixes)}
+    present = {name for name in hf if not name.endswith(family.ignored_suffixes) and not family.is_carried(name)}
     missing = sorted(set(expected) - present)
     if missing:
         raise KeyError(f"HF checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing in all)")

@@ -3,13 +3,15 @@
 (`model.zero_centered_norms`), per-head q/k norms, a GeGLU MLP (`gelu_pytorch_tanh`), input embeddings times
 sqrt(hidden), scores scaled by 1 / sqrt(query_pre_attn_scalar), tied embeddings, and 5 sliding-window layers to 1
 global, each type with its own RoPE (local base 10,000 unscaled; global base 1,000,000, linear factor 8 from 4B on).
-Soft-capped attention or logits (Gemma 2's) and bidirectional attention are refused."""
+Soft-capped attention or logits (Gemma 2's) and bidirectional attention are refused. The published 4B-27B
+(`Gemma3ForConditionalGeneration`) are the same text model beside a vision tower, which mdpo carries untrained."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from transformers import Gemma3TextConfig
+from transformers import Gemma3Config, Gemma3TextConfig
 
 from mdpo.config import ModelConfig
 from mdpo.models.families.base import Refusal, preset
@@ -49,14 +51,17 @@ GEMMA = {
 
 
 def read_config(hf: dict) -> dict:
-    defaults = Gemma3TextConfig()  # Gemma 3's head size and scalar when config.json leaves them out
+    """The text model's fields, read through transformers' Gemma3TextConfig: a multimodal checkpoint's text_config
+    lists only what differs from its defaults (the head size, heads, RoPE bases, ...)."""
+    given = {key: value for key, value in hf.items() if key not in ("architectures", "model_type")}
+    full = Gemma3TextConfig(**given).to_dict()
     return {
-        **read_llama_like(hf),
-        **read_layer_types(hf, Gemma3TextConfig),
+        **read_llama_like(full),
+        **read_layer_types(full, Gemma3TextConfig),
         **GEMMA,
-        # explicit, whatever hidden / heads is: Gemma's config.json defaults it to 256, not to hidden / heads
-        "head_dim": hf.get("head_dim", defaults.head_dim),
-        "query_pre_attn_scalar": hf.get("query_pre_attn_scalar", defaults.query_pre_attn_scalar),
+        # explicit, whatever hidden / heads is: Gemma's default head size is 256, not hidden / heads
+        "head_dim": full["head_dim"],
+        "query_pre_attn_scalar": full["query_pre_attn_scalar"],
     }
 
 
@@ -65,6 +70,18 @@ def write_extra(model: ModelConfig) -> dict[str, Any]:
         "hidden_activation": model.hidden_act,
         "query_pre_attn_scalar": model.query_pre_attn_scalar,
     }
+
+
+def read_multimodal(hf: dict) -> dict:
+    """Gemma3ForConditionalGeneration's text model (its text_config, Gemma 3's refusals applied to it)."""
+    return FAMILY.read_config(hf.get("text_config") or {})
+
+
+def write_multimodal(model: ModelConfig) -> dict:
+    """A Gemma3ForConditionalGeneration config.json around the text model (the vision tower's config transformers'
+    default, Gemma 3's: an export keeps its source's config.json, which `hf_export_config` prefers)."""
+    text = {key: value for key, value in FAMILY.write_config(model).items() if key != "architectures"}
+    return Gemma3Config(text_config=text, architectures=["Gemma3ForConditionalGeneration"]).to_dict()
 
 
 def _gemma3(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int, **fields: Any) -> dict:
@@ -92,4 +109,25 @@ FAMILY = llama_layout_family(
     default_template="tulu2",  # Gemma's own turn format is its tokenizer's chat template
     write_extra=write_extra,
     architecture="Gemma3ForCausalLM",
+)
+
+# Gemma 3 4B-27B as published: the text model under `language_model.`, beside a vision tower and its projector, which
+# mdpo carries untrained from the source folder into every export
+MULTIMODAL = dataclasses.replace(
+    FAMILY,
+    name="gemma3_multimodal",
+    architectures=("Gemma3ForConditionalGeneration",),
+    model_type="gemma3",
+    global_tensors=(
+        ("embedding.word_embeddings.weight", ("language_model.model.embed_tokens.weight",), "vocab"),
+        ("decoder.final_layernorm.weight", ("language_model.model.norm.weight",), "copy"),
+        ("output_layer.weight", ("language_model.lm_head.weight",), "vocab"),
+    ),
+    hf_layer_prefix="language_model.model.layers.{i}.",
+    read_fields=read_multimodal,
+    write_config=write_multimodal,
+    oracle="Gemma3ForConditionalGeneration",
+    refusals=(),  # the text model's, inside read_multimodal
+    presets={},  # the text model's counts are the gemma3 presets'
+    carried=("vision_tower.", "multi_modal_projector."),
 )
