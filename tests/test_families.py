@@ -114,6 +114,7 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
         ("mistral", dict(sliding_window=None)),
         ("qwen2.5", dict(layer_types=["full_attention"] * 4)),
         ("olmo3", dict(layer_types=["full_attention"] * 4)),
+        ("qwen2_moe", dict(layer_types=["full_attention"] * 4)),
     ):
         folder, want = families[case]
         whole = hf_logps_float64(folder, family_pairs(), **unwindowed)
