@@ -264,8 +264,23 @@ FAMILY_CASES = {
             mm_tokens_per_image=4,
         ),
     ),
+    # Qwen2-MoE: q/k/v biases, a gated shared expert wider than the routed ones beside them (its gate [1, hidden]
+    # drawn as other weights are: randomize's router rule takes `.gate.weight`, not `shared_expert_gate.weight`),
+    # layer 1 dense, windows by Qwen2MoeConfig's rule (every other layer below max_window_layers: 0 and 2)
+    "qwen2_moe": (
+        "qwen2_moe",
+        dict(
+            shared_expert_intermediate_size=80,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+            use_sliding_window=True,
+            sliding_window=6,
+            max_window_layers=3,
+            **_MOE,
+        ),
+    ),
 }
-MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral")
+MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral", "qwen2_moe")
 
 
 def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides):

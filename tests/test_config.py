@@ -551,6 +551,10 @@ def test_hf_config_invalid_json(tmp_path):
         ),
         ({"hidden_size": "64"}, "'hidden_size' must be int, got str '64'"),
         (
+            {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "qkv_bias": False},
+            "qkv_bias=false (q/k/v without biases) is not supported by mdpo's qwen2_moe model",
+        ),
+        (
             {
                 "architectures": ["Olmo3ForCausalLM"],
                 "model_type": "olmo3",

@@ -131,6 +131,11 @@ def test_descriptions_follow_config_json(converted):
     for case in ("olmo2", "olmo3"):
         assert model[case]["norm_position"] == "post" and model[case]["qk_norm_span"] == "projection", case
     assert model["olmo3"]["sliding_window"] == 6 and model["olmo3"]["sliding_window_layers"] == [0, 1, 2]
+    assert model["qwen2_moe"]["shared_expert_intermediate_size"] == 80 and model["qwen2_moe"]["moe_layers"] == [0, 2, 3]
+    assert model["qwen2_moe"]["sliding_window_layers"] == [0, 2] and model["qwen2_moe"]["qkv_bias"]
+    written = json.loads((converted["qwen2_moe"][0] / "config.json").read_text())
+    del written["layer_types"]  # transformers 4 wrote none: transformers 5 then takes every other layer below 3
+    assert families.get("qwen2_moe").read_config(written)["sliding_window_layers"] == [0, 2]
 
 
 @pytest.mark.parametrize(
@@ -210,6 +215,7 @@ def _edit(folder: Path, drop: str | None = None, add: dict | None = None, reshap
     ("case", "expected"),
     [
         ("missing", "missing tensor 'model.layers.1.self_attn.k_proj.weight'"),
+        ("shared_expert", "missing tensor 'model.layers.2.mlp.shared_expert_gate.weight'"),
         ("extra", "unexpected tensor 'model.layers.0.mlp.bias'"),
         ("shape", "tensor 'model.layers.0.mlp.up_proj.weight' has shape (97, 64), the model config expects (96, 64)"),
         ("tp", "--tp 3 does not divide the attention heads (4 query, 2 key/value)"),
@@ -227,10 +233,15 @@ def _edit(folder: Path, drop: str | None = None, add: dict | None = None, reshap
 )
 def test_conversion_errors_name_the_problem(tmp_path, case, expected):
     src = tmp_path / "hf"
-    tiny_hf_llama(seed=0, vocab_size=VOCAB).save_pretrained(src)
+    model = (
+        tiny_hf_family("qwen2_moe", vocab_size=VOCAB) if case == "shared_expert" else tiny_hf_llama(vocab_size=VOCAB)
+    )
+    model.save_pretrained(src)
     extra: tuple[str, ...] = ()
     if case == "missing":
         _edit(src, drop="model.layers.1.self_attn.k_proj.weight")
+    elif case == "shared_expert":
+        _edit(src, drop="model.layers.2.mlp.shared_expert_gate.weight")
     elif case == "extra":
         _edit(src, add={"model.layers.0.mlp.bias": torch.zeros(3)})
     elif case == "shape":

@@ -119,6 +119,7 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
         ("qwen2.5", dict(layer_types=["full_attention"] * 4)),
         ("olmo3", dict(layer_types=["full_attention"] * 4)),
         ("gemma3_tied", dict(layer_types=["full_attention"] * 4)),
+        ("qwen2_moe", dict(layer_types=["full_attention"] * 4)),
     ):
         folder, want = families[case]
         whole = hf_logps_float64(folder, family_pairs(), **unwindowed)

@@ -149,6 +149,8 @@ FAMILY_LAYOUTS = {
         2,
         [*_SP_PACKED, "parallel.ep=2", "parallel.etp=1", *_AUX],
     ),
+    # Qwen2-MoE's shared expert split over TP with SP, its sigmoid gate whole on each rank (gradients summed over TP)
+    "qwen2_moe": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "schedule.micro_batch_size=2", *_AUX]),
 }
 
 

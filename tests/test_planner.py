@@ -34,9 +34,14 @@ SMALL_MOE = ModelConfig(
     moe_intermediate_size=48,
     moe_layers=[0, 2],
 )
-# every preset of every registered family, and the small MoE above
+# the same with Qwen2-MoE's attention and a gated shared expert (wider than the routed experts) in its MoE layers
+SMALL_SHARED_MOE = dataclasses.replace(
+    SMALL_MOE, family="qwen2_moe", head_dim=None, qk_norm=False, qkv_bias=True, shared_expert_intermediate_size=80
+)
+SMALL = {"small_moe": SMALL_MOE, "small_shared_moe": SMALL_SHARED_MOE}
+# every preset of every registered family, and the small MoEs above
 SHAPES = [(family.name, name) for family in families.FAMILIES.values() for name in family.presets]
-SHAPES.append(("qwen3_moe", "small_moe"))
+SHAPES += [(shape.family, name) for name, shape in SMALL.items()]
 
 
 def _transformers_model(shape: ModelConfig) -> torch.nn.Module:
@@ -58,10 +63,11 @@ def test_presets_count_the_families_parameters(family, name):
     class of its family (tied heads counted once, Qwen 3's q/k norms, head sizes apart from hidden / heads); for the
     families transformers has no class of (Qwen 1.0, Baichuan 2: remote code) the tensors of mdpo's mapping table.
     A mixture of experts' active parameters (a token's) are that total less the experts a token does not use, taken
-    from transformers' expert modules: (E - k) / E of each layer's experts. Measured: Qwen3-30B-A3B 30,532,122,624
-    total / 3,353,032,704 active, Qwen3-235B-A22B 235,093,634,560 / 22,190,763,520, Mixtral 8x7B 46,702,792,704 /
-    12,879,925,248."""
-    shape = SMALL_MOE if name == "small_moe" else planner.MODELS[name]
+    from transformers' expert modules: (E - k) / E of each layer's routed experts (Qwen2-MoE's shared expert runs for
+    every token). Measured: Qwen3-30B-A3B 30,532,122,624 total / 3,353,032,704 active, Qwen3-235B-A22B
+    235,093,634,560 / 22,190,763,520, Mixtral 8x7B 46,702,792,704 / 12,879,925,248, Qwen1.5-MoE-A2.7B
+    14,315,784,192 / 2,689,173,504, Qwen2-57B-A14B 57,408,658,944 / 14,249,270,784."""
+    shape = SMALL.get(name) or planner.MODELS[name]
     assert shape.family == family
     if not isinstance(families.get(family).oracle, str):
         tables = hf_shapes(families.get(family), shape)
@@ -142,25 +148,27 @@ def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank, fea
         assert predicted[part] * planner.GIB == pytest.approx(measured[part], rel=0.02), part  # buffers pad to 128s
 
 
-def test_moe_static_memory_is_what_megatron_allocates(megatron_world):
-    """An MoE policy (4 experts, top 2, layer 1 dense) at EP=1: weights, gradient buffers and Adam's states as
-    Megatron allocates them, within 0.2% (the final norm and the buffers' padding: a missing router would be 0.3%);
-    the experts' count exactly; and per EP rank (EP=2, ETP=1 or 2) the rank's E / EP experts, each 1 / ETP of
-    Megatron's expert, which is all a rank of an expert-parallel run builds."""
-    measured = _allocated(SMALL_MOE)
+@pytest.mark.parametrize("name", list(SMALL))
+def test_moe_static_memory_is_what_megatron_allocates(megatron_world, name):
+    """An MoE policy (4 experts, top 2, layer 1 dense; with and without a shared expert) at EP=1: weights, gradient
+    buffers and Adam's states as Megatron allocates them, within 0.2% (the final norm and the buffers' padding: a
+    missing router would be 0.3%); the routed experts' count exactly; and per EP rank (EP=2, ETP=1 or 2) the rank's
+    E / EP experts, each 1 / ETP of Megatron's expert, which is all a rank of an expert-parallel run builds."""
+    shape = SMALL[name]
+    measured = _allocated(shape)
     candidate = planner.Candidate(precision="fp32", distributed_optimizer=False)
     cluster = planner.Cluster(planner.GPUS["h100-80g"], gpus_per_node=1)
-    predicted = planner.memory_per_gpu(SMALL_MOE, candidate, planner.Workload(reference="none", max_tokens=64), cluster)
+    predicted = planner.memory_per_gpu(shape, candidate, planner.Workload(reference="none", max_tokens=64), cluster)
     for part in ("weights", "grads", "optimizer"):
         assert predicted[part] * planner.GIB == pytest.approx(measured[part], rel=0.002), part
-    assert planner.stage_params(SMALL_MOE, Layout(), 0)[1] == measured["experts"]
+    assert planner.stage_params(shape, Layout(), 0)[1] == measured["experts"]
     for etp in (1, 2):
         layout = Layout(tp=2, dp=2, ep=2, etp=etp, sequence_parallel=True)
-        assert planner.stage_params(SMALL_MOE, layout, 0)[1] == measured["experts"] / 2 / etp
+        assert planner.stage_params(shape, layout, 0)[1] == measured["experts"] / 2 / etp
 
 
 def _saved_bytes_per_token(
-    layers: int, recompute: str, fused_swiglu: bool = False, fused_rope: bool = False, **experts: int
+    layers: int, recompute: str, fused_swiglu: bool = False, fused_rope: bool = False, **experts: int | None
 ) -> float:
     """Bytes of the distinct tensors autograd keeps for backward in one forward of a real model (with `experts`, an
     MoE one's: every layer with experts), per token."""
@@ -217,14 +225,15 @@ def test_activation_bytes_per_layer_are_what_autograd_keeps(megatron_world, reco
     assert planner.activation_bytes_per_token_layer(shape, fp32, norm_saves=2) == pytest.approx(per_layer, rel=0.03)
 
 
-@pytest.mark.parametrize("fused_swiglu", [False, True])
-def test_moe_activation_bytes_are_what_autograd_keeps(megatron_world, fused_swiglu):
-    """An MoE layer (4 experts, top 2, experts of 160 next to a dense MLP of 688) against a real one: the whole
-    layer within 3% as the dense layer's test, and what the experts and router keep in place of the dense MLP (the
-    two models' per-layer difference: top-k dispatched copies, the experts' SwiGLU on them, the routing) within 1%."""
-    experts = dict(num_experts=4, moe_topk=2, moe_intermediate_size=160)
+@pytest.mark.parametrize(("fused_swiglu", "shared"), [(False, None), (True, None), (False, 240)])
+def test_moe_activation_bytes_are_what_autograd_keeps(megatron_world, fused_swiglu, shared):
+    """An MoE layer (4 experts, top 2, experts of 160 next to a dense MLP of 688; with a gated shared expert of 240)
+    against a real one: the whole layer within 3% as the dense layer's test, and what the experts and router keep in
+    place of the dense MLP (the two models' per-layer difference: top-k dispatched copies, the experts' SwiGLU on
+    them, the routing, the shared expert's SwiGLU and gate) within 1%."""
+    experts = dict(num_experts=4, moe_topk=2, moe_intermediate_size=160, shared_expert_intermediate_size=shared)
 
-    def per_layer(**moe: int) -> float:
+    def per_layer(**moe: int | None) -> float:
         return (
             _saved_bytes_per_token(4, "none", fused_swiglu, **moe)
             - _saved_bytes_per_token(2, "none", fused_swiglu, **moe)

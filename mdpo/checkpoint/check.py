@@ -3,9 +3,9 @@ user's own data (or generated ids), as ms-swift's `--test_convert_precision` doe
 
 The independent forward is the family's oracle (`Family.oracle`); it never runs a model folder's remote code and
 shares nothing with mdpo's mapping tables: transformers' own class for the families it has (Llama 2 / 3.x, Qwen 2 /
-2.5, Qwen 3, Mistral, Qwen3-MoE, Mixtral), loading the folder with its config.json; for Qwen 1.0 and Baichuan 2,
-whose model code is remote, the family's float64 stand-in (`mdpo.models.families.oracles`). Both sides run in
-float32 whatever the checkpoint's dtype (bf16 weights are upcast exactly on both), so the check tests the
+2.5, Qwen 3, Mistral, Qwen3-MoE, Qwen2-MoE, Mixtral), loading the folder with its config.json; for Qwen 1.0 and
+Baichuan 2, whose model code is remote, the family's float64 stand-in (`mdpo.models.families.oracles`). Both sides
+run in float32 whatever the checkpoint's dtype (bf16 weights are upcast exactly on both), so the check tests the
 conversion, not bf16 rounding, and one tolerance holds: max |logit error| <= 1e-4, and each sequence's summed
 log-prob within 1e-4 per token.
 """

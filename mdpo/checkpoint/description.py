@@ -59,6 +59,7 @@ ARCH_FIELDS = (
     "num_experts",
     "moe_topk",
     "moe_intermediate_size",
+    "shared_expert_intermediate_size",
     "moe_layers",
     "norm_topk_prob",
     "router_aux_loss_coef",

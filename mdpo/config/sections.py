@@ -206,12 +206,15 @@ class ModelConfig(Section):
     # RoPE in one kernel forward and one backward: Megatron's rotation under torch.compile on the local layers
     # (`models.rotary`), Transformer Engine's fused RoPE on TE's (Megatron's apply_rope_fusion); off until measured
     fused_rope: bool = False
-    # Mixture of experts (Qwen3-MoE, Mixtral): Megatron-Core's router, token dispatcher and experts in the layers
-    # `moe_layers` lists (None: every layer; the others keep a dense MLP of intermediate_size)
+    # Mixture of experts (Qwen3-MoE, Qwen2-MoE, Mixtral): Megatron-Core's router, token dispatcher and experts in the
+    # layers `moe_layers` lists (None: every layer; the others keep a dense MLP of intermediate_size)
     num_experts: int | None = None  # None = a dense model
     moe_topk: int = 2  # experts per token (num_experts_per_tok)
     moe_intermediate_size: int | None = None  # one expert's MLP width; None = intermediate_size (Mixtral)
     moe_layers: list[int] | None = None  # the layers with experts (Qwen3-MoE's mlp_only_layers are left out)
+    # a shared expert beside the routed ones in every MoE layer (Qwen2-MoE's): a SwiGLU MLP of this width that every
+    # token runs, its output scaled by a sigmoid gate of the token ([1, hidden]); None: none
+    shared_expert_intermediate_size: int | None = None
     # true: the top-k softmax weights renormalised to sum 1 (a softmax over the k top logits: Mixtral, Qwen3-MoE's
     # norm_topk_prob); false: the softmax over all experts, unrenormalised
     norm_topk_prob: bool = True
@@ -285,6 +288,7 @@ class ModelConfig(Section):
         "num_experts",
         "moe_topk",
         "moe_intermediate_size",
+        "shared_expert_intermediate_size",
     )
 
     def _rules(self) -> None:
@@ -301,6 +305,11 @@ class ModelConfig(Section):
         self._check_norms()
         if self.is_moe:
             self._check_experts()
+        need(
+            self.is_moe or self.shared_expert_intermediate_size is None,
+            "model.shared_expert_intermediate_size is set but model.num_experts is null (a shared expert sits beside "
+            "routed experts)",
+        )
         heads, kv_heads = self.num_attention_heads, self.kv_heads
         need(
             heads % kv_heads == 0,

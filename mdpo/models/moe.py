@@ -1,5 +1,6 @@
 """Mixture-of-experts layers: Megatron-Core's router, token dispatcher and experts, configured to route as
-transformers' Qwen3-MoE and Mixtral do, and the routers (spec entries) that give the objective a load-balancing loss.
+transformers' Qwen3-MoE, Qwen2-MoE and Mixtral do (Qwen2-MoE's gated shared expert: Megatron's SharedExpertMLP), and
+the routers (spec entries) that give the objective a load-balancing loss.
 
 Routing (dropless: no capacity factor, so every layout routes every token the same): a softmax router without bias
 over all experts, top-k. Renormalised top-k weights (Mixtral; Qwen3-MoE's `norm_topk_prob: true`) equal a softmax
@@ -57,6 +58,10 @@ def moe_fields(
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_topk,
         moe_ffn_hidden_size=model.expert_width,
+        # Qwen2-MoE's shared expert: Megatron's SharedExpertMLP, sigmoid(x gate^T) x its SwiGLU MLP(x), added to the
+        # routed experts' output as transformers' Qwen2MoeSparseMoeBlock adds it
+        moe_shared_expert_intermediate_size=model.shared_expert_intermediate_size,
+        moe_shared_expert_gate=model.shared_expert_intermediate_size is not None,
         moe_layer_freq=[int(i in layers) for i in range(model.num_hidden_layers)],
         moe_router_score_function="softmax",
         moe_router_pre_softmax=not model.norm_topk_prob,

@@ -19,8 +19,10 @@ from mdpo.planner.models import (
     kv_dim,
     lora_params,
     mlp_params,
+    moe_gate_params,
     params,
     q_dim,
+    shared_expert_params,
 )
 
 GIB = 2**30
@@ -246,13 +248,18 @@ def moe_bytes_per_token(model: ModelConfig, candidate: Candidate) -> float:
     up half's copy, their product, and that product times the routing weight as the down projection's input
     (6w/ETP; 3w/ETP with the fused SwiGLU, which keeps the gate/up output and the weighted product); the router's
     scores over the E experts and its routing map (a byte an expert), the top-k probabilities twice and two int64
-    index lists (per token of this rank's share)."""
+    index lists (per token of this rank's share). A shared expert keeps what a dense MLP of its width does (5s/TP;
+    3s/TP fused) and, for its gate's product, its output and the sigmoid (h + 1 per token of this rank's share)."""
     layout, width, k = candidate.layout, candidate.width, model.moe_topk
     copies = k * layout.expert_tp / layout.tp
     swiglu = (3 if candidate.fused_swiglu else 6) * model.expert_width / layout.expert_tp
     routing = (width + 1) * model.num_experts + (2 * width + 16) * k
     share = layout.tp if layout.sequence_parallel else 1
-    return width * copies * (model.hidden_size + swiglu) + routing / share
+    kept = width * copies * (model.hidden_size + swiglu) + routing / share
+    if model.shared_expert_intermediate_size is not None:
+        shared_swiglu = (3 if candidate.fused_swiglu else 5) * model.shared_expert_intermediate_size / layout.tp
+        kept += width * (shared_swiglu + (model.hidden_size + 1) / share)
+    return kept
 
 
 def _in_flight(candidate: Candidate, workload: Workload, first: bool) -> float:
@@ -279,14 +286,13 @@ def stage_layers(model: ModelConfig, layout: Layout, pp_rank: int) -> tuple[int,
 def stage_params(model: ModelConfig, layout: Layout, pp_rank: int) -> tuple[float, float]:
     """Weights one GPU of pipeline stage `pp_rank` holds in its layers, dense and expert apart (their gradients
     reduce and their optimizer states shard over different groups): attention, norms and dense MLPs split over TP,
-    the routers whole (Megatron replicates them over TP), E / EP experts each split over ETP."""
+    a shared expert split over TP, the routers and a shared expert's gate whole (Megatron replicates them over TP),
+    E / EP experts each split over ETP."""
     dense_layers, moe_layers = stage_layers(model, layout, pp_rank)
-    experts = model.num_experts or 0
-    dense = (dense_layers + moe_layers) * attention_params(model) + dense_layers * mlp_params(
-        model, model.intermediate_size
-    )
-    local_experts = moe_layers * experts // layout.ep * mlp_params(model, model.expert_width)
-    return dense / layout.tp + moe_layers * experts * model.hidden_size, local_experts / layout.expert_tp
+    attention, mlp = attention_params(model), mlp_params(model, model.intermediate_size)
+    dense = (dense_layers + moe_layers) * attention + dense_layers * mlp + moe_layers * shared_expert_params(model)
+    local_experts = moe_layers * (model.num_experts or 0) // layout.ep * mlp_params(model, model.expert_width)
+    return dense / layout.tp + moe_layers * moe_gate_params(model), local_experts / layout.expert_tp
 
 
 def memory_per_gpu(model: ModelConfig, candidate: Candidate, workload: Workload, cluster: Cluster) -> dict[str, float]:
@@ -396,7 +402,7 @@ def rank_params(model: ModelConfig, candidate: Candidate, workload: Workload) ->
         dense_layers = model.num_hidden_layers - moe_layers
         adapters = dense_layers * lora_params(model, workload.lora_rank, t)
         return (adapters + moe_layers * lora_params(model, workload.lora_rank, t, mlp=False)) / p, 0.0
-    experts, routers = expert_params(model), moe_layers * (model.num_experts or 0) * model.hidden_size
+    experts, routers = expert_params(model), moe_layers * moe_gate_params(model)
     return ((params(model) - experts - routers) / t + routers) / p, experts / (layout.ep * layout.expert_tp * p)
 
 

@@ -1,6 +1,7 @@
 """What the planner counts of a model: parameters and FLOPs of a `ModelConfig` (a Llama-like decoder: SwiGLU,
 RMSNorm, GQA, a head size of its own, q/k biases or norms, tied or untied embeddings: every supported family; with
-mixture-of-experts layers, a router and SwiGLU experts in place of the dense MLP), and the presets it knows by name
+mixture-of-experts layers, a router and SwiGLU experts in place of the dense MLP, and Qwen2-MoE's gated shared
+expert beside them), and the presets it knows by name
 (the registry's families' published configs). A model is the run's own `ModelConfig`, so a config file, a HF
 folder and a preset describe it the same way.
 """
@@ -51,11 +52,25 @@ def mlp_params(model: ModelConfig, width: int) -> int:
     return 3 * model.hidden_size * width
 
 
+def moe_gate_params(model: ModelConfig) -> int:
+    """What a MoE layer holds whole on every TP rank (Megatron replicates them): the router [experts, hidden] and a
+    shared expert's sigmoid gate [1, hidden]."""
+    return ((model.num_experts or 0) + (model.shared_expert_intermediate_size is not None)) * model.hidden_size
+
+
+def shared_expert_params(model: ModelConfig) -> int:
+    """A MoE layer's shared expert MLP (Qwen2-MoE's: every token runs it; split over TP as a dense MLP); 0 without
+    one."""
+    width = model.shared_expert_intermediate_size
+    return 0 if width is None else mlp_params(model, width)
+
+
 def layer_params(model: ModelConfig, moe: bool = False) -> int:
-    """One decoder layer: attention and norms, and the dense MLP or (`moe`) the router [experts, hidden] and every
-    expert."""
+    """One decoder layer: attention and norms, and the dense MLP or (`moe`) the router, every expert and a shared
+    expert with its gate."""
     if moe:
-        return attention_params(model) + model.num_experts * (model.hidden_size + mlp_params(model, model.expert_width))
+        experts = model.num_experts * mlp_params(model, model.expert_width)
+        return attention_params(model) + moe_gate_params(model) + experts + shared_expert_params(model)
     return attention_params(model) + mlp_params(model, model.intermediate_size)
 
 
@@ -73,14 +88,14 @@ def params(model: ModelConfig) -> int:
 
 
 def expert_params(model: ModelConfig) -> int:
-    """The experts' weights, all layers' (0 for a dense model): what EP x ETP split and the expert data-parallel
-    group reduces, apart from the dense weights."""
+    """The routed experts' weights, all layers' (0 for a dense model): what EP x ETP split and the expert
+    data-parallel group reduces, apart from the dense weights (a shared expert among them)."""
     return len(model.expert_layers()) * (model.num_experts or 0) * mlp_params(model, model.expert_width)
 
 
 def active_params(model: ModelConfig) -> int:
     """The weights one token uses: all but the experts it is not routed to (each MoE layer runs `moe_topk` of its
-    experts; the router runs whole). A dense model's every weight."""
+    experts; the router and a shared expert run whole). A dense model's every weight."""
     idle = (model.num_experts or 0) - (model.moe_topk if model.is_moe else 0)
     return params(model) - len(model.expert_layers()) * idle * mlp_params(model, model.expert_width)
 

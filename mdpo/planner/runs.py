@@ -107,6 +107,7 @@ def _model_overrides(model: ModelConfig, positions: int, attention: str) -> list
         "num_experts",
         "moe_topk",
         "moe_intermediate_size",
+        "shared_expert_intermediate_size",
         "moe_layers",
         "router_aux_loss_coef",
     )

@@ -9,7 +9,19 @@ import os
 from typing import Any
 
 from mdpo.errors import ConfigError
-from mdpo.models.families import baichuan, gemma3, llama, mistral, mixtral, olmo2, qwen, qwen2, qwen3, qwen3_moe
+from mdpo.models.families import (
+    baichuan,
+    gemma3,
+    llama,
+    mistral,
+    mixtral,
+    olmo2,
+    qwen,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+)
 from mdpo.models.families.base import Family
 
 FAMILIES: dict[str, Family] = {
@@ -22,6 +34,7 @@ FAMILIES: dict[str, Family] = {
         mistral.FAMILY,
         baichuan.FAMILY,
         qwen3_moe.FAMILY,
+        qwen2_moe.FAMILY,
         mixtral.FAMILY,
         olmo2.FAMILY,
         olmo2.OLMO3_FAMILY,

@@ -10,8 +10,9 @@ A table row is (Megatron name, HF names, transform). Transforms are the only rea
 - `packed_qkv`: one HF tensor holding q|k|v stacked (Qwen's c_attn, Baichuan's W_pack) -> the same fused layout.
 - `gate_up`: [gate; up] stacked into `linear_fc1` (the table lists gate first, whatever the HF names).
 
-Mixture-of-experts families add `moe_tensors`: the MLP rows of a layer with experts (its router and, with `{e}` in
-the names, one row per expert, global expert numbers on both sides), which replace the dense MLP's `mlp.` rows there.
+Mixture-of-experts families add `moe_tensors`: the MLP rows of a layer with experts (its router, a shared expert's
+rows and, with `{e}` in the names, one row per expert, global expert numbers on both sides), which replace the dense
+MLP's `mlp.` rows there.
 
 Tensors here are full (unsharded); `mdpo.models.sharding` cuts them for a TP/PP rank. Expected HF shapes are not
 written anywhere: they are derived by running the table backwards on meta tensors of the Megatron shapes.
@@ -273,15 +274,24 @@ def mcore_shapes(model: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, 
 
 
 EXPERT = "mlp.experts.local_experts.{e}."  # an expert's Megatron prefix in a layer (SequentialMLP's names)
+SHARED_EXPERT = "mlp.shared_experts."  # the shared expert's Megatron prefix in a layer (SharedExpertMLP's names)
 
 
 def expert_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """A MoE layer's MLP tensors (full, global expert numbers): the router and each expert's fc1 / fc2."""
+    """A MoE layer's MLP tensors (full, global expert numbers): the router, each expert's fc1 / fc2 and, with a
+    shared expert, its fc1 / fc2 (split over TP as a dense MLP) and its sigmoid gate (whole on every TP rank)."""
     h, w = model.hidden_size, model.expert_width
     shapes = {"mlp.router.weight": (model.num_experts, h)}
     for e in range(model.num_experts):
         prefix = EXPERT.format(e=e)
         shapes |= {prefix + "linear_fc1.weight": (2 * w, h), prefix + "linear_fc2.weight": (h, w)}
+    shared = model.shared_expert_intermediate_size
+    if shared is not None:
+        shapes |= {
+            SHARED_EXPERT + "linear_fc1.weight": (2 * shared, h),
+            SHARED_EXPERT + "linear_fc2.weight": (h, shared),
+            SHARED_EXPERT + "gate_weight": (1, h),
+        }
     return shapes
 
 

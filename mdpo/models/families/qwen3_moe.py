@@ -34,12 +34,11 @@ def sparse_layers(hf: dict, layers: int) -> list[int] | None:
     return None if len(sparse) == layers else sparse
 
 
-def read_config(hf: dict) -> dict:
-    fields = read_qwen3(hf)
-    experts = hf.get("num_experts", hf.get("num_local_experts"))
-    return fields | {
-        "num_experts": experts,
-        "moe_topk": hf.get("num_experts_per_tok", 8),
+def read_experts(hf: dict, default_topk: int = 8) -> dict:
+    """The routed experts' fields of a Qwen MoE config.json (Qwen3-MoE's keys, which Qwen2-MoE shares)."""
+    return {
+        "num_experts": hf.get("num_experts", hf.get("num_local_experts")),
+        "moe_topk": hf.get("num_experts_per_tok", default_topk),
         "moe_intermediate_size": hf.get("moe_intermediate_size"),
         "moe_layers": sparse_layers(hf, hf.get("num_hidden_layers", 0)),
         "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
@@ -47,9 +46,10 @@ def read_config(hf: dict) -> dict:
     }
 
 
-def write_extra(model: ModelConfig) -> dict:
+def write_experts(model: ModelConfig) -> dict:
+    """Inverse of `read_experts`: the dense layers listed in `mlp_only_layers`."""
     sparse = set(model.expert_layers())
-    return write_windows(model) | {
+    return {
         "num_experts": model.num_experts,
         "num_experts_per_tok": model.moe_topk,
         "moe_intermediate_size": model.expert_width,
@@ -58,6 +58,14 @@ def write_extra(model: ModelConfig) -> dict:
         "norm_topk_prob": model.norm_topk_prob,
         "router_aux_loss_coef": model.router_aux_loss_coef,
     }
+
+
+def read_config(hf: dict) -> dict:
+    return read_qwen3(hf) | read_experts(hf)
+
+
+def write_extra(model: ModelConfig) -> dict:
+    return write_windows(model) | write_experts(model)
 
 
 # Qwen3-MoE's config.json past the counts: 128 experts, 8 per token, renormalised, load-balancing loss 0.001; every
