@@ -303,7 +303,7 @@ def test_missing_required(key):
         (["parallel.tp=3"], "parallel.tp=3 does not divide model.num_attention_heads=4"),
         (["parallel.tp=4"], "parallel.tp=4 does not divide model.num_key_value_heads=2"),
         (["logging.log_interval=0"], "logging.log_interval must be > 0"),
-        (["model.norm_position=sandwich"], "model.norm_position must be 'pre' or 'post', got 'sandwich'"),
+        (["model.norm_position=sandwich"], "model.norm_position must be pre, post or both, got 'sandwich'"),
         (["model.qk_norm_span=projection"], "model.qk_norm_span=projection needs model.qk_norm=true"),
         (
             ["model.window_rope_theta=10000"],
@@ -311,8 +311,8 @@ def test_missing_required(key):
         ),
         (
             ["model.norm_position=post", "model.attention=te"],
-            "model.attention=te with model.norm_position=post and model.qk_norm_span=head: Transformer Engine's "
-            "layers fuse each norm into the linear after it",
+            "model.attention=te with model.norm_position=post, model.qk_norm_span=head and "
+            "model.zero_centered_norms=false: Transformer Engine's layers fuse a plain norm into the linear after it",
         ),
     ],
 )

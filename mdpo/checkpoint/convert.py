@@ -40,6 +40,7 @@ from mdpo.checkpoint.load import (
 from mdpo.config import FLAG_WORDING, Layout, ModelConfig
 from mdpo.errors import MdpoError, cause
 from mdpo.models import families, sharding
+from mdpo.models.families.base import Family
 from mdpo.models.gpt import build_gpt_model, transformer_config
 from mdpo.models.lora import merge_adapters, split_adapters
 
@@ -158,17 +159,20 @@ def hf_to_megatron(
     (tmp / MODEL_FILE).write_text(json.dumps(description, indent=2) + "\n")
     shutil.copy2(hf_dir / "config.json", tmp / "config.json")
     copy_auxiliary(hf_dir, tmp)
-    carried = dict(carried_tensors(families.get(model.family), hf_dir))
-    if carried:  # the checkpoint is the origin of its exports: it keeps what the family carries untrained
-        save_file(carried, str(tmp / CARRIED_FILE))
-        print(
-            f"{len(carried)} tensors mdpo does not train ({', '.join(families.get(model.family).carried)}) kept "
-            f"in {CARRIED_FILE}, for the export"
-        )
+    _keep_carried(hf_dir, tmp, families.get(model.family))
     _finish(tmp, out)
     if check is not None:
         check_conversion(hf_dir, out, model, check.data, check.rows)
     return out
+
+
+def _keep_carried(hf_dir: Path, out: Path, family: Family) -> None:
+    """A converted checkpoint is the origin of its exports: it keeps what the family carries untrained (a vision
+    tower) in CARRIED_FILE."""
+    carried = dict(carried_tensors(family, hf_dir))
+    if carried:
+        save_file(carried, str(out / CARRIED_FILE))
+        print(f"{len(carried)} tensors mdpo does not train ({', '.join(family.carried)}) kept in {CARRIED_FILE}")
 
 
 def megatron_to_hf(ckpt: str | Path, out: str | Path, check: Check | None = None, adapter: bool = False) -> Path:
