@@ -126,10 +126,12 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
         assert ((whole - want).abs() / want.abs()).max() > 10 * RTOL, case  # the windows change these log-probs
 
 
-# Cases whose layers another case already has at every parallel layout (they keep the one-process row layouts and
+# Cases whose layers other cases already have at every parallel layout (they keep the one-process row layouts and
 # the round trips): OLMo 3 has OLMo 2's layer (and adds windows and two RoPEs); the multimodal Gemma 3's text model is
-# gemma3_tied's (its loading checked in one process, its training at TP=2 in test_parallel.py)
-COVERED = ("olmo2", "gemma3_multimodal_tied")
+# gemma3_tied's (its loading checked in one process, its training at TP=2 in test_parallel.py); tied heads across
+# stages are gemma3_tied's and qwen3_tied's, Llama 3's scaling llama3.1's, linear RoPE and q/k/v biases gemma3_tied's
+# and qwen2.5's
+COVERED = ("olmo2", "gemma3_multimodal_tied", "llama3.2_tied", "qwen2.5_tied")
 
 
 def run_layouts(families, tmp_path: Path, layouts: tuple[str, ...], nproc: int) -> dict:

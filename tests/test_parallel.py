@@ -133,9 +133,8 @@ FAMILY_LAYOUTS = {
     # a sliding window shorter than the sequences, its layers split over two stages of two model chunks
     "mistral": (2, ["parallel.pp=2", "parallel.vpp=2", "schedule.micro_batch_size=2"]),
     # OLMo's q/k norms over all heads (their statistics all-reduced over TP, forward and backward; the whole weight
-    # on each rank, its gradient a slice per rank, summed), its norms after the sublayers, OLMo 3's windows over stages
+    # on each rank, its gradient a slice per rank, summed) and its norms after the sublayers
     "olmo2": (2, _SP_PACKED),
-    "olmo3": (2, ["parallel.pp=2", "schedule.micro_batch_size=2"]),
     # Gemma 3: its four 1 + w norms, GeGLU, scaled embeddings and two RoPEs over two stages of two model chunks
     "gemma3_tied": (2, ["parallel.pp=2", "parallel.vpp=2", "schedule.micro_batch_size=2"]),
     # the same text model inside Gemma3ForConditionalGeneration: its vision tower carried untrained into the export
