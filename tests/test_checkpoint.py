@@ -87,9 +87,10 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, name):
     second = train(setup, f"{name}_resumed", *layout, "logging.profile_step=4", nproc=nproc)
     assert "resumed from" in second.stdout and "(step 2)" in second.stdout
     assert_bitwise(outcome(setup / f"{name}_resumed"), outcome(setup / f"{name}_full"))
+    # the table lists the step's ops by time (its top 40, which of them wins varies run to run); the trace has all
     profile = (setup / f"{name}_resumed" / "profile.txt").read_text()
-    assert profile.startswith("step 4") and "aten::mm" in profile
-    assert (setup / f"{name}_resumed" / "profile_trace.json").stat().st_size > 0
+    assert profile.startswith("step 4") and "aten::" in profile and "Self CPU time total" in profile
+    assert '"aten::mm"' in (setup / f"{name}_resumed" / "profile_trace.json").read_text()
 
 
 @pytest.mark.parametrize(
