@@ -247,7 +247,7 @@ def short_pairs(root: Path, tokenizer, args) -> tuple[list[dict], list[str], int
     pairs = [fitting[k] for k in same][:needed]
     lengths = [ours[k] for k in same][:needed]
     data = write_jsonl(root / "pairs.jsonl", pairs)
-    sampler = PairSampler(len(pairs), args.global_batch, seed=0)
+    sampler = PairSampler(range(len(pairs)), args.global_batch, seed=0)
     order = [i for step in range(args.steps) for i in sampler.global_batch(step)]
     tokens = sum(2 * len(lengths[i][1]) + len(lengths[i][2]) + len(lengths[i][3]) for i in order)
     print(
@@ -266,7 +266,7 @@ def real_pairs(root: Path, tokenizer, args) -> tuple[list[dict], list[str], int]
     rows = tulu2_rows(ULTRAFEEDBACK, tokenizer.eos_token)[: args.rows]
     args.steps = len(rows) // args.global_batch
     args.warmup_steps = min(args.warmup_steps, args.steps - 1)
-    sampler = PairSampler(len(rows), args.global_batch, seed=0)
+    sampler = PairSampler(range(len(rows)), args.global_batch, seed=0)
     ordered = [rows[i] for step in range(args.steps) for i in sampler.global_batch(step)]
     trainer, _ = trl_trainer(root / "hf", tokenizer, ordered, args, root / "trl_probe")
     theirs = trainer.train_dataset  # TRL drops rows whose prompt fills max_length, and cuts each sequence there

@@ -326,6 +326,31 @@ def tiny_run_files(root: Path, *, n_train: int, n_eval: int, data_seed: int, mod
     return {"tokenizer": root / "tokenizer", "train": train, "eval": evaluation, "hf": root / "hf"}
 
 
+def conversation_rows(pairs: list[dict]) -> list[dict]:
+    """Plain pair rows ({prompt, chosen, rejected} strings) as `multi_turn` conversations, in order: two pairs as one
+    conversation with a preference at both assistant turns (the second's prompt holds the first's chosen answer),
+    then one pair alone, and so on: as many pairs, each row one prefix tree with a shared prompt."""
+    turn = lambda pair: [
+        {"role": "user", "content": pair["prompt"]},
+        {"role": "assistant", "content": pair["chosen"], "rejected": pair["rejected"]},
+    ]
+    rows, k = [], 0
+    while k < len(pairs):
+        group = pairs[k : k + (2 if len(rows) % 2 == 0 else 1)]
+        rows.append({"messages": [message for pair in group for message in turn(pair)]})
+        k += len(group)
+    return rows
+
+
+def ranked_rows(pairs: list[dict]) -> list[dict]:
+    """Plain pair rows as `ranked` rows of three scored completions: pair 2j's prompt with its chosen (score 3) and
+    rejected (1) answers and pair 2j+1's chosen (2): all_pairs makes three pairs of each, every completion in two."""
+    return [
+        {"prompt": a["prompt"], "completions": [a["chosen"], a["rejected"], b["chosen"]], "scores": [3, 1, 2]}
+        for a, b in zip(pairs[0::2], pairs[1::2])
+    ]
+
+
 # ------------------------------------------------------------------ shared by several test modules
 
 

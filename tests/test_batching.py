@@ -55,10 +55,12 @@ def test_packed_blocks_and_boundaries():
 
 
 def test_sampler_is_layout_independent_and_reshuffles_per_epoch():
-    sampler = PairSampler(num_pairs=20, global_batch_size=8, seed=3)
+    sampler = PairSampler(range(20), global_batch_size=8, seed=3)
     assert sampler.steps_per_epoch == 2
     step0 = sampler.global_batch(0)
-    assert step0 == PairSampler(20, 8, 3).global_batch(0)
+    assert step0 == PairSampler(range(20), 8, 3).global_batch(0)
+    # one pair per row: the pairs' own seeded shuffle
+    assert step0 == torch.randperm(20, generator=torch.Generator().manual_seed(3))[:8].tolist()
     assert sampler.global_batch(2) != step0  # epoch 2 has its own order
     by_dp = [i for r in range(2) for i in rank_share(step0, r, 2)]
     by_mb = rank_share(step0, 0, 1)
@@ -66,9 +68,22 @@ def test_sampler_is_layout_independent_and_reshuffles_per_epoch():
     assert len(set(torch.tensor(sampler.global_batch(0) + sampler.global_batch(1)).tolist())) == 16
 
 
+def test_sampler_keeps_a_rows_pairs_together():
+    """Rows are shuffled, each row's pairs follow one another in their own order (a cut may fall inside a row)."""
+    rows = [0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4, 5]  # 12 pairs of 6 input rows
+    sampler = PairSampler(rows, global_batch_size=4, seed=1)
+    for epoch in range(2):
+        order = [i for step in range(3) for i in sampler.global_batch(3 * epoch + step)]
+        assert sorted(order) == list(range(12))
+        for row in set(rows):
+            where = [order.index(i) for i, r in enumerate(rows) if r == row]
+            assert where == list(range(where[0], where[0] + len(where))), (row, order)
+        assert [rows[i] for i in order] != sorted(rows)  # the rows themselves are shuffled
+
+
 def test_too_few_pairs_for_a_batch():
     with pytest.raises(DataError, match="global_batch_size=8"):
-        PairSampler(num_pairs=5, global_batch_size=8, seed=0)
+        PairSampler(range(5), global_batch_size=8, seed=0)
 
 
 def test_sequence_parallel_padding_keeps_every_real_token_and_label():

@@ -15,6 +15,7 @@ from conftest import shared_path
 from mdpo.config import DataConfig, load_config
 from mdpo.data.formats import RowError, hh_messages
 from mdpo.data.pairs import TokenizeReport, load_pairs
+from mdpo.data.trees import trees_length
 from mdpo.errors import ConfigError, DataError
 
 EOS = 2
@@ -763,6 +764,11 @@ def test_multi_turn_rows_give_a_pair_per_rejected_turn(tmp_path, chat_tok):
     assert ids_of(pairs) == ids_of(oracle)
     assert [(p.index, p.row, p.turn) for p in pairs] == [(0, 0, 0), (1, 0, 1), (2, 1, 0)]
     assert pairs[0].prompt == pairs[1].prompt[: len(pairs[0].prompt)]  # the later turn's prompt extends the earlier
+    # ... by the earlier turn's chosen answer as trained: one prefix tree computes turn 0's sequence once (data.trees)
+    head = pairs[0].prompt + pairs[0].chosen
+    assert pairs[1].prompt[: len(head)] == head
+    sequences = [pair.prompt + response for pair in pairs[:2] for response in (pair.chosen, pair.rejected)]
+    assert trees_length(pairs[:2]) == len({tuple(ids[:n]) for ids in sequences for n in range(1, len(ids) + 1)})
     shared, _ = load(write_jsonl(tmp_path / "c.jsonl", [conversational(*expected[2])]), chat_tok)
     assert ids_of(shared) == ids_of(pairs[2:])  # a single-pair row: what the conversational row gives today
 

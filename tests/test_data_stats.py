@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 
 import pytest
 from conftest import shared_path
 
-from mdpo.data.pairs import TokenizedPair
-from mdpo.data.stats import add_arguments, data_stats, format_stats, main, padding_waste, percentiles
+from mdpo.data.encoding import load_tokenizer
+from mdpo.data.packing import pair_lengths
+from mdpo.data.pairs import TokenizedPair, TokenizeReport, load_pairs
+from mdpo.data.stats import add_arguments, data_config, data_stats, format_stats, main, padding_waste, percentiles
 
 
 def parse(argv):
@@ -62,9 +65,20 @@ def test_packing_beats_dynamic_padding_on_the_sample(uf_stats):
     assert packing["budget"] == 8192 and packing["efficiency"] > 0.9
 
 
+def distinct_prefixes(pairs) -> int:
+    """Tokens of one prefix tree per input row counted as a trie holds them: its sequences' distinct prefixes."""
+    by_row = collections.defaultdict(set)
+    for pair in pairs:
+        for response in (pair.chosen, pair.rejected):
+            ids = tuple(pair.prompt + response)
+            by_row[pair.row].update(ids[:n] for n in range(1, len(ids) + 1))
+    return sum(map(len, by_row.values()))
+
+
 def test_shared_prompt_removes_each_prompt_once(uf_stats):
     share, prompts = uf_stats["shared_prompt"], uf_stats["lengths"]["prompt"]
-    assert share["tokens"] - share["shared_tokens"] == round(prompts["mean"] * uf_stats["pairs"])
+    # each prompt once, and the first tokens a pair's two responses share (a prefix tree)
+    assert share["tokens"] - share["shared_tokens"] >= round(prompts["mean"] * uf_stats["pairs"])
     assert share["removed"] == pytest.approx(1 - share["shared_tokens"] / share["tokens"])
     assert share["packs"] < uf_stats["packing"]["packs"] and share["efficiency"] > 0.9
 
@@ -109,6 +123,12 @@ def test_counts_of_a_ranked_file_by_hand(tmp_path):
         "tied: equal scores": 2,
     }
     assert "rows: 5, pairs: 15, ties: 2, skipped: 0, dropped: 2, truncated: 0" in format_stats(stats)
+    # one forward per prompt: each row one prefix tree, as many tokens as a trie of its sequences holds
+    data, path = data_config(parse([*args, "--rank-pairs", "all_pairs"]))
+    pairs = load_pairs(data, path, load_tokenizer(data.tokenizer), TokenizeReport())
+    share = stats["shared_prompt"]
+    assert share["tokens"] == sum(pair_lengths(pairs)) and share["shared_tokens"] == distinct_prefixes(pairs)
+    assert share["shared_tokens"] < 0.4 * share["tokens"]
     # best_vs_worst: [4, 2, 5, 2] has two worst, [3, 3, 1] two best, [2, 2] all tied: 2 pairs from 5 rows
     worst = data_stats(parse([*args, "--rank-pairs", "best_vs_worst"]))
     assert (worst["rows"], worst["pairs"], worst["ties"], worst["dropped"]) == (5, 2, 0, 3)

@@ -18,12 +18,26 @@ VOCAB = 250
 RTOL = 1e-5
 
 
-def family_pairs(count: int = 6) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, chosen, rejected) ids of different lengths, positions up to 45 (where Llama 3's scaling shows)."""
+def family_pairs() -> list[tuple[list[int], list[int], list[int], int]]:
+    """(prompt, chosen, rejected, input row) ids of different lengths, positions up to 36: pairs 0-2 one ranked row
+    (a prompt behind three completions, every two a pair; two of them share their first tokens), pair 3 alone (a
+    one-token prompt), pairs 4-5 one conversation (turn 1's prompt is turn 0's prompt and chosen answer and a user
+    turn). With a shared prompt each row is one prefix tree (`data.trees`)."""
     g = torch.Generator().manual_seed(11)
     ids = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()
-    shapes = [(20, 15, 9), (3, 4, 12), (12, 2, 7), (1, 14, 3), (8, 8, 8), (25, 5, 11)][:count]
-    return [(ids(p), ids(c), ids(r)) for p, c, r in shapes]
+    prompt, first, second, third = ids(12), ids(15), ids(6), ids(7)
+    second = first[:3] + second
+    alone = (ids(1), ids(14), ids(3))
+    asked, answered, rejected = ids(8), ids(8), ids(8)
+    follow_up = asked + answered + ids(9)
+    return [
+        (prompt, first, second, 0),
+        (prompt, first, third, 0),
+        (prompt, second, third, 0),
+        (*alone, 1),
+        (asked, answered, rejected, 2),
+        (follow_up, ids(5), ids(11), 2),
+    ]
 
 
 def hf_logps_float64(folder: Path, pairs, **config_changes) -> torch.Tensor:
@@ -162,7 +176,7 @@ def hf_pair_aux_losses(folder: Path, pairs) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(folder, experts_implementation="eager").double().eval()
     losses = []
-    for prompt, chosen, rejected in pairs:
+    for prompt, chosen, rejected, *_ in pairs:
         rows = [prompt + chosen, prompt + rejected]
         length = max(map(len, rows))
         ids = torch.tensor([row + [0] * (length - len(row)) for row in rows])
@@ -195,8 +209,7 @@ def test_load_balancing_loss_equals_transformers_float64(megatron_world, familie
         gpt = gpt.eval()
         for layout in ROW_LAYOUTS:
             batch = collate_as(layout, pairs)
-            weights, owners = (routers_order(t, False) for t in (batch.token_weights, batch.token_pairs))
-            sums.start(weights, owners, batch.num_pairs)
+            sums.start(routers_order(batch.pair_weights, False))
             with torch.no_grad():
                 Scorer(model, chunk_tokens=7, thd=False).forward(batch, gpt)
             got = pair_aux_losses(sums, model.num_experts, sequence_parallel=False)

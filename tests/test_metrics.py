@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mdpo.config import DPOConfig
 from mdpo.training.logprobs import SequenceStats
-from mdpo.training.metrics import MetricSums, MetricsWriter, pair_sums
+from mdpo.training.metrics import MetricSums, MetricsWriter, pair_sums, turn_sums
 from mdpo.training.step import DPOObjective
 
 BETA = 0.1
@@ -28,13 +28,17 @@ def objective(**dpo) -> DPOObjective:
     return DPOObjective.from_config(DPOConfig(beta=BETA, **dpo), vocab_size=100)
 
 
-def sums_for(obj: DPOObjective, rows: slice) -> MetricSums:
-    """A micro-batch of the pairs `rows`: per-sequence stats (chosen, then rejected) and the batch's token counts."""
+def sums_for(obj: DPOObjective, rows: slice, turns: tuple[int, ...] = (0, 0, 0)) -> MetricSums:
+    """A micro-batch of the pairs `rows` (at these turn positions): per-sequence stats (chosen, then rejected) and
+    the batch's token counts, as the step sums them."""
     logit_sums = torch.ones(3)[rows]
     logps = torch.cat([PC[rows], PR[rows]])
     stats = SequenceStats(logps, logps, torch.cat([logit_sums, 2 * logit_sums]), torch.cat([LC[rows], LR[rows]]))
-    batch = types.SimpleNamespace(num_pairs=len(PC[rows]), num_input_tokens=7, num_computed_tokens=6, num_slots=10)
-    return pair_sums(obj(PC[rows], PR[rows], RC[rows], RR[rows], LC[rows], LR[rows]), stats, batch)
+    batch = types.SimpleNamespace(
+        num_pairs=len(PC[rows]), num_input_tokens=7, num_computed_tokens=6, num_slots=10, pair_turns=turns[rows]
+    )
+    losses = obj(PC[rows], PR[rows], RC[rows], RR[rows], LC[rows], LR[rows])
+    return pair_sums(losses, stats, batch).add(**turn_sums(losses, batch, obj.turns))
 
 
 def test_uneven_microbatches_reduce_to_the_hand_computed_means():
@@ -61,6 +65,18 @@ def test_uneven_microbatches_reduce_to_the_hand_computed_means():
     assert out["num_tokens"] == 14  # 7 input tokens per micro-batch
     assert out["num_tokens_computed"] == 12  # 6 per micro-batch: a shared prompt counted once
     assert out["packing_efficiency"] == pytest.approx(12 / 20)  # computed tokens over 10 slots per micro-batch
+
+
+def test_reward_accuracy_per_turn_position():
+    """Pairs at turn positions 0, 1, 1 (pair 1 wrong, as above) over uneven micro-batches: turn 0 all right, turn 1
+    half; a position no pair of the step has is left out; the overall accuracy is unchanged."""
+    obj = DPOObjective.from_config(DPOConfig(beta=BETA), vocab_size=100, turns=3)
+    sums = sums_for(obj, slice(0, 1), (0, 1, 1)) + sums_for(obj, slice(1, 3), (0, 1, 1))
+    assert sums.names == obj.metric_names
+    out = sums.record()
+    assert out["rewards/accuracies/turn_0"] == 1.0 and out["rewards/accuracies/turn_1"] == 0.5
+    assert "rewards/accuracies/turn_2" not in out and out["rewards/accuracies"] == pytest.approx(2 / 3)
+    assert not any("turn" in name for name in sums_for(objective(), slice(0, 3)).record())  # one turn: none
 
 
 def test_single_loss_has_no_components_and_bad_names_fail_at_start():

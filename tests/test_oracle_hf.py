@@ -160,6 +160,7 @@ def test_vocab_padding_is_masked_out(megatron_world):
         position_ids=torch.zeros(1, 2, dtype=torch.long),
         score_index=index,
         score_labels=torch.zeros(2, dtype=torch.long),
+        score_take=index,
         score_sequence=torch.zeros(2, dtype=torch.long),
         score_tail=torch.zeros(2, dtype=torch.bool),
         pair_ids=[0],

@@ -2,7 +2,10 @@
 without a shared prompt equal the (shared) reference run.
 
 Each layout trains the same HF weights on the same pairs for three steps; the per-step metrics and the
-exported weights must agree with the single-process run, and so must 8 micro-batches of 1 vs 1 of 8.
+exported weights must agree with the single-process run, and so must 8 micro-batches of 1 vs 1 of 8. The pairs
+are multi-turn conversations with a preference at one or two assistant turns (the families': ranked rows of three
+completions, every two a pair), so with a shared prompt each row is one prefix tree (`data.trees`) wherever the
+micro-batches leave its pairs together.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_mdpo, tiny_hf_family, tiny_run_files
+from conftest import conversation_rows, ranked_rows, run_mdpo, tiny_hf_family, tiny_run_files
 from safetensors.torch import load_file
+
+from mdpo.data.synthetic import write_jsonl
 
 STEPS = 3
 LAYOUTS = {
@@ -36,14 +41,14 @@ LAYOUTS = {
         4,
         ["parallel.cp=2", "model.attention=sdpa", "parallel.distributed_optimizer=true", "schedule.micro_batch_size=2"],
     ),
-    # Whole pairs packed into rows of at most 160 tokens (several packs per step, of different lengths), through
+    # Whole pairs packed into rows of at most 192 tokens (several packs per step, of different lengths), through
     # the pipeline: the loss is still the exact mean over the step's pairs.
-    "packed_pp2": (2, ["parallel.pp=2", "data.packing=true", "data.pack_tokens=160"]),
+    "packed_pp2": (2, ["parallel.pp=2", "data.packing=true", "data.pack_tokens=192"]),
     # Sequence parallelism on the local layers: each TP rank's norms see half of every packed row (padded to even),
     # so the norm weights' gradients are summed over TP; shared-prompt blocks, RoPE and scoring see the whole row.
     "tp2_sp_packed": (
         2,
-        ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true", "data.pack_tokens=160"],
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true", "data.pack_tokens=192"],
     ),
     # ... and with the fused kernels (model.fused_swiglu: Megatron's SwiGLU, torch.compile'd, its own backward;
     # model.fused_rope: Megatron's rotation compiled, per-token tables of the blocks) against the unfused one process.
@@ -53,7 +58,7 @@ LAYOUTS = {
             "parallel.tp=2",
             "parallel.sequence_parallel=true",
             "data.packing=true",
-            "data.pack_tokens=160",
+            "data.pack_tokens=192",
             "model.fused_swiglu=true",
             "model.fused_rope=true",
         ],
@@ -67,12 +72,12 @@ LAYOUTS = {
     ),
     "packed_pp2_unshared": (
         2,
-        ["parallel.pp=2", "data.packing=true", "data.pack_tokens=160", "data.share_prompt=false"],
+        ["parallel.pp=2", "data.packing=true", "data.pack_tokens=192", "data.share_prompt=false"],
     ),
     # The interleaved pipeline: two model chunks per stage (one layer each), padded and packed micro-batches (each
     # schedule call in one frame), several packs of different lengths a step.
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", "schedule.micro_batch_size=2"]),
-    "packed_pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", "data.packing=true", "data.pack_tokens=160"]),
+    "packed_pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", "data.packing=true", "data.pack_tokens=192"]),
     # Overlapped gradient reduction / parameter gather (the final export must see the gathered weights).
     "dp2_overlap_selective": (
         2,
@@ -90,10 +95,17 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("parallel")
-    files = tiny_run_files(root, n_train=64, n_eval=8, data_seed=0, model_seed=3)
+    files = tiny_run_files(root, n_train=96, n_eval=8, data_seed=0, model_seed=3)
+    pairs = [json.loads(line) for line in files["train"].read_text().splitlines()]
+    write_jsonl(conversation_rows(pairs[:64]), root / "conversations.jsonl")
+    write_jsonl(ranked_rows(pairs[:48]), root / "ranked.jsonl")  # 72 pairs
     config = {
         "model": {"init_from": str(files["hf"])},
-        "data": {"train_file": str(files["train"]), "tokenizer": str(files["tokenizer"]), "max_length": 64},
+        "data": {
+            "train_file": str(root / "conversations.jsonl"),
+            "tokenizer": str(files["tokenizer"]),
+            "max_length": 96,
+        },
         "schedule": {"global_batch_size": 8, "train_steps": STEPS, "warmup_ratio": 0.0, "seed": 5},
         # adam_eps well above fp32 summation noise: with 1e-8, grads that cancel to ~1e-8 make Adam's
         # g/(|g|+eps) amplify reordering noise (different micro-batch sums) into ~1e-3 of a step.
@@ -122,7 +134,7 @@ def setup(tmp_path_factory) -> Path:
 # Today's families, each trained in one process and in a layout that splits what it adds: q/k/v biases and head
 # sizes apart from hidden / heads over TP, Qwen 3's q/k norms (gradients summed over TP, with SP), tied heads across
 # pipeline stages (the embedding's gradient all-reduced with its copy on the last stage) and over TP.
-_SP_PACKED = ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true", "data.pack_tokens=160"]
+_SP_PACKED = ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true", "data.pack_tokens=192"]
 _AUX = ["dpo.router_aux_loss_coef=0.1"]
 FAMILY_LAYOUTS = {
     "llama3.1": (2, ["parallel.tp=2", "schedule.micro_batch_size=2"]),
@@ -157,7 +169,7 @@ def run_layout(root: Path, name: str, family: str | None = None) -> tuple[list[d
     """A layout's run; of `family`'s model when given (`name` tp1_mb8: one process; any other: its FAMILY_LAYOUTS)."""
     nproc, overrides = LAYOUTS[name] if family is None or name == "tp1_mb8" else FAMILY_LAYOUTS[family]
     if family is not None:
-        overrides = [*overrides, f"model.init_from={root / family}"]
+        overrides = [*overrides, f"model.init_from={root / family}", f"data.train_file={root / 'ranked.jsonl'}"]
         overrides += [o for o in FAMILY_LAYOUTS[family][1] if o.startswith("dpo.")]  # the same objective
         name = f"{family}_{name}"
     return run(root, name, nproc, overrides)
@@ -219,7 +231,8 @@ def assert_same_run(want_run, got_run, start: Path, name: str) -> None:
     (want_records, want_weights), (got_records, got_weights) = want_run, got_run
     assert len(got_records) == len(want_records) == STEPS
     for got, want in zip(got_records, want_records):
-        for key in METRICS + (("aux_loss",) if "aux_loss" in want else ()):
+        turns = tuple(key for key in want if key.startswith("rewards/accuracies/turn_"))  # multi-turn data
+        for key in METRICS + (("aux_loss",) if "aux_loss" in want else ()) + turns:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (name, got["step"], key)
     assert want_records[-1]["loss"] != pytest.approx(want_records[0]["loss"], abs=1e-3)  # training moved
     assert set(got_weights) == set(want_weights)
@@ -268,14 +281,14 @@ def test_megatron_router_losses_match_single_process(setup, name):
 
 @pytest.mark.parametrize("rows", ["packed", "one_pair_rows"])
 def test_expert_parallel_forward_passes_over_uneven_shares(setup, rows):
-    """`precompute-ref` at EP=2 over 2 processes whose shares differ (63 train pairs, 7 eval pairs: 32 / 31 and 4 / 3):
+    """`precompute-ref` at EP=2 over 2 processes whose shares differ (63 train pairs, 7 eval pairs: 31 / 32 and 3 / 4):
     every forward joins both ranks' all-to-all, so the rank with fewer micro-batches splits a pack or repeats one
     (an echo, not counted) instead of leaving the other waiting; each pair's reference log-probs equal one process's."""
     data = setup / "data"
     lines = {split: (data / f"{split}.jsonl").read_text().splitlines() for split in ("train", "eval")}
     (setup / "odd_train.jsonl").write_text("\n".join(lines["train"][:63]) + "\n")
     (setup / "odd_eval.jsonl").write_text("\n".join(lines["eval"][:7]) + "\n")
-    shape = ["data.packing=true", "data.pack_tokens=160"] if rows == "packed" else ["schedule.micro_batch_size=1"]
+    shape = ["data.packing=true", "data.pack_tokens=192"] if rows == "packed" else ["schedule.micro_batch_size=1"]
     caches = {}
     for nproc, layout in ((1, []), (2, ["parallel.ep=2"])):
         cache = setup / f"ep_cache_{rows}_{nproc}"

@@ -6,15 +6,18 @@ rejected one, so a pair never straddles micro-batches, DP ranks or pipeline stag
 
 - padded: each sequence [prompt | response] is a row, right-padded to the longest; plain causal attention.
 - packed: all 2m sequences in one row, each attending only to itself (`blocks`; THD kernels take `cu_seqlens`).
-- shared (padded): each pair is one row [prompt | chosen | rejected]; the rejected tokens' positions continue from
-  the prompt's end, as in their own sequence; chosen attends to prompt + chosen, rejected to prompt + rejected and
-  never to chosen (`blocks`), and both responses' first tokens are scored from the prompt's last position.
-- shared and packed: those pair rows one after another in one row.
+- shared (padded): each run of one input row's pairs is one row, a prefix tree (`data.trees`): a pair alone is
+  [prompt | chosen | rejected], the rejected tokens' positions continuing from the prompt's end, as in their own
+  sequence; chosen attends to prompt + chosen, rejected to prompt + rejected and never to chosen (`blocks`), and
+  both responses' first tokens are scored from the prompt's last position. A ranked row's pairs share one prompt
+  and each completion appears once however many pairs it is in; a conversation's turns share their history.
+- shared and packed: those trees one after another in one row.
 
-What is scored is explicit: `score_index` (flat positions, row * length + column, whose next-token log-prob counts),
-`score_labels` (the token) and `score_sequence` (which of the 2m sequences it adds to); with a shared prompt the
-prompt's last position is scored twice. `score_tail` marks the response tokens past the pair's shorter response
-(LD-DPO weights them by `dpo.ld_alpha`). Everything is built here, on the host, so the step needs no device sync.
+What is scored is explicit: `score_index` (flat positions, row * length + column) and `score_labels` (the token
+predicted there), each (position, token) once, and per use of one by a sequence an entry: `score_take` (which
+score), `score_sequence` (which of the 2m sequences it adds to) and `score_tail` (the token lies past the pair's
+shorter response: LD-DPO weights it by `dpo.ld_alpha`). Everything is built here, on the host, so the step needs
+no device sync.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from mdpo.blocks import Blocks
 from mdpo.data.packing import pack_pairs, pair_lengths
 from mdpo.data.pairs import TokenizedPair
+from mdpo.data.trees import pair_sequences, prefix_tree, row_runs, tree_length, trees_length
 from mdpo.errors import DataError
 
 
@@ -35,21 +39,24 @@ from mdpo.errors import DataError
 class MicroBatch:
     tokens: torch.Tensor  # [rows, length] input ids
     position_ids: torch.Tensor  # [rows, length]
-    score_index: torch.Tensor  # [n] flat positions whose next-token log-prob is scored
-    score_labels: torch.Tensor  # [n] the token scored there
-    score_sequence: torch.Tensor  # [n] the sequence (0..2m-1) it adds to
-    score_tail: torch.Tensor  # [n] bool: the token lies past the pair's shorter response (LD-DPO's tail)
+    score_index: torch.Tensor  # [u] flat positions whose next-token log-prob is scored
+    score_labels: torch.Tensor  # [u] the token scored there
+    score_take: torch.Tensor  # [n] the score (0..u-1) each entry takes
+    score_sequence: torch.Tensor  # [n] the sequence (0..2m-1) the entry adds to
+    score_tail: torch.Tensor  # [n] bool: the entry's token lies past the pair's shorter response (LD-DPO's tail)
     pair_ids: list[int]  # dataset indices, for error messages
+    pair_turns: list[int] = dataclasses.field(default_factory=list)  # each pair's turn position in its row
     num_input_tokens: int = 0  # as TRL counts them: every sequence's real tokens, its prompt included
-    num_computed_tokens: int = 0  # real tokens the rows hold (a shared prompt once)
+    num_computed_tokens: int = 0  # real tokens the rows hold (a shared prefix once)
     num_slots: int = 0  # token slots this micro-batch takes: rows x padded length, or the pack budget
     blocks: Blocks | None = None  # None: plain causal rows
     cu_seqlens: torch.Tensor | None = None  # packed, unshared: int32 sequence boundaries, for THD attention kernels
     max_seqlen: int = 0  # packed: the longest sequence (THD kernels take it from the host)
-    # [rows, length] each position's count among the tokens TRL's batch would hold: padding 0, a shared prompt 2,
-    # others 1 (sums to num_input_tokens), and the pair (0..m-1) it belongs to: MoE load balancing is per pair
+    # [rows, length, m] each position's count among the tokens of each pair's two sequences, as TRL's batch would
+    # hold them (a pair's prompt 2, its responses 1, padding 0): MoE load balancing is per pair; and its sum over
+    # the pairs [rows, length] (sums to num_input_tokens; 0 marks padding)
+    pair_weights: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None
-    token_pairs: torch.Tensor | None = None
     echo: bool = False  # a repeat that only keeps an expert-parallel group's forwards in step: results not counted
 
     @property
@@ -62,11 +69,12 @@ class MicroBatch:
             "position_ids",
             "score_index",
             "score_labels",
+            "score_take",
             "score_sequence",
             "score_tail",
             "cu_seqlens",
+            "pair_weights",
             "token_weights",
-            "token_pairs",
         ):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device, non_blocking=True))
@@ -82,48 +90,57 @@ class _Rows:
         self.length, self.num_pairs = length, pairs
         self.tokens = torch.full((rows, length), pad_id, dtype=torch.long)
         self.positions = torch.arange(length).repeat(rows, 1)  # padding keeps its index (CP slices RoPE by it)
-        self.weights = torch.zeros(rows, length)  # see MicroBatch.token_weights
-        self.pairs = torch.zeros(rows, length, dtype=torch.long)
-        self.scores: list[tuple[int, int, int, bool]] = []  # (flat position, label, sequence, past the shorter)
+        self.pair_weights = torch.zeros(rows * length, pairs)  # see MicroBatch.pair_weights
+        self.scores: dict[tuple[int, int], int] = {}  # (flat position, label) -> its place in score_index
+        self.entries: list[tuple[int, int, bool]] = []  # (score, sequence, past the shorter response)
         self.blocks: list[tuple[list[int], list[int]]] = []  # (query flat positions, key flat positions)
 
-    def _place(self, row: int, start: int, ids: list[int], first_position: int, sequence: int) -> list[int]:
+    def _place(self, row: int, start: int, ids: list[int], first_position: int) -> list[int]:
         self.tokens[row, start : start + len(ids)] = torch.tensor(ids)
-        self.weights[row, start : start + len(ids)] = 1.0
-        self.pairs[row, start : start + len(ids)] = sequence % self.num_pairs
         self.positions[row, start : start + len(ids)] = torch.arange(first_position, first_position + len(ids))
         base = row * self.length + start
         return list(range(base, base + len(ids)))
 
+    def _score(self, path: list[int], ids: list[int], prompt: int, sequence: int, shorter: int) -> None:
+        """Sequence `sequence` = `ids` on the flat positions `path`: its tokens past the prompt scored (each from the
+        position before it; those past `shorter`, the pair's shorter response length, marked as tail), and every
+        position counted for its pair."""
+        for t, token in enumerate(ids[prompt:]):
+            score = self.scores.setdefault((path[prompt - 1 + t], token), len(self.scores))
+            self.entries.append((score, sequence, t >= shorter))
+        self.pair_weights[path, sequence % self.num_pairs] += 1.0
+
     def sequence(
         self, row: int, start: int, prompt: list[int], response: list[int], sequence: int, shorter: int
     ) -> int:
-        """[prompt | response] at `start`: response tokens scored (those past `shorter`, the pair's shorter response
-        length, marked as tail), one square causal block; returns its end."""
-        ids, p = prompt + response, len(prompt)
-        flat = self._place(row, start, ids, 0, sequence)
-        self.scores += [(flat[p - 1 + t], token, sequence, t >= shorter) for t, token in enumerate(response)]
+        """[prompt | response] at `start`, one square causal block; returns its end."""
+        ids = prompt + response
+        flat = self._place(row, start, ids, 0)
+        self._score(flat, ids, len(prompt), sequence, shorter)
         self.blocks.append((flat, flat))
         return start + len(ids)
 
-    def shared(self, row: int, start: int, pair: TokenizedPair, chosen_seq: int, rejected_seq: int) -> int:
-        """[prompt | chosen | rejected] at `start`, rejected's positions continuing from the prompt's end."""
-        p, c, shorter = len(pair.prompt), len(pair.chosen), _shorter(pair)
-        head = self._place(row, start, pair.prompt + pair.chosen, 0, chosen_seq)
-        tail = self._place(row, start + p + c, pair.rejected, p, rejected_seq)
-        self.weights[row, start : start + p] = 2.0  # the prompt stands for both of its sequences
-        self.scores += [(head[p - 1 + t], token, chosen_seq, t >= shorter) for t, token in enumerate(pair.chosen)]
-        before_rejected = [head[p - 1], *tail[:-1]]  # the prompt's last position predicts rejected's first token
-        self.scores += [
-            (flat, token, rejected_seq, t >= shorter)
-            for t, (flat, token) in enumerate(zip(before_rejected, pair.rejected))
-        ]
-        self.blocks += [(head, head), (tail, head[:p] + tail)]
-        return start + p + c + len(pair.rejected)
+    def tree(self, row: int, start: int, pairs: Sequence[TokenizedPair], first: int) -> int:
+        """The pairs of one input row (pair k the micro-batch's pair `first` + k) at `start` as one prefix tree
+        (`prefix_tree`): each sequence adds only its tokens past the longest prefix it shares with an earlier one,
+        positions continuing from that prefix, in a block attending to the prefix and itself; returns its end."""
+        every = pair_sequences(pairs)
+        paths: list[list[int]] = []
+        for n, (ids, (parent, shared)) in enumerate(zip(every, prefix_tree(every))):
+            path = paths[parent][:shared] if parent >= 0 else []
+            if shared < len(ids):
+                new = self._place(row, start, ids[shared:], shared)
+                self.blocks.append((new, path + new))
+                path, start = path + new, start + len(new)
+            paths.append(path)
+            pair = pairs[n // 2]
+            sequence = first + n // 2 + (self.num_pairs if n % 2 else 0)
+            self._score(path, ids, len(pair.prompt), sequence, _shorter(pair))
+        return start
 
     def batch(self, pairs: Sequence[TokenizedPair], *, with_blocks: bool, **fields: object) -> MicroBatch:
-        index, labels, sequences, tails = zip(*self.scores)
-        index, labels, sequences = (torch.tensor(column, dtype=torch.long) for column in (index, labels, sequences))
+        (positions, labels), (takes, sequences, tails) = zip(*self.scores), zip(*self.entries)
+        long = lambda column: torch.tensor(column, dtype=torch.long)
         blocks = None
         if with_blocks:
             queries, keys = zip(*self.blocks)
@@ -142,18 +159,21 @@ class _Rows:
                 q_lengths,
                 k_lengths,
             )
+        pair_weights = self.pair_weights.view(*self.tokens.shape, self.num_pairs)
         return MicroBatch(
             tokens=self.tokens,
             position_ids=self.positions,
-            score_index=index,
-            score_labels=labels,
-            score_sequence=sequences,
+            score_index=long(positions),
+            score_labels=long(labels),
+            score_take=long(takes),
+            score_sequence=long(sequences),
             score_tail=torch.tensor(tails, dtype=torch.bool),
             pair_ids=[p.index for p in pairs],
+            pair_turns=[p.turn for p in pairs],
             num_input_tokens=sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs),
             blocks=blocks,
-            token_weights=self.weights,
-            token_pairs=self.pairs,
+            token_weights=pair_weights.sum(-1),
+            pair_weights=pair_weights,
             **fields,
         )
 
@@ -181,35 +201,37 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 1) -> M
 
 
 def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int, multiple: int = 1) -> MicroBatch:
-    """Each pair a row [prompt | chosen | rejected], right-padded to the longest (rounded up to `multiple`)."""
-    m = len(pairs)
-    length = _rounded(max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs), multiple)
-    rows = _Rows(m, length, pad_id, m)
-    computed = sum(rows.shared(k, 0, p, k, m + k) for k, p in enumerate(pairs))
-    return rows.batch(pairs, with_blocks=True, num_computed_tokens=computed, num_slots=m * length)
+    """Each run of one input row's pairs a row, laid out as a prefix tree (`_Rows.tree`; a pair alone is
+    [prompt | chosen | rejected]), right-padded to the longest (rounded up to `multiple`)."""
+    runs = row_runs(pairs)
+    length = _rounded(max(tree_length([pairs[k] for k in run]) for run in runs), multiple)
+    rows = _Rows(len(runs), length, pad_id, len(pairs))
+    computed = sum(rows.tree(n, 0, [pairs[k] for k in run], run.start) for n, run in enumerate(runs))
+    return rows.batch(pairs, with_blocks=True, num_computed_tokens=computed, num_slots=len(runs) * length)
 
 
 def collate_packed(
     pairs: Sequence[TokenizedPair], pad_id: int, budget: int, multiple: int = 1, shared: bool = False
 ) -> MicroBatch:
-    """All of the pairs in one row, pair by pair (chosen then rejected; or one [prompt | chosen | rejected] each when
-    `shared`). Only when the row must be a multiple of `multiple` (sequence parallelism) is it padded; the padding
-    attends nothing and is never scored (for THD kernels it joins the last sequence)."""
+    """All of the pairs in one row, pair by pair (chosen then rejected; or, `shared`, each run of one input row's
+    pairs as a prefix tree). Only when the row must be a multiple of `multiple` (sequence parallelism) is it padded;
+    the padding attends nothing and is never scored (for THD kernels it joins the last sequence)."""
     m = len(pairs)
-    real = sum(pair_lengths(pairs, shared=shared))
+    real = trees_length(pairs) if shared else sum(pair_lengths(pairs))
     if real > budget:
         raise ValueError(f"pairs take {real} tokens, more than the pack budget {budget}")
     total = _rounded(real, multiple)
     rows = _Rows(1, total, pad_id, m)
     end, boundaries = 0, [0]
-    for k, pair in enumerate(pairs):
-        if shared:
-            end = rows.shared(0, end, pair, k, m + k)
-        else:
+    if shared:
+        for run in row_runs(pairs):
+            end = rows.tree(0, end, [pairs[k] for k in run], run.start)
+    else:
+        for k, pair in enumerate(pairs):
             end = rows.sequence(0, end, pair.prompt, pair.chosen, k, _shorter(pair))
             boundaries.append(end)
             end = rows.sequence(0, end, pair.prompt, pair.rejected, m + k, _shorter(pair))
-        boundaries.append(end)
+            boundaries.append(end)
     if total > real:  # the padding continues the last sequence's positions (THD kernels count it in that one)
         last = int(rows.positions[0, real - 1])
         rows.positions[0, real:] = torch.arange(last + 1, last + 1 + total - real)
@@ -238,56 +260,84 @@ def context_parallel_share(batch: MicroBatch, cp: int, rank: int) -> MicroBatch:
     local[keep] = torch.arange(keep.numel())
     row, column = batch.score_index // length, batch.score_index % length
     mine = local[column] >= 0
+    taken = mine[batch.score_take]  # the entries whose score this rank takes
+    renumbered = mine.long().cumsum(0) - 1
     return dataclasses.replace(
         batch,
         tokens=batch.tokens[:, keep],
         position_ids=batch.position_ids[:, keep],
         score_index=row[mine] * keep.numel() + local[column[mine]],
         score_labels=batch.score_labels[mine],
-        score_sequence=batch.score_sequence[mine],
-        score_tail=batch.score_tail[mine],
+        score_take=renumbered[batch.score_take[taken]],
+        score_sequence=batch.score_sequence[taken],
+        score_tail=batch.score_tail[taken],
+        pair_weights=None if batch.pair_weights is None else batch.pair_weights[:, keep],
         token_weights=None if batch.token_weights is None else batch.token_weights[:, keep],
-        token_pairs=None if batch.token_pairs is None else batch.token_pairs[:, keep],
     )
 
 
 class PairSampler:
-    """Seeded per-epoch shuffle; step k's global batch is fixed by (seed, k) whatever the DP layout.
+    """Seeded per-epoch shuffle of input rows; step k's global batch is fixed by (seed, k) whatever the DP layout.
 
-    The global batch is cut into DP-rank shares, each cut into micro-batches: the same pairs make up a
-    step for any micro-batch size or DP size. A trailing partial global batch of an epoch is not used.
+    The rows are shuffled and each row's pairs follow one another in the epoch's order (a ranked row's pairs, a
+    conversation's turns: `TokenizedPair.row`), so that they meet in one micro-batch and share one forward
+    (`data.trees`); a cut between global batches, DP ranks' shares or micro-batches may fall inside a row, whose
+    parts then each compute its prompt. The global batch (counted in pairs) is cut into DP-rank shares, each cut
+    into micro-batches: the same pairs make up a step for any micro-batch size or DP size. A trailing partial
+    global batch of an epoch is not used. With one pair per row this is a shuffle of the pairs.
     """
 
-    def __init__(self, num_pairs: int, global_batch_size: int, seed: int) -> None:
-        if num_pairs < global_batch_size:
+    def __init__(self, rows: Sequence[int], global_batch_size: int, seed: int) -> None:
+        if len(rows) < global_batch_size:
             raise DataError(
-                f"{num_pairs} usable pairs are fewer than one global batch (schedule.global_batch_size="
+                f"{len(rows)} usable pairs are fewer than one global batch (schedule.global_batch_size="
                 f"{global_batch_size})"
             )
-        self.num_pairs = num_pairs
+        groups: dict[int, list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(row, []).append(index)
+        self.groups = list(groups.values())
+        self.num_pairs = len(rows)
         self.global_batch_size = global_batch_size
         self.seed = seed
-        self.steps_per_epoch = num_pairs // global_batch_size
+        self.steps_per_epoch = self.num_pairs // global_batch_size
 
     def global_batch(self, step: int) -> list[int]:
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
+        shuffled = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed + epoch))
+        order = [index for g in shuffled.tolist() for index in self.groups[g]]
         start = within * self.global_batch_size
-        return order[start : start + self.global_batch_size].tolist()
+        return order[start : start + self.global_batch_size]
 
 
 def rank_share(indices: Sequence[int], dp_rank: int, dp_size: int) -> list[int]:
-    """This DP rank's contiguous share of a global batch (pair indices); the config makes the split even."""
-    share = len(indices) // dp_size
-    return list(indices[dp_rank * share : (dp_rank + 1) * share])
+    """This DP rank's contiguous share of `indices` (pair indices), so a row's pairs stay together: equal shares where
+    the count divides (a global batch: the config makes it so), else the earlier ranks' one smaller (eval data)."""
+    return list(indices[len(indices) * dp_rank // dp_size : len(indices) * (dp_rank + 1) // dp_size])
 
 
 def pack_microbatches(
     pairs: Sequence[TokenizedPair], indices: Sequence[int], budget: int, shared: bool = False
 ) -> list[list[int]]:
-    """This rank's pairs (dataset indices) grouped into packs of at most `budget` tokens (first-fit decreasing)."""
-    bins = pack_pairs(pair_lengths([pairs[i] for i in indices], shared=shared), budget)
-    return [[indices[k] for k in sorted(b)] for b in bins]
+    """This rank's pairs (dataset indices) grouped into packs of at most `budget` tokens by first-fit decreasing:
+    pair by pair, or (`shared`) tree by tree, a tree being a run of one input row's pairs (`data.trees`), one longer
+    than the budget halved until its parts fit. A pack keeps its trees' pairs together, in the order given."""
+    mine = [pairs[i] for i in indices]
+    if shared:
+        units = [part for run in row_runs(mine) for part in _fitting(list(run), mine, budget)]
+        lengths = [tree_length([mine[k] for k in unit]) for unit in units]
+    else:
+        units, lengths = [[k] for k in range(len(mine))], pair_lengths(mine)
+    bins = pack_pairs(lengths, budget)
+    return [[indices[k] for unit in sorted(b) for k in units[unit]] for b in bins]
+
+
+def _fitting(unit: list[int], pairs: Sequence[TokenizedPair], budget: int) -> list[list[int]]:
+    """A tree's pairs (positions in `pairs`) in as many halvings as make each part's tree fit the budget."""
+    if len(unit) == 1 or tree_length([pairs[k] for k in unit]) <= budget:
+        return [unit]
+    half = len(unit) // 2
+    return _fitting(unit[:half], pairs, budget) + _fitting(unit[half:], pairs, budget)
 
 
 def split_groups(groups: list[list[int]], count: int) -> list[list[int]]:
@@ -321,8 +371,8 @@ def in_frame(batch: MicroBatch, rows: int, length: int) -> MicroBatch:
         weights = batch.token_weights.new_zeros(rows, length)
         weights[:old_rows, :old_length] = batch.token_weights
         fields["token_weights"] = weights
-        fields["token_pairs"] = batch.token_pairs.new_zeros(rows, length)
-        fields["token_pairs"][:old_rows, :old_length] = batch.token_pairs
+        fields["pair_weights"] = batch.pair_weights.new_zeros(rows, length, batch.pair_weights.shape[-1])
+        fields["pair_weights"][:old_rows, :old_length] = batch.pair_weights
     if batch.cu_seqlens is not None:  # one packed row: the padding joins its last sequence
         last = int(batch.position_ids[0, -1])
         positions[0, old_length:] = torch.arange(last + 1, last + 1 + length - old_length)

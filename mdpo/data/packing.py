@@ -1,8 +1,8 @@
 """Packing whole preference pairs into fixed token budgets (first-fit decreasing), as pure functions.
 
-A pair is packed whole (its chosen and its rejected sequence, each with the prompt; or, with a shared prompt, the
-prompt once and both responses), so one loss call still sees both log-probs of every pair. Its length is
-len(prompt) + len(chosen) + len(prompt) + len(rejected), or len(prompt) + len(chosen) + len(rejected) shared.
+A pair is packed whole (its chosen and its rejected sequence, each with the prompt), so one loss call still sees
+both log-probs of every pair: its length is len(prompt) + len(chosen) + len(prompt) + len(rejected). With a shared
+prompt (`data.share_prompt`) the packed unit is a tree of one row's pairs, of `data.trees.tree_length`.
 
 A pair longer than the budget is an error (ValueError naming it), not a bin of its own: a pack over budget would
 break fixed-shape buffers at run time; the data path's max_length (budget >= 2 x max_length always fits) or
@@ -14,14 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def pair_length(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], shared: bool = False) -> int:
-    """Tokens a pair takes in a pack: both sequences, each with its own copy of the prompt (or one, `shared`)."""
-    return (1 if shared else 2) * len(prompt) + len(chosen) + len(rejected)
+def pair_length(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int]) -> int:
+    """Tokens a pair takes in a pack: both sequences, each with its own copy of the prompt."""
+    return 2 * len(prompt) + len(chosen) + len(rejected)
 
 
-def pair_lengths(pairs: Sequence, shared: bool = False) -> list[int]:
+def pair_lengths(pairs: Sequence) -> list[int]:
     """Pack lengths of TokenizedPair-like objects (prompt, chosen, rejected id lists)."""
-    return [pair_length(p.prompt, p.chosen, p.rejected, shared) for p in pairs]
+    return [pair_length(p.prompt, p.chosen, p.rejected) for p in pairs]
 
 
 def pack_pairs(lengths: Sequence[int], budget: int) -> list[list[int]]:

@@ -22,9 +22,11 @@ from collections.abc import Sequence
 
 from mdpo.config import DataConfig, ScheduleConfig, load_section
 from mdpo.config.sections import DATA_FORMATS, RANK_PAIRS
+from mdpo.data.batching import pack_microbatches
 from mdpo.data.encoding import BOUNDARY_FIXED, load_tokenizer
 from mdpo.data.packing import pack_pairs, packing_efficiency, pair_lengths
 from mdpo.data.pairs import TokenizedPair, TokenizeReport, load_pairs
+from mdpo.data.trees import trees_length
 from mdpo.errors import ConfigError, MdpoError
 
 _MARKS = {False: ("[[", "]]"), True: ("\x1b[1;32m", "\x1b[0m")}
@@ -113,8 +115,8 @@ def data_stats(args: argparse.Namespace) -> dict:
     lengths = pair_lengths(pairs)
     budget = args.pack_budget or 2 * data.max_length
     bins = pack_pairs(lengths, budget)
-    shared = pair_lengths(pairs, shared=True)
-    shared_bins = pack_pairs(shared, budget)
+    shared_packs = pack_microbatches(pairs, range(len(pairs)), budget, shared=True)
+    shared = sum(trees_length([pairs[i] for i in pack]) for pack in shared_packs)
     by_index = {p.index: p for p in pairs}
     micro_batches = [int(m) for m in str(args.micro_batch_sizes).split(",") if m.strip()]
     return {
@@ -143,13 +145,14 @@ def data_stats(args: argparse.Namespace) -> dict:
             "packs": len(bins),
             "efficiency": packing_efficiency(lengths, bins, budget),
         },
-        # data.share_prompt: each pair's prompt computed once instead of in both sequences
+        # data.share_prompt: each input row's pairs one prefix tree (a prompt once however many pairs share it)
+        # against the expanded pairs (each pair's prompt in both of its sequences)
         "shared_prompt": {
             "tokens": sum(lengths),
-            "shared_tokens": sum(shared),
-            "removed": 1 - sum(shared) / max(sum(lengths), 1),
-            "packs": len(shared_bins),
-            "efficiency": packing_efficiency(shared, shared_bins, budget),
+            "shared_tokens": shared,
+            "removed": 1 - shared / max(sum(lengths), 1),
+            "packs": len(shared_packs),
+            "efficiency": shared / max(len(shared_packs) * budget, 1),
         },
         "show": [show_pair(tokenizer, by_index.get(n), n, args.color) for n in args.show],
     }
@@ -218,8 +221,9 @@ def format_stats(stats: dict) -> str:
     )
     share = stats["shared_prompt"]
     lines.append(
-        f"shared prompt (data.share_prompt): {share['shared_tokens']} of {share['tokens']} tokens computed, "
-        f"{share['removed']:.1%} removed; {share['packs']} packs, efficiency {share['efficiency']:.1%}"
+        f"one forward per prompt (data.share_prompt): {share['shared_tokens']} tokens computed of the expanded "
+        f"pairs' {share['tokens']}, {share['removed']:.1%} removed; {share['packs']} packs, efficiency "
+        f"{share['efficiency']:.1%}"
     )
     for shown in stats["show"]:
         if "error" in shown:

@@ -76,24 +76,21 @@ def moe_fields(
 
 @dataclass
 class RouterSums:
-    """What the routers of one model chunk record in a forward: each token's weight (`weights`, in the routers'
-    token order: [s x b], this rank's share; None: record nothing, as in a reference's forward) and pair
-    (`pairs`, of `num_pairs`), and per MoE layer, per pair and expert, the weighted count of token slots routed to
-    the expert (no gradient) and the weighted sum of its router probability."""
+    """What the routers of one model chunk record in a forward: each token's count in each pair (`weights`
+    [tokens, pairs], in the routers' token order: [s x b], this rank's share; a token a tree shares counts in every
+    pair holding it; None: record nothing, as in a reference's forward), and per MoE layer, per pair and expert, the
+    weighted count of token slots routed to the expert (no gradient) and the weighted sum of its router probability."""
 
     weights: torch.Tensor | None = None
-    pairs: torch.Tensor | None = None
-    num_pairs: int = 0
     counts: list[torch.Tensor] = field(default_factory=list)
     probs: list[torch.Tensor] = field(default_factory=list)
 
-    def start(self, weights: torch.Tensor | None, pairs: torch.Tensor | None = None, num_pairs: int = 0) -> None:
-        self.weights, self.pairs, self.num_pairs, self.counts, self.probs = weights, pairs, num_pairs, [], []
+    def start(self, weights: torch.Tensor | None) -> None:
+        self.weights, self.counts, self.probs = weights, [], []
 
     def per_pair(self, values: torch.Tensor) -> torch.Tensor:
         """[tokens, experts] -> [pairs, experts]: each pair's weighted sum."""
-        weighted = values.float() * self.weights[:, None]
-        return weighted.new_zeros(self.num_pairs, values.shape[1]).index_add(0, self.pairs, weighted)
+        return self.weights.t() @ values.float()
 
 
 class RecordingRouter(TopKRouter):
@@ -137,13 +134,13 @@ def mark_experts(gpt: torch.nn.Module) -> None:
 
 
 def routers_order(values: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
-    """[rows, s] per-token values (this context-parallel rank's share) -> the routers' order: [s, rows] flattened,
-    this TP rank's part of the sequence under sequence parallelism."""
-    order = values.t().contiguous()
+    """[rows, s, ...] per-token values (this context-parallel rank's share) -> the routers' order: [s, rows]
+    flattened (trailing dimensions kept), this TP rank's part of the sequence under sequence parallelism."""
+    order = values.transpose(0, 1).contiguous()
     if sequence_parallel:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         order = order.chunk(tp, dim=0)[parallel_state.get_tensor_model_parallel_rank()]
-    return order.reshape(-1)
+    return order.reshape(-1, *values.shape[2:])
 
 
 def load_balancing_loss(counts: torch.Tensor, probs: torch.Tensor, tokens: torch.Tensor, num_experts: int):
@@ -159,7 +156,7 @@ def pair_aux_losses(sums: RouterSums, num_experts: int, sequence_parallel: bool)
     parts of its tokens (TP ranks under sequence parallelism, CP ranks). The probability sums are reduced with an
     identity backward, as the log-probs are: each rank's copy of the loss sends gradients to its own tokens."""
     counts, probs = torch.stack(sums.counts).sum(0), torch.stack(sums.probs).sum(0)
-    tokens = sums.weights.new_zeros(sums.num_pairs).index_add(0, sums.pairs, sums.weights) * len(sums.counts)
+    tokens = sums.weights.sum(0) * len(sums.counts)
     groups = []
     if sequence_parallel:
         groups.append(parallel_state.get_tensor_model_parallel_group())

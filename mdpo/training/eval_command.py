@@ -218,7 +218,8 @@ def evaluate_model(setup: EvalSetup, progress: bool = True) -> dict[str, float]:
         pairs = load_pairs_on_ranks(
             cfg.data, cfg.data.eval_file, run.tokenizer, "eval", template, training_seed=cfg.schedule.seed
         )
-        objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, run.experts)
+        turns = 1 + max(p.turn for p in pairs)  # multi-turn data: reward accuracy per turn position
+        objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, run.experts, turns)
         if setup.reward_mean is not None:
             objective.reward_mean.load_state_dict(setup.reward_mean)
         policy = frozen(build_model(cfg, run.layout, run.dtype, load=True, experts=run.experts))

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from mdpo.config import TrainConfig
+from mdpo.data.batching import rank_share
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError
 from mdpo.training.metrics import step_record
@@ -29,13 +30,13 @@ def evaluate_pairs(
     *,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Forward-only DPO metrics of the `policy` (its model chunks) over `pairs` (each DP rank takes every dp-th
-    pair), reduced over the ranks and returned on every rank as `eval_`-prefixed TRL names; a progress bar over
-    this rank's pairs on global rank 0 when `progress`."""
+    """Forward-only DPO metrics of the `policy` (its model chunks) over `pairs` (each DP rank a contiguous share:
+    a row's pairs together), reduced over the ranks and returned on every rank as `eval_`-prefixed TRL names; a
+    progress bar over this rank's pairs on global rank 0 when `progress`."""
     dp = run.layout.dp
     if len(pairs) < dp:
         raise DataError(f"{cfg.data.eval_file}: fewer eval pairs than data-parallel ranks ({dp})")
-    mine = list(range(run.ranks.dp, len(pairs), dp))
+    mine = rank_share(range(len(pairs)), run.ranks.dp, dp)
     step = partial(dpo_forward_step, objective, run.scorer)
     outputs: list[dict] = []
     # The metric sums are added in micro-batch order however the micro-batches are chunked: the same numbers.

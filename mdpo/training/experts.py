@@ -82,8 +82,7 @@ class Experts:
         its tokens, in their token order."""
         if self.pooled:
             sequence_parallel = get_model_config(model).sequence_parallel
-            weights, pairs = (routers_order(t, sequence_parallel) for t in (batch.token_weights, batch.token_pairs))
-            self.sums.start(weights, pairs, batch.num_pairs)
+            self.sums.start(routers_order(batch.pair_weights, sequence_parallel))
 
     def pair_term(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
         """transformers' loss after the forward: (coef x the sum of each pair's loss, the sum of each pair's loss),

@@ -36,8 +36,9 @@ def sequence_stats(
     square_mass: bool = False,
 ) -> SequenceStats:
     """hidden [rows, s, h] (the final norm's output), this TP rank's output-layer rows `weight` [v/tp, h] -> stats of
-    the micro-batch's 2m sequences. Each scored position (`batch.score_index`) adds log p(its label) to its sequence
-    (`batch.score_sequence`), times `ld_alpha` past the pair's shorter response (`batch.score_tail`) when given;
+    the micro-batch's 2m sequences. Each scored position (`batch.score_index`: log p(its label), computed once) adds
+    to the sequences that take it (`batch.score_take`, `batch.score_sequence`: a tree's shared response is in several
+    pairs), times `ld_alpha` past the pair's shorter response (`batch.score_tail`) when given;
     vocabulary padding never enters the softmax, so log-probs equal the unpadded (HF) model's. With context
     parallelism each rank scores the positions it holds: the sums are reduced over the CP group (the log-probs'
     gradient passes back unchanged to every rank)."""
@@ -46,15 +47,16 @@ def sequence_stats(
         picked, weight, batch.score_labels, vocab_size, chunk_tokens, square_mass=square_mass
     )
     num_sequences = 2 * batch.num_pairs
+    entries = lambda values: values.index_select(0, batch.score_take)  # each score where a sequence takes it
     per_sequence = lambda values: values.new_zeros(num_sequences).index_add(0, batch.score_sequence, values)
-    plain = per_sequence(logps)
+    plain = per_sequence(entries(logps))
     if ld_alpha is None:
         weighted = plain
     else:
-        token_weights = torch.where(batch.score_tail, ld_alpha, 1.0).to(logps.dtype)
-        weighted = per_sequence(logps * token_weights)
-    logit_sums, num_tokens = per_sequence(logit_means), per_sequence(torch.ones_like(logit_means))
-    wpo = per_sequence(logps.detach() - square) if square_mass else None
+        weighted = per_sequence(entries(logps) * torch.where(batch.score_tail, ld_alpha, 1.0).to(logps.dtype))
+    logit_sums = per_sequence(entries(logit_means))
+    num_tokens = per_sequence(torch.ones_like(batch.score_sequence, dtype=logit_means.dtype))
+    wpo = per_sequence(entries(logps.detach() - square)) if square_mass else None
     if parallel_state.get_context_parallel_world_size() > 1:
         group = parallel_state.get_context_parallel_group()
         plain = reduce_from_tensor_model_parallel_region(plain, group)

@@ -37,6 +37,15 @@ SUM_FIELDS = (
 )
 # The sums logged as means per pair, under their own (TRL's) names.
 PER_PAIR = SUM_FIELDS[: SUM_FIELDS.index("logps/rejected") + 1]
+# Multi-turn data: reward accuracy per turn position (a conversation's t-th preference turn), over its pairs.
+TURN_ACCURACY, TURN_PAIRS = "rewards/accuracies/turn_", "num_pairs/turn_"
+
+
+def turn_fields(turns: int) -> tuple[str, ...]:
+    """The per-turn sums of data with `turns` turn positions (none for one: every pair its row's only turn)."""
+    if turns < 2:
+        return ()
+    return tuple(f"{prefix}{t}" for t in range(turns) for prefix in (TURN_ACCURACY, TURN_PAIRS))
 
 
 def loss_components(losses: PairLosses) -> dict[str, torch.Tensor]:
@@ -80,7 +89,11 @@ class MetricSums:
         """TRL-named means: per pair, logits per response token (mean over the vocabulary), token counts."""
         s = dict(zip(self.names, self.values.tolist()))
         pairs = max(s["num_pairs"], 1.0)
-        out = {prefix + name: s[name] / pairs for name in PER_PAIR + self.names[len(SUM_FIELDS) :]}
+        extra = [name for name in self.names[len(SUM_FIELDS) :] if not name.startswith((TURN_ACCURACY, TURN_PAIRS))]
+        out = {prefix + name: s[name] / pairs for name in PER_PAIR + tuple(extra)}
+        for name in self.names:  # per turn position, over that turn's pairs (left out of a step that has none)
+            if name.startswith(TURN_ACCURACY) and s[TURN_PAIRS + name[len(TURN_ACCURACY) :]] > 0:
+                out[prefix + name] = s[name] / s[TURN_PAIRS + name[len(TURN_ACCURACY) :]]
         out[prefix + "logits/chosen"] = s["logit_sum/chosen"] / max(s["num_tokens/chosen"], 1.0)
         out[prefix + "logits/rejected"] = s["logit_sum/rejected"] / max(s["num_tokens/rejected"], 1.0)
         # As TRL counts it: every non-padding input token (prompts included, once per sequence).
@@ -119,6 +132,17 @@ def pair_sums(losses: PairLosses, stats: SequenceStats, batch: MicroBatch) -> Me
     components = loss_components(losses)
     values += [per_pair.sum() for per_pair in components.values()]
     return MetricSums(SUM_FIELDS + tuple(components), torch.stack([v.detach().double() for v in values]))
+
+
+def turn_sums(losses: PairLosses, batch: MicroBatch, turns: int) -> dict[str, torch.Tensor]:
+    """Per turn position (`turn_fields`, none for `turns` < 2): the micro-batch's pairs there with the chosen
+    reward above the rejected one, and its pairs there."""
+    if turns < 2:
+        return {}
+    correct = (losses.chosen_rewards > losses.rejected_rewards).detach().double()
+    turn = correct.new_tensor(batch.pair_turns)
+    sums = [value for t in range(turns) for value in ((correct * (turn == t)).sum(), (turn == t).sum().double())]
+    return dict(zip(turn_fields(turns), sums))
 
 
 def step_record(sums: list[MetricSums], names: tuple[str, ...], prefix: str = "") -> dict[str, float]:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from mdpo import parallel
 from mdpo.config import TrainConfig
+from mdpo.data.batching import rank_share
 from mdpo.errors import ConfigError
 from mdpo.models import families
 from mdpo.training.console import log
@@ -36,7 +37,7 @@ def precompute_reference(cfg: TrainConfig) -> list[Path]:
                 continue
             template = families.get(cfg.model.family).default_template
             pairs = load_pairs_on_ranks(cfg.data, path, run.tokenizer, split, template, training_seed=cfg.schedule.seed)
-            mine = list(range(run.ranks.dp, len(pairs), run.layout.dp))
+            mine = rank_share(range(len(pairs)), run.ranks.dp, run.layout.dp)
             everything = run.microbatches(cfg, pairs, mine)
             results: list[tuple[list[int], list[float]]] = []
             chunks = tqdm(

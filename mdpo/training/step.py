@@ -26,7 +26,7 @@ from mdpo.loss import PairLosses, pair_losses, wpo_weights
 from mdpo.models.attention import BlockAttention
 from mdpo.training.experts import Experts
 from mdpo.training.logprobs import SequenceStats, sequence_stats
-from mdpo.training.metrics import SUM_FIELDS, pair_sums
+from mdpo.training.metrics import SUM_FIELDS, pair_sums, turn_fields, turn_sums
 
 
 @dataclass
@@ -61,10 +61,13 @@ class DPOObjective:
     vocab_size: int
     reward_mean: RewardMean = field(default_factory=RewardMean)
     experts: Experts | None = None
+    turns: int = 1  # the data's turn positions (multi-turn preferences): reward accuracy is logged per position
 
     @classmethod
-    def from_config(cls, dpo: DPOConfig, vocab_size: int, experts: Experts | None = None) -> DPOObjective:
-        return cls(dpo, vocab_size, experts=experts)
+    def from_config(
+        cls, dpo: DPOConfig, vocab_size: int, experts: Experts | None = None, turns: int = 1
+    ) -> DPOObjective:
+        return cls(dpo, vocab_size, experts=experts, turns=turns)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -76,7 +79,7 @@ class DPOObjective:
     @property
     def metric_names(self) -> tuple[str, ...]:
         """The names of a step's metric sums (`MetricSums`)."""
-        return SUM_FIELDS + self.components
+        return SUM_FIELDS + self.components + turn_fields(self.turns)
 
     def before_step(self, microbatches: list[MicroBatch], chunks: list[torch.nn.Module]) -> None:
         """Before a training step's schedule: what the step's load-balancing loss needs (`Experts.before_step`)."""
@@ -200,6 +203,7 @@ def _dpo_loss(
     if aux is not None:  # a load-balancing loss per pair, added as TRL adds it (logged as aux_loss, inside loss)
         term, per_pair = aux
         loss, sums = loss + term, sums.add(loss=term.detach(), aux_loss=per_pair.detach())
+    sums = sums.add(**turn_sums(losses, batch, objective.turns))
     # finalize_model_grads sums the pair count over DP x CP: the CP ranks' copies of the loss count their pairs once.
     count = m if parallel_state.get_context_parallel_rank() == 0 else 0
     # pair_ids let a non-finite loss be traced to its examples.

@@ -72,7 +72,6 @@ class Trainer:
         cfg = self.cfg
         if cfg.checkpoint.export_hf:  # what the export carries untrained (a vision tower) is found now, not at the end
             carried_tensors(families.get(cfg.model.family), self._export_origin())
-        self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, self.run.experts)
         tokenizer, template = self.run.tokenizer, families.get(cfg.model.family).default_template
         seed = cfg.schedule.seed
         self.train_pairs = load_pairs_on_ranks(
@@ -83,9 +82,11 @@ class Trainer:
             if cfg.data.eval_file
             else []
         )
+        turns = 1 + max(p.turn for p in self.train_pairs + self.eval_pairs)  # multi-turn data: accuracy per turn
+        self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, self.run.experts, turns)
         # what a checkpoint keeps of the training pairs, to compare a resumed run with (global rank 0 judges)
         self.data_fingerprint = data_fingerprint(cfg.data.train_file, self.train_pairs) if self.run.is_logger else None
-        self.sampler = PairSampler(len(self.train_pairs), cfg.schedule.global_batch_size, cfg.schedule.seed)
+        self.sampler = PairSampler([p.row for p in self.train_pairs], cfg.schedule.global_batch_size, cfg.schedule.seed)
         self.train_steps = cfg.schedule.train_steps or max(1, int(cfg.schedule.epochs * self.sampler.steps_per_epoch))
 
         # this rank's model chunks; with LoRA the base frozen and, with an online reference, the reference itself

@@ -5,7 +5,8 @@ one process group for all of them (Megatron's groups rebuilt per layout).
 
 usage: torchrun --nproc_per_node=N family_logps.py LAYOUTS OUT.pt PAIRS.pt FOLDER [FOLDER ...]
 LAYOUTS: comma-separated names of LAYOUTS (expert-parallel ones run the mixture-of-experts folders only);
-PAIRS.pt: [(prompt ids, chosen ids, rejected ids), ...]; OUT.pt: {layout: {folder: tensor [chosen..., rejected...]}}.
+PAIRS.pt: [(prompt ids, chosen ids, rejected ids, input row), ...];
+OUT.pt: {layout: {folder: tensor [chosen..., rejected...]}}.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
 
     from mdpo.checkpoint.description import describe_model
     from mdpo.config import DataConfig, DPOConfig, ParallelConfig, ScheduleConfig, TrainConfig
+    from mdpo.data.batching import rank_share
     from mdpo.data.pairs import TokenizedPair
     from mdpo.training.data import make_microbatches
     from mdpo.training.reference import OnlineReference
@@ -69,7 +71,7 @@ def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
             ranks = parallel.start(layout)
             tensor_parallel.model_parallel_cuda_manual_seed(0)
             reference = OnlineReference(build_model(cfg, layout, torch.float32, load=True), Scorer(cfg.model, 7, False))
-            mine = list(range(ranks.dp, len(pairs), layout.dp))
+            mine = rank_share(range(len(pairs)), ranks.dp, layout.dp)  # a row's pairs together, as training has them
             batches = make_microbatches(
                 cfg.data, cfg.schedule, layout, pairs, mine, 0, ranks.cp, bool(cfg.data.share_prompt)
             )
