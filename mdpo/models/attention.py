@@ -17,6 +17,11 @@ Sliding windows (Mistral, Qwen 2's `use_sliding_window`): the layers Megatron's 
 `window_size = (window - 1, 0)`). A window counts positions, not places in the row, so a shared prompt's rejected
 response reaches back into the prompt as in its own sequence; every layout (plain rows, blocks, THD, context
 parallelism) applies it, with masks where the kernel takes no window.
+
+Attention sinks (gpt-oss: Megatron's learnable `softmax_offset`, one logit per head): each query's softmax runs over
+its scores and its head's sink, the sink's share dropped. Megatron's unfused softmax takes them (`LocalAttention`);
+torch's SDPA and varlen kernels do not, so `SDPAttention` then computes its softmax explicitly
+(`attention_with_sinks`), in every layout but THD, which mdpo then does not send (`gpt.packs_as_thd`).
 """
 
 from __future__ import annotations
@@ -98,6 +103,19 @@ def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, win
     else:  # the kernel scales by 1/sqrt(d): fold the difference into q
         q = q * (scale * math.sqrt(q.shape[-1]))
     return varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+def attention_with_sinks(q, k, v, sinks: torch.Tensor, scale: float, mask=None, dropout: float = 0.0):
+    """q [b, heads, sq, d], k/v [b, heads, sk, d], sinks [heads] -> [b, heads, sq, d]: softmax over each query's
+    scores and its head's sink logit, the sink's share dropped (transformers' gpt-oss eager attention). `mask`: SDPA's
+    (bool, True = attend, or additive floats) [.., sq, sk]; None: causal, aligned at the end."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if mask is None:
+        mask = ~causal_end_mask(q.shape[-2], k.shape[-2], q.device)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(F.dropout(probs, dropout) if dropout else probs, v)
 
 
 def causal_end_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
@@ -195,8 +213,11 @@ class SDPAttention(DotProductAttention):
         return None
 
     def _sdpa(self, q, k, v, mask=None, causal=False):
-        """q [b, heads, sq, d], k/v [b, heads, sk, d]; Megatron's dropout and scale."""
+        """q [b, heads, sq, d], k/v [b, heads, sk, d]; Megatron's dropout and scale; with sinks, their explicit
+        softmax (`attention_with_sinks`: no mask is causal, aligned at the end, as `causal` is for sq == sk)."""
         dropout = self.attention_dropout.p if self.training else 0.0
+        if self.softmax_offset is not None:
+            return attention_with_sinks(q, k, v, self.softmax_offset, self.softmax_scale, mask, dropout)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale
         )
@@ -228,7 +249,8 @@ class SDPAttention(DotProductAttention):
 
     def _blocks(self, query, key, value, blocks: Blocks) -> torch.Tensor:
         window_ok = self.window is None or varlen_takes_window()
-        if not self.has_score_bias and window_ok and varlen_kernel(query) is not None:
+        plain = not self.has_score_bias and self.softmax_offset is None  # the varlen kernel takes neither
+        if plain and window_ok and varlen_kernel(query) is not None:
             attend = lambda q, k, v: causal_varlen(
                 q, k, v, blocks.cu_q, blocks.cu_k, blocks.max_q, blocks.max_k, self.softmax_scale, self.window
             )
@@ -296,8 +318,9 @@ class SDPAttention(DotProductAttention):
             end = (chunk + 1) * half
             q_part = q[:, :, part * half : (part + 1) * half]
             mask = causal_lower_right(half, end)
-            if self.window:  # the chunk's own positions against every key's
-                mask = window_allowed(torch.arange(end - half, end), torch.arange(end), self.window).to(q.device)
+            if self.window or self.softmax_offset is not None:  # the chunk's own positions against every key's
+                window = self.window or end
+                mask = window_allowed(torch.arange(end - half, end), torch.arange(end), window).to(q.device)
             out.append(self._sdpa(q_part, k[:, :, :end], v[:, :, :end], mask=mask))
         return torch.cat(out, dim=2)
 
