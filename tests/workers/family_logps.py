@@ -58,6 +58,8 @@ def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
             model = describe_model({"init_from": folder, **overrides})
             if (sizes.get("ep", 1) > 1) != model.is_moe and name not in MOE_TOO:
                 continue
+            if model.is_moe and model.linear_bias:  # biased experts (gpt-oss) whole on each rank: Megatron's rule
+                sizes = {**sizes, "etp": 1}
             cfg = TrainConfig(
                 model=model,
                 data=DataConfig(train_file="-", tokenizer="-", max_length=48, pack_tokens=96, **data),
