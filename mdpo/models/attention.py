@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.utils import is_layer_window_attention
@@ -116,6 +117,14 @@ def attention_with_sinks(q, k, v, sinks: torch.Tensor, scale: float, mask=None, 
     sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     return torch.matmul(F.dropout(probs, dropout) if dropout else probs, v)
+
+
+def mark_sinks(attention: DotProductAttention) -> None:
+    """Attention sinks (Megatron's learnable `softmax_offset`, this rank's heads) marked as split over TP, as
+    Megatron's linear layers mark their weights: its DotProductAttention leaves them unmarked, so the gradient norm
+    (and the clipping by it) counted the first TP rank's only."""
+    if attention.softmax_offset is not None:
+        set_tensor_model_parallel_attributes(attention.softmax_offset, True, 0, 1)
 
 
 def causal_end_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
@@ -207,6 +216,7 @@ class SDPAttention(DotProductAttention):
         super().__init__(local, *args, **kwargs)
         self.config = config
         self.window = layer_window(config, self.layer_number)  # None: the whole causal context
+        mark_sinks(self)
 
     def score_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor | None:
         """An additive [heads, sq, sk] bias on the scores of queries and keys at these position ids; none here."""
@@ -351,6 +361,7 @@ class LocalAttention(DotProductAttention):
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(without_window(config), *args, **kwargs)
         self.window = layer_window(config, self.layer_number)
+        mark_sinks(self)
 
     def _mask(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
         """Megatron's mask (True = masked), [1, 1, sq, sk]: causal by position, within the window."""
