@@ -133,6 +133,10 @@ def test_descriptions_follow_config_json(converted):
     assert model["olmo3"]["sliding_window"] == 6 and model["olmo3"]["sliding_window_layers"] == [0, 1, 2]
     assert model["qwen2_moe"]["shared_expert_intermediate_size"] == 80 and model["qwen2_moe"]["moe_layers"] == [0, 2, 3]
     assert model["qwen2_moe"]["sliding_window_layers"] == [0, 2] and model["qwen2_moe"]["qkv_bias"]
+    gpt_oss = model["gpt_oss"]
+    assert gpt_oss["attention_sinks"] and gpt_oss["linear_bias"] and gpt_oss["qkv_bias"] and gpt_oss["num_experts"] == 4
+    assert gpt_oss["hidden_act"] == "quick_gelu" and gpt_oss["glu_clamp"] == 0.5 and gpt_oss["glu_linear_offset"] == 1
+    assert gpt_oss["sliding_window_layers"] == [0, 2] and gpt_oss["rope_scaling"] == "yarn"
     written = json.loads((converted["qwen2_moe"][0] / "config.json").read_text())
     del written["layer_types"]  # transformers 4 wrote none: transformers 5 then takes every other layer below 3
     assert families.get("qwen2_moe").read_config(written)["sliding_window_layers"] == [0, 2]
