@@ -224,9 +224,12 @@ def expert_number(mcore_name: str) -> int | None:
 def to_mcore(
     kind: str, tensors: list[torch.Tensor], heads: Heads, padded_vocab: int, expert: int | None = None
 ) -> torch.Tensor:
-    if kind in STACKED:  # [in, out] or [out] of this expert -> [out, in] or [out]
+    if kind in STACKED:  # this expert's [in, out] or [out] -> [out, in] or [out], in a storage of its own (a view
+        # would hold every expert's, which a writer saves whole)
         own = tensors[0][expert].movedim(-1, 0)
-        return torch.cat([own[0::2], own[1::2]]) if kind == "expert_gate_up" else own
+        if kind == "expert_gate_up":
+            return torch.cat([own[0::2], own[1::2]])
+        return own.clone(memory_format=torch.contiguous_format)
     if kind == "copy":
         return tensors[0]
     if kind == "vocab":
