@@ -441,10 +441,12 @@ def test_check_uses_the_users_rows_both_ways_and_fails_on_another_model(tmp_path
 def test_mxfp4_experts_read_as_transformers_dequantizes_them(tmp_path):
     """gpt-oss's released experts are MXFP4 (`*_blocks`, `*_scales`): a tiny gpt-oss's expert weights packed as the
     format says (random codes and scales) read back, names, shapes and every bit, as transformers' own dequantization
-    of them, and the folder passes the family's checks; a blocks tensor without its scales is one line naming it."""
+    of them, and the folder passes the family's checks; its export drops the config's quantization_config; a blocks
+    tensor without its scales is one line naming it."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from mdpo.checkpoint.hf import HFWeights
+    from mdpo.checkpoint.hf_export import hf_export_config
     from mdpo.errors import MdpoError
     from mdpo.models.families.base import check_hf_state
 
@@ -471,6 +473,9 @@ def test_mxfp4_experts_read_as_transformers_dequantizes_them(tmp_path):
         assert got.abs().max() > 1.0 and (got == 0).any(), name  # scales above and below 1, and zero codes, in it
     model = describe_model({"init_from": str(packed_dir)})
     check_hf_state(families.get("gpt_oss"), weights, model)
+    # the export is written in the model's dtype: the source's config.json less its quantization_config
+    released = json.loads((packed_dir / "config.json").read_text())
+    assert hf_export_config(model, {**released, "quantization_config": {"quant_method": "mxfp4"}}) == released
     del packed["model.layers.1.mlp.experts.down_proj_scales"]
     save_file(packed, packed_dir / "model.safetensors")
     with pytest.raises(MdpoError) as err:
