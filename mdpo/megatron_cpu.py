@@ -1,8 +1,9 @@
 """Make megatron-core (0.16.1 and 0.19) run on a CPU-only torch (gloo), for tests and the CPU demo.
 
 Megatron-Core assumes CUDA in a handful of places (measured list: ../shared/notes/megatron-core-on-cpu.md).
-Each patch below names the spot it covers. `apply()` does nothing when CUDA is available, so none of this
-reaches GPU runs; it is called once by the entry points (CLI, tests) before any model is built.
+Each patch below names the spot it covers. `apply()` installs only `_copy_at_size_one` (a megatron-core bug on every
+device) when CUDA is available, so the rest never reaches GPU runs; it is called once by the entry points (CLI,
+tests) before any model is built.
 Version-specific: re-check the list when the megatron-core pin moves.
 """
 
@@ -20,6 +21,7 @@ import megatron.core.optimizer.clip_grads as clip_grads
 import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
 import megatron.core.optimizer.optimizer as optimizer
 import megatron.core.pipeline_parallel.schedules as schedules
+import megatron.core.tensor_parallel.mappings as mappings
 import megatron.core.tensor_parallel.random as mcore_random
 import megatron.core.transformer.moe.moe_utils as moe_utils
 import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
@@ -126,8 +128,27 @@ def _host_splits(tensor: Any, as_numpy: bool = False, record_stream: bool = Fals
     return tensor
 
 
+def _copy_at_size_one(reduce: Callable) -> Callable:
+    """A reduction of megatron's tensor_parallel/mappings.py (`_reduce`, `_reduce_scatter_along_first_dim`) that
+    returns a copy where the group has one rank: Megatron returns its input, which autograd then takes for a view of
+    it. Not CPU-specific: biased experts at expert-tensor-parallel size 1 (gpt-oss) add their fc2 bias in place to
+    that output (transformer/mlp.py:247, `output += output_bias * per_token_scale`; without sequence parallelism
+    through `_reduce`, with it through the reduce-scatter), which autograd refuses on a view ("Output 0 of
+    _ReduceFromModelParallelRegion is a view and is being modified inplace")."""
+
+    @functools.wraps(reduce)
+    def copying(input_: torch.Tensor, group: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return input_.clone() if group.size() == 1 else reduce(input_, group, *args, **kwargs)
+
+    copying.copies_at_size_one = True
+    return copying
+
+
 def apply() -> None:
-    """Install the CPU patches once; a no-op on machines with CUDA."""
+    """Install the CPU patches once; on machines with CUDA only `_copy_at_size_one`, which every device needs."""
+    for name in ("_reduce", "_reduce_scatter_along_first_dim"):
+        if not getattr(getattr(mappings, name), "copies_at_size_one", False):
+            setattr(mappings, name, _copy_at_size_one(getattr(mappings, name)))
     if torch.cuda.is_available() or isinstance(schedules.torch, _CpuFactoryTorch):  # no CUDA patch, or done
         return
     # megatron (and through it torch._dynamo, which indexes torch.cuda's functions) is imported above, before this.

@@ -142,14 +142,16 @@ def tiny_hf_llama(seed: int = 0, **overrides):
 
 
 def randomize(model):
-    """Every weight random, norms too (around 1, so a swapped or missing norm shows), biases, q/k norms and MoE
-    routers included; returns the model, float32, in eval mode."""
+    """Every weight random, norms too (around 1, so a swapped or missing norm shows), biases, q/k norms, MoE
+    routers and attention sinks included; returns the model, float32, in eval mode."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
-            elif name.endswith(".gate.weight"):  # a MoE router: tokens spread over every expert
+            elif name.endswith((".gate.weight", ".router.weight")):  # a MoE router: tokens spread over every expert
                 param.normal_(0.0, 0.2)
+            elif name.endswith(".sinks"):  # attention sinks (gpt-oss): a share of each head's softmax, and small
+                param.normal_(0.0, 0.3)  # enough that a few training steps move them visibly (test_parallel)
             else:
                 param.normal_(0.0, 0.05)
     return model.float().eval()
@@ -279,8 +281,29 @@ FAMILY_CASES = {
             **_MOE,
         ),
     ),
+    # gpt-oss: q/k/v and output biases, sinks, windows of 6 on layers 0 and 2, yarn (factor 4 of 64), a router with
+    # a bias, experts with biases and the clamped GLU, its limit 0.5 so that the clamps act on these small weights
+    "gpt_oss": (
+        "gpt_oss",
+        dict(
+            head_dim=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=6,
+            swiglu_limit=0.5,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "rope_theta": 150000.0,
+            },
+        ),
+    ),
 }
-MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral", "qwen2_moe")
+MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral", "qwen2_moe", "gpt_oss")
 
 
 def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides):

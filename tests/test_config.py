@@ -314,6 +314,17 @@ def test_missing_required(key):
             "model.attention=te with model.norm_position=post, model.qk_norm_span=head and "
             "model.zero_centered_norms=false: Transformer Engine's layers fuse a plain norm into the linear after it",
         ),
+        (
+            ["model.attention_sinks=true", "model.attention=te"],
+            "model.attention=te with model.attention_sinks, model.linear_bias or model.glu_clamp (gpt-oss): mdpo runs "
+            "them on its local layers only",
+        ),
+        (["model.glu_clamp=7.0"], "model.glu_clamp and model.glu_linear_offset need model.hidden_act=quick_gelu"),
+        (
+            ["model.linear_bias=true", "model.num_experts=4", "parallel.tp=2", "parallel.sequence_parallel=true"],
+            "the expert-tensor-parallel size 2 (parallel.etp, else parallel.tp) must be 1 for experts with biases "
+            "(gpt-oss)",
+        ),
     ],
 )
 def test_validation_rules(overrides, expected):
@@ -569,6 +580,20 @@ def test_hf_config_invalid_json(tmp_path):
         (
             {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attn_logit_softcapping": 50.0},
             "attn_logit_softcapping=50.0 (soft-capped attention scores) is not supported by mdpo's gemma3 model",
+        ),
+        (
+            {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": False},
+            "attention_bias=false (the attention without biases beside biased experts) is not supported by mdpo's "
+            "gpt_oss model",
+        ),
+        (
+            {
+                "architectures": ["GptOssForCausalLM"],
+                "model_type": "gpt_oss",
+                "attention_bias": True,
+                "swiglu_alpha": 1.5,
+            },
+            "swiglu_alpha=1.5 (Megatron's quick_gelu has 1.702) is not supported by mdpo's gpt_oss model",
         ),
     ],
 )

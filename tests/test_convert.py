@@ -133,6 +133,10 @@ def test_descriptions_follow_config_json(converted):
     assert model["olmo3"]["sliding_window"] == 6 and model["olmo3"]["sliding_window_layers"] == [0, 1, 2]
     assert model["qwen2_moe"]["shared_expert_intermediate_size"] == 80 and model["qwen2_moe"]["moe_layers"] == [0, 2, 3]
     assert model["qwen2_moe"]["sliding_window_layers"] == [0, 2] and model["qwen2_moe"]["qkv_bias"]
+    gpt_oss = model["gpt_oss"]
+    assert gpt_oss["attention_sinks"] and gpt_oss["linear_bias"] and gpt_oss["qkv_bias"] and gpt_oss["num_experts"] == 4
+    assert gpt_oss["hidden_act"] == "quick_gelu" and gpt_oss["glu_clamp"] == 0.5 and gpt_oss["glu_linear_offset"] == 1
+    assert gpt_oss["sliding_window_layers"] == [0, 2] and gpt_oss["rope_scaling"] == "yarn"
     written = json.loads((converted["qwen2_moe"][0] / "config.json").read_text())
     del written["layer_types"]  # transformers 4 wrote none: transformers 5 then takes every other layer below 3
     assert families.get("qwen2_moe").read_config(written)["sliding_window_layers"] == [0, 2]
@@ -432,3 +436,51 @@ def test_check_uses_the_users_rows_both_ways_and_fails_on_another_model(tmp_path
         ]
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["mdpo: error: --check-rows must be >= 1, got 0"]
+
+
+def test_mxfp4_experts_read_as_transformers_dequantizes_them(tmp_path):
+    """gpt-oss's released experts are MXFP4 (`*_blocks`, `*_scales`): a tiny gpt-oss's expert weights packed as the
+    format says (random codes and scales) read back, names, shapes and every bit, as transformers' own dequantization
+    of them, and the folder passes the family's checks; its export drops the config's quantization_config; a blocks
+    tensor without its scales is one line naming it."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from mdpo.checkpoint.hf import HFWeights
+    from mdpo.checkpoint.hf_export import hf_export_config
+    from mdpo.errors import MdpoError
+    from mdpo.models.families.base import check_hf_state
+
+    src, packed_dir = tmp_path / "hf", tmp_path / "mxfp4"
+    tiny_hf_family("gpt_oss", vocab_size=VOCAB).save_pretrained(src)
+    shutil.copytree(src, packed_dir)
+    state = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    packed, want = dict(state), {}
+    for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inputs, rows = state[name].shape  # [experts, in, out]: stored as out rows of in / 32 blocks
+        blocks = torch.randint(0, 256, (experts, rows, inputs // 32, 16), dtype=torch.uint8, generator=g)
+        scales = torch.randint(118, 132, (experts, rows, inputs // 32), dtype=torch.uint8, generator=g)
+        del packed[name]
+        packed |= {name + "_blocks": blocks, name + "_scales": scales}
+        want[name] = convert_moe_packed_tensors(blocks, scales, dtype=state[name].dtype)
+    save_file(packed, packed_dir / "model.safetensors")
+    weights = HFWeights(packed_dir)
+    assert sorted(weights) == sorted(state) and weights.dtype() == torch.float32
+    for name, tensor in want.items():
+        assert weights.shapes[name] == tuple(tensor.shape) == tuple(state[name].shape), name
+        got = weights[name]
+        assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+        assert got.abs().max() > 1.0 and (got == 0).any(), name  # scales above and below 1, and zero codes, in it
+    model = describe_model({"init_from": str(packed_dir)})
+    check_hf_state(families.get("gpt_oss"), weights, model)
+    # the export is written in the model's dtype: the source's config.json less its quantization_config
+    released = json.loads((packed_dir / "config.json").read_text())
+    assert hf_export_config(model, {**released, "quantization_config": {"quant_method": "mxfp4"}}) == released
+    del packed["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(packed, packed_dir / "model.safetensors")
+    with pytest.raises(MdpoError) as err:
+        HFWeights(packed_dir)
+    assert str(err.value) == (
+        f"{packed_dir}: MXFP4 tensor 'model.layers.1.mlp.experts.down_proj_blocks' has no "
+        "'model.layers.1.mlp.experts.down_proj_scales' beside it"
+    )

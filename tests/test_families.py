@@ -40,9 +40,9 @@ def family_pairs() -> list[tuple[list[int], list[int], list[int], int]]:
     ]
 
 
-def hf_logps_float64(folder: Path, pairs, **config_changes) -> torch.Tensor:
+def hf_logps_float64(folder: Path, pairs, edit=None, **config_changes) -> torch.Tensor:
     """Summed log p(response | prompt) of every chosen then every rejected sequence, each run alone, by
-    transformers' class of the folder in float64."""
+    transformers' class of the folder in float64 (its weights first changed by `edit(model)` when given)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
@@ -55,6 +55,9 @@ def hf_logps_float64(folder: Path, pairs, **config_changes) -> torch.Tensor:
         .double()
         .eval()
     )
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
     sums = []
     for side in (1, 2):
         for pair in pairs:
@@ -134,10 +137,19 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
         ("olmo3", dict(layer_types=["full_attention"] * 4)),
         ("gemma3_tied", dict(layer_types=["full_attention"] * 4)),
         ("qwen2_moe", dict(layer_types=["full_attention"] * 4)),
+        ("gpt_oss", dict(layer_types=["full_attention"] * 4)),
     ):
         folder, want = families[case]
         whole = hf_logps_float64(folder, family_pairs(), **unwindowed)
         assert ((whole - want).abs() / want.abs()).max() > 10 * RTOL, case  # the windows change these log-probs
+    folder, want = families["gpt_oss"]  # and gpt-oss's sinks, its GLU's clamps and yarn
+    no_sinks = lambda model: [layer.self_attn.sinks.fill_(float("-inf")) for layer in model.model.layers]
+    for changed in (
+        hf_logps_float64(folder, family_pairs(), edit=no_sinks),
+        hf_logps_float64(folder, family_pairs(), swiglu_limit=1e9),
+        hf_logps_float64(folder, family_pairs(), rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+    ):
+        assert ((changed - want).abs() / want.abs()).max() > 10 * RTOL
 
 
 # Cases whose layers other cases already have at every parallel layout (they keep the one-process row layouts and

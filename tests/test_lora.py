@@ -52,9 +52,22 @@ LAYOUTS = {
 # (Qwen 3, Mistral), q/k/v biases and a tied head (Qwen 2.5), adapters under OLMo 2's and Gemma 3's norms; Llama
 # 3.x has Llama 2's modules (the llama run).
 # Megatron's MoE layers train under TP with SP; adapters on attention only (experts and, in PEFT's format, MoE
-# models' MLPs take none)
-MOE_NEEDS = {"qwen3_moe": ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"]}
-TODAYS = ("qwen2.5_tied", "qwen3_tied", "mistral", "qwen3_moe", "olmo2", "gemma3_tied", "gemma3_multimodal_tied")
+# models' MLPs take none); gpt-oss's biased experts whole on each rank (ETP = 1, EP = 1: its fc2 bias added in place
+# after a size-one reduce-scatter, `megatron_cpu._copy_at_size_one`), adapters beside its q/k/v and output biases
+MOE_NEEDS = {
+    "qwen3_moe": ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"],
+    "gpt_oss": ["parallel.sequence_parallel=true", "parallel.etp=1", "lora.targets=[qkv, proj]"],
+}
+TODAYS = (
+    "qwen2.5_tied",
+    "qwen3_tied",
+    "mistral",
+    "qwen3_moe",
+    "olmo2",
+    "gemma3_tied",
+    "gemma3_multimodal_tied",
+    "gpt_oss",
+)
 
 
 @pytest.fixture(scope="module")

@@ -162,6 +162,9 @@ FAMILY_LAYOUTS = {
     ),
     # Qwen2-MoE's shared expert split over TP with SP, its sigmoid gate whole on each rank (gradients summed over TP)
     "qwen2_moe": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "schedule.micro_batch_size=2", *_AUX]),
+    # gpt-oss: its sinks split with the heads over TP (SP, packed rows: blocks with the sinks' explicit softmax), the
+    # biased experts whole on each of 2 EP ranks (Megatron takes expert biases at ETP = 1 only)
+    "gpt_oss": (2, [*_SP_PACKED, "parallel.ep=2", "parallel.etp=1", *_AUX]),
 }
 
 

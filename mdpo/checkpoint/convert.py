@@ -79,7 +79,7 @@ def _write_stage(rank: int, world: int, port: int, hf_dir: str, tmp: str, model:
     try:
         dtype = HFWeights(hf_dir).dtype()
         config = transformer_config(
-            model, tp=layout.tp, pp=layout.pp, ep=layout.ep, params_dtype=dtype, init_weights=False
+            model, tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp, params_dtype=dtype, init_weights=False
         )
         module = build_gpt_model(
             model,
@@ -134,13 +134,16 @@ def hf_to_megatron(
     startup.prepare()
     hf_dir, out = Path(hf_dir), Path(out)
     model = describe_hf(hf_dir, position_embedding)
-    layout = Layout(tp=tp, pp=pp, dp=ep, ep=ep, wording=FLAG_WORDING)
+    # experts with biases (gpt-oss) whole on every rank: Megatron-Core's MoE layer takes their biases only unsplit
+    etp = 1 if model.is_moe and model.linear_bias else None
+    layout = Layout(tp=tp, pp=pp, dp=ep, ep=ep, etp=etp, wording=FLAG_WORDING)
     layout.check_model(
         model.num_attention_heads,
         model.num_key_value_heads,
         model.num_hidden_layers,
         model.num_experts,
         model.expert_width,
+        expert_bias=model.linear_bias,
     )
     weights = open_hf(hf_dir, model)
     weights.dtype()  # one dtype, or an error naming the mix

@@ -12,6 +12,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 
+from mdpo.checkpoint import mxfp4
 from mdpo.checkpoint.files import CHECKPOINT_FILES
 from mdpo.errors import MdpoError
 from mdpo.models.families.base import Family
@@ -27,7 +28,9 @@ def weight_files(folder: Path) -> list[Path]:
 
 class HFWeights(Mapping[str, torch.Tensor]):
     """The tensors of a HF model folder, read on access. Shapes and dtypes come from the safetensors headers, so
-    names and shapes are checked before any tensor is read, and a converter holds one tensor at a time."""
+    names and shapes are checked before any tensor is read, and a converter holds one tensor at a time. MXFP4
+    tensors (`<name>_blocks` and `<name>_scales`: gpt-oss's released experts) are `<name>`, dequantized on access
+    into the dtype of the folder's other tensors (`checkpoint.mxfp4`)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -55,6 +58,22 @@ class HFWeights(Mapping[str, torch.Tensor]):
                     raise MdpoError(f"{shard}: cannot read PyTorch weights ({str(err).splitlines()[0]})") from None
             self.shapes = {k: tuple(v.shape) for k, v in self._eager.items()}
             self.dtypes = {k: v.dtype for k, v in self._eager.items()}
+        self._quantized = self._read_quantized()
+
+    def _read_quantized(self) -> dict[str, tuple[str, str]]:
+        """The MXFP4 tensors (`mxfp4.quantized_pairs`), listed under the names they stand for."""
+        try:
+            pairs = mxfp4.quantized_pairs(set(self.shapes))
+            shapes = {name: mxfp4.dequantized_shape(*map(self.shapes.get, pair), name) for name, pair in pairs.items()}
+        except ValueError as err:
+            raise MdpoError(f"{self.folder}: {err}") from None
+        for blocks, scales in pairs.values():
+            for part in (blocks, scales):
+                del self.shapes[part], self.dtypes[part]
+        dtype = next(iter(self.dtypes.values()), torch.bfloat16)  # the other tensors' (one: `dtype()` checks)
+        self.shapes |= shapes
+        self.dtypes |= dict.fromkeys(shapes, dtype)
+        return pairs
 
     def _shards(self) -> list[Path]:
         for index_name in INDEX_FILES:
@@ -74,6 +93,12 @@ class HFWeights(Mapping[str, torch.Tensor]):
         return shards
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._quantized:
+            blocks, scales = (self._read(part) for part in self._quantized[name])
+            return mxfp4.dequantize(blocks, scales, self.dtypes[name])
+        return self._read(name)
+
+    def _read(self, name: str) -> torch.Tensor:
         if self._eager:
             return self._eager[name]
         shard = self._file[name]

@@ -97,7 +97,10 @@ def gather_full_state(chunks: list[torch.nn.Module], model: ModelConfig) -> Gath
 
 
 def hf_export_config(model: ModelConfig, original: dict | None) -> dict:
-    """The source's config.json when it describes this model (keeps auto_map, token ids, ...), else a fresh one."""
+    """The source's config.json when it describes this model (keeps auto_map, token ids, ...), else a fresh one;
+    never a `quantization_config`: exports are written in the model's dtype (gpt-oss's MXFP4 experts included)."""
+    if original is not None:
+        original = {key: value for key, value in original.items() if key != "quantization_config"}
     family = families.get(model.family)
     if original is not None:
         fields = arch_fields(model)

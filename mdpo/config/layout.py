@@ -190,10 +190,17 @@ class Layout:
     # ------------------------------------------------------------------ rules against the rest of a run
 
     def check_model(
-        self, heads: int, kv_heads: int | None, layers: int, experts: int | None = None, expert_width: int = 0
+        self,
+        heads: int,
+        kv_heads: int | None,
+        layers: int,
+        experts: int | None = None,
+        expert_width: int = 0,
+        expert_bias: bool = False,
     ) -> None:
         """TP splits the query and key/value heads evenly; PP x VPP splits the layers evenly; EP splits the experts
-        and ETP each expert's width evenly (EP > 1 needs experts)."""
+        and ETP each expert's width evenly (EP > 1 needs experts); experts with biases (gpt-oss) are not split
+        (Megatron-Core's MoE layer asserts ETP = 1 with them)."""
         kv_heads = kv_heads or heads
         w = self.wording
         counts = {"heads": heads, "kv_heads": kv_heads, "layers": layers}
@@ -208,6 +215,11 @@ class Layout:
             raise ConfigError(f"{w.name('ep')} and {w.name('etp')} > 1 need a mixture-of-experts model (this has none)")
         if experts and experts % self.ep:
             raise ConfigError(f"{w.sized('ep', self.ep)} does not divide the model's {experts} experts")
+        if experts and expert_bias and self.expert_tp != 1:
+            raise ConfigError(
+                f"the expert-tensor-parallel size {self.expert_tp} ({w.name('etp')}, else {w.name('tp')}) must be 1 "
+                "for experts with biases (gpt-oss): Megatron-Core's MoE layer takes their biases only unsplit"
+            )
         if experts and expert_width % self.expert_tp:
             raise ConfigError(
                 f"the expert-tensor-parallel size {self.expert_tp} ({w.name('etp')}, else {w.name('tp')}) does not "

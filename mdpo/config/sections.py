@@ -43,7 +43,7 @@ ROPE_SCALINGS = tuple(ROPE_PARAMETERS)
 POSITION_EMBEDDINGS = ("auto", "rope", "alibi")
 ATTENTIONS = ("auto", "te", "sdpa", "local")
 NORM_POSITIONS = ("pre", "post", "both")
-HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh", "quick_gelu")
 QK_NORM_SPANS = ("head", "projection")
 DATA_FORMATS = (
     "auto",
@@ -169,7 +169,20 @@ class ModelConfig(Section):
     # output before the residual add: OLMo 2 / 3) or both (four norms: Gemma 3)
     norm_position: str = "pre"
     zero_centered_norms: bool = False  # every RMSNorm scales by 1 + w, its weight w stored centred on 0 (Gemma)
-    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU: Gemma)
+    # the gated MLP's activation: silu (SwiGLU), gelu_pytorch_tanh (GeGLU: Gemma) or quick_gelu (x sigmoid(1.702 x):
+    # gpt-oss's, with glu_clamp and glu_linear_offset)
+    hidden_act: str = "silu"
+    # gpt-oss's clamped GLU: the gate's input clamped to at most glu_clamp, the linear half's to [-glu_clamp,
+    # glu_clamp] (None: no clamp), and glu_linear_offset added to the linear half (Megatron's
+    # activation_func_clamp_value and glu_linear_offset)
+    glu_clamp: float | None = None
+    glu_linear_offset: float = 0.0
+    # a bias on the attention output projection, the MLP / expert linears and the router (gpt-oss: Megatron's
+    # add_bias_linear)
+    linear_bias: bool = False
+    # a learnt sink logit per head: each query's softmax runs over its scores and the sink, the sink's share dropped
+    # (gpt-oss: Megatron's softmax_type learnable)
+    attention_sinks: bool = False
     # the softmax scale is 1 / sqrt(query_pre_attn_scalar) (Gemma 3); None: 1 / sqrt(head size)
     query_pre_attn_scalar: float | None = None
     scale_embeddings: bool = False  # the input embeddings times sqrt(hidden size), in the weights' dtype (Gemma)
@@ -289,6 +302,7 @@ class ModelConfig(Section):
         "moe_topk",
         "moe_intermediate_size",
         "shared_expert_intermediate_size",
+        "glu_clamp",
     )
 
     def _rules(self) -> None:
@@ -351,6 +365,11 @@ class ModelConfig(Section):
         )
         _one_of("model.hidden_act", self.hidden_act, HIDDEN_ACTS)
         need(
+            self.hidden_act == "quick_gelu" or (self.glu_clamp is None and self.glu_linear_offset == 0.0),
+            f"model.glu_clamp and model.glu_linear_offset need model.hidden_act=quick_gelu (gpt-oss's GLU), got "
+            f"{self.hidden_act!r}",
+        )
+        need(
             self.hidden_act == "silu" or not self.fused_swiglu,
             f"model.fused_swiglu=true needs model.hidden_act=silu (Megatron's fused SwiGLU), got {self.hidden_act!r}",
         )
@@ -361,12 +380,24 @@ class ModelConfig(Section):
             "a plain norm into the linear after it and normalise q / k per head (use auto or sdpa: torch SDPA on "
             "mdpo's local layers)",
         )
+        need(
+            not (self.gpt_oss_parts and self.attention == "te"),
+            "model.attention=te with model.attention_sinks, model.linear_bias or model.glu_clamp (gpt-oss): mdpo runs "
+            "them on its local layers only, unchecked on Transformer Engine's (use auto, sdpa or local)",
+        )
 
     @property
     def fits_te_layers(self) -> bool:
         """Whether Transformer Engine's layers express the model: norms before the sublayers, plain (weights as
         they are), q / k norms per head."""
         return self.norm_position == "pre" and self.qk_norm_span == "head" and not self.zero_centered_norms
+
+    @property
+    def gpt_oss_parts(self) -> bool:
+        """Whether the model has gpt-oss's sinks, biased linears or clamped GLU, which mdpo runs on its local layers
+        only: it wires neither Transformer Engine's softmax_type nor its biased grouped experts, and has no GPU check
+        of them."""
+        return self.attention_sinks or self.linear_bias or self.glu_clamp is not None
 
     def _check_experts(self) -> None:
         need(
@@ -789,7 +820,12 @@ class TrainConfig:
         layout.check_rows(self.data.packing)
         layout.check_attention(m.attention, m.position_embedding)
         layout.check_model(
-            m.num_attention_heads, m.num_key_value_heads, m.num_hidden_layers, m.num_experts, m.expert_width
+            m.num_attention_heads,
+            m.num_key_value_heads,
+            m.num_hidden_layers,
+            m.num_experts,
+            m.expert_width,
+            expert_bias=m.linear_bias,
         )
         layout.check_moe(
             m.num_experts, self.router_aux_loss_coef, self.parallel.recompute, self.dpo.router_aux_loss_type

@@ -17,6 +17,11 @@ Sliding windows (Mistral, Qwen 2's `use_sliding_window`): the layers Megatron's 
 `window_size = (window - 1, 0)`). A window counts positions, not places in the row, so a shared prompt's rejected
 response reaches back into the prompt as in its own sequence; every layout (plain rows, blocks, THD, context
 parallelism) applies it, with masks where the kernel takes no window.
+
+Attention sinks (gpt-oss: Megatron's learnable `softmax_offset`, one logit per head): each query's softmax runs over
+its scores and its head's sink, the sink's share dropped. Megatron's unfused softmax takes them (`LocalAttention`);
+torch's SDPA and varlen kernels do not, so `SDPAttention` then computes its softmax explicitly
+(`attention_with_sinks`), in every layout but THD, which mdpo then does not send (`gpt.packs_as_thd`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.utils import is_layer_window_attention
@@ -98,6 +104,27 @@ def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, win
     else:  # the kernel scales by 1/sqrt(d): fold the difference into q
         q = q * (scale * math.sqrt(q.shape[-1]))
     return varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+def attention_with_sinks(q, k, v, sinks: torch.Tensor, scale: float, mask=None, dropout: float = 0.0):
+    """q [b, heads, sq, d], k/v [b, heads, sk, d], sinks [heads] -> [b, heads, sq, d]: softmax over each query's
+    scores and its head's sink logit, the sink's share dropped (transformers' gpt-oss eager attention). `mask`: SDPA's
+    (bool, True = attend, or additive floats) [.., sq, sk]; None: causal, aligned at the end."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if mask is None:
+        mask = ~causal_end_mask(q.shape[-2], k.shape[-2], q.device)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(F.dropout(probs, dropout) if dropout else probs, v)
+
+
+def mark_sinks(attention: DotProductAttention) -> None:
+    """Attention sinks (Megatron's learnable `softmax_offset`, this rank's heads) marked as split over TP, as
+    Megatron's linear layers mark their weights: its DotProductAttention leaves them unmarked, so the gradient norm
+    (and the clipping by it) counted the first TP rank's only."""
+    if attention.softmax_offset is not None:
+        set_tensor_model_parallel_attributes(attention.softmax_offset, True, 0, 1)
 
 
 def causal_end_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
@@ -189,14 +216,18 @@ class SDPAttention(DotProductAttention):
         super().__init__(local, *args, **kwargs)
         self.config = config
         self.window = layer_window(config, self.layer_number)  # None: the whole causal context
+        mark_sinks(self)
 
     def score_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor | None:
         """An additive [heads, sq, sk] bias on the scores of queries and keys at these position ids; none here."""
         return None
 
     def _sdpa(self, q, k, v, mask=None, causal=False):
-        """q [b, heads, sq, d], k/v [b, heads, sk, d]; Megatron's dropout and scale."""
+        """q [b, heads, sq, d], k/v [b, heads, sk, d]; Megatron's dropout and scale; with sinks, their explicit
+        softmax (`attention_with_sinks`: no mask is causal, aligned at the end, as `causal` is for sq == sk)."""
         dropout = self.attention_dropout.p if self.training else 0.0
+        if self.softmax_offset is not None:
+            return attention_with_sinks(q, k, v, self.softmax_offset, self.softmax_scale, mask, dropout)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale
         )
@@ -228,7 +259,8 @@ class SDPAttention(DotProductAttention):
 
     def _blocks(self, query, key, value, blocks: Blocks) -> torch.Tensor:
         window_ok = self.window is None or varlen_takes_window()
-        if not self.has_score_bias and window_ok and varlen_kernel(query) is not None:
+        plain = not self.has_score_bias and self.softmax_offset is None  # the varlen kernel takes neither
+        if plain and window_ok and varlen_kernel(query) is not None:
             attend = lambda q, k, v: causal_varlen(
                 q, k, v, blocks.cu_q, blocks.cu_k, blocks.max_q, blocks.max_k, self.softmax_scale, self.window
             )
@@ -296,8 +328,9 @@ class SDPAttention(DotProductAttention):
             end = (chunk + 1) * half
             q_part = q[:, :, part * half : (part + 1) * half]
             mask = causal_lower_right(half, end)
-            if self.window:  # the chunk's own positions against every key's
-                mask = window_allowed(torch.arange(end - half, end), torch.arange(end), self.window).to(q.device)
+            if self.window or self.softmax_offset is not None:  # the chunk's own positions against every key's
+                window = self.window or end
+                mask = window_allowed(torch.arange(end - half, end), torch.arange(end), window).to(q.device)
             out.append(self._sdpa(q_part, k[:, :, :end], v[:, :, :end], mask=mask))
         return torch.cat(out, dim=2)
 
@@ -328,6 +361,7 @@ class LocalAttention(DotProductAttention):
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(without_window(config), *args, **kwargs)
         self.window = layer_window(config, self.layer_number)
+        mark_sinks(self)
 
     def _mask(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
         """Megatron's mask (True = masked), [1, 1, sq, sk]: causal by position, within the window."""

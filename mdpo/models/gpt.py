@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_geglu import quick_gelu
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -51,10 +52,10 @@ def core_attention(model: ModelConfig) -> str:
     present; never with ALiBi), `sdpa` (torch SDPA: asked for, `auto` without TE, on CPU too, where it ran a real
     UltraFeedback step 6% faster padded and 20% packed than Megatron's unfused attention; always with ALiBi) or
     `local` (Megatron's unfused attention, asked for). `auto` takes TE's layers only for models they express
-    (`ModelConfig.fits_te_layers`: not OLMo's norms)."""
+    (`ModelConfig.fits_te_layers`: not OLMo's norms) and mdpo wires (`ModelConfig.gpt_oss_parts`: not gpt-oss's)."""
+    te_fits = model.fits_te_layers and not model.gpt_oss_parts
     if model.position_embedding != "alibi" and (
-        model.attention == "te"
-        or (model.attention == "auto" and model.fits_te_layers and transformer_engine_available())
+        model.attention == "te" or (model.attention == "auto" and te_fits and transformer_engine_available())
     ):
         return "te"
     return "local" if model.attention == "local" and model.position_embedding != "alibi" else "sdpa"
@@ -69,7 +70,9 @@ def packs_as_thd(model: ModelConfig, dtype: torch.dtype) -> bool:
         return True
     flash = torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16)
     window_ok = model.sliding_window is None or varlen_takes_window()  # else a window needs blocks' masks
-    return attention == "sdpa" and model.position_embedding != "alibi" and flash and window_ok
+    # the varlen kernel takes no sinks: blocks then attend with their explicit softmax (`models.attention`)
+    plain = model.position_embedding != "alibi" and not model.attention_sinks
+    return attention == "sdpa" and plain and flash and window_ok
 
 
 def fuses_rope_locally(model: ModelConfig) -> bool:
@@ -184,10 +187,14 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": gelu_tanh, "quick_gelu": quick_gelu}  # model.hidden_act
+
+
 def _architecture(model: ModelConfig) -> dict:
     """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA, the head
     size (`kv_channels`, explicit for Qwen 3 and Mistral), Qwen 3's per-head q/k norms and sliding windows (Mistral,
-    Qwen's use_sliding_window); no dropout."""
+    Qwen's use_sliding_window); gpt-oss's clamped GLU with an offset, biased linears and router, and attention sinks
+    (Megatron's learnable softmax offset, read by mdpo's core attentions); no dropout."""
     return dict(
         **_windows(model),
         num_layers=model.num_hidden_layers,
@@ -200,8 +207,11 @@ def _architecture(model: ModelConfig) -> dict:
         normalization="RMSNorm",
         layernorm_epsilon=model.rms_norm_eps,
         gated_linear_unit=True,
-        activation_func=F.silu if model.hidden_act == "silu" else gelu_tanh,
-        add_bias_linear=False,
+        activation_func=ACTIVATIONS[model.hidden_act],
+        activation_func_clamp_value=model.glu_clamp,
+        glu_linear_offset=model.glu_linear_offset,
+        add_bias_linear=model.linear_bias,
+        softmax_type="learnable" if model.attention_sinks else "vanilla",
         add_qkv_bias=model.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,

@@ -127,10 +127,17 @@ class MicroBatchRouter(TopKRouter):
 def mark_experts(gpt: torch.nn.Module) -> None:
     """Experts' weights as Megatron marks them under expert parallelism (`allreduce=False`: reduced over the expert
     data-parallel group, their own optimizer), at EP = 1 too, where that group is the data-parallel one: the
-    optimizer is then chained the same way at every EP size, so a checkpoint resumes at another."""
+    optimizer is then chained the same way at every EP size, so a checkpoint resumes at another. An expert's fc2
+    bias (gpt-oss's; experts with biases are whole, ETP = 1) is fixed where Megatron's row-parallel layer marks it
+    as a dense bias: never `sequence_parallel` (finalize_model_grads would sum its gradient over the TP ranks, whose
+    experts are others or whose gradients are their own tokens'), and no TP duplicate (Megatron's expert optimizer
+    asks the dense TP group, so the gradient norm, and the clipping by it, counted the first TP rank's only)."""
     for name, param in gpt.named_parameters():
         if ".experts." in name:
             param.allreduce = False
+            param.sequence_parallel = False
+            if not getattr(param, "tensor_model_parallel", False):
+                param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
 
 
 def routers_order(values: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:

@@ -27,14 +27,22 @@ _TE_NAMES = {
 def tp_rule(name: str) -> tuple[int, int] | None:
     """(split dim, stride) of a tensor over TP, or None when every TP rank holds all of it.
 
-    `linear_fc1` holds [gate; up]: each rank takes its slice of gate and of up (stride 2). LoRA's B of a
+    `linear_fc1` holds [gate; up] (and its bias): each rank takes its slice of gate and of up (stride 2); the
+    row-parallel layers' biases and the router's are whole on every rank. LoRA's B of a
     column-parallel layer splits as the layer's rows, A of a row-parallel one as its input columns (`models.lora`).
     """
     if name.endswith(
-        ("linear_qkv.weight", "linear_qkv.bias", "linear_qkv.lora_B", "word_embeddings.weight", "output_layer.weight")
+        (
+            "linear_qkv.weight",
+            "linear_qkv.bias",
+            "linear_qkv.lora_B",
+            "word_embeddings.weight",
+            "output_layer.weight",
+            "core_attention.softmax_offset",  # attention sinks: one per head
+        )
     ):
         return 0, 1
-    if name.endswith(("linear_fc1.weight", "linear_fc1.lora_B")):
+    if name.endswith(("linear_fc1.weight", "linear_fc1.bias", "linear_fc1.lora_B")):
         return 0, 2
     if name.endswith(("linear_proj.weight", "linear_fc2.weight", "linear_proj.lora_A", "linear_fc2.lora_A")):
         return 1, 1

@@ -520,7 +520,7 @@ def check_layout(model: ModelConfig, candidate: Candidate, workload: Workload, c
         problems.append(f"DP={layout.dp} makes {layout.world} GPUs, not the cluster's {cluster.world}")
     counts = (model.num_attention_heads, model.num_key_value_heads, model.num_hidden_layers, model.num_experts)
     rules = (
-        partial(layout.check_model, *counts, model.expert_width),
+        partial(layout.check_model, *counts, model.expert_width, model.linear_bias),
         partial(layout.check_batch, workload.global_batch, candidate.micro_batch, candidate.packing),
         partial(layout.check_rows, candidate.packing),
         partial(layout.check_attention, "auto", model.position_embedding),  # e.g. ALiBi has no CP

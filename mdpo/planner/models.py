@@ -35,11 +35,12 @@ def q_dim(model: ModelConfig) -> int:
 
 
 def attention_params(model: ModelConfig) -> int:
-    """One decoder layer less its MLP: fused QKV (with Qwen's bias), the output projection, two RMSNorm weights
-    (before or after the sublayers; four with Gemma's on both sides) and the q/k norm weights (Qwen 3's per head,
-    OLMo's over the whole projections)."""
+    """One decoder layer less its MLP: fused QKV (with Qwen's bias), the output projection (with gpt-oss's bias),
+    gpt-oss's sink per head, two RMSNorm weights (before or after the sublayers; four with Gemma's on both sides) and
+    the q/k norm weights (Qwen 3's per head, OLMo's over the whole projections)."""
     h, q, kv = model.hidden_size, q_dim(model), kv_dim(model)
-    attention = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if model.qkv_bias else 0)
+    attention = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if model.qkv_bias or model.linear_bias else 0)
+    attention += (h if model.linear_bias else 0) + (model.num_attention_heads if model.attention_sinks else 0)
     qk_norms = 0
     if model.qk_norm:
         qk_norms = q + kv if model.qk_norm_span == "projection" else 2 * model.kv_channels
@@ -48,14 +49,17 @@ def attention_params(model: ModelConfig) -> int:
 
 def mlp_params(model: ModelConfig, width: int) -> int:
     """One SwiGLU MLP of `width`: fused gate/up [2 width, hidden] and down [hidden, width] (a dense MLP or one
-    expert)."""
-    return 3 * model.hidden_size * width
+    expert), and their biases [2 width] and [hidden] (gpt-oss's)."""
+    biases = 2 * width + model.hidden_size if model.linear_bias else 0
+    return 3 * model.hidden_size * width + biases
 
 
 def moe_gate_params(model: ModelConfig) -> int:
-    """What a MoE layer holds whole on every TP rank (Megatron replicates them): the router [experts, hidden] and a
-    shared expert's sigmoid gate [1, hidden]."""
-    return ((model.num_experts or 0) + (model.shared_expert_intermediate_size is not None)) * model.hidden_size
+    """What a MoE layer holds whole on every TP rank (Megatron replicates them): the router [experts, hidden] (and
+    its bias: gpt-oss's) and a shared expert's sigmoid gate [1, hidden]."""
+    experts = model.num_experts or 0
+    router_bias = experts if model.linear_bias else 0
+    return (experts + (model.shared_expert_intermediate_size is not None)) * model.hidden_size + router_bias
 
 
 def shared_expert_params(model: ModelConfig) -> int:

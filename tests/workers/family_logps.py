@@ -60,10 +60,12 @@ def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
             model = describe_model({"init_from": folder, **overrides})
             if (sizes.get("ep", 1) > 1) != model.is_moe and name not in MOE_TOO:
                 continue
+            # biased experts (gpt-oss) whole on each rank: Megatron's rule
+            own_sizes = {**sizes, "etp": 1} if model.is_moe and model.linear_bias else sizes
             cfg = TrainConfig(
                 model=model,
                 data=DataConfig(train_file="-", tokenizer="-", max_length=48, pack_tokens=96, **data),
-                parallel=ParallelConfig(**sizes),
+                parallel=ParallelConfig(**own_sizes),
                 schedule=ScheduleConfig(global_batch_size=len(pairs), micro_batch_size=2),
                 dpo=DPOConfig(router_aux_loss_coef=0.0),  # forward only (and no pipeline takes it)
             )

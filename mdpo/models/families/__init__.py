@@ -12,6 +12,7 @@ from mdpo.errors import ConfigError
 from mdpo.models.families import (
     baichuan,
     gemma3,
+    gpt_oss,
     llama,
     mistral,
     mixtral,
@@ -40,6 +41,7 @@ FAMILIES: dict[str, Family] = {
         olmo2.OLMO3_FAMILY,
         gemma3.FAMILY,
         gemma3.MULTIMODAL,
+        gpt_oss.FAMILY,
     )
 }
 

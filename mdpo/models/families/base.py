@@ -9,6 +9,10 @@ A table row is (Megatron name, HF names, transform). Transforms are the only rea
   [q heads of the group, k, v], so GQA shards cleanly over TP.
 - `packed_qkv`: one HF tensor holding q|k|v stacked (Qwen's c_attn, Baichuan's W_pack) -> the same fused layout.
 - `gate_up`: [gate; up] stacked into `linear_fc1` (the table lists gate first, whatever the HF names).
+- `expert`, `expert_gate_up`: one expert's part of a HF tensor that holds every expert stacked ([experts, in, out]
+  weights, [experts, out] biases: gpt-oss), transposed to Megatron's [out, in]; `expert_gate_up` also de-interleaves
+  gate (even columns) and up (odd ones) into [gate; up]. The expert is the one the Megatron name numbers; the way
+  back stacks the experts again.
 
 Mixture-of-experts families add `moe_tensors`: the MLP rows of a layer with experts (its router, a shared expert's
 rows and, with `{e}` in the names, one row per expert, global expert numbers on both sides), which replace the dense
@@ -207,7 +211,25 @@ def normalize_rows(weight: torch.Tensor) -> torch.Tensor:
     return F.normalize(weight.float(), dim=-1).to(weight.dtype)
 
 
-def to_mcore(kind: str, tensors: list[torch.Tensor], heads: Heads, padded_vocab: int) -> torch.Tensor:
+STACKED = ("expert", "expert_gate_up")  # the transforms of HF tensors holding every expert
+_EXPERT_NUMBER = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+def expert_number(mcore_name: str) -> int | None:
+    """The (global) expert a Megatron tensor belongs to; None outside experts."""
+    match = _EXPERT_NUMBER.search(mcore_name)
+    return int(match.group(1)) if match else None
+
+
+def to_mcore(
+    kind: str, tensors: list[torch.Tensor], heads: Heads, padded_vocab: int, expert: int | None = None
+) -> torch.Tensor:
+    if kind in STACKED:  # this expert's [in, out] or [out] -> [out, in] or [out], in a storage of its own (a view
+        # would hold every expert's, which a writer saves whole)
+        own = tensors[0][expert].movedim(-1, 0)
+        if kind == "expert_gate_up":
+            return torch.cat([own[0::2], own[1::2]])
+        return own.clone(memory_format=torch.contiguous_format)
     if kind == "copy":
         return tensors[0]
     if kind == "vocab":
@@ -224,6 +246,11 @@ def to_mcore(kind: str, tensors: list[torch.Tensor], heads: Heads, padded_vocab:
 
 
 def to_hf(kind: str, tensor: torch.Tensor, heads: Heads, vocab_size: int) -> tuple[torch.Tensor, ...]:
+    """One Megatron tensor -> its HF tensors (of a `STACKED` kind: one expert's slice, stacked by the caller)."""
+    if kind == "expert":
+        return (tensor.movedim(0, -1),)
+    if kind == "expert_gate_up":  # [gate; up] -> gate and up interleaved, [in, out]
+        return (torch.stack(tensor.chunk(2), dim=1).flatten(0, 1).movedim(0, -1),)
     if kind == "copy":
         return (tensor,)
     if kind in ("vocab", "norm_vocab"):
@@ -255,8 +282,12 @@ def mcore_shapes(model: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, 
         "mlp.linear_fc2.weight": (h, f),
         **{f"{norm}.weight": (h,) for norm in norms[model.norm_position]},
     }
-    if model.qkv_bias:
+    if model.qkv_bias or model.linear_bias:  # Megatron's add_bias_linear biases q/k/v too
         layer["self_attention.linear_qkv.bias"] = (qkv_rows,)
+    if model.linear_bias:
+        layer |= {"self_attention.linear_proj.bias": (h,), "mlp.linear_fc1.bias": (2 * f,), "mlp.linear_fc2.bias": (h,)}
+    if model.attention_sinks:
+        layer["self_attention.core_attention.softmax_offset"] = (heads.num_heads,)
     if model.qk_norm:
         whole = model.qk_norm_span == "projection"
         layer["self_attention.q_layernorm.weight"] = (heads.sizes[0] if whole else heads.head_dim,)
@@ -282,9 +313,13 @@ def expert_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     shared expert, its fc1 / fc2 (split over TP as a dense MLP) and its sigmoid gate (whole on every TP rank)."""
     h, w = model.hidden_size, model.expert_width
     shapes = {"mlp.router.weight": (model.num_experts, h)}
+    if model.linear_bias:
+        shapes["mlp.router.bias"] = (model.num_experts,)
     for e in range(model.num_experts):
         prefix = EXPERT.format(e=e)
         shapes |= {prefix + "linear_fc1.weight": (2 * w, h), prefix + "linear_fc2.weight": (h, w)}
+        if model.linear_bias:
+            shapes |= {prefix + "linear_fc1.bias": (2 * w,), prefix + "linear_fc2.bias": (h,)}
     shared = model.shared_expert_intermediate_size
     if shared is not None:
         shapes |= {
@@ -332,9 +367,20 @@ def iter_hf_to_mcore(
     """Full Megatron tensors one at a time (only those `wanted`), reading each HF tensor when it is needed, so a
     caller that consumes them as they come holds one tensor, not the model. Call `check_hf_state` first."""
     heads = Heads.of(model)
+    last: dict[str, torch.Tensor] = {}  # the last stacked tensor read: read once for all its experts
+
+    def read(name: str, kind: str) -> torch.Tensor:
+        if kind not in STACKED:
+            return hf[name]
+        if name not in last:
+            last.clear()
+            last[name] = hf[name]
+        return last[name]
+
     for mcore, hf_names, kind in family.model_entries(model):
         if wanted(mcore):
-            yield mcore, to_mcore(kind, [hf[n] for n in hf_names], heads, padded_vocab)
+            tensors = [read(n, kind) for n in hf_names]
+            yield mcore, to_mcore(kind, tensors, heads, padded_vocab, expert_number(mcore))
 
 
 def mcore_to_hf(family: Family, mcore: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
@@ -342,12 +388,16 @@ def mcore_to_hf(family: Family, mcore: Mapping[str, torch.Tensor], model: ModelC
     Megatron copies to the last pipeline stage, is its embedding: not written twice)."""
     heads = Heads.of(model)
     out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, list[torch.Tensor]] = {}  # HF tensors of every expert, in expert order
     for name, hf_names, kind in family.model_entries(model, tied=False):
         if name == OUTPUT and model.tie_word_embeddings:
             continue
         parts = to_hf(kind, mcore[name], heads, model.vocab_size)
+        if kind in STACKED:
+            stacks.setdefault(hf_names[0], []).append(parts[0])
+            continue
         out.update({hf_name: part.contiguous() for hf_name, part in zip(hf_names, parts)})
-    return out
+    return out | {hf_name: torch.stack(parts) for hf_name, parts in stacks.items()}
 
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM's modules in adapter_model.safetensors
