@@ -9,12 +9,14 @@ Version-specific: re-check the list when the megatron-core pin moves.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import types
 from collections.abc import Callable
 from typing import Any
 
 import megatron.core.models.common.embeddings.rope_utils as rope_utils
 import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary_pos_embedding
+import megatron.core.models.common.embeddings.yarn_rotary_pos_embedding as yarn_rotary_pos_embedding
 import megatron.core.models.common.language_module.language_module as language_module
 import megatron.core.optimizer.clip_grads as clip_grads
 import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
@@ -23,6 +25,7 @@ import megatron.core.pipeline_parallel.schedules as schedules
 import megatron.core.tensor_parallel.random as mcore_random
 import megatron.core.transformer.moe.moe_utils as moe_utils
 import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+import megatron.core.transformer.multi_latent_attention as multi_latent_attention
 import megatron.core.transformer.utils as transformer_utils
 import megatron.core.utils as mcore_utils
 import torch
@@ -126,6 +129,13 @@ def _host_splits(tensor: Any, as_numpy: bool = False, record_stream: bool = Fals
     return tensor
 
 
+def _mla_without_te() -> None:
+    """MLA (multi_latent_attention.py:53-63) sets HAVE_TE whenever megatron's TE extension imports, which it does
+    without Transformer Engine (its `te` a stand-in), and then `isinstance(self.linear_proj, TELinear)` (line 185)
+    raises TypeError: TELinear is no type there."""
+    multi_latent_attention.HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+
+
 def apply() -> None:
     """Install the CPU patches once; a no-op on machines with CUDA."""
     if torch.cuda.is_available() or isinstance(schedules.torch, _CpuFactoryTorch):  # no CUDA patch, or done
@@ -154,11 +164,14 @@ def apply() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
+    _mla_without_te()
     for module in (schedules, clip_grads, optimizer, transformer_utils, mcore_utils, rope_utils):
         module.torch = _CpuFactoryTorch()
-    # Context parallelism's RoPE slice (imported by name into rotary_pos_embedding.py).
+    # Context parallelism's RoPE slice (imported by name into rotary_pos_embedding.py and, MLA's yarn, into
+    # yarn_rotary_pos_embedding.py).
     cp_slice = _with_cuda_type_names(rope_utils.get_pos_emb_on_this_cp_rank)
     rope_utils.get_pos_emb_on_this_cp_rank = rotary_pos_embedding.get_pos_emb_on_this_cp_rank = cp_slice
+    yarn_rotary_pos_embedding.get_pos_emb_on_this_cp_rank = cp_slice
 
     # Tied embeddings under PP: the last stage's copy goes `.cuda()` before the first/last-stage all-reduce.
     module_cls = language_module.LanguageModule

@@ -143,7 +143,7 @@ def tiny_hf_llama(seed: int = 0, **overrides):
 
 def randomize(model):
     """Every weight random, norms too (around 1, so a swapped or missing norm shows), biases, q/k norms and MoE
-    routers included; returns the model, float32, in eval mode."""
+    routers included (a router's score correction bias too); returns the model, float32, in eval mode."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -152,6 +152,9 @@ def randomize(model):
                 param.normal_(0.0, 0.2)
             else:
                 param.normal_(0.0, 0.05)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's router bias, on the sigmoid scores' scale
+                buffer.normal_(0.0, 0.05)
     return model.float().eval()
 
 
@@ -279,8 +282,42 @@ FAMILY_CASES = {
             **_MOE,
         ),
     ),
+    # DeepSeek-V3: multi-latent attention (q through its low-rank projection, yarn with both mscales), layer 0
+    # dense, then 8 sigmoid-routed experts with the score correction bias, top 4 within the best 2 of 4 groups
+    # (Megatron's group score, its top 4 / 2 experts, is transformers' top 2), times 2.5, and a shared expert
+    "deepseek_v3": (
+        "deepseek_v3",
+        dict(
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 0.8,
+                "mscale_all_dim": 0.6,
+            },
+        ),
+    ),
 }
-MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral", "qwen2_moe")
+MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral", "qwen2_moe", "deepseek_v3")
+# those whose transformers class computes a load-balancing loss (DeepseekV3ForCausalLM computes none)
+POOLED_AUX_CASES = tuple(case for case in MOE_CASES if case != "deepseek_v3")
 
 
 def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides):

@@ -524,6 +524,12 @@ def test_hf_config_invalid_json(tmp_path):
     assert "is not valid JSON" in error(None, [*REQUIRED, f"model.hf_config={tmp_path}"])
 
 
+DEEPSEEK = dict(
+    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", n_routed_experts=8, n_group=1, topk_group=1
+)
+DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
@@ -569,6 +575,31 @@ def test_hf_config_invalid_json(tmp_path):
         (
             {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attn_logit_softcapping": 50.0},
             "attn_logit_softcapping=50.0 (soft-capped attention scores) is not supported by mdpo's gemma3 model",
+        ),
+        # DeepSeek-V3: what Megatron-Core's MLA and router compute otherwise
+        (
+            {**DEEPSEEK, "attention_bias": True},
+            "attention_bias=true (Megatron-Core's MLA projections have no biases) is not supported by mdpo's "
+            "deepseek_v3 model",
+        ),
+        (
+            {**DEEPSEEK, "norm_topk_prob": False},
+            "norm_topk_prob=false (Megatron-Core always renormalises sigmoid top-k scores) is not supported",
+        ),
+        ({**DEEPSEEK, "rope_interleave": False}, "rope_interleave=false (Megatron-Core's MLA de-interleaves"),
+        ({**DEEPSEEK, "scoring_func": "softmax"}, "scoring_func='softmax' (DeepSeek-V3's router is sigmoid)"),
+        (
+            {**DEEPSEEK, "n_routed_experts": 16, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 8},
+            "n_group=4 with topk_group=2 and num_experts_per_tok=8 is not supported by mdpo's deepseek_v3 model "
+            "(Megatron-Core scores a group by its top num_experts_per_tok // topk_group experts",
+        ),
+        (
+            {**DEEPSEEK, "rope_parameters": {**DEEPSEEK_YARN, "mscale": 0.8}},
+            "rope_parameters mscale=0.8 with mscale_all_dim=None is not supported by mdpo's deepseek_v3 model",
+        ),
+        (
+            {**DEEPSEEK, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+            "rope_type='linear' is not supported by mdpo's deepseek_v3 model (MLA's RoPE: default or yarn)",
         ),
     ],
 )

@@ -17,6 +17,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import RouterBuilder
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from mdpo.config import Layout, LoRAConfig, ModelConfig, padded_vocab_size
@@ -30,6 +31,7 @@ from mdpo.models.attention import (
     with_core_attention,
 )
 from mdpo.models.lora import with_adapters
+from mdpo.models.mla import LatentSelfAttention, mla_fields
 from mdpo.models.moe import mark_experts, moe_fields
 from mdpo.models.norms import PostNormLayer, PostNormLayerSubmodules, ProjectionNorm, TorchNorm, ZeroCenteredRMSNorm
 from mdpo.models.rotary import RopeSelfAttention, layer_softmax_scale, table_frequencies
@@ -51,10 +53,10 @@ def core_attention(model: ModelConfig) -> str:
     present; never with ALiBi), `sdpa` (torch SDPA: asked for, `auto` without TE, on CPU too, where it ran a real
     UltraFeedback step 6% faster padded and 20% packed than Megatron's unfused attention; always with ALiBi) or
     `local` (Megatron's unfused attention, asked for). `auto` takes TE's layers only for models they express
-    (`ModelConfig.fits_te_layers`: not OLMo's norms)."""
+    (`ModelConfig.fits_te_layers`: not OLMo's norms) and never for MLA, which mdpo builds on its local layers."""
     if model.position_embedding != "alibi" and (
         model.attention == "te"
-        or (model.attention == "auto" and model.fits_te_layers and transformer_engine_available())
+        or (model.attention == "auto" and model.fits_te_layers and not model.is_mla and transformer_engine_available())
     ):
         return "te"
     return "local" if model.attention == "local" and model.position_embedding != "alibi" else "sdpa"
@@ -67,6 +69,10 @@ def packs_as_thd(model: ModelConfig, dtype: torch.dtype) -> bool:
     attention = core_attention(model)
     if attention == "te":
         return True
+    if (
+        model.is_mla
+    ):  # Megatron's MLA takes THD as [t, heads, d] rows, which mdpo's core attentions do not (`models.mla`)
+        return False
     flash = torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16)
     window_ok = model.sliding_window is None or varlen_takes_window()  # else a window needs blocks' masks
     return attention == "sdpa" and model.position_embedding != "alibi" and flash and window_ok
@@ -88,7 +94,8 @@ def layer_spec(
     """Layer `layer` (its number in the model, from 0): Transformer Engine's fused layers when available; otherwise
     Megatron-Core's local layers (norms: `models.norms`), with torch SDPA as the core attention (`auto`, `sdpa`) or
     Megatron's unfused attention when asked (`local`). ALiBi always runs through SDPA with the biases added to the
-    scores (the config refuses te/local with it). Its attention takes the layer's RoPE (`RopeSelfAttention`).
+    scores (the config refuses te/local with it). Its attention takes the layer's RoPE (`RopeSelfAttention`), or is
+    Megatron's multi-latent attention (`models.mla`, local layers only).
     `experts`: a MoE layer (Megatron's MoELayer: grouped GEMM experts on TE's layers, one MLP per expert on the
     local ones) whose router is `router` (Megatron's TopKRouter when None); `lora`: the target linears with
     adapters (`models.lora`; local layers only)."""
@@ -101,8 +108,11 @@ def layer_spec(
     else:
         spec = _local_layer_spec(model, num_experts, attention)
     self_attention = spec.submodules.self_attention
-    self_attention.module = RopeSelfAttention
-    self_attention.params = {**self_attention.params, **_layer_rope(model, layer)}
+    if model.is_mla:  # Megatron's MLA with its own RoPE (`models.mla`)
+        self_attention.module = LatentSelfAttention
+    else:
+        self_attention.module = RopeSelfAttention
+        self_attention.params = {**self_attention.params, **_layer_rope(model, layer)}
     if experts and router is not None:
         spec.submodules.mlp.submodules.router = router
     return with_adapters(spec, lora) if lora is not None else spec
@@ -123,9 +133,17 @@ def norm_class(model: ModelConfig) -> type:
 
 
 def _local_layer_spec(model: ModelConfig, num_experts: int | None, attention: str) -> ModuleSpec:
-    local = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm", qk_layernorm=model.qk_norm)
+    local = get_gpt_layer_local_spec(
+        num_experts=num_experts,
+        normalization="RMSNorm",
+        qk_layernorm=model.qk_norm or model.is_mla,
+        multi_latent_attention=model.is_mla,
+    )
     norm = norm_class(model)
     local.submodules.input_layernorm = local.submodules.pre_mlp_layernorm = norm
+    if model.is_mla:  # the norms of MLA's q and kv latents (DeepSeek's q_a_layernorm, kv_a_layernorm)
+        attention_parts = local.submodules.self_attention.submodules
+        attention_parts.q_layernorm = attention_parts.kv_layernorm = norm
     if model.qk_norm:
         attention_parts = local.submodules.self_attention.submodules
         if model.qk_norm_span == "projection":  # OLMo 2's: all heads together, the statistics summed over TP
@@ -187,16 +205,17 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 def _architecture(model: ModelConfig) -> dict:
     """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA, the head
     size (`kv_channels`, explicit for Qwen 3 and Mistral), Qwen 3's per-head q/k norms and sliding windows (Mistral,
-    Qwen's use_sliding_window); no dropout."""
+    Qwen's use_sliding_window), multi-latent attention (`models.mla`); no dropout."""
     return dict(
         **_windows(model),
+        **(mla_fields(model) if model.is_mla else {}),
         num_layers=model.num_hidden_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.intermediate_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.kv_heads,
         kv_channels=model.kv_channels,
-        qk_layernorm=model.qk_norm,
+        qk_layernorm=model.qk_norm or model.is_mla,
         normalization="RMSNorm",
         layernorm_epsilon=model.rms_norm_eps,
         gated_linear_unit=True,
@@ -243,7 +262,7 @@ def transformer_config(
     and the kernels (`_kernels`) as Megatron's TransformerConfig. MoE layers use the all-to-all token dispatcher
     (the one that takes variable sequence lengths) and TE's grouped GEMM where TE runs; `balancing` and `aux_coef`:
     Megatron's router loss for `dpo.router_aux_loss_type` megatron or seq (`moe.moe_fields`)."""
-    return TransformerConfig(
+    return (MLATransformerConfig if model.is_mla else TransformerConfig)(
         **_architecture(model),
         # False only in the converters: Megatron then also skips marking tensor-parallel weights, which training needs
         perform_initialization=init_weights,
@@ -283,7 +302,8 @@ class PositionedGPTModel(GPTModel):
       itself (RoPE sees only relative distances) but not for a shared prompt's rejected response, whose positions
       continue from the prompt's end while it sits after the chosen one. THD packs get a per-token table too when
       mdpo's compiled rotation applies RoPE (`tokenwise_thd_rope`): it takes no sequence boundaries, and a pack's
-      position ids restart at each sequence as Megatron's THD rotation does.
+      position ids restart at each sequence as Megatron's THD rotation does. Multi-latent attention layers have
+      RoPEs of their own: they get the position ids instead (`models.mla`).
     - The input embeddings are scaled by `embedding_scale` where the model says so (Gemma's sqrt(hidden size)).
     - The output weight is `output_weight()`: the layer's own or the tied embedding, L2-normalised per row for
       Baichuan 2's NormHead (`norm_head`, in every forward, so gradients flow through the normalisation).
@@ -326,6 +346,8 @@ class PositionedGPTModel(GPTModel):
             padding = scatter_to_sequence_parallel_region(padding.t().contiguous()).t().contiguous()
             out = (*out[:5], padding, *out[6:])
         position_ids, params = kwargs.get("position_ids"), kwargs.get("packed_seq_params")
+        if self.config.multi_latent_attention and isinstance(params, BlockAttention) and position_ids is not None:
+            return (out[0], position_ids.t(), *out[2:])  # MLA's layers read their own RoPE at these (`models.mla`)
         thd = params is not None and params.qkv_format == "thd" and self.tokenwise_thd_rope
         if not (isinstance(params, BlockAttention) or thd) or out[1] is None or position_ids is None:
             return out
@@ -386,7 +408,7 @@ def build_gpt_model(
         tokenwise_thd_rope=fuses_rope_locally(model),
         embedding_scale=model.hidden_size**0.5 if model.scale_embeddings else None,
     )
-    frequencies = table_frequencies(model)
+    frequencies = None if model.is_mla else table_frequencies(model)  # MLA's layers have their own RoPE
     if frequencies is not None:  # a scaled RoPE's (transformers'), or two RoPEs side by side, for Megatron's table
         inv_freq = gpt.rotary_pos_emb.inv_freq
         gpt.rotary_pos_emb.inv_freq = frequencies.to(inv_freq.device, inv_freq.dtype)

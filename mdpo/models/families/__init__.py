@@ -11,6 +11,7 @@ from typing import Any
 from mdpo.errors import ConfigError
 from mdpo.models.families import (
     baichuan,
+    deepseek_v3,
     gemma3,
     llama,
     mistral,
@@ -40,6 +41,7 @@ FAMILIES: dict[str, Family] = {
         olmo2.OLMO3_FAMILY,
         gemma3.FAMILY,
         gemma3.MULTIMODAL,
+        deepseek_v3.FAMILY,
     )
 }
 

@@ -1,0 +1,149 @@
+"""DeepSeek-V3 (`DeepseekV3ForCausalLM`: DeepSeek V3 / V3.1 / R1, Kimi K2, Moonlight): multi-latent attention and a
+mixture of experts with a shared expert, on Megatron-Core's own layers.
+
+- Attention (`models.mla`, Megatron's MLASelfAttention): the query through `q_a_proj` (q_lora_rank), its norm
+  `q_a_layernorm` and `q_b_proj`, or one `q_proj` without q_lora_rank; keys and values from one latent,
+  `kv_a_proj_with_mqa` (kv_lora_rank, then the heads' shared RoPE key of qk_rope_head_dim), its norm `kv_a_layernorm`
+  and `kv_b_proj` (per head: the key's qk_nope_head_dim, the value's v_head_dim); `o_proj`. transformers'
+  `rope_interleave` de-interleaves the RoPE dims before rotating them, as Megatron's MLA does: the weights map as
+  they are. RoPE plain or yarn (its mscale / mscale_all_dim in the cos / sin and the softmax scale).
+- MLP: dense in the first `first_k_dense_replace` layers, then a router `mlp.gate` whose sigmoid scores plus
+  `mlp.gate.e_score_correction_bias` choose the top `num_experts_per_tok` of `n_routed_experts` experts within the
+  best `topk_group` of `n_group` groups (a group scored by its two best experts), the chosen scores renormalised
+  and times `routed_scaling_factor`; beside them `n_shared_experts` x moe_intermediate_size of shared expert,
+  ungated. The correction bias is Megatron's router `expert_bias`, loaded and used, never updated (`models.moe`).
+
+What Megatron-Core cannot follow is refused: see REFUSALS and `read_config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import DeepseekV3Config
+
+from mdpo.config import ModelConfig
+from mdpo.models.families.base import EXPERT, SHARED_EXPERT, Refusal
+from mdpo.models.families.llama import llama_layout_family, read_llama_like
+
+ATTENTION = "self_attention."
+LAYER_TENSORS = (
+    ("input_layernorm.weight", ("input_layernorm.weight",), "copy"),
+    (ATTENTION + "linear_q_proj.weight", ("self_attn.q_proj.weight",), "copy"),  # without q_lora_rank
+    (ATTENTION + "linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), "copy"),
+    (ATTENTION + "q_layernorm.weight", ("self_attn.q_a_layernorm.weight",), "copy"),
+    (ATTENTION + "linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",), "copy"),
+    (ATTENTION + "linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), "copy"),
+    (ATTENTION + "kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), "copy"),
+    (ATTENTION + "linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",), "copy"),
+    (ATTENTION + "linear_proj.weight", ("self_attn.o_proj.weight",), "copy"),
+    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "copy"),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
+    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy"),
+)
+MOE_TENSORS = (
+    ("mlp.router.weight", ("mlp.gate.weight",), "copy"),
+    ("mlp.router.expert_bias", ("mlp.gate.e_score_correction_bias",), "copy"),
+    (EXPERT + "linear_fc1.weight", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), "gate_up"),
+    (EXPERT + "linear_fc2.weight", ("mlp.experts.{e}.down_proj.weight",), "copy"),
+    (
+        SHARED_EXPERT + "linear_fc1.weight",
+        ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"),
+        "gate_up",
+    ),
+    (SHARED_EXPERT + "linear_fc2.weight", ("mlp.shared_experts.down_proj.weight",), "copy"),
+)
+
+REFUSALS = (
+    Refusal("attention_bias", bool, "Megatron-Core's MLA projections have no biases"),
+    Refusal("hidden_act", lambda act: act != "silu"),
+    Refusal("rope_interleave", lambda interleave: not interleave, "Megatron-Core's MLA de-interleaves RoPE dims"),
+    Refusal("norm_topk_prob", lambda norm: not norm, "Megatron-Core always renormalises sigmoid top-k scores"),
+    Refusal("scoring_func", lambda score: score != "sigmoid", "DeepSeek-V3's router is sigmoid"),
+    Refusal("topk_method", lambda method: method != "noaux_tc", "DeepSeek-V3's routing is noaux_tc"),
+    Refusal("moe_layer_freq", lambda freq: freq != 1, "experts in every layer past first_k_dense_replace"),
+)
+
+
+def _config(hf: dict) -> DeepseekV3Config:
+    """transformers' reading of a config.json, its defaults filled in."""
+    return DeepseekV3Config(**{key: value for key, value in hf.items() if key not in ("architectures", "model_type")})
+
+
+def read_config(hf: dict) -> dict[str, Any]:
+    """Llama's keys (RoPE: plain or yarn) plus MLA's and the experts'; ValueError names a RoPE, a grouping or a yarn
+    mscale Megatron-Core's MLA and router compute otherwise."""
+    config = _config(hf)
+    fields = read_llama_like(config.to_dict())
+    for key in ("head_dim", "num_key_value_heads"):  # MLA's head sizes are its own; its keys and values per head
+        fields.pop(key, None)
+    if fields.get("rope_scaling") not in (None, "yarn"):
+        raise ValueError(f"rope_type={fields['rope_scaling']!r}", "MLA's RoPE: default or yarn")
+    rope = config.rope_parameters
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if fields.get("rope_scaling") and not (mscale and mscale_all_dim) and (mscale_all_dim or mscale not in (None, 1)):
+        raise ValueError(f"rope_parameters mscale={mscale!r} with mscale_all_dim={mscale_all_dim!r}")
+    topk, groups, chosen = config.num_experts_per_tok, config.n_group or 1, config.topk_group or 1
+    if groups > 1 and chosen < groups and topk // chosen != 2:
+        raise ValueError(
+            f"n_group={groups} with topk_group={chosen} and num_experts_per_tok={topk}",
+            "Megatron-Core scores a group by its top num_experts_per_tok // topk_group experts, transformers by its "
+            "top 2",
+        )
+    layers, dense = config.num_hidden_layers, config.first_k_dense_replace or 0
+    shared = config.n_shared_experts or 0
+    return fields | {
+        "kv_lora_rank": config.kv_lora_rank,
+        "q_lora_rank": config.q_lora_rank,
+        "qk_nope_head_dim": config.qk_nope_head_dim,
+        "qk_rope_head_dim": config.qk_rope_head_dim,
+        "v_head_dim": config.v_head_dim,
+        "num_experts": config.n_routed_experts,
+        "moe_topk": topk,
+        "moe_intermediate_size": config.moe_intermediate_size,
+        "moe_layers": list(range(dense, layers)) if dense else None,
+        "shared_expert_intermediate_size": shared * config.moe_intermediate_size if shared else None,
+        "shared_expert_gate": False,
+        "norm_topk_prob": True,
+        "router_score": "sigmoid",
+        "router_expert_bias": True,
+        "routed_scaling_factor": config.routed_scaling_factor,
+        "router_groups": groups if groups > 1 else None,
+        "router_group_topk": chosen if groups > 1 else None,
+    }
+
+
+def write_extra(model: ModelConfig) -> dict[str, Any]:
+    """DeepSeek-V3's keys past Llama's: MLA's sizes and the experts' (the dense layers first)."""
+    experts = set(model.expert_layers())
+    shared = model.shared_expert_intermediate_size
+    return {
+        "kv_lora_rank": model.kv_lora_rank,
+        "q_lora_rank": model.q_lora_rank,
+        "qk_nope_head_dim": model.qk_nope_head_dim,
+        "qk_rope_head_dim": model.qk_rope_head_dim,
+        "v_head_dim": model.v_head_dim,
+        "n_routed_experts": model.num_experts,
+        "num_experts_per_tok": model.moe_topk,
+        "moe_intermediate_size": model.expert_width,
+        "first_k_dense_replace": min(experts, default=model.num_hidden_layers),
+        "n_shared_experts": shared // model.expert_width if shared else 0,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": model.routed_scaling_factor,
+        "n_group": model.router_groups or 1,
+        "topk_group": model.router_group_topk or 1,
+        "rope_interleave": True,
+    }
+
+
+FAMILY = llama_layout_family(
+    DeepseekV3Config,
+    "deepseek_v3",
+    LAYER_TENSORS,
+    read_config,
+    refusals=REFUSALS,
+    presets={},
+    default_template="tulu2",
+    write_extra=write_extra,
+    moe_tensors=MOE_TENSORS,
+)
