@@ -284,7 +284,8 @@ FAMILY_CASES = {
     ),
     # DeepSeek-V3: multi-latent attention (q through its low-rank projection, yarn with both mscales), layer 0
     # dense, then 8 sigmoid-routed experts with the score correction bias, top 4 within the best 2 of 4 groups
-    # (Megatron's group score, its top 4 / 2 experts, is transformers' top 2), times 2.5, and a shared expert
+    # (Megatron's group score, its top 4 / 2 experts, is transformers' top 2), times 2.5, and a shared expert; one
+    # multi-token prediction layer in the files (`multi_token_prediction_layer`), carried untrained
     "deepseek_v3": (
         "deepseek_v3",
         dict(
@@ -302,6 +303,7 @@ FAMILY_CASES = {
             moe_intermediate_size=32,
             n_shared_experts=1,
             first_k_dense_replace=1,
+            num_nextn_predict_layers=1,
             rope_parameters={
                 "rope_type": "yarn",
                 "rope_theta": 10000.0,
@@ -334,7 +336,23 @@ def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides)
     else:
         config = config_class(vocab_size=vocab_size, **{**_COMMON, **values, **overrides})
     torch.manual_seed(seed)
-    return randomize(transformers.AutoModelForCausalLM.from_config(config))
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    for _ in range(getattr(config, "num_nextn_predict_layers", 0) if family == "deepseek_v3" else 0):
+        model.model.layers.append(multi_token_prediction_layer(config, len(model.model.layers)))
+    return randomize(model)
+
+
+def multi_token_prediction_layer(config, index: int) -> torch.nn.Module:
+    """A DeepSeek-V3 multi-token prediction layer as the published files hold it (`model.layers.{num_hidden_layers
+    + i}.*`: a decoder layer with its input norms and projection), which transformers' class does not build: saved
+    with the model, never run (its forward takes the first num_hidden_layers), so mdpo must carry it untrained."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as deepseek
+
+    layer = deepseek.DeepseekV3DecoderLayer(config, index)
+    layer.enorm = deepseek.DeepseekV3RMSNorm(config.hidden_size)
+    layer.hnorm = deepseek.DeepseekV3RMSNorm(config.hidden_size)
+    layer.eh_proj = torch.nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+    return layer
 
 
 ROW_LAYOUTS = ("padded", "packed", "shared", "shared_packed")

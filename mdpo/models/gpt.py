@@ -10,6 +10,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
@@ -32,7 +33,7 @@ from mdpo.models.attention import (
 )
 from mdpo.models.lora import with_adapters
 from mdpo.models.mla import LatentSelfAttention, mla_fields
-from mdpo.models.moe import mark_experts, moe_fields
+from mdpo.models.moe import FixedBiasRouter, mark_experts, moe_fields
 from mdpo.models.norms import PostNormLayer, PostNormLayerSubmodules, ProjectionNorm, TorchNorm, ZeroCenteredRMSNorm
 from mdpo.models.rotary import RopeSelfAttention, layer_softmax_scale, table_frequencies
 
@@ -97,8 +98,8 @@ def layer_spec(
     scores (the config refuses te/local with it). Its attention takes the layer's RoPE (`RopeSelfAttention`), or is
     Megatron's multi-latent attention (`models.mla`, local layers only).
     `experts`: a MoE layer (Megatron's MoELayer: grouped GEMM experts on TE's layers, one MLP per expert on the
-    local ones) whose router is `router` (Megatron's TopKRouter when None); `lora`: the target linears with
-    adapters (`models.lora`; local layers only)."""
+    local ones) whose router is `router` (`moe.FixedBiasRouter`, Megatron's TopKRouter, when None); `lora`: the
+    target linears with adapters (`models.lora`; local layers only)."""
     attention = core_attention(model)
     num_experts = model.num_experts if experts else None
     if attention == "te":
@@ -113,8 +114,8 @@ def layer_spec(
     else:
         self_attention.module = RopeSelfAttention
         self_attention.params = {**self_attention.params, **_layer_rope(model, layer)}
-    if experts and router is not None:
-        spec.submodules.mlp.submodules.router = router
+    if experts:
+        spec.submodules.mlp.submodules.router = router or FixedBiasRouter
     return with_adapters(spec, lora) if lora is not None else spec
 
 
@@ -144,6 +145,8 @@ def _local_layer_spec(model: ModelConfig, num_experts: int | None, attention: st
     if model.is_mla:  # the norms of MLA's q and kv latents (DeepSeek's q_a_layernorm, kv_a_layernorm)
         attention_parts = local.submodules.self_attention.submodules
         attention_parts.q_layernorm = attention_parts.kv_layernorm = norm
+        # the down projections whole on every TP rank, as on TE's layers (`models.mla`)
+        attention_parts.linear_q_down_proj = attention_parts.linear_kv_down_proj = ReplicatedLinear
     if model.qk_norm:
         attention_parts = local.submodules.self_attention.submodules
         if model.qk_norm_span == "projection":  # OLMo 2's: all heads together, the statistics summed over TP

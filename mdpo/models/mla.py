@@ -7,6 +7,14 @@ right for plain rows; for rows in blocks (shared prompts, packed rows: `BlockAtt
 every layer the tokens' position ids in the rotary slot instead, and `LatentSelfAttention` reads its table at them.
 Megatron's THD path squeezes [t, 1, ...] rows and is never taken: mdpo sends MLA models blocks
 (`gpt.packs_as_thd`).
+
+The q and kv down projections are whole on every TP rank (Megatron's replicated `Linear`, as Transformer Engine's
+layers make them "duplicated"), not the local spec's column-parallel ones: those gather their output over TP, whose
+backward keeps each rank's own columns, so the RoPE key (the kv latent's last columns, used by every rank's heads)
+would get the gradient of one rank's heads only. Replicated, under sequence parallelism (which Megatron's MoE
+layers need at TP > 1), each rank projects its own tokens, Megatron gathers the RoPE key over the sequence with a
+reduce-scatter backward that sums every rank's heads, and the weights' gradients are summed over TP
+(`sequence_parallel` weights, as the norms').
 """
 
 from __future__ import annotations

@@ -105,7 +105,16 @@ class RouterSums:
         return weighted.new_zeros(self.num_pairs, values.shape[1]).index_add(0, self.pairs, weighted)
 
 
-class RecordingRouter(TopKRouter):
+class FixedBiasRouter(TopKRouter):
+    """Megatron's top-k router whose expert bias (DeepSeek-V3's score correction) stays as loaded: it counts no
+    routed tokens for a bias update, which mdpo never makes (rate 0), and which Megatron-Core 0.16.1 counts wrongly
+    under a padding mask (router.py:542 ands [tokens, experts] with [tokens]). Every MoE layer's router is one."""
+
+    def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: torch.Tensor | None = None) -> None:
+        pass
+
+
+class RecordingRouter(FixedBiasRouter):
     """Megatron's top-k router that also records this layer's sums for transformers' pooled load-balancing loss
     (with Megatron's own scores for an aux loss: the softmax over all experts and its top k) into `sums` when it
     has token weights. A spec entry (`functools.partial(RecordingRouter, sums=...)` as MoESubmodules' router)."""
@@ -124,7 +133,7 @@ class RecordingRouter(TopKRouter):
         return probs, routing_map
 
 
-class MicroBatchRouter(TopKRouter):
+class MicroBatchRouter(FixedBiasRouter):
     """Megatron's top-k router whose own load-balancing losses (`aux_loss`, `seq_aux_loss`: each layer's over the
     micro-batch's tokens, padding left out) reach the gradient through Megatron's `MoEAuxLossAutoScaler` as they are,
     not multiplied by the micro-batch's token count as under `calculate_per_token_loss`: mdpo's gradients are

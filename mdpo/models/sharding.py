@@ -15,7 +15,7 @@ import torch
 from mdpo.config import stage_layers
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_MLA_COLUMN = re.compile(r"\.linear_(q|q_down|q_up|kv_down|kv_up)_proj\.(weight|lora_B)$")
+_MLA_COLUMN = re.compile(r"\.linear_(q|q_up|kv_up)_proj\.(weight|lora_B)$")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 
 # Local-spec name -> Transformer Engine spec name (norm fused into the next linear layer).
@@ -35,7 +35,7 @@ def tp_rule(name: str) -> tuple[int, int] | None:
         ("linear_qkv.weight", "linear_qkv.bias", "linear_qkv.lora_B", "word_embeddings.weight", "output_layer.weight")
     ):
         return 0, 1
-    if _MLA_COLUMN.search(name):  # MLA's projections are column-parallel, its down projections too (then gathered)
+    if _MLA_COLUMN.search(name):  # MLA's up projections (its down projections are whole on every rank)
         return 0, 1
     if name.endswith(("linear_fc1.weight", "linear_fc1.lora_B")):
         return 0, 2

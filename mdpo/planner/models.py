@@ -1,19 +1,21 @@
 """What the planner counts of a model: parameters and FLOPs of a `ModelConfig` (a Llama-like decoder: SwiGLU,
 RMSNorm, GQA, a head size of its own, q/k biases or norms, tied or untied embeddings: every supported family; with
 mixture-of-experts layers, a router and SwiGLU experts in place of the dense MLP, and Qwen2-MoE's gated shared
-expert beside them), and the presets it knows by name
+expert beside them; DeepSeek-V3's multi-latent attention), and the presets it knows by name
 (the registry's families' published configs). A model is the run's own `ModelConfig`, so a config file, a HF
 folder and a preset describe it the same way.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mdpo.checkpoint.description import describe_model
 from mdpo.config import ModelConfig
 from mdpo.errors import ConfigError
 from mdpo.models import families
+from mdpo.models.families.base import latent_attention_shapes
 
 # The presets `mdpo plan --model NAME` knows: published configs, each in its family's module (`Family.presets`).
 MODELS: dict[str, ModelConfig] = {
@@ -34,10 +36,22 @@ def q_dim(model: ModelConfig) -> int:
     return model.kv_channels * model.num_attention_heads
 
 
+def score_dims(model: ModelConfig) -> tuple[int, int]:
+    """Widths over the heads of the attention's two matmuls: the query / key (heads x head size; MLA's heads x
+    (qk_nope_head_dim + qk_rope_head_dim)) and the value (MLA's heads x v_head_dim)."""
+    if model.is_mla:
+        return model.num_attention_heads * (model.qk_nope_head_dim + model.qk_rope_head_dim), q_dim(model)
+    return q_dim(model), q_dim(model)
+
+
 def attention_params(model: ModelConfig) -> int:
     """One decoder layer less its MLP: fused QKV (with Qwen's bias), the output projection, two RMSNorm weights
     (before or after the sublayers; four with Gemma's on both sides) and the q/k norm weights (Qwen 3's per head,
-    OLMo's over the whole projections)."""
+    OLMo's over the whole projections); multi-latent attention's projections and latent norms (the mapping table's
+    shapes) and the two norms."""
+    if model.is_mla:
+        shapes = latent_attention_shapes(model).values()
+        return sum(math.prod(shape) for shape in shapes) + 2 * model.hidden_size
     h, q, kv = model.hidden_size, q_dim(model), kv_dim(model)
     attention = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if model.qkv_bias else 0)
     qk_norms = 0
@@ -54,8 +68,9 @@ def mlp_params(model: ModelConfig, width: int) -> int:
 
 def moe_gate_params(model: ModelConfig) -> int:
     """What a MoE layer holds whole on every TP rank (Megatron replicates them): the router [experts, hidden] and a
-    shared expert's sigmoid gate [1, hidden]."""
-    return ((model.num_experts or 0) + (model.shared_expert_intermediate_size is not None)) * model.hidden_size
+    shared expert's sigmoid gate [1, hidden] (DeepSeek-V3's has none; its router's score bias is no parameter)."""
+    gate = model.shared_expert_intermediate_size is not None and model.shared_expert_gate
+    return ((model.num_experts or 0) + gate) * model.hidden_size
 
 
 def shared_expert_params(model: ModelConfig) -> int:
@@ -111,7 +126,8 @@ def flops_per_token(model: ModelConfig, seq_len: float, trained: bool, frozen: b
     the planner's step time and bench_dpo.py's MFU both count, over the active weights (an MoE token's experts and
     the router). `frozen` (LoRA): the backward computes the activations' gradients but no weight gradients of the
     base, 4N instead of 6N (the adapters' are negligible)."""
-    attention = 6 * model.num_hidden_layers * q_dim(model) * seq_len  # half of 12 L (heads x head size) s: causal
+    # half of 6 L (query / key width + value width) s, both matmuls' forward and backward: causal
+    attention = 3 * model.num_hidden_layers * sum(score_dims(model)) * seq_len
     n = matmul_params(model)
     if not trained:
         return 2 * n + attention / 3

@@ -84,10 +84,24 @@ class Family:
     # HF name prefixes of tensors mdpo does not train but keeps (a vision tower): read from the source folder and
     # written back unchanged into every export
     carried: tuple[str, ...] = ()
+    # HF layers numbered from the model's num_hidden_layers on (DeepSeek-V3's multi-token prediction layers,
+    # `num_nextn_predict_layers`): carried as `carried` is, where the folder has them
+    carries_extra_layers: bool = False
 
-    def is_carried(self, name: str) -> bool:
-        """Whether a HF tensor is one mdpo carries from the source to the export untrained (`carried`)."""
-        return bool(self.carried) and name.startswith(self.carried)
+    def is_carried(self, name: str, num_layers: int) -> bool:
+        """Whether a HF tensor is one mdpo carries from the source to the export untrained (`carried`, or a layer
+        past the model's `num_layers` with `carries_extra_layers`)."""
+        if self.carried and name.startswith(self.carried):
+            return True
+        layer = re.match(re.escape(self.hf_layer_prefix).replace(r"\{i\}", r"(\d+)"), name)
+        return self.carries_extra_layers and layer is not None and int(layer.group(1)) >= num_layers
+
+    def carried_names(self) -> str:
+        """What the family carries untrained, for messages."""
+        extra = (
+            [f"{self.hf_layer_prefix.format(i='N')}* for N >= num_hidden_layers"] if self.carries_extra_layers else []
+        )
+        return ", ".join([f"{prefix}*" for prefix in self.carried] + extra)
 
     @property
     def architecture(self) -> str:
@@ -346,7 +360,8 @@ def shape_of(hf: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
 def check_hf_state(family: Family, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
     """Raise KeyError/ValueError naming the first missing, unexpected or misshapen tensor."""
     expected = hf_shapes(family, model)
-    present = {name for name in hf if not name.endswith(family.ignored_suffixes) and not family.is_carried(name)}
+    layers = model.num_hidden_layers
+    present = {n for n in hf if not n.endswith(family.ignored_suffixes) and not family.is_carried(n, layers)}
     missing = sorted(set(expected) - present)
     if missing:
         raise KeyError(f"HF checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing in all)")

@@ -146,4 +146,5 @@ FAMILY = llama_layout_family(
     default_template="tulu2",
     write_extra=write_extra,
     moe_tensors=MOE_TENSORS,
+    carries_extra_layers=True,  # its multi-token prediction layers (`num_nextn_predict_layers`), untrained
 )
