@@ -38,7 +38,26 @@ SMALL_MOE = ModelConfig(
 SMALL_SHARED_MOE = dataclasses.replace(
     SMALL_MOE, family="qwen2_moe", head_dim=None, qk_norm=False, qkv_bias=True, shared_expert_intermediate_size=80
 )
-SMALL = {"small_moe": SMALL_MOE, "small_shared_moe": SMALL_SHARED_MOE}
+# DeepSeek-V3's: multi-latent attention (q through its low-rank projection), layer 0 dense, the sigmoid router (its
+# score bias a buffer, no parameter) and an ungated shared expert
+SMALL_DEEPSEEK = dataclasses.replace(
+    SMALL_MOE,
+    family="deepseek_v3",
+    head_dim=None,
+    qk_norm=False,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    moe_layers=[1, 2],
+    shared_expert_intermediate_size=48,
+    shared_expert_gate=False,
+    router_score="sigmoid",
+    router_expert_bias=True,
+    routed_scaling_factor=2.5,
+)
+SMALL = {"small_moe": SMALL_MOE, "small_shared_moe": SMALL_SHARED_MOE, "small_deepseek": SMALL_DEEPSEEK}
 # every preset of every registered family, and the small MoEs above
 SHAPES = [(family.name, name) for family in families.FAMILIES.values() for name in family.presets]
 SHAPES += [(shape.family, name) for name, shape in SMALL.items()]

@@ -23,7 +23,7 @@ from typing import Any
 from transformers import DeepseekV3Config
 
 from mdpo.config import ModelConfig
-from mdpo.models.families.base import EXPERT, SHARED_EXPERT, Refusal
+from mdpo.models.families.base import EXPERT, SHARED_EXPERT, Refusal, preset
 from mdpo.models.families.llama import llama_layout_family, read_llama_like
 
 ATTENTION = "self_attention."
@@ -136,13 +136,86 @@ def write_extra(model: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _deepseek(layers: int, dense: int, shared: int, **fields: Any) -> dict[str, Any]:
+    """What DeepSeek-V3's published configs share past the counts: MLA's sizes (q_lora_rank apart), the sigmoid
+    router with its score bias, experts after the first `dense` layers, `shared` shared experts ungated."""
+    width = fields["moe_intermediate_size"]
+    return dict(
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        moe_layers=list(range(dense, layers)),
+        shared_expert_intermediate_size=shared * width,
+        shared_expert_gate=False,
+        router_score="sigmoid",
+        router_expert_bias=True,
+        **fields,
+    )
+
+
+_YARN = dict(rope_scaling="yarn", rope_original_max_position_embeddings=4096, rope_mscale=1.0, rope_mscale_all_dim=1.0)
+PRESETS = {
+    # DeepSeek V3 / V3.1 / R1: 671B total, 37B active; 256 experts, top 8 within the best 4 of 8 groups
+    "deepseek-v3-671b": preset(
+        7168,
+        18432,
+        61,
+        128,
+        128,
+        129280,
+        **_deepseek(61, 3, 1, q_lora_rank=1536, num_experts=256, moe_topk=8, moe_intermediate_size=2048),
+        routed_scaling_factor=2.5,
+        router_groups=8,
+        router_group_topk=4,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=163840,
+        **_YARN,
+        rope_scaling_factor=40.0,
+        rope_beta_fast=32.0,
+        rope_beta_slow=1.0,
+    ),
+    # Kimi K2: 1T total, 32B active; 384 experts, top 8, ungrouped
+    "kimi-k2-1t": preset(
+        7168,
+        18432,
+        61,
+        64,
+        64,
+        163840,
+        **_deepseek(61, 1, 1, q_lora_rank=1536, num_experts=384, moe_topk=8, moe_intermediate_size=2048),
+        routed_scaling_factor=2.827,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=131072,
+        **_YARN,
+        rope_scaling_factor=32.0,
+        rope_beta_fast=1.0,
+        rope_beta_slow=1.0,
+    ),
+    # Moonlight: 16B total, 3B active; queries without a low-rank projection, 64 experts, top 6, 2 shared
+    "moonlight-16b-a3b": preset(
+        2048,
+        11264,
+        27,
+        16,
+        16,
+        163840,
+        **_deepseek(27, 1, 2, q_lora_rank=None, num_experts=64, moe_topk=6, moe_intermediate_size=1408),
+        routed_scaling_factor=2.446,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+    ),
+}
+
 FAMILY = llama_layout_family(
     DeepseekV3Config,
     "deepseek_v3",
     LAYER_TENSORS,
     read_config,
     refusals=REFUSALS,
-    presets={},
+    presets=PRESETS,
     default_template="tulu2",
     write_extra=write_extra,
     moe_tensors=MOE_TENSORS,
