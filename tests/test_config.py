@@ -653,6 +653,30 @@ def test_a_mixture_of_experts_resolves_its_parallel_defaults():
     assert cfg({"pp": 2}, {"router_aux_loss_type": "seq"}).router_aux_loss_type == "seq"
 
 
+def test_multi_latent_attention_refuses_what_megatron_computes_otherwise():
+    """A DeepSeek-V3-shaped model's fields that Megatron-Core's MLA and router cannot follow: one line each, naming
+    the field."""
+    mla = dict(kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    experts = dict(num_experts=8, moe_topk=4, router_score="sigmoid", router_expert_bias=True)
+    cases = {
+        "model.router_group_topk=1 with model.moe_topk=4": dict(router_groups=4, router_group_topk=1),
+        "model.router_groups=3 must divide model.num_experts=8": dict(router_groups=3, router_group_topk=1),
+        "model.router_score=sigmoid with model.norm_topk_prob=false": dict(norm_topk_prob=False),
+        "model.router_expert_bias=true needs model.router_score=sigmoid": dict(router_score="softmax"),
+        "model.kv_lora_rank (multi-latent attention) needs RoPE, unscaled or yarn": dict(rope_scaling="linear"),
+        "model.rope_mscale=0.8 with model.rope_mscale_all_dim=None": dict(rope_scaling="yarn", rope_mscale=0.8),
+        "model.fused_rope=true with model.kv_lora_rank": dict(fused_rope=True),
+        "model.attention=te with model.kv_lora_rank": dict(attention="te"),
+    }
+    for message, changes in cases.items():
+        with pytest.raises(ConfigError) as info:
+            config.ModelConfig(**{**mla, **experts, **changes}).check()
+        assert message in str(info.value), (message, str(info.value))
+    model = config.ModelConfig(**mla, **experts, init_from="somewhere")
+    with pytest.raises(ConfigError, match="lora.rank > 0 with multi-latent attention"):
+        config.TrainConfig(model=model, lora=config.LoRAConfig(rank=4, targets=["qkv", "proj"])).check()
+
+
 def test_a_key_newer_than_a_checkpoint_is_no_change_at_its_default():
     """A checkpoint written before a config key existed resumes as the run it was where the key holds its default
     (it does what the checkpoint's run did), and lists the key as a change otherwise."""

@@ -949,6 +949,11 @@ class TrainConfig:
             "reads the MLP targets of such a model as its experts' (dense layers included); use lora.targets "
             "[qkv, proj]",
         )
+        need(
+            not self.model.is_mla,
+            "lora.rank > 0 with multi-latent attention (model.kv_lora_rank: DeepSeek-V3): mdpo's adapters do not "
+            "wrap MLA's projections yet",
+        )
 
 
 def validate(cfg: TrainConfig) -> None:
