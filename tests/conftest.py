@@ -316,10 +316,34 @@ FAMILY_CASES = {
             },
         ),
     ),
+    # DeepSeek-V2: queries without a low-rank projection (V2-Lite's), plain RoPE, a softmax router unrenormalised
+    # (times 2), its top 2 within the best 2 of 4 groups scored by their best expert (Megatron's top 2 / 2), two
+    # shared experts, layer 0 dense
+    "deepseek_v2": (
+        "deepseek_v2",
+        dict(
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            topk_method="group_limited_greedy",
+            routed_scaling_factor=2.0,
+            moe_intermediate_size=32,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            rope_theta=10000.0,
+        ),
+    ),
 }
-MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral", "qwen2_moe", "deepseek_v3")
-# those whose transformers class computes a load-balancing loss (DeepseekV3ForCausalLM computes none)
-POOLED_AUX_CASES = tuple(case for case in MOE_CASES if case != "deepseek_v3")
+MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral", "qwen2_moe", "deepseek_v3", "deepseek_v2")
+# those whose transformers class computes a load-balancing loss (DeepseekV3ForCausalLM and V2 compute none)
+POOLED_AUX_CASES = tuple(case for case in MOE_CASES if not case.startswith("deepseek"))
 
 
 def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides):

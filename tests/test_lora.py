@@ -53,8 +53,23 @@ LAYOUTS = {
 # 3.x has Llama 2's modules (the llama run).
 # Megatron's MoE layers train under TP with SP; adapters on attention only (experts and, in PEFT's format, MoE
 # models' MLPs take none)
-MOE_NEEDS = {"qwen3_moe": ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"]}
-TODAYS = ("qwen2.5_tied", "qwen3_tied", "mistral", "qwen3_moe", "olmo2", "gemma3_tied", "gemma3_multimodal_tied")
+MOE_NEEDS = {
+    case: ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"] for case in ("qwen3_moe", "deepseek_v3")
+}
+# the attention modules PEFT adapts: Llama's, or multi-latent attention's up projections (its down projections take
+# no adapters) and output
+ATTENTION_TARGETS = ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+MLA_TARGETS = ["self_attn.kv_b_proj", "self_attn.o_proj", "self_attn.q_b_proj"]
+TODAYS = (
+    "qwen2.5_tied",
+    "qwen3_tied",
+    "mistral",
+    "qwen3_moe",
+    "olmo2",
+    "gemma3_tied",
+    "gemma3_multimodal_tied",
+    "deepseek_v3",
+)
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +250,8 @@ def test_peft_on_transformers_class_gives_the_merged_export(runs, case):
     assert (ours - untouched).abs().max().item() > 1e-3, case  # the adapters moved the logits
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     mlp = [] if case in MOE_NEEDS else ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
-    assert config["target_modules"] == [
-        *mlp,
-        "self_attn.k_proj",
-        "self_attn.o_proj",
-        "self_attn.q_proj",
-        "self_attn.v_proj",
-    ]
+    attention = MLA_TARGETS if case == "deepseek_v3" else ATTENTION_TARGETS
+    assert config["target_modules"] == [*mlp, *attention]
 
 
 def test_adapter_config_names_the_familys_modules(runs):

@@ -137,12 +137,14 @@ def _allocated(shape: ModelConfig, lora_rank: int = 0) -> dict[str, int]:
 
 
 QWEN3_TIED = dict(head_dim=32, qk_norm=True, tie_word_embeddings=True)  # Qwen 3 0.6B's features
+# multi-latent attention, queries through a low-rank projection: its adapters on four projections, two replicated
+MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 
 
 @pytest.mark.parametrize(
     ("lora_rank", "features"),
-    [(0, {}), (4, {}), (0, QWEN3_TIED), (4, QWEN3_TIED)],
-    ids=["full", "lora", "full_qwen3_tied", "lora_qwen3_tied"],
+    [(0, {}), (4, {}), (0, QWEN3_TIED), (4, QWEN3_TIED), (0, MLA), (4, MLA)],
+    ids=["full", "lora", "full_qwen3_tied", "lora_qwen3_tied", "full_mla", "lora_mla"],
 )
 def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank, features):
     """Weights, the DDP gradient buffer and Adam's states of a real (fp32, CPU) policy, counted in bytes; with

@@ -224,7 +224,8 @@ class ModelConfig(Section):
     # DeepSeek-V3's routing: sigmoid scores of the router logits (softmax: the others'), a bias added to the scores
     # only to choose the experts (its `e_score_correction_bias`, loaded and used, never updated), the chosen weights
     # (renormalised) times routed_scaling_factor, and the top k taken within the router_group_topk best of
-    # router_groups equal groups of experts (a group scored by its two best experts)
+    # router_groups equal groups of experts (a group scored by its two best experts; DeepSeek-V2's softmax router:
+    # by its best)
     router_score: str = "softmax"
     router_expert_bias: bool = False
     routed_scaling_factor: float = 1.0
@@ -419,9 +420,9 @@ class ModelConfig(Section):
         )
 
     def _check_routing(self) -> None:
-        """Groups of experts: equal groups, at least two experts each (a group is scored by its two best), and as
-        Megatron-Core scores a group (by its top k / group_topk experts) equal to transformers' only where that is 2
-        or every group is chosen."""
+        """Groups of experts: equal groups, at least two experts each, and as Megatron-Core scores a group (by its
+        top k / group_topk experts) equal to transformers' only where that is its count (DeepSeek-V3's sigmoid
+        router: the two best; V2's softmax one: the best) or every group is chosen."""
         _one_of("model.router_score", self.router_score, ROUTER_SCORES)
         need(
             not self.router_expert_bias or self.router_score == "sigmoid",
@@ -441,10 +442,12 @@ class ModelConfig(Section):
             f"model.router_groups={groups} must divide model.num_experts={self.num_experts} into groups of 2 or more",
         )
         need(chosen <= groups, f"model.router_group_topk={chosen} exceeds model.router_groups={groups}")
+        scored_by = 2 if self.router_score == "sigmoid" else 1
         need(
-            chosen == groups or self.moe_topk // chosen == 2,
+            chosen == groups or self.moe_topk // chosen == scored_by,
             f"model.router_group_topk={chosen} with model.moe_topk={self.moe_topk}: Megatron-Core scores a group by "
-            "its top moe_topk / router_group_topk experts, transformers by its top 2",
+            f"its top moe_topk / router_group_topk experts, transformers' {self.router_score} router by its top "
+            f"{scored_by}",
         )
 
     def _check_latent_attention(self) -> None:
@@ -948,11 +951,6 @@ class TrainConfig:
             f"lora.targets {', '.join(mlp)} on a mixture-of-experts model: its experts take no adapters, and PEFT "
             "reads the MLP targets of such a model as its experts' (dense layers included); use lora.targets "
             "[qkv, proj]",
-        )
-        need(
-            not self.model.is_mla,
-            "lora.rank > 0 with multi-latent attention (model.kv_lora_rank: DeepSeek-V3): mdpo's adapters do not "
-            "wrap MLA's projections yet",
         )
 
 

@@ -137,11 +137,20 @@ def flops_per_token(model: ModelConfig, seq_len: float, trained: bool, frozen: b
 def lora_params(model: ModelConfig, rank: int, tp: int = 1, mlp: bool = True) -> float:
     """Adapter parameters of one decoder layer on one TP rank (all four targets; without `mlp`, an MoE layer's,
     attention's two: experts take no adapters): column-parallel q/k/v and gate/up hold A whole and 1/TP of B,
-    row-parallel output and down projections 1/TP of A and B whole (`models.lora`)."""
+    row-parallel output and down projections 1/TP of A and B whole (`models.lora`); MLA's qkv: `latent_lora_width`."""
     h, f, q = model.hidden_size, model.intermediate_size, q_dim(model)
-    qkv, fc1 = q + 2 * kv_dim(model), 2 * f
-    mlps = (h + fc1 / tp) + (f / tp + h) if mlp else 0.0
-    return rank * ((h + qkv / tp) + (q / tp + h) + mlps)
+    qkv = latent_lora_width(model, tp) if model.is_mla else h + (q + 2 * kv_dim(model)) / tp
+    mlps = (h + 2 * f / tp) + (f / tp + h) if mlp else 0.0
+    return rank * (qkv + (q / tp + h) + mlps)
+
+
+def latent_lora_width(model: ModelConfig, tp: int) -> float:
+    """A and B's elements per unit of rank of qkv's adapters on multi-latent attention, on one TP rank: the up
+    projections' (or the plain query projection's) A whole and 1/TP of B (the down projections take none)."""
+    qk, _ = score_dims(model)
+    latent = model.kv_lora_rank
+    kv = latent + model.num_attention_heads * (model.qk_nope_head_dim + model.v_head_dim) / tp
+    return (model.q_lora_rank or model.hidden_size) + qk / tp + kv
 
 
 def model_shape(name_or_path: str) -> ModelConfig:

@@ -55,9 +55,10 @@ def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
         sizes, data, overrides = LAYOUTS[name]
         results[name] = {}
         for folder in folders:
-            model = describe_model({"init_from": folder, **overrides})
+            model = describe_model({"init_from": folder})
             if (sizes.get("ep", 1) > 1) != model.is_moe and name not in MOE_TOO:
                 continue
+            model = describe_model({"init_from": folder, **overrides})  # after the check: MLA refuses the fused RoPE
             cfg = TrainConfig(
                 model=model,
                 data=DataConfig(train_file="-", tokenizer="-", max_length=48, pack_tokens=96, **data),

@@ -11,6 +11,7 @@ from typing import Any
 from mdpo.errors import ConfigError
 from mdpo.models.families import (
     baichuan,
+    deepseek_v2,
     deepseek_v3,
     gemma3,
     llama,
@@ -42,6 +43,7 @@ FAMILIES: dict[str, Family] = {
         gemma3.FAMILY,
         gemma3.MULTIMODAL,
         deepseek_v3.FAMILY,
+        deepseek_v2.FAMILY,
     )
 }
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import DeepseekV3Config
+from transformers import DeepseekV3Config, PretrainedConfig
 
 from mdpo.config import ModelConfig
 from mdpo.models.families.base import EXPERT, SHARED_EXPERT, Refusal, preset
@@ -65,15 +65,10 @@ REFUSALS = (
 )
 
 
-def _config(hf: dict) -> DeepseekV3Config:
-    """transformers' reading of a config.json, its defaults filled in."""
-    return DeepseekV3Config(**{key: value for key, value in hf.items() if key not in ("architectures", "model_type")})
-
-
-def read_config(hf: dict) -> dict[str, Any]:
-    """Llama's keys (RoPE: plain or yarn) plus MLA's and the experts'; ValueError names a RoPE, a grouping or a yarn
-    mscale Megatron-Core's MLA and router compute otherwise."""
-    config = _config(hf)
+def read_latent_model(config: PretrainedConfig) -> dict[str, Any]:
+    """What DeepSeek-V2 and V3 configs share, read through transformers' config class (its defaults filled in):
+    Llama's keys (RoPE: plain or yarn), MLA's and the experts' counts; ValueError names a RoPE or a yarn mscale
+    Megatron-Core's MLA computes otherwise."""
     fields = read_llama_like(config.to_dict())
     for key in ("head_dim", "num_key_value_heads"):  # MLA's head sizes are its own; its keys and values per head
         fields.pop(key, None)
@@ -83,13 +78,6 @@ def read_config(hf: dict) -> dict[str, Any]:
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     if fields.get("rope_scaling") and not (mscale and mscale_all_dim) and (mscale_all_dim or mscale not in (None, 1)):
         raise ValueError(f"rope_parameters mscale={mscale!r} with mscale_all_dim={mscale_all_dim!r}")
-    topk, groups, chosen = config.num_experts_per_tok, config.n_group or 1, config.topk_group or 1
-    if groups > 1 and chosen < groups and topk // chosen != 2:
-        raise ValueError(
-            f"n_group={groups} with topk_group={chosen} and num_experts_per_tok={topk}",
-            "Megatron-Core scores a group by its top num_experts_per_tok // topk_group experts, transformers by its "
-            "top 2",
-        )
     layers, dense = config.num_hidden_layers, config.first_k_dense_replace or 0
     shared = config.n_shared_experts or 0
     return fields | {
@@ -99,22 +87,39 @@ def read_config(hf: dict) -> dict[str, Any]:
         "qk_rope_head_dim": config.qk_rope_head_dim,
         "v_head_dim": config.v_head_dim,
         "num_experts": config.n_routed_experts,
-        "moe_topk": topk,
+        "moe_topk": config.num_experts_per_tok,
         "moe_intermediate_size": config.moe_intermediate_size,
         "moe_layers": list(range(dense, layers)) if dense else None,
         "shared_expert_intermediate_size": shared * config.moe_intermediate_size if shared else None,
         "shared_expert_gate": False,
-        "norm_topk_prob": True,
-        "router_score": "sigmoid",
-        "router_expert_bias": True,
         "routed_scaling_factor": config.routed_scaling_factor,
-        "router_groups": groups if groups > 1 else None,
-        "router_group_topk": chosen if groups > 1 else None,
     }
 
 
-def write_extra(model: ModelConfig) -> dict[str, Any]:
-    """DeepSeek-V3's keys past Llama's: MLA's sizes and the experts' (the dense layers first)."""
+def read_groups(config: PretrainedConfig, scored_by: int) -> dict[str, Any]:
+    """The groups of experts, which Megatron-Core scores by their top num_experts_per_tok // topk_group experts:
+    exact where transformers scores them by their top `scored_by` (or every group is chosen); ValueError else."""
+    topk, groups, chosen = config.num_experts_per_tok, config.n_group or 1, config.topk_group or 1
+    if groups == 1 or chosen >= groups:
+        return {"router_groups": None, "router_group_topk": None}
+    if topk // chosen != scored_by:
+        raise ValueError(
+            f"n_group={groups} with topk_group={chosen} and num_experts_per_tok={topk}",
+            "Megatron-Core scores a group by its top num_experts_per_tok // topk_group experts, transformers by its "
+            f"top {scored_by}",
+        )
+    return {"router_groups": groups, "router_group_topk": chosen}
+
+
+def read_config(hf: dict) -> dict[str, Any]:
+    """DeepSeek-V3's: the shared keys, its sigmoid router with the score bias, groups scored by their top 2."""
+    config = DeepseekV3Config(**{key: value for key, value in hf.items() if key not in ("architectures", "model_type")})
+    routing = {"norm_topk_prob": True, "router_score": "sigmoid", "router_expert_bias": True}
+    return read_latent_model(config) | read_groups(config, scored_by=2) | routing
+
+
+def write_latent_model(model: ModelConfig) -> dict[str, Any]:
+    """The keys past Llama's that DeepSeek-V2 and V3 share: MLA's sizes and the experts' (the dense layers first)."""
     experts = set(model.expert_layers())
     shared = model.shared_expert_intermediate_size
     return {
@@ -128,12 +133,15 @@ def write_extra(model: ModelConfig) -> dict[str, Any]:
         "moe_intermediate_size": model.expert_width,
         "first_k_dense_replace": min(experts, default=model.num_hidden_layers),
         "n_shared_experts": shared // model.expert_width if shared else 0,
-        "norm_topk_prob": True,
+        "norm_topk_prob": model.norm_topk_prob,
         "routed_scaling_factor": model.routed_scaling_factor,
         "n_group": model.router_groups or 1,
         "topk_group": model.router_group_topk or 1,
-        "rope_interleave": True,
     }
+
+
+def write_extra(model: ModelConfig) -> dict[str, Any]:
+    return write_latent_model(model) | {"rope_interleave": True}
 
 
 def _deepseek(layers: int, dense: int, shared: int, **fields: Any) -> dict[str, Any]:
