@@ -527,6 +527,9 @@ def test_hf_config_invalid_json(tmp_path):
 DEEPSEEK = dict(
     architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", n_routed_experts=8, n_group=1, topk_group=1
 )
+DEEPSEEK_V2 = dict(
+    architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", n_routed_experts=8, num_experts_per_tok=6
+)
 DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}
 
 
@@ -601,6 +604,19 @@ DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "origina
             {**DEEPSEEK, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
             "rope_type='linear' is not supported by mdpo's deepseek_v3 model (MLA's RoPE: default or yarn)",
         ),
+        # DeepSeek-V2: transformers' class never renormalises; its groups are scored by their best expert
+        (
+            {**DEEPSEEK_V2, "norm_topk_prob": True},
+            "norm_topk_prob=true (transformers' DeepseekV2ForCausalLM never renormalises the top-k scores) is not "
+            "supported by mdpo's deepseek_v2 model",
+        ),
+        (
+            {**DEEPSEEK_V2, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2},
+            "n_group=4 with topk_group=2 and num_experts_per_tok=6 is not supported by mdpo's deepseek_v2 model "
+            "(Megatron-Core scores a group by its top num_experts_per_tok // topk_group experts, transformers by its "
+            "top 1)",
+        ),
+        ({**DEEPSEEK_V2, "topk_method": "noaux_tc"}, "topk_method='noaux_tc' (top-k methods: greedy, group_limited"),
     ],
 )
 def test_hf_config_unsupported(tmp_path, changes, expected):
