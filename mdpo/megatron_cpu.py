@@ -2,20 +2,22 @@
 
 Megatron-Core assumes CUDA in a handful of places (measured list: ../shared/notes/megatron-core-on-cpu.md).
 Each patch below names the spot it covers. `apply()` installs only `_copy_at_size_one` (a megatron-core bug on every
-device) when CUDA is available, so the rest never reaches GPU runs; it is called once by the entry points (CLI,
-tests) before any model is built.
+device) and `_mla_without_te` (TE's absence told to MLA) when CUDA is available, so the rest never reaches GPU runs;
+it is called once by the entry points (CLI, tests) before any model is built.
 Version-specific: re-check the list when the megatron-core pin moves.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import types
 from collections.abc import Callable
 from typing import Any
 
 import megatron.core.models.common.embeddings.rope_utils as rope_utils
 import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary_pos_embedding
+import megatron.core.models.common.embeddings.yarn_rotary_pos_embedding as yarn_rotary_pos_embedding
 import megatron.core.models.common.language_module.language_module as language_module
 import megatron.core.optimizer.clip_grads as clip_grads
 import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
@@ -25,6 +27,7 @@ import megatron.core.tensor_parallel.mappings as mappings
 import megatron.core.tensor_parallel.random as mcore_random
 import megatron.core.transformer.moe.moe_utils as moe_utils
 import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+import megatron.core.transformer.multi_latent_attention as multi_latent_attention
 import megatron.core.transformer.utils as transformer_utils
 import megatron.core.utils as mcore_utils
 import torch
@@ -144,11 +147,20 @@ def _copy_at_size_one(reduce: Callable) -> Callable:
     return copying
 
 
+def _mla_without_te() -> None:
+    """MLA (multi_latent_attention.py:53-63) sets HAVE_TE whenever megatron's TE extension imports, which it does
+    without Transformer Engine (its `te` a stand-in), and then `isinstance(self.linear_proj, TELinear)` (line 185)
+    raises TypeError: TELinear is no type there."""
+    multi_latent_attention.HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+
+
 def apply() -> None:
-    """Install the CPU patches once; on machines with CUDA only `_copy_at_size_one`, which every device needs."""
+    """Install the CPU patches once; on machines with CUDA only `_copy_at_size_one` and `_mla_without_te`, which
+    every device needs (a GPU without Transformer Engine takes MLA's local path too)."""
     for name in ("_reduce", "_reduce_scatter_along_first_dim"):
         if not getattr(getattr(mappings, name), "copies_at_size_one", False):
             setattr(mappings, name, _copy_at_size_one(getattr(mappings, name)))
+    _mla_without_te()
     if torch.cuda.is_available() or isinstance(schedules.torch, _CpuFactoryTorch):  # no CUDA patch, or done
         return
     # megatron (and through it torch._dynamo, which indexes torch.cuda's functions) is imported above, before this.
@@ -177,9 +189,11 @@ def apply() -> None:
 
     for module in (schedules, clip_grads, optimizer, transformer_utils, mcore_utils, rope_utils):
         module.torch = _CpuFactoryTorch()
-    # Context parallelism's RoPE slice (imported by name into rotary_pos_embedding.py).
+    # Context parallelism's RoPE slice (imported by name into rotary_pos_embedding.py and, MLA's yarn, into
+    # yarn_rotary_pos_embedding.py).
     cp_slice = _with_cuda_type_names(rope_utils.get_pos_emb_on_this_cp_rank)
     rope_utils.get_pos_emb_on_this_cp_rank = rotary_pos_embedding.get_pos_emb_on_this_cp_rank = cp_slice
+    yarn_rotary_pos_embedding.get_pos_emb_on_this_cp_rank = cp_slice
 
     # Tied embeddings under PP: the last stage's copy goes `.cuda()` before the first/last-stage all-reduce.
     module_cls = language_module.LanguageModule

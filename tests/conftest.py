@@ -143,7 +143,8 @@ def tiny_hf_llama(seed: int = 0, **overrides):
 
 def randomize(model):
     """Every weight random, norms too (around 1, so a swapped or missing norm shows), biases, q/k norms, MoE
-    routers and attention sinks included; returns the model, float32, in eval mode."""
+    routers (a router's score correction bias too) and attention sinks included; returns the model, float32, in eval
+    mode."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -154,6 +155,9 @@ def randomize(model):
                 param.normal_(0.0, 0.3)  # enough that a few training steps move them visibly (test_parallel)
             else:
                 param.normal_(0.0, 0.05)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's router bias, on the sigmoid scores' scale
+                buffer.normal_(0.0, 0.05)
     return model.float().eval()
 
 
@@ -302,8 +306,68 @@ FAMILY_CASES = {
             },
         ),
     ),
+    # DeepSeek-V3: multi-latent attention (q through its low-rank projection, yarn with both mscales), layer 0
+    # dense, then 8 sigmoid-routed experts with the score correction bias, top 4 within the best 2 of 4 groups
+    # (Megatron's group score, its top 4 / 2 experts, is transformers' top 2), times 2.5, and a shared expert; one
+    # multi-token prediction layer in the files (`multi_token_prediction_layer`), carried untrained
+    "deepseek_v3": (
+        "deepseek_v3",
+        dict(
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            num_nextn_predict_layers=1,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 0.8,
+                "mscale_all_dim": 0.6,
+            },
+        ),
+    ),
+    # DeepSeek-V2: queries without a low-rank projection (V2-Lite's), plain RoPE, a softmax router unrenormalised
+    # (times 2), its top 2 within the best 2 of 4 groups scored by their best expert (Megatron's top 2 / 2), two
+    # shared experts, layer 0 dense
+    "deepseek_v2": (
+        "deepseek_v2",
+        dict(
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            topk_method="group_limited_greedy",
+            routed_scaling_factor=2.0,
+            moe_intermediate_size=32,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            rope_theta=10000.0,
+        ),
+    ),
 }
-MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral", "qwen2_moe", "gpt_oss")
+MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3", "deepseek_v2")
+# those whose transformers class computes a load-balancing loss (DeepseekV3ForCausalLM and V2 compute none)
+POOLED_AUX_CASES = tuple(case for case in MOE_CASES if not case.startswith("deepseek"))
 
 
 def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides):
@@ -320,7 +384,23 @@ def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides)
     else:
         config = config_class(vocab_size=vocab_size, **{**_COMMON, **values, **overrides})
     torch.manual_seed(seed)
-    return randomize(transformers.AutoModelForCausalLM.from_config(config))
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    for _ in range(getattr(config, "num_nextn_predict_layers", 0) if family == "deepseek_v3" else 0):
+        model.model.layers.append(multi_token_prediction_layer(config, len(model.model.layers)))
+    return randomize(model)
+
+
+def multi_token_prediction_layer(config, index: int) -> torch.nn.Module:
+    """A DeepSeek-V3 multi-token prediction layer as the published files hold it (`model.layers.{num_hidden_layers
+    + i}.*`: a decoder layer with its input norms and projection), which transformers' class does not build: saved
+    with the model, never run (its forward takes the first num_hidden_layers), so mdpo must carry it untrained."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as deepseek
+
+    layer = deepseek.DeepseekV3DecoderLayer(config, index)
+    layer.enorm = deepseek.DeepseekV3RMSNorm(config.hidden_size)
+    layer.hnorm = deepseek.DeepseekV3RMSNorm(config.hidden_size)
+    layer.eh_proj = torch.nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+    return layer
 
 
 ROW_LAYOUTS = ("padded", "packed", "shared", "shared_packed")

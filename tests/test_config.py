@@ -535,6 +535,15 @@ def test_hf_config_invalid_json(tmp_path):
     assert "is not valid JSON" in error(None, [*REQUIRED, f"model.hf_config={tmp_path}"])
 
 
+DEEPSEEK = dict(
+    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", n_routed_experts=8, n_group=1, topk_group=1
+)
+DEEPSEEK_V2 = dict(
+    architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", n_routed_experts=8, num_experts_per_tok=6
+)
+DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
@@ -595,6 +604,44 @@ def test_hf_config_invalid_json(tmp_path):
             },
             "swiglu_alpha=1.5 (Megatron's quick_gelu has 1.702) is not supported by mdpo's gpt_oss model",
         ),
+        # DeepSeek-V3: what Megatron-Core's MLA and router compute otherwise
+        (
+            {**DEEPSEEK, "attention_bias": True},
+            "attention_bias=true (Megatron-Core's MLA projections have no biases) is not supported by mdpo's "
+            "deepseek_v3 model",
+        ),
+        (
+            {**DEEPSEEK, "norm_topk_prob": False},
+            "norm_topk_prob=false (Megatron-Core always renormalises sigmoid top-k scores) is not supported",
+        ),
+        ({**DEEPSEEK, "rope_interleave": False}, "rope_interleave=false (Megatron-Core's MLA de-interleaves"),
+        ({**DEEPSEEK, "scoring_func": "softmax"}, "scoring_func='softmax' (DeepSeek-V3's router is sigmoid)"),
+        (
+            {**DEEPSEEK, "n_routed_experts": 16, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 8},
+            "n_group=4 with topk_group=2 and num_experts_per_tok=8 is not supported by mdpo's deepseek_v3 model "
+            "(Megatron-Core scores a group by its top num_experts_per_tok // topk_group experts",
+        ),
+        (
+            {**DEEPSEEK, "rope_parameters": {**DEEPSEEK_YARN, "mscale": 0.8}},
+            "rope_parameters mscale=0.8 with mscale_all_dim=None is not supported by mdpo's deepseek_v3 model",
+        ),
+        (
+            {**DEEPSEEK, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+            "rope_type='linear' is not supported by mdpo's deepseek_v3 model (MLA's RoPE: default or yarn)",
+        ),
+        # DeepSeek-V2: transformers' class never renormalises; its groups are scored by their best expert
+        (
+            {**DEEPSEEK_V2, "norm_topk_prob": True},
+            "norm_topk_prob=true (transformers' DeepseekV2ForCausalLM never renormalises the top-k scores) is not "
+            "supported by mdpo's deepseek_v2 model",
+        ),
+        (
+            {**DEEPSEEK_V2, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2},
+            "n_group=4 with topk_group=2 and num_experts_per_tok=6 is not supported by mdpo's deepseek_v2 model "
+            "(Megatron-Core scores a group by its top num_experts_per_tok // topk_group experts, transformers by its "
+            "top 1)",
+        ),
+        ({**DEEPSEEK_V2, "topk_method": "noaux_tc"}, "topk_method='noaux_tc' (top-k methods: greedy, group_limited"),
     ],
 )
 def test_hf_config_unsupported(tmp_path, changes, expected):
@@ -645,6 +692,27 @@ def test_a_mixture_of_experts_resolves_its_parallel_defaults():
     assert cfg({"pp": 2}).router_aux_loss_type == "megatron"
     assert cfg({"recompute": "full"}).router_aux_loss_type == "megatron"
     assert cfg({"pp": 2}, {"router_aux_loss_type": "seq"}).router_aux_loss_type == "seq"
+
+
+def test_multi_latent_attention_refuses_what_megatron_computes_otherwise():
+    """A DeepSeek-V3-shaped model's fields that Megatron-Core's MLA and router cannot follow: one line each, naming
+    the field."""
+    mla = dict(kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    experts = dict(num_experts=8, moe_topk=4, router_score="sigmoid", router_expert_bias=True)
+    cases = {
+        "model.router_group_topk=1 with model.moe_topk=4": dict(router_groups=4, router_group_topk=1),
+        "model.router_groups=3 must divide model.num_experts=8": dict(router_groups=3, router_group_topk=1),
+        "model.router_score=sigmoid with model.norm_topk_prob=false": dict(norm_topk_prob=False),
+        "model.router_expert_bias=true needs model.router_score=sigmoid": dict(router_score="softmax"),
+        "model.kv_lora_rank (multi-latent attention) needs RoPE, unscaled or yarn": dict(rope_scaling="linear"),
+        "model.rope_mscale=0.8 with model.rope_mscale_all_dim=None": dict(rope_scaling="yarn", rope_mscale=0.8),
+        "model.fused_rope=true with model.kv_lora_rank": dict(fused_rope=True),
+        "model.attention=te with model.kv_lora_rank": dict(attention="te"),
+    }
+    for message, changes in cases.items():
+        with pytest.raises(ConfigError) as info:
+            config.ModelConfig(**{**mla, **experts, **changes}).check()
+        assert message in str(info.value), (message, str(info.value))
 
 
 def test_a_key_newer_than_a_checkpoint_is_no_change_at_its_default():

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_CASES, MOE_CASES, REPO, ROW_LAYOUTS, collate_as, run_mdpo, tiny_hf_family
+from conftest import (
+    FAMILY_CASES,
+    MOE_CASES,
+    POOLED_AUX_CASES,
+    REPO,
+    ROW_LAYOUTS,
+    collate_as,
+    run_mdpo,
+    tiny_hf_family,
+)
 
 VOCAB = 250
 RTOL = 1e-5
@@ -128,6 +137,15 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
             swap = {kind: ropes["full_attention" if kind == "sliding_attention" else "sliding_attention"]}
             swapped = hf_logps_float64(folder, family_pairs(), rope_parameters=dict(ropes, **swap))
             assert ((swapped - want).abs() / want.abs()).max() > 10 * RTOL, (case, kind)
+    folder, want = families["deepseek_v3"]  # MLA's yarn, its mscales, the router's scaling change these log-probs
+    yarn = json.loads((folder / "config.json").read_text())["rope_parameters"]
+    for changes in (
+        dict(rope_parameters={"rope_type": "default", "rope_theta": yarn["rope_theta"]}),
+        dict(rope_parameters={**yarn, "mscale": 1.0, "mscale_all_dim": 1.0}),
+        dict(routed_scaling_factor=1.0),
+    ):
+        other = hf_logps_float64(folder, family_pairs(), **changes)
+        assert ((other - want).abs() / want.abs()).max() > 10 * RTOL, changes
     folder, want = families["gemma3_tied"]  # and Gemma's query_pre_attn_scalar (24, not the head size's 32)
     plain = hf_logps_float64(folder, family_pairs(), query_pre_attn_scalar=32)
     assert ((plain - want).abs() / want.abs()).max() > 10 * RTOL
@@ -209,7 +227,7 @@ def test_load_balancing_loss_equals_transformers_float64(megatron_world, familie
     from mdpo.training.step import Scorer
 
     pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(family_pairs())]
-    for case in MOE_CASES:
+    for case in POOLED_AUX_CASES:
         folder = families[case][0]
         want = hf_pair_aux_losses(folder, family_pairs())
         model = describe_model({"init_from": str(folder)})

@@ -55,9 +55,12 @@ LAYOUTS = {
 # models' MLPs take none); gpt-oss's biased experts whole on each rank (ETP = 1, EP = 1: its fc2 bias added in place
 # after a size-one reduce-scatter, `megatron_cpu._copy_at_size_one`), adapters beside its q/k/v and output biases
 MOE_NEEDS = {
-    "qwen3_moe": ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"],
-    "gpt_oss": ["parallel.sequence_parallel=true", "parallel.etp=1", "lora.targets=[qkv, proj]"],
-}
+    case: ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"] for case in ("qwen3_moe", "deepseek_v3")
+} | {"gpt_oss": ["parallel.sequence_parallel=true", "parallel.etp=1", "lora.targets=[qkv, proj]"]}
+# the attention modules PEFT adapts: Llama's, or multi-latent attention's up projections (its down projections take
+# no adapters) and output
+ATTENTION_TARGETS = ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+MLA_TARGETS = ["self_attn.kv_b_proj", "self_attn.o_proj", "self_attn.q_b_proj"]
 TODAYS = (
     "qwen2.5_tied",
     "qwen3_tied",
@@ -67,6 +70,7 @@ TODAYS = (
     "gemma3_tied",
     "gemma3_multimodal_tied",
     "gpt_oss",
+    "deepseek_v3",
 )
 
 
@@ -248,13 +252,8 @@ def test_peft_on_transformers_class_gives_the_merged_export(runs, case):
     assert (ours - untouched).abs().max().item() > 1e-3, case  # the adapters moved the logits
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     mlp = [] if case in MOE_NEEDS else ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
-    assert config["target_modules"] == [
-        *mlp,
-        "self_attn.k_proj",
-        "self_attn.o_proj",
-        "self_attn.q_proj",
-        "self_attn.v_proj",
-    ]
+    attention = MLA_TARGETS if case == "deepseek_v3" else ATTENTION_TARGETS
+    assert config["target_modules"] == [*mlp, *attention]
 
 
 def test_adapter_config_names_the_familys_modules(runs):

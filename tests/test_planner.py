@@ -38,7 +38,26 @@ SMALL_MOE = ModelConfig(
 SMALL_SHARED_MOE = dataclasses.replace(
     SMALL_MOE, family="qwen2_moe", head_dim=None, qk_norm=False, qkv_bias=True, shared_expert_intermediate_size=80
 )
-SMALL = {"small_moe": SMALL_MOE, "small_shared_moe": SMALL_SHARED_MOE}
+# DeepSeek-V3's: multi-latent attention (q through its low-rank projection), layer 0 dense, the sigmoid router (its
+# score bias a buffer, no parameter) and an ungated shared expert
+SMALL_DEEPSEEK = dataclasses.replace(
+    SMALL_MOE,
+    family="deepseek_v3",
+    head_dim=None,
+    qk_norm=False,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    moe_layers=[1, 2],
+    shared_expert_intermediate_size=48,
+    shared_expert_gate=False,
+    router_score="sigmoid",
+    router_expert_bias=True,
+    routed_scaling_factor=2.5,
+)
+SMALL = {"small_moe": SMALL_MOE, "small_shared_moe": SMALL_SHARED_MOE, "small_deepseek": SMALL_DEEPSEEK}
 # every preset of every registered family, and the small MoEs above
 SHAPES = [(family.name, name) for family in families.FAMILIES.values() for name in family.presets]
 SHAPES += [(shape.family, name) for name, shape in SMALL.items()]
@@ -118,12 +137,14 @@ def _allocated(shape: ModelConfig, lora_rank: int = 0) -> dict[str, int]:
 
 
 QWEN3_TIED = dict(head_dim=32, qk_norm=True, tie_word_embeddings=True)  # Qwen 3 0.6B's features
+# multi-latent attention, queries through a low-rank projection: its adapters on four projections, two replicated
+MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 
 
 @pytest.mark.parametrize(
     ("lora_rank", "features"),
-    [(0, {}), (4, {}), (0, QWEN3_TIED), (4, QWEN3_TIED)],
-    ids=["full", "lora", "full_qwen3_tied", "lora_qwen3_tied"],
+    [(0, {}), (4, {}), (0, QWEN3_TIED), (4, QWEN3_TIED), (0, MLA), (4, MLA)],
+    ids=["full", "lora", "full_qwen3_tied", "lora_qwen3_tied", "full_mla", "lora_mla"],
 )
 def test_static_memory_is_what_megatron_allocates(megatron_world, lora_rank, features):
     """Weights, the DDP gradient buffer and Adam's states of a real (fp32, CPU) policy, counted in bytes; with

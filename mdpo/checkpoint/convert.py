@@ -162,20 +162,20 @@ def hf_to_megatron(
     (tmp / MODEL_FILE).write_text(json.dumps(description, indent=2) + "\n")
     shutil.copy2(hf_dir / "config.json", tmp / "config.json")
     copy_auxiliary(hf_dir, tmp)
-    _keep_carried(hf_dir, tmp, families.get(model.family))
+    _keep_carried(hf_dir, tmp, families.get(model.family), model.num_hidden_layers)
     _finish(tmp, out)
     if check is not None:
         check_conversion(hf_dir, out, model, check.data, check.rows)
     return out
 
 
-def _keep_carried(hf_dir: Path, out: Path, family: Family) -> None:
+def _keep_carried(hf_dir: Path, out: Path, family: Family, num_layers: int) -> None:
     """A converted checkpoint is the origin of its exports: it keeps what the family carries untrained (a vision
-    tower) in CARRIED_FILE."""
-    carried = dict(carried_tensors(family, hf_dir))
+    tower, multi-token prediction layers) in CARRIED_FILE."""
+    carried = dict(carried_tensors(family, hf_dir, num_layers))
     if carried:
         save_file(carried, str(out / CARRIED_FILE))
-        print(f"{len(carried)} tensors mdpo does not train ({', '.join(family.carried)}) kept in {CARRIED_FILE}")
+        print(f"{len(carried)} tensors mdpo does not train ({family.carried_names()}) kept in {CARRIED_FILE}")
 
 
 def megatron_to_hf(ckpt: str | Path, out: str | Path, check: Check | None = None, adapter: bool = False) -> Path:

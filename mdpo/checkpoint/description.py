@@ -67,6 +67,17 @@ ARCH_FIELDS = (
     "moe_layers",
     "norm_topk_prob",
     "router_aux_loss_coef",
+    "shared_expert_gate",
+    "router_score",
+    "router_expert_bias",
+    "routed_scaling_factor",
+    "router_groups",
+    "router_group_topk",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 

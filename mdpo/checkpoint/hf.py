@@ -148,22 +148,24 @@ def is_auxiliary(path: Path) -> bool:
 CARRIED_FILE = "carried.safetensors"  # a converted checkpoint's copy of the tensors its family carries untrained
 
 
-def carried_tensors(family: Family, origin: Path | None) -> Mapping[str, torch.Tensor]:
-    """The tensors `family` carries untrained (`Family.carried`: a vision tower), read on access from the folder an
-    export starts from: the HF folder's weights, or a converted checkpoint's CARRIED_FILE (its only safetensors);
-    none for other families. MdpoError, naming the folder, when they are not there: called before training too."""
-    if not family.carried:
+def carried_tensors(family: Family, origin: Path | None, num_layers: int) -> Mapping[str, torch.Tensor]:
+    """The tensors `family` carries untrained (`Family.carried`: a vision tower; layers past the model's
+    `num_layers`: DeepSeek-V3's multi-token prediction), read on access from the folder an export starts from: the HF
+    folder's weights, or a converted checkpoint's CARRIED_FILE (its only safetensors); none for other families.
+    MdpoError, naming the folder, when the `carried` ones are not there (extra layers are optional): called before
+    training too."""
+    if not family.carried and not family.carries_extra_layers:
         return {}
     has_weights = origin is not None and (
         any((origin / index).is_file() for index in INDEX_FILES) or weight_files(origin)
     )
     weights = HFWeights(origin) if has_weights else {}
-    names = [name for name in weights if family.is_carried(name)]
-    if not names:
+    names = [name for name in weights if family.is_carried(name, num_layers)]
+    if not names and family.carried:
         where = f"the source folder {origin}" if origin is not None else "no source folder (model.init_from is unset)"
-        carried = ", ".join(f"{prefix}*" for prefix in family.carried)
         raise MdpoError(
-            f"a {family.architecture} export carries its untrained tensors ({carried}) from {where}, which holds none"
+            f"a {family.architecture} export carries its untrained tensors ({family.carried_names()}) from {where}, "
+            "which holds none"
         )
     return _Subset(weights, names)
 

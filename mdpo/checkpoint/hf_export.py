@@ -123,7 +123,7 @@ def write_hf_export(folder: Path, full_state: dict[str, torch.Tensor], model: Mo
     if origin is not None and (origin / "config.json").is_file():
         original = json.loads((origin / "config.json").read_text())
     family = families.get(model.family)
-    state = mcore_to_hf(family, full_state, model) | dict(carried_tensors(family, origin))
+    state = mcore_to_hf(family, full_state, model) | dict(carried_tensors(family, origin, model.num_hidden_layers))
     write_hf_folder(folder, state, hf_export_config(model, original))
     if origin is not None:
         copy_auxiliary(origin, folder)

@@ -45,6 +45,7 @@ ATTENTIONS = ("auto", "te", "sdpa", "local")
 NORM_POSITIONS = ("pre", "post", "both")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh", "quick_gelu")
 QK_NORM_SPANS = ("head", "projection")
+ROUTER_SCORES = ("softmax", "sigmoid")
 DATA_FORMATS = (
     "auto",
     "ultrafeedback",
@@ -232,6 +233,26 @@ class ModelConfig(Section):
     # norm_topk_prob); false: the softmax over all experts, unrenormalised
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.0  # the load-balancing loss weight config.json declares (dpo.* overrides it)
+    shared_expert_gate: bool = True  # the shared expert's output scaled by its sigmoid gate (Qwen2-MoE); false: not
+    # DeepSeek-V3's routing: sigmoid scores of the router logits (softmax: the others'), a bias added to the scores
+    # only to choose the experts (its `e_score_correction_bias`, loaded and used, never updated), the chosen weights
+    # (renormalised) times routed_scaling_factor, and the top k taken within the router_group_topk best of
+    # router_groups equal groups of experts (a group scored by its two best experts; DeepSeek-V2's softmax router:
+    # by its best)
+    router_score: str = "softmax"
+    router_expert_bias: bool = False
+    routed_scaling_factor: float = 1.0
+    router_groups: int | None = None
+    router_group_topk: int | None = None
+    # multi-latent attention (DeepSeek-V2 / V3) when kv_lora_rank is set: keys and values from one shared latent of
+    # kv_lora_rank (normalised), queries from one of q_lora_rank (None: a plain projection); each head's query and key
+    # are qk_nope_head_dim without RoPE then qk_rope_head_dim with it (the key's RoPE part shared by the heads), its
+    # value v_head_dim
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
     # tokens whose logits exist at once when the output layer scores them (forward and backward): the full
     # [tokens, vocab] logits never do
     logprob_chunk_tokens: int = 1024
@@ -271,12 +292,20 @@ class ModelConfig(Section):
         return list(range(self.num_hidden_layers)) if self.moe_layers is None else sorted(self.moe_layers)
 
     @property
+    def is_mla(self) -> bool:
+        """Multi-latent attention (DeepSeek-V2 / V3)."""
+        return self.kv_lora_rank is not None
+
+    @property
     def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
+        """Key / value heads; MLA's are the query heads (its keys and values are per head)."""
+        return self.num_attention_heads if self.is_mla else self.num_key_value_heads or self.num_attention_heads
 
     @property
     def kv_channels(self) -> int:
-        """The size of one attention head."""
+        """The size of one attention head (MLA's: its value's, which sizes the attention's output)."""
+        if self.is_mla:
+            return self.v_head_dim
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     # the numeric fields that must be > 0 when set
@@ -303,6 +332,14 @@ class ModelConfig(Section):
         "moe_intermediate_size",
         "shared_expert_intermediate_size",
         "glu_clamp",
+        "routed_scaling_factor",
+        "router_groups",
+        "router_group_topk",
+        "kv_lora_rank",
+        "q_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
     )
 
     def _rules(self) -> None:
@@ -319,6 +356,8 @@ class ModelConfig(Section):
         self._check_norms()
         if self.is_moe:
             self._check_experts()
+        if self.is_mla:
+            self._check_latent_attention()
         need(
             self.is_moe or self.shared_expert_intermediate_size is None,
             "model.shared_expert_intermediate_size is set but model.num_experts is null (a shared expert sits beside "
@@ -405,9 +444,74 @@ class ModelConfig(Section):
             f"model.moe_topk={self.moe_topk} exceeds model.num_experts={self.num_experts}",
         )
         self._check_layers("moe_layers")
+        self._check_routing()
         need(
             self.router_aux_loss_coef >= 0,
             f"model.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}",
+        )
+
+    def _check_routing(self) -> None:
+        """Groups of experts: equal groups, at least two experts each, and as Megatron-Core scores a group (by its
+        top k / group_topk experts) equal to transformers' only where that is its count (DeepSeek-V3's sigmoid
+        router: the two best; V2's softmax one: the best) or every group is chosen."""
+        _one_of("model.router_score", self.router_score, ROUTER_SCORES)
+        need(
+            not self.router_expert_bias or self.router_score == "sigmoid",
+            "model.router_expert_bias=true needs model.router_score=sigmoid (DeepSeek-V3's routing)",
+        )
+        need(
+            self.router_score == "softmax" or self.norm_topk_prob,
+            "model.router_score=sigmoid with model.norm_topk_prob=false: Megatron-Core always renormalises the "
+            "top-k sigmoid scores",
+        )
+        if self.router_groups is None:
+            need(self.router_group_topk is None, "model.router_group_topk is set but model.router_groups is null")
+            return
+        groups, chosen = self.router_groups, self.router_group_topk or self.router_groups
+        need(
+            self.num_experts % groups == 0 and self.num_experts // groups >= 2,
+            f"model.router_groups={groups} must divide model.num_experts={self.num_experts} into groups of 2 or more",
+        )
+        need(chosen <= groups, f"model.router_group_topk={chosen} exceeds model.router_groups={groups}")
+        scored_by = 2 if self.router_score == "sigmoid" else 1
+        need(
+            chosen == groups or self.moe_topk // chosen == scored_by,
+            f"model.router_group_topk={chosen} with model.moe_topk={self.moe_topk}: Megatron-Core scores a group by "
+            f"its top moe_topk / router_group_topk experts, transformers' {self.router_score} router by its top "
+            f"{scored_by}",
+        )
+
+    def _check_latent_attention(self) -> None:
+        """MLA is Megatron-Core's MLASelfAttention on mdpo's local layers: RoPE (plain or yarn) on pre-norm layers,
+        neither windows nor per-head q / k norms."""
+        need(
+            self.position_embedding != "alibi" and self.rope_scaling in (None, "yarn"),
+            "model.kv_lora_rank (multi-latent attention) needs RoPE, unscaled or yarn, got "
+            f"position_embedding={self.position_embedding!r}, rope_scaling={self.rope_scaling!r}",
+        )
+        need(
+            self.rope_attention_factor is None and self.rope_truncate in (None, True),
+            "model.rope_attention_factor / model.rope_truncate=false with model.kv_lora_rank: Megatron-Core's MLA "
+            "yarn takes its attention factor from rope_mscale / rope_mscale_all_dim and truncates",
+        )
+        both = bool(self.rope_mscale and self.rope_mscale_all_dim)
+        need(
+            both or (not self.rope_mscale_all_dim and self.rope_mscale in (None, 1.0)),
+            f"model.rope_mscale={self.rope_mscale!r} with model.rope_mscale_all_dim={self.rope_mscale_all_dim!r} and "
+            "model.kv_lora_rank: Megatron-Core's MLA yarn follows transformers' only with both set, or with "
+            "mscale_all_dim unset and mscale 1",
+        )
+        need(
+            self.sliding_window is None and not self.qk_norm and self.norm_position == "pre",
+            "model.kv_lora_rank (multi-latent attention) with a sliding window, q/k norms or norms after the sublayers",
+        )
+        need(
+            self.attention in ("auto", "sdpa", "local"),
+            f"model.attention={self.attention} with model.kv_lora_rank: mdpo builds MLA on its local layers",
+        )
+        need(
+            not self.fused_rope,
+            "model.fused_rope=true with model.kv_lora_rank: Megatron-Core's MLA rotates q and k itself",
         )
 
     def _check_layers(self, key: str) -> None:

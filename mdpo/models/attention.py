@@ -169,7 +169,8 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
 
 
 def attend_blocks(query, key, value, blocks: Blocks, attend: Callable) -> torch.Tensor:
-    """query [s, b, heads, d], key/value [s, b, heads or groups, d] (Megatron's layout) -> context [s, b, heads, d]:
+    """query [s, b, heads, d], key/value [s, b, heads or groups, d] (Megatron's layout; MLA's values have a size of
+    their own) -> context [s, b, heads, value size]:
     the blocks' queries and keys are gathered (q [Q, heads, d], k/v [K, ..., d]) and `attend(q, k, v) ->
     [Q, heads, d]` attends each block's queries to its keys, causally aligned at the end (all blocks in one kernel
     call, or `per_block`). Tokens in no block get zeros."""
@@ -183,7 +184,7 @@ def attend_blocks(query, key, value, blocks: Blocks, attend: Callable) -> torch.
     inverse = torch.full((b * s,), out.shape[0], dtype=torch.long, device=out.device)
     inverse[blocks.q_index] = torch.arange(out.shape[0], device=out.device)
     context = torch.cat([out, out.new_zeros(1, *out.shape[1:])]).index_select(0, inverse)
-    return row_major(context.view(b, s, *query.shape[2:]).transpose(0, 1))
+    return row_major(context.view(b, s, *out.shape[1:]).transpose(0, 1))  # [.., heads, value size] (MLA's own)
 
 
 def per_block(blocks: Blocks, attend_one: Callable) -> Callable:
@@ -210,7 +211,8 @@ class SDPAttention(DotProductAttention):
 
     has_score_bias = False  # `score_bias` adds to the scores (the varlen kernel takes none)
 
-    def __init__(self, config, *args, **kwargs) -> None:
+    def __init__(self, config, *args, k_channels=None, v_channels=None, **kwargs) -> None:
+        # MLA's head sizes (`models.mla`): its q / k size comes in its softmax scale, its value size is kv_channels
         local = without_window(config)
         local.context_parallel_size = 1  # the parent asserts CP == 1; context parallelism is done here
         super().__init__(local, *args, **kwargs)
@@ -358,7 +360,8 @@ class LocalAttention(DotProductAttention):
     each block gets its own small causal mask, so packed rows and shared prompts cost what their sequences do. A
     window is a mask by position ids (plain rows too)."""
 
-    def __init__(self, config, *args, **kwargs) -> None:
+    def __init__(self, config, *args, k_channels=None, v_channels=None, **kwargs) -> None:
+        # MLA's head sizes (`models.mla`): its q / k size comes in its softmax scale, its value size is kv_channels
         super().__init__(without_window(config), *args, **kwargs)
         self.window = layer_window(config, self.layer_number)
         mark_sinks(self)

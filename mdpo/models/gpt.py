@@ -11,6 +11,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
@@ -18,6 +19,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import RouterBuilder
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from mdpo.config import Layout, LoRAConfig, ModelConfig, padded_vocab_size
@@ -31,7 +33,8 @@ from mdpo.models.attention import (
     with_core_attention,
 )
 from mdpo.models.lora import with_adapters
-from mdpo.models.moe import mark_experts, moe_fields
+from mdpo.models.mla import LatentSelfAttention, mla_fields
+from mdpo.models.moe import FixedBiasRouter, mark_experts, moe_fields
 from mdpo.models.norms import PostNormLayer, PostNormLayerSubmodules, ProjectionNorm, TorchNorm, ZeroCenteredRMSNorm
 from mdpo.models.rotary import RopeSelfAttention, layer_softmax_scale, table_frequencies
 
@@ -52,8 +55,9 @@ def core_attention(model: ModelConfig) -> str:
     present; never with ALiBi), `sdpa` (torch SDPA: asked for, `auto` without TE, on CPU too, where it ran a real
     UltraFeedback step 6% faster padded and 20% packed than Megatron's unfused attention; always with ALiBi) or
     `local` (Megatron's unfused attention, asked for). `auto` takes TE's layers only for models they express
-    (`ModelConfig.fits_te_layers`: not OLMo's norms) and mdpo wires (`ModelConfig.gpt_oss_parts`: not gpt-oss's)."""
-    te_fits = model.fits_te_layers and not model.gpt_oss_parts
+    (`ModelConfig.fits_te_layers`: not OLMo's norms) and mdpo wires (`ModelConfig.gpt_oss_parts`: not gpt-oss's;
+    never MLA, which mdpo builds on its local layers)."""
+    te_fits = model.fits_te_layers and not model.gpt_oss_parts and not model.is_mla
     if model.position_embedding != "alibi" and (
         model.attention == "te" or (model.attention == "auto" and te_fits and transformer_engine_available())
     ):
@@ -68,6 +72,10 @@ def packs_as_thd(model: ModelConfig, dtype: torch.dtype) -> bool:
     attention = core_attention(model)
     if attention == "te":
         return True
+    if (
+        model.is_mla
+    ):  # Megatron's MLA takes THD as [t, heads, d] rows, which mdpo's core attentions do not (`models.mla`)
+        return False
     flash = torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16)
     window_ok = model.sliding_window is None or varlen_takes_window()  # else a window needs blocks' masks
     # the varlen kernel takes no sinks: blocks then attend with their explicit softmax (`models.attention`)
@@ -91,10 +99,11 @@ def layer_spec(
     """Layer `layer` (its number in the model, from 0): Transformer Engine's fused layers when available; otherwise
     Megatron-Core's local layers (norms: `models.norms`), with torch SDPA as the core attention (`auto`, `sdpa`) or
     Megatron's unfused attention when asked (`local`). ALiBi always runs through SDPA with the biases added to the
-    scores (the config refuses te/local with it). Its attention takes the layer's RoPE (`RopeSelfAttention`).
+    scores (the config refuses te/local with it). Its attention takes the layer's RoPE (`RopeSelfAttention`), or is
+    Megatron's multi-latent attention (`models.mla`, local layers only).
     `experts`: a MoE layer (Megatron's MoELayer: grouped GEMM experts on TE's layers, one MLP per expert on the
-    local ones) whose router is `router` (Megatron's TopKRouter when None); `lora`: the target linears with
-    adapters (`models.lora`; local layers only)."""
+    local ones) whose router is `router` (`moe.FixedBiasRouter`, Megatron's TopKRouter, when None); `lora`: the
+    target linears with adapters (`models.lora`; local layers only)."""
     attention = core_attention(model)
     num_experts = model.num_experts if experts else None
     if attention == "te":
@@ -104,10 +113,13 @@ def layer_spec(
     else:
         spec = _local_layer_spec(model, num_experts, attention)
     self_attention = spec.submodules.self_attention
-    self_attention.module = RopeSelfAttention
-    self_attention.params = {**self_attention.params, **_layer_rope(model, layer)}
-    if experts and router is not None:
-        spec.submodules.mlp.submodules.router = router
+    if model.is_mla:  # Megatron's MLA with its own RoPE (`models.mla`)
+        self_attention.module = LatentSelfAttention
+    else:
+        self_attention.module = RopeSelfAttention
+        self_attention.params = {**self_attention.params, **_layer_rope(model, layer)}
+    if experts:
+        spec.submodules.mlp.submodules.router = router or FixedBiasRouter
     return with_adapters(spec, lora) if lora is not None else spec
 
 
@@ -126,9 +138,19 @@ def norm_class(model: ModelConfig) -> type:
 
 
 def _local_layer_spec(model: ModelConfig, num_experts: int | None, attention: str) -> ModuleSpec:
-    local = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm", qk_layernorm=model.qk_norm)
+    local = get_gpt_layer_local_spec(
+        num_experts=num_experts,
+        normalization="RMSNorm",
+        qk_layernorm=model.qk_norm or model.is_mla,
+        multi_latent_attention=model.is_mla,
+    )
     norm = norm_class(model)
     local.submodules.input_layernorm = local.submodules.pre_mlp_layernorm = norm
+    if model.is_mla:  # the norms of MLA's q and kv latents (DeepSeek's q_a_layernorm, kv_a_layernorm)
+        attention_parts = local.submodules.self_attention.submodules
+        attention_parts.q_layernorm = attention_parts.kv_layernorm = norm
+        # the down projections whole on every TP rank, as on TE's layers (`models.mla`)
+        attention_parts.linear_q_down_proj = attention_parts.linear_kv_down_proj = ReplicatedLinear
     if model.qk_norm:
         attention_parts = local.submodules.self_attention.submodules
         if model.qk_norm_span == "projection":  # OLMo 2's: all heads together, the statistics summed over TP
@@ -194,16 +216,18 @@ def _architecture(model: ModelConfig) -> dict:
     """Llama math in Megatron terms: RMSNorm, SwiGLU (gated silu), no biases but Qwen's on q/k/v, GQA, the head
     size (`kv_channels`, explicit for Qwen 3 and Mistral), Qwen 3's per-head q/k norms and sliding windows (Mistral,
     Qwen's use_sliding_window); gpt-oss's clamped GLU with an offset, biased linears and router, and attention sinks
-    (Megatron's learnable softmax offset, read by mdpo's core attentions); no dropout."""
+    (Megatron's learnable softmax offset, read by mdpo's core attentions); multi-latent attention (`models.mla`); no
+    dropout."""
     return dict(
         **_windows(model),
+        **(mla_fields(model) if model.is_mla else {}),
         num_layers=model.num_hidden_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.intermediate_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.kv_heads,
         kv_channels=model.kv_channels,
-        qk_layernorm=model.qk_norm,
+        qk_layernorm=model.qk_norm or model.is_mla,
         normalization="RMSNorm",
         layernorm_epsilon=model.rms_norm_eps,
         gated_linear_unit=True,
@@ -253,7 +277,7 @@ def transformer_config(
     and the kernels (`_kernels`) as Megatron's TransformerConfig. MoE layers use the all-to-all token dispatcher
     (the one that takes variable sequence lengths) and TE's grouped GEMM where TE runs; `balancing` and `aux_coef`:
     Megatron's router loss for `dpo.router_aux_loss_type` megatron or seq (`moe.moe_fields`)."""
-    return TransformerConfig(
+    return (MLATransformerConfig if model.is_mla else TransformerConfig)(
         **_architecture(model),
         # False only in the converters: Megatron then also skips marking tensor-parallel weights, which training needs
         perform_initialization=init_weights,
@@ -293,7 +317,8 @@ class PositionedGPTModel(GPTModel):
       itself (RoPE sees only relative distances) but not for a shared prompt's rejected response, whose positions
       continue from the prompt's end while it sits after the chosen one. THD packs get a per-token table too when
       mdpo's compiled rotation applies RoPE (`tokenwise_thd_rope`): it takes no sequence boundaries, and a pack's
-      position ids restart at each sequence as Megatron's THD rotation does.
+      position ids restart at each sequence as Megatron's THD rotation does. Multi-latent attention layers have
+      RoPEs of their own: they get the position ids instead (`models.mla`).
     - The input embeddings are scaled by `embedding_scale` where the model says so (Gemma's sqrt(hidden size)).
     - The output weight is `output_weight()`: the layer's own or the tied embedding, L2-normalised per row for
       Baichuan 2's NormHead (`norm_head`, in every forward, so gradients flow through the normalisation).
@@ -336,6 +361,8 @@ class PositionedGPTModel(GPTModel):
             padding = scatter_to_sequence_parallel_region(padding.t().contiguous()).t().contiguous()
             out = (*out[:5], padding, *out[6:])
         position_ids, params = kwargs.get("position_ids"), kwargs.get("packed_seq_params")
+        if self.config.multi_latent_attention and isinstance(params, BlockAttention) and position_ids is not None:
+            return (out[0], position_ids.t(), *out[2:])  # MLA's layers read their own RoPE at these (`models.mla`)
         thd = params is not None and params.qkv_format == "thd" and self.tokenwise_thd_rope
         if not (isinstance(params, BlockAttention) or thd) or out[1] is None or position_ids is None:
             return out
@@ -396,7 +423,7 @@ def build_gpt_model(
         tokenwise_thd_rope=fuses_rope_locally(model),
         embedding_scale=model.hidden_size**0.5 if model.scale_embeddings else None,
     )
-    frequencies = table_frequencies(model)
+    frequencies = None if model.is_mla else table_frequencies(model)  # MLA's layers have their own RoPE
     if frequencies is not None:  # a scaled RoPE's (transformers'), or two RoPEs side by side, for Megatron's table
         inv_freq = gpt.rotary_pos_emb.inv_freq
         gpt.rotary_pos_emb.inv_freq = frequencies.to(inv_freq.device, inv_freq.dtype)

@@ -3,7 +3,8 @@
 The adapted layers are spec entries (`with_adapters` puts them in a layer spec, so the model is built with them); a
 build hook (`init_adapters`) then draws A as PEFT does, for every layout alike, and freezes the base. A target
 layer keeps its class's behaviour and parameters and gains `lora_A` [r, in] and `lora_B` [out, r], split
-over TP the way the layer is: a column-parallel layer (fused q/k/v, fused gate/up) holds A whole and its rows of B;
+over TP the way the layer is: a column-parallel layer (fused q/k/v, MLA's up projections, fused gate/up) holds A
+whole and its rows of B;
 a row-parallel one (attention output, MLP output) holds its input columns of A, whose partial product is summed over
 TP (reduce-scattered under sequence parallelism), and B whole. A replicated adapter tensor that sees only this rank's
 part of the sequence (sequence parallelism) is marked `sequence_parallel`, so `finalize_model_grads` sums its
@@ -36,13 +37,20 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from mdpo.config import LORA_TARGETS, LoRAConfig
 from mdpo.errors import ConfigError
 
-# lora.targets -> the layer's module path inside a transformer layer (the one table; HF names come from the family's
-# mapping table through these paths)
+# lora.targets -> the layers' module paths inside a transformer layer, those its spec has (the one table; HF names come
+# from the family's mapping table through these paths): qkv is the fused projection, or multi-latent attention's
+# column-parallel query and key / value projections (`models.mla`; its down projections take no adapters: Megatron's
+# MLA builds only its own linear classes there)
 TARGET_MODULES = {
-    "qkv": "self_attention.linear_qkv",
-    "proj": "self_attention.linear_proj",
-    "fc1": "mlp.linear_fc1",
-    "fc2": "mlp.linear_fc2",
+    "qkv": (
+        "self_attention.linear_qkv",
+        "self_attention.linear_q_proj",
+        "self_attention.linear_q_up_proj",
+        "self_attention.linear_kv_up_proj",
+    ),
+    "proj": ("self_attention.linear_proj",),
+    "fc1": ("mlp.linear_fc1",),
+    "fc2": ("mlp.linear_fc2",),
 }
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 
@@ -164,25 +172,30 @@ class LoRARowParallelLinear(_Adapted, RowParallelLinear):
         )
 
 
+LORA_CLASSES = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear}
+
+
 def with_adapters(spec: ModuleSpec, lora: LoRAConfig) -> ModuleSpec:
-    """A transformer layer's spec with LoRA's class in place of each target linear (`lora.targets`), the same
+    """A transformer layer's spec with LoRA's class in place of each target linear (`lora.targets`) it has, the same
     parameters and forward plus the adapters. Megatron-Core's local linears only: Transformer Engine's fuse the
     norm into the linear."""
     for target in lora.targets:
-        path, name = TARGET_MODULES[target].rsplit(".", 1)
-        parent = spec
-        for part in path.split("."):
-            parent = getattr(parent.submodules, part)
-        layer = getattr(parent.submodules, name)
-        layer_class = layer.module if isinstance(layer, ModuleSpec) else layer
-        if layer_class not in (ColumnParallelLinear, RowParallelLinear):
-            raise ConfigError(
-                f"lora.rank > 0 needs Megatron-Core's local linear layers, but {layer_class.__name__} would be built "
-                "(model.attention=auto chose Transformer Engine's layers here): set model.attention=sdpa"
-            )
-        lora_class = LoRAColumnParallelLinear if layer_class is ColumnParallelLinear else LoRARowParallelLinear
-        adapter = Adapter(target, lora.rank, lora.scaling, lora.dropout)
-        setattr(parent.submodules, name, ModuleSpec(module=lora_class, params={"adapter": adapter}))
+        for module in TARGET_MODULES[target]:
+            path, name = module.rsplit(".", 1)
+            parent = spec
+            for part in path.split("."):
+                parent = getattr(parent.submodules, part)
+            layer = getattr(parent.submodules, name, None)
+            if layer is None:  # another attention's projection (MLA's, or the fused one)
+                continue
+            layer_class = layer.module if isinstance(layer, ModuleSpec) else layer
+            if layer_class not in LORA_CLASSES:
+                raise ConfigError(
+                    f"lora.rank > 0 needs Megatron-Core's local linear layers, but {layer_class.__name__} would be "
+                    "built (model.attention=auto chose Transformer Engine's layers here): set model.attention=sdpa"
+                )
+            adapter = Adapter(target, lora.rank, lora.scaling, lora.dropout)
+            setattr(parent.submodules, name, ModuleSpec(module=LORA_CLASSES[layer_class], params={"adapter": adapter}))
     return spec
 
 

@@ -5,7 +5,10 @@ the routers (spec entries) that give the objective a load-balancing loss.
 Routing (dropless: no capacity factor, so every layout routes every token the same): a softmax router without bias
 over all experts, top-k. Renormalised top-k weights (Mixtral; Qwen3-MoE's `norm_topk_prob: true`) equal a softmax
 over the k top logits, Megatron's `moe_router_pre_softmax=False`; unrenormalised ones are the softmax over all experts
-taken at the top k, `moe_router_pre_softmax=True`.
+taken at the top k, `moe_router_pre_softmax=True`. DeepSeek-V3's router is Megatron's sigmoid one: the experts
+chosen by sigmoid scores plus the checkpoint's correction bias (Megatron's `expert_bias`, its update rate 0: loaded
+and used, never trained), within the best groups of experts, the chosen scores renormalised and scaled by
+`routed_scaling_factor`.
 
 Two kinds of load-balancing loss (`dpo.router_aux_loss_type`):
 - `transformers`: transformers' `load_balancing_loss_func`, which TRL's DPOTrainer adds to the DPO loss: one
@@ -61,10 +64,16 @@ def moe_fields(
         # Qwen2-MoE's shared expert: Megatron's SharedExpertMLP, sigmoid(x gate^T) x its SwiGLU MLP(x), added to the
         # routed experts' output as transformers' Qwen2MoeSparseMoeBlock adds it
         moe_shared_expert_intermediate_size=model.shared_expert_intermediate_size,
-        moe_shared_expert_gate=model.shared_expert_intermediate_size is not None,
+        moe_shared_expert_gate=model.shared_expert_intermediate_size is not None and model.shared_expert_gate,
         moe_layer_freq=[int(i in layers) for i in range(model.num_hidden_layers)],
-        moe_router_score_function="softmax",
-        moe_router_pre_softmax=not model.norm_topk_prob,
+        moe_router_score_function=model.router_score,
+        moe_router_pre_softmax=model.router_score == "softmax" and not model.norm_topk_prob,
+        # DeepSeek-V3's: the score bias that chooses the experts is a checkpoint's, never updated (rate 0)
+        moe_router_enable_expert_bias=model.router_expert_bias,
+        moe_router_bias_update_rate=0.0,
+        moe_router_topk_scaling_factor=model.routed_scaling_factor if model.routed_scaling_factor != 1.0 else None,
+        moe_router_num_groups=model.router_groups,
+        moe_router_group_topk=model.router_group_topk or model.router_groups,
         moe_router_load_balancing_type=megatron,
         moe_aux_loss_coeff=coef if megatron != "none" else 0.0,
         moe_token_dispatcher_type=dispatcher,
@@ -93,7 +102,16 @@ class RouterSums:
         return self.weights.t() @ values.float()
 
 
-class RecordingRouter(TopKRouter):
+class FixedBiasRouter(TopKRouter):
+    """Megatron's top-k router whose expert bias (DeepSeek-V3's score correction) stays as loaded: it counts no
+    routed tokens for a bias update, which mdpo never makes (rate 0), and which Megatron-Core 0.16.1 counts wrongly
+    under a padding mask (router.py:542 ands [tokens, experts] with [tokens]). Every MoE layer's router is one."""
+
+    def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: torch.Tensor | None = None) -> None:
+        pass
+
+
+class RecordingRouter(FixedBiasRouter):
     """Megatron's top-k router that also records this layer's sums for transformers' pooled load-balancing loss
     (with Megatron's own scores for an aux loss: the softmax over all experts and its top k) into `sums` when it
     has token weights. A spec entry (`functools.partial(RecordingRouter, sums=...)` as MoESubmodules' router)."""
@@ -112,7 +130,7 @@ class RecordingRouter(TopKRouter):
         return probs, routing_map
 
 
-class MicroBatchRouter(TopKRouter):
+class MicroBatchRouter(FixedBiasRouter):
     """Megatron's top-k router whose own load-balancing losses (`aux_loss`, `seq_aux_loss`: each layer's over the
     micro-batch's tokens, padding left out) reach the gradient through Megatron's `MoEAuxLossAutoScaler` as they are,
     not multiplied by the micro-batch's token count as under `calculate_per_token_loss`: mdpo's gradients are

@@ -15,6 +15,7 @@ import torch
 from mdpo.config import stage_layers
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_MLA_COLUMN = re.compile(r"\.linear_(q|q_up|kv_up)_proj\.(weight|lora_B)$")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 
 # Local-spec name -> Transformer Engine spec name (norm fused into the next linear layer).
@@ -41,6 +42,8 @@ def tp_rule(name: str) -> tuple[int, int] | None:
             "core_attention.softmax_offset",  # attention sinks: one per head
         )
     ):
+        return 0, 1
+    if _MLA_COLUMN.search(name):  # MLA's up projections (its down projections are whole on every rank)
         return 0, 1
     if name.endswith(("linear_fc1.weight", "linear_fc1.bias", "linear_fc1.lora_B")):
         return 0, 2

@@ -22,6 +22,7 @@ from mdpo.planner.models import (
     moe_gate_params,
     params,
     q_dim,
+    score_dims,
     shared_expert_params,
 )
 
@@ -234,10 +235,23 @@ def activation_bytes_per_token_layer(
         return width * h / (t if sequence_parallel else 1)
     norms = (2 * norm_saves + 2) * h / (t if sequence_parallel else 1)
     attention = 3 * (q + kv_dim(model)) / t if candidate.recompute == "selective" else 5 * q / t
+    if model.is_mla:
+        attention = latent_attention_bytes(model, t)
     if key_ratio > 1 and candidate.recompute != "selective":  # a shared prompt's keys are gathered per response
         attention += 2 * (key_ratio - 1) * q / t
     mlp = (3 if candidate.fused_swiglu else 5) * f / t
     return width * (norms + attention) + (moe_bytes_per_token(model, candidate) if moe else width * mlp)
+
+
+def latent_attention_bytes(model: ModelConfig, tp: int) -> float:
+    """Values per token multi-latent attention keeps (in place of `activation_bytes_per_token_layer`'s attention):
+    the q and kv latents, each also as its norm's input, whole on every TP rank (Megatron gathers them), then per TP
+    rank the kv up projection's output (heads x (nope + v)), q and k after RoPE (heads x (nope + rope) each), the
+    attention output and the projection's input (heads x v each)."""
+    latents = 2 * ((model.q_lora_rank or 0) + model.kv_lora_rank + model.qk_rope_head_dim)
+    qk, v = score_dims(model)
+    up = model.num_attention_heads * (model.qk_nope_head_dim + model.v_head_dim)
+    return latents + (up + 2 * qk + 2 * v) / tp
 
 
 def moe_bytes_per_token(model: ModelConfig, candidate: Candidate) -> float:
@@ -389,7 +403,7 @@ def step_flops(model: ModelConfig, candidate: Candidate, workload: Workload) -> 
     if candidate.recompute == "full":  # every layer's forward again (not the head's)
         flops += tokens * (flops_per_token(model, seq, trained=False) - 2 * model.vocab_size * h)
     elif candidate.recompute == "selective":  # the core attention's forward again
-        flops += tokens * 2 * layers * q_dim(model) * seq
+        flops += tokens * layers * sum(score_dims(model)) * seq
     return flops
 
 
@@ -455,7 +469,8 @@ def _activation_comm(
     tp_bytes = 2 * (t - 1) / t * local_tokens * model.hidden_size * width * 2 * layers / p * passes
     tp_link = intra if t <= cluster.gpus_per_node else inter
     # CP: K and V gathered per layer in forward, their gradients reduce-scattered in backward
-    cp_bytes = (c - 1) / c * local_tokens * 2 * kv_dim(model) / t * width * layers / p * passes
+    keys_values = sum(score_dims(model)) if model.is_mla else 2 * kv_dim(model)  # MLA's keys and values per head
+    cp_bytes = (c - 1) / c * local_tokens * keys_values / t * width * layers / p * passes
     cp_link = intra if t * c <= cluster.gpus_per_node else inter
     return {
         "tp_comm": tp_bytes / tp_link + collectives * latency if t > 1 else 0.0,

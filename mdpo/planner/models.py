@@ -1,19 +1,21 @@
 """What the planner counts of a model: parameters and FLOPs of a `ModelConfig` (a Llama-like decoder: SwiGLU,
 RMSNorm, GQA, a head size of its own, q/k biases or norms, tied or untied embeddings: every supported family; with
 mixture-of-experts layers, a router and SwiGLU experts in place of the dense MLP, and Qwen2-MoE's gated shared
-expert beside them), and the presets it knows by name
+expert beside them; DeepSeek-V3's multi-latent attention), and the presets it knows by name
 (the registry's families' published configs). A model is the run's own `ModelConfig`, so a config file, a HF
 folder and a preset describe it the same way.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mdpo.checkpoint.description import describe_model
 from mdpo.config import ModelConfig
 from mdpo.errors import ConfigError
 from mdpo.models import families
+from mdpo.models.families.base import latent_attention_shapes
 
 # The presets `mdpo plan --model NAME` knows: published configs, each in its family's module (`Family.presets`).
 MODELS: dict[str, ModelConfig] = {
@@ -34,10 +36,22 @@ def q_dim(model: ModelConfig) -> int:
     return model.kv_channels * model.num_attention_heads
 
 
+def score_dims(model: ModelConfig) -> tuple[int, int]:
+    """Widths over the heads of the attention's two matmuls: the query / key (heads x head size; MLA's heads x
+    (qk_nope_head_dim + qk_rope_head_dim)) and the value (MLA's heads x v_head_dim)."""
+    if model.is_mla:
+        return model.num_attention_heads * (model.qk_nope_head_dim + model.qk_rope_head_dim), q_dim(model)
+    return q_dim(model), q_dim(model)
+
+
 def attention_params(model: ModelConfig) -> int:
     """One decoder layer less its MLP: fused QKV (with Qwen's bias), the output projection (with gpt-oss's bias),
     gpt-oss's sink per head, two RMSNorm weights (before or after the sublayers; four with Gemma's on both sides) and
-    the q/k norm weights (Qwen 3's per head, OLMo's over the whole projections)."""
+    the q/k norm weights (Qwen 3's per head, OLMo's over the whole projections); multi-latent attention's
+    projections and latent norms (the mapping table's shapes) and the two norms."""
+    if model.is_mla:
+        shapes = latent_attention_shapes(model).values()
+        return sum(math.prod(shape) for shape in shapes) + 2 * model.hidden_size
     h, q, kv = model.hidden_size, q_dim(model), kv_dim(model)
     attention = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if model.qkv_bias or model.linear_bias else 0)
     attention += (h if model.linear_bias else 0) + (model.num_attention_heads if model.attention_sinks else 0)
@@ -56,10 +70,12 @@ def mlp_params(model: ModelConfig, width: int) -> int:
 
 def moe_gate_params(model: ModelConfig) -> int:
     """What a MoE layer holds whole on every TP rank (Megatron replicates them): the router [experts, hidden] (and
-    its bias: gpt-oss's) and a shared expert's sigmoid gate [1, hidden]."""
+    its bias: gpt-oss's) and a shared expert's sigmoid gate [1, hidden] (DeepSeek-V3's has none; its router's score
+    bias is no parameter)."""
     experts = model.num_experts or 0
     router_bias = experts if model.linear_bias else 0
-    return (experts + (model.shared_expert_intermediate_size is not None)) * model.hidden_size + router_bias
+    gate = model.shared_expert_intermediate_size is not None and model.shared_expert_gate
+    return (experts + gate) * model.hidden_size + router_bias
 
 
 def shared_expert_params(model: ModelConfig) -> int:
@@ -115,7 +131,8 @@ def flops_per_token(model: ModelConfig, seq_len: float, trained: bool, frozen: b
     the planner's step time and bench_dpo.py's MFU both count, over the active weights (an MoE token's experts and
     the router). `frozen` (LoRA): the backward computes the activations' gradients but no weight gradients of the
     base, 4N instead of 6N (the adapters' are negligible)."""
-    attention = 6 * model.num_hidden_layers * q_dim(model) * seq_len  # half of 12 L (heads x head size) s: causal
+    # half of 6 L (query / key width + value width) s, both matmuls' forward and backward: causal
+    attention = 3 * model.num_hidden_layers * sum(score_dims(model)) * seq_len
     n = matmul_params(model)
     if not trained:
         return 2 * n + attention / 3
@@ -125,11 +142,20 @@ def flops_per_token(model: ModelConfig, seq_len: float, trained: bool, frozen: b
 def lora_params(model: ModelConfig, rank: int, tp: int = 1, mlp: bool = True) -> float:
     """Adapter parameters of one decoder layer on one TP rank (all four targets; without `mlp`, an MoE layer's,
     attention's two: experts take no adapters): column-parallel q/k/v and gate/up hold A whole and 1/TP of B,
-    row-parallel output and down projections 1/TP of A and B whole (`models.lora`)."""
+    row-parallel output and down projections 1/TP of A and B whole (`models.lora`); MLA's qkv: `latent_lora_width`."""
     h, f, q = model.hidden_size, model.intermediate_size, q_dim(model)
-    qkv, fc1 = q + 2 * kv_dim(model), 2 * f
-    mlps = (h + fc1 / tp) + (f / tp + h) if mlp else 0.0
-    return rank * ((h + qkv / tp) + (q / tp + h) + mlps)
+    qkv = latent_lora_width(model, tp) if model.is_mla else h + (q + 2 * kv_dim(model)) / tp
+    mlps = (h + 2 * f / tp) + (f / tp + h) if mlp else 0.0
+    return rank * (qkv + (q / tp + h) + mlps)
+
+
+def latent_lora_width(model: ModelConfig, tp: int) -> float:
+    """A and B's elements per unit of rank of qkv's adapters on multi-latent attention, on one TP rank: the up
+    projections' (or the plain query projection's) A whole and 1/TP of B (the down projections take none)."""
+    qk, _ = score_dims(model)
+    latent = model.kv_lora_rank
+    kv = latent + model.num_attention_heads * (model.qk_nope_head_dim + model.v_head_dim) / tp
+    return (model.q_lora_rank or model.hidden_size) + qk / tp + kv
 
 
 def model_shape(name_or_path: str) -> ModelConfig:

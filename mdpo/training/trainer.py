@@ -71,7 +71,7 @@ class Trainer:
         """The run's data, models and optimizer (with the run's folders locked)."""
         cfg = self.cfg
         if cfg.checkpoint.export_hf:  # what the export carries untrained (a vision tower) is found now, not at the end
-            carried_tensors(families.get(cfg.model.family), self._export_origin())
+            carried_tensors(families.get(cfg.model.family), self._export_origin(), cfg.model.num_hidden_layers)
         tokenizer, template = self.run.tokenizer, families.get(cfg.model.family).default_template
         seed = cfg.schedule.seed
         self.train_pairs = load_pairs_on_ranks(

@@ -57,9 +57,10 @@ def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
         sizes, data, overrides = LAYOUTS[name]
         results[name] = {}
         for folder in folders:
-            model = describe_model({"init_from": folder, **overrides})
+            model = describe_model({"init_from": folder})
             if (sizes.get("ep", 1) > 1) != model.is_moe and name not in MOE_TOO:
                 continue
+            model = describe_model({"init_from": folder, **overrides})  # after the check: MLA refuses the fused RoPE
             # biased experts (gpt-oss) whole on each rank: Megatron's rule
             own_sizes = {**sizes, "etp": 1} if model.is_moe and model.linear_bias else sizes
             cfg = TrainConfig(

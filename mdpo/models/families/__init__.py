@@ -11,6 +11,8 @@ from typing import Any
 from mdpo.errors import ConfigError
 from mdpo.models.families import (
     baichuan,
+    deepseek_v2,
+    deepseek_v3,
     gemma3,
     gpt_oss,
     llama,
@@ -42,6 +44,8 @@ FAMILIES: dict[str, Family] = {
         gemma3.FAMILY,
         gemma3.MULTIMODAL,
         gpt_oss.FAMILY,
+        deepseek_v3.FAMILY,
+        deepseek_v2.FAMILY,
     )
 }
 

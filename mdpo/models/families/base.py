@@ -88,10 +88,24 @@ class Family:
     # HF name prefixes of tensors mdpo does not train but keeps (a vision tower): read from the source folder and
     # written back unchanged into every export
     carried: tuple[str, ...] = ()
+    # HF layers numbered from the model's num_hidden_layers on (DeepSeek-V3's multi-token prediction layers,
+    # `num_nextn_predict_layers`): carried as `carried` is, where the folder has them
+    carries_extra_layers: bool = False
 
-    def is_carried(self, name: str) -> bool:
-        """Whether a HF tensor is one mdpo carries from the source to the export untrained (`carried`)."""
-        return bool(self.carried) and name.startswith(self.carried)
+    def is_carried(self, name: str, num_layers: int) -> bool:
+        """Whether a HF tensor is one mdpo carries from the source to the export untrained (`carried`, or a layer
+        past the model's `num_layers` with `carries_extra_layers`)."""
+        if self.carried and name.startswith(self.carried):
+            return True
+        layer = re.match(re.escape(self.hf_layer_prefix).replace(r"\{i\}", r"(\d+)"), name)
+        return self.carries_extra_layers and layer is not None and int(layer.group(1)) >= num_layers
+
+    def carried_names(self) -> str:
+        """What the family carries untrained, for messages."""
+        extra = (
+            [f"{self.hf_layer_prefix.format(i='N')}* for N >= num_hidden_layers"] if self.carries_extra_layers else []
+        )
+        return ", ".join([f"{prefix}*" for prefix in self.carried] + extra)
 
     @property
     def architecture(self) -> str:
@@ -129,9 +143,13 @@ class Family:
                 )
 
     def model_entries(self, model: ModelConfig, tied: bool | None = None) -> Iterator[Entry]:
-        """`entries` of a model (its layers, experts and tied head; `tied` overrides the last)."""
+        """`entries` of a model (its layers, experts and tied head; `tied` overrides the last), less the layer rows of
+        tensors the model has not (a family's table lists the variants of its models: DeepSeek's query with or
+        without its low-rank projection, with or without a shared expert)."""
         tied = model.tie_word_embeddings if tied is None else tied
-        return self.entries(model.num_hidden_layers, tied, set(model.expert_layers()), model.num_experts or 0)
+        own = mcore_shapes(model, model.vocab_size)
+        rows = self.entries(model.num_hidden_layers, tied, set(model.expert_layers()), model.num_experts or 0)
+        return (row for row in rows if row[0] in own or not row[0].startswith("decoder.layers."))
 
     def hf_names(self, num_layers: int, tied: bool = False, expert_layers: Collection[int] = ()) -> set[str]:
         experts = 1 if expert_layers else 0
@@ -282,6 +300,8 @@ def mcore_shapes(model: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, 
         "mlp.linear_fc2.weight": (h, f),
         **{f"{norm}.weight": (h,) for norm in norms[model.norm_position]},
     }
+    if model.is_mla:
+        layer = {k: v for k, v in layer.items() if not k.startswith("self_attention.")} | latent_attention_shapes(model)
     if model.qkv_bias or model.linear_bias:  # Megatron's add_bias_linear biases q/k/v too
         layer["self_attention.linear_qkv.bias"] = (qkv_rows,)
     if model.linear_bias:
@@ -304,17 +324,46 @@ def mcore_shapes(model: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, 
     return shapes
 
 
+def latent_attention_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """A multi-latent attention layer's tensors (Megatron's MLASelfAttention): the query's down / up projections
+    and the norm of its latent (or one projection without q_lora_rank), the key / value latent's down projection
+    (the latent, then the heads' shared RoPE key), its norm and up projection (per head: key without RoPE, value), and
+    the output projection."""
+    h, heads, latent = model.hidden_size, model.num_attention_heads, model.kv_lora_rank
+    q_head = model.qk_nope_head_dim + model.qk_rope_head_dim
+    prefix = "self_attention."
+    if model.q_lora_rank is None:
+        query = {"linear_q_proj.weight": (heads * q_head, h)}
+    else:
+        rank = model.q_lora_rank
+        query = {
+            "linear_q_down_proj.weight": (rank, h),
+            "q_layernorm.weight": (rank,),
+            "linear_q_up_proj.weight": (heads * q_head, rank),
+        }
+    shapes = query | {
+        "linear_kv_down_proj.weight": (latent + model.qk_rope_head_dim, h),
+        "kv_layernorm.weight": (latent,),
+        "linear_kv_up_proj.weight": (heads * (model.qk_nope_head_dim + model.v_head_dim), latent),
+        "linear_proj.weight": (h, heads * model.v_head_dim),
+    }
+    return {prefix + name: shape for name, shape in shapes.items()}
+
+
 EXPERT = "mlp.experts.local_experts.{e}."  # an expert's Megatron prefix in a layer (SequentialMLP's names)
 SHARED_EXPERT = "mlp.shared_experts."  # the shared expert's Megatron prefix in a layer (SharedExpertMLP's names)
 
 
 def expert_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """A MoE layer's MLP tensors (full, global expert numbers): the router, each expert's fc1 / fc2 and, with a
-    shared expert, its fc1 / fc2 (split over TP as a dense MLP) and its sigmoid gate (whole on every TP rank)."""
+    """A MoE layer's MLP tensors (full, global expert numbers): the router (and its score bias), each expert's
+    fc1 / fc2 and, with a shared expert, its fc1 / fc2 (split over TP as a dense MLP) and its sigmoid gate (whole on
+    every TP rank)."""
     h, w = model.hidden_size, model.expert_width
     shapes = {"mlp.router.weight": (model.num_experts, h)}
     if model.linear_bias:
         shapes["mlp.router.bias"] = (model.num_experts,)
+    if model.router_expert_bias:
+        shapes["mlp.router.expert_bias"] = (model.num_experts,)
     for e in range(model.num_experts):
         prefix = EXPERT.format(e=e)
         shapes |= {prefix + "linear_fc1.weight": (2 * w, h), prefix + "linear_fc2.weight": (h, w)}
@@ -325,8 +374,9 @@ def expert_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes |= {
             SHARED_EXPERT + "linear_fc1.weight": (2 * shared, h),
             SHARED_EXPERT + "linear_fc2.weight": (h, shared),
-            SHARED_EXPERT + "gate_weight": (1, h),
         }
+        if model.shared_expert_gate:
+            shapes[SHARED_EXPERT + "gate_weight"] = (1, h)
     return shapes
 
 
@@ -345,7 +395,8 @@ def shape_of(hf: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
 def check_hf_state(family: Family, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
     """Raise KeyError/ValueError naming the first missing, unexpected or misshapen tensor."""
     expected = hf_shapes(family, model)
-    present = {name for name in hf if not name.endswith(family.ignored_suffixes) and not family.is_carried(name)}
+    layers = model.num_hidden_layers
+    present = {n for n in hf if not n.endswith(family.ignored_suffixes) and not family.is_carried(n, layers)}
     missing = sorted(set(expected) - present)
     if missing:
         raise KeyError(f"HF checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing in all)")

@@ -150,11 +150,12 @@ def llama_layout_family(
     write_extra: Callable[[ModelConfig], dict[str, Any]] = lambda model: {},
     moe_tensors: tuple[Entry, ...] = (),
     architecture: str | None = None,
+    carries_extra_layers: bool = False,
 ) -> Family:
     """A family on Llama's tensor names, whose config.json is transformers' `config_class` (architecture, model_type
     and the oracle, transformers' own class, from it): its layer table (and a MoE layer's MLP rows), its config
     reader, what its config.json adds to Llama's keys, and the rest of its record; `architecture` where the class is
-    not named after its config (Gemma3TextConfig's Gemma3ForCausalLM)."""
+    not named after its config (Gemma3TextConfig's Gemma3ForCausalLM); `carries_extra_layers`: `Family`'s."""
     architecture = architecture or config_class.__name__.replace("Config", "ForCausalLM")
     return Family(
         name=name,
@@ -173,6 +174,7 @@ def llama_layout_family(
         presets=presets,
         ignored_suffixes=("rotary_emb.inv_freq",),
         moe_tensors=moe_tensors,
+        carries_extra_layers=carries_extra_layers,
     )
 
 

@@ -1,0 +1,98 @@
+"""Multi-latent attention (DeepSeek-V2 / V3, Kimi K2, Moonlight): Megatron-Core's `MLASelfAttention` on mdpo's local
+layers, with mdpo's core attentions (`models.attention`) and the rows of every layout.
+
+Megatron's MLA owns its RoPE (plain or yarn, on the qk_rope_head_dim part of each head, the key's part shared by the
+heads), so GPTModel hands it no rotary table. Its rotation reads the table at each token's index in the row, which is
+right for plain rows; for rows in blocks (shared prompts, packed rows: `BlockAttention`) `PositionedGPTModel` hands
+every layer the tokens' position ids in the rotary slot instead, and `LatentSelfAttention` reads its table at them.
+Megatron's THD path squeezes [t, 1, ...] rows and is never taken: mdpo sends MLA models blocks
+(`gpt.packs_as_thd`).
+
+The q and kv down projections are whole on every TP rank (Megatron's replicated `Linear`, as Transformer Engine's
+layers make them "duplicated"), not the local spec's column-parallel ones: those gather their output over TP, whose
+backward keeps each rank's own columns, so the RoPE key (the kv latent's last columns, used by every rank's heads)
+would get the gradient of one rank's heads only. Replicated, under sequence parallelism (which Megatron's MoE
+layers need at TP > 1), each rank projects its own tokens, Megatron gathers the RoPE key over the sequence with a
+reduce-scatter backward that sums every rank's heads, and the weights' gradients are summed over TP
+(`sequence_parallel` weights, as the norms').
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+from mdpo.config import ModelConfig
+from mdpo.models.attention import BlockAttention
+
+
+def mla_fields(model: ModelConfig) -> dict:
+    """MLATransformerConfig's fields of a model with MLA: the latent ranks and head parts, its (only) q and kv latent
+    norms, and its RoPE as Megatron's own rotary embedding takes it (yarn's missing parameters: transformers'
+    defaults; without both mscales, transformers' attention factor 0.1 ln(factor) + 1, which is Megatron's at mscale
+    1 and mscale_all_dim 0: `ModelConfig` refuses the other cases)."""
+    yarn = model.rope_scaling == "yarn"
+    both = yarn and bool(model.rope_mscale and model.rope_mscale_all_dim)
+    return dict(
+        multi_latent_attention=True,
+        q_lora_rank=model.q_lora_rank,
+        kv_lora_rank=model.kv_lora_rank,
+        qk_head_dim=model.qk_nope_head_dim,
+        qk_pos_emb_head_dim=model.qk_rope_head_dim,
+        v_head_dim=model.v_head_dim,
+        rope_type="yarn" if yarn else "rope",
+        rotary_base=model.rope_theta,
+        rotary_scaling_factor=model.rope_scaling_factor if yarn else 1.0,
+        original_max_position_embeddings=model.rope_original_max_position_embeddings,
+        beta_fast=model.rope_beta_fast or 32.0,
+        beta_slow=model.rope_beta_slow or 1.0,
+        mscale=model.rope_mscale if both else 1.0,
+        mscale_all_dim=model.rope_mscale_all_dim if both else 0.0,
+    )
+
+
+class TokenPositionRotary(torch.nn.Module):
+    """MLA's rotary embedding read at each token's position id while `positions` [s, b] is set, else as it is: the
+    table [s, b, 1, d] (with yarn's cos / sin scale, as Megatron's yarn returns it)."""
+
+    def __init__(self, rotary: torch.nn.Module) -> None:
+        super().__init__()
+        self.rotary = rotary
+        self.positions: torch.Tensor | None = None
+
+    def get_rotary_seq_len(self, *args: object, **kwargs: object) -> int:
+        return self.rotary.get_rotary_seq_len(*args, **kwargs)
+
+    def forward(self, seq_len: int, packed_seq: bool = False):
+        if self.positions is None:
+            return self.rotary(seq_len, packed_seq=packed_seq)
+        out = self.rotary(max(seq_len, int(self.positions.max()) + 1), packed_seq=packed_seq)
+        table, scale = out if isinstance(out, tuple) else (out, None)
+        table = table[:, 0][self.positions.to(table.device)]
+        return table if scale is None else (table, scale)
+
+
+class LatentSelfAttention(MLASelfAttention):
+    """Megatron's MLASelfAttention whose RoPE follows the position ids `PositionedGPTModel` hands it (in the rotary
+    slot, for rows in blocks) and whose rows in blocks reach Megatron's projections as the plain [s, b] rows they
+    are: only the core attention reads the blocks."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.rotary_pos_emb = TokenPositionRotary(self.rotary_pos_emb)
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        self.rotary_pos_emb.positions = rotary_pos_emb
+        try:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            self.rotary_pos_emb.positions = None
+
+    def get_query_key_value_tensors(
+        self, hidden_states, key_value_states=None, position_ids=None, packed_seq_params=None, **kwargs
+    ):
+        if isinstance(packed_seq_params, BlockAttention):
+            packed_seq_params = None
+        return super().get_query_key_value_tensors(
+            hidden_states, key_value_states, position_ids, packed_seq_params, **kwargs
+        )
