@@ -86,10 +86,13 @@ class Experts:
 
     def pair_term(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
         """transformers' loss after the forward: (coef x the sum of each pair's loss, the sum of each pair's loss),
-        added as TRL adds it to a one-pair batch's loss; None for the per-layer losses (attached in the routers)."""
+        added as TRL adds it to a one-pair batch's loss; None for the per-layer losses (attached in the routers).
+        The routers then record nothing until the next policy forward: LoRA's reference (the policy's own chunks,
+        adapters off) and a recomputed forward run through them too."""
         if not self.pooled:
             return None
         per_pair = pair_aux_losses(self.sums, self.num_experts, get_model_config(model).sequence_parallel)
+        self.sums.start(None)
         return self.coef * per_pair.sum(), per_pair.sum()
 
     # ------------------------------------------------------------------ a step
