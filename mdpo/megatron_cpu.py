@@ -154,13 +154,18 @@ def _mla_without_te() -> None:
     multi_latent_attention.HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
 
-def apply() -> None:
-    """Install the CPU patches once; on machines with CUDA only `_copy_at_size_one` and `_mla_without_te`, which
-    every device needs (a GPU without Transformer Engine takes MLA's local path too)."""
+def _every_device() -> None:
+    """The fixes every device needs: `_copy_at_size_one`, and `_mla_without_te` (a GPU without Transformer Engine
+    takes MLA's local path too)."""
     for name in ("_reduce", "_reduce_scatter_along_first_dim"):
         if not getattr(getattr(mappings, name), "copies_at_size_one", False):
             setattr(mappings, name, _copy_at_size_one(getattr(mappings, name)))
     _mla_without_te()
+
+
+def apply() -> None:
+    """Install the patches once: `_every_device`'s on every machine, the CPU ones where there is no CUDA."""
+    _every_device()
     if torch.cuda.is_available() or isinstance(schedules.torch, _CpuFactoryTorch):  # no CUDA patch, or done
         return
     # megatron (and through it torch._dynamo, which indexes torch.cuda's functions) is imported above, before this.

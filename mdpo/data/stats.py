@@ -108,8 +108,7 @@ def training_seed(config: str | None) -> int:
 def data_stats(args: argparse.Namespace) -> dict:
     """Read the data as training would and describe it (see the module docstring); a dict ready for JSON."""
     data, path = data_config(args)
-    tokenizer = load_tokenizer(data.tokenizer)
-    report = TokenizeReport()
+    tokenizer, report = load_tokenizer(data.tokenizer), TokenizeReport()
     pairs = load_pairs(data, path, tokenizer, report, training_seed=training_seed(args.config))
     counts = report.counts
     lengths = pair_lengths(pairs)

@@ -1,7 +1,7 @@
 """Under torchrun: every model folder's per-sequence log-probs at several layouts, each through what training runs
 (`build_model` streaming the HF folder per rank, the micro-batches of the layout, an online reference's
 forward-only schedule),
-one process group for all of them (Megatron's groups rebuilt per layout).
+one process group for all of them (Megatron's groups made once per layout).
 
 usage: torchrun --nproc_per_node=N family_logps.py LAYOUTS OUT.pt PAIRS.pt FOLDER [FOLDER ...]
 LAYOUTS: comma-separated names of LAYOUTS (expert-parallel ones run the mixture-of-experts folders only);
@@ -52,7 +52,7 @@ def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
     from mdpo.training.step import Scorer
 
     pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(torch.load(pairs_file))]
-    world, results = int(os.environ["WORLD_SIZE"]), {}
+    world, results, current = int(os.environ["WORLD_SIZE"]), {}, None
     for name in layouts.split(","):
         sizes, data, overrides = LAYOUTS[name]
         results[name] = {}
@@ -71,7 +71,10 @@ def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
                 dpo=DPOConfig(router_aux_loss_coef=0.0),  # forward only (and no pipeline takes it)
             )
             layout = cfg.parallel.layout(world)
-            ranks = parallel.start(layout)
+            if layout != current:  # Megatron's groups made once per layout: gloo keeps every group's threads
+                if current is not None:
+                    parallel_state.destroy_model_parallel()
+                ranks, current = parallel.start(layout), layout
             tensor_parallel.model_parallel_cuda_manual_seed(0)
             reference = OnlineReference(build_model(cfg, layout, torch.float32, load=True), Scorer(cfg.model, 7, False))
             mine = rank_share(range(len(pairs)), ranks.dp, layout.dp)  # a row's pairs together, as training has them
@@ -89,7 +92,6 @@ def main(layouts: str, out: str, pairs_file: str, folders: list[str]) -> None:
             table = {pid: logps for part in gathered for pid, logps in part.items()}
             logps = [table[i][side].item() for side in (0, 1) for i in range(len(pairs))]
             results[name][folder] = torch.tensor(logps, dtype=torch.float64)
-            parallel_state.destroy_model_parallel()
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
     parallel.stop()
