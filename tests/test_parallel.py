@@ -272,6 +272,27 @@ def assert_same_run(want_run, got_run, start: Path, name: str) -> None:
     assert set(initial) == set(want_weights), name  # nothing lost (a tied head: in neither)
 
 
+# gpt-oss through a pipeline: its sinks, windows and biased experts over 2 stages, the experts over 2 EP ranks (4
+# processes), with Megatron's per-layer load-balancing loss (transformers' pooled one is not exact over stages)
+PIPELINE_FAMILIES = {
+    "gpt_oss": (
+        4,
+        ["parallel.pp=2", "parallel.ep=2", "parallel.etp=1"],
+        ["dpo.router_aux_loss_coef=0.1", "dpo.router_aux_loss_type=megatron"],
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(PIPELINE_FAMILIES))
+def test_family_pipeline_matches_single_process(setup, family):
+    """DPO on the ranked rows at EP=2 x PP=2 equals one process: metrics step for step, every exported weight."""
+    nproc, layout, objective = PIPELINE_FAMILIES[family]
+    base = [f"model.init_from={setup / family}", f"data.train_file={setup / 'ranked.jsonl'}", *objective]
+    base.append("schedule.micro_batch_size=2")
+    want = run(setup, f"{family}_pipeline_one_process", 1, base)
+    assert_same_run(want, run(setup, f"{family}_pipeline", nproc, [*base, *layout]), setup / family, family)
+
+
 # Megatron-Core's per-layer router losses (megatron: aux_loss; seq: DeepSeek-V3's seq_aux_loss), each layer's attached
 # in its own backward: where transformers' pooled loss is not exact (pipeline stages, virtual stages, full recompute,
 # with experts split over 2 ranks and the distributed optimizer) they equal one process on the same micro-batches.
