@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import yaml
 from conftest import REPO, script_env, shared_path, subprocess_env, tiny_hf_family, tiny_run_files
@@ -149,34 +150,39 @@ def test_tulu3_recipe_runs_tulu3s_settings_over_llama3s_tokenizer(tmp_path):
     assert json.loads((work / "hf" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
 
 
-def test_qwen3_moe_recipe_trains_with_expert_parallelism(tmp_path):
-    """examples/dpo_qwen3_30b_a3b.sh on CPU with a tiny Qwen3-MoE (4 experts, one dense layer) and the real Qwen
-    tokenizer over the UltraFeedback sample: converted in one process, the reference precomputed and DPO run at EP=2
-    over 2 processes; the load-balancing loss is logged and the export keeps the source's config.json."""
+def run_moe_recipe(tmp_path: Path, script: str, case: str, folder: str, **env: str) -> tuple[Path, Path]:
+    """`examples/SCRIPT` on CPU with a tiny `case` model (Qwen's 151,936-row table: its tokenizer has 151,665 ids)
+    saved as the HF folder with the real Qwen tokenizer beside it, over the UltraFeedback sample, for two steps on
+    one node of 2 processes: (the HF folder, the run's work folder)."""
     tokenizer = shared_path("tokenizers", "qwen2")
-    data = shared_path("data", "ultrafeedback_binarized_sample_200.jsonl")
-    hf = tmp_path / "Qwen3-30B-A3B"
-    # Qwen's 151,936-row table (its tokenizer has 151,665 ids)
-    tiny_hf_family("qwen3_moe", vocab_size=151936, hidden_size=32, num_hidden_layers=2).save_pretrained(hf)
+    hf = tmp_path / folder
+    tiny_hf_family(case, vocab_size=151936, hidden_size=32, num_hidden_layers=2).save_pretrained(hf)
     for file in tokenizer.iterdir():
         shutil.copy(file, hf / file.name)
     work = tmp_path / "work"
     env = script_env(
         NNODES="1",
         GPUS_PER_NODE="2",
-        TP="1",
-        EP="2",
         GLOBAL_BATCH="32",  # of the 200 pairs (the recipe's own 128 x nodes is _dpo_recipe.sh's, tested above)
         MAX_LENGTH="48",
         HF_MODEL=str(hf),
-        DATA=str(data),
+        DATA=str(shared_path("data", "ultrafeedback_binarized_sample_200.jsonl")),
         WORK=str(work),
         MASTER_PORT=str(free_port()),
+        **env,
     )
-    cmd = ["bash", "examples/dpo_qwen3_30b_a3b.sh", "data.max_prompt_length=24", "schedule.train_steps=2"]
+    cmd = ["bash", f"examples/{script}", "data.max_prompt_length=24", "schedule.train_steps=2"]
     cmd += ["logging.progress=false", "logging.plot=false"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    return hf, work
+
+
+def test_qwen3_moe_recipe_trains_with_expert_parallelism(tmp_path):
+    """examples/dpo_qwen3_30b_a3b.sh on CPU with a tiny Qwen3-MoE (4 experts, one dense layer) and the real Qwen
+    tokenizer over the UltraFeedback sample: converted in one process, the reference precomputed and DPO run at EP=2
+    over 2 processes; the load-balancing loss is logged and the export keeps the source's config.json."""
+    hf, work = run_moe_recipe(tmp_path, "dpo_qwen3_30b_a3b.sh", "qwen3_moe", "Qwen3-30B-A3B", TP="1", EP="2")
     config = yaml.safe_load((work / "config.yaml").read_text())
     assert config["parallel"]["ep"] == 2 and config["parallel"]["etp"] == 1 and config["parallel"]["pp"] == 1
     assert config["model"]["num_experts"] == 4 and config["model"]["router_aux_loss_coef"] == 0.001
@@ -191,30 +197,7 @@ def test_gpt_oss_recipe_trains_with_expert_parallelism(tmp_path):
     tokenizer over the UltraFeedback sample: converted in one process, the reference precomputed and DPO run at EP=2
     over 2 processes (the experts whole on each rank, as their biases need); the export keeps the source's
     config.json."""
-    tokenizer = shared_path("tokenizers", "qwen2")
-    data = shared_path("data", "ultrafeedback_binarized_sample_200.jsonl")
-    hf = tmp_path / "gpt-oss-120b"
-    tiny_hf_family("gpt_oss", vocab_size=151936, hidden_size=32, num_hidden_layers=2).save_pretrained(hf)
-    for file in tokenizer.iterdir():
-        shutil.copy(file, hf / file.name)
-    work = tmp_path / "work"
-    env = script_env(
-        NNODES="1",
-        GPUS_PER_NODE="2",
-        TP="1",
-        PP="1",
-        EP="2",
-        GLOBAL_BATCH="32",
-        MAX_LENGTH="48",
-        HF_MODEL=str(hf),
-        DATA=str(data),
-        WORK=str(work),
-        MASTER_PORT=str(free_port()),
-    )
-    cmd = ["bash", "examples/dpo_gpt_oss_120b.sh", "data.max_prompt_length=24", "schedule.train_steps=2"]
-    cmd += ["logging.progress=false", "logging.plot=false"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    hf, work = run_moe_recipe(tmp_path, "dpo_gpt_oss_120b.sh", "gpt_oss", "gpt-oss-120b", TP="1", PP="1", EP="2")
     config = yaml.safe_load((work / "config.yaml").read_text())
     assert config["parallel"]["ep"] == 2 and config["parallel"]["etp"] == 1
     assert config["model"]["family"] == "gpt_oss" and config["model"]["attention_sinks"]
