@@ -128,7 +128,8 @@ def setup(tmp_path_factory) -> Path:
     for case in FAMILY_LAYOUTS:
         # Mixtral with seed 3 routes none of the digits data's scored tokens to one expert of its last layer
         seed = 4 if case == "mixtral" else 3
-        tiny_hf_family(case, seed=seed, vocab_size=vocab).save_pretrained(root / case)
+        family, overrides = VARIANTS.get(case, (case, {}))
+        tiny_hf_family(family, seed=seed, vocab_size=vocab, **overrides).save_pretrained(root / case)
     return root
 
 
@@ -169,6 +170,16 @@ FAMILY_LAYOUTS = {
     # DeepSeek-V3: MLA split over TP with SP (its q / kv latents' norms on each rank's tokens, gradients summed over
     # TP), the experts split over 2 EP ranks, packed rows; no load-balancing loss (transformers' class has none)
     "deepseek_v3": (2, [*_SP_PACKED, "parallel.ep=2", "parallel.etp=1"]),
+    # ... and a dense one at TP=2 without SP: each rank projects every token through MLA's whole down projections,
+    # whose RoPE key (used by every rank's heads) gets its gradient summed over TP (`models.mla`)
+    "deepseek_v3_dense": (2, ["parallel.tp=2", "schedule.micro_batch_size=2"]),
+}
+# FAMILY_LAYOUTS cases that are another case's model with config.json changed: (case, its overrides)
+VARIANTS = {
+    "deepseek_v3_dense": (
+        "deepseek_v3",
+        dict(n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=4, num_nextn_predict_layers=0),
+    )
 }
 
 

@@ -40,11 +40,13 @@ def _rank_payload(chunks: list[torch.nn.Module], model: ModelConfig) -> tuple | 
     ]
     dense_owner = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     expert_owner = not model.is_moe or parallel_state.get_expert_data_parallel_rank() == 0
-    dense = [{k: v for k, v in sd.items() if not sharding.is_expert(k)} for sd in local] if dense_owner else None
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    # a dense tensor whole on every TP rank (norms, MLA's down projections) is sent by TP rank 0 alone
+    sends = lambda name: not sharding.is_expert(name) and (tp_rank == 0 or sharding.tp_rule(name) is not None)
+    dense = [{k: v for k, v in sd.items() if sends(k)} for sd in local] if dense_owner else None
     experts = [{k: v for k, v in sd.items() if sharding.is_expert(k)} for sd in local] if expert_owner else None
     if dense is None and experts is None:
         return None
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     return tp_rank, pp_rank, dense, parallel_state.get_expert_tensor_parallel_rank(), experts
 

@@ -11,7 +11,6 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
-from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
@@ -33,7 +32,7 @@ from mdpo.models.attention import (
     with_core_attention,
 )
 from mdpo.models.lora import with_adapters
-from mdpo.models.mla import LatentSelfAttention, mla_fields
+from mdpo.models.mla import LatentDownProjection, LatentSelfAttention, mla_fields
 from mdpo.models.moe import FixedBiasRouter, mark_experts, moe_fields
 from mdpo.models.norms import PostNormLayer, PostNormLayerSubmodules, ProjectionNorm, TorchNorm, ZeroCenteredRMSNorm
 from mdpo.models.rotary import RopeSelfAttention, layer_softmax_scale, table_frequencies
@@ -150,7 +149,7 @@ def _local_layer_spec(model: ModelConfig, num_experts: int | None, attention: st
         attention_parts = local.submodules.self_attention.submodules
         attention_parts.q_layernorm = attention_parts.kv_layernorm = norm
         # the down projections whole on every TP rank, as on TE's layers (`models.mla`)
-        attention_parts.linear_q_down_proj = attention_parts.linear_kv_down_proj = ReplicatedLinear
+        attention_parts.linear_q_down_proj = attention_parts.linear_kv_down_proj = LatentDownProjection
     if model.qk_norm:
         attention_parts = local.submodules.self_attention.submodules
         if model.qk_norm_span == "projection":  # OLMo 2's: all heads together, the statistics summed over TP
@@ -227,7 +226,9 @@ def _architecture(model: ModelConfig) -> dict:
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.kv_heads,
         kv_channels=model.kv_channels,
-        qk_layernorm=model.qk_norm or model.is_mla,
+        # per-head q/k norms, whose gradients Megatron sums over TP by name ("q_layernorm"): not MLA's latent norms,
+        # whole on every rank (the spec builds them), which that sum would double without sequence parallelism
+        qk_layernorm=model.qk_norm,
         normalization="RMSNorm",
         layernorm_epsilon=model.rms_norm_eps,
         gated_linear_unit=True,

@@ -150,7 +150,7 @@ def merge_state_dicts(
     vpp: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Glue {(tp_rank, pp_rank, vp_stage): a model chunk's state dict, chunk-local layer numbers} back into a full
-    state dict."""
+    state dict; the tensors whole on every TP rank are read from TP rank 0's."""
     full: dict[str, torch.Tensor] = {}
     for pp_rank in range(pp_size):
         for vp_stage in range(vpp):
@@ -158,8 +158,9 @@ def merge_state_dicts(
             for name in pieces[(0, pp_rank, vp_stage)]:
                 match = _LAYER.match(name)
                 global_name = f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}" if match else name
-                parts = [pieces[(tp_rank, pp_rank, vp_stage)][name] for tp_rank in range(tp_size)]
-                full[global_name] = unshard_tensor(parts, tp_rule(name))
+                rule = tp_rule(name)  # a tensor whole on every TP rank: TP rank 0's (the others may send none)
+                parts = [pieces[(tp_rank, pp_rank, vp_stage)][name] for tp_rank in range(tp_size if rule else 1)]
+                full[global_name] = unshard_tensor(parts, rule)
     return full
 
 

@@ -80,16 +80,17 @@ def read_latent_model(config: PretrainedConfig) -> dict[str, Any]:
         raise ValueError(f"rope_parameters mscale={mscale!r} with mscale_all_dim={mscale_all_dim!r}")
     layers, dense = config.num_hidden_layers, config.first_k_dense_replace or 0
     shared = config.n_shared_experts or 0
+    experts = config.n_routed_experts or None  # 0: no routed experts, a dense MLA model
     return fields | {
         "kv_lora_rank": config.kv_lora_rank,
         "q_lora_rank": config.q_lora_rank,
         "qk_nope_head_dim": config.qk_nope_head_dim,
         "qk_rope_head_dim": config.qk_rope_head_dim,
         "v_head_dim": config.v_head_dim,
-        "num_experts": config.n_routed_experts,
+        "num_experts": experts,
         "moe_topk": config.num_experts_per_tok,
         "moe_intermediate_size": config.moe_intermediate_size,
-        "moe_layers": list(range(dense, layers)) if dense else None,
+        "moe_layers": list(range(dense, layers)) if dense and experts else None,
         "shared_expert_intermediate_size": shared * config.moe_intermediate_size if shared else None,
         "shared_expert_gate": False,
         "routed_scaling_factor": config.routed_scaling_factor,
@@ -128,7 +129,7 @@ def write_latent_model(model: ModelConfig) -> dict[str, Any]:
         "qk_nope_head_dim": model.qk_nope_head_dim,
         "qk_rope_head_dim": model.qk_rope_head_dim,
         "v_head_dim": model.v_head_dim,
-        "n_routed_experts": model.num_experts,
+        "n_routed_experts": model.num_experts or 0,
         "num_experts_per_tok": model.moe_topk,
         "moe_intermediate_size": model.expert_width,
         "first_k_dense_replace": min(experts, default=model.num_hidden_layers),
