@@ -57,10 +57,15 @@ LAYOUTS = {
 MOE_NEEDS = {
     case: ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"] for case in ("qwen3_moe", "deepseek_v3")
 } | {"gpt_oss": ["parallel.sequence_parallel=true", "parallel.etp=1", "lora.targets=[qkv, proj]"]}
-# the attention modules PEFT adapts: Llama's, or multi-latent attention's up projections (its down projections take
-# no adapters) and output
+# the attention modules PEFT adapts: Llama's, or multi-latent attention's down and up projections and output
 ATTENTION_TARGETS = ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
-MLA_TARGETS = ["self_attn.kv_b_proj", "self_attn.o_proj", "self_attn.q_b_proj"]
+MLA_TARGETS = [
+    "self_attn.kv_a_proj_with_mqa",
+    "self_attn.kv_b_proj",
+    "self_attn.o_proj",
+    "self_attn.q_a_proj",
+    "self_attn.q_b_proj",
+]
 TODAYS = (
     "qwen2.5_tied",
     "qwen3_tied",
@@ -250,6 +255,8 @@ def test_peft_on_transformers_class_gives_the_merged_export(runs, case):
             untouched = peft(tokens).logits
     assert (ours - merged).abs().max().item() <= 1e-4, case
     assert (ours - untouched).abs().max().item() > 1e-3, case  # the adapters moved the logits
+    # ... and each adapted module's own: every B trained away from zero (MLA's replicated down projections too)
+    assert all(b.abs().max() > 0 for key, b in adapter(run).items() if "lora_B" in key), case
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     mlp = [] if case in MOE_NEEDS else ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
     attention = MLA_TARGETS if case == "deepseek_v3" else ATTENTION_TARGETS

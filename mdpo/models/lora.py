@@ -6,9 +6,11 @@ layer keeps its class's behaviour and parameters and gains `lora_A` [r, in] and 
 over TP the way the layer is: a column-parallel layer (fused q/k/v, MLA's up projections, fused gate/up) holds A
 whole and its rows of B;
 a row-parallel one (attention output, MLP output) holds its input columns of A, whose partial product is summed over
-TP (reduce-scattered under sequence parallelism), and B whole. A replicated adapter tensor that sees only this rank's
-part of the sequence (sequence parallelism) is marked `sequence_parallel`, so `finalize_model_grads` sums its
-gradient over TP, as for the norms. Base weights are frozen: Megatron's DDP and optimizer hold the adapters only.
+TP (reduce-scattered under sequence parallelism), and B whole; a replicated one (MLA's down projections) holds both
+whole, its adapted output passing the layer's own TP handling (`models.mla`). A replicated adapter tensor that sees
+only this rank's part of the sequence (sequence parallelism) is marked `sequence_parallel`, so
+`finalize_model_grads` sums its gradient over TP, as for the norms. Base weights are frozen: Megatron's DDP and
+optimizer hold the adapters only.
 """
 
 from __future__ import annotations
@@ -36,16 +38,18 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from mdpo.config import LORA_TARGETS, LoRAConfig
 from mdpo.errors import ConfigError
+from mdpo.models.mla import LatentDownProjection
 
 # lora.targets -> the layers' module paths inside a transformer layer, those its spec has (the one table; HF names come
 # from the family's mapping table through these paths): qkv is the fused projection, or multi-latent attention's
-# column-parallel query and key / value projections (`models.mla`; its down projections take no adapters: Megatron's
-# MLA builds only its own linear classes there)
+# query and key / value projections (`models.mla`: the replicated down projections and the column-parallel others)
 TARGET_MODULES = {
     "qkv": (
         "self_attention.linear_qkv",
         "self_attention.linear_q_proj",
+        "self_attention.linear_q_down_proj",
         "self_attention.linear_q_up_proj",
+        "self_attention.linear_kv_down_proj",
         "self_attention.linear_kv_up_proj",
     ),
     "proj": ("self_attention.linear_proj",),
@@ -172,7 +176,31 @@ class LoRARowParallelLinear(_Adapted, RowParallelLinear):
         )
 
 
-LORA_CLASSES = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear}
+class LoRALatentDownProjection(_Adapted, LatentDownProjection):
+    """MLA's replicated down projection: A and B whole, B A x added before the layer sums its RoPE columns'
+    gradient over TP (`models.mla`); under sequence parallelism each rank adapts its own tokens, so both are
+    `sequence_parallel` (gradients summed over TP), as the layer's weight."""
+
+    def __init__(self, *args: object, adapter: Adapter, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        out_features, in_features = self.weight.shape
+        sp = bool(self.config.sequence_parallel)
+        a = _parameter(self.weight.new_zeros(adapter.rank, in_features), sequence_parallel=sp)
+        b = _parameter(self.weight.new_zeros(out_features, adapter.rank), sequence_parallel=sp)
+        self._attach(adapter, a, b)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().project(x)
+        if not self.lora_on:
+            return out
+        return out + F.linear(F.linear(self._lora_input(x), self.lora_A), self.lora_B) * self.lora_scaling
+
+
+LORA_CLASSES = {
+    ColumnParallelLinear: LoRAColumnParallelLinear,
+    RowParallelLinear: LoRARowParallelLinear,
+    LatentDownProjection: LoRALatentDownProjection,
+}
 
 
 def with_adapters(spec: ModuleSpec, lora: LoRAConfig) -> ModuleSpec:
@@ -228,11 +256,11 @@ def init_adapters(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     for layer in model.decoder.layers:
         index = layer.layer_number - 1  # Megatron's layer numbers are global and 1-based
         for adapted in adapted_layers(layer):
-            column = isinstance(adapted, ColumnParallelLinear)
-            in_full = adapted.lora_A.shape[1] * (1 if column else tp)
+            row = isinstance(adapted, RowParallelLinear)
+            in_full = adapted.lora_A.shape[1] * (tp if row else 1)
             a = initial_A(adapted.lora_A.shape[0], in_full, seed, index, adapted.lora_target)
             with torch.no_grad():
-                adapted.lora_A.copy_(a if column else a.chunk(tp, dim=1)[tp_rank])
+                adapted.lora_A.copy_(a.chunk(tp, dim=1)[tp_rank] if row else a)
             adapted.lora_A.requires_grad_(True)
             adapted.lora_B.requires_grad_(True)
     return model
