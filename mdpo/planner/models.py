@@ -151,11 +151,12 @@ def lora_params(model: ModelConfig, rank: int, tp: int = 1, mlp: bool = True) ->
 
 def latent_lora_width(model: ModelConfig, tp: int) -> float:
     """A and B's elements per unit of rank of qkv's adapters on multi-latent attention, on one TP rank: the up
-    projections' (or the plain query projection's) A whole and 1/TP of B (the down projections take none)."""
+    projections' (or the plain query projection's) A whole and 1/TP of B, the down projections' A and B whole."""
     qk, _ = score_dims(model)
-    latent = model.kv_lora_rank
+    h, latent = model.hidden_size, model.kv_lora_rank
     kv = latent + model.num_attention_heads * (model.qk_nope_head_dim + model.v_head_dim) / tp
-    return (model.q_lora_rank or model.hidden_size) + qk / tp + kv
+    down = h + latent + model.qk_rope_head_dim + (h + model.q_lora_rank if model.q_lora_rank else 0)
+    return (model.q_lora_rank or h) + qk / tp + kv + down
 
 
 def model_shape(name_or_path: str) -> ModelConfig:
