@@ -26,12 +26,7 @@ one_entry() {  # the single entry of a seed folder (the folder itself when it ho
 HF_MODEL=$(one_entry "$ROOT/model")
 DATA=$(one_entry "$ROOT/data")
 [ -f "$HF_MODEL/config.json" ] || { echo "tuning.sh: $HF_MODEL: no config.json (expected one HF model folder)" >&2; exit 2; }
-case "$MODE" in
-  0) BASE_LR=1e-6 MODE_ARGS=() ;;
-  1) BASE_LR=5e-6 MODE_ARGS=(lora.rank=64 lora.alpha=128 lora.dropout=0.05) ;;
-  *) echo "tuning.sh: MODE must be 0 (full tuning) or 1 (LoRA), got '$MODE'" >&2; exit 2 ;;
-esac
-export BASE_LR
+source "$(dirname "$0")/_tuning_mode.sh"  # BASE_LR and MODE_ARGS
 WORK=${WORK:-$ROOT/runs/$(basename "$HF_MODEL")_${LOSS}_mode$MODE}
 TP=${TP:-4}
 MAX_LENGTH=${MAX_LENGTH:-8192}

@@ -9,8 +9,9 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 import yaml
-from conftest import REPO, script_env, shared_path, subprocess_env, tiny_hf_family, tiny_run_files
+from conftest import REPO, read_folder, script_env, shared_path, subprocess_env, tiny_hf_family, tiny_run_files
 
 from mdpo.parallel import free_port
 
@@ -150,16 +151,23 @@ def test_tulu3_recipe_runs_tulu3s_settings_over_llama3s_tokenizer(tmp_path):
     assert json.loads((work / "hf" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
 
 
-def run_moe_recipe(tmp_path: Path, script: str, case: str, folder: str, **env: str) -> tuple[Path, Path]:
+def run_moe_recipe(
+    tmp_path: Path, script: str, case: str, folder: str, reuse: Path | None = None, **env: str
+) -> tuple[Path, Path]:
     """`examples/SCRIPT` on CPU with a tiny `case` model (Qwen's 151,936-row table: its tokenizer has 151,665 ids)
     saved as the HF folder with the real Qwen tokenizer beside it, over the UltraFeedback sample, for two steps on
-    one node of 2 processes: (the HF folder, the run's work folder)."""
+    one node of 2 processes: (the HF folder, the run's work folder). `reuse`: an earlier run's work folder, whose
+    conversion and reference cache this run starts with (the recipe skips those steps), its tokenizer read from
+    there (the cache's stamp holds the data settings, the tokenizer's path among them)."""
     tokenizer = shared_path("tokenizers", "qwen2")
     hf = tmp_path / folder
-    tiny_hf_family(case, vocab_size=151936, hidden_size=32, num_hidden_layers=2).save_pretrained(hf)
-    for file in tokenizer.iterdir():
-        shutil.copy(file, hf / file.name)
-    work = tmp_path / "work"
+    if reuse is None:
+        tiny_hf_family(case, vocab_size=151936, hidden_size=32, num_hidden_layers=2).save_pretrained(hf)
+        for file in tokenizer.iterdir():
+            shutil.copy(file, hf / file.name)
+    work = tmp_path / ("work" if reuse is None else "work_reused")
+    for step in ("mcore", "reference") if reuse is not None else ():
+        shutil.copytree(reuse / step, work / step)
     env = script_env(
         NNODES="1",
         GPUS_PER_NODE="2",
@@ -172,6 +180,7 @@ def run_moe_recipe(tmp_path: Path, script: str, case: str, folder: str, **env: s
         **env,
     )
     cmd = ["bash", f"examples/{script}", "data.max_prompt_length=24", "schedule.train_steps=2"]
+    cmd += [f"data.tokenizer={reuse / 'mcore'}"] if reuse is not None else []
     cmd += ["logging.progress=false", "logging.plot=false"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -205,3 +214,34 @@ def test_gpt_oss_recipe_trains_with_expert_parallelism(tmp_path):
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["aux_loss"] > 0 for r in records)
     assert json.loads((work / "hf" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+
+
+def test_deepseek_v3_recipe_trains_with_expert_parallelism(tmp_path):
+    """examples/dpo_deepseek_v3.sh on CPU with a tiny DeepSeek-V3 (MLA, 8 experts in 4 groups beside a shared one, a
+    dense first layer, a multi-token prediction layer in the files) and the real Qwen tokenizer over the
+    UltraFeedback sample, full tuning (MODE 0), then LoRA (MODE 1) from the same conversion and reference cache:
+    DPO at EP=2 over 2 processes with DeepSeek-V3's sequence-wise balancing loss; each export keeps the source's
+    config.json and carries the prediction layer's tensors bitwise."""
+    hf, full = run_moe_recipe(tmp_path, "dpo_deepseek_v3.sh", "deepseek_v3", "DeepSeek-V3", MODE="0", TP="1", EP="2")
+    _, lora = run_moe_recipe(
+        tmp_path, "dpo_deepseek_v3.sh", "deepseek_v3", "DeepSeek-V3", reuse=full, MODE="1", TP="1", EP="2"
+    )
+    source = read_folder(hf)
+    carried = [key for key in source if key.startswith("model.layers.2.")]  # layers 0 and 1 are trained
+    assert carried
+    for work, is_lora in ((full, False), (lora, True)):
+        config = yaml.safe_load((work / "config.yaml").read_text())
+        assert config["parallel"]["ep"] == 2 and config["parallel"]["etp"] == 1 and config["parallel"]["pp"] == 1
+        assert config["model"]["family"] == "deepseek_v3" and config["model"]["kv_lora_rank"] == 16
+        assert config["dpo"]["router_aux_loss_type"] == "seq" and config["dpo"]["router_aux_loss_coef"] == 1e-4
+        assert config["data"]["template"] == "tokenizer" and config["schedule"]["global_batch_size"] == 32
+        assert config["optimizer"]["lr"] == (5e-6 if is_lora else 1e-6)
+        assert config["lora"]["rank"] == (64 if is_lora else 0)
+        assert config["parallel"]["recompute"] == ("none" if is_lora else "full")
+        records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2] and all(r["aux_loss"] > 0 for r in records)
+        assert json.loads((work / "hf" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+        exported = read_folder(work / "hf")
+        assert all(torch.equal(exported[key], source[key]) for key in carried)
+    adapter = json.loads((lora / "adapter" / "adapter_config.json").read_text())
+    assert "self_attn.q_a_proj" in adapter["target_modules"] and adapter["r"] == 64
