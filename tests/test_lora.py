@@ -52,12 +52,10 @@ LAYOUTS = {
 # (Qwen 3, Mistral), q/k/v biases and a tied head (Qwen 2.5), adapters under OLMo 2's and Gemma 3's norms; Llama
 # 3.x has Llama 2's modules (the llama run).
 # Megatron's MoE layers train under TP with SP; adapters on attention only (experts and, in PEFT's format, MoE
-# models' MLPs take none); GLM-4.5's beside its q/k/v biases and before its q/k norms; gpt-oss's biased experts whole
-# on each rank (ETP = 1, EP = 1: its fc2 bias added in place after a size-one reduce-scatter,
-# `megatron_cpu._copy_at_size_one`), adapters beside its q/k/v and output biases
+# models' MLPs take none); gpt-oss's biased experts whole on each rank (ETP = 1, EP = 1: its fc2 bias added in place
+# after a size-one reduce-scatter, `megatron_cpu._copy_at_size_one`), adapters beside its q/k/v and output biases
 MOE_NEEDS = {
-    case: ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"]
-    for case in ("qwen3_moe", "deepseek_v3", "glm4_moe")
+    case: ["parallel.sequence_parallel=true", "lora.targets=[qkv, proj]"] for case in ("qwen3_moe", "deepseek_v3")
 } | {"gpt_oss": ["parallel.sequence_parallel=true", "parallel.etp=1", "lora.targets=[qkv, proj]"]}
 # the attention modules PEFT adapts: Llama's, or multi-latent attention's up projections (its down projections take
 # no adapters) and output
@@ -73,7 +71,6 @@ TODAYS = (
     "gemma3_multimodal_tied",
     "gpt_oss",
     "deepseek_v3",
-    "glm4_moe",
 )
 
 
