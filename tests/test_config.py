@@ -325,6 +325,11 @@ def test_missing_required(key):
             "model.partial_rotary_factor=0.2 must be at most 1 and rotate an even number of each head's 16 dims, got 3",
         ),
         (
+            ["model.partial_rotary_factor=0.5", "model.rope_scaling=yarn"],
+            "model.partial_rotary_factor=0.5 with model.rope_scaling=yarn: yarn's attention factor scales the rotated "
+            "dims only",
+        ),
+        (
             ["model.linear_bias=true", "model.num_experts=4", "parallel.tp=2", "parallel.sequence_parallel=true"],
             "the expert-tensor-parallel size 2 (parallel.etp, else parallel.tp) must be 1 for experts with biases "
             "(gpt-oss)",
@@ -647,7 +652,13 @@ DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "origina
             "top 1)",
         ),
         ({**DEEPSEEK_V2, "topk_method": "noaux_tc"}, "topk_method='noaux_tc' (top-k methods: greedy, group_limited"),
-        # GLM-4.5: DeepSeek-V3's router, which Megatron-Core always renormalises and scores groups of differently
+        # GLM-4.5: yarn on its half-rotary heads; DeepSeek-V3's router, which Megatron-Core always renormalises and
+        # whose groups it scores otherwise
+        (
+            {**GLM, "rope_parameters": {**DEEPSEEK_YARN, "partial_rotary_factor": 0.5}},
+            "partial_rotary_factor=0.5 with rope_type='yarn' is not supported by mdpo's glm4_moe model (yarn's "
+            "attention factor scales the rotated dims only, mdpo's the whole head)",
+        ),
         ({**GLM, "hidden_act": "gelu"}, "hidden_act='gelu' is not supported by mdpo's glm4_moe model"),
         (
             {**GLM, "norm_topk_prob": False},

@@ -408,6 +408,11 @@ class ModelConfig(Section):
             f"model.partial_rotary_factor={rotary!r} with ALiBi or model.kv_lora_rank (MLA rotates its "
             "qk_rope_head_dim)",
         )
+        need(
+            rotary == 1.0 or self.rope_scaling != "yarn",
+            f"model.partial_rotary_factor={rotary!r} with model.rope_scaling=yarn: yarn's attention factor scales the "
+            "rotated dims only, and mdpo applies it as a softmax scale of the whole head",
+        )
 
     def _check_norms(self) -> None:
         """OLMo's norms (after the sublayers, q / k over the whole projection) are mdpo's local layers' own:

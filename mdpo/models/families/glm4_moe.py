@@ -45,21 +45,18 @@ REFUSALS = (Refusal("hidden_act", lambda act: act != "silu"), RENORMALISED)
 
 def read_config(hf: dict) -> dict[str, Any]:
     """GLM-4.5's, read through transformers' config class (its defaults filled in: partial_rotary_factor 0.5):
-    Llama's keys, the biases, q/k norms and partial RoPE, DeepSeek-V3's experts and sigmoid router (groups scored
-    by their top 2)."""
+    Llama's keys, the biases, q/k norms and partial RoPE (ValueError with yarn), DeepSeek-V3's experts and sigmoid
+    router (groups scored by their top 2)."""
     config = Glm4MoeConfig(**{key: value for key, value in hf.items() if key not in ("architectures", "model_type")})
-    attention = {
-        "qkv_bias": config.attention_bias,
-        "qk_norm": config.use_qk_norm,
-        "partial_rotary_factor": config.rope_parameters.get("partial_rotary_factor", 1.0),
-    }
-    return (
-        read_llama_like(config.to_dict())
-        | attention
-        | read_experts(config)
-        | read_groups(config, scored_by=2)
-        | SIGMOID_ROUTING
-    )
+    fields = read_llama_like(config.to_dict())
+    rotary = config.rope_parameters.get("partial_rotary_factor", 1.0)
+    if rotary != 1.0 and fields.get("rope_scaling") == "yarn":
+        raise ValueError(
+            f"partial_rotary_factor={rotary!r} with rope_type='yarn'",
+            "yarn's attention factor scales the rotated dims only, mdpo's the whole head",
+        )
+    attention = {"qkv_bias": config.attention_bias, "qk_norm": config.use_qk_norm, "partial_rotary_factor": rotary}
+    return fields | attention | read_experts(config) | read_groups(config, scored_by=2) | SIGMOID_ROUTING
 
 
 def write_extra(model: ModelConfig) -> dict[str, Any]:
