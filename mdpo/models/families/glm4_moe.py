@@ -86,7 +86,8 @@ def _glm(layers: int, dense: int, width: int, **fields: Any) -> dict[str, Any]:
 
 
 PRESETS = {
-    # GLM-4.5 (and 4.6): 355B total, 32B active; 160 experts, q/k norms, three dense layers
+    # GLM-4.5 (GLM-4.6 has its layers), published as 355B-A32B (transformers counts 352.8B, 33.6B active, without
+    # the MTP layer); 160 experts, q/k norms, three dense layers
     "glm-4.5-355b": preset(
         5120,
         12288,
@@ -96,7 +97,7 @@ PRESETS = {
         151552,
         **_glm(92, 3, 1536, num_experts=160, qk_norm=True, routed_scaling_factor=2.5),
     ),
-    # GLM-4.5-Air: 106B total, 12B active; 128 experts, one dense layer
+    # GLM-4.5-Air, published as 106B-A12B (106.9B, 13.4B active); 128 experts, one dense layer
     "glm-4.5-air-106b": preset(4096, 10944, 46, 96, 8, 151552, **_glm(46, 1, 1408, num_experts=128)),
 }
 
