@@ -170,13 +170,16 @@ FAMILY_LAYOUTS = {
     # DeepSeek-V3: MLA split over TP with SP (its q / kv latents' norms on each rank's tokens, gradients summed over
     # TP), the experts split over 2 EP ranks, packed rows; no load-balancing loss (transformers' class has none)
     "deepseek_v3": (2, [*_SP_PACKED, "parallel.ep=2", "parallel.etp=1"]),
+    # GLM-4.5: its half-rotary heads with q/k/v biases and q/k norms split over TP with SP, DeepSeek-V3's router and
+    # experts over 2 EP ranks, packed rows
+    "glm4_moe": (2, [*_SP_PACKED, "parallel.ep=2", "parallel.etp=1"]),
 }
 
 
 # Mixtures of experts whose tiny routers send none of the ranked (chat-templated) rows' tokens to some expert, which
 # training then leaves where it was (and which the check that training moved every tensor would fail on), or whose
 # loss moves less than that check's 1e-3 in three steps: they train on the plain digit pairs, as one pair a row.
-DIGITS = ("qwen3_moe", "mixtral")
+DIGITS = ("qwen3_moe", "mixtral", "glm4_moe")
 
 
 def run_layout(root: Path, name: str, family: str | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:

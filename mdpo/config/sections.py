@@ -204,6 +204,9 @@ class ModelConfig(Section):
     rope_mscale_all_dim: float | None = None
     rope_attention_factor: float | None = None
     rope_truncate: bool | None = None
+    # the share of each head's dims RoPE rotates: its first kv_channels x this (rotate_half within them), the rest
+    # pass unrotated (GLM-4.5's partial_rotary_factor 0.5; Megatron's rotary_percent)
+    partial_rotary_factor: float = 1.0
     # sliding-window attention (Mistral's sliding_window, Qwen's use_sliding_window): a query attends to the keys
     # less than sliding_window positions back (None: the whole causal context), on the layers sliding_window_layers
     # lists (None: every layer)
@@ -304,6 +307,11 @@ class ModelConfig(Section):
         return self.num_attention_heads if self.is_mla else self.num_key_value_heads or self.num_attention_heads
 
     @property
+    def rotary_dim(self) -> int:
+        """The dims of a head RoPE rotates, as transformers and Megatron-Core round them."""
+        return int(self.kv_channels * self.partial_rotary_factor)
+
+    @property
     def kv_channels(self) -> int:
         """The size of one attention head (MLA's: its value's, which sizes the attention's output)."""
         if self.is_mla:
@@ -335,6 +343,7 @@ class ModelConfig(Section):
         "shared_expert_intermediate_size",
         "glu_clamp",
         "routed_scaling_factor",
+        "partial_rotary_factor",
         "router_groups",
         "router_group_topk",
         "kv_lora_rank",
@@ -389,6 +398,22 @@ class ModelConfig(Section):
         need(
             not (self.fused_rope and self.position_embedding == "alibi"),
             "model.fused_rope=true needs RoPE; model.position_embedding is alibi (Baichuan 2 13B), which has none",
+        )
+        rotary = self.partial_rotary_factor
+        need(
+            rotary == 1.0 or (rotary < 1.0 and self.rotary_dim >= 2 and self.rotary_dim % 2 == 0),
+            f"model.partial_rotary_factor={rotary!r} must be at most 1 and rotate an even number of each head's "
+            f"{self.kv_channels} dims, got {self.rotary_dim}",
+        )
+        need(
+            rotary == 1.0 or (self.position_embedding != "alibi" and not self.is_mla),
+            f"model.partial_rotary_factor={rotary!r} with ALiBi or model.kv_lora_rank (MLA rotates its "
+            "qk_rope_head_dim)",
+        )
+        need(
+            rotary == 1.0 or self.rope_scaling != "yarn",
+            f"model.partial_rotary_factor={rotary!r} with model.rope_scaling=yarn: yarn's attention factor scales the "
+            "rotated dims only, and mdpo applies it as a softmax scale of the whole head",
         )
 
     def _check_norms(self) -> None:
