@@ -3,7 +3,7 @@
 # top 8 within 4 of 8 groups, and a shared expert; 671.0B parameters, 37.5B active per token) on UltraFeedback with the
 # reference workload's settings (beta 0.1, global batch 128 x nodes, AdamW, linear schedule, warmup 0.1, 3 epochs),
 # the model's own chat template and DeepSeek-V3's sequence-wise balancing loss (Megatron's `seq`, weight 1e-4, as its
-# paper; logged as aux_loss), full tuning (MODE=0, the default: lr 1e-6 x sqrt(nodes)) or LoRA (MODE=1: rank 64,
+# paper; logged as aux_loss), full tuning (the default: lr 1e-6 x sqrt(nodes)) or LoRA (LORA=1: rank 64,
 # alpha 128, dropout 0.05 on attention, MLA's down and up projections and output, experts untouched; lr 5e-6 x
 # sqrt(nodes)). The steps are in examples/_dpo_recipe.sh; the multi-token prediction layer (layers.61) is carried
 # untrained into the export. HF_MODEL is a bf16 folder (the released FP8 weights are not read yet: cast them with
@@ -11,7 +11,7 @@
 #
 #   NNODES=32 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 \
 #   HF_MODEL=/models/DeepSeek-V3-bf16 DATA=/data/ultrafeedback_binarized/train_prefs bash examples/dpo_deepseek_v3.sh
-#   MODE=1 NNODES=4 ... bash examples/dpo_deepseek_v3.sh                                            # LoRA
+#   LORA=1 NNODES=4 NODE_RANK=0 ... bash examples/dpo_deepseek_v3.sh
 #
 # Layouts, from `mdpo plan --model deepseek-v3-671b --gpu h100-80g --gpus-per-node 8 --reference precomputed
 # --max-tokens 4096` (mdpo 0.1, 2026-12-07; predictions, not measured: balanced routing and 1,010 tokens per pair
@@ -28,18 +28,18 @@
 #   8 nodes take TP=4 x EP=64 (68.3 GiB, 20.9 s, 1.09 h).
 # PP=1 keeps one stage (the planner ranks no pipeline above these; it models neither routing imbalance nor a stage's
 # MoE load). The first pass converts in one process holding about one HF shard.
-MODE=${MODE:-0}
-source "$(dirname "$0")/_tuning_mode.sh"  # BASE_LR and MODE_ARGS
-if [ "$MODE" = 1 ]; then
+LORA=${LORA:-0}
+source "$(dirname "$0")/_tuning_mode.sh" LORA "$LORA"  # BASE_LR and MODE_ARGS
+if [ "$LORA" = 1 ]; then
   NNODES=${NNODES:-4} TP=${TP:-8} EP=${EP:-32}
-  LAYOUT_ARGS=("lora.targets=[qkv,proj]")  # experts take no adapters (docs/lora.md)
+  LAYOUT_ARGS=("lora.targets=[qkv, proj]")  # experts take no adapters (docs/lora.md)
 else
   NNODES=${NNODES:-32} TP=${TP:-4} EP=${EP:-256}
   LAYOUT_ARGS=(parallel.recompute=full)
 fi
 HF_MODEL=${HF_MODEL:?set HF_MODEL to a local bf16 DeepSeek-V3 HF folder}
 DATA=${DATA:?set DATA to the preference data files (e.g. UltraFeedback-binarized train_prefs)}
-WORK=${WORK:-runs/deepseek_v3_dpo_mode$MODE}
+WORK=${WORK:-runs/deepseek_v3_$([ "$LORA" = 1 ] && echo lora_)dpo}
 MAX_LENGTH=${MAX_LENGTH:-2048}
 TEMPLATE=${TEMPLATE:-tokenizer}
 # TP > 1: sequence parallelism turns on by itself (MoE)

@@ -26,7 +26,7 @@ one_entry() {  # the single entry of a seed folder (the folder itself when it ho
 HF_MODEL=$(one_entry "$ROOT/model")
 DATA=$(one_entry "$ROOT/data")
 [ -f "$HF_MODEL/config.json" ] || { echo "tuning.sh: $HF_MODEL: no config.json (expected one HF model folder)" >&2; exit 2; }
-source "$(dirname "$0")/_tuning_mode.sh"  # BASE_LR and MODE_ARGS
+source "$(dirname "$0")/_tuning_mode.sh" MODE "$MODE"  # BASE_LR and MODE_ARGS
 WORK=${WORK:-$ROOT/runs/$(basename "$HF_MODEL")_${LOSS}_mode$MODE}
 TP=${TP:-4}
 MAX_LENGTH=${MAX_LENGTH:-8192}

@@ -364,10 +364,43 @@ FAMILY_CASES = {
             rope_theta=10000.0,
         ),
     ),
+    # GLM-4.5: q/k/v biases, per-head q/k norms, head_dim 32 apart from hidden / heads, RoPE on the first half of
+    # each head's dims; layer 0 dense, then DeepSeek-V3's sigmoid router with its score correction bias, here its top
+    # 2 of 8 experts within the best of 2 groups (Megatron's group score, its top 2 / 1 experts, is transformers'
+    # top 2), times 2.5, beside a shared expert; one multi-token prediction layer in the files, carried untrained
+    "glm4_moe": (
+        "glm4_moe",
+        dict(
+            head_dim=32,
+            attention_bias=True,
+            use_qk_norm=True,
+            partial_rotary_factor=0.5,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            num_nextn_predict_layers=1,
+            rope_theta=10000.0,
+        ),
+    ),
 }
-MOE_CASES = ("qwen3_moe", "qwen3_moe_unnormed", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3", "deepseek_v2")
-# those whose transformers class computes a load-balancing loss (DeepseekV3ForCausalLM and V2 compute none)
-POOLED_AUX_CASES = tuple(case for case in MOE_CASES if not case.startswith("deepseek"))
+MOE_CASES = (
+    "qwen3_moe",
+    "qwen3_moe_unnormed",
+    "mixtral",
+    "qwen2_moe",
+    "gpt_oss",
+    "deepseek_v3",
+    "deepseek_v2",
+    "glm4_moe",
+)
+# those whose transformers class computes a load-balancing loss (DeepseekV3ForCausalLM, V2 and Glm4MoeForCausalLM
+# compute none)
+POOLED_AUX_CASES = tuple(case for case in MOE_CASES if not case.startswith(("deepseek", "glm")))
 
 
 def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides):
@@ -385,20 +418,20 @@ def tiny_hf_family(case: str, seed: int = 0, vocab_size: int = 250, **overrides)
         config = config_class(vocab_size=vocab_size, **{**_COMMON, **values, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    for _ in range(getattr(config, "num_nextn_predict_layers", 0) if family == "deepseek_v3" else 0):
-        model.model.layers.append(multi_token_prediction_layer(config, len(model.model.layers)))
+    carries = families.get(family).carries_extra_layers
+    for _ in range(getattr(config, "num_nextn_predict_layers", 0) if carries else 0):
+        model.model.layers.append(multi_token_prediction_layer(model, len(model.model.layers)))
     return randomize(model)
 
 
-def multi_token_prediction_layer(config, index: int) -> torch.nn.Module:
-    """A DeepSeek-V3 multi-token prediction layer as the published files hold it (`model.layers.{num_hidden_layers
-    + i}.*`: a decoder layer with its input norms and projection), which transformers' class does not build: saved
-    with the model, never run (its forward takes the first num_hidden_layers), so mdpo must carry it untrained."""
-    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as deepseek
-
-    layer = deepseek.DeepseekV3DecoderLayer(config, index)
-    layer.enorm = deepseek.DeepseekV3RMSNorm(config.hidden_size)
-    layer.hnorm = deepseek.DeepseekV3RMSNorm(config.hidden_size)
+def multi_token_prediction_layer(model, index: int) -> torch.nn.Module:
+    """A multi-token prediction layer as DeepSeek-V3's and GLM-4.5's published files hold it (`model.layers.
+    {num_hidden_layers + i}.*`: one of the model's decoder layers with its input norms and projection), which
+    transformers' class does not build: saved with the model, never run (its forward takes the first
+    num_hidden_layers), so mdpo must carry it untrained."""
+    config, norm = model.config, type(model.model.norm)
+    layer = type(model.model.layers[-1])(config, index)
+    layer.enorm, layer.hnorm = norm(config.hidden_size), norm(config.hidden_size)
     layer.eh_proj = torch.nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
     return layer
 

@@ -289,6 +289,11 @@ def test_missing_required(key):
             "dpo.use_weighting (WPO) does not apply to loss type 'aot_unpaired'",
         ),
         (["dpo.bco_delta=.nan"], "dpo.bco_delta must be finite, got nan"),
+        (["dpo.loss_type=plackett_luce"], "dpo.loss_type plackett_luce takes whole rankings, not data.rank_pairs="),
+        (
+            ["dpo.loss_type=plackett_luce", "data.rank_pairs=ranking", "parallel.ep=2", "model.num_experts=4"],
+            "dpo.loss_type plackett_luce needs parallel.ep=1",
+        ),
         (["parallel.tp=0"], "parallel.tp must be >= 1, got 0"),
         (["parallel.pp=0"], "parallel.pp must be >= 1, got 0"),
         (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs parallel.tp > 1"),
@@ -320,6 +325,15 @@ def test_missing_required(key):
             "them on its local layers only",
         ),
         (["model.glu_clamp=7.0"], "model.glu_clamp and model.glu_linear_offset need model.hidden_act=quick_gelu"),
+        (
+            ["model.partial_rotary_factor=0.2"],
+            "model.partial_rotary_factor=0.2 must be at most 1 and rotate an even number of each head's 16 dims, got 3",
+        ),
+        (
+            ["model.partial_rotary_factor=0.5", "model.rope_scaling=yarn"],
+            "model.partial_rotary_factor=0.5 with model.rope_scaling=yarn: yarn's attention factor scales the rotated "
+            "dims only",
+        ),
         (
             ["model.linear_bias=true", "model.num_experts=4", "parallel.tp=2", "parallel.sequence_parallel=true"],
             "the expert-tensor-parallel size 2 (parallel.etp, else parallel.tp) must be 1 for experts with biases "
@@ -541,6 +555,7 @@ DEEPSEEK = dict(
 DEEPSEEK_V2 = dict(
     architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", n_routed_experts=8, num_experts_per_tok=6
 )
+GLM = dict(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", n_routed_experts=8, num_experts_per_tok=4)
 DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}
 
 
@@ -642,6 +657,25 @@ DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "origina
             "top 1)",
         ),
         ({**DEEPSEEK_V2, "topk_method": "noaux_tc"}, "topk_method='noaux_tc' (top-k methods: greedy, group_limited"),
+        # GLM-4.5: yarn on its half-rotary heads; DeepSeek-V3's router, which Megatron-Core always renormalises and
+        # whose groups it scores otherwise
+        (
+            {**GLM, "rope_parameters": {**DEEPSEEK_YARN, "partial_rotary_factor": 0.5}},
+            "partial_rotary_factor=0.5 with rope_type='yarn' is not supported by mdpo's glm4_moe model (yarn's "
+            "attention factor scales the rotated dims only, mdpo's the whole head)",
+        ),
+        ({**GLM, "hidden_act": "gelu"}, "hidden_act='gelu' is not supported by mdpo's glm4_moe model"),
+        (
+            {**GLM, "norm_topk_prob": False},
+            "norm_topk_prob=false (Megatron-Core always renormalises sigmoid top-k scores) is not supported by mdpo's "
+            "glm4_moe model",
+        ),
+        (
+            {**GLM, "n_group": 4, "topk_group": 1},
+            "n_group=4 with topk_group=1 and num_experts_per_tok=4 is not supported by mdpo's glm4_moe model "
+            "(Megatron-Core scores a group by its top num_experts_per_tok // topk_group experts, transformers by its "
+            "top 2)",
+        ),
     ],
 )
 def test_hf_config_unsupported(tmp_path, changes, expected):

@@ -137,6 +137,11 @@ def test_descriptions_follow_config_json(converted):
     assert gpt_oss["attention_sinks"] and gpt_oss["linear_bias"] and gpt_oss["qkv_bias"] and gpt_oss["num_experts"] == 4
     assert gpt_oss["hidden_act"] == "quick_gelu" and gpt_oss["glu_clamp"] == 0.5 and gpt_oss["glu_linear_offset"] == 1
     assert gpt_oss["sliding_window_layers"] == [0, 2] and gpt_oss["rope_scaling"] == "yarn"
+    glm = model["glm4_moe"]  # transformers' class writes partial_rotary_factor into rope_parameters
+    assert glm["partial_rotary_factor"] == 0.5 and glm["qkv_bias"] and glm["qk_norm"] and glm["head_dim"] == 32
+    assert glm["moe_layers"] == [1, 2, 3] and glm["shared_expert_intermediate_size"] == 32
+    assert glm["router_groups"] == 2 and glm["router_group_topk"] == 1 and glm["routed_scaling_factor"] == 2.5
+    assert glm["router_score"] == "sigmoid" and glm["router_expert_bias"] and not glm["shared_expert_gate"]
     written = json.loads((converted["qwen2_moe"][0] / "config.json").read_text())
     del written["layer_types"]  # transformers 4 wrote none: transformers 5 then takes every other layer below 3
     assert families.get("qwen2_moe").read_config(written)["sliding_window_layers"] == [0, 2]

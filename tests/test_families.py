@@ -146,6 +146,17 @@ def test_every_row_layout_equals_transformers_float64(megatron_world, families):
     ):
         other = hf_logps_float64(folder, family_pairs(), **changes)
         assert ((other - want).abs() / want.abs()).max() > 10 * RTOL, changes
+    folder, want = families["glm4_moe"]  # GLM-4.5's half-rotary heads, its groups, the router's scaling and bias
+    rope = json.loads((folder / "config.json").read_text())["rope_parameters"]
+    unbiased = lambda model: [layer.mlp.gate.e_score_correction_bias.zero_() for layer in model.model.layers[1:]]
+    for changes in (
+        dict(rope_parameters={**rope, "partial_rotary_factor": 1.0}),
+        dict(n_group=1, topk_group=1),
+        dict(routed_scaling_factor=1.0),
+        dict(edit=unbiased),
+    ):
+        other = hf_logps_float64(folder, family_pairs(), **changes)
+        assert ((other - want).abs() / want.abs()).max() > 10 * RTOL, changes
     folder, want = families["gemma3_tied"]  # and Gemma's query_pre_attn_scalar (24, not the head size's 32)
     plain = hf_logps_float64(folder, family_pairs(), query_pre_attn_scalar=32)
     assert ((plain - want).abs() / want.abs()).max() > 10 * RTOL

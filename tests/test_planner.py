@@ -85,7 +85,8 @@ def test_presets_count_the_families_parameters(family, name):
     from transformers' expert modules: (E - k) / E of each layer's routed experts (Qwen2-MoE's shared expert runs for
     every token). Measured: Qwen3-30B-A3B 30,532,122,624 total / 3,353,032,704 active, Qwen3-235B-A22B
     235,093,634,560 / 22,190,763,520, Mixtral 8x7B 46,702,792,704 / 12,879,925,248, Qwen1.5-MoE-A2.7B
-    14,315,784,192 / 2,689,173,504, Qwen2-57B-A14B 57,408,658,944 / 14,249,270,784."""
+    14,315,784,192 / 2,689,173,504, Qwen2-57B-A14B 57,408,658,944 / 14,249,270,784, GLM-4.5 352,797,814,784 /
+    33,632,251,904, GLM-4.5-Air 106,852,245,504 / 13,424,123,904 (transformers builds no MTP layer)."""
     shape = SMALL.get(name) or planner.MODELS[name]
     assert shape.family == family
     if not isinstance(families.get(family).oracle, str):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 from conftest import REPO, read_folder, script_env, shared_path, subprocess_env, tiny_hf_family, tiny_run_files
+from safetensors.torch import load_file
 
 from mdpo.parallel import free_port
 
@@ -216,15 +217,39 @@ def test_gpt_oss_recipe_trains_with_expert_parallelism(tmp_path):
     assert json.loads((work / "hf" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
 
 
+def test_glm45_air_recipe_trains_with_expert_parallelism(tmp_path):
+    """examples/dpo_glm45_air.sh (full tuning) on CPU with a tiny GLM-4.5 (half-rotary heads with q/k/v biases and
+    q/k norms, a dense layer, sigmoid-routed experts with the correction bias beside a shared expert, an MTP layer)
+    and the real Qwen tokenizer over the UltraFeedback sample: converted in one process, the reference precomputed
+    and DPO run at EP=2 over 2 processes; the export keeps the source's config.json, its correction biases (never
+    trained) and its multi-token prediction layer (carried untrained)."""
+    hf, work = run_moe_recipe(tmp_path, "dpo_glm45_air.sh", "glm4_moe", "GLM-4.5-Air", TP="1", PP="1", EP="2")
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    assert config["parallel"]["ep"] == 2 and config["parallel"]["etp"] == 1
+    assert config["parallel"]["recompute"] == "selective"
+    assert config["model"]["family"] == "glm4_moe" and config["model"]["partial_rotary_factor"] == 0.5
+    assert config["data"]["template"] == "tokenizer" and config["schedule"]["global_batch_size"] == 32
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and "aux_loss" not in records[0]  # GLM-4.5 has none
+    assert json.loads((work / "hf" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+    source, exported = load_file(str(hf / "model.safetensors")), load_file(str(work / "hf" / "model.safetensors"))
+    untrained = [name for name in source if name.startswith("model.layers.2.") or "e_score_correction" in name]
+    assert any(name.startswith("model.layers.2.") for name in untrained)  # the MTP layer (2 layers, then it)
+    for name in untrained:
+        assert torch.equal(exported[name], source[name]), name
+    trained = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(exported[trained], source[trained])  # training moved the weights
+
+
 def test_deepseek_v3_recipe_trains_with_expert_parallelism(tmp_path):
     """examples/dpo_deepseek_v3.sh on CPU with a tiny DeepSeek-V3 (MLA, 8 experts in 4 groups beside a shared one, a
     dense first layer, a multi-token prediction layer in the files) and the real Qwen tokenizer over the
-    UltraFeedback sample, full tuning (MODE 0), then LoRA (MODE 1) from the same conversion and reference cache:
+    UltraFeedback sample, full tuning, then LoRA (LORA=1) from the same conversion and reference cache:
     DPO at EP=2 over 2 processes with DeepSeek-V3's sequence-wise balancing loss; each export keeps the source's
     config.json and carries the prediction layer's tensors bitwise."""
-    hf, full = run_moe_recipe(tmp_path, "dpo_deepseek_v3.sh", "deepseek_v3", "DeepSeek-V3", MODE="0", TP="1", EP="2")
+    hf, full = run_moe_recipe(tmp_path, "dpo_deepseek_v3.sh", "deepseek_v3", "DeepSeek-V3", TP="1", EP="2")
     _, lora = run_moe_recipe(
-        tmp_path, "dpo_deepseek_v3.sh", "deepseek_v3", "DeepSeek-V3", reuse=full, MODE="1", TP="1", EP="2"
+        tmp_path, "dpo_deepseek_v3.sh", "deepseek_v3", "DeepSeek-V3", reuse=full, LORA="1", TP="1", EP="2"
     )
     source = read_folder(hf)
     carried = [key for key in source if key.startswith("model.layers.2.")]  # layers 0 and 1 are trained

@@ -55,6 +55,7 @@ ARCH_FIELDS = (
     "rope_mscale_all_dim",
     "rope_attention_factor",
     "rope_truncate",
+    "partial_rotary_factor",
     "sliding_window",
     "sliding_window_layers",
     "window_rope_theta",

@@ -58,7 +58,7 @@ DATA_FORMATS = (
     "multi_turn",
 )
 # How a row of ranked completions becomes pairs (`mdpo.data.ranking`)
-RANK_PAIRS = ("all_pairs", "best_vs_worst", "best_vs_rest", "best_vs_random")
+RANK_PAIRS = ("all_pairs", "best_vs_worst", "best_vs_rest", "best_vs_random", "ranking")
 # apply_chat_template's own arguments, which data.chat_template_kwargs may not set
 CHAT_TEMPLATE_ARGUMENTS = ("conversation", "tools", "chat_template", "add_generation_prompt", "tokenize", "return_dict")
 TEMPLATES = ("auto", "tulu2", "tulu3", "tokenizer", "raw")  # or a Jinja chat template (`mdpo.data.templates`)
@@ -72,7 +72,8 @@ REFERENCE_MODES = ("online", "precomputed", "none")
 # A mixture of experts' load-balancing loss: auto (transformers' where exact, else megatron), transformers' pooled
 # formula (as TRL adds it), Megatron-Core's per-layer aux_loss, DeepSeek-V3's sequence-wise seq_aux_loss
 ROUTER_AUX_LOSS_TYPES = ("auto", "transformers", "megatron", "seq")
-# The DPO family, with TRL's names (TRL 0.28's, and 1.16's sft); mdpo.loss implements each.
+# The DPO family, with TRL's names (TRL 0.28's, and 1.16's sft), and the DPO paper's Plackett-Luce objective over a
+# whole ranking; mdpo.loss implements each.
 LOSS_TYPES = (
     "sigmoid",
     "hinge",
@@ -89,6 +90,7 @@ LOSS_TYPES = (
     "aot_unpaired",
     "sigmoid_norm",
     "sft",
+    "plackett_luce",
 )
 # f-DPO's divergences between policy and reference (TRL 1.16's f_divergence_type); reverse_kl is plain DPO.
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -202,6 +204,9 @@ class ModelConfig(Section):
     rope_mscale_all_dim: float | None = None
     rope_attention_factor: float | None = None
     rope_truncate: bool | None = None
+    # the share of each head's dims RoPE rotates: its first kv_channels x this (rotate_half within them), the rest
+    # pass unrotated (GLM-4.5's partial_rotary_factor 0.5; Megatron's rotary_percent)
+    partial_rotary_factor: float = 1.0
     # sliding-window attention (Mistral's sliding_window, Qwen's use_sliding_window): a query attends to the keys
     # less than sliding_window positions back (None: the whole causal context), on the layers sliding_window_layers
     # lists (None: every layer)
@@ -302,6 +307,11 @@ class ModelConfig(Section):
         return self.num_attention_heads if self.is_mla else self.num_key_value_heads or self.num_attention_heads
 
     @property
+    def rotary_dim(self) -> int:
+        """The dims of a head RoPE rotates, as transformers and Megatron-Core round them."""
+        return int(self.kv_channels * self.partial_rotary_factor)
+
+    @property
     def kv_channels(self) -> int:
         """The size of one attention head (MLA's: its value's, which sizes the attention's output)."""
         if self.is_mla:
@@ -333,6 +343,7 @@ class ModelConfig(Section):
         "shared_expert_intermediate_size",
         "glu_clamp",
         "routed_scaling_factor",
+        "partial_rotary_factor",
         "router_groups",
         "router_group_topk",
         "kv_lora_rank",
@@ -387,6 +398,22 @@ class ModelConfig(Section):
         need(
             not (self.fused_rope and self.position_embedding == "alibi"),
             "model.fused_rope=true needs RoPE; model.position_embedding is alibi (Baichuan 2 13B), which has none",
+        )
+        rotary = self.partial_rotary_factor
+        need(
+            rotary == 1.0 or (rotary < 1.0 and self.rotary_dim >= 2 and self.rotary_dim % 2 == 0),
+            f"model.partial_rotary_factor={rotary!r} must be at most 1 and rotate an even number of each head's "
+            f"{self.kv_channels} dims, got {self.rotary_dim}",
+        )
+        need(
+            rotary == 1.0 or (self.position_embedding != "alibi" and not self.is_mla),
+            f"model.partial_rotary_factor={rotary!r} with ALiBi or model.kv_lora_rank (MLA rotates its "
+            "qk_rope_head_dim)",
+        )
+        need(
+            rotary == 1.0 or self.rope_scaling != "yarn",
+            f"model.partial_rotary_factor={rotary!r} with model.rope_scaling=yarn: yarn's attention factor scales the "
+            "rotated dims only, and mdpo applies it as a softmax scale of the whole head",
         )
 
     def _check_norms(self) -> None:
@@ -618,6 +645,11 @@ class DataConfig(Section):
             )
         _one_of("data.rank_pairs", self.rank_pairs, RANK_PAIRS)
         need(self.min_score_gap >= 0, f"data.min_score_gap must be >= 0, got {self.min_score_gap!r}")
+        need(
+            self.rank_pairs != "ranking" or self.min_score_gap == 0,
+            f"data.min_score_gap={self.min_score_gap:g} drops pairs, and data.rank_pairs=ranking keeps a ranking whole "
+            "or not at all: set data.min_score_gap=0",
+        )
         need(self.seed is None or 0 <= self.seed < 2**32, f"data.seed must be in [0, 2**32), got {self.seed!r}")
         reserved = sorted(set(self.chat_template_kwargs) & set(CHAT_TEMPLATE_ARGUMENTS))
         need(
@@ -780,6 +812,11 @@ class DPOConfig(Section):
     @property
     def reference_free(self) -> bool:
         return self.reference == "none"
+
+    @property
+    def whole_rankings(self) -> bool:
+        """Whether the loss reads a whole ranking at once (plackett_luce), so no batch may cut one."""
+        return "plackett_luce" in self.loss_types
 
     def _rules(self) -> None:
         types = self.loss_types
@@ -944,6 +981,17 @@ class TrainConfig:
             "data.share_prompt=true needs model.attention auto, sdpa or local (Transformer Engine's attention here "
             "takes no attention blocks): set data.share_prompt=false",
         )
+        if self.dpo.whole_rankings:
+            need(
+                self.data.rank_pairs == "ranking",
+                f"dpo.loss_type plackett_luce takes whole rankings, not data.rank_pairs={self.data.rank_pairs}'s "
+                "pairs: set data.rank_pairs=ranking (a row of pairs or a conversation's turn is a ranking of two)",
+            )
+            need(
+                self.parallel.ep == 1,
+                "dpo.loss_type plackett_luce needs parallel.ep=1: it keeps each ranking in one micro-batch, so data-"
+                "parallel ranks can run different numbers of them, which expert parallelism's all-to-alls cannot",
+            )
         need(
             self.dpo.reference != "precomputed" or m.init_from is not None,
             "dpo.reference=precomputed needs model.init_from (the reference checkpoint the cache is stamped with)",

@@ -417,6 +417,7 @@ def build_gpt_model(
         post_process=post_process,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="none" if alibi else "rope",
+        rotary_percent=model.partial_rotary_factor,  # its first dims rotated, rotate_half within them (GLM-4.5)
         rotary_base=model.rope_theta,
         vp_stage=vp_stage,
         scoring=scoring,

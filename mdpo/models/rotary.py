@@ -32,25 +32,27 @@ from mdpo.config import ModelConfig
 
 
 def rope_frequencies(model: ModelConfig) -> tuple[torch.Tensor, float] | None:
-    """A scaled RoPE's (inverse frequencies [head_dim / 2], attention factor) by transformers' own initialisation;
+    """A scaled RoPE's (inverse frequencies [rotary dims / 2], attention factor) by transformers' own initialisation;
     None without a scaling (Megatron's default frequencies are the same)."""
     if model.rope_scaling is None:
         return None
+    rope = {"rope_type": model.rope_scaling, "rope_theta": model.rope_theta, **model.rope_parameters()}
     config = LlamaConfig(
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         head_dim=model.kv_channels,
         max_position_embeddings=model.max_position_embeddings,
-        rope_parameters={"rope_type": model.rope_scaling, "rope_theta": model.rope_theta, **model.rope_parameters()},
+        rope_parameters={**rope, "partial_rotary_factor": model.partial_rotary_factor},
     )
     with torch.device("cpu"):  # also where the model is built on the meta device (the converters)
         inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[model.rope_scaling](config, "cpu")
     return inv_freq.float(), float(attention_factor)
 
 
-def default_frequencies(theta: float, head_dim: int) -> torch.Tensor:
-    """Unscaled RoPE's inverse frequencies [head_dim / 2] (Megatron's and transformers' default)."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+def default_frequencies(theta: float, dims: int) -> torch.Tensor:
+    """Unscaled RoPE's inverse frequencies [dims / 2] over the dims it rotates (Megatron's and transformers'
+    default)."""
+    return 1.0 / (theta ** (torch.arange(0, dims, 2, dtype=torch.float32, device="cpu") / dims))
 
 
 def table_frequencies(model: ModelConfig) -> torch.Tensor | None:
@@ -60,8 +62,8 @@ def table_frequencies(model: ModelConfig) -> torch.Tensor | None:
     scaled = rope_frequencies(model)
     if model.window_rope_theta is None:
         return None if scaled is None else scaled[0]
-    full = default_frequencies(model.rope_theta, model.kv_channels) if scaled is None else scaled[0]
-    return torch.cat([full, default_frequencies(model.window_rope_theta, model.kv_channels)])
+    full = default_frequencies(model.rope_theta, model.rotary_dim) if scaled is None else scaled[0]
+    return torch.cat([full, default_frequencies(model.window_rope_theta, model.rotary_dim)])
 
 
 def layer_table(table: torch.Tensor, windowed: bool) -> torch.Tensor:

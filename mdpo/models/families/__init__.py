@@ -14,6 +14,7 @@ from mdpo.models.families import (
     deepseek_v2,
     deepseek_v3,
     gemma3,
+    glm4_moe,
     gpt_oss,
     llama,
     mistral,
@@ -46,6 +47,7 @@ FAMILIES: dict[str, Family] = {
         gpt_oss.FAMILY,
         deepseek_v3.FAMILY,
         deepseek_v2.FAMILY,
+        glm4_moe.FAMILY,
     )
 }
 

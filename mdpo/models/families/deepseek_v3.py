@@ -54,11 +54,18 @@ MOE_TENSORS = (
     (SHARED_EXPERT + "linear_fc2.weight", ("mlp.shared_experts.down_proj.weight",), "copy"),
 )
 
+# DeepSeek-V3's router (and GLM-4.5's): sigmoid scores, the correction bias choosing the experts, renormalised
+SIGMOID_ROUTING = {"norm_topk_prob": True, "router_score": "sigmoid", "router_expert_bias": True}
+RENORMALISED = Refusal(
+    "norm_topk_prob", lambda norm: not norm, "Megatron-Core always renormalises sigmoid top-k scores"
+)
+
+
 REFUSALS = (
     Refusal("attention_bias", bool, "Megatron-Core's MLA projections have no biases"),
     Refusal("hidden_act", lambda act: act != "silu"),
     Refusal("rope_interleave", lambda interleave: not interleave, "Megatron-Core's MLA de-interleaves RoPE dims"),
-    Refusal("norm_topk_prob", lambda norm: not norm, "Megatron-Core always renormalises sigmoid top-k scores"),
+    RENORMALISED,
     Refusal("scoring_func", lambda score: score != "sigmoid", "DeepSeek-V3's router is sigmoid"),
     Refusal("topk_method", lambda method: method != "noaux_tc", "DeepSeek-V3's routing is noaux_tc"),
     Refusal("moe_layer_freq", lambda freq: freq != 1, "experts in every layer past first_k_dense_replace"),
@@ -78,15 +85,27 @@ def read_latent_model(config: PretrainedConfig) -> dict[str, Any]:
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     if fields.get("rope_scaling") and not (mscale and mscale_all_dim) and (mscale_all_dim or mscale not in (None, 1)):
         raise ValueError(f"rope_parameters mscale={mscale!r} with mscale_all_dim={mscale_all_dim!r}")
+    return (
+        fields
+        | {
+            "kv_lora_rank": config.kv_lora_rank,
+            "q_lora_rank": config.q_lora_rank,
+            "qk_nope_head_dim": config.qk_nope_head_dim,
+            "qk_rope_head_dim": config.qk_rope_head_dim,
+            "v_head_dim": config.v_head_dim,
+        }
+        | read_experts(config)
+    )
+
+
+def read_experts(config: PretrainedConfig) -> dict[str, Any]:
+    """DeepSeek's experts (which GLM-4.5 shares): `n_routed_experts` of `moe_intermediate_size` past the first
+    `first_k_dense_replace` layers, `n_shared_experts` of that width side by side as one ungated shared expert, the
+    routed weights times `routed_scaling_factor`."""
     layers, dense = config.num_hidden_layers, config.first_k_dense_replace or 0
     shared = config.n_shared_experts or 0
-    experts = config.n_routed_experts or None  # 0: no routed experts, a dense MLA model
-    return fields | {
-        "kv_lora_rank": config.kv_lora_rank,
-        "q_lora_rank": config.q_lora_rank,
-        "qk_nope_head_dim": config.qk_nope_head_dim,
-        "qk_rope_head_dim": config.qk_rope_head_dim,
-        "v_head_dim": config.v_head_dim,
+    experts = config.n_routed_experts or None  # 0: no routed experts, a dense model
+    return {
         "num_experts": experts,
         "moe_topk": config.num_experts_per_tok,
         "moe_intermediate_size": config.moe_intermediate_size,
@@ -115,20 +134,25 @@ def read_groups(config: PretrainedConfig, scored_by: int) -> dict[str, Any]:
 def read_config(hf: dict) -> dict[str, Any]:
     """DeepSeek-V3's: the shared keys, its sigmoid router with the score bias, groups scored by their top 2."""
     config = DeepseekV3Config(**{key: value for key, value in hf.items() if key not in ("architectures", "model_type")})
-    routing = {"norm_topk_prob": True, "router_score": "sigmoid", "router_expert_bias": True}
-    return read_latent_model(config) | read_groups(config, scored_by=2) | routing
+    return read_latent_model(config) | read_groups(config, scored_by=2) | SIGMOID_ROUTING
 
 
 def write_latent_model(model: ModelConfig) -> dict[str, Any]:
-    """The keys past Llama's that DeepSeek-V2 and V3 share: MLA's sizes and the experts' (the dense layers first)."""
-    experts = set(model.expert_layers())
-    shared = model.shared_expert_intermediate_size
+    """The keys past Llama's that DeepSeek-V2 and V3 share: MLA's sizes and the experts' (`write_experts`)."""
     return {
         "kv_lora_rank": model.kv_lora_rank,
         "q_lora_rank": model.q_lora_rank,
         "qk_nope_head_dim": model.qk_nope_head_dim,
         "qk_rope_head_dim": model.qk_rope_head_dim,
         "v_head_dim": model.v_head_dim,
+    } | write_experts(model)
+
+
+def write_experts(model: ModelConfig) -> dict[str, Any]:
+    """Inverse of `read_experts` and `read_groups`: the experts' keys (the dense layers first), the routing's."""
+    experts = set(model.expert_layers())
+    shared = model.shared_expert_intermediate_size
+    return {
         "n_routed_experts": model.num_experts or 0,
         "num_experts_per_tok": model.moe_topk,
         "moe_intermediate_size": model.expert_width,
