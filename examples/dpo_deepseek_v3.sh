@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# DPO of DeepSeek-V3 / V3.1 / R1 (671B: 61 layers, multi-latent attention, 3 dense layers then 256 routed experts,
-# top 8 within 4 of 8 groups, and a shared expert; 671.03B parameters, 37.55B active per token) on UltraFeedback with the
+# DPO of DeepSeek-V3 / V3.1 / R1 (61 layers, multi-latent attention, 3 dense layers then 256 routed experts, top 8
+# within 4 of 8 groups, and a shared expert; 671.03B parameters, 37.55B active per token) on UltraFeedback with the
 # reference workload's settings (beta 0.1, global batch 128 x nodes, AdamW, linear schedule, warmup 0.1, 3 epochs),
 # the model's own chat template and DeepSeek-V3's sequence-wise balancing loss (Megatron's `seq`, weight 1e-4, as its
 # paper; logged as aux_loss), full tuning (the default: lr 1e-6 x sqrt(nodes)) or LoRA (LORA=1: rank 64,
