@@ -511,7 +511,8 @@ def fp8_oracle(values: torch.Tensor, scales: torch.Tensor, block: tuple[int, int
 def test_fp8_block_scaled_weights_read_as_the_format_says(tmp_path, capsys):
     """DeepSeek V3's released FP8 weights (`weight` in float8_e4m3fn, `weight_scale_inv` per block): a tiny
     DeepSeek-V3 quantized here in blocks of 16 x 24 (partial blocks at every edge) reads back, every bit, as the
-    float64 description of the format rounded once to float32; converted at EP=2 (each writer reading its own
+    float64 description of the format rounded once to float32 (and as released, bf16 beside a float32 correction
+    bias, as those float32 values rounded to bf16); converted at EP=2 (each writer reading its own
     tensors, as `model.init_from` does) its per-sequence log-probs equal transformers' float64 forward of those
     weights; the export drops the quantization_config with a note; a weight without its scale, or a scale of the
     wrong shape, is one line naming it."""
@@ -543,6 +544,17 @@ def test_fp8_block_scaled_weights_read_as_the_format_says(tmp_path, capsys):
         got = weights[name]
         assert got.dtype == torch.float32 and torch.equal(got, tensor.float()), name
         assert 0 < (got.double() - state[name].double()).abs().max() < 0.1 * state[name].abs().max(), name
+
+    # as released: bf16 beside the FP8 weights, the correction bias float32; dequantized into bf16 through float32
+    released = {n: t if n in want or n.endswith(("_scale_inv", "_bias")) else t.bfloat16() for n, t in packed.items()}
+    (tmp_path / "released").mkdir()
+    save_file(released, tmp_path / "released" / "model.safetensors")
+    shutil.copy(packed_dir / "config.json", tmp_path / "released" / "config.json")
+    bf16 = HFWeights(tmp_path / "released")
+    assert bf16.dtype() == torch.bfloat16 and bf16.dtypes["model.layers.1.mlp.gate.e_score_correction_bias"] == (
+        torch.float32
+    )
+    assert all(torch.equal(bf16[name], tensor.float().bfloat16()) for name, tensor in want.items())
 
     mc, back = tmp_path / "mc", tmp_path / "back"
     assert hf_to_megatron(packed_dir, mc, ep=2, check=Check(rows=1)) == mc  # `--check` reads the FP8 folder too

@@ -18,6 +18,9 @@ from mdpo.errors import MdpoError
 from mdpo.models.families.base import Family
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# tensors a release keeps in float32 whatever its dtype, left out of the folder's dtype: DeepSeek V3's router score
+# correction bias (bf16 weights beside it; Megatron-Core keeps its expert_bias in float32 too)
+FLOAT32_KEPT = ("e_score_correction_bias",)
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -74,7 +77,7 @@ class HFWeights(Mapping[str, torch.Tensor]):
         for part in [*(p for pair in pairs.values() for p in pair), *scales.values()]:
             del self.shapes[part], self.dtypes[part]
         shapes |= {name: self.shapes[name] for name in scales}
-        others = [d for name, d in self.dtypes.items() if name not in scales]
+        others = [d for name, d in self.dtypes.items() if name not in scales and not name.endswith(FLOAT32_KEPT)]
         dtype = others[0] if others else torch.bfloat16  # the other tensors' (one: `dtype()` checks)
         self.shapes |= shapes
         self.dtypes |= dict.fromkeys(shapes, dtype)
@@ -122,11 +125,13 @@ class HFWeights(Mapping[str, torch.Tensor]):
         return len(self.shapes)
 
     def dtype(self) -> torch.dtype:
-        """The one floating dtype of the weights (mixed dtypes are refused: a conversion keeps the dtype)."""
-        found = sorted({str(d) for d in self.dtypes.values()})
+        """The one floating dtype of the weights, FLOAT32_KEPT aside (mixed dtypes are refused: a conversion keeps
+        the dtype)."""
+        dtypes = [d for name, d in self.dtypes.items() if not name.endswith(FLOAT32_KEPT)]
+        found = sorted({str(d) for d in dtypes})
         if len(found) != 1:
             raise MdpoError(f"{self.folder}: weights mix dtypes {', '.join(found)}; expected one")
-        return next(iter(self.dtypes.values()))
+        return dtypes[0]
 
 
 _DTYPES = {
