@@ -68,7 +68,7 @@ class HFWeights(Mapping[str, torch.Tensor]):
         """The MXFP4 tensors (`mxfp4.quantized_pairs`) and the FP8 ones (`fp8.quantized_pairs`, their block size
         `self.block`), listed under the names they stand for, in the other tensors' dtype."""
         try:
-            self.block = fp8.block_size(self.folder)
+            self.block = fp8.block_size(self.folder) if fp8.DTYPE in self.dtypes.values() else fp8.DEFAULT_BLOCK
             pairs = mxfp4.quantized_pairs(set(self.shapes))
             shapes = {name: mxfp4.dequantized_shape(*map(self.shapes.get, pair), name) for name, pair in pairs.items()}
             scales = fp8.quantized_pairs(self.shapes, self.dtypes, self.block)
