@@ -6,6 +6,10 @@ and TRL 1.16's ``sft`` term, f-divergences (``f_divergence_type``) and WPO weigh
 are comparable with TRL; where TRL keeps hidden state (``bco_pair``'s running reward mean) or length-normalises
 log-probs before the call (``ipo``), this module takes the value or the response lengths instead. LD-DPO's
 ``ld_alpha`` acts on the summed log-probs themselves, before they reach this module (`training.logprobs`).
+``plackett_luce`` is the DPO paper's objective over a ranking (Rafailov et al. 2023, Eq. 18), laid out as the
+ranking's pairs best vs second, second vs third, ...: each pair's term is its stage's, -log of the softmax of the
+chosen response's reward among its own and every later one's, so the terms of a ranking sum to its negative
+log-likelihood (a ranking of two: sigmoid's loss).
 ``sft`` is each pair's mean token NLL where TRL 1.16 pools the chosen tokens of its per-device batch: the two agree
 when those lengths are equal, and only the per-pair mean keeps the loss independent of how a global batch is split
 into micro-batches and ranks. The objective's settings are a `DPOConfig`, which checks them once when it is built:
@@ -51,6 +55,7 @@ class _Pairs:
     bco_delta: float
     discopop_tau: float
     sft_chosen: Tensor  # the chosen responses' plain summed log-probs (policy_chosen unless LD-DPO weights it)
+    rankings: Tensor  # [B] each pair's ranking: pairs with one value are consecutive stages of one ranking
 
     @property
     def chosen_logratios(self) -> Tensor:
@@ -194,6 +199,19 @@ def _discopop(p: _Pairs) -> Tensor:
     return logistic + exponential
 
 
+def _plackett_luce(p: _Pairs) -> Tensor:
+    # Stage i of a ranking: chosen_i against itself and every later completion, i.e. the rejected responses of
+    # stages i, i+1, ... of the same ranking (each stage's rejected is the next one's chosen).
+    chosen = p.beta * p.chosen_logratios
+    rejected = p.beta * p.rejected_logratios
+    b = chosen.shape[0]
+    later = (p.rankings[:, None] == p.rankings[None, :]) & torch.ones(
+        b, b, dtype=torch.bool, device=chosen.device
+    ).triu()
+    against = torch.where(later, rejected[None, :], torch.full_like(rejected, -math.inf)[None, :])
+    return torch.logsumexp(torch.cat([chosen[:, None], against], dim=1), dim=1) - chosen
+
+
 def _sft(p: _Pairs) -> Tensor:
     # The chosen response's mean token NLL (also rpo_alpha's term): no reference, no log-ratio, no f-divergence.
     assert p.chosen_lengths is not None
@@ -216,6 +234,7 @@ _LOSSES: dict[str, Callable[[_Pairs], Tensor]] = {
     "aot_unpaired": _aot_unpaired,
     "sigmoid_norm": _sigmoid_norm,
     "sft": _sft,
+    "plackett_luce": _plackett_luce,
 }
 
 
@@ -247,6 +266,7 @@ def _pairs(
     rejected_lengths: Tensor | None,
     bco_mean: float,
     sft_chosen: Tensor | None,
+    rankings: Tensor | None,
 ) -> _Pairs:
     """What the loss types read, in the compute dtype: the log-probs, f-DPO's scores of each response, lengths and
     the objective's settings (bco_pair's shift: the fixed `bco_delta`, else the running mean)."""
@@ -265,6 +285,7 @@ def _pairs(
         bco_delta=bco_mean if dpo.bco_delta is None else dpo.bco_delta,
         discopop_tau=dpo.discopop_tau,
         sft_chosen=policy_chosen if sft_chosen is None else sft_chosen.to(policy_chosen.dtype),
+        rankings=torch.arange(policy_chosen.shape[0], device=policy_chosen.device) if rankings is None else rankings,
     )
 
 
@@ -280,13 +301,15 @@ def pair_losses(
     sft_chosen: Tensor | None = None,
     pair_weights: Tensor | None = None,
     bco_mean: float = 0.0,
+    rankings: Tensor | None = None,
 ) -> PairLosses:
     """The objective `dpo` describes, on [B] tensors of one shape (with `dpo.reference_free` the reference is zero:
     its values, None then, are not read). `sft_chosen` is the chosen responses' plain summed log-probs for the sft
     term where `policy_chosen` is LD-DPO's weighted sum (default: `policy_chosen`); `pair_weights` multiply every
     pair's loss (WPO, `wpo_weights`); `bco_mean` is bco_pair's shift when `dpo.bco_delta` is None (the running reward
-    mean the caller keeps). Nothing is checked here: `dpo` checked itself when it was built, and callers pass
-    well-formed tensors (`preference_loss` checks them for direct callers)."""
+    mean the caller keeps); `rankings` [B] groups consecutive pairs into the stages of one ranking for plackett_luce
+    (`data.batching.ranking_units`; default: each pair its own). Nothing is checked here: `dpo` checked itself
+    when it was built, and callers pass well-formed tensors."""
     dtype = _compute_dtype(policy_chosen)
     policy_chosen, policy_rejected = policy_chosen.to(dtype), policy_rejected.to(dtype)
     if dpo.reference_free:
@@ -295,7 +318,9 @@ def pair_losses(
         ref_chosen, ref_rejected = ref_chosen.detach().to(dtype), ref_rejected.detach().to(dtype)
     c_len = chosen_lengths.to(dtype) if chosen_lengths is not None else None
     r_len = rejected_lengths.to(dtype) if rejected_lengths is not None else None
-    pairs = _pairs(dpo, policy_chosen, policy_rejected, ref_chosen, ref_rejected, c_len, r_len, bco_mean, sft_chosen)
+    pairs = _pairs(
+        dpo, policy_chosen, policy_rejected, ref_chosen, ref_rejected, c_len, r_len, bco_mean, sft_chosen, rankings
+    )
     terms = {name: _LOSSES[name](pairs) for name in dpo.loss_types}
     losses = sum(weight * terms[name] for name, weight in zip(dpo.loss_types, dpo.weights))
     nll = _sft(pairs) if dpo.rpo_alpha > 0 else None  # rpo_alpha's term; a listed sft is terms["sft"]

@@ -6,16 +6,22 @@ import pytest
 import torch
 from conftest import VOCAB, collate_as, mdpo_model, model_config, random_pairs
 
+from mdpo.config import DataConfig, ScheduleConfig
+from mdpo.config.layout import Layout
 from mdpo.data.batching import (
     MicroBatch,
     PairSampler,
     collate,
     collate_packed,
     context_parallel_share,
+    pack_microbatches,
     rank_share,
+    ranking_units,
+    split_groups,
 )
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError
+from mdpo.training.data import make_microbatches
 
 
 def scored(batch: MicroBatch) -> list[list[tuple[int, int]]]:
@@ -156,8 +162,6 @@ def test_interleave_group_is_the_smallest_group_megatrons_schedule_takes():
 
 
 def test_split_groups_halves_the_largest_until_there_are_enough():
-    from mdpo.data.batching import split_groups
-
     assert split_groups([[1, 2, 3, 4], [5]], 4) == [[1], [2], [3, 4], [5]]
     assert split_groups([[1, 2], [3]], 2) == [[1, 2], [3]]  # enough already
     assert split_groups([[1], [2]], 4) == [[1], [2]]  # single pairs cannot be split: as many as there are pairs
@@ -181,3 +185,73 @@ def test_a_micro_batch_in_a_larger_frame_scores_the_same(megatron_world, layout)
     with torch.no_grad():
         want, got = (scorer.stats(b, model, scorer.forward(b, model)).logps for b in (batch, framed))
     assert torch.allclose(got, want, rtol=0, atol=1e-5), (got - want).abs().max()
+
+
+def rankings_of(sizes: list[int], start_row: int = 0) -> list[TokenizedPair]:
+    """Rankings of the given numbers of completions, one row each, as `data.rank_pairs: ranking` lays them out
+    (best vs second, second vs third, ...); completion j of row r is the response [r, j]."""
+    pairs = []
+    for row, n in enumerate(sizes, start_row):
+        for j in range(n - 1):
+            pairs.append(TokenizedPair(len(pairs), [row], [row, j], [row, j + 1], row=row))
+    return pairs
+
+
+def test_ranking_units_follow_the_chain_of_completions():
+    """A ranking is the run of one row's pairs whose chosen is the earlier one's rejected: a conversation's turns
+    (other prompts), a lone pair and a ranking with a stage dropped (a broken chain) are rankings of their own."""
+    pairs = rankings_of([4, 2, 3])  # 3 + 1 + 2 pairs
+    assert ranking_units(pairs) == [0, 0, 0, 1, 2, 2]
+    broken = pairs[:1] + pairs[2:3]  # row 0 without its second stage: [0,0]>[0,1] and [0,2]>[0,3]
+    assert ranking_units(broken) == [0, 1]
+    turns = [
+        TokenizedPair(0, [5], [5, 1], [5, 2], row=9),
+        TokenizedPair(1, [5, 5, 1, 6], [5, 2], [5, 3], row=9, turn=1),
+    ]
+    assert ranking_units(turns) == [0, 1]
+
+
+def test_whole_rankings_are_never_cut():
+    """With plackett_luce's units no global batch, DP share, micro-batch, split or pack cuts a ranking; a step still
+    holds about global_batch_size pairs and an epoch as many steps; one-pair rankings change nothing."""
+    pairs = rankings_of([4, 2, 3, 5, 2, 2, 4, 3, 2, 5])  # 22 pairs of 10 rankings (of 1 to 4 pairs)
+    units = ranking_units(pairs)
+    rows = [p.row for p in pairs]
+    sampler = PairSampler(rows, global_batch_size=8, seed=5, units=units, shares=2)
+    whole = lambda indices: {units[i] for i in indices}
+    cut = lambda parts: [u for u in set().union(*map(whole, parts)) if sum(u in whole(p) for p in parts) > 1]
+    assert sampler.steps_per_epoch == 2
+    for epoch in range(3):
+        steps = [sampler.global_batch(2 * epoch + k) for k in range(2)]
+        assert not cut(steps) and all(5 <= len(s) <= 8 + 3 for s in steps), steps
+        for step in steps:
+            shares = [rank_share(step, r, 2, [units[i] for i in step]) for r in range(2)]
+            assert not cut(shares) and sum(shares, []) == step and all(shares)
+            for mbs, at_least in ((1, 0), (3, 0), (3, len(step))):
+                batches = make_microbatches(
+                    DataConfig(max_length=32),
+                    ScheduleConfig(micro_batch_size=mbs, global_batch_size=24),
+                    Layout(),
+                    pairs,
+                    step,
+                    pad_id=0,
+                    at_least=at_least,
+                    whole_rankings=True,
+                )
+                groups = [mb.pair_ids for mb in batches]
+                assert not cut(groups) and sum(groups, []) == step
+                assert all(len(g) < mbs + 4 for g in groups)  # past mbs by less than the longest ranking (4 pairs)
+                if at_least:
+                    assert len(groups) == len(whole(step))  # split down to single rankings, never below
+                for mb in batches:  # each micro-batch numbers its own rankings
+                    assert mb.pair_rankings.tolist() == ranking_units([pairs[i] for i in mb.pair_ids])
+    packs = pack_microbatches(pairs, list(range(22)), budget=24, whole_rankings=True)
+    assert not cut(packs) and sorted(sum(packs, [])) == list(range(22))
+    with pytest.raises(DataError, match=r"pair 6's ranking \(4 pairs\) takes 24 tokens, more than a pack"):
+        pack_microbatches(pairs, list(range(22)), budget=23, whole_rankings=True)
+    assert split_groups([[0, 1, 2, 3, 4, 5]], 3, lambda g: [units[i] for i in g]) == [[0, 1, 2], [3], [4, 5]]
+    longer = rankings_of([6, 2, 4])
+    with pytest.raises(DataError, match=r"pair 0's ranking has 5 pairs, more than .* \(.* = 4\)"):
+        PairSampler([p.row for p in longer], global_batch_size=8, seed=5, units=ranking_units(longer), shares=2)
+    singles = PairSampler(range(20), 8, 3, units=list(range(20)), shares=2)
+    assert singles.global_batch(1) == PairSampler(range(20), 8, 3).global_batch(1)

@@ -290,6 +290,11 @@ def test_missing_required(key):
             "dpo.use_weighting (WPO) does not apply to loss type 'aot_unpaired'",
         ),
         (["dpo.bco_delta=.nan"], "dpo.bco_delta must be finite, got nan"),
+        (["dpo.loss_type=plackett_luce"], "dpo.loss_type plackett_luce takes whole rankings, not data.rank_pairs="),
+        (
+            ["dpo.loss_type=plackett_luce", "data.rank_pairs=ranking", "parallel.ep=2", "model.num_experts=4"],
+            "dpo.loss_type plackett_luce needs parallel.ep=1",
+        ),
         (["parallel.tp=0"], "parallel.tp must be >= 1, got 0"),
         (["parallel.pp=0"], "parallel.pp must be >= 1, got 0"),
         (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs parallel.tp > 1"),

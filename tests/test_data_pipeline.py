@@ -432,7 +432,8 @@ def test_several_processes_give_the_same_pairs(tok):
         ("data.over_length=wrap", "data.over_length must be"),
         ("data.num_proc=0", "data.num_proc must be >= 1"),
         ("data.max_prompt_length=9000", "data.max_prompt_length must be in"),
-        ("data.rank_pairs=best", "data.rank_pairs must be all_pairs, best_vs_worst, best_vs_rest or best_vs_random"),
+        ("data.rank_pairs=best", "data.rank_pairs must be all_pairs, best_vs_worst, best_vs_rest, best_vs_random or r"),
+        (["data.rank_pairs=ranking", "data.min_score_gap=1"], "data.min_score_gap=1 drops pairs, and data.rank_pa"),
         ("data.min_score_gap=-1", "data.min_score_gap must be >= 0"),
         ("data.chat_template_kwargs={tokenize: true}", "data.chat_template_kwargs may not set tokenize"),
         ("data.chat_template_kwargs=[1]", "'data.chat_template_kwargs' must be dict"),
@@ -440,7 +441,9 @@ def test_several_processes_give_the_same_pairs(tok):
 )
 def test_data_config_fields_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["data.train_file=x", "data.tokenizer=y", override])
+        load_config(
+            None, ["data.train_file=x", "data.tokenizer=y", *([override] if isinstance(override, str) else override)]
+        )
 
 
 # --------------------------------------------------------------------------- today's tokenizers (Llama 3, Qwen 2.5)
@@ -597,8 +600,12 @@ def ranked_row(fmt, case):
 def oracle_couples(scores, rule):
     """(chosen, rejected) completion indices as docs/data-and-templates.md describes each rule, written apart from
     mdpo.data.ranking, before min_score_gap: all_pairs in completion order, the higher chosen, ties left out; the
-    others need one best (best_vs_worst also one worst)."""
+    others need one best (best_vs_worst also one worst); ranking needs distinct scores and pairs each completion with
+    the next best."""
     n = len(scores)
+    if rule == "ranking":
+        ladder = sorted(range(n), key=lambda i: scores[i], reverse=True)
+        return list(zip(ladder, ladder[1:])) if len(set(scores)) == n else []
     best = [i for i in range(n) if scores[i] == max(scores)]
     worst = [i for i in range(n) if scores[i] == min(scores)]
     if rule == "all_pairs":
@@ -644,6 +651,8 @@ def test_rank_rules_by_hand():
     assert rank_pairs(scores, "best_vs_worst").no_pair == "the worst score is shared by 2 completions"
     assert rank_pairs([3, 3, 1], "best_vs_random").no_pair == "the best score is shared by 2 completions"
     assert rank_pairs([2, 2], "all_pairs").no_pair == "every completion has the same score"
+    assert rank_pairs([1, 3, 2, 4], "ranking").pairs == ((3, 1), (1, 2), (2, 0))  # best first, each vs the next
+    assert rank_pairs(scores, "ranking").no_pair == "tied scores: a ranking needs a strict order"
     gapped = rank_pairs([5, 4.5, 1], "all_pairs", min_score_gap=1)
     assert (gapped.pairs, gapped.below_gap) == (((0, 2), (1, 2)), 1)
     assert rank_pairs([5, 4.5], "all_pairs", min_score_gap=1).no_pair.startswith("every pair's score gap is below")
@@ -655,7 +664,8 @@ def test_rank_rules_by_hand():
 
 
 @pytest.mark.parametrize(
-    ("rule", "gap"), [("all_pairs", 0.0), ("all_pairs", 1.0), ("best_vs_worst", 0.0), ("best_vs_rest", 0.0)]
+    ("rule", "gap"),
+    [("all_pairs", 0.0), ("all_pairs", 1.0), ("best_vs_worst", 0.0), ("best_vs_rest", 0.0), ("ranking", 0.0)],
 )
 def test_ranked_rows_give_the_oracles_pairs(tmp_path, chat_tok, rule, gap):
     """UltraFeedback raw, Nectar and the generic form (scores, ranks) read as published: every format's pairs are the

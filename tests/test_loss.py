@@ -30,6 +30,7 @@ ALL_TYPES = (
     "aot_unpaired",
     "sigmoid_norm",
     "sft",
+    "plackett_luce",
 )
 SMOOTHED = ("sigmoid", "sigmoid_norm", "robust", "exo_pair", "aot", "aot_unpaired")
 # TRL 1.16's f_divergence_type values, and the loss types it lets them change (dpo_trainer.py, DPOTrainer.__init__)
@@ -135,6 +136,8 @@ def oracle(
             out.append(-log_sigmoid(z) * (1 - m) + exp_part)
         elif name == "sft":
             out.append(-pc[i] / lc[i])  # the chosen response's mean token NLL
+        elif name == "plackett_luce":  # a pair alone is a ranking of two: P(chosen first) = sigmoid(z)
+            out.append(-log_sigmoid(z))
         else:
             raise AssertionError(name)
     return out
@@ -179,6 +182,52 @@ def expected(name, pc, pr, rc, rr, lc, lr, **kw):
 
 
 # ---------------------------------------------------------------- tests
+
+
+def plackett_luce_nll(rewards: list[float]) -> float:
+    """The DPO paper's Plackett-Luce negative log-likelihood of a ranking (Rafailov et al. 2023, Eq. 18), its
+    completions' rewards beta * log(pi / pi_ref) listed best first: -sum_k log(exp(r_k) / sum_{j >= k} exp(r_j))."""
+    total = 0.0
+    for k, r in enumerate(rewards):
+        rest = rewards[k:]
+        top = max(rest)
+        total -= r - (top + math.log(sum(math.exp(x - top) for x in rest)))
+    return total
+
+
+def test_plackett_luce_sums_to_each_rankings_negative_log_likelihood():
+    """Rankings of 2 to 6 completions (and a lone pair), laid out as mdpo lays them (best vs second, second vs
+    third, ...; one ranking id per pair): each ranking's pair losses sum to its Plackett-Luce NLL, and the gradient
+    reaching each completion's log-probs is the NLL's (float64 oracle in plain Python, finite differences)."""
+    g = torch.Generator().manual_seed(7)
+    sizes = [3, 2, 6, 4, 5]
+    policy = [(-torch.rand(n, generator=g, dtype=torch.float64) * 60).requires_grad_() for n in sizes]
+    reference = [p.detach() + torch.randn(p.shape, generator=g, dtype=torch.float64) * 4 for p in policy]
+    chosen = torch.cat([p[:-1] for p in policy])
+    rejected = torch.cat([p[1:] for p in policy])
+    ref_chosen, ref_rejected = torch.cat([r[:-1] for r in reference]), torch.cat([r[1:] for r in reference])
+    rankings = torch.cat([torch.full((n - 1,), k) for k, n in enumerate(sizes)])
+    beta = 0.3
+    dpo = DPOConfig(loss_type="plackett_luce", beta=beta)
+    losses = pair_losses(dpo, chosen, rejected, ref_chosen, ref_rejected, rankings=rankings).losses
+    per_ranking = torch.zeros(len(sizes), dtype=torch.float64).index_add(0, rankings, losses)
+    rewards = lambda k: [beta * (p - r) for p, r in zip(policy[k].tolist(), reference[k].tolist())]
+    for k in range(len(sizes)):
+        assert math.isclose(per_ranking[k].item(), plackett_luce_nll(rewards(k)), rel_tol=1e-12), k
+    losses.sum().backward()
+    for k in range(len(sizes)):  # d NLL / d log pi of each completion, by central differences of the oracle
+        for i in range(sizes[k]):
+            shifted = [
+                plackett_luce_nll([x + (beta * d if j == i else 0.0) for j, x in enumerate(rewards(k))])
+                for d in (1e-6, -1e-6)
+            ]
+            numeric = (shifted[0] - shifted[1]) / 2e-6
+            assert math.isclose(policy[k].grad[i].item(), numeric, rel_tol=1e-6, abs_tol=1e-9), (k, i)
+    # a ranking of two is DPO's sigmoid loss; each pair its own ranking without `rankings`
+    alone = pair_losses(dpo, chosen, rejected, ref_chosen, ref_rejected).losses
+    sigmoid_losses = pair_losses(DPOConfig(beta=beta), chosen, rejected, ref_chosen, ref_rejected).losses
+    torch.testing.assert_close(alone, sigmoid_losses, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(losses, alone)  # the rankings matter
 
 
 def test_loss_types_exported():
@@ -466,7 +515,16 @@ REFUSED = tuple(t for t in ALL_TYPES if t not in F_TYPES)
 @pytest.mark.parametrize("f", F_DIVERGENCES[1:])
 @pytest.mark.parametrize("name", REFUSED)
 def test_f_divergence_refused_for_other_loss_types(name, f):
-    assert set(REFUSED) == {"nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down"}
+    assert set(REFUSED) == {
+        "nca_pair",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "plackett_luce",
+    }
     with pytest.raises(ConfigError) as info:
         DPOConfig(loss_type=["sigmoid", name], f_divergence=f)
     assert str(info.value) == (

@@ -11,6 +11,7 @@ micro-batches leave its pairs together.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -243,20 +244,27 @@ def test_layout_matches_single_process(setup, name):
 def test_family_layout_matches_single_process(setup, family):
     frozen = () if _BIAS_UPDATE in FAMILY_LAYOUTS[family][1] else FROZEN
     want, got = run_layout(setup, "tp1_mb8", family), run_layout(setup, "split", family)
-    assert_same_run(want, got, setup / family, family, frozen)
+    assert_same_run(want, got, setup / family, family, frozen=frozen)
 
 
 FROZEN = ("mlp.gate.e_score_correction_bias",)  # HF tensors a run uses but never trains (router_bias_update_rate 0)
 
 
-def assert_same_run(want_run, got_run, start: Path, name: str, frozen: tuple[str, ...] = FROZEN) -> None:
+def assert_same_run(
+    want_run,
+    got_run,
+    start: Path,
+    name: str,
+    metrics: tuple[str, ...] = METRICS,
+    frozen: tuple[str, ...] = FROZEN,
+) -> None:
     """Metrics step for step and exported weights within fp32 reordering noise; training moved every tensor but
     the `frozen` ones."""
     (want_records, want_weights), (got_records, got_weights) = want_run, got_run
     assert len(got_records) == len(want_records) == STEPS
     for got, want in zip(got_records, want_records):
         turns = tuple(key for key in want if key.startswith("rewards/accuracies/turn_"))  # multi-turn data
-        for key in METRICS + (("aux_loss",) if "aux_loss" in want else ()) + turns:
+        for key in metrics + (("aux_loss",) if "aux_loss" in want else ()) + turns:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (name, got["step"], key)
     assert want_records[-1]["loss"] != pytest.approx(want_records[0]["loss"], abs=1e-3)  # training moved
     assert set(got_weights) == set(want_weights)
@@ -277,6 +285,32 @@ def assert_same_run(want_run, got_run, start: Path, name: str, frozen: tuple[str
         # the check has teeth: training moved every tensor by far more than the tolerance
         assert (want - initial[key]).abs().max().item() > 10 * 1e-5 * scale, key
     assert set(initial) == set(want_weights), name  # nothing lost (a tied head: in neither)
+
+
+# The Plackett-Luce objective (data.rank_pairs: ranking makes each ranked row's 3 completions 2 stages): no global
+# batch or micro-batch cuts a ranking, so through the pipeline with micro-batches of 1 pair (each then holds a whole
+# ranking) it equals one process with micro-batches of 4 (two rankings each).
+PLACKETT_LUCE = [
+    "dpo.loss_type=plackett_luce",
+    "dpo.loss_weights=null",
+    "dpo.rpo_alpha=0",
+    "dpo.ld_alpha=null",
+    "dpo.use_weighting=false",
+    "data.rank_pairs=ranking",
+]
+
+PL_METRICS = tuple(key for key in METRICS if not key.startswith("loss/") and key != "nll_loss")  # one loss term
+
+
+def test_plackett_luce_over_whole_rankings_matches_single_process(setup):
+    base = [*PLACKETT_LUCE, f"data.train_file={setup / 'ranked.jsonl'}"]
+    want = run(setup, "plackett_luce_one_process", 1, [*base, "schedule.micro_batch_size=4"])
+    got = run(setup, "plackett_luce_pp2", 2, [*base, "parallel.pp=2", "schedule.micro_batch_size=1"])
+    # step 1: the policy is its reference, every reward 0, so a ranking of 3 costs log 3 + log 2 over its 2 pairs
+    # (each pair alone, DPO's sigmoid, would cost log 2)
+    for records, _ in (want, got):
+        assert records[0]["loss"] == pytest.approx(math.log(6) / 2, rel=1e-6)
+    assert_same_run(want, got, setup / "hf", "plackett_luce", PL_METRICS)
 
 
 # gpt-oss through a pipeline: its sinks, windows and biased experts over 2 stages, the experts over 2 EP ranks (4

@@ -58,7 +58,7 @@ DATA_FORMATS = (
     "multi_turn",
 )
 # How a row of ranked completions becomes pairs (`mdpo.data.ranking`)
-RANK_PAIRS = ("all_pairs", "best_vs_worst", "best_vs_rest", "best_vs_random")
+RANK_PAIRS = ("all_pairs", "best_vs_worst", "best_vs_rest", "best_vs_random", "ranking")
 # apply_chat_template's own arguments, which data.chat_template_kwargs may not set
 CHAT_TEMPLATE_ARGUMENTS = ("conversation", "tools", "chat_template", "add_generation_prompt", "tokenize", "return_dict")
 TEMPLATES = ("auto", "tulu2", "tulu3", "tokenizer", "raw")  # or a Jinja chat template (`mdpo.data.templates`)
@@ -72,7 +72,8 @@ REFERENCE_MODES = ("online", "precomputed", "none")
 # A mixture of experts' load-balancing loss: auto (transformers' where exact, else megatron), transformers' pooled
 # formula (as TRL adds it), Megatron-Core's per-layer aux_loss, DeepSeek-V3's sequence-wise seq_aux_loss
 ROUTER_AUX_LOSS_TYPES = ("auto", "transformers", "megatron", "seq")
-# The DPO family, with TRL's names (TRL 0.28's, and 1.16's sft); mdpo.loss implements each.
+# The DPO family, with TRL's names (TRL 0.28's, and 1.16's sft), and the DPO paper's Plackett-Luce objective over a
+# whole ranking; mdpo.loss implements each.
 LOSS_TYPES = (
     "sigmoid",
     "hinge",
@@ -89,6 +90,7 @@ LOSS_TYPES = (
     "aot_unpaired",
     "sigmoid_norm",
     "sft",
+    "plackett_luce",
 )
 # f-DPO's divergences between policy and reference (TRL 1.16's f_divergence_type); reverse_kl is plain DPO.
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -629,6 +631,11 @@ class DataConfig(Section):
             )
         _one_of("data.rank_pairs", self.rank_pairs, RANK_PAIRS)
         need(self.min_score_gap >= 0, f"data.min_score_gap must be >= 0, got {self.min_score_gap!r}")
+        need(
+            self.rank_pairs != "ranking" or self.min_score_gap == 0,
+            f"data.min_score_gap={self.min_score_gap:g} drops pairs, and data.rank_pairs=ranking keeps a ranking whole "
+            "or not at all: set data.min_score_gap=0",
+        )
         need(self.seed is None or 0 <= self.seed < 2**32, f"data.seed must be in [0, 2**32), got {self.seed!r}")
         reserved = sorted(set(self.chat_template_kwargs) & set(CHAT_TEMPLATE_ARGUMENTS))
         need(
@@ -791,6 +798,11 @@ class DPOConfig(Section):
     @property
     def reference_free(self) -> bool:
         return self.reference == "none"
+
+    @property
+    def whole_rankings(self) -> bool:
+        """Whether the loss reads a whole ranking at once (plackett_luce), so no batch may cut one."""
+        return "plackett_luce" in self.loss_types
 
     def _rules(self) -> None:
         types = self.loss_types
@@ -955,6 +967,17 @@ class TrainConfig:
             "data.share_prompt=true needs model.attention auto, sdpa or local (Transformer Engine's attention here "
             "takes no attention blocks): set data.share_prompt=false",
         )
+        if self.dpo.whole_rankings:
+            need(
+                self.data.rank_pairs == "ranking",
+                f"dpo.loss_type plackett_luce takes whole rankings, not data.rank_pairs={self.data.rank_pairs}'s "
+                "pairs: set data.rank_pairs=ranking (a row of pairs or a conversation's turn is a ranking of two)",
+            )
+            need(
+                self.parallel.ep == 1,
+                "dpo.loss_type plackett_luce needs parallel.ep=1: it keeps each ranking in one micro-batch, so data-"
+                "parallel ranks can run different numbers of them, which expert parallelism's all-to-alls cannot",
+            )
         need(
             self.dpo.reference != "precomputed" or m.init_from is not None,
             "dpo.reference=precomputed needs model.init_from (the reference checkpoint the cache is stamped with)",

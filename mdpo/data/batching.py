@@ -23,7 +23,8 @@ no device sync.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,8 @@ class MicroBatch:
     score_tail: torch.Tensor  # [n] bool: the entry's token lies past the pair's shorter response (LD-DPO's tail)
     pair_ids: list[int]  # dataset indices, for error messages
     pair_turns: list[int] = dataclasses.field(default_factory=list)  # each pair's turn position in its row
+    # [m] each pair's ranking (`ranking_units`): pairs with one value are the stages of one ranking (plackett_luce)
+    pair_rankings: torch.Tensor | None = None
     num_input_tokens: int = 0  # as TRL counts them: every sequence's real tokens, its prompt included
     num_computed_tokens: int = 0  # real tokens the rows hold (a shared prefix once)
     num_slots: int = 0  # token slots this micro-batch takes: rows x padded length, or the pack budget
@@ -72,6 +75,7 @@ class MicroBatch:
             "score_take",
             "score_sequence",
             "score_tail",
+            "pair_rankings",
             "cu_seqlens",
             "pair_weights",
             "token_weights",
@@ -170,6 +174,7 @@ class _Rows:
             score_tail=torch.tensor(tails, dtype=torch.bool),
             pair_ids=[p.index for p in pairs],
             pair_turns=[p.turn for p in pairs],
+            pair_rankings=torch.tensor(ranking_units(pairs), dtype=torch.long),
             num_input_tokens=sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs),
             blocks=blocks,
             token_weights=pair_weights.sum(-1),
@@ -285,9 +290,21 @@ class PairSampler:
     parts then each compute its prompt. The global batch (counted in pairs) is cut into DP-rank shares, each cut
     into micro-batches: the same pairs make up a step for any micro-batch size or DP size. A trailing partial
     global batch of an epoch is not used. With one pair per row this is a shuffle of the pairs.
+
+    With `units` (each pair's ranking, `ranking_units`: plackett_luce's) no cut falls inside a ranking: each cut at
+    k x global_batch_size pairs moves forward to the next ranking's start, so a step holds whole rankings and about
+    global_batch_size pairs (within a ranking's length), and an epoch as many steps; `shares` (DP ranks) then each
+    get whole rankings too, which needs no ranking longer than a share.
     """
 
-    def __init__(self, rows: Sequence[int], global_batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        rows: Sequence[int],
+        global_batch_size: int,
+        seed: int,
+        units: Sequence[int] | None = None,
+        shares: int = 1,
+    ) -> None:
         if len(rows) < global_batch_size:
             raise DataError(
                 f"{len(rows)} usable pairs are fewer than one global batch (schedule.global_batch_size="
@@ -297,6 +314,16 @@ class PairSampler:
         for index, row in enumerate(rows):
             groups.setdefault(row, []).append(index)
         self.groups = list(groups.values())
+        self.units = units
+        if units is not None:
+            unit, longest = Counter(units).most_common(1)[0]
+            if longest > global_batch_size // shares:
+                first = list(units).index(unit)
+                raise DataError(
+                    f"pair {first}'s ranking has {longest} pairs, more than a data-parallel rank's share of a global "
+                    f"batch (schedule.global_batch_size / DP = {global_batch_size // shares}): plackett_luce takes "
+                    "a ranking whole on one rank; raise schedule.global_batch_size"
+                )
         self.num_pairs = len(rows)
         self.global_batch_size = global_batch_size
         self.seed = seed
@@ -306,28 +333,72 @@ class PairSampler:
         epoch, within = divmod(step, self.steps_per_epoch)
         shuffled = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed + epoch))
         order = [index for g in shuffled.tolist() for index in self.groups[g]]
-        start = within * self.global_batch_size
-        return order[start : start + self.global_batch_size]
+        units = None if self.units is None else [self.units[i] for i in order]
+        start, end = (unit_start(units, k * self.global_batch_size) for k in (within, within + 1))
+        return order[start:end]
 
 
-def rank_share(indices: Sequence[int], dp_rank: int, dp_size: int) -> list[int]:
+def ranking_units(pairs: Sequence[TokenizedPair]) -> list[int]:
+    """Each pair's ranking, numbered in order: a pair continues the ranking of the pair before it when both come from
+    one row's turn with one prompt and its chosen response is the earlier one's rejected (`data.rank_pairs: ranking`
+    lays a row out so: best vs second, second vs third, ...); any other pair starts its own (a ranking of two)."""
+    units: list[int] = []
+    for k, pair in enumerate(pairs):
+        before = pairs[k - 1] if k else None
+        link = lambda p, response: (p.row, p.turn, p.prompt, response)
+        continues = before is not None and link(before, before.rejected) == link(pair, pair.chosen)
+        units.append(units[-1] if continues else (units[-1] + 1 if units else 0))
+    return units
+
+
+def unit_start(units: Sequence[int] | None, cut: int) -> int:
+    """`cut` (a position in a sequence of pairs) moved forward to the start of the next unit (`ranking_units`)
+    unless it is at one; unchanged without units (every pair its own)."""
+    if units is None:
+        return cut
+    while 0 < cut < len(units) and units[cut] == units[cut - 1]:
+        cut += 1
+    return cut
+
+
+def rank_share(indices: Sequence[int], dp_rank: int, dp_size: int, units: Sequence[int] | None = None) -> list[int]:
     """This DP rank's contiguous share of `indices` (pair indices), so a row's pairs stay together: equal shares where
-    the count divides (a global batch: the config makes it so), else the earlier ranks' one smaller (eval data)."""
-    return list(indices[len(indices) * dp_rank // dp_size : len(indices) * (dp_rank + 1) // dp_size])
+    the count divides (a global batch: the config makes it so), else the earlier ranks' one smaller (eval data).
+    With `units` (one per index, `ranking_units`) the cuts move forward to whole rankings (`unit_start`)."""
+    n = len(indices)
+    return list(indices[unit_start(units, n * dp_rank // dp_size) : unit_start(units, n * (dp_rank + 1) // dp_size)])
 
 
 def pack_microbatches(
-    pairs: Sequence[TokenizedPair], indices: Sequence[int], budget: int, shared: bool = False
+    pairs: Sequence[TokenizedPair],
+    indices: Sequence[int],
+    budget: int,
+    shared: bool = False,
+    whole_rankings: bool = False,
 ) -> list[list[int]]:
     """This rank's pairs (dataset indices) grouped into packs of at most `budget` tokens by first-fit decreasing:
     pair by pair, or (`shared`) tree by tree, a tree being a run of one input row's pairs (`data.trees`), one longer
-    than the budget halved until its parts fit. A pack keeps its trees' pairs together, in the order given."""
+    than the budget halved until its parts fit. A pack keeps its trees' pairs together, in the order given. With
+    `whole_rankings` a ranking's pairs (`ranking_units`) are one unit, never cut; one over the budget is an error."""
     mine = [pairs[i] for i in indices]
-    if shared:
+    if whole_rankings:
+        units = [list(run) for run in _runs(ranking_units(mine))]
+    elif shared:
         units = [part for run in row_runs(mine) for part in _fitting(list(run), mine, budget)]
+    else:
+        units = [[k] for k in range(len(mine))]
+    if shared:
         lengths = [tree_length([mine[k] for k in unit]) for unit in units]
     else:
-        units, lengths = [[k] for k in range(len(mine))], pair_lengths(mine)
+        lengths = [sum(pair_lengths([mine[k] for k in unit])) for unit in units]
+    over = [k for k, length in enumerate(lengths) if length > budget]
+    if over:
+        unit = units[over[0]]
+        raise DataError(
+            f"pair {mine[unit[0]].index}'s ranking ({len(unit)} pairs) takes {lengths[over[0]]} tokens, more than a "
+            f"pack (data.pack_tokens={budget}): plackett_luce takes a ranking whole in one micro-batch; raise "
+            "data.pack_tokens"
+        )
     bins = pack_pairs(lengths, budget)
     return [[indices[k] for unit in sorted(b) for k in units[unit]] for b in bins]
 
@@ -340,17 +411,41 @@ def _fitting(unit: list[int], pairs: Sequence[TokenizedPair], budget: int) -> li
     return _fitting(unit[:half], pairs, budget) + _fitting(unit[half:], pairs, budget)
 
 
-def split_groups(groups: list[list[int]], count: int) -> list[list[int]]:
+def split_groups(
+    groups: list[list[int]], count: int, units: Callable[[list[int]], list[int]] | None = None
+) -> list[list[int]]:
     """At least `count` micro-batches when there are that many pairs (the interleaved pipeline needs one per
-    stage): the group with the most pairs is halved until there are enough. Order within groups is kept."""
+    stage): the group with the most pairs is halved until there are enough. Order within groups is kept. With
+    `units` (a group's pairs -> their rankings, `ranking_units`) a group is halved at a ranking's start only, and a
+    group of one ranking is not split."""
     groups = [list(g) for g in groups]
     while len(groups) < count:
-        largest = max(range(len(groups)), key=lambda k: len(groups[k]))
-        group = groups[largest]
-        if len(group) < 2:
+        cuts = {k: _middle(g, units) for k, g in enumerate(groups)}
+        splittable = [k for k, cut in cuts.items() if 0 < cut < len(groups[k])]
+        if not splittable:
             break
-        groups[largest : largest + 1] = [group[: len(group) // 2], group[len(group) // 2 :]]
+        largest = max(splittable, key=lambda k: len(groups[k]))
+        group, cut = groups[largest], cuts[largest]
+        groups[largest : largest + 1] = [group[:cut], group[cut:]]
     return groups
+
+
+def _middle(group: list[int], units: Callable[[list[int]], list[int]] | None) -> int:
+    """Where a group is halved: its middle, or the ranking start nearest after it (before it, when none is)."""
+    if units is None:
+        return len(group) // 2
+    found = units(group)
+    after = unit_start(found, len(group) // 2)
+    if after < len(group):
+        return after
+    starts = [k for k in range(1, len(group)) if found[k] != found[k - 1]]
+    return starts[-1] if starts else 0
+
+
+def _runs(units: Sequence[int]) -> list[range]:
+    """The runs of equal consecutive values: each ranking's positions."""
+    starts = [k for k in range(len(units)) if k == 0 or units[k] != units[k - 1]]
+    return [range(a, b) for a, b in zip(starts, starts[1:] + [len(units)])]
 
 
 def in_frame(batch: MicroBatch, rows: int, length: int) -> MicroBatch:

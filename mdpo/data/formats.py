@@ -298,6 +298,8 @@ def ranked_examples(ranked: Ranked, tools: tuple[Any, ...], ranking: RankSetting
             examples.append(Example(ranked.prompt, ranked.responses[c], ranked.responses[r], tools))
     if not examples:
         raise RowError(f"{NO_PAIR}: every pair's two completions are identical")
+    if ranking.rule == "ranking" and len(examples) < len(made.pairs):
+        raise RowError(f"{NO_PAIR}: two completions are identical (a ranking needs them distinct)")
     return examples, events
 
 

@@ -7,9 +7,12 @@ single best completion (every rule but ``all_pairs``) make no pair from a row wh
 - ``all_pairs``: every two completions with different scores, the higher chosen (n(n-1)/2 less the ties);
 - ``best_vs_worst``: the best against the worst (one pair);
 - ``best_vs_rest``: the best against each other completion (n - 1 pairs);
-- ``best_vs_random``: the best against one other drawn by `rng` (one pair), as UltraFeedback-binarized was made.
+- ``best_vs_random``: the best against one other drawn by `rng` (one pair), as UltraFeedback-binarized was made;
+- ``ranking``: the completions best first, each against the next (n - 1 pairs): the stages of a whole ranking, as the
+  ``plackett_luce`` loss takes it (a row with a tie anywhere makes none: a ranking needs a strict order).
 
-`min_score_gap` then drops the pairs whose scores differ by less (counted).
+`min_score_gap` then drops the pairs whose scores differ by less (counted; ``ranking`` takes none, as a ranking
+is whole or nothing).
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ def rank_pairs(
         couples = [(i, j) if scores[i] > scores[j] else (j, i) for i, j in _all_couples(len(scores))]
         kept = [(c, r) for c, r in couples if scores[c] != scores[r]]
         return _with_gap(scores, kept, len(couples) - len(kept), min_score_gap)
+    if rule == "ranking":
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        if len(set(scores)) < len(scores):
+            return Ranking(no_pair="tied scores: a ranking needs a strict order")
+        return Ranking(tuple(zip(order, order[1:])))
     best = _single(scores, max(scores))
     if best is None:
         return Ranking(no_pair=f"the best score is shared by {scores.count(max(scores))} completions")

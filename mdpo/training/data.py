@@ -14,7 +14,9 @@ from mdpo.data.batching import (
     collate_shared,
     context_parallel_share,
     pack_microbatches,
+    ranking_units,
     split_groups,
+    unit_start,
 )
 from mdpo.data.pairs import TokenizedPair, TokenizeReport, load_pairs
 from mdpo.data.templates import FALLBACK_TEMPLATE
@@ -61,20 +63,27 @@ def make_microbatches(
     cp_rank: int = 0,
     share_prompt: bool = False,
     at_least: int = 0,
+    whole_rankings: bool = False,
 ) -> list[MicroBatch]:
     """Micro-batches of the given pairs: packs (data.packing) or groups of micro_batch_size padded pairs, each as
     long as the layout needs (`Layout.sequence_multiple`), each pair's prompt once when `share_prompt`; with
     context parallelism (never with a shared prompt) this CP rank keeps its two chunks of every row. At least
-    `Layout.min_microbatches` and `at_least` of them where there are that many pairs."""
+    `Layout.min_microbatches` and `at_least` of them where there are that many pairs. With `whole_rankings`
+    (plackett_luce) no micro-batch cuts a ranking (`ranking_units`): a group ends at the first ranking's end past
+    micro_batch_size pairs."""
     count = max(layout.min_microbatches, at_least)
+    units = (lambda group: ranking_units([pairs[i] for i in group])) if whole_rankings else None
     if data.packing:
         budget = data.pack_budget
-        groups = split_groups(pack_microbatches(pairs, indices, budget, shared=share_prompt), count)
+        packs = pack_microbatches(pairs, indices, budget, share_prompt, whole_rankings)
         return [
-            collate_packed([pairs[i] for i in g], pad_id, budget, layout.pack_multiple, share_prompt) for g in groups
+            collate_packed([pairs[i] for i in g], pad_id, budget, layout.pack_multiple, share_prompt)
+            for g in split_groups(packs, count, units)
         ]
     mbs = schedule.micro_batch_size
     build = collate_shared if share_prompt else collate
-    groups = split_groups([indices[k : k + mbs] for k in range(0, len(indices), mbs)], count)
+    found = units(indices) if units is not None else None
+    cuts = sorted({unit_start(found, k) for k in range(0, len(indices), mbs)} | {len(indices)})
+    groups = split_groups([list(indices[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a], count, units)
     batches = (build([pairs[i] for i in g], pad_id, layout.sequence_multiple) for g in groups)
     return [context_parallel_share(batch, layout.cp, cp_rank) for batch in batches]

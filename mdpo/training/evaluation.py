@@ -11,7 +11,6 @@ import torch
 from tqdm import tqdm
 
 from mdpo.config import TrainConfig
-from mdpo.data.batching import rank_share
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import DataError
 from mdpo.training.metrics import step_record
@@ -36,7 +35,7 @@ def evaluate_pairs(
     dp = run.layout.dp
     if len(pairs) < dp:
         raise DataError(f"{cfg.data.eval_file}: fewer eval pairs than data-parallel ranks ({dp})")
-    mine = rank_share(range(len(pairs)), run.ranks.dp, dp)
+    mine = run.share(cfg, pairs, range(len(pairs)))
     step = partial(dpo_forward_step, objective, run.scorer)
     outputs: list[dict] = []
     # The metric sums are added in micro-batch order however the micro-batches are chunked: the same numbers.

@@ -4,7 +4,7 @@ and a pipeline stage of the model with its starting weights. Shared by training 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from mdpo import parallel
 from mdpo.checkpoint.load import load_initial_weights
 from mdpo.config import Layout, LoRAConfig, ParallelConfig, TrainConfig
-from mdpo.data.batching import MicroBatch
+from mdpo.data.batching import MicroBatch, rank_share, ranking_units
 from mdpo.data.encoding import load_tokenizer
 from mdpo.data.pairs import TokenizedPair
 from mdpo.errors import ConfigError
@@ -49,6 +49,11 @@ class Run:
         """Global rank 0 writes the run's files and prints."""
         return torch.distributed.get_rank() == 0
 
+    def share(self, cfg: TrainConfig, pairs: list[TokenizedPair], indices: Sequence[int]) -> list[int]:
+        """This DP rank's contiguous share of `indices` (into `pairs`): whole rankings under plackett_luce."""
+        units = ranking_units([pairs[i] for i in indices]) if cfg.dpo.whole_rankings else None
+        return rank_share(indices, self.ranks.dp, self.layout.dp, units)
+
     def microbatches(self, cfg: TrainConfig, pairs: list[TokenizedPair], indices: list[int]) -> list[MicroBatch]:
         """This rank's pairs (`indices` into `pairs`) as micro-batches of its layout, on the host (at least
         `Layout.min_microbatches` of them when there are that many pairs), as many as every other rank of an
@@ -63,6 +68,7 @@ class Run:
             self.ranks.cp,
             self.share_prompt,
             at_least,
+            cfg.dpo.whole_rankings,
         )
         batches = build(0)
         return self.experts.in_step(batches, build) if self.experts is not None else batches

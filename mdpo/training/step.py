@@ -104,6 +104,7 @@ class DPOObjective:
         *,
         sft_chosen=None,
         pair_weights=None,
+        rankings=None,
     ) -> PairLosses:
         """The per-pair losses, rewards and loss terms (`loss.pair_losses`) with bco_pair's running shift."""
         return pair_losses(
@@ -117,6 +118,7 @@ class DPOObjective:
             sft_chosen=sft_chosen,
             pair_weights=pair_weights,
             bco_mean=self.reward_mean.mean,
+            rankings=rankings,
         )
 
 
@@ -197,6 +199,7 @@ def _dpo_loss(
         lengths[m:],
         sft_chosen=stats.plain_logps[:m],
         pair_weights=weights,
+        rankings=batch.pair_rankings,
     )
     loss, sums = losses.losses.sum(), pair_sums(losses, stats, batch)
     aux = objective.experts.pair_term(model) if objective.experts is not None else None

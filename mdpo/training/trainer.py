@@ -18,7 +18,7 @@ from mdpo.checkpoint.dist import read_meta
 from mdpo.checkpoint.hf import carried_tensors
 from mdpo.checkpoint.hf_export import gather_full_state, write_hf_export, write_peft_adapter
 from mdpo.config import TrainConfig, config_to_dict
-from mdpo.data.batching import MicroBatch, PairSampler, rank_share
+from mdpo.data.batching import MicroBatch, PairSampler, ranking_units
 from mdpo.data.pairs import TokenizedPair, data_fingerprint
 from mdpo.errors import MdpoError
 from mdpo.models import families
@@ -86,7 +86,13 @@ class Trainer:
         self.objective = DPOObjective.from_config(cfg.dpo, cfg.model.vocab_size, self.run.experts, turns)
         # what a checkpoint keeps of the training pairs, to compare a resumed run with (global rank 0 judges)
         self.data_fingerprint = data_fingerprint(cfg.data.train_file, self.train_pairs) if self.run.is_logger else None
-        self.sampler = PairSampler([p.row for p in self.train_pairs], cfg.schedule.global_batch_size, cfg.schedule.seed)
+        self.sampler = PairSampler(
+            [p.row for p in self.train_pairs],
+            cfg.schedule.global_batch_size,
+            cfg.schedule.seed,
+            ranking_units(self.train_pairs) if cfg.dpo.whole_rankings else None,
+            self.run.layout.dp,
+        )
         self.train_steps = cfg.schedule.train_steps or max(1, int(cfg.schedule.epochs * self.sampler.steps_per_epoch))
 
         # this rank's model chunks; with LoRA the base frozen and, with an online reference, the reference itself
@@ -188,9 +194,8 @@ class Trainer:
 
     def _train_step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
-        layout, ranks = self.run.layout, self.run.ranks
         microbatches = self._microbatches(
-            rank_share(self.sampler.global_batch(step), ranks.dp, layout.dp), self.train_pairs
+            self.run.share(self.cfg, self.train_pairs, self.sampler.global_batch(step)), self.train_pairs
         )
         references = self.reference.logps(microbatches, "train")
         self.objective.before_step(microbatches, self.policy)
