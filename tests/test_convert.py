@@ -545,17 +545,6 @@ def test_fp8_block_scaled_weights_read_as_the_format_says(tmp_path, capsys):
         assert got.dtype == torch.float32 and torch.equal(got, tensor.float()), name
         assert 0 < (got.double() - state[name].double()).abs().max() < 0.1 * state[name].abs().max(), name
 
-    # as released: bf16 beside the FP8 weights, the correction bias float32; dequantized into bf16 through float32
-    released = {n: t if n in want or n.endswith(("_scale_inv", "_bias")) else t.bfloat16() for n, t in packed.items()}
-    (tmp_path / "released").mkdir()
-    save_file(released, tmp_path / "released" / "model.safetensors")
-    shutil.copy(packed_dir / "config.json", tmp_path / "released" / "config.json")
-    bf16 = HFWeights(tmp_path / "released")
-    assert bf16.dtype() == torch.bfloat16 and bf16.dtypes["model.layers.1.mlp.gate.e_score_correction_bias"] == (
-        torch.float32
-    )
-    assert all(torch.equal(bf16[name], tensor.float().bfloat16()) for name, tensor in want.items())
-
     mc, back = tmp_path / "mc", tmp_path / "back"
     assert hf_to_megatron(packed_dir, mc, ep=2, check=Check(rows=1)) == mc  # `--check` reads the FP8 folder too
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -582,6 +571,22 @@ def test_fp8_block_scaled_weights_read_as_the_format_says(tmp_path, capsys):
     assert all(tensor.dtype == torch.float32 for tensor in exported.values())
     mtp = "model.layers.4.eh_proj.weight"  # carried untrained: dequantized as read
     assert torch.equal(exported[mtp], want[mtp].float())
+
+    # as released: bf16 beside the FP8 weights, the correction bias float32; dequantized into bf16 through float32
+    released = {n: t if n in want or n.endswith(("_scale_inv", "_bias")) else t.bfloat16() for n, t in packed.items()}
+    (tmp_path / "released").mkdir()
+    save_file(released, tmp_path / "released" / "model.safetensors")
+    shutil.copy(packed_dir / "config.json", tmp_path / "released" / "config.json")
+    bf16 = HFWeights(tmp_path / "released")
+    assert bf16.dtype() == torch.bfloat16 and bf16.dtypes["model.layers.1.mlp.gate.e_score_correction_bias"] == (
+        torch.float32
+    )
+    assert all(torch.equal(bf16[name], tensor.float().bfloat16()) for name, tensor in want.items())
+    # converted (one process, in parts) and back: bf16 as the dequantized weights read, the bias still float32
+    megatron_to_hf(hf_to_megatron(tmp_path / "released", tmp_path / "released_mc"), tmp_path / "released_back")
+    back16 = load_file(tmp_path / "released_back" / "model.safetensors")
+    assert sorted(back16) == sorted(bf16)
+    assert all(torch.equal(back16[name], bf16[name]) and back16[name].dtype == bf16.dtypes[name] for name in bf16)
 
     name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"  # (24, 64): blocks of 16 x 24 need a 2 x 3 scale
     for edit, message in [
