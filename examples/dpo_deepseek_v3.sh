@@ -6,8 +6,9 @@
 # paper; logged as aux_loss), full tuning (the default: lr 1e-6 x sqrt(nodes)) or LoRA (LORA=1: rank 64,
 # alpha 128, dropout 0.05 on attention, MLA's down and up projections and output, experts untouched; lr 5e-6 x
 # sqrt(nodes)). The steps are in examples/_dpo_recipe.sh; the multi-token prediction layer (layers.61) is carried
-# untrained into the export. HF_MODEL is a bf16 folder (the released FP8 weights are not read yet: cast them with
-# DeepSeek's inference/fp8_cast_bf16.py). Run the same command on every node (a shared filesystem holds WORK):
+# untrained into the export. HF_MODEL is the release as published (its FP8 block-scaled weights are dequantized as
+# they are read; the export is bf16) or a bf16 folder. Run the same command on every node (a shared filesystem holds
+# WORK):
 #
 #   NNODES=32 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 \
 #   HF_MODEL=/models/DeepSeek-V3-bf16 DATA=/data/ultrafeedback_binarized/train_prefs bash examples/dpo_deepseek_v3.sh

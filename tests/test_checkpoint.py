@@ -20,6 +20,7 @@ from conftest import REPO, run_mdpo, subprocess_env, tiny_hf_family, tiny_run_fi
 from safetensors.torch import load_file
 
 STEPS = 6
+CASES = ("qwen3_tied", "qwen3_moe", "deepseek_v3")  # models besides the setup's Llama, named by a layout's suffix
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def setup(tmp_path_factory) -> Path:
     }
     (root / "c.yaml").write_text(yaml.safe_dump(config))
     vocab = json.loads((files["hf"] / "config.json").read_text())["vocab_size"]
-    for case in ("qwen3_tied", "qwen3_moe"):
+    for case in CASES:
         tiny_hf_family(case, seed=2, vocab_size=vocab).save_pretrained(root / case)
     return root
 
@@ -71,13 +72,16 @@ LAYOUTS = {
     "pp2_qwen3_tied": (2, [BCO, "parallel.pp=2"]),
     # experts split over 2 ranks, their optimizer state sharded apart from the dense part's; the load-balancing loss
     "ep2_distopt_qwen3_moe": (2, [BCO, *MOE]),
+    # DeepSeek-V3 (MLA, a shared expert, group-limited sigmoid routing) with its correction bias moving after each
+    # step: model state, saved and restored
+    "ep2_distopt_bias_update_deepseek_v3": (2, [BCO, *MOE, "model.router_bias_update_rate=0.01"]),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, name):
     nproc, layout = LAYOUTS[name]
-    for case in ("qwen3_tied", "qwen3_moe"):
+    for case in CASES:
         if name.endswith(case):
             layout = [*layout, f"model.init_from={setup / case}"]
     train(setup, f"{name}_full", *layout, nproc=nproc)
@@ -87,6 +91,11 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(setup, name):
     second = train(setup, f"{name}_resumed", *layout, "logging.profile_step=4", nproc=nproc)
     assert "resumed from" in second.stdout and "(step 2)" in second.stdout
     assert_bitwise(outcome(setup / f"{name}_resumed"), outcome(setup / f"{name}_full"))
+    if "bias_update" in name:  # the bias moved before the stop and after it: a resume without it would differ
+        start, end = load_file(setup / "deepseek_v3" / "model.safetensors"), outcome(setup / f"{name}_full")[1]
+        layers = json.loads((setup / "deepseek_v3" / "config.json").read_text())["num_hidden_layers"]  # MTP after
+        biases = [k for k in start if k.endswith("e_score_correction_bias") and int(k.split(".")[2]) < layers]
+        assert len(biases) == 3 and all((end[key] - start[key]).abs().max() > 0.015 for key in biases)
     # the table lists the step's ops by time (its top 40, which of them wins varies run to run); the trace has all
     profile = (setup / f"{name}_resumed" / "profile.txt").read_text()
     assert profile.startswith("step 4") and "aten::" in profile and "Self CPU time total" in profile

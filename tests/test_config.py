@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 import textwrap
 
 import pytest
@@ -742,11 +743,29 @@ def test_multi_latent_attention_refuses_what_megatron_computes_otherwise():
         "model.rope_mscale=0.8 with model.rope_mscale_all_dim=None": dict(rope_scaling="yarn", rope_mscale=0.8),
         "model.fused_rope=true with model.kv_lora_rank": dict(fused_rope=True),
         "model.attention=te with model.kv_lora_rank": dict(attention="te"),
+        "model.router_bias_update_rate must be >= 0, got -0.001": dict(router_bias_update_rate=-0.001),
+        "model.router_bias_update_rate=0.001 needs a router with a correction bias (model.router_expert_bias: "
+        "DeepSeek-V3's e_score_correction_bias); this model's router has none": dict(
+            router_bias_update_rate=0.001, router_expert_bias=False
+        ),
     }
     for message, changes in cases.items():
         with pytest.raises(ConfigError) as info:
             config.ModelConfig(**{**mla, **experts, **changes}).check()
         assert message in str(info.value), (message, str(info.value))
+    dense = "model.router_bias_update_rate=0.001 needs a router with a correction bias"
+    with pytest.raises(ConfigError, match=re.escape(dense)):
+        config.ModelConfig(router_bias_update_rate=0.001)
+    updated = config.ModelConfig(**mla, **experts, router_bias_update_rate=0.001)
+    for section, message in [
+        (dict(lora=config.LoRAConfig(rank=4)), "lora.rank > 0 takes model.router_bias_update_rate=0"),
+        (
+            dict(parallel=config.ParallelConfig(recompute="full")),
+            "model.router_bias_update_rate > 0 with parallel.recompute=full",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config.TrainConfig(model=dataclasses.replace(updated, init_from="base"), **section)
 
 
 def test_a_key_newer_than_a_checkpoint_is_no_change_at_its_default():

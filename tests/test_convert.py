@@ -489,3 +489,121 @@ def test_mxfp4_experts_read_as_transformers_dequantizes_them(tmp_path):
         f"{packed_dir}: MXFP4 tensor 'model.layers.1.mlp.experts.down_proj_blocks' has no "
         "'model.layers.1.mlp.experts.down_proj_scales' beside it"
     )
+
+
+FP8_BLOCK = (16, 24)  # [rows, cols]: the tiny model's dimensions (24, 32, 64, 96, 128) end in partial blocks
+
+
+def fp8_quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [rows, cols] weight as DeepSeek V3's release stores it: float8_e4m3fn values, each block's float32 scale
+    (`weight_scale_inv`) its largest |value| / 448, so that the block's values fill the format's range."""
+    rows, cols = -(-weight.shape[0] // block[0]), -(-weight.shape[1] // block[1])
+    values, scales = torch.empty(weight.shape, dtype=torch.float8_e4m3fn), torch.empty(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            cut = (slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1]))
+            scales[i, j] = weight[cut].abs().max() / 448
+            values[cut] = (weight[cut] / scales[i, j]).to(torch.float8_e4m3fn)
+    return values, scales
+
+
+def fp8_oracle(values: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The format's description in float64: weight[r, c] = fp8[r, c] x scale[r // block rows, c // block cols]."""
+    rows, cols = (torch.arange(size) // b for size, b in zip(values.shape, block))
+    return values.double() * scales.double()[rows[:, None], cols[None, :]]
+
+
+def test_fp8_block_scaled_weights_read_as_the_format_says(tmp_path, capsys):
+    """DeepSeek V3's released FP8 weights (`weight` in float8_e4m3fn, `weight_scale_inv` per block): a tiny
+    DeepSeek-V3 quantized here in blocks of 16 x 24 (partial blocks at every edge) reads back, every bit, as the
+    float64 description of the format rounded once to float32 (and as released, bf16 beside a float32 correction
+    bias, as those float32 values rounded to bf16); converted at EP=2 (each writer reading its own
+    tensors, as `model.init_from` does) its per-sequence log-probs equal transformers' float64 forward of those
+    weights; the export drops the quantization_config with a note; a weight without its scale, or a scale of the
+    wrong shape, is one line naming it."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from mdpo.checkpoint.check import megatron_logits
+    from mdpo.checkpoint.convert import Check, hf_to_megatron, megatron_to_hf
+    from mdpo.checkpoint.hf import HFWeights
+    from mdpo.errors import MdpoError
+
+    src, packed_dir = tmp_path / "hf", tmp_path / "fp8"
+    tiny_hf_family("deepseek_v3", vocab_size=VOCAB).save_pretrained(src)
+    shutil.copytree(src, packed_dir)
+    state = load_file(src / "model.safetensors")
+    packed, want = dict(state), {}
+    linear = [n for n, t in state.items() if t.dim() == 2 and not n.endswith(("embed_tokens.weight", "gate.weight"))]
+    for name in [n for n in linear if n != "lm_head.weight"]:  # as released: all but the embeddings, head, routers
+        packed[name], packed[name + "_scale_inv"] = fp8_quantize(state[name], FP8_BLOCK)
+        want[name] = fp8_oracle(packed[name], packed[name + "_scale_inv"], FP8_BLOCK)
+    save_file(packed, packed_dir / "model.safetensors")
+    config = json.loads((packed_dir / "config.json").read_text())
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+    config["quantization_config"] = quantization | {"weight_block_size": list(FP8_BLOCK)}
+    (packed_dir / "config.json").write_text(json.dumps(config))
+
+    weights = HFWeights(packed_dir)
+    assert sorted(weights) == sorted(state) and weights.dtype() == torch.float32
+    for name, tensor in want.items():
+        got = weights[name]
+        assert got.dtype == torch.float32 and torch.equal(got, tensor.float()), name
+        assert 0 < (got.double() - state[name].double()).abs().max() < 0.1 * state[name].abs().max(), name
+
+    mc, back = tmp_path / "mc", tmp_path / "back"
+    assert hf_to_megatron(packed_dir, mc, ep=2, check=Check(rows=1)) == mc  # `--check` reads the FP8 folder too
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    model = describe_model({"init_from": str(mc)})
+    ours = torch.stack(megatron_logits(mc, model, tokens.tolist()))
+    expected = {}  # transformers' float64 forward of the weights the format describes, and of the unquantized ones
+    for case, tensors in (("dequantized", want), ("unquantized", {})):
+        shutil.copytree(src, tmp_path / case)
+        save_file({name: t.double() for name, t in (state | tensors).items()}, tmp_path / case / "model.safetensors")
+        kinds = dict(attn_implementation="eager", experts_implementation="eager", dtype=torch.float64)
+        with torch.no_grad():
+            expected[case] = DeepseekV3ForCausalLM.from_pretrained(tmp_path / case, **kinds).eval()(tokens).logits
+    logps = lambda logits: torch.log_softmax(logits[:, :-1].double(), -1).gather(2, tokens[:, 1:, None]).sum((1, 2))
+    got, oracle = logps(ours), logps(expected["dequantized"])
+    assert torch.allclose(got, oracle, rtol=1e-5, atol=0), (got, oracle)
+    assert not torch.allclose(got, logps(expected["unquantized"]), rtol=1e-5, atol=0)  # the quantization shows
+
+    capsys.readouterr()
+    megatron_to_hf(mc, back)
+    assert "written in float32, not in the source's fp8 quantization" in capsys.readouterr().out
+    del config["quantization_config"]
+    assert json.loads((back / "config.json").read_text()) == config
+    exported = load_file(back / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in exported.values())
+    mtp = "model.layers.4.eh_proj.weight"  # carried untrained: dequantized as read
+    assert torch.equal(exported[mtp], want[mtp].float())
+
+    # as released: bf16 beside the FP8 weights, the correction bias float32; dequantized into bf16 through float32
+    released = {n: t if n in want or n.endswith(("_scale_inv", "_bias")) else t.bfloat16() for n, t in packed.items()}
+    (tmp_path / "released").mkdir()
+    save_file(released, tmp_path / "released" / "model.safetensors")
+    shutil.copy(packed_dir / "config.json", tmp_path / "released" / "config.json")
+    bf16 = HFWeights(tmp_path / "released")
+    assert bf16.dtype() == torch.bfloat16 and bf16.dtypes["model.layers.1.mlp.gate.e_score_correction_bias"] == (
+        torch.float32
+    )
+    assert all(torch.equal(bf16[name], tensor.float().bfloat16()) for name, tensor in want.items())
+    # converted (one process, in parts) and back: bf16 as the dequantized weights read, the bias still float32
+    megatron_to_hf(hf_to_megatron(tmp_path / "released", tmp_path / "released_mc"), tmp_path / "released_back")
+    back16 = load_file(tmp_path / "released_back" / "model.safetensors")
+    assert sorted(back16) == sorted(bf16)
+    assert all(torch.equal(back16[name], bf16[name]) and back16[name].dtype == bf16.dtypes[name] for name in bf16)
+
+    name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"  # (24, 64): blocks of 16 x 24 need a 2 x 3 scale
+    for edit, message in [
+        (lambda: packed.pop(name + "_scale_inv"), f"FP8 tensor '{name}' has no '{name}_scale_inv' beside it"),
+        (
+            lambda: packed.update({name + "_scale_inv": torch.ones(2, 2)}),
+            f"FP8 tensor '{name}' (24, 64): its scale '{name}_scale_inv' has shape (2, 2), blocks of [16, 24] "
+            "need (2, 3)",
+        ),
+    ]:
+        edit()
+        save_file(packed, packed_dir / "model.safetensors")
+        with pytest.raises(MdpoError) as err:
+            HFWeights(packed_dir)
+        assert str(err.value) == f"{packed_dir}: {message}"

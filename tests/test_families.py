@@ -353,3 +353,86 @@ def test_megatron_router_losses_equal_their_float64_formula(megatron_world, fami
     _, grad_doubled = step(0.2)  # the DPO loss's gradient is the same: the difference is 0.1 x the losses'
     torch.testing.assert_close((grad_doubled - grad).double(), 0.1 * aux_grad, rtol=1e-4, atol=1e-7)
     assert (0.1 * aux_grad).abs().max() > 1e-4  # the check has teeth: the aux gradient is far above the tolerance
+
+
+def deepseek_loads_float64(inputs, weights, bias, valid, topk: int, groups: int, group_topk: int) -> torch.Tensor:
+    """DeepSeek-V3's routing (noaux_tc) in float64 from a router's input hidden states [s, b, h], weight [E, h] and
+    correction bias [E]: sigmoid scores plus the bias choose the top k experts within the group_topk best of `groups`
+    groups (a group scored by its two best), each token counted once per chosen expert where `valid` [b, s]."""
+    choice = torch.sigmoid(inputs.double() @ weights.double().T).reshape(-1, weights.shape[0]) + bias.double()
+    grouped = choice.view(choice.shape[0], groups, -1)
+    best = grouped.topk(2, dim=-1).values.sum(-1).topk(group_topk, dim=-1).indices
+    allowed = torch.zeros(choice.shape[0], groups, dtype=torch.bool).scatter(1, best, True)
+    choice = grouped.masked_fill(~allowed[..., None], float("-inf")).reshape(choice.shape)
+    chosen = torch.zeros_like(choice).scatter(1, choice.topk(topk, dim=-1).indices, 1.0)
+    return (chosen * valid.t().reshape(-1, 1).double()).sum(0)
+
+
+def test_router_bias_update_equals_its_float64_formula(megatron_world, families):
+    """model.router_bias_update_rate: after a DPO step (one process, three padded micro-batches of 2 pairs) each MoE
+    layer's correction bias moved as DeepSeek-V3's auxiliary-loss-free balancing moves it, bias + rate x sign(mean
+    load - load), its loads counted in float64 from the routers' inputs (every sequence's real tokens, each chosen
+    expert once); the same step on shared prompts (a pair's prompt computed once, counted as TRL's batch holds it)
+    moves it the same."""
+    from functools import partial
+
+    from mdpo.checkpoint.description import describe_model
+    from mdpo.config import DPOConfig, Layout, TrainConfig
+    from mdpo.data.batching import collate, collate_shared
+    from mdpo.data.pairs import TokenizedPair
+    from mdpo.training.experts import Experts
+    from mdpo.training.optimizer import build_optimizer, wrap_ddp
+    from mdpo.training.setup import build_model
+    from mdpo.training.step import DPOObjective, Scorer, dpo_forward_step, run_schedule
+
+    rate = 0.01
+    model = describe_model({"init_from": str(families["deepseek_v3"][0]), "router_bias_update_rate": rate})
+    cfg = TrainConfig(model=model, dpo=DPOConfig(reference="none"))
+    experts = Experts.of(cfg, ep=1)
+    (chunk,) = build_model(cfg, Layout(), torch.float32, load=True, experts=experts)
+    policy = [wrap_ddp(cfg, chunk)]
+    build_optimizer(cfg, policy, torch.float32)  # registers finalize_model_grads, which updates the bias
+    routers = [layer.mlp.router for layer in chunk.decoder.layers if hasattr(layer.mlp, "router")]
+    initial = [router.expert_bias.clone() for router in routers]
+    seen = []
+    for router in routers:
+        router.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(family_pairs())]
+    objective = DPOObjective.from_config(cfg.dpo, model.vocab_size, experts)
+
+    def step(collate_pairs) -> list[torch.Tensor]:
+        """The biases after one step on `collate_pairs`' micro-batches (each bias as loaded before it)."""
+        for router, bias in zip(routers, initial):
+            router.expert_bias.copy_(bias)
+        batches = [collate_pairs(pairs[k : k + 2], pad_id=0) for k in range(0, 6, 2)]
+        objective.before_step(batches, policy)
+        policy[0].zero_grad_buffer()
+        run_schedule(
+            partial(dpo_forward_step, objective, Scorer(model, 7, False)),
+            batches,
+            policy,
+            forward_only=False,
+            references=[None] * 3,
+        )
+        return batches, [router.expert_bias.clone() for router in routers]
+
+    batches, got = step(collate)
+    for i, (router, bias) in enumerate(zip(routers, initial)):
+        loads = sum(
+            deepseek_loads_float64(
+                seen[len(routers) * k + i],
+                router.weight.detach(),
+                bias,
+                batch.token_weights > 0,
+                model.moe_topk,
+                model.router_groups,
+                model.router_group_topk,
+            )
+            for k, batch in enumerate(batches)
+        )
+        want = bias.double() + rate * torch.sign(loads.mean() - loads)
+        torch.testing.assert_close(got[i].double(), want, rtol=0, atol=1e-7)
+        assert (loads != loads.mean()).sum() >= model.num_experts - 1 and loads.std() > 1, (i, loads)  # it moves
+    assert sum(len(batch.tokens) for batch in batches) == 12  # padded rows: a sequence each, its prompt in it
+    _, shared = step(collate_shared)
+    assert all(torch.equal(a, b) for a, b in zip(shared, got))

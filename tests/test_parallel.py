@@ -139,6 +139,7 @@ def setup(tmp_path_factory) -> Path:
 # pipeline stages (the embedding's gradient all-reduced with its copy on the last stage) and over TP.
 _SP_PACKED = ["parallel.tp=2", "parallel.sequence_parallel=true", "data.packing=true", "data.pack_tokens=192"]
 _AUX = ["dpo.router_aux_loss_coef=0.1"]
+_BIAS_UPDATE = "model.router_bias_update_rate=0.01"
 FAMILY_LAYOUTS = {
     "llama3.1": (2, ["parallel.tp=2", "schedule.micro_batch_size=2"]),
     "llama3.2_tied": (2, ["parallel.pp=2", "schedule.micro_batch_size=2"]),
@@ -169,8 +170,10 @@ FAMILY_LAYOUTS = {
     # biased experts whole on each of 2 EP ranks (Megatron takes expert biases at ETP = 1 only)
     "gpt_oss": (2, [*_SP_PACKED, "parallel.ep=2", "parallel.etp=1", *_AUX]),
     # DeepSeek-V3: MLA split over TP with SP (its q / kv latents' norms on each rank's tokens, gradients summed over
-    # TP), the experts split over 2 EP ranks, packed rows; no load-balancing loss (transformers' class has none)
-    "deepseek_v3": (2, [*_SP_PACKED, "parallel.ep=2", "parallel.etp=1"]),
+    # TP), the experts split over 2 EP ranks, packed rows; no load-balancing loss (transformers' class has none), its
+    # auxiliary-loss-free balancing instead: the correction bias moved after each step by the loads counted on every
+    # rank
+    "deepseek_v3": (2, [*_SP_PACKED, "parallel.ep=2", "parallel.etp=1", _BIAS_UPDATE]),
     # ... and a dense one at TP=2 without SP: each rank projects every token through MLA's whole down projections,
     # whose RoPE key (used by every rank's heads) gets its gradient summed over TP (`models.mla`)
     "deepseek_v3_dense": (2, ["parallel.tp=2", "schedule.micro_batch_size=2"]),
@@ -199,7 +202,8 @@ def run_layout(root: Path, name: str, family: str | None = None) -> tuple[list[d
     if family is not None:
         data = root / ("digits.jsonl" if family in DIGITS else "ranked.jsonl")
         overrides = [*overrides, f"model.init_from={root / family}", f"data.train_file={data}"]
-        overrides += [o for o in FAMILY_LAYOUTS[family][1] if o.startswith("dpo.")]  # the same objective
+        # the same objective, and the same bias update
+        overrides += [o for o in FAMILY_LAYOUTS[family][1] if o.startswith(("dpo.", _BIAS_UPDATE))]
         name = f"{family}_{name}"
     return run(root, name, nproc, overrides)
 
@@ -252,14 +256,24 @@ def test_layout_matches_single_process(setup, name):
 
 @pytest.mark.parametrize("family", list(FAMILY_LAYOUTS))
 def test_family_layout_matches_single_process(setup, family):
-    assert_same_run(run_layout(setup, "tp1_mb8", family), run_layout(setup, "split", family), setup / family, family)
+    frozen = () if _BIAS_UPDATE in FAMILY_LAYOUTS[family][1] else FROZEN
+    want, got = run_layout(setup, "tp1_mb8", family), run_layout(setup, "split", family)
+    assert_same_run(want, got, setup / family, family, frozen=frozen)
 
 
-FROZEN = ("mlp.gate.e_score_correction_bias",)  # HF tensors a run uses but never trains
+FROZEN = ("mlp.gate.e_score_correction_bias",)  # HF tensors a run uses but never trains (router_bias_update_rate 0)
 
 
-def assert_same_run(want_run, got_run, start: Path, name: str, metrics: tuple[str, ...] = METRICS) -> None:
-    """Metrics step for step and exported weights within fp32 reordering noise; training moved every tensor."""
+def assert_same_run(
+    want_run,
+    got_run,
+    start: Path,
+    name: str,
+    metrics: tuple[str, ...] = METRICS,
+    frozen: tuple[str, ...] = FROZEN,
+) -> None:
+    """Metrics step for step and exported weights within fp32 reordering noise; training moved every tensor but
+    the `frozen` ones."""
     (want_records, want_weights), (got_records, got_weights) = want_run, got_run
     assert len(got_records) == len(want_records) == STEPS
     for got, want in zip(got_records, want_records):
@@ -273,10 +287,10 @@ def assert_same_run(want_run, got_run, start: Path, name: str, metrics: tuple[st
     initial = load_file(str(start / "model.safetensors"))
     family = families.detect(json.loads((start / "config.json").read_text()))
     for key, want in want_weights.items():
-        # a vision tower (carried), DeepSeek-V3's router score bias (loaded and used, never updated): exported
-        # bitwise as it came, by every layout
+        # a vision tower (carried), DeepSeek-V3's router score bias (at update rate 0: loaded and used, never
+        # updated): exported bitwise as it came, by every layout
         layers = json.loads((start / "config.json").read_text()).get("num_hidden_layers", 0)
-        if family.is_carried(key, layers) or key.endswith(FROZEN):
+        if family.is_carried(key, layers) or key.endswith(frozen):
             assert torch.equal(want, initial[key]) and torch.equal(got_weights[key], initial[key]), (name, key)
             continue
         scale = want.abs().max().item()

@@ -20,6 +20,7 @@ import transformers
 from megatron.core import tensor_parallel
 
 from mdpo import parallel
+from mdpo.checkpoint import fp8
 from mdpo.checkpoint.hf import HFWeights
 from mdpo.checkpoint.load import checkpoint_lora, load_lora_checkpoint, load_megatron_weights
 from mdpo.config import DataConfig, Layout, ModelConfig
@@ -45,17 +46,27 @@ def hf_logits(hf_dir: Path, model: ModelConfig, rows: list[list[int]]) -> list[t
     device = "cuda" if torch.cuda.is_available() else "cpu"
     oracle = families.get(model.family).oracle
     if isinstance(oracle, str):
-        module = getattr(transformers, oracle).from_pretrained(
-            hf_dir,
-            attn_implementation="eager",
-            experts_implementation="eager",  # float64 takes no grouped GEMM
-        )
+        kinds = dict(attn_implementation="eager", experts_implementation="eager")  # float64 takes no grouped GEMM
+        if fp8.block_scaled(hf_dir):
+            module = _fp8_oracle(getattr(transformers, oracle), hf_dir, kinds)
+        else:
+            module = getattr(transformers, oracle).from_pretrained(hf_dir, **kinds)
         module = module.double().eval().to(device)
         forward = lambda tokens: module(tokens).logits
     else:
         forward = oracle(model, _weights(hf_dir, device))
     with torch.no_grad():
         return [forward(torch.tensor([row], device=device))[0] for row in rows]
+
+
+def _fp8_oracle(cls: type, hf_dir: Path, kinds: dict) -> torch.nn.Module:
+    """transformers' class of an FP8 folder (DeepSeek V3's release) with the weights mdpo dequantizes: transformers
+    dequantizes FP8 only on a GPU (else into bf16, and never blocks cut short by a dimension), and the check compares
+    conversions in float32."""
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    del config.quantization_config
+    weights = HFWeights(hf_dir)
+    return cls.from_pretrained(None, config=config, state_dict={name: weights[name] for name in weights}, **kinds)
 
 
 def megatron_logits(ckpt: Path, model: ModelConfig, rows: list[list[int]]) -> list[torch.Tensor]:

@@ -207,8 +207,12 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, check: Check | None = None
         else:
             load_lora_checkpoint(module, ckpt, model)
         # norm weights are fp32 in Megatron: everything goes back in the checkpoint's dtype (exact for bf16 -> fp32)
+        # but a router's expert bias, float32 in Megatron and in DeepSeek V3's release (`hf.FLOAT32_KEPT`): bf16
+        # would round away the steps of its update (model.router_bias_update_rate)
         full = {
-            sharding.te_name_inverse(k): v.to(dtype) for k, v in module.state_dict().items() if "_extra_state" not in k
+            sharding.te_name_inverse(k): v if k.endswith(".expert_bias") else v.to(dtype)
+            for k, v in module.state_dict().items()
+            if "_extra_state" not in k
         }
         if adapter:
             write_peft_adapter(tmp, split_adapters(full)[1], model, lora, meta["config"]["model"].get("init_from"))

@@ -12,12 +12,15 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 
-from mdpo.checkpoint import mxfp4
+from mdpo.checkpoint import fp8, mxfp4
 from mdpo.checkpoint.files import CHECKPOINT_FILES
 from mdpo.errors import MdpoError
 from mdpo.models.families.base import Family
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# tensors a release keeps in float32 whatever its dtype, left out of the folder's dtype: DeepSeek V3's router score
+# correction bias (bf16 weights beside it; Megatron-Core keeps its expert_bias in float32 too)
+FLOAT32_KEPT = ("e_score_correction_bias",)
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -28,9 +31,10 @@ def weight_files(folder: Path) -> list[Path]:
 
 class HFWeights(Mapping[str, torch.Tensor]):
     """The tensors of a HF model folder, read on access. Shapes and dtypes come from the safetensors headers, so
-    names and shapes are checked before any tensor is read, and a converter holds one tensor at a time. MXFP4
-    tensors (`<name>_blocks` and `<name>_scales`: gpt-oss's released experts) are `<name>`, dequantized on access
-    into the dtype of the folder's other tensors (`checkpoint.mxfp4`)."""
+    names and shapes are checked before any tensor is read, and a converter holds one tensor at a time. Quantized
+    tensors are the tensors they stand for, dequantized on access into the dtype of the folder's other tensors:
+    MXFP4 (`<name>_blocks` and `<name>_scales`: gpt-oss's released experts, `checkpoint.mxfp4`) and FP8 (`<name>` in
+    float8_e4m3fn with its block scales `<name>_scale_inv`: DeepSeek V3's released weights, `checkpoint.fp8`)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -61,19 +65,23 @@ class HFWeights(Mapping[str, torch.Tensor]):
         self._quantized = self._read_quantized()
 
     def _read_quantized(self) -> dict[str, tuple[str, str]]:
-        """The MXFP4 tensors (`mxfp4.quantized_pairs`), listed under the names they stand for."""
+        """The MXFP4 tensors (`mxfp4.quantized_pairs`) and the FP8 ones (`fp8.quantized_pairs`, their block size
+        `self.block`), listed under the names they stand for, in the other tensors' dtype."""
         try:
+            self.block = fp8.block_size(self.folder) if fp8.DTYPE in self.dtypes.values() else fp8.DEFAULT_BLOCK
             pairs = mxfp4.quantized_pairs(set(self.shapes))
             shapes = {name: mxfp4.dequantized_shape(*map(self.shapes.get, pair), name) for name, pair in pairs.items()}
+            scales = fp8.quantized_pairs(self.shapes, self.dtypes, self.block)
         except ValueError as err:
             raise MdpoError(f"{self.folder}: {err}") from None
-        for blocks, scales in pairs.values():
-            for part in (blocks, scales):
-                del self.shapes[part], self.dtypes[part]
-        dtype = next(iter(self.dtypes.values()), torch.bfloat16)  # the other tensors' (one: `dtype()` checks)
+        for part in [*(p for pair in pairs.values() for p in pair), *scales.values()]:
+            del self.shapes[part], self.dtypes[part]
+        shapes |= {name: self.shapes[name] for name in scales}
+        others = [d for name, d in self.dtypes.items() if name not in scales and not name.endswith(FLOAT32_KEPT)]
+        dtype = others[0] if others else torch.bfloat16  # the other tensors' (one: `dtype()` checks)
         self.shapes |= shapes
         self.dtypes |= dict.fromkeys(shapes, dtype)
-        return pairs
+        return pairs | {name: (name, scale) for name, scale in scales.items()}
 
     def _shards(self) -> list[Path]:
         for index_name in INDEX_FILES:
@@ -94,8 +102,10 @@ class HFWeights(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._quantized:
-            blocks, scales = (self._read(part) for part in self._quantized[name])
-            return mxfp4.dequantize(blocks, scales, self.dtypes[name])
+            values, scales = (self._read(part) for part in self._quantized[name])
+            if values.dtype == fp8.DTYPE:
+                return fp8.dequantize(values, scales, self.block, self.dtypes[name])
+            return mxfp4.dequantize(values, scales, self.dtypes[name])
         return self._read(name)
 
     def _read(self, name: str) -> torch.Tensor:
@@ -115,17 +125,20 @@ class HFWeights(Mapping[str, torch.Tensor]):
         return len(self.shapes)
 
     def dtype(self) -> torch.dtype:
-        """The one floating dtype of the weights (mixed dtypes are refused: a conversion keeps the dtype)."""
-        found = sorted({str(d) for d in self.dtypes.values()})
+        """The one floating dtype of the weights, FLOAT32_KEPT aside (mixed dtypes are refused: a conversion keeps
+        the dtype)."""
+        dtypes = [d for name, d in self.dtypes.items() if not name.endswith(FLOAT32_KEPT)]
+        found = sorted({str(d) for d in dtypes})
         if len(found) != 1:
             raise MdpoError(f"{self.folder}: weights mix dtypes {', '.join(found)}; expected one")
-        return next(iter(self.dtypes.values()))
+        return dtypes[0]
 
 
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn,
     "BF16": torch.bfloat16,
     "I64": torch.int64,
     "I32": torch.int32,

@@ -127,6 +127,10 @@ def write_hf_export(folder: Path, full_state: dict[str, torch.Tensor], model: Mo
     family = families.get(model.family)
     state = mcore_to_hf(family, full_state, model) | dict(carried_tensors(family, origin, model.num_hidden_layers))
     write_hf_folder(folder, state, hf_export_config(model, original))
+    method = ((original or {}).get("quantization_config") or {}).get("quant_method")
+    if method is not None:
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        print(f"export written in {dtype}, not in the source's {method} quantization (no quantization_config)")
     if origin is not None:
         copy_auxiliary(origin, folder)
 

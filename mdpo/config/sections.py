@@ -240,12 +240,16 @@ class ModelConfig(Section):
     router_aux_loss_coef: float = 0.0  # the load-balancing loss weight config.json declares (dpo.* overrides it)
     shared_expert_gate: bool = True  # the shared expert's output scaled by its sigmoid gate (Qwen2-MoE); false: not
     # DeepSeek-V3's routing: sigmoid scores of the router logits (softmax: the others'), a bias added to the scores
-    # only to choose the experts (its `e_score_correction_bias`, loaded and used, never updated), the chosen weights
+    # only to choose the experts (its `e_score_correction_bias`, see below), the chosen weights
     # (renormalised) times routed_scaling_factor, and the top k taken within the router_group_topk best of
     # router_groups equal groups of experts (a group scored by its two best experts; DeepSeek-V2's softmax router:
     # by its best)
     router_score: str = "softmax"
     router_expert_bias: bool = False
+    # > 0: that bias moves after every optimizer step as DeepSeek-V3's auxiliary-loss-free balancing moves it, by
+    # this much towards the mean load (Megatron-Core's moe_router_bias_update_rate; DeepSeek-V3 pre-trained at 0.001);
+    # 0: used as loaded, frozen
+    router_bias_update_rate: float = 0.0
     routed_scaling_factor: float = 1.0
     router_groups: int | None = None
     router_group_topk: int | None = None
@@ -367,6 +371,13 @@ class ModelConfig(Section):
         self._check_norms()
         if self.is_moe:
             self._check_experts()
+        rate = self.router_bias_update_rate
+        need(rate >= 0, f"model.router_bias_update_rate must be >= 0, got {rate!r}")
+        need(
+            rate == 0 or self.router_expert_bias,
+            f"model.router_bias_update_rate={rate!r} needs a router with a correction bias (model.router_expert_bias: "
+            "DeepSeek-V3's e_score_correction_bias); this model's router has none",
+        )
         if self.is_mla:
             self._check_latent_attention()
         need(
@@ -996,6 +1007,12 @@ class TrainConfig:
             self.dpo.reference != "precomputed" or m.init_from is not None,
             "dpo.reference=precomputed needs model.init_from (the reference checkpoint the cache is stamped with)",
         )
+        need(
+            m.router_bias_update_rate == 0 or self.parallel.recompute != "full",
+            "model.router_bias_update_rate > 0 with parallel.recompute=full: Megatron-Core counts the routed tokens "
+            "in the forward recomputed during the backward, where mdpo cannot weight them by their micro-batch; use "
+            "parallel.recompute none or selective",
+        )
         if self.lora.enabled:
             self._check_lora()
 
@@ -1028,6 +1045,11 @@ class TrainConfig:
         need(
             self.model.init_from is not None,
             "lora.rank > 0 needs model.init_from (the base model the adapters are trained on and belong to)",
+        )
+        need(
+            self.model.router_bias_update_rate == 0,
+            "lora.rank > 0 takes model.router_bias_update_rate=0: the reference is the base model (the adapters "
+            "switched off), whose correction bias an update would move, and a LoRA checkpoint holds the adapters only",
         )
         mlp = [t for t in self.lora.targets if t in ("fc1", "fc2")]
         need(

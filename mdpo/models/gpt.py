@@ -33,7 +33,7 @@ from mdpo.models.attention import (
 )
 from mdpo.models.lora import with_adapters
 from mdpo.models.mla import LatentDownProjection, LatentSelfAttention, mla_fields
-from mdpo.models.moe import FixedBiasRouter, mark_experts, moe_fields
+from mdpo.models.moe import ExpertBiasRouter, mark_experts, moe_fields
 from mdpo.models.norms import PostNormLayer, PostNormLayerSubmodules, ProjectionNorm, TorchNorm, ZeroCenteredRMSNorm
 from mdpo.models.rotary import RopeSelfAttention, layer_softmax_scale, table_frequencies
 
@@ -101,7 +101,7 @@ def layer_spec(
     scores (the config refuses te/local with it). Its attention takes the layer's RoPE (`RopeSelfAttention`), or is
     Megatron's multi-latent attention (`models.mla`, local layers only).
     `experts`: a MoE layer (Megatron's MoELayer: grouped GEMM experts on TE's layers, one MLP per expert on the
-    local ones) whose router is `router` (`moe.FixedBiasRouter`, Megatron's TopKRouter, when None); `lora`: the
+    local ones) whose router is `router` (`moe.ExpertBiasRouter`, Megatron's TopKRouter, when None); `lora`: the
     target linears with adapters (`models.lora`; local layers only)."""
     attention = core_attention(model)
     num_experts = model.num_experts if experts else None
@@ -118,7 +118,7 @@ def layer_spec(
         self_attention.module = RopeSelfAttention
         self_attention.params = {**self_attention.params, **_layer_rope(model, layer)}
     if experts:
-        spec.submodules.mlp.submodules.router = router or FixedBiasRouter
+        spec.submodules.mlp.submodules.router = router or ExpertBiasRouter
     return with_adapters(spec, lora) if lora is not None else spec
 
 

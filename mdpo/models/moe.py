@@ -6,9 +6,12 @@ Routing (dropless: no capacity factor, so every layout routes every token the sa
 over all experts, top-k. Renormalised top-k weights (Mixtral; Qwen3-MoE's `norm_topk_prob: true`) equal a softmax
 over the k top logits, Megatron's `moe_router_pre_softmax=False`; unrenormalised ones are the softmax over all experts
 taken at the top k, `moe_router_pre_softmax=True`. DeepSeek-V3's router is Megatron's sigmoid one: the experts
-chosen by sigmoid scores plus the checkpoint's correction bias (Megatron's `expert_bias`, its update rate 0: loaded
-and used, never trained), within the best groups of experts, the chosen scores renormalised and scaled by
-`routed_scaling_factor`.
+chosen by sigmoid scores plus the checkpoint's correction bias (Megatron's `expert_bias`), within the best groups of
+experts, the chosen scores renormalised and scaled by `routed_scaling_factor`. The bias is never trained by the
+gradient: it stays as loaded (`model.router_bias_update_rate: 0`), or moves after every step as DeepSeek-V3's
+auxiliary-loss-free balancing moves it, by Megatron's own update (`finalize_model_grads`: bias += rate x sign(mean
+load - load), each expert's load the tokens routed to it in the step's forwards as TRL's batch holds them, summed
+over the TP, CP and DP ranks), from the counts `ExpertBiasRouter` keeps.
 
 Two kinds of load-balancing loss (`dpo.router_aux_loss_type`):
 - `transformers`: transformers' `load_balancing_loss_func`, which TRL's DPOTrainer adds to the DPO loss: one
@@ -68,9 +71,9 @@ def moe_fields(
         moe_layer_freq=[int(i in layers) for i in range(model.num_hidden_layers)],
         moe_router_score_function=model.router_score,
         moe_router_pre_softmax=model.router_score == "softmax" and not model.norm_topk_prob,
-        # DeepSeek-V3's: the score bias that chooses the experts is a checkpoint's, never updated (rate 0)
+        # DeepSeek-V3's: the score bias that chooses the experts, a checkpoint's, updated after each step at this rate
         moe_router_enable_expert_bias=model.router_expert_bias,
-        moe_router_bias_update_rate=0.0,
+        moe_router_bias_update_rate=model.router_bias_update_rate,
         moe_router_topk_scaling_factor=model.routed_scaling_factor if model.routed_scaling_factor != 1.0 else None,
         moe_router_num_groups=model.router_groups,
         moe_router_group_topk=model.router_group_topk or model.router_groups,
@@ -102,16 +105,34 @@ class RouterSums:
         return self.weights.t() @ values.float()
 
 
-class FixedBiasRouter(TopKRouter):
-    """Megatron's top-k router whose expert bias (DeepSeek-V3's score correction) stays as loaded: it counts no
-    routed tokens for a bias update, which mdpo never makes (rate 0), and which Megatron-Core 0.16.1 counts wrongly
-    under a padding mask (router.py:542 ands [tokens, experts] with [tokens]). Every MoE layer's router is one."""
+class ExpertBiasRouter(TopKRouter):
+    """Megatron's top-k router, counting for its expert bias's update (DeepSeek-V3's score correction; Megatron's
+    `finalize_model_grads` moves it by `moe_router_bias_update_rate`) each token routed to an expert with its weight
+    in `load_weights` ([tokens] in the routers' order: its count among the tokens TRL's batch would hold, a pair's
+    prompt twice, padding 0, so that every row layout counts the same), in forwards with gradients. None (a
+    reference's forward, an expert group's echo): nothing counted. Megatron-Core 0.16.1's own count would take
+    a shared prompt once, and counts wrongly under a padding mask (router.py:542 ands [tokens, experts] with
+    [tokens]). Every MoE layer's router is one."""
+
+    load_weights: torch.Tensor | None = None
 
     def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: torch.Tensor | None = None) -> None:
-        pass
+        if self.load_weights is None or not torch.is_grad_enabled():
+            return
+        with torch.no_grad():
+            if self.local_tokens_per_expert.dtype != torch.float32:  # bf16 (Float16Module) counts inexactly
+                self.local_tokens_per_expert.data = self.local_tokens_per_expert.data.float()
+            self.local_tokens_per_expert += self.load_weights.float() @ routing_map.float()
 
 
-class RecordingRouter(FixedBiasRouter):
+def count_loads(model: torch.nn.Module, weights: torch.Tensor | None) -> None:
+    """The token weights the routers of `model` count their next forwards' loads with (`ExpertBiasRouter`)."""
+    for module in model.modules():
+        if isinstance(module, ExpertBiasRouter):
+            module.load_weights = weights
+
+
+class RecordingRouter(ExpertBiasRouter):
     """Megatron's top-k router that also records this layer's sums for transformers' pooled load-balancing loss
     (with Megatron's own scores for an aux loss: the softmax over all experts and its top k) into `sums` when it
     has token weights. A spec entry (`functools.partial(RecordingRouter, sums=...)` as MoESubmodules' router)."""
@@ -130,7 +151,7 @@ class RecordingRouter(FixedBiasRouter):
         return probs, routing_map
 
 
-class MicroBatchRouter(FixedBiasRouter):
+class MicroBatchRouter(ExpertBiasRouter):
     """Megatron's top-k router whose own load-balancing losses (`aux_loss`, `seq_aux_loss`: each layer's over the
     micro-batch's tokens, padding left out) reach the gradient through Megatron's `MoEAuxLossAutoScaler` as they are,
     not multiplied by the micro-batch's token count as under `calculate_per_token_loss`: mdpo's gradients are

@@ -24,7 +24,14 @@ from megatron.core.utils import get_model_config
 
 from mdpo.config import TrainConfig
 from mdpo.data.batching import MicroBatch
-from mdpo.models.moe import MicroBatchRouter, RecordingRouter, RouterSums, pair_aux_losses, routers_order
+from mdpo.models.moe import (
+    MicroBatchRouter,
+    RecordingRouter,
+    RouterSums,
+    count_loads,
+    pair_aux_losses,
+    routers_order,
+)
 
 # Megatron's tracker names of its per-layer losses
 _TRACKED = {"megatron": "load_balancing_loss", "seq": "seq_load_balancing_loss"}
@@ -36,10 +43,12 @@ def _device() -> str:
 
 class Experts:
     """A MoE policy's routers and load-balancing loss (`balancing`: transformers, megatron or seq, weight `coef`;
-    0: none) and its expert-parallel size `ep`."""
+    0: none), its expert-parallel size `ep`, and whether its routers count tokens for their expert bias's update
+    (`counts`: model.router_bias_update_rate > 0; Megatron updates the bias in `finalize_model_grads`)."""
 
-    def __init__(self, balancing: str, coef: float, num_experts: int, ep: int) -> None:
+    def __init__(self, balancing: str, coef: float, num_experts: int, ep: int, counts: bool = False) -> None:
         self.balancing, self.coef, self.num_experts, self.ep = balancing, coef, num_experts, ep
+        self.counts = counts
         self.sums = RouterSums() if self.pooled else None  # what the policy's recording routers fill
         self.microbatches = 1  # the step's micro-batches over every DP rank (Megatron's losses are their mean)
 
@@ -48,7 +57,8 @@ class Experts:
         """The run's experts; None for a dense model."""
         if not cfg.model.is_moe:
             return None
-        return cls(cfg.router_aux_loss_type, cfg.router_aux_loss_coef, cfg.model.num_experts, ep)
+        counts = cfg.model.router_bias_update_rate > 0
+        return cls(cfg.router_aux_loss_type, cfg.router_aux_loss_coef, cfg.model.num_experts, ep, counts)
 
     @property
     def pooled(self) -> bool:
@@ -79,9 +89,12 @@ class Experts:
 
     def before_forward(self, batch: MicroBatch, model: torch.nn.Module) -> None:
         """transformers' loss: the routers record this micro-batch's sums per pair, weighted as TRL's batch holds
-        its tokens, in their token order."""
+        its tokens, in their token order. The expert bias's update counts the tokens of every micro-batch but an
+        echo (a repeat), weighted as that batch holds them too."""
+        sequence_parallel = get_model_config(model).sequence_parallel
+        if self.counts:
+            count_loads(model, None if batch.echo else routers_order(batch.token_weights, sequence_parallel))
         if self.pooled:
-            sequence_parallel = get_model_config(model).sequence_parallel
             self.sums.start(routers_order(batch.pair_weights, sequence_parallel))
 
     def pair_term(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

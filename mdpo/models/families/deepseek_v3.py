@@ -11,7 +11,8 @@ mixture of experts with a shared expert, on Megatron-Core's own layers.
   `mlp.gate.e_score_correction_bias` choose the top `num_experts_per_tok` of `n_routed_experts` experts within the
   best `topk_group` of `n_group` groups (a group scored by its two best experts), the chosen scores renormalised
   and times `routed_scaling_factor`; beside them `n_shared_experts` x moe_intermediate_size of shared expert,
-  ungated. The correction bias is Megatron's router `expert_bias`, loaded and used, never updated (`models.moe`).
+  ungated. The correction bias is Megatron's router `expert_bias`: frozen as loaded, or moved after each step by
+  `model.router_bias_update_rate` (`models.moe`).
 
 What Megatron-Core cannot follow is refused: see REFUSALS and `read_config`.
 """
