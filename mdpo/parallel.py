@@ -60,8 +60,18 @@ def ranks() -> Ranks:
     )
 
 
+# Groups megatron-core 0.16.1's destroy_model_parallel leaves set (parallel_state.py:910-911): a process forked
+# afterwards (`mdpo convert`'s writers, forked from one that ran a model in-process, as `--check` does) inherits them,
+# and its own initialize_model_parallel, replacing them, runs their destructor, which joins gloo threads the fork
+# never copied: the writer hangs.
+_LEFT_BY_DESTROY = ("_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP", "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO")
+
+
 def stop() -> None:
+    """Every group Megatron made released (its leftovers too), then the process group."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    for name in _LEFT_BY_DESTROY:
+        setattr(parallel_state, name, None)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -513,6 +513,22 @@ def fp8_oracle(values: torch.Tensor, scales: torch.Tensor, block: tuple[int, int
     return values.double() * scales.double()[rows[:, None], cols[None, :]]
 
 
+def test_no_process_group_outlives_a_megatron_world():
+    """After a world of one starts and stops in this process (as `--check` and `megatron_logits` do), megatron-core's
+    parallel_state holds no process group: conversion writers forked afterwards would inherit it and hang in its
+    destructor when their own groups replace it (`parallel.stop`)."""
+    from megatron.core import parallel_state
+
+    from mdpo import parallel
+    from mdpo.config.layout import Layout
+
+    parallel.start(Layout())
+    assert any(isinstance(v, torch.distributed.ProcessGroup) for v in vars(parallel_state).values())
+    parallel.stop()
+    left = [name for name, v in vars(parallel_state).items() if isinstance(v, torch.distributed.ProcessGroup)]
+    assert not left, left
+
+
 def test_fp8_block_scaled_weights_read_as_the_format_says(tmp_path, capsys):
     """DeepSeek V3's released FP8 weights (`weight` in float8_e4m3fn, `weight_scale_inv` per block): a tiny
     DeepSeek-V3 quantized here in blocks of 16 x 24 (partial blocks at every edge) reads back, every bit, as the
