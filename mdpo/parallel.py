@@ -63,7 +63,7 @@ def ranks() -> Ranks:
 # Groups megatron-core 0.16.1's destroy_model_parallel leaves set (parallel_state.py:910-911): a process forked
 # afterwards (`mdpo convert`'s writers, forked from one that ran a model in-process, as `--check` does) inherits them,
 # and its own initialize_model_parallel, replacing them, runs their destructor, which joins gloo threads the fork
-# never copied: the writer hangs.
+# never copied: the writer hangs (`holds_process_group`).
 _LEFT_BY_DESTROY = ("_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP", "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO")
 
 
@@ -75,3 +75,11 @@ def stop() -> None:
         setattr(parallel_state, name, None)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def holds_process_group() -> bool:
+    """Whether this process holds a process group (a running world, or groups megatron-core left set): a process
+    forked from it would inherit them, half alive (their gloo threads are not copied), so it must spawn instead."""
+    return torch.distributed.is_initialized() or any(
+        isinstance(value, torch.distributed.ProcessGroup) for value in vars(parallel_state).values()
+    )

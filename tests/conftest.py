@@ -41,10 +41,11 @@ def llama2_tokenizer_dir() -> Path:
     return shared_path("tokenizers", "llama2")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def megatron_world():
-    """TP=PP=DP=1 in this process (gloo on CPU, NCCL on GPU), for tests that call model code directly."""
-    from mdpo import megatron_cpu
+    """TP=PP=DP=1 in this process (gloo on CPU, NCCL on GPU), for tests that call model code directly; one module's
+    world (a pytest worker runs several modules, which must not inherit it: `parallel.holds_process_group`)."""
+    from mdpo import megatron_cpu, parallel
 
     megatron_cpu.apply()
     from megatron.core import parallel_state, tensor_parallel
@@ -58,8 +59,7 @@ def megatron_world():
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     yield parallel_state
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    parallel.stop()
 
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

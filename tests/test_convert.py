@@ -513,20 +513,33 @@ def fp8_oracle(values: torch.Tensor, scales: torch.Tensor, block: tuple[int, int
     return values.double() * scales.double()[rows[:, None], cols[None, :]]
 
 
-def test_no_process_group_outlives_a_megatron_world():
-    """After a world of one starts and stops in this process (as `--check` and `megatron_logits` do), megatron-core's
-    parallel_state holds no process group: conversion writers forked afterwards would inherit it and hang in its
-    destructor when their own groups replace it (`parallel.stop`)."""
+def test_conversion_writers_never_inherit_a_process_group(tmp_path):
+    """Conversion writers are forked only from a process holding no process group (`parallel.holds_process_group`):
+    after a world of one starts and stops here (as `--check` and `megatron_logits` do) megatron-core's parallel_state
+    keeps none (`parallel.stop` releases the groups its destroy_model_parallel leaves, which forked writers inherited
+    and hung on); from inside a running world (a Python caller's) the writers are spawned, not forked (forked, they
+    found the caller's world of one and failed, or hung), and the conversion comes back bitwise."""
     from megatron.core import parallel_state
 
     from mdpo import parallel
+    from mdpo.checkpoint.convert import hf_to_megatron, megatron_to_hf
     from mdpo.config.layout import Layout
 
     parallel.start(Layout())
-    assert any(isinstance(v, torch.distributed.ProcessGroup) for v in vars(parallel_state).values())
+    assert parallel.holds_process_group()
     parallel.stop()
     left = [name for name, v in vars(parallel_state).items() if isinstance(v, torch.distributed.ProcessGroup)]
-    assert not left, left
+    assert not left and not parallel.holds_process_group(), left
+
+    tiny_hf_llama(seed=6, vocab_size=VOCAB, num_hidden_layers=2).save_pretrained(tmp_path / "hf")
+    parallel.start(Layout())
+    try:
+        hf_to_megatron(tmp_path / "hf", tmp_path / "mc", tp=2)
+    finally:
+        parallel.stop()
+    original, returned = read_folder(tmp_path / "hf"), read_folder(megatron_to_hf(tmp_path / "mc", tmp_path / "back"))
+    assert sorted(original) == sorted(returned)
+    assert all(torch.equal(tensor, returned[name]) for name, tensor in original.items())
 
 
 def test_fp8_block_scaled_weights_read_as_the_format_says(tmp_path, capsys):

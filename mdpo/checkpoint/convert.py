@@ -109,9 +109,10 @@ class Check:
 def _write_in_processes(hf_dir: Path, tmp: Path, model: ModelConfig, layout: Layout) -> None:
     """One writer process per (TP, PP, EP) rank, each holding its share of the model (under EP: its experts only):
     forked where there is no CUDA (the writers start with torch and megatron imported: seconds each, not tens); a
-    CUDA process cannot be forked, so GPU machines spawn."""
+    CUDA process cannot be forked, nor one holding a process group (a Python caller inside a world), so those
+    spawn."""
     args = (layout.world, parallel.free_port(), str(hf_dir), str(tmp), model, layout)
-    start_method = "spawn" if torch.cuda.is_available() else "fork"
+    start_method = "spawn" if torch.cuda.is_available() or parallel.holds_process_group() else "fork"
     try:
         mp.start_processes(_write_stage, args=args, nprocs=layout.world, start_method=start_method)
     except mp.ProcessRaisedException as err:
