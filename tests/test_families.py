@@ -373,7 +373,9 @@ def test_router_bias_update_equals_its_float64_formula(megatron_world, families)
     layer's correction bias moved as DeepSeek-V3's auxiliary-loss-free balancing moves it, bias + rate x sign(mean
     load - load), its loads counted in float64 from the routers' inputs (every sequence's real tokens, each chosen
     expert once); the same step on shared prompts (a pair's prompt computed once, counted as TRL's batch holds it)
-    moves it the same."""
+    moves it the same, and so does the step with an expert group's echo (a repeat of its last micro-batch, run so that
+    the all-to-alls of EP ranks short of pairs stay in step): it counts no load."""
+    import dataclasses
     from functools import partial
 
     from mdpo.checkpoint.description import describe_model
@@ -400,25 +402,28 @@ def test_router_bias_update_equals_its_float64_formula(megatron_world, families)
     pairs = [TokenizedPair(i, *ids) for i, ids in enumerate(family_pairs())]
     objective = DPOObjective.from_config(cfg.dpo, model.vocab_size, experts)
 
-    def step(collate_pairs) -> list[torch.Tensor]:
-        """The biases after one step on `collate_pairs`' micro-batches (each bias as loaded before it)."""
+    def step(collate_pairs, echo: bool = False) -> list[torch.Tensor]:
+        """The biases after one step on `collate_pairs`' micro-batches (each bias as loaded before it), the last
+        one repeated as an echo after them with `echo`."""
         for router, bias in zip(routers, initial):
             router.expert_bias.copy_(bias)
         batches = [collate_pairs(pairs[k : k + 2], pad_id=0) for k in range(0, 6, 2)]
-        objective.before_step(batches, policy)
+        run = batches + [dataclasses.replace(batches[-1], echo=True)] * echo
+        objective.before_step(run, policy)
         policy[0].zero_grad_buffer()
         run_schedule(
             partial(dpo_forward_step, objective, Scorer(model, 7, False)),
-            batches,
+            run,
             policy,
             forward_only=False,
-            references=[None] * 3,
+            references=[None] * len(run),
         )
         return batches, [router.expert_bias.clone() for router in routers]
 
     batches, got = step(collate)
+    echo_would_move = []
     for i, (router, bias) in enumerate(zip(routers, initial)):
-        loads = sum(
+        per_batch = [
             deepseek_loads_float64(
                 seen[len(routers) * k + i],
                 router.weight.detach(),
@@ -429,10 +434,15 @@ def test_router_bias_update_equals_its_float64_formula(megatron_world, families)
                 model.router_group_topk,
             )
             for k, batch in enumerate(batches)
-        )
+        ]
+        loads = sum(per_batch)
         want = bias.double() + rate * torch.sign(loads.mean() - loads)
         torch.testing.assert_close(got[i].double(), want, rtol=0, atol=1e-7)
         assert (loads != loads.mean()).sum() >= model.num_experts - 1 and loads.std() > 1, (i, loads)  # it moves
+        counted = loads + per_batch[-1]  # the loads if an echo of the last micro-batch were counted
+        echo_would_move.append(not torch.equal(torch.sign(counted.mean() - counted), torch.sign(loads.mean() - loads)))
+    assert any(echo_would_move)  # so the echo's case below tells counted from not
     assert sum(len(batch.tokens) for batch in batches) == 12  # padded rows: a sequence each, its prompt in it
-    _, shared = step(collate_shared)
-    assert all(torch.equal(a, b) for a, b in zip(shared, got))
+    for collate_pairs, echo in ((collate_shared, False), (collate, True)):
+        _, other = step(collate_pairs, echo)
+        assert all(torch.equal(a, b) for a, b in zip(other, got)), (collate_pairs.__name__, echo)
