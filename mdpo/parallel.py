@@ -60,18 +60,18 @@ def ranks() -> Ranks:
     )
 
 
-# Groups megatron-core 0.16.1's destroy_model_parallel leaves set (parallel_state.py:910-911): a process forked
-# afterwards (`mdpo convert`'s writers, forked from one that ran a model in-process, as `--check` does) inherits them,
-# and its own initialize_model_parallel, replacing them, runs their destructor, which joins gloo threads the fork
-# never copied: the writer hangs (`holds_process_group`).
-_LEFT_BY_DESTROY = ("_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP", "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO")
+def _megatron_groups() -> list[str]:
+    """The names of parallel_state's globals that hold a process group."""
+    return [name for name, value in vars(parallel_state).items() if isinstance(value, torch.distributed.ProcessGroup)]
 
 
 def stop() -> None:
-    """Every group Megatron made released (its leftovers too), then the process group."""
+    """Every group Megatron made released, then the process group. destroy_model_parallel leaves some set
+    (megatron-core 0.16.1: the two intra-partial data-parallel groups, parallel_state.py:910-911), which a process
+    forked afterwards would inherit (`holds_process_group`): they are released too."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    for name in _LEFT_BY_DESTROY:
+    for name in _megatron_groups():
         setattr(parallel_state, name, None)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -79,7 +79,6 @@ def stop() -> None:
 
 def holds_process_group() -> bool:
     """Whether this process holds a process group (a running world, or groups megatron-core left set): a process
-    forked from it would inherit them, half alive (their gloo threads are not copied), so it must spawn instead."""
-    return torch.distributed.is_initialized() or any(
-        isinstance(value, torch.distributed.ProcessGroup) for value in vars(parallel_state).values()
-    )
+    forked from it would inherit them, half alive (their gloo threads are not copied), and hang destroying them or
+    fail on the inherited world, so it must spawn instead."""
+    return torch.distributed.is_initialized() or bool(_megatron_groups())
